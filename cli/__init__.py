@@ -1,0 +1,1 @@
+"""The ``medseg`` command line (installed as the ``medseg_cli`` package)."""

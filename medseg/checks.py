@@ -1,0 +1,367 @@
+"""Dataset integrity check and fingerprint (``medseg data check``).
+
+Like nnU-Net's ``--verify_dataset_integrity``, every file is read and each case is
+checked:
+readable files; channel files that agree with each other; a label with the image's shape
+and (within a tolerance) affine; integer label values among the declared labels; the
+same channel count in every case; no NaN/Inf voxels. Every problem is reported with its
+case and file, and the check goes on to the next case.
+
+The fingerprint summarises what training will plan from: counts, spacing and shape
+(median and range), orientations, intensities inside the foreground (label > 0) per
+channel, and the fraction of voxels each label occupies.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from medseg.datasets import ArrayDataset, Case, CaseProblem, Dataset
+from medseg.errors import InputFileError
+from medseg.io import DEFAULT_MAX_VOXELS, Volume, read_volume
+from medseg.preprocessing import count_nonfinite
+
+#: Foreground intensities sampled per case for the fingerprint (nnU-Net uses 10,000).
+FOREGROUND_SAMPLES_PER_CASE = 10_000
+#: Intensity percentiles recorded per channel.
+PERCENTILES = (0.5, 50.0, 99.5)
+
+
+@dataclass
+class CheckReport:
+    """Result of :func:`check_dataset`.
+
+    Attributes:
+        problems: one entry per problem found, naming case and file.
+        fingerprint: JSON-ready summary of the readable cases.
+    """
+
+    problems: list[CaseProblem] = field(default_factory=list)
+    fingerprint: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def broken_cases(self) -> list[str]:
+        return sorted({p.case_id for p in self.problems})
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "problems": [
+                {
+                    "case": p.case_id,
+                    "path": None if p.path is None else str(p.path),
+                    "problem": p.problem,
+                }
+                for p in self.problems
+            ],
+            "fingerprint": self.fingerprint,
+        }
+
+
+@dataclass
+class _Accumulator:
+    """What the fingerprint gathers from the good cases."""
+
+    spacings: list = field(default_factory=list)
+    shapes: list = field(default_factory=list)
+    orientations: Counter = field(default_factory=Counter)
+    dtypes: Counter = field(default_factory=Counter)
+    channels: Counter = field(default_factory=Counter)
+    foreground: dict = field(default_factory=dict)
+    label_fractions: dict = field(default_factory=dict)
+
+
+def check_dataset(
+    dataset: Dataset,
+    *,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    affine_tolerance_mm: float = 1e-3,
+    seed: int = 0,
+    progress: Callable[[Case], None] | None = None,
+) -> CheckReport:
+    """Reads every case of a dataset and reports each problem, then fingerprints it.
+
+    Args:
+        dataset: from :func:`medseg.datasets.load_dataset` (``strict=False`` so that its
+            manifest problems are reported here too).
+        max_voxels: per-file ceiling passed to :func:`medseg.io.read_volume`.
+        affine_tolerance_mm: largest allowed difference between image and label affines.
+        seed: for sampling foreground intensities.
+        progress: called after each case (for a progress bar).
+    """
+    report = CheckReport(problems=list(dataset.problems))
+    rng = np.random.default_rng(seed)
+    acc = _Accumulator()
+    expected_channels = dataset.num_channels  # None: the first readable case decides
+    for case in dataset.cases:
+        problems, image, label = _check_case(
+            dataset, case, max_voxels, affine_tolerance_mm
+        )
+        if image is not None and expected_channels is None:
+            expected_channels = image.num_channels
+        if image is not None and image.num_channels != expected_channels:
+            problems.append(
+                CaseProblem(
+                    case.case_id,
+                    case.images[0],
+                    f"{image.num_channels} channel(s), "
+                    f"the dataset has {expected_channels}",
+                )
+            )
+        report.problems.extend(problems)
+        if not problems and image is not None:
+            _accumulate(acc, image, label, dataset.labels, rng)
+        if progress is not None:
+            progress(case)
+    report.fingerprint = _fingerprint(dataset, acc)
+    return report
+
+
+def _read(case: Case, path, max_voxels, problems) -> Volume | None:
+    try:
+        return read_volume(path, max_voxels=max_voxels)
+    except InputFileError as exc:
+        problems.append(CaseProblem(case.case_id, exc.path, exc.problem))
+    return None
+
+
+def _check_case(dataset: Dataset, case: Case, max_voxels: int, tolerance: float):
+    problems: list[CaseProblem] = []
+    if any(p.case_id == case.case_id for p in dataset.problems):
+        return problems, None, None  # already reported (missing or outside the folder)
+    channels = [_read(case, path, max_voxels, problems) for path in case.images]
+    label = None
+    if case.label is not None:
+        label = _read(case, case.label, max_voxels, problems)
+    if any(c is None for c in channels) or not channels:
+        return problems, None, None
+    first = channels[0]
+    for path, other in zip(case.images[1:], channels[1:], strict=True):
+        if other.spatial_shape != first.spatial_shape:
+            problems.append(
+                CaseProblem(
+                    case.case_id,
+                    path,
+                    f"channel shape "
+                    f"{other.spatial_shape} differs from {first.spatial_shape}",
+                )
+            )
+        elif not _affines_agree(other.affine, first.affine, tolerance):
+            problems.append(
+                CaseProblem(
+                    case.case_id,
+                    path,
+                    f"channel affine differs from {case.images[0].name}",
+                )
+            )
+    if problems:
+        return problems, None, None
+    array = (
+        first.array
+        if len(channels) == 1
+        else np.concatenate([np.asarray(c.array) for c in channels], axis=-1)
+    )
+    image = first.with_array(array)
+    bad = count_nonfinite(np.asarray(image.array))
+    if bad:
+        problems.append(
+            CaseProblem(case.case_id, case.images[0], f"{bad:,} NaN/Inf voxels")
+        )
+    if label is not None:
+        problems.extend(_check_label(dataset, case, image, label, tolerance))
+    return problems, image, label
+
+
+def _affines_agree(a: np.ndarray, b: np.ndarray, tolerance: float) -> bool:
+    return bool(np.max(np.abs(a - b)) <= tolerance)
+
+
+def _check_label(
+    dataset, case, image: Volume, label: Volume, tolerance
+) -> list[CaseProblem]:
+    path = case.label
+    out = []
+    if label.spatial_shape != image.spatial_shape:
+        return [
+            CaseProblem(
+                case.case_id,
+                path,
+                f"label shape {label.spatial_shape} differs "
+                f"from image shape {image.spatial_shape}",
+            )
+        ]
+    if label.num_channels != 1:
+        out.append(
+            CaseProblem(
+                case.case_id,
+                path,
+                f"label has {label.num_channels} channels; expected one label map",
+            )
+        )
+    if not _affines_agree(label.affine, image.affine, tolerance):
+        diff = float(np.max(np.abs(label.affine - image.affine)))
+        out.append(
+            CaseProblem(
+                case.case_id,
+                path,
+                f"label affine differs from the image's "
+                f"by up to {diff:.4g} mm (tolerance {tolerance:g})",
+            )
+        )
+    values = np.asarray(label.array)
+    if values.dtype.kind == "f":
+        if count_nonfinite(values):
+            out.append(CaseProblem(case.case_id, path, "NaN/Inf in label map"))
+            return out
+        if not np.all(values == np.round(values)):
+            out.append(
+                CaseProblem(case.case_id, path, "label map has non-integer values")
+            )
+            return out
+    found = set(np.unique(values).astype(np.int64).tolist())
+    if dataset.labels is not None:
+        undeclared = sorted(found - set(dataset.labels))
+        if undeclared:
+            out.append(
+                CaseProblem(
+                    case.case_id,
+                    path,
+                    f"label values {undeclared} not "
+                    f"among declared labels {sorted(dataset.labels)}",
+                )
+            )
+    return out
+
+
+def _accumulate(acc: _Accumulator, image: Volume, label: Volume | None, declared, rng):
+    from medseg.geometry import orientation_codes
+
+    acc.spacings.append(image.spacing)
+    acc.shapes.append(image.spatial_shape)
+    acc.orientations[orientation_codes(image.affine)] += 1
+    acc.dtypes[str(image.array.dtype)] += 1
+    acc.channels[image.num_channels] += 1
+    array = np.asarray(image.array)
+    if label is None:
+        mask = np.ones(image.spatial_shape, dtype=bool)
+    else:
+        label_map = np.asarray(label.array)[..., 0].astype(np.int64)
+        mask = label_map > 0
+        values, counts = np.unique(label_map, return_counts=True)
+        present = dict(zip(values.tolist(), counts.tolist(), strict=True))
+        for value in sorted(set(declared or {}) | set(present)):
+            acc.label_fractions.setdefault(value, []).append(
+                present.get(value, 0) / label_map.size
+            )
+    index = np.flatnonzero(mask)
+    if index.size > FOREGROUND_SAMPLES_PER_CASE:
+        index = rng.choice(index, FOREGROUND_SAMPLES_PER_CASE, replace=False)
+    for c in range(image.num_channels):
+        acc.foreground.setdefault(c, []).append(array[..., c].reshape(-1)[index])
+
+
+def _summary(values: np.ndarray) -> dict:
+    return {
+        "median": np.median(values, axis=0).tolist(),
+        "min": np.min(values, axis=0).tolist(),
+        "max": np.max(values, axis=0).tolist(),
+    }
+
+
+def _fingerprint(dataset: Dataset, acc: _Accumulator) -> dict:
+    fingerprint = {
+        "name": dataset.name,
+        "layout": dataset.layout,
+        "num_cases": len(dataset.cases)
+        + len(
+            {p.case_id for p in dataset.problems} - {c.case_id for c in dataset.cases}
+        ),
+        "num_readable_cases": len(acc.shapes),
+        "labels": None
+        if dataset.labels is None
+        else {str(k): v for k, v in sorted(dataset.labels.items())},
+        "channel_names": None
+        if dataset.channel_names is None
+        else list(dataset.channel_names),
+    }
+    if not acc.shapes:
+        return fingerprint
+    fingerprint.update(
+        {
+            "spacing_mm": _summary(np.array(acc.spacings)),
+            "shape": {
+                k: [int(round(v)) for v in vs]
+                for k, vs in _summary(np.array(acc.shapes, dtype=float)).items()
+            },
+            "orientations": dict(acc.orientations),
+            "dtypes": dict(acc.dtypes),
+            "num_channels": dict((str(k), v) for k, v in acc.channels.items()),
+            "foreground_intensity": [
+                intensity_stats(np.concatenate(samples))
+                for _, samples in sorted(acc.foreground.items())
+            ],
+            "label_fraction": {
+                str(value): {
+                    "mean": float(np.mean(fr)),
+                    "min": float(np.min(fr)),
+                    "max": float(np.max(fr)),
+                    "cases_present": int(np.count_nonzero(np.array(fr) > 0)),
+                }
+                for value, fr in sorted(acc.label_fractions.items())
+            },
+        }
+    )
+    return fingerprint
+
+
+def intensity_stats(values: np.ndarray) -> dict:
+    """Mean, std, min, max and :data:`PERCENTILES` of an intensity sample."""
+    values = np.asarray(values, dtype=np.float64)
+    stats = {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
+    for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True):
+        stats[f"percentile_{q:g}"] = float(v)
+    return stats
+
+
+def check_array_dataset(dataset: ArrayDataset) -> CheckReport:
+    """Integrity and fingerprint of a MedMNIST-style array dataset."""
+    report = CheckReport()
+    fingerprint = {
+        "name": dataset.path.stem,
+        "layout": "npz",
+        "spatial_dims": dataset.spatial_dims,
+        "num_classes": dataset.num_classes,
+        "splits": {},
+    }
+    for split, (images, labels) in dataset.splits.items():
+        bad = count_nonfinite(images)
+        if bad:
+            report.problems.append(
+                CaseProblem(
+                    split, dataset.path, f"{bad:,} NaN/Inf values in {split}_images"
+                )
+            )
+        fingerprint["splits"][split] = {
+            "num_samples": int(len(images)),
+            "image_shape": [int(n) for n in images.shape[1:]],
+            "dtype": str(images.dtype),
+            "class_counts": {
+                str(k): int(v)
+                for k, v in zip(*np.unique(labels, return_counts=True), strict=True)
+            },
+        }
+    report.fingerprint = fingerprint
+    return report

@@ -1,0 +1,24 @@
+"""Errors a user can cause by handing medseg a bad file or folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputFileError(ValueError):
+    """A file or folder that cannot be used, with the path and the problem in one line.
+
+    The command line prints ``str(error)`` as the single error line and exits with 2.
+
+    Args:
+        path: the offending file or folder.
+        problem: what is wrong with it, in a few words a user can act on.
+    """
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # keep picklable across worker processes
+        return (type(self), (self.path, self.problem))

@@ -1,0 +1,630 @@
+"""Reading and writing scans with their geometry.
+
+Arrays are channels-last everywhere in medseg: a 3D scan is ``(X, Y, Z, C)`` in NIfTI
+voxel order, a 2D image is ``(H, W, C)`` (rows, columns, channels). A single-channel
+scan still has its channel axis, so ``array[..., c]`` always picks channel ``c``.
+
+Supported formats:
+
+* NIfTI-1/2 (``.nii``, ``.nii.gz``): 3D, 4D (last axis = channels) and 5D with a
+  singleton time axis (``(X, Y, Z, 1, C)``, NIfTI's vector intent). The header is kept,
+  and writing restores the affine, the sform/qform codes and the units.
+* 2D images (``.png``, ``.tif``/``.tiff``, ``.jpg``/``.jpeg``): greyscale as ``(H, W,
+  1)``, RGB(A) as ``(H, W, 3|4)``; palette PNGs read as their palette indices (label
+  masks). The affine is a pixel-spacing affine (1 mm unless given).
+* NumPy (``.npy``): no geometry (identity affine); loaded with ``allow_pickle=False``.
+
+Every read checks the declared size against ``max_voxels`` before touching the data, so
+a damaged header or a decompression bomb is refused instead of exhausting memory. Every
+write goes to a temporary name in the destination folder and is renamed into place, so
+an interrupted job never leaves a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import os
+import re
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import InputFileError
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+NUMPY_SUFFIXES = (".npy",)
+SCAN_SUFFIXES = NIFTI_SUFFIXES + IMAGE_SUFFIXES + NUMPY_SUFFIXES
+
+#: Default ceiling on voxels (spatial voxels times channels) a single file may declare.
+#: 2**30 float32 voxels are 4 GiB: more than any CT (512 x 512 x 2000 is 0.5e9).
+DEFAULT_MAX_VOXELS = 2**30
+
+
+def split_suffix(path: str | Path) -> tuple[str, str]:
+    """Splits a file name into stem and scan suffix, treating ``.nii.gz`` as one suffix.
+
+    Returns:
+        ``(stem, suffix)`` with the suffix lower-cased; ``("name", "")`` when unknown.
+    """
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in SCAN_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return name, ""
+
+
+def scan_format(path: str | Path) -> str:
+    """Returns ``"nifti"``, ``"image2d"`` or ``"numpy"`` for a path, from its suffix.
+
+    Raises:
+        InputFileError: the suffix is not one medseg reads.
+    """
+    _, suffix = split_suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        return "nifti"
+    if suffix in IMAGE_SUFFIXES:
+        return "image2d"
+    if suffix in NUMPY_SUFFIXES:
+        return "numpy"
+    raise InputFileError(
+        path,
+        "unsupported file type; expected one of " + ", ".join(SCAN_SUFFIXES),
+    )
+
+
+@dataclass(eq=False)
+class Volume:
+    """A scan: a channels-last array with the affine that places it in the world.
+
+    Attributes:
+        array: ``(X, Y, Z, C)`` for 3D or ``(H, W, C)`` for 2D, any dtype.
+        affine: 4x4 voxel-to-world matrix (millimetres, NIfTI RAS+ world). For 2D images
+            the first two columns carry the pixel spacing of rows and columns.
+        header: the source NIfTI header (kept so that writing restores its codes, units
+            and descriptions), or ``None``.
+        path: where it was read from, if anywhere.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    header: object | None = None
+    path: Path | None = None
+
+    def __post_init__(self):
+        if self.array.ndim not in (3, 4):
+            raise ValueError(
+                "Volume.array must be channels-last (H, W, C) or (X, Y, Z, C), "
+                f"got shape {self.array.shape}"
+            )
+        affine = np.asarray(self.affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise ValueError(f"affine must be a finite 4x4 matrix, got {self.affine!r}")
+        self.affine = affine
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.array.ndim - 1
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.array.shape[:-1])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.array.shape[-1])
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in millimetres along each array axis (lengths of affine
+        columns)."""
+        return spacing_from_affine(self.affine, self.spatial_dims)
+
+    def with_array(self, array: np.ndarray, affine: np.ndarray | None = None) -> Volume:
+        """Returns a volume with a new array (and optionally affine), same header and
+        path."""
+        return Volume(
+            array, self.affine if affine is None else affine, self.header, self.path
+        )
+
+
+def spacing_from_affine(affine: np.ndarray, spatial_dims: int = 3) -> tuple[float, ...]:
+    """Voxel size along each of the first ``spatial_dims`` axes: the affine's column
+    norms."""
+    norms = np.linalg.norm(
+        np.asarray(affine, dtype=np.float64)[:3, :spatial_dims], axis=0
+    )
+    return tuple(float(v) for v in norms)
+
+
+@dataclass(frozen=True)
+class ScanInfo:
+    """What a file's header says, read without loading the voxel data.
+
+    Attributes:
+        path: the file.
+        format: ``"nifti"``, ``"image2d"`` or ``"numpy"``.
+        spatial_shape: voxels along each spatial axis.
+        num_channels: size of the channel axis medseg will give it.
+        dtype: the on-disk voxel type (after NIfTI scaling, if the header has one).
+        affine: 4x4 voxel-to-world matrix.
+    """
+
+    path: Path
+    format: str
+    spatial_shape: tuple[int, ...]
+    num_channels: int
+    dtype: np.dtype
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return spacing_from_affine(self.affine, len(self.spatial_shape))
+
+
+#
+# reading
+
+
+def read_info(path: str | Path, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> ScanInfo:
+    """Reads a scan's header only: shape, channels, dtype and affine.
+
+    Raises:
+        InputFileError: missing, unreadable, wrong format, or absurd dimensions.
+    """
+    path = _existing_file(path)
+    fmt = scan_format(path)
+    if fmt == "nifti":
+        img = _load_nifti(path)
+        spatial, channels = _nifti_layout(path, img.shape)
+        dtype = np.dtype(img.get_data_dtype())
+        if _nifti_is_scaled(img):
+            dtype = np.dtype(np.float64)
+        affine = img.affine
+    elif fmt == "image2d":
+        spatial, channels, dtype = _image2d_layout(path)
+        affine = np.eye(4)
+    else:
+        arr = _load_npy(path, mmap=True)
+        spatial, channels = _npy_layout(path, arr.shape, None)
+        dtype, affine = arr.dtype, np.eye(4)
+    _check_size(path, spatial, channels, max_voxels)
+    return ScanInfo(path, fmt, spatial, channels, dtype, np.asarray(affine, float))
+
+
+def read_volume(
+    path: str | Path,
+    *,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    spatial_dims: int | None = None,
+    pixel_spacing_mm: tuple[float, float] = (1.0, 1.0),
+) -> Volume:
+    """Reads a scan as a channels-last :class:`Volume` with its affine and header.
+
+    Values are returned as stored (NaN and Inf included; see
+    :func:`medseg.preprocessing.replace_nonfinite`). Uncompressed NIfTI and ``.npy``
+    data are memory-mapped, not copied, until something writes to or converts them.
+
+    Args:
+        path: a ``.nii``, ``.nii.gz``, ``.png``, ``.tif``, ``.tiff``, ``.jpg``,
+            ``.jpeg`` or ``.npy`` file.
+        max_voxels: refuse files that declare more voxels than this (times channels).
+        spatial_dims: only for ``.npy``: 2 reads a 3-axis array as ``(H, W, C)``; by
+            default a 2-axis array is 2D, a 3-axis array is 3D single-channel and a
+            4-axis array is ``(X, Y, Z, C)``.
+        pixel_spacing_mm: spacing of rows and columns for 2D image files.
+
+    Raises:
+        InputFileError: missing file, unreadable or truncated file, wrong format,
+            zero-size or absurd dimensions.
+    """
+    path = _existing_file(path)
+    fmt = scan_format(path)
+    if fmt == "nifti":
+        return _read_nifti(path, max_voxels)
+    if fmt == "image2d":
+        spatial, channels, _ = _image2d_layout(path)
+        _check_size(path, spatial, channels, max_voxels)
+        array = _read_image2d(path)
+        affine = np.diag([*map(float, pixel_spacing_mm), 1.0, 1.0])
+        return Volume(array, affine, None, path)
+    arr = _load_npy(path, mmap=True)
+    spatial, channels = _npy_layout(path, arr.shape, spatial_dims)
+    _check_size(path, spatial, channels, max_voxels)
+    return Volume(arr.reshape(*spatial, channels), np.eye(4), None, path)
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(path, "file not found")
+    if not path.is_file():
+        raise InputFileError(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise InputFileError(path, "empty file (0 bytes)")
+    return path
+
+
+def _check_size(path, spatial: tuple[int, ...], channels: int, max_voxels: int) -> None:
+    if any(n <= 0 for n in spatial) or channels <= 0:
+        raise InputFileError(
+            path, f"zero-size dimension in shape {(*spatial, channels)}"
+        )
+    total = int(np.prod(spatial, dtype=np.float64)) * channels
+    if total > max_voxels:
+        raise InputFileError(
+            path,
+            f"declares {total:,} voxels (shape {(*spatial, channels)}), above the "
+            f"limit "
+            f"of {max_voxels:,}: a damaged header or a decompression bomb "
+            "(raise max_voxels if the scan is real)",
+        )
+
+
+def _read_problem(exc: BaseException) -> str:
+    """One line saying what a low-level read error means for the user."""
+    text = str(exc)
+    if isinstance(exc, gzip.BadGzipFile) and "crc" in text.lower():
+        return "corrupt compressed data (checksum mismatch)"
+    if isinstance(exc, gzip.BadGzipFile):
+        return "not gzip-compressed data (corrupt, or misnamed file)"
+    if isinstance(exc, EOFError) or re.match(r"Expected \d+ bytes, got \d+", text):
+        return "truncated file (data ends before the size its header declares)"
+    if isinstance(exc, zlib.error):
+        return f"corrupt compressed data ({exc})"
+    first_line = text.splitlines()[0] if text else type(exc).__name__
+    return f"unreadable ({first_line})"
+
+
+# NIfTI
+
+
+def _load_nifti(path: Path):
+    import nibabel as nib
+
+    if path.name.lower().endswith(".gz"):
+        with open(path, "rb") as handle:
+            if handle.read(2) != b"\x1f\x8b":
+                raise InputFileError(
+                    path, "not gzip-compressed data (corrupt, or misnamed file)"
+                )
+    try:
+        img = nib.load(path)
+    except nib.filebasedimages.ImageFileError:
+        raise InputFileError(path, "not a NIfTI file (no valid NIfTI header)") from None
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise InputFileError(path, _read_problem(exc)) from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputFileError(path, f"not a NIfTI file ({type(img).__name__})")
+    return img
+
+
+def _nifti_layout(path: Path, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """Maps a NIfTI data shape onto (spatial shape, channels)."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 2:  # a single slice: one voxel deep
+        return (*shape, 1), 1
+    if len(shape) == 3:
+        return shape, 1
+    if len(shape) == 4:
+        return shape[:3], shape[3]
+    if len(shape) == 5 and shape[3] == 1:
+        return shape[:3], shape[4]
+    raise InputFileError(path, f"unsupported NIfTI shape {shape} (expected 3D or 4D)")
+
+
+def _nifti_is_scaled(img) -> bool:
+    slope, inter = img.header.get_slope_inter()
+    return (slope is not None and slope != 1.0) or (inter is not None and inter != 0.0)
+
+
+def _read_nifti(path: Path, max_voxels: int) -> Volume:
+    img = _load_nifti(path)  # header only
+    spatial, channels = _nifti_layout(path, img.shape)
+    _check_size(path, spatial, channels, max_voxels)
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.fields is not None or dtype.kind == "c":
+        raise InputFileError(path, f"unsupported NIfTI voxel type {dtype}")
+    try:
+        if path.name.lower().endswith(".gz"):
+            # Decompress the whole stream so that gzip verifies its CRC at the end: a
+            # corrupt block that still inflates would otherwise be read as silent
+            # garbage.
+            with gzip.open(path, "rb") as handle:
+                raw = handle.read()
+            img = type(img).from_bytes(raw)
+            del raw
+        else:
+            offset = int(img.dataobj.offset)
+            needed = offset + int(np.prod(img.shape)) * dtype.itemsize
+            size = path.stat().st_size
+            if size < needed:
+                raise InputFileError(
+                    path,
+                    f"truncated file: header declares {needed:,} bytes, "
+                    f"file has {size:,}",
+                )
+        data = np.asanyarray(img.dataobj)
+    except InputFileError:
+        raise
+    except Exception as exc:
+        raise InputFileError(path, _read_problem(exc)) from None
+    return Volume(data.reshape(*spatial, channels), img.affine, img.header.copy(), path)
+
+
+# 2D images
+
+
+def _image2d_layout(path: Path) -> tuple[tuple[int, int], int, np.dtype]:
+    """Reads only the header of a 2D image: ((H, W), channels, dtype)."""
+    if split_suffix(path)[1] in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape, dtype = tuple(series.shape), np.dtype(series.dtype)
+        except Exception as exc:
+            raise InputFileError(path, f"not a readable TIFF ({exc})") from None
+        spatial, channels = _image_shape_layout(path, shape)
+        return spatial, channels, dtype
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            bands = len(im.getbands())
+            mode = im.mode
+    except Exception as exc:
+        raise InputFileError(path, f"not a readable image ({exc})") from None
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32, "1": np.bool_}.get(
+        mode, np.uint8
+    )
+    channels = 1 if mode == "P" else bands
+    return (height, width), channels, np.dtype(dtype)
+
+
+def _image_shape_layout(
+    path: Path, shape: tuple[int, ...]
+) -> tuple[tuple[int, int], int]:
+    if len(shape) == 2:
+        return (shape[0], shape[1]), 1
+    if len(shape) == 3 and shape[2] in (1, 2, 3, 4):
+        return (shape[0], shape[1]), shape[2]
+    raise InputFileError(
+        path,
+        f"image of shape {shape} is not a 2D greyscale or RGB(A) image "
+        "(multi-page stacks are not read as 2D images; store 3D scans as NIfTI)",
+    )
+
+
+def _read_image2d(path: Path) -> np.ndarray:
+    try:
+        if split_suffix(path)[1] in (".tif", ".tiff"):
+            import skimage.io
+
+            array = np.asarray(skimage.io.imread(path))
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+                # palette images keep their indices (label masks), not the palette
+                # colours
+                array = np.array(im)
+    except Exception as exc:
+        raise InputFileError(path, _read_problem(exc)) from None
+    spatial, channels = _image_shape_layout(path, array.shape)
+    return array.reshape(*spatial, channels)
+
+
+# NumPy
+
+
+def _load_npy(path: Path, *, mmap: bool) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise InputFileError(
+                path, "holds Python objects (pickled); refused for safety"
+            ) from None
+        raise InputFileError(path, f"not a valid .npy file ({exc})") from None
+    except Exception as exc:
+        raise InputFileError(
+            path, f"not a valid .npy file ({_read_problem(exc)})"
+        ) from None
+
+
+def _npy_layout(
+    path: Path, shape: tuple[int, ...], spatial_dims: int | None
+) -> tuple[tuple[int, ...], int]:
+    shape = tuple(int(n) for n in shape)
+    if spatial_dims not in (None, 2, 3):
+        raise ValueError(f"spatial_dims must be 2, 3 or None, got {spatial_dims}")
+    if len(shape) == 2 and spatial_dims in (None, 2):
+        return shape, 1
+    if len(shape) == 3:
+        return (shape[:2], shape[2]) if spatial_dims == 2 else (shape, 1)
+    if len(shape) == 4 and spatial_dims in (None, 3):
+        return shape[:3], shape[3]
+    raise InputFileError(
+        path,
+        f"array of shape {shape} is not a 2D or 3D scan (spatial_dims={spatial_dims})",
+    )
+
+
+#
+# writing
+
+
+def output_dtype(array: np.ndarray) -> np.dtype:
+    """The dtype medseg writes an array as.
+
+    Booleans and non-negative integers become the smallest of uint8/uint16/uint32 that
+    holds them (label maps); negative integers int16 or int32 (e.g. CT in HU); floats
+    float32 (NIfTI has no float16, and float64 doubles the size for no gain).
+    """
+    if array.dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if array.dtype.kind in "iu":
+        if array.size == 0:
+            return np.dtype(np.uint8)
+        low, high = int(array.min()), int(array.max())
+        for candidate in (np.uint8, np.uint16, np.int16, np.uint32, np.int32):
+            info = np.iinfo(candidate)
+            if info.min <= low and high <= info.max:
+                return np.dtype(candidate)
+        return np.dtype(np.int64)
+    if array.dtype.kind == "f":
+        return np.dtype(np.float32)
+    raise ValueError(f"cannot write arrays of dtype {array.dtype}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``, renamed onto ``path`` on success.
+
+    The temporary name keeps the suffix (writers choose formats by it) and starts with a
+    dot. On any error it is deleted, so ``path`` either keeps its old content or gets
+    the complete new one, never a partial file.
+    """
+    path = Path(path)
+    suffix = split_suffix(path)[1] or path.suffix
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Writes a text file atomically (see :func:`atomic_output`)."""
+    path = Path(path)
+    try:
+        with atomic_output(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise InputFileError(path, f"cannot write ({exc.strerror or exc})") from None
+    return path
+
+
+def write_volume(volume: Volume, path: str | Path, *, dtype=None) -> Path:
+    """Writes a volume, restoring its geometry, atomically.
+
+    NIfTI output keeps the source header (descriptions, units, intent, sform/qform
+    codes) with the volume's affine; single-channel volumes are written 3D,
+    multi-channel 4D. The file appears under its final name only once it is complete.
+
+    Args:
+        volume: what to write.
+        path: destination; the suffix picks the format. JPEG is refused (lossy).
+        dtype: voxel type on disk; default :func:`output_dtype`.
+
+    Returns:
+        The path written.
+
+    Raises:
+        InputFileError: the folder does not exist or is not writable, or the data does
+            not fit the format (float data to PNG, values beyond uint16 in an image).
+    """
+    path = Path(path)
+    fmt = scan_format(path)
+    dtype = output_dtype(volume.array) if dtype is None else np.dtype(dtype)
+    if not path.parent.is_dir():
+        raise InputFileError(path.parent, "output folder does not exist")
+    try:
+        with atomic_output(path) as tmp:
+            if fmt == "nifti":
+                _write_nifti(volume, tmp, dtype)
+            elif fmt == "image2d":
+                _write_image2d(volume, tmp, dtype, path)
+            else:
+                _write_npy(volume, tmp, dtype)
+    except OSError as exc:
+        raise InputFileError(path, f"cannot write ({exc.strerror or exc})") from None
+    return path
+
+
+def _write_nifti(volume: Volume, path: Path, dtype: np.dtype) -> None:
+    import nibabel as nib
+
+    data = volume.array
+    if volume.spatial_dims == 2:  # (H, W, C) -> (H, W, 1, C): NIfTI is 3D
+        data = data[:, :, None, :]
+    if data.shape[-1] == 1:
+        data = data[..., 0]
+    data = np.asarray(data).astype(dtype, copy=False)
+    header = volume.header if isinstance(volume.header, nib.Nifti1Header) else None
+    image_class = (
+        nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    )
+    img = image_class(data, volume.affine, header=header.copy() if header else None)
+    img.set_data_dtype(dtype)
+    img.header.set_slope_inter(np.nan, np.nan)
+    sform_code, qform_code = 1, 1  # scanner-anatomical when there is no source header
+    if header is not None:
+        sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+        if sform_code == 0 and qform_code == 0:
+            # without codes readers fall back to pixdim only; keep that only if it is
+            # exact
+            if not np.allclose(img.header.get_base_affine(), volume.affine):
+                sform_code = 1
+    else:
+        img.header.set_xyzt_units("mm", "sec")
+    img.set_sform(volume.affine, code=sform_code)
+    img.set_qform(volume.affine, code=qform_code)
+    nib.save(img, path)
+
+
+def _write_image2d(volume: Volume, tmp: Path, dtype: np.dtype, final: Path) -> None:
+    if volume.spatial_dims != 2:
+        raise InputFileError(
+            final,
+            f"a 3D volume cannot be written as a 2D image "
+            f"(shape {volume.array.shape}); use .nii.gz",
+        )
+    suffix = split_suffix(final)[1]
+    array = np.asarray(volume.array)
+    if array.shape[-1] == 1:
+        array = array[..., 0]
+    if suffix in (".jpg", ".jpeg"):
+        raise InputFileError(
+            final, "JPEG is lossy and would alter the values; use .png or .tif"
+        )
+    if suffix in (".tif", ".tiff"):
+        import skimage.io
+
+        skimage.io.imsave(tmp, array.astype(dtype, copy=False), check_contrast=False)
+        return
+    if dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+        raise InputFileError(
+            final,
+            f"PNG holds only uint8/uint16 values, not {dtype}; use .tif or .nii.gz",
+        )
+    if dtype == np.uint16 and array.ndim == 3:
+        raise InputFileError(final, "16-bit PNG must be single-channel; use .tif")
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(array.astype(dtype, copy=False))).save(tmp)
+
+
+def _write_npy(volume: Volume, path: Path, dtype: np.dtype) -> None:
+    array = np.asarray(volume.array).astype(dtype, copy=False)
+    if array.shape[-1] == 1:
+        array = array[..., 0]
+    if not np.allclose(volume.affine, np.eye(4)):
+        logger.warning("%s: .npy stores no geometry; the affine is not written", path)
+    with open(path, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)

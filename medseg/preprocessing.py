@@ -1,0 +1,256 @@
+"""Intensity normalisation per channel, and the policy for non-finite voxels.
+
+Four schemes, chosen per channel in config (``{"scheme": "zscore", ...}``) and recorded
+with their statistics by ``to_dict`` so that prediction reproduces training exactly:
+
+* ``zscore``: per case, ``(x - mean) / std``; with ``nonzero_mask`` the statistics come
+  from the non-zero voxels and the rest are set to 0 (nnU-Net, for skull-stripped MRI).
+* ``ct``: clip to dataset-wide foreground percentiles (0.5, 99.5), then z-score with the
+  dataset foreground mean and std (nnU-Net's CT scheme). Fitted with
+  :meth:`CTNormalization.fit`.
+* ``window``: clip to a fixed window (e.g. HU -1000..1000) and map it linearly to [0,
+  1].
+* ``percentile``: per case, clip to the given percentiles and map them to [0, 1].
+
+All return float32. A zero (or near-zero) standard deviation or range is treated as 1,
+so a constant image normalises to zeros rather than NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import InputFileError
+
+_EPS = 1e-8
+
+
+def _safe_scale(value: float) -> float:
+    return float(value) if abs(value) > _EPS else 1.0
+
+
+@dataclass(frozen=True)
+class ZScoreNormalization:
+    """Per-case z-score. Args: nonzero_mask: statistics and output inside ``x != 0``
+    only."""
+
+    nonzero_mask: bool = False
+    scheme = "zscore"
+
+    def __call__(self, channel: np.ndarray) -> np.ndarray:
+        channel = np.asarray(channel, dtype=np.float32)
+        if not self.nonzero_mask:
+            return (channel - channel.mean()) / _safe_scale(channel.std())
+        mask = channel != 0
+        out = np.zeros_like(channel)
+        if mask.any():
+            values = channel[mask]
+            out[mask] = (values - values.mean()) / _safe_scale(values.std())
+        return out
+
+
+@dataclass(frozen=True)
+class CTNormalization:
+    """Dataset-wide CT scheme: clip to ``[lower, upper]``, then ``(x - mean) / std``."""
+
+    lower: float
+    upper: float
+    mean: float
+    std: float
+    scheme = "ct"
+
+    def __post_init__(self):
+        if not self.lower <= self.upper:
+            raise ValueError(
+                f"ct: lower {self.lower} must not exceed upper {self.upper}"
+            )
+
+    @classmethod
+    def fit(cls, foreground_values: np.ndarray) -> CTNormalization:
+        """Statistics from foreground intensities pooled over the training cases."""
+        values = np.asarray(foreground_values, dtype=np.float64).ravel()
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            raise ValueError("ct normalisation needs foreground intensities, got none")
+        lower, upper = np.percentile(values, [0.5, 99.5])
+        return cls(
+            float(lower), float(upper), float(values.mean()), float(values.std())
+        )
+
+    def __call__(self, channel: np.ndarray) -> np.ndarray:
+        channel = np.clip(np.asarray(channel, dtype=np.float32), self.lower, self.upper)
+        return (channel - np.float32(self.mean)) / np.float32(_safe_scale(self.std))
+
+
+@dataclass(frozen=True)
+class WindowNormalization:
+    """Fixed window: clip to ``[lower, upper]`` and map linearly to [0, 1]."""
+
+    lower: float = -1000.0
+    upper: float = 1000.0
+    scheme = "window"
+
+    def __post_init__(self):
+        if not self.lower < self.upper:
+            raise ValueError(
+                f"window: lower {self.lower} must be below upper {self.upper}"
+            )
+
+    def __call__(self, channel: np.ndarray) -> np.ndarray:
+        channel = np.clip(np.asarray(channel, dtype=np.float32), self.lower, self.upper)
+        return (channel - np.float32(self.lower)) / np.float32(self.upper - self.lower)
+
+
+@dataclass(frozen=True)
+class PercentileNormalization:
+    """Per case: clip to the ``lower``/``upper`` percentiles and map them to [0, 1]."""
+
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    scheme = "percentile"
+
+    def __post_init__(self):
+        if not 0 <= self.lower_percentile < self.upper_percentile <= 100:
+            raise ValueError(
+                "percentile: need 0 <= lower_percentile < upper_percentile <= 100, got "
+                f"{self.lower_percentile}, {self.upper_percentile}"
+            )
+
+    def __call__(self, channel: np.ndarray) -> np.ndarray:
+        channel = np.asarray(channel, dtype=np.float32)
+        low, high = np.percentile(
+            channel, [self.lower_percentile, self.upper_percentile]
+        )
+        clipped = np.clip(channel, low, high)
+        return (clipped - np.float32(low)) / np.float32(_safe_scale(high - low))
+
+
+Normalizer = (
+    ZScoreNormalization
+    | CTNormalization
+    | WindowNormalization
+    | PercentileNormalization
+)
+NORMALIZERS = {
+    cls.scheme: cls
+    for cls in (
+        ZScoreNormalization,
+        CTNormalization,
+        WindowNormalization,
+        PercentileNormalization,
+    )
+}
+
+
+def normalizer_to_dict(normalizer: Normalizer) -> dict:
+    """``{"scheme": ..., **parameters and statistics}``, JSON-ready."""
+    return {"scheme": normalizer.scheme, **asdict(normalizer)}
+
+
+def normalizer_from_dict(config: dict) -> Normalizer:
+    """Builds a normaliser from config; unknown schemes or keys raise ``ValueError``."""
+    config = dict(config)
+    scheme = config.pop("scheme", None)
+    if scheme not in NORMALIZERS:
+        raise ValueError(
+            f"unknown normalisation scheme {scheme!r}; "
+            f"expected one of {sorted(NORMALIZERS)}"
+        )
+    cls = NORMALIZERS[scheme]
+    allowed = [f.name for f in fields(cls)]
+    unknown = sorted(set(config) - set(allowed))
+    if unknown:
+        raise ValueError(f"{scheme}: unknown key(s) {unknown}; allowed: {allowed}")
+    if cls is CTNormalization and set(config) != set(allowed):
+        raise ValueError(
+            f"ct normalisation needs fitted statistics {allowed}; fit it on the "
+            "dataset "
+            "fingerprint (CTNormalization.fit) before use"
+        )
+    return cls(**config)
+
+
+def normalize(array: np.ndarray, normalizers: Sequence[Normalizer]) -> np.ndarray:
+    """Normalises each channel of a channels-last array with its own scheme.
+
+    Returns:
+        float32 array of the same shape.
+    """
+    if len(normalizers) != array.shape[-1]:
+        raise ValueError(
+            f"{len(normalizers)} normaliser(s) for {array.shape[-1]} channel(s)"
+        )
+    out = np.empty(array.shape, dtype=np.float32)
+    for c, normalizer in enumerate(normalizers):
+        out[..., c] = normalizer(array[..., c])
+    return out
+
+
+# non-finite voxels
+
+NONFINITE_POLICIES = ("error", "replace")
+
+
+def count_nonfinite(array: np.ndarray) -> int:
+    """Number of NaN or +-Inf values (0 for integer arrays)."""
+    if np.asarray(array).dtype.kind not in "fc":
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def replace_nonfinite(array: np.ndarray, fill: float | None = None) -> np.ndarray:
+    """Replaces NaN/Inf per channel with ``fill``, or with the channel's finite minimum.
+
+    The minimum is the usual meaning of voxels outside a resampled field of view (air in
+    CT, background in MRI). Returns the input itself when nothing is non-finite.
+    """
+    if count_nonfinite(array) == 0:
+        return array
+    out = np.array(
+        array, dtype=np.float32 if array.dtype.itemsize <= 4 else array.dtype
+    )
+    for c in range(out.shape[-1]):
+        channel = out[..., c]
+        bad = ~np.isfinite(channel)
+        if fill is not None:
+            value = fill
+        else:
+            finite = channel[~bad]
+            value = float(finite.min()) if finite.size else 0.0
+        channel[bad] = value
+    return out
+
+
+def handle_nonfinite(
+    array: np.ndarray,
+    path: str | Path,
+    policy: str = "error",
+    fill: float | None = None,
+) -> np.ndarray:
+    """Applies the non-finite policy training and prediction share.
+
+    Args:
+        policy: ``"error"`` refuses the scan (the default); ``"replace"`` fills the
+            voxels with :func:`replace_nonfinite`.
+
+    Raises:
+        InputFileError: the scan has NaN/Inf voxels and the policy is ``"error"``.
+    """
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"nonfinite policy must be one of {NONFINITE_POLICIES}, got {policy!r}"
+        )
+    bad = count_nonfinite(array)
+    if bad == 0:
+        return array
+    if policy == "error":
+        raise InputFileError(
+            path,
+            f"{bad:,} NaN/Inf voxels; refused (use the 'replace' non-finite policy to "
+            "fill them with the channel minimum)",
+        )
+    return replace_nonfinite(array, fill)

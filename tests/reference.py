@@ -1,0 +1,98 @@
+"""Slow, obvious NumPy versions of what medseg computes fast; tests compare the two."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def voxel_indices(shape):
+    """Every index of an array of ``shape``, in C order."""
+    return itertools.product(*(range(n) for n in shape))
+
+
+def world_lookup(original: np.ndarray, original_affine, new_shape, new_affine):
+    """Builds the array on a new grid by looking up, voxel by voxel, the original voxel
+    at the same world position (for grids that are permutations/flips of each other)."""
+    inverse = np.linalg.inv(original_affine)
+    out = np.empty((*new_shape, original.shape[-1]), dtype=original.dtype)
+    for index in voxel_indices(new_shape):
+        world = np.asarray(new_affine) @ np.array([*index, 1.0])
+        source = np.rint((inverse @ world)[:3]).astype(int)
+        out[index] = original[tuple(source)]
+    return out
+
+
+def nonzero_bbox(array: np.ndarray):
+    """Bounding box of voxels non-zero in any channel, by visiting every voxel."""
+    spatial = array.shape[:-1]
+    start, stop = list(spatial), [0] * len(spatial)
+    found = False
+    for index in voxel_indices(spatial):
+        if any(v != 0 for v in array[index]):
+            found = True
+            for axis, i in enumerate(index):
+                start[axis] = min(start[axis], i)
+                stop[axis] = max(stop[axis], i + 1)
+    if not found:
+        return (0,) * len(spatial), tuple(spatial)
+    return tuple(start), tuple(stop)
+
+
+def linear_resample(channel: np.ndarray, new_shape) -> np.ndarray:
+    """Multilinear resampling with voxel edges aligned and edge values repeated.
+
+    Output voxel ``i`` samples the input at ``(i + 0.5) * n_in / n_out - 0.5`` on each
+    axis, clamped to the array, interpolating between the 2**ndim neighbours.
+    """
+    out = np.empty(new_shape, dtype=np.float64)
+    ndim = channel.ndim
+    for index in voxel_indices(new_shape):
+        coords = [
+            min(max((i + 0.5) * n_in / n_out - 0.5, 0.0), n_in - 1)
+            for i, n_in, n_out in zip(index, channel.shape, new_shape, strict=True)
+        ]
+        total = 0.0
+        for corner in itertools.product((0, 1), repeat=ndim):
+            weight, source = 1.0, []
+            for axis in range(ndim):
+                low = int(np.floor(coords[axis]))
+                frac = coords[axis] - low
+                pick = min(low + corner[axis], channel.shape[axis] - 1)
+                weight *= frac if corner[axis] else 1.0 - frac
+                source.append(pick)
+            total += weight * float(channel[tuple(source)])
+        out[index] = total
+    return out
+
+
+def labels_by_class_linear(labels: np.ndarray, new_shape) -> np.ndarray:
+    """Per-class linear interpolation of one-hot masks, then argmax (ties: lowest
+    value)."""
+    classes = sorted(np.unique(labels).tolist())
+    scores = np.stack(
+        [linear_resample((labels == c).astype(float), new_shape) for c in classes]
+    )
+    return np.array(classes)[np.argmax(scores, axis=0)].astype(labels.dtype)
+
+
+def zscore(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Z-score with mean and population std summed by hand; outside the mask -> 0."""
+    flat = values.astype(np.float64).ravel()
+    keep = np.ones(flat.shape, bool) if mask is None else mask.ravel()
+    chosen = [v for v, k in zip(flat, keep, strict=True) if k]
+    mean = sum(chosen) / len(chosen)
+    std = (sum((v - mean) ** 2 for v in chosen) / len(chosen)) ** 0.5
+    std = std if std > 1e-8 else 1.0
+    out = [(v - mean) / std if k else 0.0 for v, k in zip(flat, keep, strict=True)]
+    return np.array(out).reshape(values.shape)
+
+
+def percentile_linear(values: np.ndarray, q: float) -> float:
+    """The ``q``-th percentile with linear interpolation between order statistics."""
+    ordered = sorted(float(v) for v in values.ravel())
+    position = q / 100 * (len(ordered) - 1)
+    low = int(np.floor(position))
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])

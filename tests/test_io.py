@@ -1,0 +1,354 @@
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from medseg.errors import InputFileError
+from medseg.io import (
+    Volume,
+    atomic_write_text,
+    output_dtype,
+    read_info,
+    read_volume,
+    scan_format,
+    split_suffix,
+    write_volume,
+)
+from tests.conftest import OBLIQUE_LPS
+
+# NIfTI
+
+
+def test_oblique_lps_nifti_round_trip_keeps_data_affine_codes_units(
+    oblique_nifti, tmp_path
+):
+    path, data = oblique_nifti
+    volume = read_volume(path)
+    assert volume.array.shape == (9, 7, 5, 1)
+    np.testing.assert_array_equal(volume.array[..., 0], data)
+    np.testing.assert_allclose(volume.affine, OBLIQUE_LPS, atol=1e-6)
+    # column norms of the affine: sqrt(.75^2 + .27^2 + .05^2) = 0.7987...
+    np.testing.assert_allclose(
+        volume.spacing, np.linalg.norm(OBLIQUE_LPS[:3, :3], axis=0)
+    )
+
+    out = write_volume(volume, tmp_path / "copy.nii.gz")
+    back = nib.load(out)
+    np.testing.assert_array_equal(np.asanyarray(back.dataobj), data)
+    assert back.get_data_dtype() == np.int16
+    np.testing.assert_array_equal(back.affine, nib.load(path).affine)
+    assert int(back.header["sform_code"]) == 2
+    assert int(back.header["qform_code"]) == 1
+    assert back.header.get_xyzt_units() == ("mm", "msec")
+    assert back.header["descrip"].tobytes().startswith(b"medseg test volume")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_float_image_written_as_float32_and_labels_as_uint8(oblique_nifti, tmp_path):
+    path, data = oblique_nifti
+    volume = read_volume(path)
+    scaled = volume.with_array(volume.array.astype(np.float64) / 7.0)
+    back = nib.load(write_volume(scaled, tmp_path / "float.nii.gz"))
+    assert back.get_data_dtype() == np.float32
+    np.testing.assert_allclose(back.get_fdata(), data / 7.0, rtol=1e-6)
+    labels = volume.with_array((volume.array > 0).astype(np.int64) * 2)
+    back = nib.load(write_volume(labels, tmp_path / "labels.nii.gz"))
+    assert back.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asanyarray(back.dataobj), (data > 0) * 2)
+
+
+def test_multichannel_4d_and_5d_vector_nifti(tmp_path, rng):
+    data = rng.random((4, 5, 6, 3)).astype(np.float32)
+    nib.save(
+        nib.Nifti1Image(data, np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / "four.nii"
+    )
+    volume = read_volume(tmp_path / "four.nii")
+    assert volume.array.shape == (4, 5, 6, 3)
+    assert volume.spacing == (2.0, 2.0, 3.0)
+    np.testing.assert_array_equal(volume.array, data)
+    back = nib.load(write_volume(volume, tmp_path / "back.nii.gz"))
+    assert back.shape == (4, 5, 6, 3)
+
+    nib.save(
+        nib.Nifti1Image(data[:, :, :, None, :], np.eye(4)), tmp_path / "five.nii.gz"
+    )
+    np.testing.assert_array_equal(read_volume(tmp_path / "five.nii.gz").array, data)
+
+
+def test_uncompressed_nifti_is_memory_mapped(tmp_path, rng):
+    data = rng.random((6, 6, 6)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "m.nii")
+    volume = read_volume(tmp_path / "m.nii")
+    assert isinstance(volume.array, np.memmap) or isinstance(
+        volume.array.base, np.memmap
+    )
+
+
+def test_nan_and_inf_are_read_as_stored(tmp_path):
+    data = np.zeros((3, 3, 3), np.float32)
+    data[0, 0, 0], data[1, 1, 1] = np.nan, np.inf
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii.gz")
+    array = read_volume(tmp_path / "nan.nii.gz").array
+    assert np.isnan(array[0, 0, 0, 0]) and np.isinf(array[1, 1, 1, 0])
+
+
+def test_header_only_info_matches_data(oblique_nifti):
+    path, data = oblique_nifti
+    info = read_info(path)
+    assert info.spatial_shape == data.shape and info.num_channels == 1
+    assert info.dtype == np.int16 and info.format == "nifti"
+    np.testing.assert_allclose(info.affine, OBLIQUE_LPS, atol=1e-6)
+
+
+# 2D images
+
+
+def test_png_greyscale_reads_h_w_1_and_round_trips(tmp_path, rng):
+    data = rng.integers(0, 256, size=(17, 23), dtype=np.uint8)
+    Image.fromarray(data).save(tmp_path / "g.png")
+    volume = read_volume(tmp_path / "g.png", pixel_spacing_mm=(0.5, 0.25))
+    assert volume.array.shape == (17, 23, 1)
+    assert volume.spacing == (0.5, 0.25)
+    np.testing.assert_array_equal(volume.array[..., 0], data)
+    write_volume(volume, tmp_path / "copy.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "copy.png")), data)
+
+
+def test_png_rgb_reads_h_w_3(tmp_path, rng):
+    data = rng.integers(0, 256, size=(8, 9, 3), dtype=np.uint8)
+    Image.fromarray(data).save(tmp_path / "rgb.png")
+    volume = read_volume(tmp_path / "rgb.png")
+    assert volume.array.shape == (8, 9, 3)
+    np.testing.assert_array_equal(volume.array, data)
+
+
+def test_palette_png_reads_indices_not_colours(tmp_path):
+    indices = (np.arange(20).reshape(4, 5) % 3).astype(np.uint8)
+    image = Image.fromarray(indices, mode="P")
+    image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    image.save(tmp_path / "mask.png")
+    volume = read_volume(tmp_path / "mask.png")
+    assert volume.array.shape == (4, 5, 1)
+    np.testing.assert_array_equal(volume.array[..., 0], indices)
+
+
+def test_uint16_png_and_float_tiff_round_trip(tmp_path, rng):
+    labels = rng.integers(0, 60000, size=(6, 7)).astype(np.uint16)
+    volume = Volume(labels[..., None], np.eye(4))
+    write_volume(volume, tmp_path / "l.png")
+    back = read_volume(tmp_path / "l.png")
+    assert back.array.dtype == np.uint16
+    np.testing.assert_array_equal(back.array[..., 0], labels)
+
+    image = rng.random((6, 7)).astype(np.float32)
+    write_volume(Volume(image[..., None], np.eye(4)), tmp_path / "f.tif")
+    back = read_volume(tmp_path / "f.tif")
+    assert back.array.dtype == np.float32
+    np.testing.assert_array_equal(back.array[..., 0], image)
+
+
+def test_jpeg_reads_but_is_refused_for_writing(tmp_path):
+    Image.fromarray(np.full((5, 5), 100, np.uint8)).save(tmp_path / "a.jpg")
+    volume = read_volume(tmp_path / "a.jpg")
+    assert volume.array.shape == (5, 5, 1)
+    with pytest.raises(InputFileError, match="lossy"):
+        write_volume(volume, tmp_path / "b.jpeg")
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.jpg"]
+
+
+def test_float_to_png_is_refused_and_leaves_nothing(tmp_path):
+    with pytest.raises(InputFileError, match="PNG holds only uint8/uint16"):
+        write_volume(
+            Volume(np.ones((3, 3, 1), np.float32), np.eye(4)), tmp_path / "x.png"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_multipage_tiff_is_not_a_2d_image(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((5, 8, 8), np.uint8))
+    with pytest.raises(InputFileError, match="multi-page"):
+        read_volume(tmp_path / "stack.tif")
+
+
+# NumPy
+
+
+def test_npy_layouts(tmp_path, rng):
+    cube = rng.random((4, 5, 6)).astype(np.float32)
+    np.save(tmp_path / "c.npy", cube)
+    assert read_volume(tmp_path / "c.npy").array.shape == (4, 5, 6, 1)
+    assert read_volume(tmp_path / "c.npy", spatial_dims=2).array.shape == (4, 5, 6)
+    np.save(tmp_path / "m.npy", rng.random((4, 5, 6, 2)))
+    assert read_volume(tmp_path / "m.npy").array.shape == (4, 5, 6, 2)
+    write_volume(Volume(cube[..., None], np.eye(4)), tmp_path / "w.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "w.npy"), cube)
+
+
+def test_npy_with_pickled_objects_is_refused(tmp_path):
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InputFileError, match="pickled"):
+        read_volume(tmp_path / "o.npy")
+
+
+# errors
+
+
+def _nifti_bytes(tmp_path, shape=(20, 20, 20)):
+    path = tmp_path / "good.nii.gz"
+    nib.save(
+        nib.Nifti1Image(
+            np.arange(np.prod(shape), dtype=np.float32).reshape(shape), np.eye(4)
+        ),
+        path,
+    )
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.nii.gz", b"", "empty file"),
+        ("random.nii.gz", bytes(range(256)) * 8, "not gzip-compressed"),
+        ("random.nii", bytes(range(256)) * 8, "not a NIfTI file"),
+        ("notes.txt", b"hello", "unsupported file type"),
+        ("fake.png", b"\x89PNG but not really", "not a readable image"),
+    ],
+)
+def test_unreadable_files_name_the_file_and_the_problem(
+    tmp_path, name, content, message
+):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputFileError, match=message) as info:
+        read_volume(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputFileError, match="file not found"):
+        read_volume(tmp_path / "nope.nii.gz")
+
+
+def test_truncated_gzip_is_reported_as_truncated(tmp_path):
+    whole = _nifti_bytes(tmp_path)
+    path = tmp_path / "cut.nii.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputFileError, match="truncated"):
+        read_volume(path)
+
+
+def test_corrupt_gzip_stream_is_reported(tmp_path):
+    whole = bytearray(_nifti_bytes(tmp_path))
+    middle = len(whole) // 2
+    whole[middle : middle + 64] = bytes(64)  # wipe part of the deflate stream
+    path = tmp_path / "corrupt.nii.gz"
+    path.write_bytes(bytes(whole))
+    with pytest.raises(InputFileError, match="corrupt|truncated|unreadable"):
+        read_volume(path)
+
+
+def test_truncated_uncompressed_nifti_names_byte_counts(tmp_path):
+    nib.save(
+        nib.Nifti1Image(np.ones((10, 10, 10), np.float32), np.eye(4)),
+        tmp_path / "a.nii",
+    )
+    raw = (tmp_path / "a.nii").read_bytes()
+    (tmp_path / "a.nii").write_bytes(raw[:-100])
+    # 352-byte header + 4000 bytes of data = 4352 declared
+    with pytest.raises(
+        InputFileError, match="header declares 4,352 bytes, file has 4,252"
+    ):
+        read_volume(tmp_path / "a.nii")
+
+
+def _header_with_dims(tmp_path, dims):
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    header.set_data_shape((2, 2, 2))
+    raw = bytearray(header.binaryblock)
+    # dim[0..7] are int16 at byte offset 40
+    field = np.array([len(dims), *dims, *([1] * (7 - len(dims)))], dtype="<i2")
+    raw[40:56] = field.tobytes()
+    path = tmp_path / "bomb.nii.gz"
+    with gzip.open(path, "wb") as handle:
+        handle.write(bytes(raw) + b"\0" * 4 + b"\0" * 64)
+    return path
+
+
+def test_decompression_bomb_is_refused_before_reading(tmp_path):
+    path = _header_with_dims(tmp_path, (30000, 30000, 30000))
+    with pytest.raises(InputFileError, match="decompression bomb"):
+        read_volume(path)
+    with pytest.raises(InputFileError, match="above the limit of 100"):
+        read_volume(_header_with_dims(tmp_path, (5, 5, 5)), max_voxels=100)
+
+
+def test_header_dims_larger_than_data_are_truncation(tmp_path):
+    with pytest.raises(InputFileError, match="truncated"):
+        read_volume(_header_with_dims(tmp_path, (50, 50, 50)))
+
+
+def test_zero_size_dimension(tmp_path):
+    with pytest.raises(InputFileError, match="zero-size"):
+        read_volume(_header_with_dims(tmp_path, (5, 0, 5)))
+
+
+def test_write_to_missing_folder(tmp_path):
+    with pytest.raises(InputFileError, match="output folder does not exist"):
+        write_volume(
+            Volume(np.zeros((2, 2, 2, 1)), np.eye(4)), tmp_path / "no" / "x.nii"
+        )
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "report.json"
+    atomic_write_text(target, "old")
+
+    def explode(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(target), "write_text", explode)
+    with pytest.raises(InputFileError, match="No space left on device"):
+        atomic_write_text(target, "new")
+    monkeypatch.undo()
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+# helpers
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (np.array([0, 1, 2], np.int64), np.uint8),
+        (np.array([0, 300], np.int32), np.uint16),
+        (np.array([-1000, 3000], np.int32), np.int16),
+        (np.array([0, 70000], np.int64), np.uint32),
+        (np.array([True, False]), np.uint8),
+        (np.array([0.5], np.float64), np.float32),
+        (np.array([0.5], np.float16), np.float32),
+    ],
+)
+def test_output_dtype(values, expected):
+    assert output_dtype(values) == expected
+
+
+def test_suffixes():
+    assert split_suffix("a/b/Case_01.NII.GZ") == ("Case_01", ".nii.gz")
+    assert split_suffix("x.tar.gz") == ("x.tar.gz", "")
+    assert scan_format("x.tiff") == "image2d"
+    assert scan_format("x.nii") == "nifti"
+
+
+def test_volume_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="channels-last"):
+        Volume(np.zeros((3, 3)), np.eye(4))
+    with pytest.raises(ValueError, match="finite 4x4"):
+        Volume(np.zeros((3, 3, 1)), np.eye(3))
