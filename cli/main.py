@@ -34,7 +34,11 @@ class MedsegGroup(click.Group):
             raise InputError(str(exc)) from None
 
 
-@click.group(cls=MedsegGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    name="medseg",
+    cls=MedsegGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, prog_name="medseg")
 @click.option(
     "--debug", is_flag=True, help="Show full tracebacks instead of one-line errors."

@@ -124,7 +124,7 @@ class PercentileNormalization:
         channel = np.asarray(channel, dtype=np.float32)
         low, high = np.percentile(
             channel, [self.lower_percentile, self.upper_percentile]
-        )
+        ).astype(np.float32)
         clipped = np.clip(channel, low, high)
         return (clipped - np.float32(low)) / np.float32(_safe_scale(high - low))
 

@@ -41,3 +41,43 @@ def oblique_nifti(tmp_path, rng):
     path = tmp_path / "oblique.nii.gz"
     nib.save(img, path)
     return path, data
+
+
+def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    """Writes a small NIfTI for a test (parents created)."""
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), path)
+    return path
+
+
+@pytest.fixture
+def msd_dataset(tmp_path):
+    """A three-case Decathlon-layout dataset with labels 0, 1, 2 in a fresh folder."""
+    import json
+
+    root = tmp_path / "msd"
+    rng = np.random.default_rng(5)
+    entries = []
+    for i in range(3):
+        image = rng.normal(100, 20, size=(8, 9, 7)).astype(np.float32)
+        label = np.zeros((8, 9, 7), np.uint8)
+        label[2:5, 3:6, 2:4] = 1
+        label[5:7, 3:6, 2:4] = 2
+        save_nifti(root / "imagesTr" / f"case_{i}.nii.gz", image)
+        save_nifti(root / "labelsTr" / f"case_{i}.nii.gz", label)
+        entries.append(
+            {
+                "image": f"./imagesTr/case_{i}.nii.gz",
+                "label": f"./labelsTr/case_{i}.nii.gz",
+            }
+        )
+    manifest = {
+        "name": "Tiny",
+        "labels": {"0": "background", "1": "a", "2": "b"},
+        "modality": {"0": "MRI"},
+        "training": entries,
+    }
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    return root

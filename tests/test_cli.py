@@ -1,0 +1,202 @@
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from medseg import __version__
+from medseg_cli.main import main
+from tests.conftest import SAMPLE, save_nifti
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "summary"),
+    [
+        ([], "medseg: segment medical scans with Keras."),
+        (["data"], "Inspect datasets."),
+        (["data", "check"], "Check every case of DATASET and print its fingerprint."),
+    ],
+)
+def test_help_of_every_command(args, summary):
+    result = run(*args, "--help")
+    assert result.exit_code == 0
+    assert result.output.startswith(f"Usage: medseg {' '.join(args)}".rstrip() + " [")
+    assert summary in result.output
+
+
+def test_version():
+    result = run("--version")
+    assert (
+        result.exit_code == 0
+        and result.output.strip() == f"medseg, version {__version__}"
+    )
+
+
+def test_help_imports_neither_tensorflow_nor_nibabel():
+    code = (
+        "import sys\n"
+        "from medseg_cli.main import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "names = ('tensorflow', 'keras', 'nibabel', 'scipy')\n"
+        "heavy = [m for m in names if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "HEAVY []" in out
+
+
+def _sample_truth():
+    """Fingerprint numbers computed directly from the sample files."""
+    shapes, foreground, fractions = [], [], {0: [], 1: [], 2: []}
+    for image_path in sorted((SAMPLE / "imagesTr").glob("*.nii.gz")):
+        image = np.asanyarray(nib.load(image_path).dataobj)
+        label = np.asanyarray(nib.load(SAMPLE / "labelsTr" / image_path.name).dataobj)
+        shapes.append(image.shape)
+        foreground.append(image[label > 0].astype(np.float64))
+        for value in fractions:
+            fractions[value].append(np.count_nonzero(label == value) / label.size)
+    return np.array(shapes), np.concatenate(foreground), fractions
+
+
+@pytest.mark.slow
+def test_data_check_passes_the_sample_and_reports_its_fingerprint(tmp_path):
+    result = run("data", "check", str(SAMPLE), "--json", str(tmp_path / "fp.json"))
+    assert result.exit_code == 0, result.output
+    assert "OK: no problems found" in result.output
+    report = json.loads((tmp_path / "fp.json").read_text())
+    assert report["ok"] is True and report["problems"] == []
+    fp = report["fingerprint"]
+    shapes, foreground, fractions = _sample_truth()
+    assert fp["num_cases"] == 12 and fp["num_readable_cases"] == 12
+    assert fp["shape"]["min"] == shapes.min(axis=0).tolist()
+    assert fp["shape"]["max"] == shapes.max(axis=0).tolist()
+    assert fp["spacing_mm"]["median"] == pytest.approx([1.0, 1.0, 1.0])
+    assert fp["orientations"] == {"RAS": 12}
+    # each case has fewer than 10,000 foreground voxels, so all of them are pooled
+    assert foreground.size < 12 * 10_000
+    stats = fp["foreground_intensity"][0]
+    assert stats["mean"] == pytest.approx(foreground.mean())
+    assert stats["percentile_99.5"] == pytest.approx(np.percentile(foreground, 99.5))
+    for value, values in fractions.items():
+        assert fp["label_fraction"][str(value)]["mean"] == pytest.approx(
+            np.mean(values)
+        )
+    assert f"label 1: {100 * np.mean(fractions[1]):.2f}% of voxels" in result.output
+
+
+@pytest.fixture
+def broken_sample(tmp_path):
+    """A copy of the sample with one defect in each of seven cases."""
+    root = tmp_path / "broken"
+    shutil.copytree(SAMPLE, root)
+    manifest = json.loads((root / "dataset.json").read_text())
+    manifest["training"][0]["image"] = "../escape.nii.gz"  # hippocampus_003
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    (root / "imagesTr" / "hippocampus_008.nii.gz").unlink()
+    corrupt = root / "imagesTr" / "hippocampus_011.nii.gz"
+    raw = bytearray(corrupt.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 32] = bytes(32)
+    corrupt.write_bytes(bytes(raw))
+
+    def edit_label(case, change):
+        path = root / "labelsTr" / f"{case}.nii.gz"
+        img = nib.load(path)
+        data, affine = change(np.asanyarray(img.dataobj).copy(), img.affine.copy())
+        save_nifti(path, data, affine)
+
+    def wrong_value(data, affine):
+        data[0, 0, 0] = 7
+        return data, affine
+
+    def shift(data, affine):
+        affine[0, 3] += 0.5
+        return data, affine
+
+    edit_label("hippocampus_014", wrong_value)
+    edit_label("hippocampus_015", lambda d, a: (d[:, :, :-6], a))
+    edit_label("hippocampus_017", shift)
+    nan_path = root / "imagesTr" / "hippocampus_019.nii.gz"
+    img = nib.load(nan_path)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    data[1, 1, 1] = np.nan
+    save_nifti(nan_path, data, img.affine)
+    return root
+
+
+@pytest.mark.slow
+def test_data_check_names_every_broken_case(broken_sample, tmp_path):
+    result = CliRunner().invoke(
+        main, ["data", "check", str(broken_sample), "--json", str(tmp_path / "r.json")]
+    )
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    found = {p["case"]: p["problem"] for p in report["problems"]}
+    assert sorted(found) == [
+        "escape",
+        "hippocampus_008",
+        "hippocampus_011",
+        "hippocampus_014",
+        "hippocampus_015",
+        "hippocampus_017",
+        "hippocampus_019",
+    ]
+    assert found["escape"] == "path points outside the dataset folder"
+    assert found["hippocampus_008"] == "file not found"
+    assert found["hippocampus_011"] == "corrupt compressed data (checksum mismatch)"
+    assert (
+        "label values [7] not among declared labels [0, 1, 2]"
+        in found["hippocampus_014"]
+    )
+    assert (
+        "label shape" in found["hippocampus_015"]
+        and "differs" in found["hippocampus_015"]
+    )
+    assert (
+        "label affine differs from the image's by up to 0.5 mm"
+        in found["hippocampus_017"]
+    )
+    assert found["hippocampus_019"] == "1 NaN/Inf voxels"
+    for case, problem in found.items():
+        assert f"BROKEN {case}: " in result.output and problem in result.output
+    # the five intact cases are fingerprinted
+    assert report["fingerprint"]["num_readable_cases"] == 5
+
+
+def test_bad_dataset_path_is_one_line_and_exit_2(tmp_path):
+    result = CliRunner().invoke(main, ["data", "check", str(tmp_path / "nothing")])
+    assert result.exit_code == 2
+    assert (
+        result.output.strip()
+        == f"Error: {tmp_path / 'nothing'}: dataset folder not found"
+    )
+    debug = CliRunner().invoke(main, ["--debug", "data", "check", str(tmp_path / "x")])
+    assert debug.exit_code == 1 and type(debug.exception).__name__ == "InputFileError"
+
+
+def test_data_check_on_medmnist_npz(tmp_path, rng):
+    np.savez(
+        tmp_path / "m.npz",
+        train_images=rng.random((6, 8, 8, 8)).astype(np.float32),
+        train_labels=np.array([[0], [1], [1], [0], [1], [1]]),
+    )
+    result = run("data", "check", str(tmp_path / "m.npz"))
+    assert result.exit_code == 0
+    assert "train      6 samples of (8, 8, 8, 1) float32, classes {'0': 2, '1': 4}" in (
+        result.output
+    )

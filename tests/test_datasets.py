@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medseg.datasets import load_dataset, load_npz_dataset
+from medseg.errors import InputFileError
+from tests.conftest import SAMPLE, save_nifti
+
+
+def test_shipped_sample_is_a_decathlon_dataset():
+    dataset = load_dataset(SAMPLE)
+    assert dataset.layout == "msd"
+    assert len(dataset.cases) == 12
+    assert dataset.labels == {0: "background", 1: "Anterior", 2: "Posterior"}
+    assert dataset.channel_names == ("MRI",)
+    first = dataset.cases[0]
+    assert first.case_id == "hippocampus_003"
+    assert first.images == (SAMPLE / "imagesTr" / "hippocampus_003.nii.gz",)
+    assert first.label == SAMPLE / "labelsTr" / "hippocampus_003.nii.gz"
+    assert load_dataset(SAMPLE / "dataset.json").cases == dataset.cases
+
+
+def test_msd_path_outside_the_folder_is_refused(msd_dataset):
+    manifest = json.loads((msd_dataset / "dataset.json").read_text())
+    manifest["training"][1]["image"] = "../../etc/passwd.nii.gz"
+    manifest["training"][2]["label"] = "/abs/label.nii.gz"
+    (msd_dataset / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputFileError, match="outside the dataset folder") as info:
+        load_dataset(msd_dataset)
+    assert "and 1 more problem" in str(info.value)
+    dataset = load_dataset(msd_dataset, strict=False)
+    problems = {(p.case_id, p.problem) for p in dataset.problems}
+    assert problems == {
+        ("passwd", "path points outside the dataset folder"),
+        ("case_2", "path points outside the dataset folder"),
+    }
+
+
+def test_msd_missing_file_is_a_problem(msd_dataset):
+    (msd_dataset / "labelsTr" / "case_0.nii.gz").unlink()
+    with pytest.raises(InputFileError, match="case case_0: file not found"):
+        load_dataset(msd_dataset)
+
+
+def test_nnunet_v2_layout_with_two_channels(tmp_path):
+    root = tmp_path / "Dataset001_Tiny"
+    for case in ("liver_1", "liver_2"):
+        for channel in range(2):
+            save_nifti(
+                root / "imagesTr" / f"{case}_{channel:04d}.nii.gz",
+                np.ones((4, 4, 4), np.float32),
+            )
+        save_nifti(root / "labelsTr" / f"{case}.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    (root / "imagesTr" / "._liver_1_0000.nii.gz").write_bytes(b"macos junk")
+    manifest = {
+        "channel_names": {"0": "CT", "1": "PET"},
+        "labels": {"background": 0, "liver": 1},
+        "numTraining": 2,
+        "file_ending": ".nii.gz",
+    }
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    dataset = load_dataset(root)
+    assert dataset.layout == "nnunet"
+    assert dataset.channel_names == ("CT", "PET")
+    assert dataset.labels == {0: "background", 1: "liver"}
+    assert [c.case_id for c in dataset.cases] == ["liver_1", "liver_2"]
+    assert [p.name for p in dataset.cases[1].images] == [
+        "liver_2_0000.nii.gz",
+        "liver_2_0001.nii.gz",
+    ]
+    (root / "imagesTr" / "liver_2_0001.nii.gz").unlink()
+    with pytest.raises(
+        InputFileError, match="liver_2_0001.nii.gz: case liver_2: file not"
+    ):
+        load_dataset(root)
+
+
+def test_nnunet_region_labels_are_refused(tmp_path):
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"channel_names": {"0": "T1"}, "labels": {"bg": 0, "whole": [1, 2]}})
+    )
+    with pytest.raises(InputFileError, match="region-based labels are not supported"):
+        load_dataset(tmp_path)
+
+
+def test_folder_pair_of_pngs_matched_by_name(tmp_path):
+    for folder in ("image", "label"):
+        (tmp_path / folder).mkdir()
+    for name in ("0", "1", "2"):
+        Image.fromarray(np.zeros((5, 5), np.uint8)).save(
+            tmp_path / "image" / f"{name}.png"
+        )
+    for name in ("0", "1"):
+        Image.fromarray(np.zeros((5, 5), np.uint8)).save(
+            tmp_path / "label" / f"{name}.tif"
+        )
+    dataset = load_dataset(tmp_path, strict=False)
+    assert dataset.layout == "folder" and dataset.labels is None
+    assert [c.case_id for c in dataset.cases] == ["0", "1", "2"]
+    assert dataset.cases[0].label == tmp_path / "label" / "0.tif"
+    assert [str(p) for p in dataset.problems] == [
+        f"2: {tmp_path / 'label'}: no label file for 2.png"
+    ]
+
+
+def test_folder_without_a_dataset_is_an_error(tmp_path):
+    with pytest.raises(InputFileError, match="no dataset found"):
+        load_dataset(tmp_path)
+    with pytest.raises(InputFileError, match="dataset folder not found"):
+        load_dataset(tmp_path / "missing")
+    (tmp_path / "dataset.json").write_text("{not json")
+    with pytest.raises(InputFileError, match="unreadable dataset.json"):
+        load_dataset(tmp_path)
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_medmnist_npz_2d_and_3d(tmp_path, rng):
+    path = _npz(
+        tmp_path / "breast.npz",
+        train_images=rng.integers(0, 255, (10, 28, 28), dtype=np.uint8),
+        train_labels=rng.integers(0, 2, (10, 1)),
+        val_images=rng.integers(0, 255, (4, 28, 28), dtype=np.uint8),
+        val_labels=np.array([[0], [1], [1], [0]]),
+    )
+    dataset = load_npz_dataset(path)
+    assert dataset.spatial_dims == 2 and dataset.num_classes == 2
+    images, labels = dataset.splits["val"]
+    assert images.shape == (4, 28, 28, 1) and labels.tolist() == [0, 1, 1, 0]
+    assert set(dataset.splits) == {"train", "val"}
+
+    path = _npz(
+        tmp_path / "adrenal.npz",
+        train_images=rng.random((3, 28, 28, 28)),
+        train_labels=np.array([[0], [2], [1]]),
+    )
+    dataset = load_npz_dataset(path)
+    assert dataset.spatial_dims == 3 and dataset.num_classes == 3
+    assert dataset.splits["train"][0].shape == (3, 28, 28, 28, 1)
+
+
+def test_bad_npz_files(tmp_path, rng):
+    with pytest.raises(InputFileError, match="needs train_images and train_labels"):
+        load_npz_dataset(_npz(tmp_path / "a.npz", images=np.zeros((2, 4, 4))))
+    with pytest.raises(InputFileError, match="3 images but 2 labels"):
+        load_npz_dataset(
+            _npz(
+                tmp_path / "b.npz",
+                train_images=np.zeros((3, 4, 4)),
+                train_labels=[0, 1],
+            )
+        )
+    with pytest.raises(InputFileError, match="non-negative integer classes"):
+        load_npz_dataset(
+            _npz(
+                tmp_path / "c.npz",
+                train_images=np.zeros((2, 4, 4)),
+                train_labels=np.array([0.5, 1.0]),
+            )
+        )
+    np.savez(
+        tmp_path / "d.npz",
+        train_images=np.array([{"x": 1}], dtype=object),
+        train_labels=np.zeros(1, int),
+    )
+    with pytest.raises(InputFileError, match="pickled"):
+        load_npz_dataset(tmp_path / "d.npz")
