@@ -520,7 +520,24 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_volume(volume: Volume, path: str | Path, *, dtype=None) -> Path:
+def _preferred_dtype(volume: Volume) -> np.dtype:
+    """The source header's integer dtype when it still holds the values, else
+    :func:`output_dtype`."""
+    chosen = output_dtype(volume.array)
+    get_source = getattr(volume.header, "get_data_dtype", None)
+    if get_source is None or chosen.kind not in "iu":
+        return chosen
+    source = np.dtype(get_source())
+    if source.kind in "iu" and volume.array.size:
+        info = np.iinfo(source)
+        if info.min <= int(volume.array.min()) and int(volume.array.max()) <= info.max:
+            return source
+    return chosen
+
+
+def write_volume(
+    volume: Volume, path: str | Path, *, dtype=None, is_label: bool = False
+) -> Path:
     """Writes a volume, restoring its geometry, atomically.
 
     NIfTI output keeps the source header (descriptions, units, intent, sform/qform
@@ -530,7 +547,10 @@ def write_volume(volume: Volume, path: str | Path, *, dtype=None) -> Path:
     Args:
         volume: what to write.
         path: destination; the suffix picks the format. JPEG is refused (lossy).
-        dtype: voxel type on disk; default :func:`output_dtype`.
+        dtype: voxel type on disk. By default labels get :func:`output_dtype`
+            (uint8/uint16), and images the source NIfTI header's integer type when it
+            holds the values (an int16 CT stays int16), else :func:`output_dtype`.
+        is_label: the volume is a label map (see ``dtype``).
 
     Returns:
         The path written.
@@ -541,7 +561,9 @@ def write_volume(volume: Volume, path: str | Path, *, dtype=None) -> Path:
     """
     path = Path(path)
     fmt = scan_format(path)
-    dtype = output_dtype(volume.array) if dtype is None else np.dtype(dtype)
+    if dtype is None:
+        dtype = output_dtype(volume.array) if is_label else _preferred_dtype(volume)
+    dtype = np.dtype(dtype)
     if not path.parent.is_dir():
         raise InputFileError(path.parent, "output folder does not exist")
     try:

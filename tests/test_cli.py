@@ -101,8 +101,11 @@ def test_data_check_passes_the_sample_and_reports_its_fingerprint(tmp_path):
 
 @pytest.fixture
 def broken_sample(tmp_path):
+    return make_broken_sample(tmp_path / "broken")
+
+
+def make_broken_sample(root):
     """A copy of the sample with one defect in each of seven cases."""
-    root = tmp_path / "broken"
     shutil.copytree(SAMPLE, root)
     manifest = json.loads((root / "dataset.json").read_text())
     manifest["training"][0]["image"] = "../escape.nii.gz"  # hippocampus_003

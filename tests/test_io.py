@@ -56,7 +56,7 @@ def test_float_image_written_as_float32_and_labels_as_uint8(oblique_nifti, tmp_p
     assert back.get_data_dtype() == np.float32
     np.testing.assert_allclose(back.get_fdata(), data / 7.0, rtol=1e-6)
     labels = volume.with_array((volume.array > 0).astype(np.int64) * 2)
-    back = nib.load(write_volume(labels, tmp_path / "labels.nii.gz"))
+    back = nib.load(write_volume(labels, tmp_path / "labels.nii.gz", is_label=True))
     assert back.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asanyarray(back.dataobj), (data > 0) * 2)
 
@@ -352,3 +352,14 @@ def test_volume_rejects_bad_shapes():
         Volume(np.zeros((3, 3)), np.eye(4))
     with pytest.raises(ValueError, match="finite 4x4"):
         Volume(np.zeros((3, 3, 1)), np.eye(3))
+
+
+def test_integer_source_dtype_is_kept_when_it_holds_the_values(oblique_nifti, tmp_path):
+    path, data = oblique_nifti  # int16 on disk
+    volume = read_volume(path)
+    positive = volume.with_array(np.abs(volume.array))  # would fit uint16 too
+    assert (
+        nib.load(write_volume(positive, tmp_path / "a.nii")).get_data_dtype() == "<i2"
+    )
+    huge = volume.with_array(volume.array.astype(np.int64) * 100)  # beyond int16
+    assert nib.load(write_volume(huge, tmp_path / "b.nii")).get_data_dtype() == "<i4"
