@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,8 @@ def msd_dataset(tmp_path):
     }
     (root / "dataset.json").write_text(json.dumps(manifest))
     return root
+
+
+def pytest_configure(config):
+    # quieten TensorFlow's C++ start-up logging in test output
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -96,3 +96,101 @@ def percentile_linear(values: np.ndarray, q: float) -> float:
     low = int(np.floor(position))
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+
+
+def max_pool_with_argmax(x: np.ndarray, pool):
+    """Loops over windows; the first maximum in C order wins. Indices are positions in
+    the flattened ``(*spatial, C)`` array of each sample."""
+    batch, *spatial, channels = x.shape
+    cells = [s // p for s, p in zip(spatial, pool, strict=True)]
+    values = np.zeros((batch, *cells, channels), x.dtype)
+    indices = np.zeros((batch, *cells, channels), np.int64)
+    for b in range(batch):
+        for cell in voxel_indices(cells):
+            for c in range(channels):
+                best, best_index = None, None
+                for offset in voxel_indices(pool):
+                    pos = tuple(k * p + o for k, p, o in zip(cell, pool, offset, strict=True))
+                    value = x[(b, *pos, c)]
+                    if best is None or value > best:
+                        best = value
+                        best_index = np.ravel_multi_index((*pos, c), (*spatial, channels))
+                values[(b, *cell, c)] = best
+                indices[(b, *cell, c)] = best_index
+    return values, indices
+
+
+def max_unpool(values: np.ndarray, indices: np.ndarray, out_spatial):
+    """Writes each value at its flat index in a zero array of ``(B, *out_spatial, C)``."""
+    batch, channels = values.shape[0], values.shape[-1]
+    out = np.zeros((batch, *out_spatial, channels), values.dtype)
+    for b in range(batch):
+        flat = out[b].reshape(-1)
+        for value, index in zip(values[b].ravel(), indices[b].ravel(), strict=True):
+            flat[index] = value
+        out[b] = flat.reshape(out[b].shape)
+    return out
+
+
+def bed_of_nails(x: np.ndarray, size):
+    """Each value at the first position of its block, zeros elsewhere."""
+    batch, *spatial, channels = x.shape
+    out = np.zeros((batch, *(s * k for s, k in zip(spatial, size, strict=True)), channels))
+    for b in range(batch):
+        for index in voxel_indices(spatial):
+            target = tuple(i * k for i, k in zip(index, size, strict=True))
+            out[(b, *target)] = x[(b, *index)]
+    return out
+
+
+def n_max_pool(x: np.ndarray, pool, n: int):
+    """Mean of the n largest values of each window, by sorting each window."""
+    batch, *spatial, channels = x.shape
+    cells = [s // p for s, p in zip(spatial, pool, strict=True)]
+    out = np.zeros((batch, *cells, channels))
+    for b in range(batch):
+        for cell in voxel_indices(cells):
+            for c in range(channels):
+                window = [
+                    x[(b, *(k * p + o for k, p, o in zip(cell, pool, offset, strict=True)),
+                       c)]
+                    for offset in voxel_indices(pool)
+                ]
+                out[(b, *cell, c)] = np.mean(sorted(window)[-n:])
+    return out
+
+
+def pad(x: np.ndarray, padding, mode: str):
+    """Pads each spatial axis by mapping every output index back to a source index."""
+    batch, *spatial, channels = x.shape
+    out_spatial = [s + 2 * p for s, p in zip(spatial, padding, strict=True)]
+    out = np.zeros((batch, *out_spatial, channels), x.dtype)
+
+    def source(i, n):
+        if 0 <= i < n:
+            return i
+        if mode == "zero":
+            return None
+        if mode == "replicate":
+            return 0 if i < 0 else n - 1
+        if mode == "circular":
+            return i % n
+        return -i if i < 0 else 2 * (n - 1) - i  # reflect, edge not repeated
+
+    for index in voxel_indices(out_spatial):
+        src = [source(i - p, n) for i, p, n in zip(index, padding, spatial, strict=True)]
+        if None not in src:
+            out[(slice(None), *index)] = x[(slice(None), *src)]
+    return out
+
+
+def conv_transpose_2d(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndarray:
+    """Single-channel transposed convolution: each input pixel adds ``x * kernel`` at
+    ``stride`` times its position (no padding)."""
+    h, w = x.shape
+    kh, kw = kernel.shape
+    out = np.zeros(((h - 1) * stride + kh, (w - 1) * stride + kw))
+    for i in range(h):
+        for j in range(w):
+            out[i * stride : i * stride + kh, j * stride : j * stride + kw] += x[i, j] * kernel
+    return out

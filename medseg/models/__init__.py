@@ -1,0 +1,73 @@
+"""Network builders, the model registry and safe model loading.
+
+Importing this package imports Keras (and TensorFlow).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medseg.errors import InputFileError
+from medseg.models.classifier import build_classifier
+from medseg.models.unet import (
+    build_autoencoder,
+    build_unet,
+    transfer_encoder_weights,
+    unet_output_size,
+    valid_unet_input_sizes,
+)
+
+#: Builders by the name configs use.
+MODELS = {
+    "unet": build_unet,
+    "autoencoder": build_autoencoder,
+    "classifier": build_classifier,
+}
+
+__all__ = [
+    "MODELS",
+    "build_autoencoder",
+    "build_classifier",
+    "build_model",
+    "build_unet",
+    "load_model",
+    "transfer_encoder_weights",
+    "unet_output_size",
+    "valid_unet_input_sizes",
+]
+
+
+def build_model(name: str, **kwargs):
+    """Builds a registered model by name (``"unet"``, ``"autoencoder"``, ``"classifier"``).
+
+    Raises:
+        ValueError: unknown name, or a bad argument of the builder.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name](**kwargs)
+
+
+def load_model(path: str | Path):
+    """Loads a ``.keras`` model (or a bundle folder's ``model.keras``) in safe mode.
+
+    medseg's layers are registered first, so models using them load; Keras' safe mode
+    refuses Lambda layers and anything else that would run code from the file.
+
+    Raises:
+        InputFileError: missing or unreadable file, or a file that is not a Keras model.
+    """
+    import keras
+
+    import medseg.layers  # noqa: F401  (registers the custom layers)
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.keras"
+    if not path.is_file():
+        raise InputFileError(path, "model file not found")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputFileError(path, f"cannot load model ({message})") from None

@@ -1,0 +1,154 @@
+"""Building blocks shared by the builders: one code path for 2D and 3D.
+
+Every layer gets a deterministic name from its position, e.g. ``enc1_conv2``,
+``enc1_norm2``, ``enc1_act2``, so weights load by name and ``enc*`` can be frozen.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from medseg import layers as medseg_layers
+
+CONV = {2: layers.Conv2D, 3: layers.Conv3D}
+CONV_TRANSPOSE = {2: layers.Conv2DTranspose, 3: layers.Conv3DTranspose}
+MAX_POOL = {2: layers.MaxPooling2D, 3: layers.MaxPooling3D}
+AVG_POOL = {2: layers.AveragePooling2D, 3: layers.AveragePooling3D}
+UPSAMPLE = {2: layers.UpSampling2D, 3: layers.UpSampling3D}
+CROP = {2: layers.Cropping2D, 3: layers.Cropping3D}
+SPATIAL_DROPOUT = {2: layers.SpatialDropout2D, 3: layers.SpatialDropout3D}
+GLOBAL_AVG = {2: layers.GlobalAveragePooling2D, 3: layers.GlobalAveragePooling3D}
+GLOBAL_MAX = {2: layers.GlobalMaxPooling2D, 3: layers.GlobalMaxPooling3D}
+ARGMAX_POOL = {2: medseg_layers.MaxPoolingWithArgmax2D, 3: medseg_layers.MaxPoolingWithArgmax3D}
+MAX_UNPOOL = {2: medseg_layers.MaxUnpooling2D, 3: medseg_layers.MaxUnpooling3D}
+BED_OF_NAILS = {2: medseg_layers.BedOfNailsUnpooling2D, 3: medseg_layers.BedOfNailsUnpooling3D}
+PAD = {2: medseg_layers.Padding2D, 3: medseg_layers.Padding3D}
+
+NORMS = ("batch", "instance", "group", "none")
+
+
+def check_choice(value, name: str, choices) -> None:
+    """Raises ``ValueError`` naming the argument when ``value`` is not a choice."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_spatial_dims(spatial_dims) -> None:
+    check_choice(spatial_dims, "spatial_dims", (2, 3))
+
+
+def check_activation(activation: str) -> None:
+    try:
+        keras.activations.get(activation)
+    except (ValueError, TypeError):
+        raise ValueError(f"activation {activation!r} is not a Keras activation") from None
+
+
+def norm_layer(norm: str, filters: int, name: str):
+    """The normalisation layer for ``norm`` (None for ``"none"``).
+
+    ``instance`` is group normalisation with one channel per group; ``group`` uses the
+    largest group count up to 8 that divides ``filters``.
+    """
+    if norm == "batch":
+        return layers.BatchNormalization(name=name)
+    if norm == "instance":
+        return layers.GroupNormalization(groups=-1, epsilon=1e-5, name=name)
+    if norm == "group":
+        groups = max(g for g in range(1, 9) if filters % g == 0)
+        return layers.GroupNormalization(groups=groups, epsilon=1e-5, name=name)
+    return None
+
+
+def conv_unit(
+    x,
+    filters: int,
+    *,
+    spatial_dims: int,
+    name: str,
+    index: int | str = "",
+    kernel_size: int = 3,
+    strides: int = 1,
+    dilation: int = 1,
+    padding: str = "same",
+    padding_mode: str = "zero",
+    norm: str = "instance",
+    activation: str | None = "relu",
+):
+    """Convolution, normalisation, activation: ``{name}_conv{index}``, ``_norm``, ``_act``.
+
+    With ``padding="same"`` and a ``padding_mode`` other than zero, an explicit padding
+    layer ``{name}_pad{index}`` comes first and the convolution is 'valid'.
+    """
+    conv_padding = padding
+    if padding == "same" and padding_mode != "zero" and kernel_size > 1:
+        if strides != 1:
+            raise ValueError("padding_mode other than 'zero' needs stride 1 convolutions")
+        amount = (kernel_size - 1) // 2 * dilation
+        x = PAD[spatial_dims](amount, mode=padding_mode, name=f"{name}_pad{index}")(x)
+        conv_padding = "valid"
+    x = CONV[spatial_dims](
+        filters,
+        kernel_size,
+        strides=strides,
+        dilation_rate=dilation,
+        padding=conv_padding,
+        use_bias=norm == "none",  # a bias before normalisation is cancelled by it
+        name=f"{name}_conv{index}",
+    )(x)
+    norm_op = norm_layer(norm, filters, f"{name}_norm{index}")
+    if norm_op is not None:
+        x = norm_op(x)
+    if activation is not None:
+        x = layers.Activation(activation, name=f"{name}_act{index}")(x)
+    return x
+
+
+def conv_block(
+    x,
+    filters: int,
+    *,
+    spatial_dims: int,
+    name: str,
+    convs: int = 2,
+    residual: bool = False,
+    dropout: float = 0.0,
+    activation: str = "relu",
+    kernel_size: int = 3,
+    dilation: int = 1,
+    padding: str = "same",
+    norm: str = "instance",
+    **unit_kwargs,
+):
+    """``convs`` conv units; residual blocks add a (1x1-projected) shortcut before the last
+    activation (``{name}_skip``, ``{name}_add``, ``{name}_act_out``); optional spatial
+    dropout ``{name}_dropout``.
+    """
+    shortcut = x
+    common = dict(
+        spatial_dims=spatial_dims,
+        name=name,
+        kernel_size=kernel_size,
+        dilation=dilation,
+        padding=padding,
+        norm=norm,
+        **unit_kwargs,
+    )
+    for j in range(1, convs + 1):
+        last = j == convs
+        act = None if residual and last else activation
+        x = conv_unit(x, filters, index=j, activation=act, **common)
+    if residual:
+        if shortcut.shape[-1] != filters:
+            shortcut = CONV[spatial_dims](
+                filters, 1, use_bias=norm == "none", name=f"{name}_skip"
+            )(shortcut)
+        if padding == "valid":
+            trim = convs * (kernel_size - 1) * dilation // 2
+            shortcut = CROP[spatial_dims](trim, name=f"{name}_skip_crop")(shortcut)
+        x = layers.Add(name=f"{name}_add")([x, shortcut])
+        x = layers.Activation(activation, name=f"{name}_act_out")(x)
+    if dropout:
+        x = SPATIAL_DROPOUT[spatial_dims](dropout, name=f"{name}_dropout")(x)
+    return x

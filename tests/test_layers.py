@@ -1,0 +1,241 @@
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from medseg import layers
+from medseg.models import load_model
+from tests import reference
+
+
+def _round_trip(model, tmp_path, *inputs):
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = load_model(path)
+    args = inputs[0] if len(inputs) == 1 else list(inputs)
+    before, after = model(args), loaded(args)
+    for a, b in zip(keras.tree.flatten(before), keras.tree.flatten(after), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    return loaded
+
+
+# max pooling with argmax / max unpooling -------------------------------------------------
+
+
+def test_textbook_2x2_max_pool_of_a_4x4_map():
+    # the classic example: max of each 2x2 block, and where it was (row * 4 + col)
+    x = np.array([[1, 1, 2, 4], [5, 6, 7, 8], [3, 2, 1, 0], [1, 2, 3, 4]], np.float32)
+    values, indices = layers.MaxPoolingWithArgmax2D(2)(x[None, :, :, None])
+    np.testing.assert_array_equal(np.asarray(values)[0, :, :, 0], [[6, 8], [3, 4]])
+    np.testing.assert_array_equal(np.asarray(indices)[0, :, :, 0], [[5, 7], [8, 15]])
+    assert indices.dtype == tf.int64
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "pool"),
+    [
+        (layers.MaxPoolingWithArgmax2D, (2, 6, 8, 3), (2, 2)),
+        (layers.MaxPoolingWithArgmax2D, (1, 7, 5, 2), (3, 2)),
+        (layers.MaxPoolingWithArgmax3D, (2, 4, 6, 4, 2), (2, 2, 2)),
+        (layers.MaxPoolingWithArgmax3D, (1, 5, 7, 3, 3), (2, 3, 1)),
+    ],
+)
+def test_argmax_pooling_and_unpooling_match_loop_reference(rng, layer, shape, pool):
+    x = rng.random(shape).astype(np.float32)
+    values, indices = layer(pool)(x)
+    ref_values, ref_indices = reference.max_pool_with_argmax(x, pool)
+    np.testing.assert_array_equal(np.asarray(values), ref_values)
+    np.testing.assert_array_equal(np.asarray(indices), ref_indices)
+    unpool = layers.MaxUnpooling2D if len(pool) == 2 else layers.MaxUnpooling3D
+    out = unpool(pool)([values, indices, x])  # reference tensor: odd sizes come back
+    assert out.shape == x.shape
+    np.testing.assert_array_equal(
+        np.asarray(out), reference.max_unpool(ref_values, ref_indices, shape[1:-1])
+    )
+
+
+def test_argmax_indices_agree_with_tensorflow_2d(rng):
+    x = rng.random((2, 8, 6, 5)).astype(np.float32)
+    _, indices = layers.MaxPoolingWithArgmax2D(2)(x)
+    _, tf_indices = tf.nn.max_pool_with_argmax(x, 2, 2, "VALID")
+    np.testing.assert_array_equal(np.asarray(indices), np.asarray(tf_indices))
+
+
+def test_unpooling_gradient_flows_to_values_at_argmax(rng):
+    x = tf.Variable(rng.random((1, 4, 4, 4, 2)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        values, indices = layers.MaxPoolingWithArgmax3D()(x)
+        out = layers.MaxUnpooling3D()([values * 3.0, indices])
+        total = tf.reduce_sum(out)
+    grad = np.asarray(tape.gradient(total, x))
+    _, ref_indices = reference.max_pool_with_argmax(np.asarray(x), (2, 2, 2))
+    expected = np.zeros(x.shape[1:]).reshape(-1)
+    expected[ref_indices[0].ravel()] = 3.0
+    np.testing.assert_array_equal(grad[0], expected.reshape(x.shape[1:]))
+
+
+def test_argmax_pooling_symbolic_shapes_and_dtypes():
+    inputs = keras.Input((None, None, None, 4))
+    values, indices = layers.MaxPoolingWithArgmax3D()(inputs)
+    assert indices.dtype == "int64" and values.dtype == "float32"
+    out = layers.MaxUnpooling3D()([values, indices, inputs])
+    assert out.shape == (None, None, None, None, 4)
+    fixed = keras.Input((10, 7, 4))
+    values, indices = layers.MaxPoolingWithArgmax2D()(fixed)
+    assert values.shape == (None, 5, 3, 4)
+    assert layers.MaxUnpooling2D()([values, indices]).shape == (None, 10, 6, 4)
+    assert layers.MaxUnpooling2D()([values, indices, fixed]).shape == (None, 10, 7, 4)
+
+
+def test_argmax_layers_survive_save_and_load(rng, tmp_path):
+    inputs = keras.Input((6, 6, 4, 2))
+    values, indices = layers.MaxPoolingWithArgmax3D(name="pool")(inputs)
+    out = layers.MaxUnpooling3D(name="unpool")([values, indices, inputs])
+    model = keras.Model(inputs, [out, indices])
+    x = rng.random((2, 6, 6, 4, 2)).astype(np.float32)
+    loaded = _round_trip(model, tmp_path, x)
+    assert loaded.get_layer("pool").get_config()["pool_size"] == (2, 2, 2)
+    assert loaded(x)[1].dtype == tf.int64
+
+
+# bed of nails, N-max pooling, padding --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "size"),
+    [
+        (layers.BedOfNailsUnpooling2D, (2, 3, 4, 2), (2, 2)),
+        (layers.BedOfNailsUnpooling2D, (1, 2, 3, 1), (3, 1)),
+        (layers.BedOfNailsUnpooling3D, (1, 2, 3, 2, 2), (2, 2, 2)),
+    ],
+)
+def test_bed_of_nails_matches_reference(rng, layer, shape, size):
+    x = rng.random(shape).astype(np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(layer(size)(x)), reference.bed_of_nails(x, size)
+    )
+
+
+def test_bed_of_nails_textbook_case():
+    x = np.array([[1, 2], [3, 4]], np.float32)[None, :, :, None]
+    out = np.asarray(layers.BedOfNailsUnpooling2D(2)(x))[0, :, :, 0]
+    np.testing.assert_array_equal(
+        out, [[1, 0, 2, 0], [0, 0, 0, 0], [3, 0, 4, 0], [0, 0, 0, 0]]
+    )
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "pool", "n"),
+    [
+        (layers.NMaxPooling2D, (2, 4, 6, 3), (2, 2), 2),
+        (layers.NMaxPooling2D, (1, 6, 6, 1), (3, 3), 4),
+        (layers.NMaxPooling3D, (1, 4, 4, 4, 2), (2, 2, 2), 3),
+    ],
+)
+def test_n_max_pooling_matches_reference(rng, layer, shape, pool, n):
+    x = rng.random(shape).astype(np.float32)
+    np.testing.assert_allclose(
+        np.asarray(layer(pool, n=n)(x)), reference.n_max_pool(x, pool, n), rtol=1e-6
+    )
+
+
+def test_n_max_pooling_limits_are_max_and_average_pooling(rng):
+    x = rng.random((1, 4, 4, 2)).astype(np.float32)
+    np.testing.assert_allclose(
+        layers.NMaxPooling2D(2, n=1)(x), keras.layers.MaxPooling2D(2)(x)
+    )
+    np.testing.assert_allclose(
+        layers.NMaxPooling2D(2, n=4)(x), keras.layers.AveragePooling2D(2)(x), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("mode", layers.PADDING_MODES)
+@pytest.mark.parametrize(
+    ("layer", "shape", "padding"),
+    [
+        (layers.Padding2D, (1, 3, 4, 2), (1, 2)),
+        (layers.Padding3D, (2, 3, 3, 4, 1), (1, 0, 2)),
+    ],
+)
+def test_padding_modes_match_reference(rng, mode, layer, shape, padding):
+    x = rng.random(shape).astype(np.float32)
+    out = layer(padding, mode=mode)(x)
+    np.testing.assert_array_equal(np.asarray(out), reference.pad(x, padding, mode))
+
+
+def test_padding_modes_on_a_row():
+    row = np.array([1, 2, 3], np.float32)[None, None, :, None]
+
+    def padded(mode):
+        return np.asarray(layers.Padding2D((0, 2), mode=mode)(row))[0, 0, :, 0].tolist()
+
+    assert padded("zero") == [0, 0, 1, 2, 3, 0, 0]
+    assert padded("reflect") == [3, 2, 1, 2, 3, 2, 1]
+    assert padded("replicate") == [1, 1, 1, 2, 3, 3, 3]
+    assert padded("circular") == [2, 3, 1, 2, 3, 1, 2]
+
+
+def test_other_layers_survive_save_and_load(rng, tmp_path):
+    inputs = keras.Input((8, 8, 8, 2))
+    x = layers.Padding3D(1, mode="reflect")(inputs)
+    x = layers.NMaxPooling3D(2, n=3)(x)
+    x = layers.BedOfNailsUnpooling3D((1, 2, 2))(x)
+    model = keras.Model(inputs, x)
+    data = rng.random((1, 8, 8, 8, 2)).astype(np.float32)
+    loaded = _round_trip(model, tmp_path, data)
+    assert [type(layer).__name__ for layer in loaded.layers[1:]] == [
+        "Padding3D",
+        "NMaxPooling3D",
+        "BedOfNailsUnpooling3D",
+    ]
+
+
+# transposed convolution seeds ---------------------------------------------------------------
+
+
+def test_transposed_convolution_output_size_textbook():
+    # input 2x2, kernel 3x3, stride 1, no padding -> (2 - 1) * 1 + 3 = 4
+    layer = keras.layers.Conv2DTranspose(1, 3, strides=1, padding="valid")
+    assert layer(np.zeros((1, 2, 2, 1), np.float32)).shape == (1, 4, 4, 1)
+    # input 3x3, kernel 2x2, stride 2 -> (3 - 1) * 2 + 2 = 6
+    layer = keras.layers.Conv2DTranspose(1, 2, strides=2, padding="valid")
+    assert layer(np.zeros((1, 3, 3, 1), np.float32)).shape == (1, 6, 6, 1)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_transposed_convolution_values_match_reference(stride):
+    x = np.array([[0, 1], [2, 3]], np.float32)
+    kernel = np.array([[0, 1], [2, 3]], np.float32)
+    layer = keras.layers.Conv2DTranspose(1, 2, strides=stride, use_bias=False)
+    layer.build((1, 2, 2, 1))
+    layer.set_weights([kernel[:, :, None, None]])
+    out = np.asarray(layer(x[None, :, :, None]))[0, :, :, 0]
+    np.testing.assert_allclose(out, reference.conv_transpose_2d(x, kernel, stride))
+    if stride == 1:  # the worked example: [[0, 0, 1], [0, 4, 6], [4, 12, 9]]
+        np.testing.assert_allclose(out, [[0, 0, 1], [0, 4, 6], [4, 12, 9]])
+
+
+# bad arguments --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: layers.MaxPoolingWithArgmax3D(pool_size=(2, 2)), "pool_size"),
+        (lambda: layers.MaxUnpooling2D(pool_size=0), "pool_size"),
+        (lambda: layers.BedOfNailsUnpooling3D(size="2"), "size"),
+        (lambda: layers.NMaxPooling2D(2, n=5), r"n must be an int in \[1, 4\]"),
+        (lambda: layers.Padding2D(-1), "padding"),
+        (lambda: layers.Padding3D(1, mode="mirror"), "mode must be one of"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_unpooling_needs_values_and_indices():
+    with pytest.raises(ValueError, match=r"takes \[values, indices\]"):
+        layers.MaxUnpooling2D()(np.zeros((1, 2, 2, 1), np.float32))
