@@ -110,18 +110,22 @@ def max_pool_with_argmax(x: np.ndarray, pool):
             for c in range(channels):
                 best, best_index = None, None
                 for offset in voxel_indices(pool):
-                    pos = tuple(k * p + o for k, p, o in zip(cell, pool, offset, strict=True))
+                    pos = tuple(
+                        k * p + o for k, p, o in zip(cell, pool, offset, strict=True)
+                    )
                     value = x[(b, *pos, c)]
                     if best is None or value > best:
                         best = value
-                        best_index = np.ravel_multi_index((*pos, c), (*spatial, channels))
+                        best_index = np.ravel_multi_index(
+                            (*pos, c), (*spatial, channels)
+                        )
                 values[(b, *cell, c)] = best
                 indices[(b, *cell, c)] = best_index
     return values, indices
 
 
 def max_unpool(values: np.ndarray, indices: np.ndarray, out_spatial):
-    """Writes each value at its flat index in a zero array of ``(B, *out_spatial, C)``."""
+    """Writes each value at its flat index in zeros of ``(B, *out_spatial, C)``."""
     batch, channels = values.shape[0], values.shape[-1]
     out = np.zeros((batch, *out_spatial, channels), values.dtype)
     for b in range(batch):
@@ -135,7 +139,9 @@ def max_unpool(values: np.ndarray, indices: np.ndarray, out_spatial):
 def bed_of_nails(x: np.ndarray, size):
     """Each value at the first position of its block, zeros elsewhere."""
     batch, *spatial, channels = x.shape
-    out = np.zeros((batch, *(s * k for s, k in zip(spatial, size, strict=True)), channels))
+    out = np.zeros(
+        (batch, *(s * k for s, k in zip(spatial, size, strict=True)), channels)
+    )
     for b in range(batch):
         for index in voxel_indices(spatial):
             target = tuple(i * k for i, k in zip(index, size, strict=True))
@@ -152,8 +158,16 @@ def n_max_pool(x: np.ndarray, pool, n: int):
         for cell in voxel_indices(cells):
             for c in range(channels):
                 window = [
-                    x[(b, *(k * p + o for k, p, o in zip(cell, pool, offset, strict=True)),
-                       c)]
+                    x[
+                        (
+                            b,
+                            *(
+                                k * p + o
+                                for k, p, o in zip(cell, pool, offset, strict=True)
+                            ),
+                            c,
+                        )
+                    ]
                     for offset in voxel_indices(pool)
                 ]
                 out[(b, *cell, c)] = np.mean(sorted(window)[-n:])
@@ -178,7 +192,9 @@ def pad(x: np.ndarray, padding, mode: str):
         return -i if i < 0 else 2 * (n - 1) - i  # reflect, edge not repeated
 
     for index in voxel_indices(out_spatial):
-        src = [source(i - p, n) for i, p, n in zip(index, padding, spatial, strict=True)]
+        src = [
+            source(i - p, n) for i, p, n in zip(index, padding, spatial, strict=True)
+        ]
         if None not in src:
             out[(slice(None), *index)] = x[(slice(None), *src)]
     return out
@@ -192,5 +208,7 @@ def conv_transpose_2d(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndar
     out = np.zeros(((h - 1) * stride + kh, (w - 1) * stride + kw))
     for i in range(h):
         for j in range(w):
-            out[i * stride : i * stride + kh, j * stride : j * stride + kw] += x[i, j] * kernel
+            out[i * stride : i * stride + kh, j * stride : j * stride + kw] += (
+                x[i, j] * kernel
+            )
     return out

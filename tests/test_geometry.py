@@ -46,7 +46,7 @@ def _volume(shape, affine, channels=2, seed=0):
     return Volume(rng.random((*shape, channels)).astype(np.float32), affine)
 
 
-# orientation ----------------------------------------------------------------
+# orientation
 
 
 @PROPERTY
@@ -89,7 +89,7 @@ def test_2d_volumes_pass_through_reorientation():
     assert record.undo(same).spatial_shape == (4, 5)
 
 
-# cropping ----------------------------------------------------------------
+# cropping
 
 
 @PROPERTY
@@ -126,7 +126,7 @@ def test_crop_applies_the_same_box_to_labels_and_handles_empty():
     assert empty.spatial_shape == (3, 4, 5) and record.start == (0, 0, 0)
 
 
-# resampling ----------------------------------------------------------------
+# resampling
 
 
 def test_resampled_shape_and_anisotropy_rules():
@@ -255,7 +255,7 @@ def test_cubic_resampling_of_a_linear_ramp_is_exact_inside():
     np.testing.assert_allclose(out[inside, 2, 2, 0], expected, atol=1e-3)
 
 
-# records and chains ----------------------------------------------------------------
+# records and chains
 
 
 def test_full_chain_returns_to_the_original_grid_and_records_survive_json():

@@ -21,7 +21,7 @@ def _round_trip(model, tmp_path, *inputs):
     return loaded
 
 
-# max pooling with argmax / max unpooling -------------------------------------------------
+# max pooling with argmax / max unpooling
 
 
 def test_textbook_2x2_max_pool_of_a_4x4_map():
@@ -100,7 +100,7 @@ def test_argmax_layers_survive_save_and_load(rng, tmp_path):
     assert loaded(x)[1].dtype == tf.int64
 
 
-# bed of nails, N-max pooling, padding --------------------------------------------------------
+# bed of nails, N-max pooling, padding
 
 
 @pytest.mark.parametrize(
@@ -192,7 +192,7 @@ def test_other_layers_survive_save_and_load(rng, tmp_path):
     ]
 
 
-# transposed convolution seeds ---------------------------------------------------------------
+# transposed convolution seeds
 
 
 def test_transposed_convolution_output_size_textbook():
@@ -217,7 +217,7 @@ def test_transposed_convolution_values_match_reference(stride):
         np.testing.assert_allclose(out, [[0, 0, 1], [0, 4, 6], [4, 12, 9]])
 
 
-# bad arguments --------------------------------------------------------------------------------
+# bad arguments
 
 
 @pytest.mark.parametrize(

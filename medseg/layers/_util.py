@@ -27,20 +27,22 @@ def as_tuple(value, spatial_dims: int, name: str) -> tuple[int, ...]:
         isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values
     ):
         raise ValueError(
-            f"{name} must be a positive int or {spatial_dims} positive ints, got {value!r}"
+            f"{name} must be a positive int or {spatial_dims} positive ints, "
+            f"got {value!r}"
         )
     return values
 
 
 def dims(x) -> list:
-    """Static size where known, else the dynamic size tensor, for every axis of ``x``."""
+    """Static size where known, else the dynamic size tensor, for each axis of ``x``."""
     static = tuple(x.shape)
     dynamic = ops.shape(x)
     return [s if s is not None else dynamic[i] for i, s in enumerate(static)]
 
 
 def to_windows(x, pool: tuple[int, ...]):
-    """``(B, *S, C)`` -> ``(B, *cells, C, P)`` with ``cells = S // pool``, ``P = prod(pool)``.
+    """``(B, *S, C)`` -> ``(B, *cells, C, P)`` with ``cells = S // pool``, ``P =
+    prod(pool)``.
 
     Voxels past the last whole window are dropped, as 'valid' pooling drops them.
     """
@@ -54,13 +56,18 @@ def to_windows(x, pool: tuple[int, ...]):
         split += [c, p]
     x = ops.reshape(x, [*split, channels])
     # (B, c1, p1, ..., cn, pn, C) -> (B, c1, ..., cn, C, p1, ..., pn)
-    order = [0, *(1 + 2 * i for i in range(n)), 2 * n + 1, *(2 + 2 * i for i in range(n))]
+    order = [
+        0,
+        *(1 + 2 * i for i in range(n)),
+        2 * n + 1,
+        *(2 + 2 * i for i in range(n)),
+    ]
     x = ops.transpose(x, order)
     return ops.reshape(x, [batch, *cells, channels, math.prod(pool)])
 
 
 def from_windows(windows, pool: tuple[int, ...]):
-    """Inverse of :func:`to_windows`: ``(B, *cells, C, P)`` -> ``(B, *cells*pool, C)``."""
+    """Inverse of :func:`to_windows`: ``(B, *cells, C, P)`` -> ``(B, *S, C)``."""
     n = len(pool)
     shape = dims(windows)
     batch, cells, channels = shape[0], shape[1 : n + 1], shape[n + 1]
@@ -70,7 +77,9 @@ def from_windows(windows, pool: tuple[int, ...]):
         order += [1 + i, n + 2 + i]
     order.append(n + 1)
     x = ops.transpose(x, order)
-    return ops.reshape(x, [batch, *(c * p for c, p in zip(cells, pool, strict=True)), channels])
+    return ops.reshape(
+        x, [batch, *(c * p for c, p in zip(cells, pool, strict=True)), channels]
+    )
 
 
 def window_offsets(pool: tuple[int, ...]) -> list[list[int]]:

@@ -35,8 +35,9 @@ class _Padding(keras.layers.Layer):
     def call(self, inputs):
         if self.mode in ("zero", "reflect"):
             widths = [[0, 0], *([p, p] for p in self.padding), [0, 0]]
-            return ops.pad(inputs, widths, mode="constant" if self.mode == "zero" else
-                           "reflect")
+            return ops.pad(
+                inputs, widths, mode="constant" if self.mode == "zero" else "reflect"
+            )
         x = inputs
         for axis, p in enumerate(self.padding, start=1):
             if p == 0:

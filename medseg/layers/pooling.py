@@ -33,7 +33,9 @@ class _MaxPoolingWithArgmax(keras.layers.Layer):
             start = ops.reshape(start, [1] * (axis + 1) + [-1] + [1] * (n - axis))
             position = start + offset
             flat = flat * ops.cast(spatial[axis], "int64") + position
-        channel = ops.reshape(ops.arange(0, shape[-1], dtype="int64"), [1] * (n + 1) + [-1])
+        channel = ops.reshape(
+            ops.arange(0, shape[-1], dtype="int64"), [1] * (n + 1) + [-1]
+        )
         indices = flat * channels + channel
         return values, indices
 
@@ -56,10 +58,10 @@ class MaxPoolingWithArgmax2D(_MaxPoolingWithArgmax):
 
     Args:
         pool_size: int or 2 ints; windows and strides are equal.
-    Input: ``(B, H, W, C)``. Output: ``(values, indices)``, both ``(B, H//ph, W//pw, C)``;
-    ``indices`` are int64 positions in the flattened input of each sample,
-    ``(y * W + x) * C + c``, as ``tf.nn.max_pool_with_argmax`` numbers them. Rows or
-    columns past the last whole window are ignored. Ties go to the first position.
+    Input: ``(B, H, W, C)``. Output: ``(values, indices)``, both ``(B, H//ph, W//pw,
+        C)``; ``indices`` are int64 positions in the flattened input of each sample,
+        ``(y * W + x) * C + c``, as ``tf.nn.max_pool_with_argmax`` numbers them. Rows or
+        columns past the last whole window are ignored. Ties go to the first position.
     Reference: Badrinarayanan et al., SegNet, TPAMI 2017.
     """
 
@@ -87,8 +89,10 @@ class _NMaxPooling(keras.layers.Layer):
         for p in self.pool_size:
             window *= p
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= window:
-            raise ValueError(f"n must be an int in [1, {window}] for pool_size "
-                             f"{self.pool_size}, got {n!r}")
+            raise ValueError(
+                f"n must be an int in [1, {window}] for pool_size "
+                f"{self.pool_size}, got {n!r}"
+            )
         self.n = n
 
     def call(self, inputs):

@@ -1,4 +1,4 @@
-"""Unpooling layers: back to the pre-pooling grid by argmax indices or zero insertion."""
+"""Unpooling layers: back to the pre-pooling grid by argmax or zero insertion."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from medseg.layers._util import as_tuple, dims, from_windows
 
 
 def _pad_to(x, target_spatial):
-    """Zero-pads ``(B, *S, C)`` at the end of each spatial axis up to ``target_spatial``."""
+    """Zero-pads ``(B, *S, C)`` at the end of the spatial axes to ``target_spatial``."""
     current = dims(x)[1:-1]
     widths = [[0, 0]]
     needed = False
@@ -117,7 +117,9 @@ class _BedOfNailsUnpooling(keras.layers.Layer):
     def call(self, inputs):
         window = math.prod(self.size)
         rank = len(inputs.shape)
-        windows = ops.pad(ops.expand_dims(inputs, -1), [[0, 0]] * rank + [[0, window - 1]])
+        windows = ops.pad(
+            ops.expand_dims(inputs, -1), [[0, 0]] * rank + [[0, window - 1]]
+        )
         return from_windows(windows, self.size)
 
     def compute_output_shape(self, input_shape):

@@ -30,6 +30,8 @@ __all__ = [
     "build_classifier",
     "build_model",
     "build_unet",
+    "builder_for",
+    "builder_options",
     "load_model",
     "transfer_encoder_weights",
     "unet_output_size",
@@ -38,14 +40,33 @@ __all__ = [
 
 
 def build_model(name: str, **kwargs):
-    """Builds a registered model by name (``"unet"``, ``"autoencoder"``, ``"classifier"``).
+    """Builds a registered model by name: ``unet``, ``autoencoder``, ``classifier``.
 
     Raises:
         ValueError: unknown name, or a bad argument of the builder.
     """
+    builder = builder_for(name)
+    allowed = builder_options(name)
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for model {name!r}; allowed: {allowed}"
+        )
+    return builder(**kwargs)
+
+
+def builder_for(name: str):
+    """The builder registered as ``name``; ``ValueError`` listing the names if none."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
-    return MODELS[name](**kwargs)
+    return MODELS[name]
+
+
+def builder_options(name: str) -> list[str]:
+    """The keyword arguments the builder ``name`` takes."""
+    import inspect
+
+    return list(inspect.signature(builder_for(name)).parameters)
 
 
 def load_model(path: str | Path):

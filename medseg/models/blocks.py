@@ -20,9 +20,15 @@ CROP = {2: layers.Cropping2D, 3: layers.Cropping3D}
 SPATIAL_DROPOUT = {2: layers.SpatialDropout2D, 3: layers.SpatialDropout3D}
 GLOBAL_AVG = {2: layers.GlobalAveragePooling2D, 3: layers.GlobalAveragePooling3D}
 GLOBAL_MAX = {2: layers.GlobalMaxPooling2D, 3: layers.GlobalMaxPooling3D}
-ARGMAX_POOL = {2: medseg_layers.MaxPoolingWithArgmax2D, 3: medseg_layers.MaxPoolingWithArgmax3D}
+ARGMAX_POOL = {
+    2: medseg_layers.MaxPoolingWithArgmax2D,
+    3: medseg_layers.MaxPoolingWithArgmax3D,
+}
 MAX_UNPOOL = {2: medseg_layers.MaxUnpooling2D, 3: medseg_layers.MaxUnpooling3D}
-BED_OF_NAILS = {2: medseg_layers.BedOfNailsUnpooling2D, 3: medseg_layers.BedOfNailsUnpooling3D}
+BED_OF_NAILS = {
+    2: medseg_layers.BedOfNailsUnpooling2D,
+    3: medseg_layers.BedOfNailsUnpooling3D,
+}
 PAD = {2: medseg_layers.Padding2D, 3: medseg_layers.Padding3D}
 
 NORMS = ("batch", "instance", "group", "none")
@@ -42,7 +48,9 @@ def check_activation(activation: str) -> None:
     try:
         keras.activations.get(activation)
     except (ValueError, TypeError):
-        raise ValueError(f"activation {activation!r} is not a Keras activation") from None
+        raise ValueError(
+            f"activation {activation!r} is not a Keras activation"
+        ) from None
 
 
 def norm_layer(norm: str, filters: int, name: str):
@@ -76,7 +84,7 @@ def conv_unit(
     norm: str = "instance",
     activation: str | None = "relu",
 ):
-    """Convolution, normalisation, activation: ``{name}_conv{index}``, ``_norm``, ``_act``.
+    """Convolution, normalisation, activation: ``{name}_conv{index}``, ``_norm``...
 
     With ``padding="same"`` and a ``padding_mode`` other than zero, an explicit padding
     layer ``{name}_pad{index}`` comes first and the convolution is 'valid'.
@@ -84,7 +92,9 @@ def conv_unit(
     conv_padding = padding
     if padding == "same" and padding_mode != "zero" and kernel_size > 1:
         if strides != 1:
-            raise ValueError("padding_mode other than 'zero' needs stride 1 convolutions")
+            raise ValueError(
+                "padding_mode other than 'zero' needs stride 1 convolutions"
+            )
         amount = (kernel_size - 1) // 2 * dilation
         x = PAD[spatial_dims](amount, mode=padding_mode, name=f"{name}_pad{index}")(x)
         conv_padding = "valid"
@@ -121,9 +131,9 @@ def conv_block(
     norm: str = "instance",
     **unit_kwargs,
 ):
-    """``convs`` conv units; residual blocks add a (1x1-projected) shortcut before the last
-    activation (``{name}_skip``, ``{name}_add``, ``{name}_act_out``); optional spatial
-    dropout ``{name}_dropout``.
+    """``convs`` conv units; residual blocks add a (1x1-projected) shortcut before the
+    last activation (``{name}_skip``, ``{name}_add``, ``{name}_act_out``); optional
+    spatial dropout ``{name}_dropout``.
     """
     shortcut = x
     common = dict(

@@ -28,7 +28,11 @@ from medseg.models.blocks import (
 ARCHITECTURES = ("simple", "vgg", "resnet18", "resnet34", "resnet50", "densenet121")
 HEADS = ("global_avg", "global_max", "flatten")
 STEMS = ("standard", "small")
-_RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
+_RESNET_BLOCKS = {
+    "resnet18": (2, 2, 2, 2),
+    "resnet34": (3, 4, 6, 3),
+    "resnet50": (3, 4, 6, 3),
+}
 _VGG_CONVS = (1, 1, 2, 2)
 _DENSENET121_LAYERS = (6, 12, 24, 16)
 
@@ -36,7 +40,9 @@ _DENSENET121_LAYERS = (6, 12, 24, 16)
 def _stem(x, d, base, stem, norm):
     if stem == "small":  # for small inputs such as MedMNIST's 28 x 28
         return conv_unit(x, base, spatial_dims=d, name="stem", norm=norm)
-    x = conv_unit(x, base, spatial_dims=d, name="stem", kernel_size=7, strides=2, norm=norm)
+    x = conv_unit(
+        x, base, spatial_dims=d, name="stem", kernel_size=7, strides=2, norm=norm
+    )
     return MAX_POOL[d](3, strides=2, padding="same", name="stem_pool")(x)
 
 
@@ -51,8 +57,9 @@ def _simple(x, d, base, stem, norm):
 def _vgg(x, d, base, stem, norm):
     for i, convs in enumerate(_VGG_CONVS):
         for j in range(1, convs + 1):
-            x = conv_unit(x, base * 2**i, spatial_dims=d, name=f"stage{i}", index=j,
-                          norm=norm)
+            x = conv_unit(
+                x, base * 2**i, spatial_dims=d, name=f"stage{i}", index=j, norm=norm
+            )
         x = MAX_POOL[d](2, padding="same", name=f"stage{i}_pool")(x)
     return x
 
@@ -62,7 +69,10 @@ def _resnet_block(x, filters, strides, name, d, norm, bottleneck):
     shortcut = x
     if strides != 1 or x.shape[-1] != filters * expansion:
         shortcut = CONV[d](
-            filters * expansion, 1, strides=strides, use_bias=norm == "none",
+            filters * expansion,
+            1,
+            strides=strides,
+            use_bias=norm == "none",
             name=f"{name}_shortcut",
         )(x)
         shortcut_norm = norm_layer(norm, filters * expansion, f"{name}_shortcut_norm")
@@ -86,8 +96,15 @@ def _resnet(architecture):
         for i, blocks in enumerate(_RESNET_BLOCKS[architecture]):
             for j in range(blocks):
                 strides = 2 if i > 0 and j == 0 else 1
-                x = _resnet_block(x, base * 2**i, strides, f"stage{i}_block{j}", d, norm,
-                                  bottleneck=architecture == "resnet50")
+                x = _resnet_block(
+                    x,
+                    base * 2**i,
+                    strides,
+                    f"stage{i}_block{j}",
+                    d,
+                    norm,
+                    bottleneck=architecture == "resnet50",
+                )
         return x
 
     return build
@@ -109,11 +126,15 @@ def _densenet121(x, d, base, stem, norm):
             y = _norm_act(x, norm, f"{name}_1")
             y = CONV[d](4 * growth, 1, use_bias=False, name=f"{name}_conv1")(y)
             y = _norm_act(y, norm, f"{name}_2")
-            y = CONV[d](growth, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+            y = CONV[d](
+                growth, 3, padding="same", use_bias=False, name=f"{name}_conv2"
+            )(y)
             x = layers.Concatenate(name=f"{name}_concat")([x, y])
         if i < len(_DENSENET121_LAYERS) - 1:
             x = _norm_act(x, norm, f"transition{i}")
-            x = CONV[d](x.shape[-1] // 2, 1, use_bias=False, name=f"transition{i}_conv")(x)
+            x = CONV[d](
+                x.shape[-1] // 2, 1, use_bias=False, name=f"transition{i}_conv"
+            )(x)
             x = AVG_POOL[d](2, padding="same", name=f"transition{i}_pool")(x)
     return _norm_act(x, norm, "final")
 
@@ -149,15 +170,14 @@ def build_classifier(
         spatial_dims: 2 or 3.
         in_channels: input channels.
         num_classes: number of classes (output width).
-        architecture: ``"simple"`` (LeNet-like), ``"vgg"`` (VGG-11 style, four
-            stages), ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` or
-            ``"densenet121"``.
+        architecture: ``"simple"`` (LeNet-like), ``"vgg"`` (VGG-11 style, four stages),
+            ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` or ``"densenet121"``.
         head: ``"global_avg"`` or ``"global_max"`` pooling, or ``"flatten"`` (dense
             layer of ``hidden_units`` on the flattened map; needs ``patch_size``).
-        base_filters: width of the first stage (64 as in the papers; smaller for
-            small data). DenseNet's growth rate is half of it.
-        stem: ``"standard"`` (7x7 stride-2 conv and 3x3 stride-2 pooling) or
-            ``"small"`` (one 3x3 conv, for inputs such as 28 x 28).
+        base_filters: width of the first stage (64 as in the papers; smaller for small
+            data). DenseNet's growth rate is half of it.
+        stem: ``"standard"`` (7x7 stride-2 conv and 3x3 stride-2 pooling) or ``"small"``
+            (one 3x3 conv, for inputs such as 28 x 28).
         norm: ``"batch"``, ``"instance"``, ``"group"`` or ``"none"``.
         dropout: dropout before the logits.
         patch_size: fixed spatial input size (``None``: any size, not with flatten).
@@ -174,8 +194,12 @@ def build_classifier(
     check_choice(head, "head", HEADS)
     check_choice(stem, "stem", STEMS)
     check_choice(norm, "norm", NORMS)
-    for value, label in ((in_channels, "in_channels"), (num_classes, "num_classes"),
-                         (base_filters, "base_filters"), (hidden_units, "hidden_units")):
+    for value, label in (
+        (in_channels, "in_channels"),
+        (num_classes, "num_classes"),
+        (base_filters, "base_filters"),
+        (hidden_units, "hidden_units"),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{label} must be a positive int, got {value!r}")
     if not 0.0 <= dropout < 1.0:
@@ -184,7 +208,9 @@ def build_classifier(
         len(tuple(patch_size)) != spatial_dims
         or not all(isinstance(n, int) and n > 0 for n in patch_size)
     ):
-        raise ValueError(f"patch_size must be {spatial_dims} positive ints, got {patch_size!r}")
+        raise ValueError(
+            f"patch_size must be {spatial_dims} positive ints, got {patch_size!r}"
+        )
     if head == "flatten" and patch_size is None:
         raise ValueError("head='flatten' needs patch_size (a fixed input size)")
     shape = tuple(patch_size) if patch_size is not None else (None,) * spatial_dims

@@ -136,13 +136,23 @@ def _check_patch(arch: _Arch) -> None:
                 f"patch_size {arch.patch_size}: each size must be divisible by "
                 f"2**depth = {2**arch.depth} with padding='same'"
             )
-        if arch.padding == "valid" and unet_output_size(
-            n, depth=arch.depth, convs_per_level=arch.convs_per_level,
-            kernel_size=arch.kernel_size, dilation=arch.dilation,
-        ) is None:
+        if (
+            arch.padding == "valid"
+            and unet_output_size(
+                n,
+                depth=arch.depth,
+                convs_per_level=arch.convs_per_level,
+                kernel_size=arch.kernel_size,
+                dilation=arch.dilation,
+            )
+            is None
+        ):
             valid = valid_unet_input_sizes(
-                depth=arch.depth, convs_per_level=arch.convs_per_level,
-                kernel_size=arch.kernel_size, dilation=arch.dilation, max_size=n + 64,
+                depth=arch.depth,
+                convs_per_level=arch.convs_per_level,
+                kernel_size=arch.kernel_size,
+                dilation=arch.dilation,
+                max_size=n + 64,
             )
             raise ValueError(
                 f"patch_size {arch.patch_size}: {n} is not a valid input size for a "
@@ -158,10 +168,11 @@ def unet_output_size(
     kernel_size: int = 3,
     dilation: int = 1,
 ) -> int | None:
-    """Output size of a 'valid' U-Net along one axis, or ``None`` if the input does not fit.
+    """Output size of a 'valid' U-Net along one axis, or ``None`` if the input does not
+    fit.
 
-    Each conv trims ``(kernel_size - 1) * dilation``; each pooling halves and must see an
-    even size; each upsampling doubles. Original U-Net: 572 -> 388.
+    Each conv trims ``(kernel_size - 1) * dilation``; each pooling halves and must see
+    an even size; each upsampling doubles. Original U-Net: 572 -> 388.
     """
     trim = convs_per_level * (kernel_size - 1) * dilation
     n = input_size
@@ -190,11 +201,16 @@ def valid_unet_input_sizes(
 ) -> list[int]:
     """Every input size up to ``max_size`` that a 'valid' U-Net accepts."""
     return [
-        n for n in range(1, max_size + 1)
+        n
+        for n in range(1, max_size + 1)
         if unet_output_size(
-            n, depth=depth, convs_per_level=convs_per_level,
-            kernel_size=kernel_size, dilation=dilation,
-        ) is not None
+            n,
+            depth=depth,
+            convs_per_level=convs_per_level,
+            kernel_size=kernel_size,
+            dilation=dilation,
+        )
+        is not None
     ]
 
 
@@ -213,8 +229,16 @@ def _encoder(x, arch: _Arch):
         skips.append(x)
         if arch.downsampling == "strided_conv":
             x = conv_unit(
-                x, f, spatial_dims=d, name=f"enc{i}", index="_down", kernel_size=2,
-                strides=2, padding="valid", norm=arch.norm, activation=arch.activation,
+                x,
+                f,
+                spatial_dims=d,
+                name=f"enc{i}",
+                index="_down",
+                kernel_size=2,
+                strides=2,
+                padding="valid",
+                norm=arch.norm,
+                activation=arch.activation,
             )
         elif arch.upsampling == "max_unpool":
             x, where = ARGMAX_POOL[d](2, name=f"enc{i}_pool")(x)
@@ -296,23 +320,33 @@ def build_unet(
         residual: residual blocks (shortcut projected by a 1x1 conv).
         dilation: dilation rate of the block convolutions.
         deep_supervision: number of extra lower-resolution outputs (``logits_ds1``...).
-        patch_size: fixed spatial input size; ``None`` accepts any size divisible by
-            ``2 ** (len(filters) - 1)``.
+        patch_size: fixed spatial input size; ``None`` accepts any size divisible by ``2
+            ** (len(filters) - 1)``.
         name: model name.
 
     Returns:
-        A functional model, input ``(B, *S, in_channels)``; output logits
-        ``(B, *S_out, num_classes)`` (``S_out = S`` for 'same' padding), or a list
-        ``[logits, logits_ds1, ...]`` with deep supervision, highest resolution first.
+        A functional model, input ``(B, *S, in_channels)``; output logits ``(B, *S_out,
+        num_classes)`` (``S_out = S`` for 'same' padding), or a list ``[logits,
+        logits_ds1, ...]`` with deep supervision, highest resolution first.
 
     Raises:
         ValueError: naming any bad argument.
     """
     arch = _validated(
-        spatial_dims, filters, patch_size, convs_per_level=convs_per_level,
-        kernel_size=kernel_size, upsampling=upsampling, downsampling=downsampling,
-        padding=padding, padding_mode=padding_mode, norm=norm, activation=activation,
-        dropout=dropout, residual=residual, dilation=dilation,
+        spatial_dims,
+        filters,
+        patch_size,
+        convs_per_level=convs_per_level,
+        kernel_size=kernel_size,
+        upsampling=upsampling,
+        downsampling=downsampling,
+        padding=padding,
+        padding_mode=padding_mode,
+        norm=norm,
+        activation=activation,
+        dropout=dropout,
+        residual=residual,
+        dilation=dilation,
     )
     _positive_int(num_classes, "num_classes")
     if not isinstance(deep_supervision, int) or not 0 <= deep_supervision < arch.depth:
@@ -329,7 +363,9 @@ def build_unet(
         if arch.padding == "valid":
             skip = _crop_to(skip, x, f"dec{level}_crop", arch.spatial_dims)
         x = layers.Concatenate(name=f"dec{level}_concat")([skip, x])
-        x = conv_block(x, arch.filters[level], name=f"dec{level}", **arch.block_kwargs())
+        x = conv_block(
+            x, arch.filters[level], name=f"dec{level}", **arch.block_kwargs()
+        )
         if 1 <= level <= deep_supervision:
             head = CONV[arch.spatial_dims](num_classes, 1, name=f"logits_ds{level}")
             extra_outputs.insert(0, head(x))
@@ -372,10 +408,20 @@ def build_autoencoder(
         ValueError: naming any bad argument.
     """
     arch = _validated(
-        spatial_dims, filters, patch_size, convs_per_level=convs_per_level,
-        kernel_size=kernel_size, upsampling=upsampling, downsampling=downsampling,
-        padding="same", padding_mode=padding_mode, norm=norm, activation=activation,
-        dropout=dropout, residual=residual, dilation=dilation,
+        spatial_dims,
+        filters,
+        patch_size,
+        convs_per_level=convs_per_level,
+        kernel_size=kernel_size,
+        upsampling=upsampling,
+        downsampling=downsampling,
+        padding="same",
+        padding_mode=padding_mode,
+        norm=norm,
+        activation=activation,
+        dropout=dropout,
+        residual=residual,
+        dilation=dilation,
     )
     if not noise_std >= 0:
         raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
@@ -384,7 +430,9 @@ def build_autoencoder(
     x, skips, indices = _encoder(x, arch)
     for level in reversed(range(arch.depth)):
         x = _upsample(x, level, arch, skips[level], indices[level] if indices else None)
-        x = conv_block(x, arch.filters[level], name=f"dec{level}", **arch.block_kwargs())
+        x = conv_block(
+            x, arch.filters[level], name=f"dec{level}", **arch.block_kwargs()
+        )
     outputs = CONV[arch.spatial_dims](in_channels, 1, name="reconstruction")(x)
     return keras.Model(inputs, outputs, name=name)
 
