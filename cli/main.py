@@ -12,6 +12,7 @@ import click
 
 from medseg import __version__
 from medseg_cli.data import data
+from medseg_cli.info import info
 
 
 class InputError(click.ClickException):
@@ -59,3 +60,4 @@ def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
 
 
 main.add_command(data)
+main.add_command(info)

@@ -25,6 +25,7 @@ def run(*args):
         ([], "medseg: segment medical scans with Keras."),
         (["data"], "Inspect datasets."),
         (["data", "check"], "Check every case of DATASET and print its fingerprint."),
+        (["info"], "Describe MODEL_OR_CONFIG: a .keras model, a model bundle"),
     ],
 )
 def test_help_of_every_command(args, summary):
@@ -202,4 +203,77 @@ def test_data_check_on_medmnist_npz(tmp_path, rng):
     assert result.exit_code == 0
     assert "train      6 samples of (8, 8, 8, 1) float32, classes {'0': 2, '1': 4}" in (
         result.output
+    )
+
+
+TINY_CONFIG = """\
+model:
+  name: unet
+  spatial_dims: 3
+  in_channels: 1
+  num_classes: 3
+  patch_size: [32, 32, 32]
+  filters: [8, 16, 32]
+"""
+
+
+def test_info_on_a_config_prints_counts_field_and_memory(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_CONFIG)
+    result = run(
+        "info", str(path), "--batch-size", "2", "--json", str(tmp_path / "i.json")
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["layer", "class", "output", "shape", "params"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:] if line.strip()}
+    # 3*3*3*1*8 weights, no bias before the instance norm
+    assert rows["enc0_conv1"] == ["Conv3D", "(32,", "32,", "32,", "8)", "216"]
+    assert "parameters: 85,195 total, 85,195 trainable, 0 non-trainable" in lines
+    assert "receptive field: 44 x 44 x 44 voxels" in lines
+    summary = json.loads((tmp_path / "i.json").read_text())
+    assert summary["total_params"] == 85_195
+    memory = summary["memory_bytes"]
+    assert memory["parameters"] == memory["gradients"] == 4 * 85_195
+    assert memory["optimizer"] == 8 * 85_195
+    assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
+    fp16 = run(
+        "info", str(path), "--mixed-precision", "--json", str(tmp_path / "h.json")
+    )
+    assert fp16.exit_code == 0
+    half = json.loads((tmp_path / "h.json").read_text())["memory_bytes"]["activations"]
+    assert 2 * half == memory["activations"]
+
+
+def test_info_on_a_saved_model_with_an_input_shape(tmp_path):
+    from medseg.models import build_unet
+
+    model = build_unet(spatial_dims=2, in_channels=1, num_classes=2, filters=(4, 8))
+    model.save(tmp_path / "m.keras")
+    any_size = run("info", str(tmp_path / "m.keras"))
+    assert any_size.exit_code == 0
+    assert "need a fixed input size (--input-shape)" in any_size.output
+    fixed = run("info", str(tmp_path / "m.keras"), "--input-shape", "16x16")
+    assert fixed.exit_code == 0
+    first = fixed.output.splitlines()[1].split()
+    assert first == ["image", "InputLayer", "(16,", "16,", "1)", "0"]
+    assert "FLOPs per sample" in fixed.output
+    wrong = CliRunner().invoke(
+        main, ["info", str(tmp_path / "m.keras"), "--input-shape", "16,16,16"]
+    )
+    assert wrong.exit_code == 2 and "the model is 2D; give 2 sizes" in wrong.output
+
+
+def test_info_bad_inputs_exit_2_with_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "notes.txt")])
+    assert result.exit_code == 2
+    assert "expected a .keras model, a bundle folder or a .yaml config" in result.output
+    (tmp_path / "bad.yaml").write_text(
+        "model:\n  name: unet\n  num_classes: 2\n  x: 1\n"
+    )
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "bad.yaml")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith(
+        f"Error: {tmp_path / 'bad.yaml'}: unknown model key"
     )

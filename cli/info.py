@@ -1,0 +1,132 @@
+"""``medseg info``: layers, parameters, receptive field, FLOPs and memory of a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from medseg_cli._tf import start_tensorflow
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """``"64,64,32"`` or ``"64x64x32"`` -> ``(64, 64, 32)``."""
+    if text is None:
+        return None
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise click.BadParameter(
+            f"expected sizes like 64,64,32, got {text!r}"
+        ) from None
+    if not shape or any(n <= 0 for n in shape):
+        raise click.BadParameter(f"sizes must be positive, got {text!r}")
+    return shape
+
+
+@click.command("info")
+@click.argument("model_or_config", type=click.Path(path_type=Path))
+@click.option(
+    "--input-shape",
+    help="Spatial input size, e.g. 64,64,64 (needed for "
+    "FLOPs and activation memory when the model takes any size).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Batch size for the training memory estimate.",
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(["adam", "adamw", "sgd", "none"]),
+    default="adam",
+    show_default=True,
+    help="Optimizer whose state is counted.",
+)
+@click.option(
+    "--mixed-precision",
+    is_flag=True,
+    help="Count activations at 2 bytes (float16/bfloat16) instead of 4.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the summary as JSON.",
+)
+def info(
+    model_or_config: Path,
+    input_shape: str | None,
+    batch_size: int,
+    optimizer: str,
+    mixed_precision: bool,
+    json_path: Path | None,
+) -> None:
+    """Describe MODEL_OR_CONFIG: a .keras model, a model bundle folder or a YAML config.
+
+    Prints every layer with its output shape and parameters, the parameter totals,
+    the receptive field, FLOPs per sample and the training memory estimate
+    (parameters, gradients, optimizer state, activations) at --batch-size, so you can
+    see whether a patch and batch size fit your GPU before training.
+    """
+    from medseg.errors import InputFileError
+
+    shape = parse_shape(input_shape)
+    suffix = model_or_config.suffix.lower()
+    if not (model_or_config.is_dir() or suffix in (".keras", ".yaml", ".yml")):
+        raise InputFileError(
+            model_or_config,
+            "expected a .keras model, a bundle folder or a .yaml config",
+        )
+    if not model_or_config.exists():
+        raise InputFileError(model_or_config, "not found")
+    start_tensorflow(click.get_current_context().meta.get("medseg.debug", False))
+    model = _model(model_or_config, suffix, shape)
+    from medseg.io import atomic_write_text
+    from medseg.models.info import describe_model, format_info
+
+    summary = describe_model(
+        model,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        activation_bytes=2 if mixed_precision else 4,
+    )
+    click.echo(format_info(summary))
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(summary.to_dict(), indent=2) + "\n")
+        click.echo(f"summary written to {json_path}")
+
+
+def _model(path: Path, suffix: str, shape):
+    from medseg.errors import InputFileError
+
+    if suffix in (".yaml", ".yml"):
+        from medseg.config import ModelConfig, load_config
+        from medseg.models import build_model
+
+        config = load_config(path).model
+        if shape is not None:
+            config = ModelConfig.from_dict({**config.to_dict(), "patch_size": shape})
+        try:
+            return build_model(config.name, **config.builder_kwargs())
+        except ValueError as exc:
+            raise InputFileError(path, str(exc)) from None
+    from medseg.models import load_model
+    from medseg.models.info import with_input_shape
+
+    model = load_model(path)
+    if shape is None:
+        return model
+    dims = len(model.inputs[0].shape) - 2
+    if len(shape) != dims:
+        raise click.BadParameter(
+            f"the model is {dims}D; give {dims} sizes", param_hint="--input-shape"
+        )
+    try:
+        return with_input_shape(model, shape)
+    except ValueError as exc:
+        raise InputFileError(path, f"cannot use input shape {shape} ({exc})") from None
