@@ -250,6 +250,10 @@ def test_info_on_a_saved_model_with_an_input_shape(tmp_path):
 
     model = build_unet(spatial_dims=2, in_channels=1, num_classes=2, filters=(4, 8))
     model.save(tmp_path / "m.keras")
+    (tmp_path / "bundle").mkdir()
+    model.save(tmp_path / "bundle" / "model.keras")
+    bundle = run("info", str(tmp_path / "bundle"))
+    assert bundle.exit_code == 0 and "parameters: " in bundle.output
     any_size = run("info", str(tmp_path / "m.keras"))
     assert any_size.exit_code == 0
     assert "need a fixed input size (--input-shape)" in any_size.output

@@ -239,3 +239,27 @@ def test_bad_arguments_raise_value_error_naming_them(make, message):
 def test_unpooling_needs_values_and_indices():
     with pytest.raises(ValueError, match=r"takes \[values, indices\]"):
         layers.MaxUnpooling2D()(np.zeros((1, 2, 2, 1), np.float32))
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        layers.MaxPoolingWithArgmax2D((2, 3)),
+        layers.MaxPoolingWithArgmax3D(2),
+        layers.MaxUnpooling2D(2),
+        layers.MaxUnpooling3D((1, 2, 2)),
+        layers.BedOfNailsUnpooling2D(3),
+        layers.BedOfNailsUnpooling3D((2, 1, 2)),
+        layers.NMaxPooling2D(2, n=3),
+        layers.NMaxPooling3D((2, 2, 1), n=2),
+        layers.Padding2D((1, 2), mode="circular"),
+        layers.Padding3D(2, mode="replicate"),
+    ],
+)
+def test_layer_config_round_trip(layer):
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    assert clone.get_config() == config
+    serialized = keras.saving.serialize_keras_object(layer)
+    assert serialized["registered_name"] == f"medseg>{type(layer).__name__}"
+    assert keras.saving.deserialize_keras_object(serialized).get_config() == config

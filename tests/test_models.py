@@ -241,6 +241,19 @@ def test_every_classifier_returns_batch_by_classes(architecture, dims, rng):
     assert len(names) == len(set(names)) and names[-1] == "logits"
 
 
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_classifier_survives_save_and_load(architecture, rng, tmp_path):
+    model = build_classifier(
+        spatial_dims=2,
+        in_channels=1,
+        num_classes=2,
+        architecture=architecture,
+        base_filters=4,
+        stem="small",
+    )
+    _same_after_save(model, tmp_path, rng.random((2, 16, 16, 1)).astype(np.float32))
+
+
 @pytest.mark.parametrize(
     ("architecture", "trainable"),
     [
