@@ -212,3 +212,66 @@ def conv_transpose_2d(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndar
                 x[i, j] * kernel
             )
     return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def soft_dice_loss(
+    labels, logits, include_background=False, batch_dice=False, smooth=1e-5
+):
+    """Per-class soft Dice from explicit sums; 1 - mean over classes; per sample."""
+    probs = softmax(logits.astype(np.float64))
+    classes = range(0 if include_background else 1, logits.shape[-1])
+    groups = [range(len(labels))] if batch_dice else [[b] for b in range(len(labels))]
+    losses = []
+    for group in groups:
+        dices = []
+        for k in classes:
+            inter = sum(
+                float((probs[b, ..., k] * (labels[b] == k)).sum()) for b in group
+            )
+            total = sum(
+                float(probs[b, ..., k].sum() + (labels[b] == k).sum()) for b in group
+            )
+            dices.append((2 * inter + smooth) / (total + smooth))
+        losses.append(1 - np.mean(dices))
+    return np.array(losses)
+
+
+def cross_entropy(labels, logits):
+    probs = softmax(logits.astype(np.float64))
+    picked = np.take_along_axis(probs, labels[..., None].astype(int), axis=-1)[..., 0]
+    return -np.log(picked).reshape(len(labels), -1).mean(axis=1)
+
+
+def focal(labels, logits, gamma, alpha=None):
+    probs = softmax(logits.astype(np.float64))
+    p_t = np.take_along_axis(probs, labels[..., None].astype(int), axis=-1)[..., 0]
+    weight = 1.0 if alpha is None else np.asarray(alpha)[labels]
+    return (-weight * (1 - p_t) ** gamma * np.log(p_t)).reshape(len(labels), -1).mean(1)
+
+
+def tversky_loss(labels, logits, alpha, beta, smooth=1e-5):
+    probs = softmax(logits.astype(np.float64))
+    out = []
+    for b in range(len(labels)):
+        indices = []
+        for k in range(1, logits.shape[-1]):
+            g = labels[b] == k
+            p = probs[b, ..., k]
+            tp, fp, fn = (p * g).sum(), (p * ~g).sum(), ((1 - p) * g).sum()
+            indices.append((tp + smooth) / (tp + alpha * fp + beta * fn + smooth))
+        out.append(1 - np.mean(indices))
+    return np.array(out)
+
+
+def hard_dice(truth: np.ndarray, prediction: np.ndarray, k: int) -> float:
+    """Dice of class k from the sets of voxel positions (NaN when both are empty)."""
+    a = {tuple(i) for i in np.argwhere(truth == k)}
+    b = {tuple(i) for i in np.argwhere(prediction == k)}
+    if not a and not b:
+        return float("nan")
+    return 2 * len(a & b) / (len(a) + len(b))
