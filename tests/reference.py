@@ -275,3 +275,38 @@ def hard_dice(truth: np.ndarray, prediction: np.ndarray, k: int) -> float:
     if not a and not b:
         return float("nan")
     return 2 * len(a & b) / (len(a) + len(b))
+
+
+def sample_linear_zero(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Multilinear sample of ``volume (*S, C)`` at each point of ``coords (*T, d)``;
+    neighbours outside the volume count as zero. One point at a time."""
+    d = coords.shape[-1]
+    out = np.zeros((*coords.shape[:-1], volume.shape[-1]))
+    for index in voxel_indices(coords.shape[:-1]):
+        point = coords[index]
+        low = np.floor(point).astype(int)
+        for corner in itertools.product((0, 1), repeat=d):
+            neighbour = low + np.array(corner)
+            weight = np.prod(
+                [f if c else 1 - f for f, c in zip(point - low, corner, strict=True)]
+            )
+            if all(0 <= n < s for n, s in zip(neighbour, volume.shape, strict=False)):
+                out[index] += weight * volume[tuple(neighbour)]
+    return out
+
+
+def sample_nearest_zero(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Nearest-voxel sample (numpy's round-half-to-even), zero outside."""
+    out = np.zeros((*coords.shape[:-1], volume.shape[-1]), volume.dtype)
+    for index in voxel_indices(coords.shape[:-1]):
+        nearest = np.round(coords[index]).astype(int)
+        if all(0 <= n < s for n, s in zip(nearest, volume.shape, strict=False)):
+            out[index] = volume[tuple(nearest)]
+    return out
+
+
+def affine_coords(shape, matrix: np.ndarray) -> np.ndarray:
+    """Input coordinates ``matrix @ (x - c) + c`` of every output voxel ``x``."""
+    centre = (np.array(shape) - 1) / 2
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    return (grid - centre) @ np.asarray(matrix).T + centre

@@ -1,0 +1,1 @@
+"""Training: input pipeline, augmentation, planning and the training loop (Keras)."""
