@@ -127,7 +127,7 @@ def sample_linear(volume, coords):
 
 
 def sample_nearest(volume, coords, fill=0):
-    """Samples ``volume (*S, C)`` at the nearest voxel of ``coords``, ``fill`` outside."""
+    """Samples ``volume (*S, C)`` at the voxel nearest each point; ``fill`` outside."""
     shape = tf.shape(volume)[:-1]
     index = tf.cast(tf.round(coords), tf.int32)
     inside = tf.reduce_all((index >= 0) & (index < shape), axis=-1, keepdims=True)
