@@ -85,8 +85,6 @@ class ModelConfig:
             raise ValueError(
                 f"model.spatial_dims must be 2 or 3, got {self.spatial_dims!r}"
             )
-        if self.name in _CLASSIFYING and self.num_classes is None:
-            raise ValueError(f"model.num_classes is required for {self.name}")
         if self.name not in _CLASSIFYING and self.num_classes is not None:
             raise ValueError(f"model.num_classes does not apply to {self.name}")
         unknown = sorted(set(self.options) - set(MODEL_OPTIONS[self.name]))
@@ -140,16 +138,232 @@ class ModelConfig:
             "patch_size": self.patch_size,
             **self.options,
         }
-        if self.num_classes is not None:
+        if self.name in _CLASSIFYING:
+            if self.num_classes is None:
+                raise ValueError(
+                    f"model.num_classes is not set for {self.name} (training fills it "
+                    "in from the dataset's labels)"
+                )
             kwargs["num_classes"] = self.num_classes
         return kwargs
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Probabilities and ranges of the random transforms (nnU-Net-like defaults).
+
+    Attributes:
+        mirror_axes: spatial axes that may be flipped (each with probability 0.5).
+            Leave out axes whose flip changes a label's meaning (left/right labels).
+        p_rotate, rotation_deg: probability and range (+-) of rotation about each axis
+            (in 3D about all three, in 2D in-plane).
+        p_scale, scale_range: probability and range of isotropic scaling (< 1 zooms in).
+        p_elastic, elastic_sigma, elastic_magnitude: elastic deformation (voxels):
+            smoothing of a random displacement field and its largest displacement.
+        p_gamma, gamma_range: gamma correction of intensities rescaled to [0, 1].
+        p_brightness, brightness_range: multiplicative brightness.
+        p_contrast, contrast_range: contrast around the mean, range preserved.
+        p_noise, noise_std: additive Gaussian noise (std drawn up to ``noise_std``).
+        p_blur, blur_sigma: Gaussian blur (sigma drawn in the range, voxels).
+    """
+
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    p_rotate: float = 0.2
+    rotation_deg: float = 30.0
+    p_scale: float = 0.2
+    scale_range: tuple[float, float] = (0.7, 1.4)
+    p_elastic: float = 0.0
+    elastic_sigma: float = 4.0
+    elastic_magnitude: float = 3.0
+    p_gamma: float = 0.3
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    p_brightness: float = 0.15
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    p_contrast: float = 0.15
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    p_noise: float = 0.1
+    noise_std: float = 0.1
+    p_blur: float = 0.2
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+
+    def __post_init__(self):
+        for name in (
+            "p_rotate",
+            "p_scale",
+            "p_elastic",
+            "p_gamma",
+            "p_brightness",
+            "p_contrast",
+            "p_noise",
+            "p_blur",
+        ):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"augment.{name} must be in [0, 1], got {value!r}")
+        object.__setattr__(self, "mirror_axes", tuple(self.mirror_axes))
+        for name in (
+            "scale_range",
+            "gamma_range",
+            "brightness_range",
+            "contrast_range",
+            "blur_sigma",
+        ):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(
+                    f"augment.{name} must be 0 < low <= high, got "
+                    f"{getattr(self, name)!r}"
+                )
+            object.__setattr__(self, name, (float(low), float(high)))
+
+
+def _from_flat_dict(cls, data: Mapping[str, Any], section: str):
+    """Builds a flat dataclass, naming unknown keys and the allowed ones."""
+    allowed = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {section} key(s) {unknown}; allowed: {allowed}")
+    return cls(**data)
+
+
+def _to_plain(value):
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+TASKS = ("segmentation", "classification", "reconstruction")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how each case is prepared.
+
+    Attributes:
+        dataset: dataset folder (``medseg train --data`` overrides it).
+        task: ``segmentation`` (classification and reconstruction come later).
+        target_spacing_mm: voxel size to resample to; ``None``: the dataset median.
+        normalization: one scheme per channel (``{scheme: zscore}``, ...); ``None``:
+            z-score per case for every channel.
+        crop_nonzero: crop each case to its non-zero region first.
+        nonfinite: ``error`` refuses scans with NaN/Inf, ``replace`` fills them.
+        cache_dir: keep preprocessed cases on disk here (default: in memory).
+        foreground_oversample: fraction of patches centred on a foreground voxel.
+    """
+
+    dataset: str | None = None
+    task: str = "segmentation"
+    target_spacing_mm: tuple[float, ...] | None = None
+    normalization: tuple[dict, ...] | None = None
+    crop_nonzero: bool = True
+    nonfinite: str = "error"
+    cache_dir: str | None = None
+    foreground_oversample: float = 0.33
+
+    def __post_init__(self):
+        if self.task != "segmentation":
+            raise ValueError(
+                f"data.task {self.task!r}: only 'segmentation' training is available"
+            )
+        if not 0.0 <= self.foreground_oversample <= 1.0:
+            raise ValueError(
+                f"data.foreground_oversample must be in [0, 1], got "
+                f"{self.foreground_oversample!r}"
+            )
+        if self.target_spacing_mm is not None:
+            object.__setattr__(self, "target_spacing_mm", tuple(self.target_spacing_mm))
+        if self.normalization is not None:
+            object.__setattr__(
+                self, "normalization", tuple(dict(n) for n in self.normalization)
+            )
+
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("poly", "constant")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (nnU-Net-like defaults: SGD, Nesterov momentum 0.99, poly decay).
+
+    Attributes:
+        epochs, steps_per_epoch: length of training (an epoch is a number of batches).
+        batch_size: patches per step; ``None``: planned for the memory budget.
+        optimizer, learning_rate, momentum, weight_decay, lr_schedule, poly_exponent.
+        loss: ``dice_ce`` (default), ``dice``, ``focal`` or ``tversky``.
+        folds, fold: k-fold split by case; ``fold`` is an index or ``"all"``.
+        seed: makes splitting, sampling and augmentation repeatable.
+        val_interval: validate on whole held-out cases every this many epochs.
+        val_overlap: sliding-window overlap for validation.
+        precision: ``auto`` (mixed float16 on GPU, float32 on CPU), or a Keras policy.
+        memory_gb: memory budget for planning; ``None``: the GPU's, or 4 GB on CPU.
+        augment: :class:`AugmentConfig` fields.
+    """
+
+    epochs: int = 100
+    steps_per_epoch: int = 250
+    batch_size: int | None = None
+    optimizer: str = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    lr_schedule: str = "poly"
+    poly_exponent: float = 0.9
+    loss: str = "dice_ce"
+    folds: int = 5
+    fold: int | str = 0
+    seed: int = 0
+    val_interval: int = 1
+    val_overlap: float = 0.5
+    precision: str = "auto"
+    memory_gb: float | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        for name, choices in (
+            ("optimizer", OPTIMIZERS),
+            ("lr_schedule", SCHEDULES),
+            ("precision", PRECISIONS),
+            ("loss", ("dice_ce", "dice", "focal", "tversky")),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"train.{name} must be one of {choices}, got "
+                    f"{getattr(self, name)!r}"
+                )
+        for name in ("epochs", "steps_per_epoch", "folds", "val_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"train.{name} must be a positive int, got {value!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(
+                f"train.batch_size must be positive, got {self.batch_size!r}"
+            )
+        if self.fold != "all" and not (
+            isinstance(self.fold, int) and 0 <= self.fold < self.folds
+        ):
+            raise ValueError(
+                f"train.fold must be 'all' or an int in [0, {self.folds - 1}], got "
+                f"{self.fold!r}"
+            )
+        if isinstance(self.augment, Mapping):
+            object.__setattr__(
+                self,
+                "augment",
+                _from_flat_dict(AugmentConfig, self.augment, "train.augment"),
+            )
+
+
+@dataclass(frozen=True)
 class Config:
-    """A whole config file (sections are added as the toolkit grows)."""
+    """A whole config file: ``model``, ``data`` and ``train`` sections."""
 
     model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Config:
@@ -159,10 +373,35 @@ class Config:
             raise ValueError(f"unknown config section(s) {unknown}; allowed: {allowed}")
         if "model" not in data or not isinstance(data["model"], Mapping):
             raise ValueError("config needs a 'model' section (a mapping)")
-        return cls(model=ModelConfig.from_dict(data["model"]))
+        return cls(
+            model=ModelConfig.from_dict(data["model"]),
+            data=_from_flat_dict(DataConfig, data.get("data") or {}, "data"),
+            train=_from_flat_dict(TrainConfig, data.get("train") or {}, "train"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict()}
+        train = {
+            f.name: _to_plain(getattr(self.train, f.name))
+            for f in fields(self.train)
+            if f.name != "augment"
+        }
+        train["augment"] = {
+            f.name: _to_plain(getattr(self.train.augment, f.name))
+            for f in fields(self.train.augment)
+        }
+        return {
+            "model": self.model.to_dict(),
+            "data": {
+                f.name: _to_plain(getattr(self.data, f.name)) for f in fields(self.data)
+            },
+            "train": train,
+        }
+
+    def replace(self, **sections) -> Config:
+        """A copy with whole sections replaced."""
+        return Config(
+            **{**{f.name: getattr(self, f.name) for f in fields(self)}, **sections}
+        )
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -254,3 +254,90 @@ def handle_nonfinite(
             "fill them with the channel minimum)",
         )
     return replace_nonfinite(array, fill)
+
+
+# the whole per-case chain
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Everything done to a scan before the network sees it, reproducible from JSON.
+
+    Order: refuse or replace NaN/Inf, reorient to RAS, crop to the non-zero region,
+    resample to ``target_spacing_mm`` (cubic spline for images, per-class linear for
+    labels, nnU-Net's handling of anisotropic scans), normalise each channel.
+
+    Attributes:
+        normalizers: one per channel.
+        target_spacing_mm: ``None`` keeps each scan's own spacing.
+        crop_nonzero: crop to the bounding box of non-zero voxels.
+        nonfinite: ``"error"`` or ``"replace"`` (see :func:`handle_nonfinite`).
+    """
+
+    normalizers: tuple
+    target_spacing_mm: tuple[float, ...] | None = None
+    crop_nonzero: bool = True
+    nonfinite: str = "error"
+
+    def __post_init__(self):
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}"
+            )
+        object.__setattr__(self, "normalizers", tuple(self.normalizers))
+        if self.target_spacing_mm is not None:
+            object.__setattr__(
+                self,
+                "target_spacing_mm",
+                tuple(float(s) for s in self.target_spacing_mm),
+            )
+
+    def image(self, volume):
+        """Returns ``(float32 array (*S', C), geometry records)`` for a scan volume."""
+        from medseg import geometry
+
+        path = volume.path or "image"
+        array = handle_nonfinite(np.asarray(volume.array), path, self.nonfinite)
+        volume, records = geometry.reorient_to_canonical(volume.with_array(array))
+        records = [records]
+        if self.crop_nonzero:
+            volume, record = geometry.crop_to_nonzero(volume)
+            records.append(record)
+        if self.target_spacing_mm is not None:
+            volume, record = geometry.resample_to_spacing(
+                volume, self.target_spacing_mm
+            )
+            records.append(record)
+        return normalize(np.asarray(volume.array), self.normalizers), records
+
+    def label(self, volume, records) -> np.ndarray:
+        """The label map of the same case, moved onto the preprocessed image's grid."""
+        from medseg import geometry
+
+        volume, _ = geometry.reorient_to_canonical(volume)
+        for record in records[1:]:
+            if isinstance(record, geometry.CropRecord):
+                volume = record.apply(volume)
+            else:
+                volume, _ = geometry.resample_to_spacing(
+                    volume, self.target_spacing_mm, is_label=True
+                )
+        return np.asarray(volume.array)
+
+    def to_dict(self) -> dict:
+        return {
+            "normalizers": [normalizer_to_dict(n) for n in self.normalizers],
+            "target_spacing_mm": None
+            if self.target_spacing_mm is None
+            else list(self.target_spacing_mm),
+            "crop_nonzero": self.crop_nonzero,
+            "nonfinite": self.nonfinite,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocessor:
+        data = dict(data)
+        data["normalizers"] = tuple(
+            normalizer_from_dict(n) for n in data["normalizers"]
+        )
+        return cls(**data)

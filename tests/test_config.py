@@ -43,7 +43,6 @@ def test_model_config_round_trip_and_build():
             {"num_classes": 2, "depth": 4},
             r"unknown model key\(s\) \['depth'\] for unet",
         ),
-        ({"name": "unet"}, "num_classes is required"),
         ({"name": "autoencoder", "num_classes": 2}, "does not apply to autoencoder"),
         ({"num_classes": 2, "patch_size": [8, 8]}, "must have 3 sizes"),
         ({"num_classes": 2, "spatial_dims": 1}, "spatial_dims must be 2 or 3"),
@@ -53,6 +52,45 @@ def test_model_config_round_trip_and_build():
 def test_model_config_errors_name_the_key(data, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_dict(data)
+
+
+def test_num_classes_is_needed_to_build():
+    config = ModelConfig.from_dict({"name": "unet"})  # training fills it in
+    with pytest.raises(ValueError, match="model.num_classes is not set for unet"):
+        config.builder_kwargs()
+
+
+def test_data_and_train_sections(tmp_path):
+    config = Config.from_dict(
+        {
+            "model": {"num_classes": 2},
+            "data": {
+                "target_spacing_mm": [1, 1, 2],
+                "normalization": [{"scheme": "ct"}],
+            },
+            "train": {"epochs": 3, "fold": "all", "augment": {"mirror_axes": [0]}},
+        }
+    )
+    assert config.data.target_spacing_mm == (1, 1, 2)
+    assert config.train.augment.mirror_axes == (0,)
+    assert Config.from_dict(config.to_dict()) == config
+    for section, data, message in [
+        ("train", {"epoch": 3}, r"unknown train key\(s\) \['epoch'\]"),
+        ("train", {"fold": 7}, "train.fold must be 'all' or an int in"),
+        ("train", {"optimizer": "lbfgs"}, "train.optimizer must be one of"),
+        ("train", {"augment": {"p_flip": 1}}, r"unknown train.augment key"),
+        ("data", {"task": "detection"}, "only 'segmentation' training"),
+        ("data", {"foreground_oversample": 2}, "foreground_oversample must be in"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Config.from_dict({"model": {"num_classes": 2}, section: data})
+
+
+def test_shipped_experiment_configs_load():
+    from tests.conftest import REPO
+
+    for path in sorted((REPO / "experiments").glob("*.yaml")):
+        load_config(path)
 
 
 def test_config_sections_are_checked():

@@ -15,79 +15,10 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import tensorflow as tf
 
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Probabilities and ranges of the random transforms (nnU-Net-like defaults).
-
-    Attributes:
-        mirror_axes: spatial axes that may be flipped (each with probability 0.5).
-            Leave out axes whose flip changes a label's meaning (left/right labels).
-        p_rotate, rotation_deg: probability and range (+-) of rotation about each axis
-            (in 3D about all three, in 2D in-plane).
-        p_scale, scale_range: probability and range of isotropic scaling (< 1 zooms in).
-        p_elastic, elastic_sigma, elastic_magnitude: elastic deformation (voxels):
-            smoothing of a random displacement field and its largest displacement.
-        p_gamma, gamma_range: gamma correction of intensities rescaled to [0, 1].
-        p_brightness, brightness_range: multiplicative brightness.
-        p_contrast, contrast_range: contrast around the mean, range preserved.
-        p_noise, noise_std: additive Gaussian noise (std drawn up to ``noise_std``).
-        p_blur, blur_sigma: Gaussian blur (sigma drawn in the range, voxels).
-    """
-
-    mirror_axes: tuple[int, ...] = (0, 1, 2)
-    p_rotate: float = 0.2
-    rotation_deg: float = 30.0
-    p_scale: float = 0.2
-    scale_range: tuple[float, float] = (0.7, 1.4)
-    p_elastic: float = 0.0
-    elastic_sigma: float = 4.0
-    elastic_magnitude: float = 3.0
-    p_gamma: float = 0.3
-    gamma_range: tuple[float, float] = (0.7, 1.5)
-    p_brightness: float = 0.15
-    brightness_range: tuple[float, float] = (0.75, 1.25)
-    p_contrast: float = 0.15
-    contrast_range: tuple[float, float] = (0.75, 1.25)
-    p_noise: float = 0.1
-    noise_std: float = 0.1
-    p_blur: float = 0.2
-    blur_sigma: tuple[float, float] = (0.5, 1.0)
-
-    def __post_init__(self):
-        for name in (
-            "p_rotate",
-            "p_scale",
-            "p_elastic",
-            "p_gamma",
-            "p_brightness",
-            "p_contrast",
-            "p_noise",
-            "p_blur",
-        ):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"augment.{name} must be in [0, 1], got {value!r}")
-        object.__setattr__(self, "mirror_axes", tuple(self.mirror_axes))
-        for name in (
-            "scale_range",
-            "gamma_range",
-            "brightness_range",
-            "contrast_range",
-            "blur_sigma",
-        ):
-            low, high = getattr(self, name)
-            if not 0 < low <= high:
-                raise ValueError(
-                    f"augment.{name} must be 0 < low <= high, got "
-                    f"{getattr(self, name)!r}"
-                )
-            object.__setattr__(self, name, (float(low), float(high)))
-
+from medseg.config import AugmentConfig
 
 # deterministic twins
 

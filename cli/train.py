@@ -1,0 +1,121 @@
+"""``medseg train``: train a segmentation model from a YAML config."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from medseg_cli._tf import start_tensorflow
+
+
+def parse_fold(text: str | None):
+    if text is None or text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"expected a fold number or 'all', got {text!r}"
+        ) from None
+
+
+@click.command("train")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="YAML config.",
+)
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder; becomes the model bundle.",
+)
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    help="Dataset folder (overrides data.dataset in the config).",
+)
+@click.option("--epochs", type=click.IntRange(min=1), help="Overrides train.epochs.")
+@click.option(
+    "--steps-per-epoch",
+    type=click.IntRange(min=1),
+    help="Overrides train.steps_per_epoch.",
+)
+@click.option(
+    "--fold", help="Fold to hold out (0..folds-1) or 'all' to train on every case."
+)
+@click.option("--seed", type=int, help="Overrides train.seed.")
+@click.option(
+    "--memory-gb",
+    type=click.FloatRange(min=0.1),
+    help="Memory budget for planning (default: the GPU's, 4 GB on CPU).",
+)
+@click.option("--resume", is_flag=True, help="Continue the run in --output.")
+def train(
+    config_path: Path,
+    output: Path,
+    data: Path | None,
+    epochs: int | None,
+    steps_per_epoch: int | None,
+    fold: str | None,
+    seed: int | None,
+    memory_gb: float | None,
+    resume: bool,
+) -> None:
+    """Train a segmentation model; OUTPUT becomes a bundle that `medseg predict` takes.
+
+    The dataset is checked first (as `medseg data check`), then the plan (spacing,
+    patch and batch size for the memory budget) is printed. Every epoch writes
+    history.csv, progress.png and a checkpoint; a killed run continues with --resume.
+    """
+    from medseg.config import load_config
+    from medseg.errors import InputFileError
+
+    ctx = click.get_current_context()
+    config = load_config(config_path)
+    fold_value = parse_fold(fold)
+    overrides = {
+        k: v
+        for k, v in {
+            "epochs": epochs,
+            "steps_per_epoch": steps_per_epoch,
+            "fold": fold_value,
+            "seed": seed,
+            "memory_gb": memory_gb,
+        }.items()
+        if v is not None
+    }
+    try:
+        config = config.replace(train=replace(config.train, **overrides))
+        if data is not None:
+            config = config.replace(
+                data=replace(config.data, dataset=str(data.resolve()))
+            )
+        elif config.data.dataset and not Path(config.data.dataset).is_absolute():
+            # relative dataset paths are relative to the config file
+            resolved = (config_path.parent / config.data.dataset).resolve()
+            config = config.replace(data=replace(config.data, dataset=str(resolved)))
+    except ValueError as exc:
+        raise InputFileError(config_path, str(exc)) from None
+    start_tensorflow(ctx.meta.get("medseg.debug", False))
+    logging.getLogger("medseg").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(message)s")
+    from medseg.training.trainer import train as run_training
+
+    try:
+        folder = run_training(
+            config, output, resume=resume, verbose=1 if sys.stdout.isatty() else 2
+        )
+    except ValueError as exc:
+        if isinstance(exc, InputFileError):
+            raise
+        raise InputFileError(config_path, str(exc)) from None
+    click.echo(f"bundle written to {folder}")

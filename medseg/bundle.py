@@ -1,0 +1,105 @@
+"""Model bundles: a folder with ``model.keras`` and ``medseg.json``.
+
+``medseg.json`` holds everything prediction needs to repeat the training-time
+preprocessing (nothing is guessed at predict time) plus the record of how the model
+was made: format version, task, labels, channels, spatial dims, patch size,
+preprocessing with its statistics, the dataset fingerprint, the plan, the resolved
+config, validation metrics, versions, and the sha256 of ``model.keras``.
+
+Both files are written to temporary names and renamed, ``medseg.json`` last, so a
+bundle is either the old complete one or the new complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+from medseg import __version__
+from medseg.errors import InputFileError
+from medseg.io import atomic_output, atomic_write_text
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.keras"
+METADATA_FILE = "medseg.json"
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "medseg": __version__,
+        "keras": keras.__version__,
+        "tensorflow": tf.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_bundle(folder: str | Path, model, metadata: dict) -> Path:
+    """Saves ``model`` and ``metadata`` (plus format version, versions and sha256)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / MODEL_FILE
+    with atomic_output(target) as tmp:
+        model.save(tmp)
+    record = {
+        "format_version": FORMAT_VERSION,
+        **metadata,
+        "versions": versions(),
+        "model_sha256": sha256(target),
+    }
+    atomic_write_text(folder / METADATA_FILE, json.dumps(record, indent=2) + "\n")
+    return folder
+
+
+def read_metadata(folder: str | Path) -> dict:
+    """Reads and checks a bundle's ``medseg.json``.
+
+    Raises:
+        InputFileError: not a bundle, unreadable JSON, or a newer format.
+    """
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        raise InputFileError(folder, f"not a model bundle (no {METADATA_FILE})")
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFileError(path, f"unreadable bundle metadata ({exc})") from None
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise InputFileError(
+            path,
+            f"bundle format {metadata.get('format_version')} is "
+            f"newer than this medseg reads ({FORMAT_VERSION})",
+        )
+    return metadata
+
+
+def verify(folder: str | Path) -> dict:
+    """Metadata of a bundle whose ``model.keras`` matches its recorded sha256.
+
+    Raises:
+        InputFileError: missing model, or a model file changed since it was bundled.
+    """
+    folder = Path(folder)
+    metadata = read_metadata(folder)
+    model_path = folder / MODEL_FILE
+    if not model_path.is_file():
+        raise InputFileError(model_path, "model file not found")
+    if sha256(model_path) != metadata.get("model_sha256"):
+        raise InputFileError(
+            model_path,
+            "sha256 differs from the one in medseg.json "
+            "(modified or corrupted model file)",
+        )
+    return metadata

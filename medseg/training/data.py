@@ -1,0 +1,212 @@
+"""Training data: preprocessed cases, the k-fold split, patch sampling and tf.data.
+
+Each case is preprocessed once (:class:`medseg.preprocessing.Preprocessor`) and kept in
+memory or in an on-disk cache keyed by the preprocessing and the source files. Patches
+are drawn by a seeded NumPy sampler (a third of them centred on a random foreground
+voxel of a random class, by default) and augmented by TensorFlow ops in parallel
+threads. The stream is infinite: ``fit`` takes it once with ``steps_per_epoch``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg.datasets import Case, Dataset
+from medseg.io import read_volume
+from medseg.preprocessing import Preprocessor
+
+logger = logging.getLogger(__name__)
+
+#: Fixed seed of the k-fold shuffle, so folds do not change with the training seed.
+SPLIT_SEED = 12345
+
+
+@dataclass
+class PreparedCase:
+    """A preprocessed case: ``image (*S, C)`` float32, ``label (*S, 1)`` class indices
+    (uint8), and for each foreground class the flat indices of its voxels."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    foreground: dict[int, np.ndarray]
+
+
+def kfold_split(case_ids: Sequence[str], folds: int, fold: int | str):
+    """Deterministic k-fold split by case: ``(train_ids, val_ids)``.
+
+    Case ids are sorted, shuffled with a fixed seed and dealt into ``folds`` nearly
+    equal parts; ``fold="all"`` trains on every case and validates on none.
+    """
+    ids = sorted(case_ids)
+    if fold == "all":
+        return ids, []
+    if len(ids) < folds:
+        raise ValueError(f"{len(ids)} cases cannot be split into {folds} folds")
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(ids))
+    parts = np.array_split(order, folds)
+    val = sorted(ids[i] for i in parts[fold])
+    return [i for i in ids if i not in set(val)], val
+
+
+def class_values(dataset: Dataset) -> list[int]:
+    """The declared label values, sorted; class index ``k`` is the ``k``-th value
+    (so labels 0/255 train as classes 0/1)."""
+    if not dataset.labels:
+        raise ValueError(f"{dataset.root}: the dataset declares no labels")
+    return sorted(dataset.labels)
+
+
+def _to_classes(label: np.ndarray, values: list[int], path) -> np.ndarray:
+    from medseg.errors import InputFileError
+
+    flat = np.asarray(label).astype(np.int64)
+    index = np.searchsorted(values, flat)
+    index = np.clip(index, 0, len(values) - 1)
+    if not np.array_equal(np.asarray(values)[index], flat):
+        bad = sorted(set(np.unique(flat).tolist()) - set(values))
+        raise InputFileError(path, f"label values {bad} not among declared {values}")
+    return index.astype(np.uint8 if len(values) <= 256 else np.uint16)
+
+
+def _cache_key(preprocessor: Preprocessor, case: Case, values: list[int]) -> str:
+    parts = {"pre": preprocessor.to_dict(), "values": values, "files": []}
+    for path in (*case.images, case.label):
+        stat = Path(path).stat()
+        parts["files"].append([str(path), stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def prepare_case(
+    case: Case, preprocessor: Preprocessor, values: list[int], cache_dir: Path | None
+) -> PreparedCase:
+    """Reads, preprocesses and indexes one case (from the cache when it is there)."""
+    cached = None
+    if cache_dir is not None:
+        cached = (
+            Path(cache_dir)
+            / f"{case.case_id}-{_cache_key(preprocessor, case, values)}.npz"
+        )
+        if cached.is_file():
+            with np.load(cached, allow_pickle=False) as stored:
+                return _indexed(case.case_id, stored["image"], stored["label"])
+    volumes = [read_volume(path) for path in case.images]
+    image_volume = volumes[0]
+    if len(volumes) > 1:
+        image_volume = image_volume.with_array(
+            np.concatenate([np.asarray(v.array) for v in volumes], axis=-1)
+        )
+    image, records = preprocessor.image(image_volume)
+    label = preprocessor.label(read_volume(case.label), records)
+    label = _to_classes(label, values, case.label)
+    if cached is not None:
+        from medseg.io import atomic_output
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(cached) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, image=image, label=label)
+    return _indexed(case.case_id, image, label)
+
+
+def _indexed(case_id: str, image: np.ndarray, label: np.ndarray) -> PreparedCase:
+    flat = label.reshape(-1)
+    foreground = {int(k): np.flatnonzero(flat == k) for k in np.unique(flat) if k != 0}
+    return PreparedCase(
+        case_id, image.astype(np.float32, copy=False), label, foreground
+    )
+
+
+class PatchSampler:
+    """Draws ``(image, label)`` patches from prepared cases, repeatably.
+
+    Samples of epoch ``e`` come from ``default_rng([seed, e])``, so a run resumed at
+    epoch ``e`` draws the same patches as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        cases: list[PreparedCase],
+        patch_size: Sequence[int],
+        *,
+        foreground_oversample: float,
+        seed: int,
+        samples_per_epoch: int,
+    ):
+        if not cases:
+            raise ValueError("no training cases")
+        self.cases = cases
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.foreground_oversample = foreground_oversample
+        self.seed = seed
+        self.samples_per_epoch = samples_per_epoch
+
+    def patch(self, case: PreparedCase, centre: Sequence[int]):
+        """The patch of ``case`` centred (as nearly as possible) on ``centre``, zero
+        padded where it leaves the case."""
+        spatial = case.image.shape[:-1]
+        starts = [int(c) - p // 2 for c, p in zip(centre, self.patch_size, strict=True)]
+        src, dst = [], []
+        for start, p, n in zip(starts, self.patch_size, spatial, strict=True):
+            lo, hi = max(start, 0), min(start + p, n)
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - start, hi - start))
+        image = np.zeros((*self.patch_size, case.image.shape[-1]), np.float32)
+        label = np.zeros((*self.patch_size, 1), np.int32)
+        image[tuple(dst)] = case.image[tuple(src)]
+        label[tuple(dst)] = case.label[tuple(src)]
+        return image, label
+
+    def _centre(self, case: PreparedCase, rng: np.random.Generator):
+        spatial = case.image.shape[:-1]
+        if case.foreground and rng.random() < self.foreground_oversample:
+            k = rng.choice(sorted(case.foreground))
+            voxel = case.foreground[k][rng.integers(len(case.foreground[k]))]
+            return np.unravel_index(voxel, spatial)
+        # uniform over positions keeping the patch inside where the case allows
+        return [
+            rng.integers(p // 2, max(n - (p - p // 2), p // 2) + 1)
+            for n, p in zip(spatial, self.patch_size, strict=True)
+        ]
+
+    def samples(self, first_epoch: int = 0):
+        """Infinite generator of ``(image, label, seed)`` from ``first_epoch`` on."""
+        epoch = first_epoch
+        while True:
+            rng = np.random.default_rng([self.seed, epoch])
+            for index in range(self.samples_per_epoch):
+                case = self.cases[rng.integers(len(self.cases))]
+                image, label = self.patch(case, self._centre(case, rng))
+                seed = np.array([epoch, index], np.int32) + np.array(
+                    [0, self.seed], np.int32
+                )
+                yield image, label, seed
+            epoch += 1
+
+
+def make_dataset(sampler: PatchSampler, augmenter, batch_size: int, first_epoch: int):
+    """The infinite ``tf.data`` stream of augmented batches ``(images, labels)``."""
+    import tensorflow as tf
+
+    channels = sampler.cases[0].image.shape[-1]
+    spec = (
+        tf.TensorSpec((*sampler.patch_size, channels), tf.float32),
+        tf.TensorSpec((*sampler.patch_size, 1), tf.int32),
+        tf.TensorSpec((2,), tf.int32),
+    )
+    dataset = tf.data.Dataset.from_generator(
+        lambda: sampler.samples(first_epoch), output_signature=spec
+    )
+    if augmenter is not None:
+        dataset = dataset.map(
+            augmenter, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+    else:
+        dataset = dataset.map(lambda image, label, seed: (image, label))
+    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

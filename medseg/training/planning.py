@@ -1,0 +1,149 @@
+"""Planning from the dataset fingerprint, as nnU-Net does: target spacing, patch size,
+batch size for a memory budget. Values given in the config always win."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from medseg.config import Config
+
+logger = logging.getLogger(__name__)
+
+#: Smallest batch nnU-Net trains with.
+MIN_BATCH = 2
+#: Cap on the batch: at most this fraction of all voxels of the dataset per step.
+MAX_BATCH_FRACTION = 0.05
+#: Memory budget on a CPU (the machine's RAM is shared with everything else).
+CPU_MEMORY_GB = 4.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The decisions, recorded in the bundle and printed before training."""
+
+    target_spacing_mm: tuple[float, ...]
+    median_shape: tuple[int, ...]
+    patch_size: tuple[int, ...]
+    batch_size: int
+    memory_gb: float
+    estimated_memory_gb: float
+    num_classes: int
+    in_channels: int
+
+    def to_dict(self) -> dict:
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
+        }
+
+    def describe(self) -> str:
+        def fmt(values, spec=""):
+            return " x ".join(format(v, spec) for v in values)
+
+        return (
+            f"plan: spacing {fmt(self.target_spacing_mm, '.3g')} mm, median case "
+            f"{fmt(self.median_shape)}, patch {fmt(self.patch_size)}, batch "
+            f"{self.batch_size}, {self.num_classes} classes, "
+            f"{self.in_channels} channel(s); "
+            f"estimated training memory {self.estimated_memory_gb:.2f} GB of "
+            f"{self.memory_gb:.1f} GB"
+        )
+
+
+def default_memory_gb() -> float:
+    """The first GPU's memory in GB, or :data:`CPU_MEMORY_GB` without one."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return CPU_MEMORY_GB
+    try:
+        details = tf.config.experimental.get_memory_info("GPU:0")
+        return details.get("limit", 0) / 1e9 or CPU_MEMORY_GB
+    except (ValueError, RuntimeError):
+        return 8.0
+
+
+def _round_up(n: float, multiple: int) -> int:
+    return max(multiple, int(math.ceil(n / multiple)) * multiple)
+
+
+def plan_training(
+    config: Config, fingerprint: dict, *, memory_gb: float | None = None
+) -> Plan:
+    """Chooses what the config leaves open.
+
+    * target spacing: the median spacing of the dataset;
+    * patch size: the median case shape at that spacing, rounded up to a multiple of
+      ``2 ** depth`` and shrunk along its longest axis until the estimated training
+      memory (``medseg info``'s estimate) fits ``memory_gb``;
+    * batch size: the largest (at least 2) that fits, capped at 5 % of the dataset's
+      voxels per step.
+    """
+    from medseg.models import build_model
+    from medseg.models.info import describe_model
+
+    model_cfg = config.model  # num_classes and in_channels already resolved
+    if memory_gb is None:
+        memory_gb = config.train.memory_gb or default_memory_gb()
+    dims = model_cfg.spatial_dims
+    spacing = config.data.target_spacing_mm or tuple(
+        fingerprint["spacing_mm"]["median"][:dims]
+    )
+    median_spacing = np.array(fingerprint["spacing_mm"]["median"][:dims])
+    median_shape = (
+        np.array(fingerprint["shape"]["median"][:dims])
+        * median_spacing
+        / np.array(spacing)
+    )
+    median_shape = tuple(int(round(n)) for n in median_shape)
+    depth = len(model_cfg.options.get("filters", (32, 64, 128, 256, 320))) - 1
+    multiple = 2**depth if model_cfg.name != "classifier" else 1
+    patch = list(model_cfg.patch_size or (_round_up(n, multiple) for n in median_shape))
+    precision_bytes = 2 if config.train.precision.startswith("mixed") else 4
+
+    def estimate(patch_size):
+        """(fixed bytes, activation bytes per sample) in GB for a patch size."""
+        kwargs = {**model_cfg.builder_kwargs(), "patch_size": tuple(patch_size)}
+        model = build_model(model_cfg.name, **kwargs)
+        info = describe_model(
+            model,
+            batch_size=1,
+            optimizer=config.train.optimizer,
+            activation_bytes=precision_bytes,
+        )
+        memory = info.memory_bytes
+        return (memory["total"] - memory["activations"]) / 1e9, memory[
+            "activations"
+        ] / 1e9
+
+    batch = config.train.batch_size or MIN_BATCH
+    fixed, per_sample = estimate(patch)
+    while (
+        model_cfg.patch_size is None
+        and fixed + batch * per_sample > memory_gb
+        and max(patch) > multiple
+    ):
+        patch[int(np.argmax(patch))] -= multiple
+        fixed, per_sample = estimate(patch)
+    if config.train.batch_size is None:
+        dataset_voxels = fingerprint["num_readable_cases"] * math.prod(median_shape)
+        cap = max(
+            MIN_BATCH, int(MAX_BATCH_FRACTION * dataset_voxels / math.prod(patch))
+        )
+        fits = int((memory_gb - fixed) // max(per_sample, 1e-12))
+        batch = max(MIN_BATCH, min(cap, fits))
+    used = fixed + batch * per_sample
+    return Plan(
+        tuple(float(s) for s in spacing),
+        median_shape,
+        tuple(patch),
+        batch,
+        float(memory_gb),
+        float(used),
+        model_cfg.num_classes,
+        model_cfg.in_channels,
+    )

@@ -1,0 +1,548 @@
+"""The training run: plan, prepare data, fit, validate, checkpoint, bundle.
+
+A run folder holds ``config.yaml`` (resolved), ``history.csv``, ``progress.png``,
+``tensorboard/``, ``checkpoint/`` (weights, optimizer state, epoch) and, at its top, the
+bundle (``model.keras`` + ``medseg.json``) of the best validation Dice so far (or of
+the last epoch when there is no validation). A run killed at any point continues with
+``resume=True`` from its last completed epoch, drawing the same patches it would have.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from medseg.bundle import write_bundle
+from medseg.config import Config
+from medseg.datasets import load_dataset
+from medseg.errors import InputFileError
+from medseg.inference import sliding_window_predict
+from medseg.io import atomic_output, atomic_write_text
+from medseg.losses import LOSSES, ArgmaxDice
+from medseg.preprocessing import (
+    CTNormalization,
+    Preprocessor,
+    ZScoreNormalization,
+    normalizer_from_dict,
+)
+from medseg.training import data as training_data
+from medseg.training.augment import Augmenter
+from medseg.training.planning import Plan, plan_training
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+#: Windows per forward pass during validation (inference needs no gradients).
+VALIDATION_BATCH = 8
+
+
+@keras.saving.register_keras_serializable(package="medseg")
+class PolyDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """``lr * (1 - step / total_steps) ** exponent`` (nnU-Net's poly schedule)."""
+
+    def __init__(self, initial_learning_rate, total_steps, exponent=0.9):
+        self.initial_learning_rate = initial_learning_rate
+        self.total_steps = total_steps
+        self.exponent = exponent
+
+    def __call__(self, step):
+        progress = keras.ops.minimum(
+            keras.ops.cast(step, "float32") / self.total_steps, 1.0
+        )
+        return self.initial_learning_rate * keras.ops.power(
+            1.0 - progress, self.exponent
+        )
+
+    def get_config(self):
+        return {
+            "initial_learning_rate": self.initial_learning_rate,
+            "total_steps": self.total_steps,
+            "exponent": self.exponent,
+        }
+
+
+def _normalizers(config: Config, fingerprint: dict, channels: int):
+    schemes = config.data.normalization or ({"scheme": "zscore"},) * channels
+    if len(schemes) != channels:
+        raise ValueError(
+            f"data.normalization lists {len(schemes)} scheme(s) for "
+            f"{channels} channel(s)"
+        )
+    out = []
+    for c, scheme in enumerate(schemes):
+        if scheme.get("scheme") == "ct" and len(scheme) == 1:
+            stats = fingerprint["foreground_intensity"][c]
+            out.append(
+                CTNormalization(
+                    stats["percentile_0.5"],
+                    stats["percentile_99.5"],
+                    stats["mean"],
+                    stats["std"],
+                )
+            )
+        else:
+            out.append(normalizer_from_dict(scheme))
+    return tuple(out) or (ZScoreNormalization(),)
+
+
+def _precision(config: Config) -> str:
+    import tensorflow as tf
+
+    if config.train.precision != "auto":
+        return config.train.precision
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+
+
+def _strategy():
+    import os
+
+    import tensorflow as tf
+
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+class _Run:
+    """State shared by the callbacks of one run."""
+
+    def __init__(
+        self,
+        folder: Path,
+        config: Config,
+        plan: Plan,
+        preprocessor,
+        val_cases,
+        metadata: dict,
+        total_epochs: int,
+        best: float | None,
+    ):
+        self.folder = folder
+        self.config = config
+        self.plan = plan
+        self.preprocessor = preprocessor
+        self.val_cases = val_cases
+        self.metadata = metadata
+        self.total_epochs = total_epochs
+        self.best = best
+
+
+def _validate(model, run: _Run) -> dict[str, float]:
+    """Dice per foreground class over the held-out cases, on whole cases."""
+    num_classes = run.plan.num_classes
+    tp = np.zeros(num_classes)
+    fp = np.zeros(num_classes)
+    fn = np.zeros(num_classes)
+
+    import tensorflow as tf
+
+    forward = tf.function(
+        lambda batch: model(batch, training=False), reduce_retracing=True
+    )
+
+    def predict(batch):
+        return keras.ops.convert_to_numpy(forward(batch)).astype(np.float32)
+
+    for case in run.val_cases:
+        scores = sliding_window_predict(
+            case.image,
+            predict,
+            patch_size=run.plan.patch_size,
+            overlap=run.config.train.val_overlap,
+            batch_size=VALIDATION_BATCH,
+        )
+        prediction = scores.argmax(-1)
+        truth = case.label[..., 0]
+        for k in range(1, num_classes):
+            p, t = prediction == k, truth == k
+            tp[k] += np.count_nonzero(p & t)
+            fp[k] += np.count_nonzero(p & ~t)
+            fn[k] += np.count_nonzero(~p & t)
+    dice = {}
+    for k in range(1, num_classes):
+        denominator = 2 * tp[k] + fp[k] + fn[k]
+        dice[f"val_dice_{k}"] = (
+            float(2 * tp[k] / denominator) if denominator else math.nan
+        )
+    values = [v for v in dice.values() if not math.isnan(v)]
+    dice["val_dice_mean"] = float(np.mean(values)) if values else math.nan
+    return dice
+
+
+class _EpochEnd(keras.callbacks.Callback):
+    """Validation, history.csv, progress.png, bundle of the best model, checkpoint."""
+
+    def __init__(self, run: _Run):
+        super().__init__()
+        self.run = run
+        self.started = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        run = self.run
+        logs = dict(logs or {})
+        number = epoch + 1
+        validated = run.val_cases and (
+            number % run.config.train.val_interval == 0 or number == run.total_epochs
+        )
+        if validated:
+            logs.update(_validate(self.model, run))
+            logger.info(
+                "epoch %d validation: %s",
+                number,
+                {k: round(v, 4) for k, v in logs.items() if k.startswith("val_")},
+            )
+        logs["lr"] = float(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        )
+        logs["seconds"] = round(time.time() - self.started, 3)
+        _append_history(run.folder / "history.csv", number, logs)
+        _plot_progress(run.folder)
+        score = logs.get("val_dice_mean")
+        improved = (
+            validated
+            and score is not None
+            and not math.isnan(score)
+            and (run.best is None or score > run.best)
+        )
+        if improved or not run.val_cases:
+            if improved:
+                run.best = score
+            metrics = {k: v for k, v in logs.items() if k.startswith("val_")}
+            write_bundle(
+                run.folder,
+                self.model,
+                {
+                    **run.metadata,
+                    "epoch": number,
+                    "validation": metrics,
+                },
+            )
+        _save_checkpoint(run.folder, self.model, number, run.best)
+
+
+def _append_history(path: Path, epoch: int, logs: dict) -> None:
+    columns = [
+        "epoch",
+        *sorted(k for k in logs if k not in ("lr", "seconds")),
+        "lr",
+        "seconds",
+    ]
+    exists = path.is_file()
+    if exists:
+        with open(path, newline="") as handle:
+            header = next(csv.reader(handle), columns)
+        columns = header + [c for c in columns if c not in header]
+        if columns != header:  # a new metric (e.g. the first validation): rewrite
+            rows = _read_history(path)
+            _write_history(path, columns, rows)
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        if not exists:
+            writer.writeheader()
+        writer.writerow({"epoch": epoch, **logs})
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_history(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plot_progress(folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _read_history(folder / "history.csv")
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) for r in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [float(r["loss"]) for r in rows], label="training loss")
+    left.set_xlabel("epoch")
+    left.legend()
+    for key in sorted(k for k in rows[0] if "dice" in k):
+        points = [
+            (e, float(r[key]))
+            for e, r in zip(epochs, rows, strict=True)
+            if r.get(key) not in ("", None, "nan")
+        ]
+        if points:
+            right.plot(*zip(*points, strict=True), marker=".", label=key)
+    right.set_xlabel("epoch")
+    right.set_ylabel("Dice")
+    right.legend(fontsize="small")
+    figure.tight_layout()
+    with atomic_output(folder / "progress.png") as tmp:
+        figure.savefig(tmp, dpi=80)
+    plt.close(figure)
+
+
+def _save_checkpoint(folder: Path, model, epoch: int, best: float | None) -> None:
+    """Saves weights, optimizer state and epoch; the new copy replaces the old whole."""
+    target = folder / CHECKPOINT
+    tmp = folder / f".{CHECKPOINT}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_weights(tmp / "model.weights.h5")
+    variables = [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
+    with open(tmp / "optimizer.npz", "wb") as handle:
+        np.savez(handle, *variables)
+    (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "best": best}))
+    old = folder / f".{CHECKPOINT}.old"
+    if target.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        target.rename(old)
+    tmp.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _checkpoint_folder(folder: Path) -> Path | None:
+    for candidate in (folder / CHECKPOINT, folder / f".{CHECKPOINT}.old"):
+        if (candidate / "state.json").is_file():
+            return candidate
+    return None
+
+
+def _restore_checkpoint(folder: Path, model) -> tuple[int, float | None]:
+    source = _checkpoint_folder(folder)
+    state = json.loads((source / "state.json").read_text())
+    model.load_weights(source / "model.weights.h5")
+    model.optimizer.build(model.trainable_variables)
+    with np.load(source / "optimizer.npz", allow_pickle=False) as stored:
+        values = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+    if len(values) != len(model.optimizer.variables):
+        raise InputFileError(source, "optimizer state does not match the model")
+    for variable, value in zip(model.optimizer.variables, values, strict=True):
+        variable.assign(value)
+    return int(state["epoch"]), state.get("best")
+
+
+def _optimizer(config: Config, total_steps: int):
+    train = config.train
+    rate = (
+        PolyDecay(train.learning_rate, total_steps, train.poly_exponent)
+        if train.lr_schedule == "poly"
+        else train.learning_rate
+    )
+    if train.optimizer == "sgd":
+        return keras.optimizers.SGD(
+            rate,
+            momentum=train.momentum,
+            nesterov=True,
+            weight_decay=train.weight_decay or None,
+        )
+    return keras.optimizers.Adam(rate, weight_decay=train.weight_decay or None)
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def prepare_run(folder: Path, config: Config, *, resume: bool) -> Config:
+    """Checks the run folder and returns the config to use (the saved one on resume)."""
+    has_run = _checkpoint_folder(folder) is not None
+    if resume:
+        if not has_run:
+            raise InputFileError(
+                folder, "nothing to resume (no checkpoint in this folder)"
+            )
+        from medseg.config import Config as ConfigClass
+        from medseg.config import load_yaml
+
+        saved = ConfigClass.from_dict(load_yaml(folder / "config.yaml"))
+        return saved.replace(train=replace(saved.train, epochs=config.train.epochs))
+    if has_run:
+        raise InputFileError(
+            folder,
+            "holds a training run already; pass --resume to "
+            "continue it, or choose a new output folder",
+        )
+    return config
+
+
+def train(
+    config: Config, folder: str | Path, *, resume: bool = False, verbose: int = 1
+) -> Path:
+    """Trains a segmentation model and leaves a bundle in ``folder``.
+
+    Args:
+        config: the run's config (``data.dataset`` must name the dataset).
+        folder: the run folder (created).
+        resume: continue the run in ``folder`` from its last checkpoint; the saved
+            config is used, with ``train.epochs`` taken from ``config``.
+        verbose: Keras progress output (1 bar, 2 one line per epoch, 0 silent).
+
+    Returns:
+        The run folder, which is a bundle.
+
+    Raises:
+        InputFileError: bad dataset, broken cases, or a run folder in the wrong state.
+    """
+    from medseg.checks import check_dataset
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = prepare_run(folder, config, resume=resume)
+    if not config.data.dataset:
+        raise ValueError("no dataset: give data.dataset in the config or --data")
+    dataset = load_dataset(config.data.dataset)
+    report = check_dataset(dataset)
+    if not report.ok:
+        first = report.problems[0]
+        raise InputFileError(
+            first.path or dataset.root,
+            f"case {first.case_id}: {first.problem} "
+            f"({len(report.problems)} problem(s); run 'medseg data check')",
+        )
+    fingerprint = report.fingerprint
+    values = training_data.class_values(dataset)
+    channels = int(next(iter(fingerprint["num_channels"])))
+    config = config.replace(
+        model=replace(config.model, num_classes=len(values), in_channels=channels)
+    )
+    if config.model.options.get("deep_supervision"):
+        raise ValueError("training with deep_supervision is not available yet")
+    keras.mixed_precision.set_global_policy(_precision(config))
+    plan = plan_training(config, fingerprint)
+    logger.info(plan.describe())
+    preprocessor = Preprocessor(
+        _normalizers(config, fingerprint, channels),
+        plan.target_spacing_mm,
+        config.data.crop_nonzero,
+        config.data.nonfinite,
+    )
+    if not resume:
+        import yaml
+
+        atomic_write_text(
+            folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
+        )
+    train_ids, val_ids = training_data.kfold_split(
+        [c.case_id for c in dataset.cases], config.train.folds, config.train.fold
+    )
+    cache = Path(config.data.cache_dir) if config.data.cache_dir else None
+    by_id = {c.case_id: c for c in dataset.cases}
+    prepared = {
+        i: training_data.prepare_case(by_id[i], preprocessor, values, cache)
+        for i in train_ids + val_ids
+    }
+    metadata = {
+        "task": "segmentation",
+        "labels": {
+            str(k): {"value": v, "name": dataset.labels[v]}
+            for k, v in enumerate(values)
+        },
+        "in_channels": channels,
+        "channel_names": list(dataset.channel_names or ()),
+        "spatial_dims": config.model.spatial_dims,
+        "patch_size": list(plan.patch_size),
+        "preprocessing": preprocessor.to_dict(),
+        "plan": plan.to_dict(),
+        "fingerprint": fingerprint,
+        "config": config.to_dict(),
+        "split": {
+            "fold": config.train.fold,
+            "folds": config.train.folds,
+            "train": train_ids,
+            "validation": val_ids,
+        },
+    }
+    strategy = _strategy()
+    total_steps = config.train.epochs * config.train.steps_per_epoch
+    with strategy.scope():
+        from medseg.models import build_model
+
+        kwargs = config.model.builder_kwargs()
+        if config.model.options.get("padding", "same") == "same":
+            kwargs["patch_size"] = None
+        else:
+            kwargs["patch_size"] = plan.patch_size
+        model = build_model(config.model.name, **kwargs)
+        model.compile(
+            optimizer=_optimizer(config, total_steps),
+            loss=LOSSES[config.train.loss](),
+            metrics=[ArgmaxDice(k) for k in range(1, len(values))],
+        )
+    start_epoch, best = 0, None
+    if resume:
+        start_epoch, best = _restore_checkpoint(folder, model)
+        rows = [
+            r
+            for r in _read_history(folder / "history.csv")
+            if int(r["epoch"]) <= start_epoch
+        ]
+        if rows:
+            _write_history(folder / "history.csv", list(rows[0]), rows)
+        logger.info("resuming after epoch %d", start_epoch)
+    if start_epoch >= config.train.epochs:
+        return folder
+    sampler = training_data.PatchSampler(
+        [prepared[i] for i in train_ids],
+        plan.patch_size,
+        foreground_oversample=config.data.foreground_oversample,
+        seed=config.train.seed,
+        samples_per_epoch=config.train.steps_per_epoch * plan.batch_size,
+    )
+    augmenter = Augmenter(config.train.augment, config.model.spatial_dims)
+    stream = training_data.make_dataset(
+        sampler, augmenter, plan.batch_size, start_epoch
+    )
+    run = _Run(
+        folder,
+        config,
+        plan,
+        preprocessor,
+        [prepared[i] for i in val_ids],
+        metadata,
+        config.train.epochs,
+        best,
+    )
+    callbacks = [_EpochEnd(run)]
+    if _has_tensorboard():
+        callbacks.append(
+            keras.callbacks.TensorBoard(folder / "tensorboard", write_graph=False)
+        )
+    else:
+        logger.info(
+            "tensorboard is not installed: no TensorBoard logs "
+            "(pip install 'medseg[tensorboard]')"
+        )
+    model.fit(
+        stream,
+        epochs=config.train.epochs,
+        initial_epoch=start_epoch,
+        steps_per_epoch=config.train.steps_per_epoch,
+        callbacks=callbacks,
+        verbose=verbose,
+        shuffle=False,  # the stream is already random
+    )
+    return folder

@@ -1,0 +1,252 @@
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from medseg.config import Config
+from medseg.errors import InputFileError
+from medseg.preprocessing import Preprocessor, ZScoreNormalization
+from medseg.training import data as training_data
+from tests.conftest import SAMPLE
+
+TINY_TRAIN = """\
+model:
+  name: unet
+  spatial_dims: 3
+  filters: [4, 8]
+  patch_size: [16, 16, 16]
+train:
+  epochs: {epochs}
+  steps_per_epoch: {steps}
+  batch_size: 2
+  optimizer: adam
+  learning_rate: 0.001
+  folds: 4
+  augment:
+    mirror_axes: [0, 2]
+"""
+
+
+def test_kfold_split_is_deterministic_disjoint_and_complete():
+    ids = [f"case_{i:03d}" for i in range(23)]
+    folds = [training_data.kfold_split(ids, 5, k) for k in range(5)]
+    validation = [set(val) for _, val in folds]
+    assert sorted(len(v) for v in validation) == [4, 4, 5, 5, 5]
+    assert set().union(*validation) == set(ids)
+    assert all(
+        not (a & b) for i, a in enumerate(validation) for b in validation[i + 1 :]
+    )
+    for train, val in folds:
+        assert set(train) | set(val) == set(ids) and not set(train) & set(val)
+    # order of the input does not matter
+    assert training_data.kfold_split(ids[::-1], 5, 2) == folds[2]
+    assert training_data.kfold_split(ids, 5, "all") == (sorted(ids), [])
+    with pytest.raises(ValueError, match="3 cases cannot be split into 5 folds"):
+        training_data.kfold_split(ids[:3], 5, 0)
+
+
+def test_label_values_map_to_class_indices(tmp_path):
+    labels = np.array([[0, 255], [255, 0]])
+    np.testing.assert_array_equal(
+        training_data._to_classes(labels, [0, 255], tmp_path), [[0, 1], [1, 0]]
+    )
+    with pytest.raises(InputFileError, match=r"label values \[7\] not among"):
+        training_data._to_classes(np.array([0, 7]), [0, 255], tmp_path)
+
+
+def _prepared(rng, shape=(12, 10, 8)):
+    label = np.zeros((*shape, 1), np.uint8)
+    label[2:4, 3:5, 1:3] = 1
+    label[9, 8, 7] = 2
+    image = rng.random((*shape, 1)).astype(np.float32)
+    return training_data._indexed("c", image, label)
+
+
+def test_patch_extraction_pads_outside_the_case(rng):
+    case = _prepared(rng)
+    sampler = training_data.PatchSampler(
+        [case], (6, 6, 6), foreground_oversample=0, seed=0, samples_per_epoch=4
+    )
+    image, label = sampler.patch(case, (0, 0, 0))
+    # centre 0 with patch 6 starts at -3: the first 3 voxels of each axis are padding
+    np.testing.assert_array_equal(image[3:, 3:, 3:], case.image[:3, :3, :3])
+    assert np.all(image[:3] == 0) and np.all(label[:, :3] == 0)
+
+
+def test_foreground_oversampling_and_per_epoch_determinism(rng):
+    case = _prepared(rng)
+    sampler = training_data.PatchSampler(
+        [case], (4, 4, 4), foreground_oversample=1.0, seed=3, samples_per_epoch=20
+    )
+    stream = sampler.samples()
+    for _ in range(20):
+        _, label, _ = next(stream)
+        assert label[2, 2, 2, 0] != 0  # every patch centred on a foreground voxel
+    first = sampler.samples(0)
+    for _ in range(20):
+        next(first)
+    second_epoch = [next(first) for _ in range(5)]
+    resumed = sampler.samples(1)
+    for a, b in zip(second_epoch, [next(resumed) for _ in range(5)], strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_poly_schedule_values():
+    from medseg.training.trainer import PolyDecay
+
+    schedule = PolyDecay(0.01, 100, 0.9)
+    assert float(schedule(0)) == pytest.approx(0.01)
+    assert float(schedule(50)) == pytest.approx(0.01 * 0.5**0.9, rel=1e-6)
+    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
+    assert PolyDecay(**schedule.get_config()).get_config() == schedule.get_config()
+
+
+def _fingerprint(shape, spacing=(1.0, 1.0, 1.0), cases=100):
+    return {
+        "spacing_mm": {"median": list(spacing)},
+        "shape": {"median": list(shape)},
+        "num_readable_cases": cases,
+    }
+
+
+def test_planning_rounds_patch_and_respects_the_memory_budget():
+    from medseg.training.planning import plan_training
+
+    config = Config.from_dict(
+        {"model": {"name": "unet", "num_classes": 3, "filters": [8, 16, 32, 64]}}
+    )
+    plan = plan_training(config, _fingerprint((36, 50, 35)), memory_gb=4.0)
+    # the median case rounded up to multiples of 2**3: 40 x 56 x 40 (nnU-Net's choice)
+    assert plan.patch_size == (40, 56, 40)
+    assert plan.batch_size >= 2 and plan.estimated_memory_gb <= 4.0
+    small = plan_training(config, _fingerprint((128, 128, 128)), memory_gb=0.2)
+    assert all(p % 8 == 0 for p in small.patch_size)
+    assert max(small.patch_size) < 128 and small.estimated_memory_gb <= 0.2
+    resampled = plan_training(
+        Config.from_dict(
+            {
+                "model": {"name": "unet", "num_classes": 2, "filters": [4, 8]},
+                "data": {"target_spacing_mm": [2.0, 2.0, 2.0]},
+            }
+        ),
+        _fingerprint((40, 40, 20), spacing=(1.0, 1.0, 2.0)),
+        memory_gb=1.0,
+    )
+    assert resampled.median_shape == (20, 20, 20)
+    assert resampled.target_spacing_mm == (2.0, 2.0, 2.0)
+
+
+def test_preprocessor_keeps_image_and_label_on_one_grid(rng):
+    from medseg.io import Volume
+    from tests.conftest import OBLIQUE_LPS
+
+    image = np.zeros((12, 10, 6, 1), np.float32)
+    image[2:9, 3:8, 1:5] = rng.random((7, 5, 4, 1)) + 1
+    label = (image > 1.5).astype(np.uint8)
+    pre = Preprocessor((ZScoreNormalization(),), target_spacing_mm=(1.0, 1.0, 1.0))
+    out, records = pre.image(Volume(image, OBLIQUE_LPS))
+    out_label = pre.label(Volume(label, OBLIQUE_LPS), records)
+    assert out.shape[:-1] == out_label.shape[:-1]
+    assert out.dtype == np.float32 and abs(float(out.mean())) < 1e-4
+    assert Preprocessor.from_dict(json.loads(json.dumps(pre.to_dict()))) == pre
+
+
+def _history(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _train_command(config_path, output, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "medseg_cli",
+        "train",
+        "--config",
+        str(config_path),
+        "--data",
+        str(SAMPLE),
+        "--output",
+        str(output),
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_train_on_the_sample_writes_a_bundle_that_predicts(tmp_path):
+    from medseg import bundle
+    from medseg.models import load_model
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_TRAIN.format(epochs=2, steps=2))
+    run = tmp_path / "run"
+    result = subprocess.run(_train_command(config, run), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "plan: spacing 1 x 1 x 1 mm" in result.stderr
+    rows = _history(run / "history.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"loss", "dice_1", "dice_2", "val_dice_1", "val_dice_mean", "lr"} <= set(
+        rows[0]
+    )
+    assert (run / "progress.png").stat().st_size > 0
+    metadata = bundle.verify(run)
+    assert metadata["labels"] == {
+        "0": {"value": 0, "name": "background"},
+        "1": {"value": 1, "name": "Anterior"},
+        "2": {"value": 2, "name": "Posterior"},
+    }
+    assert metadata["patch_size"] == [16, 16, 16] and metadata["in_channels"] == 1
+    assert metadata["preprocessing"]["normalizers"] == [
+        {"scheme": "zscore", "nonzero_mask": False}
+    ]
+    assert len(metadata["split"]["validation"]) == 3  # 12 cases, 4 folds
+    assert metadata["fingerprint"]["num_cases"] == 12
+    assert set(metadata["versions"]) == {"medseg", "keras", "tensorflow", "python"}
+    model = load_model(run)
+    x = np.zeros((1, 32, 32, 32, 1), np.float32)
+    assert model(x).shape == (1, 32, 32, 32, 3)
+    again = subprocess.run(_train_command(config, run), capture_output=True, text=True)
+    assert again.returncode == 2
+    assert "holds a training run already; pass --resume" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_with_exactly_the_requested_epochs(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_TRAIN.format(epochs=3, steps=6))
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        _train_command(config, run),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    state = run / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["epoch"] >= 1:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "training ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(state.read_text())["epoch"]
+    assert killed_at in (1, 2)
+    resumed = subprocess.run(
+        _train_command(config, run, "--resume"), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming after epoch {killed_at}" in resumed.stderr
+    assert [r["epoch"] for r in _history(run / "history.csv")] == ["1", "2", "3"]
+    assert json.loads(state.read_text())["epoch"] == 3
+    assert not (run / ".checkpoint.partial").exists()
