@@ -251,6 +251,8 @@ class DataConfig:
         nonfinite: ``error`` refuses scans with NaN/Inf, ``replace`` fills them.
         cache_dir: keep preprocessed cases on disk here (default: in memory).
         foreground_oversample: fraction of patches centred on a foreground voxel.
+        labels: label values and names (``{0: membrane, 255: cell}``) when the dataset
+            declares none, or to override what it declares.
     """
 
     dataset: str | None = None
@@ -261,8 +263,20 @@ class DataConfig:
     nonfinite: str = "error"
     cache_dir: str | None = None
     foreground_oversample: float = 0.33
+    labels: dict[int, str] | None = None
 
     def __post_init__(self):
+        if self.labels is not None:
+            try:
+                labels = {int(k): str(v) for k, v in dict(self.labels).items()}
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"data.labels must map integer label values to names, got "
+                    f"{self.labels!r}"
+                ) from None
+            if len(labels) < 2:
+                raise ValueError(f"data.labels needs at least 2 labels, got {labels!r}")
+            object.__setattr__(self, "labels", labels)
         if self.task != "segmentation":
             raise ValueError(
                 f"data.task {self.task!r}: only 'segmentation' training is available"

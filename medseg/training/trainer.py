@@ -415,6 +415,8 @@ def train(
     if not config.data.dataset:
         raise ValueError("no dataset: give data.dataset in the config or --data")
     dataset = load_dataset(config.data.dataset)
+    if config.data.labels is not None:
+        dataset = replace(dataset, labels=config.data.labels)
     report = check_dataset(dataset)
     if not report.ok:
         first = report.problems[0]
