@@ -190,8 +190,19 @@ class PatchSampler:
             epoch += 1
 
 
-def make_dataset(sampler: PatchSampler, augmenter, batch_size: int, first_epoch: int):
-    """The infinite ``tf.data`` stream of augmented batches ``(images, labels)``."""
+def make_dataset(
+    sampler: PatchSampler,
+    augmenter,
+    batch_size: int,
+    first_epoch: int,
+    shard: bool = True,
+):
+    """The infinite ``tf.data`` stream of augmented batches ``(images, labels)``.
+
+    ``batch_size`` is the global batch. With ``shard=False`` (multi-worker training,
+    where each worker samples its own patches) tf.distribute does not split the stream
+    by worker.
+    """
     import tensorflow as tf
 
     channels = sampler.cases[0].image.shape[-1]
@@ -209,4 +220,11 @@ def make_dataset(sampler: PatchSampler, augmenter, batch_size: int, first_epoch:
         )
     else:
         dataset = dataset.map(lambda image, label, seed: (image, label))
-    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    if not shard:
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.OFF
+        )
+        dataset = dataset.with_options(options)
+    return dataset

@@ -103,6 +103,8 @@ def _precision(config: Config) -> str:
 
 
 def _strategy():
+    """MultiWorkerMirrored when ``TF_CONFIG`` describes a cluster, Mirrored over
+    several local GPUs, else the default. Created before any other TensorFlow op."""
     import os
 
     import tensorflow as tf
@@ -112,6 +114,19 @@ def _strategy():
     if len(tf.config.list_physical_devices("GPU")) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def _worker(strategy) -> tuple[int, int]:
+    """``(index, count)`` of this worker; (0, 1) outside multi-worker training."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return 0, 1
+    spec = resolver.cluster_spec().as_dict()
+    workers = len(spec.get("worker", [])) + len(spec.get("chief", []))
+    index = resolver.task_id + (
+        1 if resolver.task_type == "worker" and "chief" in spec else 0
+    )
+    return index, workers
 
 
 class _Run:
@@ -361,6 +376,68 @@ def _optimizer(config: Config, total_steps: int):
     return keras.optimizers.Adam(rate, weight_decay=train.weight_decay or None)
 
 
+def _fit_multi_worker(
+    model,
+    metrics,
+    stream,
+    strategy,
+    run: _Run,
+    start_epoch: int,
+    *,
+    global_batch: int,
+    verbose: int,
+) -> None:
+    """The training loop for several workers, written out with ``strategy.run``.
+
+    Keras 3's ``fit`` fails under ``MultiWorkerMirroredStrategy`` (it tries to reduce
+    the per-replica input batch; keras-team/keras#20585), so the step is spelled out:
+    per-sample losses averaged over the global batch, gradients all-reduced by the
+    optimizer, the same end-of-epoch work as ``fit``'s callback.
+    """
+    import tensorflow as tf
+
+    loss_fn = model.loss
+    optimizer = model.optimizer
+    iterator = iter(strategy.experimental_distribute_dataset(stream))
+
+    @tf.function
+    def train_step():
+        def step(images, labels):
+            with tf.GradientTape() as tape:
+                logits = model(images, training=True)
+                loss = tf.nn.compute_average_loss(
+                    loss_fn.call(labels, logits), global_batch_size=global_batch
+                )
+                scaled = optimizer.scale_loss(loss)
+            grads = tape.gradient(scaled, model.trainable_variables)
+            optimizer.apply_gradients(
+                zip(grads, model.trainable_variables, strict=True)
+            )
+            for metric in metrics:
+                metric.update_state(labels, logits)
+            return loss
+
+        per_replica = strategy.run(step, args=next(iterator))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    callback = _EpochEnd(run)
+    callback.set_model(model)
+    steps = run.config.train.steps_per_epoch
+    for epoch in range(start_epoch, run.total_epochs):
+        callback.on_epoch_begin(epoch)
+        for metric in metrics:
+            metric.reset_state()
+        bar = keras.utils.Progbar(steps, verbose=verbose)
+        total = 0.0
+        for index in range(steps):
+            loss = float(train_step())
+            total += loss
+            bar.update(index + 1, [("loss", loss)])
+        logs = {"loss": total / steps}
+        logs.update({m.name: float(m.result()) for m in metrics})
+        callback.on_epoch_end(epoch, logs)
+
+
 def _has_tensorboard() -> bool:
     import importlib.util
 
@@ -409,7 +486,15 @@ def train(
     """
     from medseg.checks import check_dataset
 
+    strategy = _strategy()
+    worker, workers = _worker(strategy)
+    if workers > 1:
+        logger.info(
+            "MultiWorkerMirroredStrategy: worker %d of %d workers", worker, workers
+        )
     folder = Path(folder)
+    if worker:  # only the chief writes the run; the others keep their own scratch copy
+        folder = folder / f".worker-{worker}"
     folder.mkdir(parents=True, exist_ok=True)
     config = prepare_run(folder, config, resume=resume)
     if not config.data.dataset:
@@ -478,7 +563,6 @@ def train(
             "validation": val_ids,
         },
     }
-    strategy = _strategy()
     total_steps = config.train.epochs * config.train.steps_per_epoch
     with strategy.scope():
         from medseg.models import build_model
@@ -489,10 +573,11 @@ def train(
         else:
             kwargs["patch_size"] = plan.patch_size
         model = build_model(config.model.name, **kwargs)
+        metrics = [ArgmaxDice(k) for k in range(1, len(values))]
         model.compile(
             optimizer=_optimizer(config, total_steps),
             loss=LOSSES[config.train.loss](),
-            metrics=[ArgmaxDice(k) for k in range(1, len(values))],
+            metrics=metrics,
         )
     start_epoch, best = 0, None
     if resume:
@@ -528,6 +613,18 @@ def train(
         config.train.epochs,
         best,
     )
+    if workers > 1:
+        _fit_multi_worker(
+            model,
+            metrics,
+            stream,
+            strategy,
+            run,
+            start_epoch,
+            global_batch=plan.batch_size * workers,
+            verbose=verbose,
+        )
+        return folder
     callbacks = [_EpochEnd(run)]
     if _has_tensorboard():
         callbacks.append(
