@@ -54,26 +54,48 @@ def main() -> None:
     dataset = load_dataset(args.data)
     fingerprint = check_dataset(dataset).fingerprint
     values = training_data.class_values(dataset)
-    preprocessor = Preprocessor((ZScoreNormalization(),),
-                                tuple(fingerprint["spacing_mm"]["median"]))
-    cases = [training_data.prepare_case(c, preprocessor, values, None)
-             for c in dataset.cases]
-    sampler = training_data.PatchSampler(cases, patch, foreground_oversample=0.33, seed=0,
-                                         samples_per_epoch=10**9)
+    preprocessor = Preprocessor(
+        (ZScoreNormalization(),), tuple(fingerprint["spacing_mm"]["median"])
+    )
+    cases = [
+        training_data.prepare_case(c, preprocessor, values, None) for c in dataset.cases
+    ]
+    sampler = training_data.PatchSampler(
+        cases, patch, foreground_oversample=0.33, seed=0, samples_per_epoch=10**9
+    )
     # every transform on, so the pipeline does its most work
-    augment = AugmentConfig(mirror_axes=(0, 2), p_rotate=1.0, p_scale=1.0, p_gamma=1.0,
-                            p_brightness=1.0, p_contrast=1.0, p_noise=1.0, p_blur=1.0)
+    augment = AugmentConfig(
+        mirror_axes=(0, 2),
+        p_rotate=1.0,
+        p_scale=1.0,
+        p_gamma=1.0,
+        p_brightness=1.0,
+        p_contrast=1.0,
+        p_noise=1.0,
+        p_blur=1.0,
+    )
     stream = training_data.make_dataset(sampler, Augmenter(augment, 3), args.batch, 0)
     stored = list(stream.take(args.steps + 5))
     images = tf.concat([b[0] for b in stored], 0)
     labels = tf.concat([b[1] for b in stored], 0)
-    memory = (tf.data.Dataset.from_tensor_slices((images, labels)).batch(args.batch)
-              .repeat().prefetch(tf.data.AUTOTUNE))
+    memory = (
+        tf.data.Dataset.from_tensor_slices((images, labels))
+        .batch(args.batch)
+        .repeat()
+        .prefetch(tf.data.AUTOTUNE)
+    )
 
-    model = build_unet(spatial_dims=3, in_channels=1, num_classes=len(values),
-                       filters=(32, 64, 128, 256), activation="leaky_relu")
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.99, nesterov=True),
-                  loss=DiceCELoss())
+    model = build_unet(
+        spatial_dims=3,
+        in_channels=1,
+        num_classes=len(values),
+        filters=(32, 64, 128, 256),
+        activation="leaky_relu",
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.99, nesterov=True),
+        loss=DiceCELoss(),
+    )
     model.fit(memory, epochs=1, steps_per_epoch=5, verbose=0)  # build and trace
 
     def rate(source) -> float:
@@ -88,13 +110,17 @@ def main() -> None:
     pipeline = statistics.median(results["pipeline"])
     in_memory = statistics.median(results["memory"])
     record = {
-        "command": "python experiments/bench_pipeline.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items() if k != "output"),
+        "command": "python experiments/bench_pipeline.py "
+        + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "output"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "patch": list(patch), "batch": args.batch, "steps": args.steps,
+        "patch": list(patch),
+        "batch": args.batch,
+        "steps": args.steps,
         "steps_per_s": {k: [round(v, 4) for v in vs] for k, vs in results.items()},
-        "median_steps_per_s": {"pipeline": round(pipeline, 4),
-                               "memory": round(in_memory, 4)},
+        "median_steps_per_s": {
+            "pipeline": round(pipeline, 4),
+            "memory": round(in_memory, 4),
+        },
         "ratio_pipeline_over_memory": round(pipeline / in_memory, 3),
     }
     print(f"{'feed':<10}{'median steps/s':>16}{'runs':>30}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -442,13 +441,3 @@ def _validated_split(path, split, images, labels, spatial_dims):
     if images.ndim == dims + 1:
         images = images[..., None]
     return images, labels.astype(np.int64)
-
-
-def iter_files(cases: Iterable[Case]) -> Iterable[tuple[str, Path, str]]:
-    """Yields ``(case_id, path, role)`` for every file of the cases (role
-    image/label)."""
-    for case in cases:
-        for image in case.images:
-            yield case.case_id, image, "image"
-        if case.label is not None:
-            yield case.case_id, case.label, "label"

@@ -19,6 +19,8 @@ MIN_BATCH = 2
 MAX_BATCH_FRACTION = 0.05
 #: Memory budget on a CPU (the machine's RAM is shared with everything else).
 CPU_MEMORY_GB = 4.0
+#: Budget assumed for a GPU whose memory cannot be read.
+GPU_FALLBACK_GB = 8.0
 
 
 @dataclass(frozen=True)
@@ -54,17 +56,25 @@ class Plan:
 
 
 def default_memory_gb() -> float:
-    """The first GPU's memory in GB, or :data:`CPU_MEMORY_GB` without one."""
+    """The first GPU's total memory in GB (from ``nvidia-smi``), or
+    :data:`CPU_MEMORY_GB` without a GPU; 8 GB if a GPU's size cannot be read."""
+    import subprocess
+
     import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
+    if not tf.config.list_physical_devices("GPU"):
         return CPU_MEMORY_GB
     try:
-        details = tf.config.experimental.get_memory_info("GPU:0")
-        return details.get("limit", 0) / 1e9 or CPU_MEMORY_GB
-    except (ValueError, RuntimeError):
-        return 8.0
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        return float(out.split()[0]) / 1024  # MiB -> GiB, close enough to GB here
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return GPU_FALLBACK_GB
 
 
 def _round_up(n: float, multiple: int) -> int:
