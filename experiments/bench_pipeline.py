@@ -112,7 +112,7 @@ def main() -> None:
     record = {
         "command": "python experiments/bench_pipeline.py "
         + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "output"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "patch": list(patch),
         "batch": args.batch,
         "steps": args.steps,
