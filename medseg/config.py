@@ -243,7 +243,8 @@ class DataConfig:
 
     Attributes:
         dataset: dataset folder (``medseg train --data`` overrides it).
-        task: ``segmentation`` (classification and reconstruction come later).
+        task: ``segmentation``, or ``reconstruction`` (autoencoder pretraining on the
+            images; labels are not needed). Classification training comes later.
         target_spacing_mm: voxel size to resample to; ``None``: the dataset median.
         normalization: one scheme per channel (``{scheme: zscore}``, ...); ``None``:
             z-score per case for every channel.
@@ -277,9 +278,10 @@ class DataConfig:
             if len(labels) < 2:
                 raise ValueError(f"data.labels needs at least 2 labels, got {labels!r}")
             object.__setattr__(self, "labels", labels)
-        if self.task != "segmentation":
+        if self.task not in ("segmentation", "reconstruction"):
             raise ValueError(
-                f"data.task {self.task!r}: only 'segmentation' training is available"
+                f"data.task {self.task!r}: training is available for 'segmentation' "
+                "and 'reconstruction'"
             )
         if not 0.0 <= self.foreground_oversample <= 1.0:
             raise ValueError(

@@ -303,3 +303,29 @@ def test_two_workers_train_one_epoch_on_loopback(tmp_path):
     assert bundle.verify(run)["split"]["train"]
     # the second worker wrote only into its own scratch folder
     assert (run / ".worker-1" / "history.csv").is_file()
+
+
+@pytest.mark.slow
+def test_reconstruction_training_writes_an_autoencoder_bundle(tmp_path):
+    from medseg import bundle
+    from medseg.models import build_unet, load_model, transfer_encoder_weights
+
+    config = tmp_path / "ae.yaml"
+    config.write_text(
+        "model: {name: autoencoder, spatial_dims: 3, filters: [4, 8], "
+        "patch_size: [16, 16, 16], denoising: true}\n"
+        "data: {task: reconstruction}\n"
+        "train: {epochs: 1, steps_per_epoch: 2, batch_size: 2, optimizer: adam, "
+        "learning_rate: 0.001, folds: 4, augment: {mirror_axes: [0, 2]}}\n"
+    )
+    run = tmp_path / "ae"
+    result = subprocess.run(_train_command(config, run), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _history(run / "history.csv")
+    assert [r["epoch"] for r in rows] == ["1"] and float(rows[0]["val_mse"]) > 0
+    metadata = bundle.verify(run)
+    assert metadata["task"] == "reconstruction" and metadata["labels"] is None
+    autoencoder = load_model(run)
+    unet = build_unet(spatial_dims=3, in_channels=1, num_classes=2, filters=(4, 8))
+    report = transfer_encoder_weights(autoencoder, unet)
+    assert report["skipped"] == {} and "enc0_conv1" in report["matched"]

@@ -78,16 +78,20 @@ def _to_classes(label: np.ndarray, values: list[int], path) -> np.ndarray:
 
 def _cache_key(preprocessor: Preprocessor, case: Case, values: list[int]) -> str:
     parts = {"pre": preprocessor.to_dict(), "values": values, "files": []}
-    for path in (*case.images, case.label):
+    for path in (*case.images, *([case.label] if case.label and values else [])):
         stat = Path(path).stat()
         parts["files"].append([str(path), stat.st_size, stat.st_mtime_ns])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def prepare_case(
-    case: Case, preprocessor: Preprocessor, values: list[int], cache_dir: Path | None
+    case: Case,
+    preprocessor: Preprocessor,
+    values: list[int] | None,
+    cache_dir: Path | None,
 ) -> PreparedCase:
-    """Reads, preprocesses and indexes one case (from the cache when it is there)."""
+    """Reads, preprocesses and indexes one case (from the cache when it is there).
+    With ``values=None`` (reconstruction) the label is not read and is all zeros."""
     cached = None
     if cache_dir is not None:
         cached = (
@@ -104,8 +108,11 @@ def prepare_case(
             np.concatenate([np.asarray(v.array) for v in volumes], axis=-1)
         )
     image, records = preprocessor.image(image_volume)
-    label = preprocessor.label(read_volume(case.label), records)
-    label = _to_classes(label, values, case.label)
+    if values is None or case.label is None:  # reconstruction: images only
+        label = np.zeros((*image.shape[:-1], 1), np.uint8)
+    else:
+        label = preprocessor.label(read_volume(case.label), records)
+        label = _to_classes(label, values, case.label)
     if cached is not None:
         from medseg.io import atomic_output
 
@@ -196,12 +203,14 @@ def make_dataset(
     batch_size: int,
     first_epoch: int,
     shard: bool = True,
+    target: str = "label",
 ):
     """The infinite ``tf.data`` stream of augmented batches ``(images, labels)``.
 
     ``batch_size`` is the global batch. With ``shard=False`` (multi-worker training,
     where each worker samples its own patches) tf.distribute does not split the stream
-    by worker.
+    by worker. ``target="image"`` pairs each augmented image with itself
+    (reconstruction) instead of with its label.
     """
     import tensorflow as tf
 
@@ -220,6 +229,8 @@ def make_dataset(
         )
     else:
         dataset = dataset.map(lambda image, label, seed: (image, label))
+    if target == "image":
+        dataset = dataset.map(lambda image, label: (image, image))
     dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     if not shard:
         options = tf.data.Options()

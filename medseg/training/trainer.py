@@ -151,10 +151,26 @@ class _Run:
         self.metadata = metadata
         self.total_epochs = total_epochs
         self.best = best
+        self.task = config.data.task
+
+    @property
+    def score_key(self) -> str:
+        """The validation number that picks the best model."""
+        return "val_dice_mean" if self.task == "segmentation" else "val_mse"
+
+    def improves(self, score) -> bool:
+        if score is None or math.isnan(score):
+            return False
+        if self.best is None:
+            return True
+        return score > self.best if self.task == "segmentation" else score < self.best
 
 
 def _validate(model, run: _Run) -> dict[str, float]:
-    """Dice per foreground class over the held-out cases, on whole cases."""
+    """Segmentation: Dice per foreground class over the held-out cases, on whole cases.
+    Reconstruction: mean squared error of the whole reconstructed cases."""
+    if run.task == "reconstruction":
+        return _validate_reconstruction(model, run)
     num_classes = run.plan.num_classes
     tp = np.zeros(num_classes)
     fp = np.zeros(num_classes)
@@ -195,6 +211,36 @@ def _validate(model, run: _Run) -> dict[str, float]:
     return dice
 
 
+def _predictor(model):
+    """A NumPy-in, NumPy-out forward pass, traced once per batch shape."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def forward(batch):
+        return model(batch, training=False)
+
+    def predict(batch):
+        return keras.ops.convert_to_numpy(forward(batch)).astype(np.float32)
+
+    return predict
+
+
+def _validate_reconstruction(model, run: _Run) -> dict[str, float]:
+    predict = _predictor(model)
+    squared, count = 0.0, 0
+    for case in run.val_cases:
+        output = sliding_window_predict(
+            case.image,
+            predict,
+            patch_size=run.plan.patch_size,
+            overlap=run.config.train.val_overlap,
+            batch_size=VALIDATION_BATCH,
+        )
+        squared += float(np.sum((output - case.image) ** 2))
+        count += case.image.size
+    return {"val_mse": squared / count}
+
+
 class _EpochEnd(keras.callbacks.Callback):
     """Validation, history.csv, progress.png, bundle of the best model, checkpoint."""
 
@@ -226,13 +272,8 @@ class _EpochEnd(keras.callbacks.Callback):
         logs["seconds"] = round(time.time() - self.started, 3)
         _append_history(run.folder / "history.csv", number, logs)
         _plot_progress(run.folder)
-        score = logs.get("val_dice_mean")
-        improved = (
-            validated
-            and score is not None
-            and not math.isnan(score)
-            and (run.best is None or score > run.best)
-        )
+        score = logs.get(run.score_key)
+        improved = bool(validated) and run.improves(score)
         if improved or not run.val_cases:
             if improved:
                 run.best = score
@@ -466,10 +507,91 @@ def prepare_run(folder: Path, config: Config, *, resume: bool) -> Config:
     return config
 
 
+def _checked_dataset(config: Config):
+    """The dataset, its labels overridden by the config, checked like ``data check``."""
+    from medseg.checks import check_dataset
+
+    if not config.data.dataset:
+        raise ValueError("no dataset: give data.dataset in the config or --data")
+    dataset = load_dataset(config.data.dataset)
+    if config.data.labels is not None:
+        dataset = replace(dataset, labels=config.data.labels)
+    report = check_dataset(dataset)
+    if not report.ok:
+        first = report.problems[0]
+        raise InputFileError(
+            first.path or dataset.root,
+            f"case {first.case_id}: {first.problem} "
+            f"({len(report.problems)} problem(s); run 'medseg data check')",
+        )
+    return dataset, report.fingerprint
+
+
+def _metadata(config, dataset, values, plan, preprocessor, fingerprint, split) -> dict:
+    """What the bundle records besides the model."""
+    labels = None
+    if values is not None:
+        labels = {
+            str(k): {"value": v, "name": dataset.labels[v]}
+            for k, v in enumerate(values)
+        }
+    return {
+        "task": config.data.task,
+        "labels": labels,
+        "in_channels": config.model.in_channels,
+        "channel_names": list(dataset.channel_names or ()),
+        "spatial_dims": config.model.spatial_dims,
+        "patch_size": list(plan.patch_size),
+        "preprocessing": preprocessor.to_dict(),
+        "plan": plan.to_dict(),
+        "fingerprint": fingerprint,
+        "config": config.to_dict(),
+        "split": {
+            "fold": config.train.fold,
+            "folds": config.train.folds,
+            "train": split[0],
+            "validation": split[1],
+        },
+    }
+
+
+def _compiled_model(config: Config, plan: Plan):
+    """Builds and compiles the network (inside the strategy's scope)."""
+    from medseg.models import build_model
+
+    kwargs = config.model.builder_kwargs()
+    same = config.model.options.get("padding", "same") == "same"
+    kwargs["patch_size"] = None if same else plan.patch_size
+    model = build_model(config.model.name, **kwargs)
+    total_steps = config.train.epochs * config.train.steps_per_epoch
+    if config.data.task == "reconstruction":
+        loss, metrics = keras.losses.MeanSquaredError(), []
+    else:
+        loss = LOSSES[config.train.loss]()
+        metrics = [ArgmaxDice(k) for k in range(1, config.model.num_classes)]
+    model.compile(optimizer=_optimizer(config, total_steps), loss=loss, metrics=metrics)
+    return model, metrics
+
+
+def _resume(folder: Path, model) -> tuple[int, float | None]:
+    """Restores the checkpoint and trims history.csv to the epochs it covers."""
+    start_epoch, best = _restore_checkpoint(folder, model)
+    rows = [
+        r
+        for r in _read_history(folder / "history.csv")
+        if int(r["epoch"]) <= start_epoch
+    ]
+    if rows:
+        _write_history(folder / "history.csv", list(rows[0]), rows)
+    logger.info("resuming after epoch %d", start_epoch)
+    return start_epoch, best
+
+
 def train(
     config: Config, folder: str | Path, *, resume: bool = False, verbose: int = 1
 ) -> Path:
-    """Trains a segmentation model and leaves a bundle in ``folder``.
+    """Trains a segmentation model (or, with ``data.task: reconstruction``, an
+    autoencoder) and leaves a bundle in ``folder``.
 
     Args:
         config: the run's config (``data.dataset`` must name the dataset).
@@ -484,9 +606,7 @@ def train(
     Raises:
         InputFileError: bad dataset, broken cases, or a run folder in the wrong state.
     """
-    from medseg.checks import check_dataset
-
-    strategy = _strategy()
+    strategy = _strategy()  # before any other TensorFlow op
     worker, workers = _worker(strategy)
     if workers > 1:
         logger.info(
@@ -497,24 +617,16 @@ def train(
         folder = folder / f".worker-{worker}"
     folder.mkdir(parents=True, exist_ok=True)
     config = prepare_run(folder, config, resume=resume)
-    if not config.data.dataset:
-        raise ValueError("no dataset: give data.dataset in the config or --data")
-    dataset = load_dataset(config.data.dataset)
-    if config.data.labels is not None:
-        dataset = replace(dataset, labels=config.data.labels)
-    report = check_dataset(dataset)
-    if not report.ok:
-        first = report.problems[0]
-        raise InputFileError(
-            first.path or dataset.root,
-            f"case {first.case_id}: {first.problem} "
-            f"({len(report.problems)} problem(s); run 'medseg data check')",
-        )
-    fingerprint = report.fingerprint
-    values = training_data.class_values(dataset)
+    dataset, fingerprint = _checked_dataset(config)
+    segmentation = config.data.task == "segmentation"
+    values = training_data.class_values(dataset) if segmentation else None
     channels = int(next(iter(fingerprint["num_channels"])))
     config = config.replace(
-        model=replace(config.model, num_classes=len(values), in_channels=channels)
+        model=replace(
+            config.model,
+            num_classes=len(values) if segmentation else None,
+            in_channels=channels,
+        )
     )
     if config.model.options.get("deep_supervision"):
         raise ValueError("training with deep_supervision is not available yet")
@@ -533,83 +645,42 @@ def train(
         atomic_write_text(
             folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
         )
-    train_ids, val_ids = training_data.kfold_split(
+    split = training_data.kfold_split(
         [c.case_id for c in dataset.cases], config.train.folds, config.train.fold
     )
     cache = Path(config.data.cache_dir) if config.data.cache_dir else None
     by_id = {c.case_id: c for c in dataset.cases}
     prepared = {
         i: training_data.prepare_case(by_id[i], preprocessor, values, cache)
-        for i in train_ids + val_ids
+        for i in split[0] + split[1]
     }
-    metadata = {
-        "task": "segmentation",
-        "labels": {
-            str(k): {"value": v, "name": dataset.labels[v]}
-            for k, v in enumerate(values)
-        },
-        "in_channels": channels,
-        "channel_names": list(dataset.channel_names or ()),
-        "spatial_dims": config.model.spatial_dims,
-        "patch_size": list(plan.patch_size),
-        "preprocessing": preprocessor.to_dict(),
-        "plan": plan.to_dict(),
-        "fingerprint": fingerprint,
-        "config": config.to_dict(),
-        "split": {
-            "fold": config.train.fold,
-            "folds": config.train.folds,
-            "train": train_ids,
-            "validation": val_ids,
-        },
-    }
-    total_steps = config.train.epochs * config.train.steps_per_epoch
     with strategy.scope():
-        from medseg.models import build_model
-
-        kwargs = config.model.builder_kwargs()
-        if config.model.options.get("padding", "same") == "same":
-            kwargs["patch_size"] = None
-        else:
-            kwargs["patch_size"] = plan.patch_size
-        model = build_model(config.model.name, **kwargs)
-        metrics = [ArgmaxDice(k) for k in range(1, len(values))]
-        model.compile(
-            optimizer=_optimizer(config, total_steps),
-            loss=LOSSES[config.train.loss](),
-            metrics=metrics,
-        )
-    start_epoch, best = 0, None
-    if resume:
-        start_epoch, best = _restore_checkpoint(folder, model)
-        rows = [
-            r
-            for r in _read_history(folder / "history.csv")
-            if int(r["epoch"]) <= start_epoch
-        ]
-        if rows:
-            _write_history(folder / "history.csv", list(rows[0]), rows)
-        logger.info("resuming after epoch %d", start_epoch)
+        model, metrics = _compiled_model(config, plan)
+    start_epoch, best = _resume(folder, model) if resume else (0, None)
     if start_epoch >= config.train.epochs:
         return folder
     sampler = training_data.PatchSampler(
-        [prepared[i] for i in train_ids],
+        [prepared[i] for i in split[0]],
         plan.patch_size,
         foreground_oversample=config.data.foreground_oversample,
-        seed=config.train.seed,
-        samples_per_epoch=config.train.steps_per_epoch * plan.batch_size,
+        seed=config.train.seed + 1000 * worker,  # each worker draws its own patches
+        samples_per_epoch=config.train.steps_per_epoch * plan.batch_size * workers,
     )
-    augmenter = Augmenter(config.train.augment, config.model.spatial_dims)
     stream = training_data.make_dataset(
-        sampler, augmenter, plan.batch_size, start_epoch
+        sampler,
+        Augmenter(config.train.augment, config.model.spatial_dims),
+        plan.batch_size * workers,
+        start_epoch,
+        shard=workers == 1,
+        target="image" if not segmentation else "label",
     )
     run = _Run(
         folder,
         config,
         plan,
         preprocessor,
-        [prepared[i] for i in val_ids],
-        metadata,
+        [prepared[i] for i in split[1]],
+        _metadata(config, dataset, values, plan, preprocessor, fingerprint, split),
         config.train.epochs,
         best,
     )
@@ -642,6 +713,6 @@ def train(
         steps_per_epoch=config.train.steps_per_epoch,
         callbacks=callbacks,
         verbose=verbose,
-        shuffle=False,  # the stream is already random
-    )
+        shuffle=False,
+    )  # the stream is already random
     return folder
