@@ -243,8 +243,9 @@ class DataConfig:
 
     Attributes:
         dataset: dataset folder (``medseg train --data`` overrides it).
-        task: ``segmentation``, or ``reconstruction`` (autoencoder pretraining on the
-            images; labels are not needed). Classification training comes later.
+        task: ``segmentation``; ``reconstruction`` (autoencoder pretraining on the
+            images, labels not needed); ``classification`` (a MedMNIST-style
+            ``.npz``: trained on ``train_*``, validated on ``val_*``).
         target_spacing_mm: voxel size to resample to; ``None``: the dataset median.
         normalization: one scheme per channel (``{scheme: zscore}``, ...); ``None``:
             z-score per case for every channel.
@@ -278,11 +279,8 @@ class DataConfig:
             if len(labels) < 2:
                 raise ValueError(f"data.labels needs at least 2 labels, got {labels!r}")
             object.__setattr__(self, "labels", labels)
-        if self.task not in ("segmentation", "reconstruction"):
-            raise ValueError(
-                f"data.task {self.task!r}: training is available for 'segmentation' "
-                "and 'reconstruction'"
-            )
+        if self.task not in TASKS:
+            raise ValueError(f"data.task must be one of {TASKS}, got {self.task!r}")
         if not 0.0 <= self.foreground_oversample <= 1.0:
             raise ValueError(
                 f"data.foreground_oversample must be in [0, 1], got "

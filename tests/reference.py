@@ -310,3 +310,11 @@ def affine_coords(shape, matrix: np.ndarray) -> np.ndarray:
     centre = (np.array(shape) - 1) / 2
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
     return (grid - centre) @ np.asarray(matrix).T + centre
+
+
+def pairwise_auc(scores, positive) -> float:
+    """AUC as the fraction of (positive, negative) pairs ranked right, ties as 1/2."""
+    pos = [s for s, p in zip(scores, positive, strict=True) if p]
+    neg = [s for s, p in zip(scores, positive, strict=True) if not p]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))

@@ -156,14 +156,18 @@ class _Run:
     @property
     def score_key(self) -> str:
         """The validation number that picks the best model."""
-        return "val_dice_mean" if self.task == "segmentation" else "val_mse"
+        return {"segmentation": "val_dice_mean", "classification": "val_auc"}.get(
+            self.task, "val_mse"
+        )
 
     def improves(self, score) -> bool:
         if score is None or math.isnan(score):
             return False
         if self.best is None:
             return True
-        return score > self.best if self.task == "segmentation" else score < self.best
+        if self.task == "reconstruction":
+            return score < self.best
+        return score > self.best
 
 
 def _validate(model, run: _Run) -> dict[str, float]:
@@ -171,6 +175,8 @@ def _validate(model, run: _Run) -> dict[str, float]:
     Reconstruction: mean squared error of the whole reconstructed cases."""
     if run.task == "reconstruction":
         return _validate_reconstruction(model, run)
+    if run.task == "classification":
+        return _validate_classification(model, run)
     num_classes = run.plan.num_classes
     tp = np.zeros(num_classes)
     fp = np.zeros(num_classes)
@@ -239,6 +245,20 @@ def _validate_reconstruction(model, run: _Run) -> dict[str, float]:
         squared += float(np.sum((output - case.image) ** 2))
         count += case.image.size
     return {"val_mse": squared / count}
+
+
+def _validate_classification(model, run: _Run) -> dict[str, float]:
+    from medseg.training.classification import classification_scores
+
+    images, labels = run.val_cases
+    predict = _predictor(model)
+    logits = np.concatenate(
+        [predict(images[i : i + 64]) for i in range(0, len(images), 64)]
+    )
+    probabilities = np.asarray(keras.ops.softmax(logits, axis=-1))
+    return {
+        f"val_{k}": v for k, v in classification_scores(probabilities, labels).items()
+    }
 
 
 class _EpochEnd(keras.callbacks.Callback):
@@ -340,7 +360,8 @@ def _plot_progress(folder: Path) -> None:
     left.plot(epochs, [float(r["loss"]) for r in rows], label="training loss")
     left.set_xlabel("epoch")
     left.legend()
-    for key in sorted(k for k in rows[0] if "dice" in k):
+    scored = ("dice", "accuracy", "auc", "mse")
+    for key in sorted(k for k in rows[0] if any(word in k for word in scored)):
         points = [
             (e, float(r[key]))
             for e, r in zip(epochs, rows, strict=True)
@@ -349,8 +370,9 @@ def _plot_progress(folder: Path) -> None:
         if points:
             right.plot(*zip(*points, strict=True), marker=".", label=key)
     right.set_xlabel("epoch")
-    right.set_ylabel("Dice")
-    right.legend(fontsize="small")
+    right.set_ylabel("metric")
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize="small")
     figure.tight_layout()
     with atomic_output(folder / "progress.png") as tmp:
         figure.savefig(tmp, dpi=80)
@@ -566,6 +588,9 @@ def _compiled_model(config: Config, plan: Plan):
     total_steps = config.train.epochs * config.train.steps_per_epoch
     if config.data.task == "reconstruction":
         loss, metrics = keras.losses.MeanSquaredError(), []
+    elif config.data.task == "classification":
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     else:
         loss = LOSSES[config.train.loss]()
         metrics = [ArgmaxDice(k) for k in range(1, config.model.num_classes)]
@@ -617,6 +642,10 @@ def train(
         folder = folder / f".worker-{worker}"
     folder.mkdir(parents=True, exist_ok=True)
     config = prepare_run(folder, config, resume=resume)
+    if config.data.task == "classification":
+        return _train_classification(
+            config, folder, strategy, worker, workers, resume=resume, verbose=verbose
+        )
     dataset, fingerprint = _checked_dataset(config)
     segmentation = config.data.task == "segmentation"
     values = training_data.class_values(dataset) if segmentation else None
@@ -684,6 +713,33 @@ def train(
         config.train.epochs,
         best,
     )
+    _fit(
+        model,
+        metrics,
+        stream,
+        strategy,
+        run,
+        start_epoch,
+        global_batch=plan.batch_size * workers,
+        workers=workers,
+        verbose=verbose,
+    )
+    return folder
+
+
+def _fit(
+    model,
+    metrics,
+    stream,
+    strategy,
+    run: _Run,
+    start_epoch: int,
+    *,
+    global_batch: int,
+    workers: int,
+    verbose: int,
+) -> None:
+    """Keras ``fit`` on one machine; the explicit loop across several workers."""
     if workers > 1:
         _fit_multi_worker(
             model,
@@ -692,14 +748,14 @@ def train(
             strategy,
             run,
             start_epoch,
-            global_batch=plan.batch_size * workers,
+            global_batch=global_batch,
             verbose=verbose,
         )
-        return folder
+        return
     callbacks = [_EpochEnd(run)]
     if _has_tensorboard():
         callbacks.append(
-            keras.callbacks.TensorBoard(folder / "tensorboard", write_graph=False)
+            keras.callbacks.TensorBoard(run.folder / "tensorboard", write_graph=False)
         )
     else:
         logger.info(
@@ -708,11 +764,102 @@ def train(
         )
     model.fit(
         stream,
-        epochs=config.train.epochs,
+        epochs=run.total_epochs,
         initial_epoch=start_epoch,
-        steps_per_epoch=config.train.steps_per_epoch,
+        steps_per_epoch=run.config.train.steps_per_epoch,
         callbacks=callbacks,
         verbose=verbose,
         shuffle=False,
     )  # the stream is already random
+
+
+def _train_classification(
+    config: Config,
+    folder: Path,
+    strategy,
+    worker: int,
+    workers: int,
+    *,
+    resume: bool,
+    verbose: int,
+) -> Path:
+    """Classification on a MedMNIST-style ``.npz``: train on train, select on val."""
+    import yaml
+
+    from medseg.training import classification
+
+    if not config.data.dataset:
+        raise ValueError("no dataset: give data.dataset in the config or --data")
+    config, preprocessor, arrays, dataset = classification.load_arrays(config)
+    keras.mixed_precision.set_global_policy(_precision(config))
+    images, labels = arrays["train"]
+    spatial = tuple(images.shape[1:-1])
+    batch = config.train.batch_size or classification.DEFAULT_BATCH
+    plan = Plan(
+        (),
+        spatial,
+        spatial,
+        batch,
+        float(config.train.memory_gb or 0),
+        0.0,
+        config.model.num_classes,
+        config.model.in_channels,
+    )
+    if not resume:
+        atomic_write_text(
+            folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
+        )
+    with strategy.scope():
+        model, metrics = _compiled_model(config, plan)
+    start_epoch, best = _resume(folder, model) if resume else (0, None)
+    if start_epoch >= config.train.epochs:
+        return folder
+    augmenter = Augmenter(config.train.augment, config.model.spatial_dims)
+    stream = classification.make_stream(
+        images,
+        labels,
+        augmenter,
+        batch * workers,
+        config.train.seed + 1000 * worker,
+        start_epoch,
+        config.train.steps_per_epoch,
+    )
+    metadata = {
+        "task": "classification",
+        "labels": {
+            str(k): {"value": k, "name": str(k)}
+            for k in range(config.model.num_classes)
+        },
+        "in_channels": config.model.in_channels,
+        "spatial_dims": config.model.spatial_dims,
+        "patch_size": list(spatial),
+        "preprocessing": preprocessor.to_dict(),
+        "plan": plan.to_dict(),
+        "config": config.to_dict(),
+        "dataset": {
+            "path": str(dataset.path),
+            "splits": {k: int(len(v[0])) for k, v in dataset.splits.items()},
+        },
+    }
+    run = _Run(
+        folder,
+        config,
+        plan,
+        preprocessor,
+        arrays["val"] or (),
+        metadata,
+        config.train.epochs,
+        best,
+    )
+    _fit(
+        model,
+        metrics,
+        stream,
+        strategy,
+        run,
+        start_epoch,
+        global_batch=batch * workers,
+        workers=workers,
+        verbose=verbose,
+    )
     return folder
