@@ -9,24 +9,19 @@ the last epoch when there is no validation). A run killed at any point continues
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from medseg.bundle import write_bundle
 from medseg.config import Config
 from medseg.datasets import load_dataset
 from medseg.errors import InputFileError
-from medseg.inference import sliding_window_predict
-from medseg.io import atomic_output, atomic_write_text
+from medseg.io import atomic_write_text
 from medseg.losses import LOSSES, ArgmaxDice
 from medseg.preprocessing import (
     CTNormalization,
@@ -37,12 +32,16 @@ from medseg.preprocessing import (
 from medseg.training import data as training_data
 from medseg.training.augment import Augmenter
 from medseg.training.planning import Plan, plan_training
+from medseg.training.run_files import (
+    append_history,
+    plot_progress,
+    prepare_run,
+    resume_run,
+    save_checkpoint,
+)
+from medseg.training.validation import validate
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint"
-#: Windows per forward pass during validation (inference needs no gradients).
-VALIDATION_BATCH = 8
 
 
 @keras.saving.register_keras_serializable(package="medseg")
@@ -170,97 +169,6 @@ class _Run:
         return score > self.best
 
 
-def _validate(model, run: _Run) -> dict[str, float]:
-    """Segmentation: Dice per foreground class over the held-out cases, on whole cases.
-    Reconstruction: mean squared error of the whole reconstructed cases."""
-    if run.task == "reconstruction":
-        return _validate_reconstruction(model, run)
-    if run.task == "classification":
-        return _validate_classification(model, run)
-    num_classes = run.plan.num_classes
-    tp = np.zeros(num_classes)
-    fp = np.zeros(num_classes)
-    fn = np.zeros(num_classes)
-
-    import tensorflow as tf
-
-    forward = tf.function(
-        lambda batch: model(batch, training=False), reduce_retracing=True
-    )
-
-    def predict(batch):
-        return keras.ops.convert_to_numpy(forward(batch)).astype(np.float32)
-
-    for case in run.val_cases:
-        scores = sliding_window_predict(
-            case.image,
-            predict,
-            patch_size=run.plan.patch_size,
-            overlap=run.config.train.val_overlap,
-            batch_size=VALIDATION_BATCH,
-        )
-        prediction = scores.argmax(-1)
-        truth = case.label[..., 0]
-        for k in range(1, num_classes):
-            p, t = prediction == k, truth == k
-            tp[k] += np.count_nonzero(p & t)
-            fp[k] += np.count_nonzero(p & ~t)
-            fn[k] += np.count_nonzero(~p & t)
-    dice = {}
-    for k in range(1, num_classes):
-        denominator = 2 * tp[k] + fp[k] + fn[k]
-        dice[f"val_dice_{k}"] = (
-            float(2 * tp[k] / denominator) if denominator else math.nan
-        )
-    values = [v for v in dice.values() if not math.isnan(v)]
-    dice["val_dice_mean"] = float(np.mean(values)) if values else math.nan
-    return dice
-
-
-def _predictor(model):
-    """A NumPy-in, NumPy-out forward pass, traced once per batch shape."""
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def forward(batch):
-        return model(batch, training=False)
-
-    def predict(batch):
-        return keras.ops.convert_to_numpy(forward(batch)).astype(np.float32)
-
-    return predict
-
-
-def _validate_reconstruction(model, run: _Run) -> dict[str, float]:
-    predict = _predictor(model)
-    squared, count = 0.0, 0
-    for case in run.val_cases:
-        output = sliding_window_predict(
-            case.image,
-            predict,
-            patch_size=run.plan.patch_size,
-            overlap=run.config.train.val_overlap,
-            batch_size=VALIDATION_BATCH,
-        )
-        squared += float(np.sum((output - case.image) ** 2))
-        count += case.image.size
-    return {"val_mse": squared / count}
-
-
-def _validate_classification(model, run: _Run) -> dict[str, float]:
-    from medseg.training.classification import classification_scores
-
-    images, labels = run.val_cases
-    predict = _predictor(model)
-    logits = np.concatenate(
-        [predict(images[i : i + 64]) for i in range(0, len(images), 64)]
-    )
-    probabilities = np.asarray(keras.ops.softmax(logits, axis=-1))
-    return {
-        f"val_{k}": v for k, v in classification_scores(probabilities, labels).items()
-    }
-
-
 class _EpochEnd(keras.callbacks.Callback):
     """Validation, history.csv, progress.png, bundle of the best model, checkpoint."""
 
@@ -280,7 +188,7 @@ class _EpochEnd(keras.callbacks.Callback):
             number % run.config.train.val_interval == 0 or number == run.total_epochs
         )
         if validated:
-            logs.update(_validate(self.model, run))
+            logs.update(validate(self.model, run))
             logger.info(
                 "epoch %d validation: %s",
                 number,
@@ -290,8 +198,8 @@ class _EpochEnd(keras.callbacks.Callback):
             keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
         )
         logs["seconds"] = round(time.time() - self.started, 3)
-        _append_history(run.folder / "history.csv", number, logs)
-        _plot_progress(run.folder)
+        append_history(run.folder / "history.csv", number, logs)
+        plot_progress(run.folder)
         score = logs.get(run.score_key)
         improved = bool(validated) and run.improves(score)
         if improved or not run.val_cases:
@@ -307,119 +215,7 @@ class _EpochEnd(keras.callbacks.Callback):
                     "validation": metrics,
                 },
             )
-        _save_checkpoint(run.folder, self.model, number, run.best)
-
-
-def _append_history(path: Path, epoch: int, logs: dict) -> None:
-    columns = [
-        "epoch",
-        *sorted(k for k in logs if k not in ("lr", "seconds")),
-        "lr",
-        "seconds",
-    ]
-    exists = path.is_file()
-    if exists:
-        with open(path, newline="") as handle:
-            header = next(csv.reader(handle), columns)
-        columns = header + [c for c in columns if c not in header]
-        if columns != header:  # a new metric (e.g. the first validation): rewrite
-            rows = _read_history(path)
-            _write_history(path, columns, rows)
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-        if not exists:
-            writer.writeheader()
-        writer.writerow({"epoch": epoch, **logs})
-
-
-def _read_history(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _write_history(path: Path, columns: list[str], rows: list[dict]) -> None:
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _plot_progress(folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = _read_history(folder / "history.csv")
-    if not rows:
-        return
-    epochs = [int(r["epoch"]) for r in rows]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [float(r["loss"]) for r in rows], label="training loss")
-    left.set_xlabel("epoch")
-    left.legend()
-    scored = ("dice", "accuracy", "auc", "mse")
-    for key in sorted(k for k in rows[0] if any(word in k for word in scored)):
-        points = [
-            (e, float(r[key]))
-            for e, r in zip(epochs, rows, strict=True)
-            if r.get(key) not in ("", None, "nan")
-        ]
-        if points:
-            right.plot(*zip(*points, strict=True), marker=".", label=key)
-    right.set_xlabel("epoch")
-    right.set_ylabel("metric")
-    if right.get_legend_handles_labels()[0]:
-        right.legend(fontsize="small")
-    figure.tight_layout()
-    with atomic_output(folder / "progress.png") as tmp:
-        figure.savefig(tmp, dpi=80)
-    plt.close(figure)
-
-
-def _save_checkpoint(folder: Path, model, epoch: int, best: float | None) -> None:
-    """Saves weights, optimizer state and epoch; the new copy replaces the old whole."""
-    target = folder / CHECKPOINT
-    tmp = folder / f".{CHECKPOINT}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    model.save_weights(tmp / "model.weights.h5")
-    variables = [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
-    with open(tmp / "optimizer.npz", "wb") as handle:
-        np.savez(handle, *variables)
-    (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "best": best}))
-    old = folder / f".{CHECKPOINT}.old"
-    if target.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        target.rename(old)
-    tmp.rename(target)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _checkpoint_folder(folder: Path) -> Path | None:
-    for candidate in (folder / CHECKPOINT, folder / f".{CHECKPOINT}.old"):
-        if (candidate / "state.json").is_file():
-            return candidate
-    return None
-
-
-def _restore_checkpoint(folder: Path, model) -> tuple[int, float | None]:
-    source = _checkpoint_folder(folder)
-    state = json.loads((source / "state.json").read_text())
-    model.load_weights(source / "model.weights.h5")
-    model.optimizer.build(model.trainable_variables)
-    with np.load(source / "optimizer.npz", allow_pickle=False) as stored:
-        values = [stored[f"arr_{i}"] for i in range(len(stored.files))]
-    if len(values) != len(model.optimizer.variables):
-        raise InputFileError(source, "optimizer state does not match the model")
-    for variable, value in zip(model.optimizer.variables, values, strict=True):
-        variable.assign(value)
-    return int(state["epoch"]), state.get("best")
+        save_checkpoint(run.folder, self.model, number, run.best)
 
 
 def _optimizer(config: Config, total_steps: int):
@@ -507,28 +303,6 @@ def _has_tensorboard() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def prepare_run(folder: Path, config: Config, *, resume: bool) -> Config:
-    """Checks the run folder and returns the config to use (the saved one on resume)."""
-    has_run = _checkpoint_folder(folder) is not None
-    if resume:
-        if not has_run:
-            raise InputFileError(
-                folder, "nothing to resume (no checkpoint in this folder)"
-            )
-        from medseg.config import Config as ConfigClass
-        from medseg.config import load_yaml
-
-        saved = ConfigClass.from_dict(load_yaml(folder / "config.yaml"))
-        return saved.replace(train=replace(saved.train, epochs=config.train.epochs))
-    if has_run:
-        raise InputFileError(
-            folder,
-            "holds a training run already; pass --resume to "
-            "continue it, or choose a new output folder",
-        )
-    return config
-
-
 def _checked_dataset(config: Config):
     """The dataset, its labels overridden by the config, checked like ``data check``."""
     from medseg.checks import check_dataset
@@ -596,20 +370,6 @@ def _compiled_model(config: Config, plan: Plan):
         metrics = [ArgmaxDice(k) for k in range(1, config.model.num_classes)]
     model.compile(optimizer=_optimizer(config, total_steps), loss=loss, metrics=metrics)
     return model, metrics
-
-
-def _resume(folder: Path, model) -> tuple[int, float | None]:
-    """Restores the checkpoint and trims history.csv to the epochs it covers."""
-    start_epoch, best = _restore_checkpoint(folder, model)
-    rows = [
-        r
-        for r in _read_history(folder / "history.csv")
-        if int(r["epoch"]) <= start_epoch
-    ]
-    if rows:
-        _write_history(folder / "history.csv", list(rows[0]), rows)
-    logger.info("resuming after epoch %d", start_epoch)
-    return start_epoch, best
 
 
 def train(
@@ -685,7 +445,7 @@ def train(
     }
     with strategy.scope():
         model, metrics = _compiled_model(config, plan)
-    start_epoch, best = _resume(folder, model) if resume else (0, None)
+    start_epoch, best = resume_run(folder, model) if resume else (0, None)
     if start_epoch >= config.train.epochs:
         return folder
     sampler = training_data.PatchSampler(
@@ -811,7 +571,7 @@ def _train_classification(
         )
     with strategy.scope():
         model, metrics = _compiled_model(config, plan)
-    start_epoch, best = _resume(folder, model) if resume else (0, None)
+    start_epoch, best = resume_run(folder, model) if resume else (0, None)
     if start_epoch >= config.train.epochs:
         return folder
     augmenter = Augmenter(config.train.augment, config.model.spatial_dims)

@@ -1,0 +1,174 @@
+"""The files of a run folder: history.csv, progress.png, the checkpoint, resuming.
+
+Checkpoints are written to a temporary folder and swapped in whole; history rows past
+the checkpoint are dropped on resume, so a run killed at any moment continues after its
+last completed epoch with exactly the requested epochs in history.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from medseg.config import Config
+from medseg.errors import InputFileError
+from medseg.io import atomic_output
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+
+
+def append_history(path: Path, epoch: int, logs: dict) -> None:
+    columns = [
+        "epoch",
+        *sorted(k for k in logs if k not in ("lr", "seconds")),
+        "lr",
+        "seconds",
+    ]
+    exists = path.is_file()
+    if exists:
+        with open(path, newline="") as handle:
+            header = next(csv.reader(handle), columns)
+        columns = header + [c for c in columns if c not in header]
+        if columns != header:  # a new metric (e.g. the first validation): rewrite
+            rows = read_history(path)
+            write_history(path, columns, rows)
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        if not exists:
+            writer.writeheader()
+        writer.writerow({"epoch": epoch, **logs})
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_history(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_progress(folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_history(folder / "history.csv")
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) for r in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [float(r["loss"]) for r in rows], label="training loss")
+    left.set_xlabel("epoch")
+    left.legend()
+    scored = ("dice", "accuracy", "auc", "mse")
+    for key in sorted(k for k in rows[0] if any(word in k for word in scored)):
+        points = [
+            (e, float(r[key]))
+            for e, r in zip(epochs, rows, strict=True)
+            if r.get(key) not in ("", None, "nan")
+        ]
+        if points:
+            right.plot(*zip(*points, strict=True), marker=".", label=key)
+    right.set_xlabel("epoch")
+    right.set_ylabel("metric")
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize="small")
+    figure.tight_layout()
+    with atomic_output(folder / "progress.png") as tmp:
+        figure.savefig(tmp, dpi=80)
+    plt.close(figure)
+
+
+def save_checkpoint(folder: Path, model, epoch: int, best: float | None) -> None:
+    """Saves weights, optimizer state and epoch; the new copy replaces the old whole."""
+    target = folder / CHECKPOINT
+    tmp = folder / f".{CHECKPOINT}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_weights(tmp / "model.weights.h5")
+    variables = [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
+    with open(tmp / "optimizer.npz", "wb") as handle:
+        np.savez(handle, *variables)
+    (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "best": best}))
+    old = folder / f".{CHECKPOINT}.old"
+    if target.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        target.rename(old)
+    tmp.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def checkpoint_folder(folder: Path) -> Path | None:
+    for candidate in (folder / CHECKPOINT, folder / f".{CHECKPOINT}.old"):
+        if (candidate / "state.json").is_file():
+            return candidate
+    return None
+
+
+def restore_checkpoint(folder: Path, model) -> tuple[int, float | None]:
+    source = checkpoint_folder(folder)
+    state = json.loads((source / "state.json").read_text())
+    model.load_weights(source / "model.weights.h5")
+    model.optimizer.build(model.trainable_variables)
+    with np.load(source / "optimizer.npz", allow_pickle=False) as stored:
+        values = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+    if len(values) != len(model.optimizer.variables):
+        raise InputFileError(source, "optimizer state does not match the model")
+    for variable, value in zip(model.optimizer.variables, values, strict=True):
+        variable.assign(value)
+    return int(state["epoch"]), state.get("best")
+
+
+def prepare_run(folder: Path, config: Config, *, resume: bool) -> Config:
+    """Checks the run folder and returns the config to use (the saved one on resume)."""
+    has_run = checkpoint_folder(folder) is not None
+    if resume:
+        if not has_run:
+            raise InputFileError(
+                folder, "nothing to resume (no checkpoint in this folder)"
+            )
+        from medseg.config import Config as ConfigClass
+        from medseg.config import load_yaml
+
+        saved = ConfigClass.from_dict(load_yaml(folder / "config.yaml"))
+        return saved.replace(train=replace(saved.train, epochs=config.train.epochs))
+    if has_run:
+        raise InputFileError(
+            folder,
+            "holds a training run already; pass --resume to "
+            "continue it, or choose a new output folder",
+        )
+    return config
+
+
+def resume_run(folder: Path, model) -> tuple[int, float | None]:
+    """Restores the checkpoint and trims history.csv to the epochs it covers."""
+    start_epoch, best = restore_checkpoint(folder, model)
+    rows = [
+        r
+        for r in read_history(folder / "history.csv")
+        if int(r["epoch"]) <= start_epoch
+    ]
+    if rows:
+        write_history(folder / "history.csv", list(rows[0]), rows)
+    logger.info("resuming after epoch %d", start_epoch)
+    return start_epoch, best
