@@ -8,10 +8,11 @@ batch 2) for a fixed number of steps fed two ways, alternating, several times:
 * memory: the same number of batches taken from that stream once and replayed from
   memory, so the model never waits for data.
 
-It prints a table and writes experiments/results/pipeline.json. The issue's target is
-pipeline steps/s >= 0.9 x memory steps/s.
+It prints a table and writes experiments/results/pipeline_<augment>.json. The target:
+pipeline steps/s >= 0.9 x memory steps/s. On a CPU-only machine both feeds share the
+same cores, so augmentation work is taken from the model's compute.
 
-    python experiments/bench_pipeline.py --data data/sample --steps 30 --repeats 3
+    python experiments/bench_pipeline.py --data data/sample --steps 20 --repeats 3
 """
 
 from __future__ import annotations
@@ -35,8 +36,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--output", default=str(HERE / "results" / "pipeline.json"))
+    parser.add_argument(
+        "--augment",
+        choices=["default", "all"],
+        default="default",
+        help="default: the training probabilities; all: every transform on every patch",
+    )
+    parser.add_argument(
+        "--output",
+        help="JSON file (default: experiments/results/pipeline_<augment>.json)",
+    )
     args = parser.parse_args()
+    args.output = args.output or str(HERE / "results" / f"pipeline_{args.augment}.json")
 
     import keras
     import tensorflow as tf
@@ -63,17 +74,19 @@ def main() -> None:
     sampler = training_data.PatchSampler(
         cases, patch, foreground_oversample=0.33, seed=0, samples_per_epoch=10**9
     )
-    # every transform on, so the pipeline does its most work
-    augment = AugmentConfig(
-        mirror_axes=(0, 2),
-        p_rotate=1.0,
-        p_scale=1.0,
-        p_gamma=1.0,
-        p_brightness=1.0,
-        p_contrast=1.0,
-        p_noise=1.0,
-        p_blur=1.0,
-    )
+    if args.augment == "all":  # every transform on every patch: the most work
+        augment = AugmentConfig(
+            mirror_axes=(0, 2),
+            p_rotate=1.0,
+            p_scale=1.0,
+            p_gamma=1.0,
+            p_brightness=1.0,
+            p_contrast=1.0,
+            p_noise=1.0,
+            p_blur=1.0,
+        )
+    else:  # the training default (experiments/hippocampus_3d.yaml)
+        augment = AugmentConfig(mirror_axes=(0, 2))
     stream = training_data.make_dataset(sampler, Augmenter(augment, 3), args.batch, 0)
     stored = list(stream.take(args.steps + 5))
     images = tf.concat([b[0] for b in stored], 0)
@@ -116,6 +129,7 @@ def main() -> None:
         "patch": list(patch),
         "batch": args.batch,
         "steps": args.steps,
+        "augment": args.augment,
         "steps_per_s": {k: [round(v, 4) for v in vs] for k, vs in results.items()},
         "median_steps_per_s": {
             "pipeline": round(pipeline, 4),
