@@ -1,4 +1,4 @@
-"""Sliding-window inference over whole scans.
+"""Sliding-window inference over whole scans, and segmenting scans with a bundle.
 
 :func:`window_starts` places windows (a pure function); :func:`sliding_window_predict`
 runs a predictor over them and blends the overlapping outputs with Gaussian importance
@@ -115,3 +115,110 @@ def sliding_window_predict(
     accumulator /= weight_sum[..., None]
     crop = tuple(slice(a, a + s) for (a, _), s in zip(pads, spatial, strict=True))
     return accumulator[crop]
+
+
+# bundles on whole scans
+
+
+class Segmenter:
+    """A segmentation bundle ready to segment scans: the training-time preprocessing,
+    sliding-window prediction, and the way back to each scan's own grid.
+
+    Args:
+        bundle: bundle folder (``model.keras`` + ``medseg.json``).
+        overlap: sliding-window overlap.
+        mirror_axes: test-time augmentation: also predict on the scan mirrored along
+            these axes of the RAS-reoriented scan and average; ``()`` for none.
+        batch_size: windows per forward pass.
+    """
+
+    def __init__(
+        self, bundle, *, overlap: float = 0.5, mirror_axes=(), batch_size: int = 4
+    ):
+        from medseg import bundle as bundles
+        from medseg.models import load_model
+        from medseg.preprocessing import Preprocessor
+
+        self.metadata = bundles.verify(bundle)
+        if self.metadata.get("task") != "segmentation":
+            from medseg.errors import InputFileError
+
+            raise InputFileError(
+                bundle,
+                f"a {self.metadata.get('task')} bundle, not a segmentation bundle",
+            )
+        self.model = load_model(bundle)
+        self.preprocessor = Preprocessor.from_dict(self.metadata["preprocessing"])
+        self.patch_size = tuple(self.metadata["patch_size"])
+        labels = self.metadata["labels"]
+        self.values = np.array([labels[str(k)]["value"] for k in range(len(labels))])
+        self.overlap = overlap
+        self.mirror_axes = tuple(mirror_axes)
+        self.batch_size = batch_size
+        self._forward = None
+
+    def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        import keras
+        import tensorflow as tf
+
+        if self._forward is None:
+            model = self.model
+
+            @tf.function(reduce_retracing=True)
+            def forward(x):
+                return keras.ops.softmax(model(x, training=False), axis=-1)
+
+            self._forward = forward
+        return np.asarray(self._forward(batch), dtype=np.float32)
+
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(*S, K)`` of a preprocessed image, mirroring TTA."""
+        total = sliding_window_predict(
+            image,
+            self._predict_batch,
+            patch_size=self.patch_size,
+            overlap=self.overlap,
+            batch_size=self.batch_size,
+        )
+        flips = [
+            combo
+            for r in range(1, len(self.mirror_axes) + 1)
+            for combo in itertools.combinations(self.mirror_axes, r)
+        ]
+        for axes in flips:
+            flipped = np.flip(image, axes)
+            out = sliding_window_predict(
+                flipped,
+                self._predict_batch,
+                patch_size=self.patch_size,
+                overlap=self.overlap,
+                batch_size=self.batch_size,
+            )
+            total += np.flip(out, axes)
+        return total / (1 + len(flips))
+
+    def segment(self, volume):
+        """Label map (declared label values) on ``volume``'s own grid and header."""
+        from medseg import geometry
+        from medseg.errors import InputFileError
+
+        dims, channels = self.metadata["spatial_dims"], self.metadata["in_channels"]
+        if volume.spatial_dims != dims or volume.num_channels != channels:
+            raise InputFileError(
+                volume.path or "input",
+                f"{volume.spatial_dims}D scan with {volume.num_channels} channel(s), but "
+                f"the model segments {dims}D scans with {channels} channel(s)",
+            )
+        image, records = self.preprocessor.image(volume)
+        scores = self.probabilities(image)
+        work = volume.with_array(scores)  # geometry is taken from the records
+        resample = [r for r in records if isinstance(r, geometry.ResampleRecord)]
+        for record in resample:  # back to the grid before resampling, per class
+            work = record.undo(work, order=1)
+        classes = np.argmax(np.asarray(work.array), axis=-1)[..., None]
+        labels = work.with_array(self.values[classes])
+        for record in reversed(
+            [r for r in records if not isinstance(r, geometry.ResampleRecord)]
+        ):
+            labels = record.undo(labels, fill=0)
+        return labels

@@ -318,3 +318,21 @@ def pairwise_auc(scores, positive) -> float:
     neg = [s for s, p in zip(scores, positive, strict=True) if not p]
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
     return wins / (len(pos) * len(neg))
+
+
+def stitch(image: np.ndarray, predict, patch, starts, weights) -> np.ndarray:
+    """Weighted average of window outputs, accumulated voxel by voxel."""
+    spatial = image.shape[:-1]
+    total = {}
+    weight = {}
+    for start in itertools.product(*starts):
+        box = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
+        out = predict(image[box][None])[0]
+        for local in voxel_indices(patch):
+            where = tuple(s + i for s, i in zip(start, local, strict=True))
+            total[where] = total.get(where, 0) + out[local] * weights[local]
+            weight[where] = weight.get(where, 0) + weights[local]
+    result = np.zeros((*spatial, next(iter(total.values())).shape[-1]))
+    for where, value in total.items():
+        result[where] = value / weight[where]
+    return result

@@ -1,0 +1,175 @@
+"""Batch segmentation that loses nothing: many scans, one bundle, a report.
+
+Each output is written under a temporary name and renamed, so a killed job leaves no
+partial file; a re-run skips scans whose output exists (unless ``overwrite``); a scan
+that fails is reported with its file and reason and the others go on; ``shard=(k, n)``
+takes every n-th scan of the sorted list, for array jobs on a scheduler; the next scan
+is read while the current one is predicted.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from medseg.errors import InputFileError
+from medseg.io import SCAN_SUFFIXES, read_volume, split_suffix, write_volume
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseResult:
+    """What happened to one input scan."""
+
+    input: str
+    output: str
+    status: str  # "done", "skipped" (output existed) or "failed"
+    seconds: float = 0.0
+    error: str | None = None
+    input_shape: list[int] | None = None
+    spacing_mm: list[float] | None = None
+
+
+def collect_inputs(path: str | Path) -> list[Path]:
+    """Scans named by ``path``: a file, a folder (its scan files), a glob pattern, or a
+    ``dataset.json`` (its ``test`` list, else its training images). Sorted.
+
+    Raises:
+        InputFileError: nothing matches.
+    """
+    text = str(path)
+    path = Path(path)
+    if path.is_file() and path.name == "dataset.json":
+        from medseg.datasets import load_dataset
+
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        tests = manifest.get("test") or []
+        if tests:
+            files = [
+                (path.parent / (t if isinstance(t, str) else t["image"])).resolve()
+                for t in tests
+            ]
+        else:
+            files = [c.images[0] for c in load_dataset(path, strict=False).cases]
+    elif path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = [
+            p
+            for p in path.iterdir()
+            if p.is_file()
+            and not p.name.startswith(".")
+            and split_suffix(p)[1] in SCAN_SUFFIXES
+        ]
+    else:
+        files = [Path(p) for p in glob.glob(text) if Path(p).is_file()]
+        if not files and not any(c in text for c in "*?["):
+            raise InputFileError(path, "not found")
+    if not files:
+        raise InputFileError(path, "no scan files found")
+    return sorted(files)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` (1-based) -> ``(K, N)``; ``ValueError`` when malformed."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like K/N, e.g. 2/8, got {text!r}") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"shard K/N needs 1 <= K <= N, got {text!r}")
+    return k, n
+
+
+def take_shard(files: list[Path], shard: tuple[int, int] | None) -> list[Path]:
+    """Every N-th file starting at the K-th: shards are disjoint and cover all files."""
+    if shard is None:
+        return files
+    k, n = shard
+    return files[k - 1 :: n]
+
+
+def output_for(input_path: Path, output_dir: Path, rename: dict | None = None) -> Path:
+    """Same file name (and format) as the input in ``output_dir``, unless ``rename``
+    gives the input another name."""
+    return output_dir / (rename or {}).get(input_path, Path(input_path).name)
+
+
+def segment_all(
+    segment: Callable,
+    inputs: list[Path],
+    output_dir: Path,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[CaseResult], None] | None = None,
+    rename: dict | None = None,
+) -> list[CaseResult]:
+    """Segments every input into ``output_dir``; never stops at a bad scan.
+
+    Args:
+        segment: maps a :class:`medseg.io.Volume` to a label :class:`Volume`.
+        inputs: scans to segment.
+        output_dir: where label files go (created).
+        overwrite: redo scans whose output exists.
+        progress: called with each result.
+        rename: output file names for some inputs (by default the input's name).
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    todo, results = [], []
+    for path in inputs:
+        target = output_for(path, output_dir, rename)
+        if target.exists() and not overwrite:
+            results.append(CaseResult(str(path), str(target), "skipped"))
+            if progress:
+                progress(results[-1])
+        else:
+            todo.append((path, target))
+
+    def load(path):
+        try:
+            return read_volume(path), None
+        except InputFileError as exc:
+            return None, exc
+        except Exception as exc:  # a reader's bug must not end the batch
+            return None, InputFileError(path, f"unreadable ({exc})")
+
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(load, todo[0][0]) if todo else None
+        for index, (path, target) in enumerate(todo):
+            started = time.perf_counter()
+            volume, error = pending.result()
+            if index + 1 < len(todo):  # read the next scan while this one is predicted
+                pending = reader.submit(load, todo[index + 1][0])
+            result = CaseResult(str(path), str(target), "done")
+            try:
+                if error is not None:
+                    raise error
+                result.input_shape = list(volume.array.shape)
+                result.spacing_mm = [round(s, 6) for s in volume.spacing]
+                write_volume(segment(volume), target, is_label=True)
+            except (InputFileError, ValueError, OSError, MemoryError) as exc:
+                result.status = "failed"
+                result.error = (
+                    str(exc) if isinstance(exc, InputFileError) else (f"{path}: {exc}")
+                )
+                logger.debug("case %s failed", path, exc_info=True)
+            result.seconds = round(time.perf_counter() - started, 3)
+            results.append(result)
+            if progress:
+                progress(result)
+    return results
+
+
+def report(results: list[CaseResult]) -> dict:
+    """Counts and per-case records, JSON-ready."""
+    counts = {
+        s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")
+    }
+    return {"counts": counts, "cases": [asdict(r) for r in results]}

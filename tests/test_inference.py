@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg import inference
+from tests import reference
+from tests.conftest import SAMPLE
+
+
+def test_window_starts_textbook_case():
+    # image 110, patch 64, overlap 0.5: step <= 32 -> ceil(46 / 32) + 1 = 3 windows
+    assert inference.window_starts(110, 64, 0.5) == [0, 23, 46]
+    assert inference.window_starts(64, 64, 0.5) == [0]
+    assert inference.window_starts(40, 64, 0.5) == [0]
+    assert inference.window_starts(100, 10, 0.0) == list(range(0, 91, 10))
+    with pytest.raises(ValueError, match=r"overlap must be in \[0, 1\)"):
+        inference.window_starts(100, 10, 1.0)
+
+
+@pytest.mark.parametrize("blend", inference.BLENDS)
+@pytest.mark.parametrize("shape", [(30, 27, 11), (9, 40)])
+def test_plus_one_predictor_returns_input_plus_one(blend, shape, rng):
+    image = rng.random((*shape, 1)).astype(np.float32)
+    patch = (16,) * len(shape)
+    out = inference.sliding_window_predict(
+        image, lambda batch: batch + 1, patch_size=patch, blend=blend, batch_size=3
+    )
+    assert out.shape == image.shape
+    np.testing.assert_allclose(out, image + 1, rtol=1e-6)
+
+
+def test_blending_matches_voxel_by_voxel_reference(rng):
+    image = rng.random((13, 10, 1)).astype(np.float32)
+    patch = (8, 6)
+    ramp = np.arange(48, dtype=np.float32).reshape(8, 6, 1) / 48
+
+    def predict(batch):  # not shift-invariant, so wrong placement would show
+        return np.concatenate([batch * ramp, batch + ramp], axis=-1)
+
+    out = inference.sliding_window_predict(
+        image, predict, patch_size=patch, overlap=0.5, batch_size=2
+    )
+    starts = [inference.window_starts(13, 8, 0.5), inference.window_starts(10, 6, 0.5)]
+    expected = reference.stitch(
+        image, predict, patch, starts, inference.gaussian_importance(patch)
+    )
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+
+
+def test_gaussian_importance_peaks_at_the_centre():
+    weights = inference.gaussian_importance((9, 9))
+    assert weights[4, 4] == 1.0 and weights.min() > 0
+    assert weights[0, 4] < weights[2, 4] < weights[4, 4]
+
+
+TINY = """\
+model: {name: unet, spatial_dims: 3, filters: [4, 8], patch_size: [16, 16, 16]}
+train: {epochs: 1, steps_per_epoch: 2, batch_size: 2, optimizer: adam,
+        learning_rate: 0.001, folds: 4, augment: {mirror_axes: [0, 2]}}
+"""
+
+
+def medseg(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "medseg_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bundle")
+    (folder / "tiny.yaml").write_text(TINY)
+    result = medseg(
+        "train",
+        "--config",
+        folder / "tiny.yaml",
+        "--data",
+        SAMPLE,
+        "--output",
+        folder / "run",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "run"
+
+
+@pytest.mark.slow
+def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
+    bundle, tmp_path
+):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[:2]
+    for path in good:
+        (inputs / path.name).write_bytes(path.read_bytes())
+    whole = good[0].read_bytes()
+    (inputs / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])
+    (inputs / "random.nii.gz").write_bytes(bytes(range(256)) * 4)
+    (inputs / "empty.nii.gz").write_bytes(b"")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(inputs / "slice.png")
+    out = tmp_path / "out"
+    result = medseg("predict", "--model", bundle, "--input", inputs, "--output", out)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "2 segmented, 0 skipped (output existed), 4 failed" in result.stdout
+    for name, problem in [
+        ("truncated.nii.gz", "truncated"),
+        ("random.nii.gz", "not gzip-compressed"),
+        ("empty.nii.gz", "empty file"),
+        ("slice.png", "2D scan with 1 channel(s), but the model segments 3D scans"),
+    ]:
+        assert f"{inputs / name}: " in result.stderr and problem in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [p.name for p in good] + ["medseg_predict_report.json"]
+    )
+    report = json.loads((out / "medseg_predict_report.json").read_text())
+    assert report["counts"] == {"done": 2, "skipped": 0, "failed": 4}
+    for path in good:  # labels on the input's own grid, header codes kept
+        image, labels = nib.load(path), nib.load(out / path.name)
+        assert labels.shape == image.shape
+        np.testing.assert_array_equal(labels.affine, image.affine)
+        assert labels.get_data_dtype() == np.uint8
+        assert int(labels.header["sform_code"]) == int(image.header["sform_code"])
+        assert set(np.unique(np.asanyarray(labels.dataobj))) <= {0, 1, 2}
+    again = medseg("predict", "--model", bundle, "--input", inputs, "--output", out)
+    assert again.returncode == 1
+    assert "0 segmented, 2 skipped (output existed), 4 failed" in again.stdout
+
+
+@pytest.mark.slow
+def test_same_scan_in_another_voxel_order_gets_the_same_segmentation(bundle, tmp_path):
+    source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    img = nib.load(source)
+    data = np.asanyarray(img.dataobj)
+    # store the voxels as (z, x, y) with x flipped; the affine keeps world positions
+    reordered = np.flip(data, 0).transpose(2, 0, 1)
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, data.shape[0] - 1
+    permute = np.eye(4)[:, [2, 0, 1, 3]]
+    affine = img.affine @ flip @ permute
+    nib.save(nib.Nifti1Image(reordered, affine), tmp_path / "reordered.nii.gz")
+    out = tmp_path / "out"
+    for path in (source, tmp_path / "reordered.nii.gz"):
+        result = medseg("predict", "--model", bundle, "--input", path, "--output", out)
+        assert result.returncode == 0, result.stderr[-2000:]
+    original = np.asanyarray(nib.load(out / source.name).dataobj)
+    other = nib.load(out / "reordered.nii.gz")
+    np.testing.assert_array_equal(other.affine, affine)  # written on its own grid
+    back = np.flip(np.asanyarray(other.dataobj).transpose(1, 2, 0), 0)
+    np.testing.assert_array_equal(back, original)
