@@ -206,8 +206,8 @@ class Segmenter:
         if volume.spatial_dims != dims or volume.num_channels != channels:
             raise InputFileError(
                 volume.path or "input",
-                f"{volume.spatial_dims}D scan with {volume.num_channels} channel(s), but "
-                f"the model segments {dims}D scans with {channels} channel(s)",
+                f"{volume.spatial_dims}D scan with {volume.num_channels} channel(s), "
+                f"but the model segments {dims}D scans with {channels} channel(s)",
             )
         image, records = self.preprocessor.image(volume)
         scores = self.probabilities(image)
