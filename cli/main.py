@@ -12,6 +12,7 @@ import click
 
 from medseg import __version__
 from medseg_cli.data import data
+from medseg_cli.evaluate import evaluate
 from medseg_cli.info import info
 from medseg_cli.predict import predict
 from medseg_cli.train import train
@@ -62,6 +63,7 @@ def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
 
 
 main.add_command(data)
+main.add_command(evaluate)
 main.add_command(info)
 main.add_command(predict)
 main.add_command(train)

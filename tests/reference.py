@@ -336,3 +336,34 @@ def stitch(image: np.ndarray, predict, patch, starts, weights) -> np.ndarray:
     for where, value in total.items():
         result[where] = value / weight[where]
     return result
+
+
+def boundary_voxels(mask: np.ndarray) -> list[tuple[int, ...]]:
+    """Mask voxels with a face neighbour outside the mask or outside the array."""
+    out = []
+    for index in voxel_indices(mask.shape):
+        if not mask[index]:
+            continue
+        for axis in range(mask.ndim):
+            for step in (-1, 1):
+                neighbour = list(index)
+                neighbour[axis] += step
+                if (
+                    not 0 <= neighbour[axis] < mask.shape[axis]
+                    or not mask[tuple(neighbour)]
+                ):
+                    out.append(index)
+                    break
+            else:
+                continue
+            break
+    return out
+
+
+def directed_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
+    """For each boundary voxel of a, the distance (mm) to the nearest of b's, by brute
+    force over all pairs."""
+    spacing = np.asarray(spacing, float)
+    pa = np.array(boundary_voxels(a), float) * spacing
+    pb = np.array(boundary_voxels(b), float) * spacing
+    return np.array([np.sqrt(((pb - p) ** 2).sum(axis=1)).min() for p in pa])

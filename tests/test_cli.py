@@ -28,6 +28,10 @@ def run(*args):
         (["info"], "Describe MODEL_OR_CONFIG: a .keras model, a model bundle"),
         (["train"], "Train a segmentation model; OUTPUT becomes a bundle"),
         (["predict"], "Segment scans with a bundle; labels are written on each scan"),
+        (
+            ["evaluate"],
+            "Score predicted label maps against the truth, per case and label",
+        ),
     ],
 )
 def test_help_of_every_command(args, summary):

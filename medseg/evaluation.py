@@ -1,0 +1,154 @@
+"""Evaluating label files against the truth: pairing, per-case metrics, summaries."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import InputFileError
+from medseg.io import SCAN_SUFFIXES, read_volume, split_suffix
+from medseg.metrics import METRIC_COLUMNS, label_metrics
+
+CSV_COLUMNS = ("case", "label", *METRIC_COLUMNS)
+
+
+def _scans(folder: Path) -> dict[str, Path]:
+    return {
+        p.name: p
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+        and not p.name.startswith(".")
+        and split_suffix(p)[1] in SCAN_SUFFIXES
+    }
+
+
+def pair_files(prediction: Path, truth: Path) -> list[tuple[str, Path, Path]]:
+    """``(case, prediction file, truth file)`` for two files, or two folders matched by
+    file name.
+
+    Raises:
+        InputFileError: a missing path, or files without a partner (all named).
+    """
+    prediction, truth = Path(prediction), Path(truth)
+    for path in (prediction, truth):
+        if not path.exists():
+            raise InputFileError(path, "not found")
+    if prediction.is_file() and truth.is_file():
+        return [(split_suffix(truth)[0], prediction, truth)]
+    if not (prediction.is_dir() and truth.is_dir()):
+        raise InputFileError(prediction, "give two files or two folders")
+    predicted, truths = _scans(prediction), _scans(truth)
+    missing = sorted(set(truths) - set(predicted))
+    extra = sorted(set(predicted) - set(truths))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(
+                f"no prediction for {', '.join(missing[:5])}"
+                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            )
+        if extra:
+            parts.append(
+                f"no truth for {', '.join(extra[:5])}"
+                + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            )
+        raise InputFileError(prediction, "; ".join(parts))
+    if not truths:
+        raise InputFileError(truth, "no scan files found")
+    return [(split_suffix(name)[0], predicted[name], truths[name]) for name in truths]
+
+
+def evaluate_pairs(
+    pairs,
+    *,
+    labels: Sequence[int] | None = None,
+    tolerance_mm: float = 1.0,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """One row per case and label (labels default to the non-zero values present).
+
+    Raises:
+        InputFileError: unreadable file, or prediction and truth on different grids.
+    """
+    rows = []
+    for case, pred_path, truth_path in pairs:
+        prediction, truth = read_volume(pred_path), read_volume(truth_path)
+        if prediction.spatial_shape != truth.spatial_shape:
+            raise InputFileError(
+                pred_path,
+                f"shape {prediction.spatial_shape} differs "
+                f"from the truth's {truth.spatial_shape}",
+            )
+        if np.max(np.abs(prediction.affine - truth.affine)) > 1e-3:
+            raise InputFileError(
+                pred_path, "affine differs from the truth's (not on the same grid)"
+            )
+        p = np.asarray(prediction.array)[..., 0]
+        t = np.asarray(truth.array)[..., 0]
+        chosen = (
+            labels
+            if labels is not None
+            else sorted((set(np.unique(p).tolist()) | set(np.unique(t).tolist())) - {0})
+        )
+        for row in label_metrics(p, t, chosen, truth.spacing, tolerance_mm):
+            rows.append({"case": case, **row})
+        if progress:
+            progress(case)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per label and metric: mean, std and median over cases with a finite value, and
+    the counts of NaN (both masks empty) and inf (one mask empty) values."""
+    summary = {}
+    for label in sorted({r["label"] for r in rows}):
+        of_label = [r for r in rows if r["label"] == label]
+        summary[str(label)] = {}
+        for metric in METRIC_COLUMNS:
+            values = np.array([r[metric] for r in of_label], dtype=float)
+            finite = values[np.isfinite(values)]
+            summary[str(label)][metric] = {
+                "mean": float(finite.mean()) if finite.size else math.nan,
+                "std": float(finite.std()) if finite.size else math.nan,
+                "median": float(np.median(finite)) if finite.size else math.nan,
+                "n": int(finite.size),
+                "n_nan": int(np.isnan(values).sum()),
+                "n_inf": int(np.isinf(values).sum()),
+            }
+    return summary
+
+
+def to_csv(rows: list[dict]) -> str:
+    """Long-form CSV text: ``case,label,dice,iou,hd95_mm,assd_mm,nsd,volume_*``;
+    NaN written as ``nan`` and infinity as ``inf``."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+        )
+    return buffer.getvalue()
+
+
+def format_summary(summary: dict) -> str:
+    """The table ``medseg evaluate`` prints: mean (median) per label."""
+    lines = [
+        f"{'label':>5}  {'dice':>15}  {'hd95_mm':>15}  {'assd_mm':>15}  "
+        f"{'nsd':>15}  empty"
+    ]
+    for label, metrics in summary.items():
+        cells = [
+            f"{metrics[m]['mean']:.3f} ({metrics[m]['median']:.3f})"
+            for m in ("dice", "hd95_mm", "assd_mm", "nsd")
+        ]
+        flags = f"{metrics['dice']['n_nan']} both, {metrics['hd95_mm']['n_inf']} one"
+        lines.append(
+            f"{label:>5}  " + "  ".join(f"{c:>15}" for c in cells) + f"  {flags}"
+        )
+    return "\n".join(lines)

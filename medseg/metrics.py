@@ -1,0 +1,170 @@
+"""Segmentation metrics on whole volumes, in millimetres (NumPy/SciPy).
+
+All functions take two boolean masks of one label (prediction, truth) of the same
+shape; distance metrics also take the voxel spacing in mm.
+
+Surfaces are boundary voxels: voxels of a mask with a face neighbour (6-connected in
+3D, 4 in 2D) outside it, the image border counting as outside (as MONAI and MedPy).
+Distances are Euclidean in mm between boundary voxel centres, computed with distance
+transforms on the bounding box of both masks only, so large volumes stay cheap.
+
+Empty masks (the policy, the same for every function):
+
+* both empty: every metric is NaN (undefined; excluded from means, counted apart);
+* one empty: Dice, IoU and surface Dice are 0; Hausdorff and average surface distance
+  are ``inf``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+
+def _masks(prediction, truth):
+    prediction = np.asarray(prediction, dtype=bool)
+    truth = np.asarray(truth, dtype=bool)
+    if prediction.shape != truth.shape:
+        raise ValueError(
+            f"prediction shape {prediction.shape} differs from truth shape "
+            f"{truth.shape}"
+        )
+    return prediction, truth
+
+
+def dice(prediction, truth) -> float:
+    """``2 |P & T| / (|P| + |T|)``; NaN when both are empty."""
+    p, t = _masks(prediction, truth)
+    total = int(p.sum()) + int(t.sum())
+    return float("nan") if total == 0 else 2.0 * int((p & t).sum()) / total
+
+
+def iou(prediction, truth) -> float:
+    """``|P & T| / |P | T|`` (Jaccard); NaN when both are empty."""
+    p, t = _masks(prediction, truth)
+    union = int((p | t).sum())
+    return float("nan") if union == 0 else int((p & t).sum()) / union
+
+
+def boundary(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with a face neighbour outside it (the border is outside)."""
+    mask = np.asarray(mask, dtype=bool)
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure, border_value=0)
+
+
+def _spacing(spacing, ndim) -> tuple[float, ...]:
+    spacing = (1.0,) * ndim if spacing is None else tuple(float(s) for s in spacing)
+    if len(spacing) != ndim or any(s <= 0 for s in spacing):
+        raise ValueError(f"spacing must be {ndim} positive values, got {spacing}")
+    return spacing
+
+
+def surface_distances(prediction, truth, spacing=None):
+    """Directed distances (mm): from each boundary voxel of the prediction to the
+    truth's boundary, and from the truth's to the prediction's.
+
+    Returns:
+        ``(pred_to_truth, truth_to_pred)`` 1D arrays; ``None`` for both when either mask
+        is empty.
+    """
+    p, t = _masks(prediction, truth)
+    spacing = _spacing(spacing, p.ndim)
+    if not p.any() or not t.any():
+        return None, None
+    union = p | t
+    box = tuple(
+        slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(union)
+    )
+    bp, bt = boundary(p)[box], boundary(t)[box]
+    to_truth = ndimage.distance_transform_edt(~bt, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~bp, sampling=spacing)
+    return to_truth[bp], to_pred[bt]
+
+
+def _empty_policy(prediction, truth, one_empty: float):
+    p, t = _masks(prediction, truth)
+    if not p.any() and not t.any():
+        return float("nan")
+    if not p.any() or not t.any():
+        return one_empty
+    return None
+
+
+def hausdorff_distance(
+    prediction, truth, spacing=None, percentile: float = 95
+) -> float:
+    """The larger of the two directed ``percentile``-th surface distances (mm); 100
+    gives the classic Hausdorff distance. ``inf`` if one mask is empty, NaN if both."""
+    special = _empty_policy(prediction, truth, float("inf"))
+    if special is not None:
+        return special
+    a, b = surface_distances(prediction, truth, spacing)
+    return float(max(np.percentile(a, percentile), np.percentile(b, percentile)))
+
+
+def average_surface_distance(prediction, truth, spacing=None) -> float:
+    """Average symmetric surface distance: the mean of the two directed mean distances
+    (mm). ``inf`` if one mask is empty, NaN if both."""
+    special = _empty_policy(prediction, truth, float("inf"))
+    if special is not None:
+        return special
+    a, b = surface_distances(prediction, truth, spacing)
+    return float((a.mean() + b.mean()) / 2)
+
+
+def surface_dice(prediction, truth, spacing=None, tolerance_mm: float = 1.0) -> float:
+    """Normalised surface Dice: the fraction of both boundaries lying within
+    ``tolerance_mm`` of the other boundary. 0 if one mask is empty, NaN if both."""
+    special = _empty_policy(prediction, truth, 0.0)
+    if special is not None:
+        return special
+    a, b = surface_distances(prediction, truth, spacing)
+    return float(
+        ((a <= tolerance_mm).sum() + (b <= tolerance_mm).sum()) / (a.size + b.size)
+    )
+
+
+def volume_ml(mask, spacing=None) -> float:
+    """Volume in millilitres (1 ml = 1000 mm^3)."""
+    mask = np.asarray(mask, dtype=bool)
+    return float(mask.sum() * np.prod(_spacing(spacing, mask.ndim)) / 1000.0)
+
+
+METRIC_COLUMNS = (
+    "dice",
+    "iou",
+    "hd95_mm",
+    "assd_mm",
+    "nsd",
+    "volume_truth_ml",
+    "volume_pred_ml",
+)
+
+
+def label_metrics(
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    labels: Sequence[int],
+    spacing: Sequence[float],
+    tolerance_mm: float = 1.0,
+) -> list[dict]:
+    """Every metric for each label of two label maps: one dict per label."""
+    rows = []
+    for label in labels:
+        p, t = prediction == label, truth == label
+        rows.append(
+            {
+                "label": int(label),
+                "dice": dice(p, t),
+                "iou": iou(p, t),
+                "hd95_mm": hausdorff_distance(p, t, spacing, 95),
+                "assd_mm": average_surface_distance(p, t, spacing),
+                "nsd": surface_dice(p, t, spacing, tolerance_mm),
+                "volume_truth_ml": volume_ml(t, spacing),
+                "volume_pred_ml": volume_ml(p, spacing),
+            }
+        )
+    return rows

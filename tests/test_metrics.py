@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from medseg import metrics
+from medseg_cli.main import main
+from tests import reference
+
+SPACING = (0.7, 1.3, 2.5)
+
+
+def test_dice_and_iou_by_hand():
+    a = np.zeros((3, 3), bool)
+    b = np.zeros((3, 3), bool)
+    a[0, :2] = True  # two voxels
+    b[0, 1:3] = True  # two voxels, one shared: IoU 1 / 3, Dice 2 * 1 / 4
+    assert metrics.iou(a, b) == pytest.approx(1 / 3)
+    assert metrics.dice(a, b) == pytest.approx(1 / 2)
+
+
+def _blobs(rng, shape=(18, 14, 9)):
+    grid = np.indices(shape).transpose(1, 2, 3, 0) * np.array(SPACING)
+    centre = np.array(shape) * np.array(SPACING) / 2
+    a = ((grid - centre) ** 2).sum(-1) < 6.0**2
+    b = ((grid - centre - [1.5, -1.0, 2.0]) ** 2).sum(-1) < 5.0**2
+    b[2:5, 2:4, 1:3] = True  # a detached island, far from a
+    return a, b
+
+
+def test_surface_metrics_match_brute_force_on_anisotropic_voxels(rng):
+    a, b = _blobs(rng)
+    d_ab = reference.directed_distances(a, b, SPACING)
+    d_ba = reference.directed_distances(b, a, SPACING)
+    fast_ab, fast_ba = metrics.surface_distances(a, b, SPACING)
+    np.testing.assert_allclose(np.sort(fast_ab), np.sort(d_ab), rtol=1e-9)
+    np.testing.assert_allclose(np.sort(fast_ba), np.sort(d_ba), rtol=1e-9)
+    assert metrics.hausdorff_distance(a, b, SPACING) == pytest.approx(
+        max(np.percentile(d_ab, 95), np.percentile(d_ba, 95))
+    )
+    assert metrics.hausdorff_distance(a, b, SPACING, percentile=100) == pytest.approx(
+        max(d_ab.max(), d_ba.max())
+    )
+    assert metrics.average_surface_distance(a, b, SPACING) == pytest.approx(
+        (d_ab.mean() + d_ba.mean()) / 2
+    )
+    for tolerance in (0.5, 1.31, 3.01):  # away from exact voxel distances (ties)
+        expected = ((d_ab <= tolerance).sum() + (d_ba <= tolerance).sum()) / (
+            d_ab.size + d_ba.size
+        )
+        assert metrics.surface_dice(a, b, SPACING, tolerance) == pytest.approx(expected)
+    assert metrics.volume_ml(a, SPACING) == pytest.approx(
+        a.sum() * 0.7 * 1.3 * 2.5 / 1000
+    )
+
+
+def test_boundary_counts_the_image_border_as_outside():
+    full = np.ones((4, 5), bool)
+    assert set(zip(*np.nonzero(metrics.boundary(full)), strict=True)) == set(
+        reference.boundary_voxels(full)
+    )
+    assert metrics.boundary(full).sum() == 4 * 5 - 2 * 3  # all but the inner 2 x 3
+
+
+def test_empty_mask_policy():
+    empty = np.zeros((5, 5, 5), bool)
+    blob = np.zeros((5, 5, 5), bool)
+    blob[1:3, 1:3, 1:3] = True
+    for fn in (metrics.dice, metrics.iou):
+        assert np.isnan(fn(empty, empty)) and fn(empty, blob) == 0 == fn(blob, empty)
+    for fn in (metrics.hausdorff_distance, metrics.average_surface_distance):
+        assert np.isnan(fn(empty, empty, SPACING))
+        assert fn(empty, blob, SPACING) == np.inf == fn(blob, empty, SPACING)
+    assert np.isnan(metrics.surface_dice(empty, empty, SPACING))
+    assert metrics.surface_dice(blob, empty, SPACING) == 0
+    assert metrics.dice(blob, blob) == 1 and metrics.hausdorff_distance(blob, blob) == 0
+    with pytest.raises(ValueError, match="differs from truth shape"):
+        metrics.dice(blob, blob[:4])
+
+
+def _save(path, data, spacing=SPACING):
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), np.diag([*spacing, 1.0])), path)
+
+
+def test_evaluate_command_writes_long_csv_and_summary(tmp_path, rng):
+    a, b = _blobs(rng)
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    truth = a.astype(np.uint8) + 0  # label 1 = a
+    pred = b.astype(np.uint8)
+    _save(tmp_path / "truth" / "c1.nii.gz", truth)
+    _save(tmp_path / "pred" / "c1.nii.gz", pred)
+    _save(tmp_path / "truth" / "c2.nii.gz", truth)
+    _save(tmp_path / "pred" / "c2.nii.gz", np.zeros_like(pred))  # missed entirely
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--prediction",
+            str(tmp_path / "pred"),
+            "--truth",
+            str(tmp_path / "truth"),
+            "--labels",
+            "1",
+            "--output",
+            str(tmp_path / "m.csv"),
+            "--summary",
+            str(tmp_path / "s.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "m.csv").read_text().splitlines()
+    assert (
+        lines[0]
+        == "case,label,dice,iou,hd95_mm,assd_mm,nsd,volume_truth_ml,volume_pred_ml"
+    )
+    assert lines[2].startswith("c2,1,0,0,inf,inf,0,")
+    summary = json.loads((tmp_path / "s.json").read_text())["labels"]["1"]
+    assert summary["dice"]["mean"] == pytest.approx(metrics.dice(b, a) / 2)
+    assert summary["hd95_mm"]["n_inf"] == 1 and summary["hd95_mm"]["n"] == 1
+    assert summary["hd95_mm"]["mean"] == pytest.approx(
+        metrics.hausdorff_distance(b, a, SPACING)
+    )
+    assert "0 both, 1 one" in result.output
+
+
+def test_evaluate_names_missing_pairs_and_grid_mismatch(tmp_path):
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    data = np.zeros((4, 4, 4))
+    for name in ("a.nii.gz", "b.nii.gz"):
+        _save(tmp_path / "truth" / name, data)
+    _save(tmp_path / "pred" / "a.nii.gz", data)
+    _save(tmp_path / "pred" / "z.nii.gz", data)
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--prediction",
+            str(tmp_path / "pred"),
+            "--truth",
+            str(tmp_path / "truth"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "no prediction for b.nii.gz; no truth for z.nii.gz" in result.output
+    (tmp_path / "pred" / "z.nii.gz").unlink()
+    _save(tmp_path / "pred" / "b.nii.gz", data, spacing=(1, 1, 1))
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--prediction",
+            str(tmp_path / "pred"),
+            "--truth",
+            str(tmp_path / "truth"),
+        ],
+    )
+    assert result.exit_code == 2 and "affine differs from the truth's" in result.output
