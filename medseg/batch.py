@@ -140,6 +140,9 @@ def segment_all(
         except Exception as exc:  # a reader's bug must not end the batch
             return None, InputFileError(path, f"unreadable ({exc})")
 
+    for _, target in todo:  # leftovers of a killed run (each shard cleans its own)
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial*"):
+            stale.unlink(missing_ok=True)
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(load, todo[0][0]) if todo else None
         for index, (path, target) in enumerate(todo):

@@ -134,6 +134,16 @@ def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
     again = medseg("predict", "--model", bundle, "--input", inputs, "--output", out)
     assert again.returncode == 1
     assert "0 segmented, 2 skipped (output existed), 4 failed" in again.stdout
+    # a run killed while writing leaves only a hidden temporary file, cleaned next time
+    (out / good[0].name).unlink()
+    stale = out / f".{good[0].name}.0badcafe.partial.nii.gz"
+    stale.write_bytes(b"half a file")
+    third = medseg("predict", "--model", bundle, "--input", inputs, "--output", out)
+    assert "1 segmented, 1 skipped (output existed), 4 failed" in third.stdout
+    assert (
+        not stale.exists()
+        and nib.load(out / good[0].name).shape == nib.load(good[0]).shape
+    )
 
 
 @pytest.mark.slow
