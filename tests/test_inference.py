@@ -167,3 +167,48 @@ def test_same_scan_in_another_voxel_order_gets_the_same_segmentation(bundle, tmp
     np.testing.assert_array_equal(other.affine, affine)  # written on its own grid
     back = np.flip(np.asanyarray(other.dataobj).transpose(1, 2, 0), 0)
     np.testing.assert_array_equal(back, original)
+
+
+@pytest.mark.slow
+def test_2d_bundle_segments_png_images_into_png_masks(tmp_path, rng):
+    from PIL import Image
+
+    for folder in ("images", "labels"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    for i in range(4):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[4 + i : 20 + i, 6:22] = 255
+        image = (mask // 2 + rng.integers(0, 60, (32, 32))).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / "data" / "images" / f"{i}.png")
+        Image.fromarray(mask).save(tmp_path / "data" / "labels" / f"{i}.png")
+    (tmp_path / "2d.yaml").write_text(
+        "model: {name: unet, spatial_dims: 2, filters: [4, 8], patch_size: [16, 16]}\n"
+        "data: {labels: {0: background, 255: cell}}\n"
+        "train: {epochs: 1, steps_per_epoch: 2, batch_size: 2, optimizer: adam, "
+        "folds: 4, augment: {mirror_axes: [0, 1]}}\n"
+    )
+    result = medseg(
+        "train",
+        "--config",
+        tmp_path / "2d.yaml",
+        "--data",
+        tmp_path / "data",
+        "--output",
+        tmp_path / "run",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    result = medseg(
+        "predict",
+        "--model",
+        tmp_path / "run",
+        "--input",
+        tmp_path / "data" / "images",
+        "--output",
+        out,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for i in range(4):
+        mask = np.asarray(Image.open(out / f"{i}.png"))
+        assert mask.shape == (32, 32) and mask.dtype == np.uint8
+        assert set(np.unique(mask).tolist()) <= {0, 255}  # declared values, not classes
