@@ -212,3 +212,59 @@ def test_2d_bundle_segments_png_images_into_png_masks(tmp_path, rng):
         mask = np.asarray(Image.open(out / f"{i}.png"))
         assert mask.shape == (32, 32) and mask.dtype == np.uint8
         assert set(np.unique(mask).tolist()) <= {0, 255}  # declared values, not classes
+
+
+@pytest.mark.slow
+def test_killed_batch_leaves_no_partial_output_and_rerun_does_the_rest(
+    bundle, tmp_path
+):
+    import os
+    import signal
+    import time
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sources = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))
+    for copy in range(3):
+        for path in sources:
+            (inputs / f"{copy}_{path.name}").write_bytes(path.read_bytes())
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "medseg_cli",
+        "predict",
+        "--model",
+        str(bundle),
+        "--input",
+        str(inputs),
+        "--output",
+        str(out),
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if out.is_dir() and len(list(out.glob("[0-9]*.nii.gz"))) >= 3:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the batch finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = sorted(p.name for p in out.glob("[0-9]*.nii.gz"))
+    assert 3 <= len(finished) < 36
+    for name in finished:  # every file under a final name is complete
+        labels = nib.load(out / name)
+        assert np.asanyarray(labels.dataobj).shape == labels.shape
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (
+        f"{36 - len(finished)} segmented, {len(finished)} skipped (output existed), "
+        "0 failed"
+    ) in rerun.stdout
+    assert not list(out.glob(".*partial*"))
+    assert len(list(out.glob("[0-9]*.nii.gz"))) == 36
