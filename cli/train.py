@@ -76,7 +76,7 @@ def train(
     history.csv, progress.png and a checkpoint; a killed run continues with --resume.
     """
     from medseg.config import load_config
-    from medseg.errors import InputFileError
+    from medseg.errors import ConfigError, InputFileError
 
     ctx = click.get_current_context()
     config = load_config(config_path)
@@ -114,8 +114,6 @@ def train(
         folder = run_training(
             config, output, resume=resume, verbose=1 if sys.stdout.isatty() else 2
         )
-    except ValueError as exc:
-        if isinstance(exc, InputFileError):
-            raise
+    except ConfigError as exc:  # a setting that does not fit the data or model
         raise InputFileError(config_path, str(exc)) from None
     click.echo(f"bundle written to {folder}")

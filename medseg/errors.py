@@ -22,3 +22,8 @@ class InputFileError(ValueError):
 
     def __reduce__(self):  # keep picklable across worker processes
         return (type(self), (self.path, self.problem))
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work with this data or model (the command line names the
+    config file with it)."""

@@ -392,3 +392,22 @@ def test_classification_training_on_a_medmnist_style_npz(tmp_path, rng):
         12,
     ]
     assert metadata["dataset"]["splits"] == {"train": 40, "val": 10}
+
+
+def test_a_setting_that_cannot_work_is_reported_against_the_config(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "model: {name: unet, spatial_dims: 3, filters: [4, 8, 16], "
+        "patch_size: [18, 16, 16]}\n"
+        "train: {epochs: 1, steps_per_epoch: 1, batch_size: 2, folds: 4, "
+        "augment: {mirror_axes: [0, 2]}}\n"
+    )
+    result = subprocess.run(
+        _train_command(config, tmp_path / "run"), capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert (
+        f"Error: {config}: patch_size (18, 16, 16): each size must be divisible by "
+        "2**depth = 4"
+    ) in result.stderr

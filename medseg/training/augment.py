@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from medseg.config import AugmentConfig
+from medseg.errors import ConfigError
 
 # deterministic twins
 
@@ -168,7 +169,7 @@ class Augmenter:
     def __init__(self, config: AugmentConfig, spatial_dims: int):
         bad = [a for a in config.mirror_axes if not 0 <= a < spatial_dims]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"augment.mirror_axes {bad} out of range for {spatial_dims}D data"
             )
         self.config = config

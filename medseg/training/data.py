@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.datasets import Case, Dataset
+from medseg.errors import ConfigError
 from medseg.io import read_volume
 from medseg.preprocessing import Preprocessor
 
@@ -49,7 +50,7 @@ def kfold_split(case_ids: Sequence[str], folds: int, fold: int | str):
     if fold == "all":
         return ids, []
     if len(ids) < folds:
-        raise ValueError(f"{len(ids)} cases cannot be split into {folds} folds")
+        raise ConfigError(f"{len(ids)} cases cannot be split into {folds} folds")
     order = np.random.default_rng(SPLIT_SEED).permutation(len(ids))
     parts = np.array_split(order, folds)
     val = sorted(ids[i] for i in parts[fold])
@@ -60,7 +61,9 @@ def class_values(dataset: Dataset) -> list[int]:
     """The declared label values, sorted; class index ``k`` is the ``k``-th value
     (so labels 0/255 train as classes 0/1)."""
     if not dataset.labels:
-        raise ValueError(f"{dataset.root}: the dataset declares no labels")
+        raise ConfigError(
+            f"{dataset.root}: the dataset declares no labels (give data.labels)"
+        )
     return sorted(dataset.labels)
 
 
@@ -147,7 +150,7 @@ class PatchSampler:
         samples_per_epoch: int,
     ):
         if not cases:
-            raise ValueError("no training cases")
+            raise ConfigError("no training cases")
         self.cases = cases
         self.patch_size = tuple(int(p) for p in patch_size)
         self.foreground_oversample = foreground_oversample

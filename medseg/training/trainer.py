@@ -9,6 +9,7 @@ the last epoch when there is no validation). A run killed at any point continues
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -20,7 +21,7 @@ import keras
 from medseg.bundle import write_bundle
 from medseg.config import Config
 from medseg.datasets import load_dataset
-from medseg.errors import InputFileError
+from medseg.errors import ConfigError, InputFileError
 from medseg.io import atomic_write_text
 from medseg.losses import LOSSES, ArgmaxDice
 from medseg.preprocessing import (
@@ -69,10 +70,22 @@ class PolyDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+@contextlib.contextmanager
+def config_errors():
+    """Reports a ``ValueError`` raised while setting a run up as a :class:`ConfigError`
+    (a setting that does not work), leaving input-file errors as they are."""
+    try:
+        yield
+    except (ConfigError, InputFileError):
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _normalizers(config: Config, fingerprint: dict, channels: int):
     schemes = config.data.normalization or ({"scheme": "zscore"},) * channels
     if len(schemes) != channels:
-        raise ValueError(
+        raise ConfigError(
             f"data.normalization lists {len(schemes)} scheme(s) for "
             f"{channels} channel(s)"
         )
@@ -89,7 +102,8 @@ def _normalizers(config: Config, fingerprint: dict, channels: int):
                 )
             )
         else:
-            out.append(normalizer_from_dict(scheme))
+            with config_errors():
+                out.append(normalizer_from_dict(scheme))
     return tuple(out) or (ZScoreNormalization(),)
 
 
@@ -308,7 +322,7 @@ def _checked_dataset(config: Config):
     from medseg.checks import check_dataset
 
     if not config.data.dataset:
-        raise ValueError("no dataset: give data.dataset in the config or --data")
+        raise ConfigError("no dataset: give data.dataset in the config or --data")
     dataset = load_dataset(config.data.dataset)
     if config.data.labels is not None:
         dataset = replace(dataset, labels=config.data.labels)
@@ -418,9 +432,10 @@ def train(
         )
     )
     if config.model.options.get("deep_supervision"):
-        raise ValueError("training with deep_supervision is not available yet")
+        raise ConfigError("training with deep_supervision is not available yet")
     keras.mixed_precision.set_global_policy(_precision(config))
-    plan = plan_training(config, fingerprint)
+    with config_errors():  # e.g. a patch size the network cannot take
+        plan = plan_training(config, fingerprint)
     logger.info(plan.describe())
     preprocessor = Preprocessor(
         _normalizers(config, fingerprint, channels),
@@ -444,7 +459,8 @@ def train(
         for i in split[0] + split[1]
     }
     with strategy.scope():
-        model, metrics = _compiled_model(config, plan)
+        with config_errors():
+            model, metrics = _compiled_model(config, plan)
     start_epoch, best = resume_run(folder, model) if resume else (0, None)
     if start_epoch >= config.train.epochs:
         return folder
@@ -549,7 +565,7 @@ def _train_classification(
     from medseg.training import classification
 
     if not config.data.dataset:
-        raise ValueError("no dataset: give data.dataset in the config or --data")
+        raise ConfigError("no dataset: give data.dataset in the config or --data")
     config, preprocessor, arrays, dataset = classification.load_arrays(config)
     keras.mixed_precision.set_global_policy(_precision(config))
     images, labels = arrays["train"]
@@ -570,7 +586,8 @@ def _train_classification(
             folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
         )
     with strategy.scope():
-        model, metrics = _compiled_model(config, plan)
+        with config_errors():
+            model, metrics = _compiled_model(config, plan)
     start_epoch, best = resume_run(folder, model) if resume else (0, None)
     if start_epoch >= config.train.epochs:
         return folder
