@@ -17,9 +17,13 @@ if TYPE_CHECKING:
 VALIDATION_BATCH = 8
 
 
-def predictor(model):
-    """A NumPy-in, NumPy-out forward pass, traced once per batch shape."""
+def predictor(model, run: _Run):
+    """A NumPy-in, NumPy-out forward pass, traced once per batch shape and kept on the
+    run, so validating every epoch does not trace it again."""
     import tensorflow as tf
+
+    if getattr(run, "_predict", None) is not None:
+        return run._predict
 
     @tf.function(reduce_retracing=True)
     def forward(batch):
@@ -28,6 +32,7 @@ def predictor(model):
     def predict(batch):
         return keras.ops.convert_to_numpy(forward(batch)).astype(np.float32)
 
+    run._predict = predict
     return predict
 
 
@@ -43,15 +48,7 @@ def validate(model, run: _Run) -> dict[str, float]:
     fp = np.zeros(num_classes)
     fn = np.zeros(num_classes)
 
-    import tensorflow as tf
-
-    forward = tf.function(
-        lambda batch: model(batch, training=False), reduce_retracing=True
-    )
-
-    def predict(batch):
-        return keras.ops.convert_to_numpy(forward(batch)).astype(np.float32)
-
+    predict = predictor(model, run)
     for case in run.val_cases:
         scores = sliding_window_predict(
             case.image,
@@ -79,7 +76,7 @@ def validate(model, run: _Run) -> dict[str, float]:
 
 
 def _validate_reconstruction(model, run: _Run) -> dict[str, float]:
-    predict = predictor(model)
+    predict = predictor(model, run)
     squared, count = 0.0, 0
     for case in run.val_cases:
         output = sliding_window_predict(
@@ -98,7 +95,7 @@ def _validate_classification(model, run: _Run) -> dict[str, float]:
     from medseg.training.classification import classification_scores
 
     images, labels = run.val_cases
-    predict = predictor(model)
+    predict = predictor(model, run)
     logits = np.concatenate(
         [predict(images[i : i + 64]) for i in range(0, len(images), 64)]
     )
