@@ -25,13 +25,15 @@ def parse_labels(text: str | None):
     "--prediction",
     required=True,
     type=click.Path(path_type=Path),
-    help="Predicted label file, or a folder of them.",
+    help="Predicted label file, or a folder of them; or a classification "
+    "predictions CSV.",
 )
 @click.option(
     "--truth",
     required=True,
     type=click.Path(path_type=Path),
-    help="Truth label file, or a folder matched by file name.",
+    help="Truth label file, or a folder matched by file name; for classification a "
+    "CSV (case,label) or a MedMNIST-style .npz.",
 )
 @click.option(
     "--labels",
@@ -54,6 +56,12 @@ def parse_labels(text: str | None):
     type=click.Path(dir_okay=False, path_type=Path),
     help="Summary JSON (mean, std, median per label and metric).",
 )
+@click.option(
+    "--split",
+    default="test",
+    show_default=True,
+    help="Split of a .npz truth (classification).",
+)
 def evaluate(
     prediction: Path,
     truth: Path,
@@ -61,6 +69,7 @@ def evaluate(
     tolerance_mm: float,
     output: Path | None,
     summary: Path | None,
+    split: str,
 ) -> None:
     """Score predicted label maps against the truth, per case and label, in mm.
 
@@ -69,7 +78,13 @@ def evaluate(
     --tolerance-mm), volumes in ml. Distances use each file's voxel spacing. Both masks
     empty: every metric NaN (left out of the means, counted as "both"); one empty: Dice
     0 and distances inf (counted as "one").
+
+    A predictions CSV from a classification model is scored instead with accuracy,
+    balanced accuracy (mean recall per class) and one-vs-rest AUC per class.
     """
+    if prediction.suffix == ".csv":
+        _evaluate_classification(prediction, truth, split, summary)
+        return
     from medseg.evaluation import (
         evaluate_pairs,
         format_summary,
@@ -104,4 +119,20 @@ def evaluate(
             )
             + "\n",
         )
+        click.echo(f"summary written to {summary}")
+
+
+def _evaluate_classification(prediction, truth, split, summary) -> None:
+    from medseg.evaluation import evaluate_classification
+    from medseg.io import atomic_write_text
+
+    result = evaluate_classification(prediction, truth, split=split)
+    click.echo(
+        f"{result['cases']} case(s): accuracy {result['accuracy']:.4f}, balanced "
+        f"accuracy {result['balanced_accuracy']:.4f}, AUC {result['auc']:.4f}"
+    )
+    for name, auc in result["auc_per_class"].items():
+        click.echo(f"  class {name}: AUC (one vs rest) {auc:.4f}")
+    if summary is not None:
+        atomic_write_text(summary, json.dumps(result, indent=2) + "\n")
         click.echo(f"summary written to {summary}")

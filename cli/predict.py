@@ -14,16 +14,16 @@ from medseg_cli._tf import start_tensorflow
 @click.command("predict")
 @click.option(
     "--model",
-    "bundle",
+    "model",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Model bundle folder (a training run folder).",
+    help="Model bundle folder (a training run folder), or a shipped model's name.",
 )
 @click.option(
     "--input",
     "input_path",
     required=True,
-    help="A scan, a folder, a glob pattern (quote it) or a dataset.json.",
+    help="A scan, a folder, a glob pattern (quote it) or a dataset.json; for "
+    "classification models also a MedMNIST-style .npz.",
 )
 @click.option(
     "--output",
@@ -45,6 +45,29 @@ from medseg_cli._tf import start_tensorflow
     show_default=True,
     help="Sliding-window overlap.",
 )
+@click.option(
+    "--probabilities",
+    is_flag=True,
+    help="Also write CASE_probabilities.npz: float16 class probabilities on the "
+    "scan's grid.",
+)
+@click.option(
+    "--keep-largest",
+    is_flag=True,
+    help="Keep only the largest connected component of each label.",
+)
+@click.option(
+    "--min-size-mm3",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Remove components of a label smaller than this (mm^3; mm^2 in 2D).",
+)
+@click.option(
+    "--split",
+    default="test",
+    show_default=True,
+    help="Split of a .npz input to classify.",
+)
 @click.option("--shard", help="K/N: only every N-th scan from the K-th (array jobs).")
 @click.option("--overwrite", is_flag=True, help="Redo scans whose output exists.")
 @click.option(
@@ -54,11 +77,15 @@ from medseg_cli._tf import start_tensorflow
     help="Run report JSON (default: OUTPUT/medseg_predict_report[-K-of-N].json).",
 )
 def predict(
-    bundle: Path,
+    model: str,
     input_path: str,
     output: Path,
     tta: bool,
     overlap: float,
+    probabilities: bool,
+    keep_largest: bool,
+    min_size_mm3: float,
+    split: str,
     shard: str | None,
     overwrite: bool,
     report_path: Path | None,
@@ -70,15 +97,24 @@ def predict(
     back to the input's shape, affine and header codes. Existing outputs are skipped
     (re-running a killed job does only what is missing); a scan that cannot be read is
     named with the reason and the others still finish. Exit status 1 if any failed.
+
+    Classification models write one CSV (OUTPUT if it ends in .csv, else
+    OUTPUT/predictions.csv): case, predicted class, one probability per class.
     """
     from medseg import batch
-    from medseg.io import atomic_write_text
+    from medseg.bundle import read_metadata, resolve
 
     ctx = click.get_current_context()
     try:
         shard_value = batch.parse_shard(shard) if shard else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--shard") from None
+    bundle = resolve(model)
+    metadata = read_metadata(bundle)
+    if metadata.get("task") == "classification":
+        start_tensorflow(ctx.meta.get("medseg.debug", False))
+        _classify(bundle, metadata, input_path, output, split, shard_value, report_path)
+        return
     inputs = batch.take_shard(batch.collect_inputs(input_path), shard_value)
     single = (
         len(inputs) == 1
@@ -91,13 +127,16 @@ def predict(
 
     metadata_axes = ()
     if tta:
-        from medseg.bundle import read_metadata
-
-        augment = (
-            read_metadata(bundle).get("config", {}).get("train", {}).get("augment", {})
-        )
-        metadata_axes = tuple(augment.get("mirror_axes", ()))
-    segmenter = Segmenter(bundle, overlap=overlap, mirror_axes=metadata_axes)
+        augment = metadata.get("config", {}).get("train", {}).get("augment", {})
+        metadata_axes = tuple(augment.get("mirror_axes") or ())
+    segmenter = Segmenter(
+        bundle,
+        overlap=overlap,
+        mirror_axes=metadata_axes,
+        keep_largest=keep_largest,
+        min_size_mm3=min_size_mm3,
+        probabilities=probabilities,
+    )
     if single and inputs[0].name != output.name:
         inputs_named = {inputs[0]: output.name}
     else:
@@ -116,13 +155,22 @@ def predict(
                 click.echo(f"\nFAILED {result.error}", err=True)
 
         results = batch.segment_all(
-            segmenter.segment,
+            segmenter.predict,
             inputs,
             output_dir,
             overwrite=overwrite,
             progress=progress,
             rename=inputs_named,
+            probabilities=probabilities,
         )
+    _finish(results, output_dir, report_path, shard_value, "segmented")
+
+
+def _finish(results, output_dir, report_path, shard_value, verb: str) -> None:
+    """Writes the run report, prints the counts and the failures; exit 1 on any."""
+    from medseg import batch
+    from medseg.io import atomic_write_text
+
     summary = batch.report(results)
     if report_path is None:
         name = "medseg_predict_report"
@@ -132,7 +180,7 @@ def predict(
     atomic_write_text(report_path, json.dumps(summary, indent=2) + "\n")
     counts = summary["counts"]
     click.echo(
-        f"{counts['done']} segmented, {counts['skipped']} skipped (output "
+        f"{counts['done']} {verb}, {counts['skipped']} skipped (output "
         f"existed), {counts['failed']} failed; report: {report_path}"
     )
     if counts["failed"]:
@@ -140,3 +188,34 @@ def predict(
             if result.status == "failed":
                 click.echo(f"  FAILED {result.error}", err=True)
         sys.exit(1)
+
+
+def _classify(bundle, metadata, input_path, output, split, shard_value, report_path):
+    """Classification bundles: image files or a .npz split -> one predictions CSV."""
+    from medseg import batch
+    from medseg.datasets import load_npz_images
+    from medseg.inference import Classifier
+    from medseg.io import atomic_write_text, read_volume, split_suffix
+
+    target = output if output.suffix == ".csv" else output / "predictions.csv"
+    source = Path(input_path)
+    if source.suffix == ".npz":
+        images, _ = load_npz_images(source, split, metadata["spatial_dims"])
+        indices = batch.take_shard(list(range(len(images))), shard_value)
+        items = [(f"{split}_{i}", lambda i=i: images[i]) for i in indices]
+    else:
+        files = batch.take_shard(batch.collect_inputs(input_path), shard_value)
+        items = [(split_suffix(p)[0], lambda p=p: read_volume(p).array) for p in files]
+    classifier = Classifier(bundle)
+    with click.progressbar(
+        length=len(items), label="classifying", file=sys.stderr, show_pos=True
+    ) as bar:
+        results, scores = batch.classify_all(
+            classifier, items, progress=lambda _result: bar.update(1)
+        )
+    for result in results:
+        result.output = str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, batch.classification_csv(scores, classifier.names))
+    click.echo(f"predictions written to {target}")
+    _finish(results, target.parent, report_path, shard_value, "classified")

@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from medseg.errors import InputFileError
 from medseg.io import SCAN_SUFFIXES, read_volume, split_suffix, write_volume
 
@@ -102,6 +104,12 @@ def output_for(input_path: Path, output_dir: Path, rename: dict | None = None) -
     return output_dir / (rename or {}).get(input_path, Path(input_path).name)
 
 
+def probabilities_for(label_path: Path) -> Path:
+    """``case.nii.gz`` -> ``case_probabilities.npz`` beside it."""
+    stem = split_suffix(label_path)[0]
+    return label_path.with_name(f"{stem}_probabilities.npz")
+
+
 def segment_all(
     segment: Callable,
     inputs: list[Path],
@@ -110,22 +118,29 @@ def segment_all(
     overwrite: bool = False,
     progress: Callable[[CaseResult], None] | None = None,
     rename: dict | None = None,
+    probabilities: bool = False,
 ) -> list[CaseResult]:
     """Segments every input into ``output_dir``; never stops at a bad scan.
 
     Args:
-        segment: maps a :class:`medseg.io.Volume` to a label :class:`Volume`.
+        segment: maps a :class:`medseg.io.Volume` to a label :class:`Volume`, or to a
+            :class:`medseg.inference.Prediction`.
         inputs: scans to segment.
         output_dir: where label files go (created).
         overwrite: redo scans whose output exists.
         progress: called with each result.
         rename: output file names for some inputs (by default the input's name).
+        probabilities: also write ``<case>_probabilities.npz`` (the prediction's
+            float16 probabilities); a case counts as done when both files exist.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     todo, results = [], []
     for path in inputs:
         target = output_for(path, output_dir, rename)
-        if target.exists() and not overwrite:
+        done = target.exists() and (
+            not probabilities or probabilities_for(target).exists()
+        )
+        if done and not overwrite:
             results.append(CaseResult(str(path), str(target), "skipped"))
             if progress:
                 progress(results[-1])
@@ -141,8 +156,9 @@ def segment_all(
             return None, InputFileError(path, f"unreadable ({exc})")
 
     for _, target in todo:  # leftovers of a killed run (each shard cleans its own)
-        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial*"):
-            stale.unlink(missing_ok=True)
+        for name in (target, probabilities_for(target)):
+            for stale in name.parent.glob(f".{glob.escape(name.name)}.*.partial*"):
+                stale.unlink(missing_ok=True)
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(load, todo[0][0]) if todo else None
         for index, (path, target) in enumerate(todo):
@@ -156,7 +172,7 @@ def segment_all(
                     raise error
                 result.input_shape = list(volume.array.shape)
                 result.spacing_mm = [round(s, 6) for s in volume.spacing]
-                write_volume(segment(volume), target, is_label=True)
+                _write(segment(volume), target, probabilities)
             except (InputFileError, ValueError, OSError, MemoryError) as exc:
                 result.status = "failed"
                 result.error = (
@@ -170,9 +186,100 @@ def segment_all(
     return results
 
 
+def _write(prediction, target: Path, probabilities: bool) -> None:
+    """Writes the probabilities first and the labels last, so an existing label file
+    means the case is complete."""
+    labels = getattr(prediction, "labels", prediction)
+    if probabilities:
+        from medseg.inference import write_probabilities
+
+        write_probabilities(
+            probabilities_for(target),
+            prediction.probabilities,
+            labels.affine,
+            prediction.values,
+            prediction.names,
+        )
+    write_volume(labels, target, is_label=True)
+
+
 def report(results: list[CaseResult]) -> dict:
     """Counts and per-case records, JSON-ready."""
     counts = {
         s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")
     }
     return {"counts": counts, "cases": [asdict(r) for r in results]}
+
+
+def classify_all(
+    classifier,
+    items: list[tuple[str, Callable]],
+    *,
+    progress: Callable[[CaseResult], None] | None = None,
+) -> tuple[list[CaseResult], dict[str, list[float]]]:
+    """Classifies images one batch at a time; a bad image fails alone.
+
+    Args:
+        classifier: a :class:`medseg.inference.Classifier`.
+        items: ``(case name, loader)`` pairs; a loader returns the image ``(*S, C)``
+            or raises :class:`InputFileError`.
+        progress: called with each case's result.
+
+    Returns:
+        The per-case results and the probabilities of each classified case.
+    """
+    results, probabilities = [], {}
+    ready: list[tuple[CaseResult, object]] = []
+
+    def flush():
+        if not ready:
+            return
+        started = time.perf_counter()
+        scores = classifier.probabilities(np.stack([x for _, x in ready]))
+        share = (time.perf_counter() - started) / len(ready)
+        for (result, _), row in zip(ready, scores, strict=True):
+            probabilities[result.input] = [float(v) for v in row]
+            result.seconds = round(result.seconds + share, 3)
+            results.append(result)
+            if progress:
+                progress(result)
+        ready.clear()
+
+    for case, loader in items:
+        started = time.perf_counter()
+        result = CaseResult(case, "", "done")
+        try:
+            image = loader()
+            result.input_shape = list(image.shape)
+            prepared = classifier.prepare(image, case)
+        except (InputFileError, ValueError, OSError, MemoryError) as exc:
+            result.status = "failed"
+            result.error = (
+                str(exc) if isinstance(exc, InputFileError) else f"{case}: {exc}"
+            )
+            result.seconds = round(time.perf_counter() - started, 3)
+            results.append(result)
+            if progress:
+                progress(result)
+            continue
+        result.seconds = time.perf_counter() - started
+        ready.append((result, prepared))
+        if len(ready) >= classifier.batch_size:
+            flush()
+    flush()
+    return results, probabilities
+
+
+def classification_csv(probabilities: dict[str, list[float]], names) -> str:
+    """``case,predicted,prob_<name>...``: the predicted class index and one probability
+    per class, in the order the cases were given."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case", "predicted", *(f"prob_{n}" for n in names)])
+    for case, row in probabilities.items():
+        predicted = max(range(len(row)), key=row.__getitem__)
+        writer.writerow([case, predicted, *(f"{v:.6g}" for v in row)])
+    return buffer.getvalue()

@@ -24,6 +24,37 @@ from medseg.io import atomic_output, atomic_write_text
 FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"
 METADATA_FILE = "medseg.json"
+#: Bundles shipped inside the package, addressable by folder name.
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+
+
+def shipped_models() -> dict[str, Path]:
+    """Name -> folder of each bundle shipped with medseg."""
+    if not PRETRAINED_DIR.is_dir():
+        return {}
+    return {
+        p.name: p
+        for p in sorted(PRETRAINED_DIR.iterdir())
+        if (p / METADATA_FILE).is_file()
+    }
+
+
+def resolve(model: str | Path) -> Path:
+    """A bundle folder from a path or the name of a shipped model.
+
+    Raises:
+        InputFileError: neither an existing folder nor a shipped model's name.
+    """
+    path = Path(model)
+    if path.exists():
+        return path
+    shipped = shipped_models()
+    if str(model) in shipped:
+        return shipped[str(model)]
+    names = ", ".join(shipped) or "none"
+    raise InputFileError(
+        model, f"no such bundle folder, and not a shipped model (shipped: {names})"
+    )
 
 
 def sha256(path: str | Path) -> str:

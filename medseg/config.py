@@ -18,7 +18,7 @@ keeps equal to the builders' signatures.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +153,10 @@ class AugmentConfig:
     """Probabilities and ranges of the random transforms (nnU-Net-like defaults).
 
     Attributes:
-        mirror_axes: spatial axes that may be flipped (each with probability 0.5).
-            Leave out axes whose flip changes a label's meaning (left/right labels).
+        mirror_axes: spatial axes that may be flipped (each with probability 0.5);
+            left out, every spatial axis of the model. Leave out axes whose flip
+            changes a label's meaning (left/right labels). Prediction mirrors the same
+            axes for test-time augmentation.
         p_rotate, rotation_deg: probability and range (+-) of rotation about each axis
             (in 3D about all three, in 2D in-plane).
         p_scale, scale_range: probability and range of isotropic scaling (< 1 zooms in).
@@ -167,7 +169,7 @@ class AugmentConfig:
         p_blur, blur_sigma: Gaussian blur (sigma drawn in the range, voxels).
     """
 
-    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    mirror_axes: tuple[int, ...] | None = None
     p_rotate: float = 0.2
     rotation_deg: float = 30.0
     p_scale: float = 0.2
@@ -200,7 +202,8 @@ class AugmentConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"augment.{name} must be in [0, 1], got {value!r}")
-        object.__setattr__(self, "mirror_axes", tuple(self.mirror_axes))
+        if self.mirror_axes is not None:
+            object.__setattr__(self, "mirror_axes", tuple(self.mirror_axes))
         for name in (
             "scale_range",
             "gamma_range",
@@ -378,6 +381,16 @@ class Config:
     model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        augment = self.train.augment
+        if augment.mirror_axes is None:  # every spatial axis of the model
+            axes = tuple(range(self.model.spatial_dims))
+            object.__setattr__(
+                self,
+                "train",
+                replace(self.train, augment=replace(augment, mirror_axes=axes)),
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Config:

@@ -373,20 +373,7 @@ def load_npz_dataset(
             image and label counts that differ, or labels that are not classes.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputFileError(path, "file not found")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except ValueError as exc:
-        problem = (
-            "holds Python objects (pickled); refused for safety"
-            if "pickle" in str(exc)
-            else f"not a valid .npz ({exc})"
-        )
-        raise InputFileError(path, problem) from None
-    except Exception as exc:
-        raise InputFileError(path, f"not a valid .npz ({exc})") from None
+    arrays = read_npz_arrays(path)
     if "train_images" not in arrays or "train_labels" not in arrays:
         raise InputFileError(
             path, f"needs train_images and train_labels, has {sorted(arrays)}"
@@ -402,6 +389,55 @@ def load_npz_dataset(
     dims = _npz_spatial_dims(splits["train"][0].shape, spatial_dims)
     num_classes = int(max(int(lab.max()) for _, lab in splits.values() if lab.size)) + 1
     return ArrayDataset(path, splits, dims, num_classes)
+
+
+def read_npz_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz``, loaded without pickle.
+
+    Raises:
+        InputFileError: missing, not an ``.npz``, or holding pickled objects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "file not found")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except ValueError as exc:
+        problem = (
+            "holds Python objects (pickled); refused for safety"
+            if "pickle" in str(exc)
+            else f"not a valid .npz ({exc})"
+        )
+        raise InputFileError(path, problem) from None
+    except Exception as exc:
+        raise InputFileError(path, f"not a valid .npz ({exc})") from None
+
+
+def load_npz_images(
+    path: str | Path, split: str, spatial_dims: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``{split}_images`` of a MedMNIST-style ``.npz`` (channel axis added where there
+    is none) and ``{split}_labels`` as ``(N,)`` classes, ``None`` when absent: the
+    input of a classification bundle's prediction.
+
+    Raises:
+        InputFileError: unreadable, pickled, no such split, or malformed labels.
+    """
+    arrays = read_npz_arrays(path)
+    key = f"{split}_images"
+    if key not in arrays:
+        have = sorted(k[: -len("_images")] for k in arrays if k.endswith("_images"))
+        raise InputFileError(
+            path, f"no {key} (splits here: {', '.join(have) or 'none'})"
+        )
+    labels = arrays.get(f"{split}_labels")
+    if labels is None:
+        images = arrays[key]
+        if images.ndim == spatial_dims + 1:
+            images = images[..., None]
+        return images, None
+    return _validated_split(path, split, arrays[key], labels, spatial_dims)
 
 
 def _npz_spatial_dims(images_shape: tuple[int, ...], spatial_dims: int | None) -> int:

@@ -152,3 +152,98 @@ def format_summary(summary: dict) -> str:
             f"{label:>5}  " + "  ".join(f"{c:>15}" for c in cells) + f"  {flags}"
         )
     return "\n".join(lines)
+
+
+# classification
+
+
+def read_prediction_csv(path: Path) -> tuple[list[str], np.ndarray]:
+    """Cases and ``(N, K)`` probabilities from a ``medseg predict`` classification CSV
+    (columns ``case,predicted,prob_<name>...``).
+
+    Raises:
+        InputFileError: unreadable, missing columns, or non-numeric probabilities.
+    """
+    rows, header = _read_csv(path, ("case",))
+    columns = [c for c in header if c.startswith("prob_")]
+    if not columns:
+        raise InputFileError(path, "no prob_<class> columns (not a predictions CSV)")
+    try:
+        scores = np.array([[float(r[c]) for c in columns] for r in rows])
+    except ValueError as exc:
+        raise InputFileError(path, f"non-numeric probability ({exc})") from None
+    return [r["case"] for r in rows], scores.reshape(len(rows), len(columns))
+
+
+def read_class_truth(
+    path: Path, split: str = "test", spatial_dims: int | None = None
+) -> dict[str, int]:
+    """Case -> class from a CSV (``case,label``) or a MedMNIST-style ``.npz`` split
+    (cases named ``<split>_<index>``, as ``medseg predict`` names them)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        from medseg.datasets import read_npz_arrays
+
+        arrays = read_npz_arrays(path)
+        if f"{split}_labels" not in arrays:
+            raise InputFileError(path, f"no {split}_labels")
+        labels = np.asarray(arrays[f"{split}_labels"]).reshape(-1)
+        if labels.dtype.kind not in "iu":
+            raise InputFileError(path, f"{split}_labels are not integer classes")
+        return {f"{split}_{i}": int(v) for i, v in enumerate(labels)}
+    rows, _ = _read_csv(path, ("case", "label"))
+    try:
+        return {r["case"]: int(r["label"]) for r in rows}
+    except ValueError as exc:
+        raise InputFileError(path, f"label is not an integer class ({exc})") from None
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> tuple[list[dict], list[str]]:
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            rows, header = list(reader), list(reader.fieldnames or [])
+    except FileNotFoundError:
+        raise InputFileError(path, "not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputFileError(path, f"unreadable CSV ({exc})") from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise InputFileError(path, f"missing column(s) {', '.join(missing)}")
+    return rows, header
+
+
+def evaluate_classification(
+    prediction: Path, truth: Path, *, split: str = "test"
+) -> dict:
+    """Accuracy, balanced accuracy, macro AUC and one-vs-rest AUC per class of a
+    predictions CSV against the true classes.
+
+    Raises:
+        InputFileError: cases on one side only (named), or classes outside the
+            predicted columns.
+    """
+    from medseg.training.classification import binary_auc, classification_scores
+
+    cases, scores = read_prediction_csv(prediction)
+    classes = read_class_truth(truth, split)
+    missing = [c for c in classes if c not in set(cases)]
+    extra = [c for c in cases if c not in classes]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"no prediction for {', '.join(missing[:5])}")
+        if extra:
+            parts.append(f"no truth for {', '.join(extra[:5])}")
+        raise InputFileError(prediction, "; ".join(parts))
+    labels = np.array([classes[c] for c in cases])
+    if labels.max(initial=0) >= scores.shape[1]:
+        raise InputFileError(
+            truth, f"class {labels.max()} but {scores.shape[1]} predicted classes"
+        )
+    result = {"cases": len(cases), **classification_scores(scores, labels)}
+    result["auc_per_class"] = {
+        str(k): binary_auc(scores[:, k], labels == k) for k in range(scores.shape[1])
+    }
+    return result

@@ -11,8 +11,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+from medseg import geometry
+from medseg.errors import InputFileError
+from medseg.io import Volume, atomic_output
+from medseg.postprocessing import clean_labels
 
 BLENDS = ("gaussian", "constant")
 
@@ -34,20 +40,36 @@ def window_starts(size: int, patch: int, overlap: float = 0.5) -> list[int]:
     return [int(round(i * step)) for i in range(count)]
 
 
+def _gaussian_1d(n: int, sigma_scale: float) -> np.ndarray:
+    x = np.arange(n) - (n - 1) / 2
+    weights = np.exp(-0.5 * (x / (sigma_scale * n)) ** 2)
+    return (weights / weights.max()).astype(np.float32)
+
+
+def _outer(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    out = vectors[0]
+    for v in vectors[1:]:
+        out = np.multiply.outer(out, v)
+    return out
+
+
 def gaussian_importance(
     patch_size: Sequence[int], sigma_scale: float = 1 / 8
 ) -> np.ndarray:
-    """Gaussian weights peaking at the patch centre (sigma = ``sigma_scale`` x size),
-    scaled to a maximum of 1 and floored at the smallest non-zero value (no zeros)."""
-    axes = []
-    for n in patch_size:
-        x = np.arange(n) - (n - 1) / 2
-        axes.append(np.exp(-0.5 * (x / (sigma_scale * n)) ** 2))
-    weights = axes[0]
-    for a in axes[1:]:
-        weights = np.multiply.outer(weights, a)
-    weights = weights / weights.max()
-    return np.maximum(weights, weights[weights > 0].min()).astype(np.float32)
+    """Gaussian weights peaking (at 1) at the patch centre, sigma = ``sigma_scale`` x
+    size per axis. A product of one Gaussian per axis, so never zero: the corner of a
+    128^3 patch weighs about 4e-11."""
+    return _outer([_gaussian_1d(int(n), sigma_scale) for n in patch_size])
+
+
+def _flip_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every non-empty subset of ``axes`` (mirror test-time augmentation)."""
+    axes = tuple(axes)
+    return [
+        combo
+        for r in range(1, len(axes) + 1)
+        for combo in itertools.combinations(axes, r)
+    ]
 
 
 def sliding_window_predict(
@@ -58,8 +80,14 @@ def sliding_window_predict(
     overlap: float = 0.5,
     blend: str = "gaussian",
     batch_size: int = 2,
+    mirror_axes: Sequence[int] = (),
 ) -> np.ndarray:
     """Predicts a whole channels-last image window by window and blends the outputs.
+
+    Memory: one float32 accumulator of the output (``K`` channels over the image) plus
+    the windows of one batch. The blending weights are a product of one weight per axis
+    over a product grid of windows, so their sum at each voxel is a product of per-axis
+    sums and is never stored as a volume.
 
     Args:
         image: ``(*S, C)``.
@@ -69,6 +97,9 @@ def sliding_window_predict(
         overlap: fraction of a window shared with its neighbour (0 to <1).
         blend: ``"gaussian"`` or ``"constant"`` weighting of overlapping outputs.
         batch_size: windows per ``predict_fn`` call.
+        mirror_axes: test-time augmentation: each window is also predicted mirrored
+            along every non-empty subset of these spatial axes, mirrored back and
+            averaged (as nnU-Net does, per window).
 
     Returns:
         ``(*S, K)`` float32: the weighted mean of the window outputs at each voxel.
@@ -81,24 +112,26 @@ def sliding_window_predict(
         raise ValueError(
             f"patch_size {patch_size} does not match image shape {image.shape}"
         )
+    if any(not 0 <= a < len(spatial) for a in mirror_axes):
+        raise ValueError(f"mirror_axes {tuple(mirror_axes)} outside {len(spatial)}D")
     padded_shape = tuple(max(s, p) for s, p in zip(spatial, patch_size, strict=True))
     pads = [
         ((p - s) // 2, p - s - (p - s) // 2)
         for s, p in zip(spatial, padded_shape, strict=True)
     ]
     padded = np.pad(image, [*pads, (0, 0)]) if any(sum(p) for p in pads) else image
-    weights = (
-        gaussian_importance(patch_size)
-        if blend == "gaussian"
-        else np.ones(patch_size, np.float32)
-    )
+    axis_weights = [
+        _gaussian_1d(p, 1 / 8) if blend == "gaussian" else np.ones(p, np.float32)
+        for p in patch_size
+    ]
+    weights = _outer(axis_weights)[..., None]
     starts = [
         window_starts(n, p, overlap)
         for n, p in zip(padded_shape, patch_size, strict=True)
     ]
+    flips = [tuple(a + 1 for a in combo) for combo in _flip_combinations(mirror_axes)]
     windows = list(itertools.product(*starts))
     accumulator = None
-    weight_sum = np.zeros(padded_shape, np.float32)
     for first in range(0, len(windows), batch_size):
         chunk = windows[first : first + batch_size]
         boxes = [
@@ -106,18 +139,45 @@ def sliding_window_predict(
             for w in chunk
         ]
         batch = np.stack([padded[box] for box in boxes]).astype(np.float32)
-        outputs = np.asarray(predict_fn(batch), dtype=np.float32)
+        outputs = np.array(predict_fn(batch), dtype=np.float32)  # writable copy
+        for axes in flips:
+            mirrored = predict_fn(np.ascontiguousarray(np.flip(batch, axes)))
+            outputs += np.flip(np.asarray(mirrored, dtype=np.float32), axes)
+        if flips:
+            outputs /= 1 + len(flips)
         if accumulator is None:
             accumulator = np.zeros((*padded_shape, outputs.shape[-1]), np.float32)
         for box, output in zip(boxes, outputs, strict=True):
-            accumulator[box] += output * weights[..., None]
-            weight_sum[box] += weights
-    accumulator /= weight_sum[..., None]
+            accumulator[box] += output * weights
+    # the weight sum at voxel (i, j, ...) is sum_0[i] * sum_1[j] * ...
+    sums = []
+    for n, p, axis_starts, w in zip(
+        padded_shape, patch_size, starts, axis_weights, strict=True
+    ):
+        total = np.zeros(n, np.float32)
+        for s in axis_starts:
+            total[s : s + p] += w
+        sums.append(total)
+    rest = _outer(sums[1:])[..., None] if len(sums) > 1 else np.float32(1)
+    for i in range(padded_shape[0]):  # in place, one slab at a time
+        accumulator[i] /= sums[0][i] * rest
     crop = tuple(slice(a, a + s) for (a, _), s in zip(pads, spatial, strict=True))
     return accumulator[crop]
 
 
 # bundles on whole scans
+
+
+@dataclass
+class Prediction:
+    """A segmentation on the scan's own grid: ``labels`` (declared label values) and,
+    when asked for, ``probabilities`` ``(*S, K)`` float16 in the order of ``values``
+    (the label value of each class) and ``names``."""
+
+    labels: Volume
+    probabilities: np.ndarray | None = None
+    values: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
 
 
 class Segmenter:
@@ -127,13 +187,24 @@ class Segmenter:
     Args:
         bundle: bundle folder (``model.keras`` + ``medseg.json``).
         overlap: sliding-window overlap.
-        mirror_axes: test-time augmentation: also predict on the scan mirrored along
+        mirror_axes: test-time augmentation: also predict each window mirrored along
             these axes of the RAS-reoriented scan and average; ``()`` for none.
         batch_size: windows per forward pass.
+        keep_largest: keep only the largest component of each label.
+        min_size_mm3: remove components of a label smaller than this.
+        probabilities: also return the class probabilities on the scan's grid.
     """
 
     def __init__(
-        self, bundle, *, overlap: float = 0.5, mirror_axes=(), batch_size: int = 4
+        self,
+        bundle,
+        *,
+        overlap: float = 0.5,
+        mirror_axes=(),
+        batch_size: int = 4,
+        keep_largest: bool = False,
+        min_size_mm3: float = 0.0,
+        probabilities: bool = False,
     ):
         from medseg import bundle as bundles
         from medseg.models import load_model
@@ -141,8 +212,6 @@ class Segmenter:
 
         self.metadata = bundles.verify(bundle)
         if self.metadata.get("task") != "segmentation":
-            from medseg.errors import InputFileError
-
             raise InputFileError(
                 bundle,
                 f"a {self.metadata.get('task')} bundle, not a segmentation bundle",
@@ -151,10 +220,15 @@ class Segmenter:
         self.preprocessor = Preprocessor.from_dict(self.metadata["preprocessing"])
         self.patch_size = tuple(self.metadata["patch_size"])
         labels = self.metadata["labels"]
-        self.values = np.array([labels[str(k)]["value"] for k in range(len(labels))])
+        values = [int(labels[str(k)]["value"]) for k in range(len(labels))]
+        self.names = [str(labels[str(k)].get("name", v)) for k, v in enumerate(values)]
+        self.values = np.array(values, dtype=np.min_scalar_type(max(values)))
         self.overlap = overlap
         self.mirror_axes = tuple(mirror_axes)
         self.batch_size = batch_size
+        self.keep_largest = keep_largest
+        self.min_size_mm3 = min_size_mm3
+        self.want_probabilities = probabilities
         self._forward = None
 
     def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
@@ -173,35 +247,22 @@ class Segmenter:
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """Class probabilities ``(*S, K)`` of a preprocessed image, mirroring TTA."""
-        total = sliding_window_predict(
+        return sliding_window_predict(
             image,
             self._predict_batch,
             patch_size=self.patch_size,
             overlap=self.overlap,
             batch_size=self.batch_size,
+            mirror_axes=self.mirror_axes,
         )
-        flips = [
-            combo
-            for r in range(1, len(self.mirror_axes) + 1)
-            for combo in itertools.combinations(self.mirror_axes, r)
-        ]
-        for axes in flips:
-            flipped = np.flip(image, axes)
-            out = sliding_window_predict(
-                flipped,
-                self._predict_batch,
-                patch_size=self.patch_size,
-                overlap=self.overlap,
-                batch_size=self.batch_size,
-            )
-            total += np.flip(out, axes)
-        return total / (1 + len(flips))
 
-    def segment(self, volume):
-        """Label map (declared label values) on ``volume``'s own grid and header."""
-        from medseg import geometry
-        from medseg.errors import InputFileError
+    def predict(self, volume: Volume) -> Prediction:
+        """Labels (and probabilities) on ``volume``'s own grid and header.
 
+        The probabilities go back to the scan's grid one class at a time (linear
+        interpolation where the bundle resamples), with a running argmax, so no
+        multi-class volume is resampled at once.
+        """
         dims, channels = self.metadata["spatial_dims"], self.metadata["in_channels"]
         if volume.spatial_dims != dims or volume.num_channels != channels:
             raise InputFileError(
@@ -211,14 +272,130 @@ class Segmenter:
             )
         image, records = self.preprocessor.image(volume)
         scores = self.probabilities(image)
-        work = volume.with_array(scores)  # geometry is taken from the records
-        resample = [r for r in records if isinstance(r, geometry.ResampleRecord)]
-        for record in resample:  # back to the grid before resampling, per class
-            work = record.undo(work, order=1)
-        classes = np.argmax(np.asarray(work.array), axis=-1)[..., None]
-        labels = work.with_array(self.values[classes])
-        for record in reversed(
-            [r for r in records if not isinstance(r, geometry.ResampleRecord)]
-        ):
-            labels = record.undo(labels, fill=0)
-        return labels
+        del image
+        shape = volume.spatial_shape
+        best = classes = probabilities = None
+        for k in range(scores.shape[-1]):
+            score = _to_scan_grid(
+                volume.with_array(scores[..., k : k + 1]), records, 1.0 if k == 0 else 0
+            )
+            if score.shape != shape:  # a bundle whose records do not fit the scan
+                raise ValueError(f"prediction on grid {score.shape}, scan is {shape}")
+            if best is None:
+                best = np.array(score, dtype=np.float32)
+                classes = np.zeros(shape, np.min_scalar_type(scores.shape[-1] - 1))
+            else:
+                better = score > best
+                classes[better] = k
+                np.maximum(best, score, out=best)
+            if self.want_probabilities:
+                if probabilities is None:
+                    probabilities = np.empty((*shape, scores.shape[-1]), np.float16)
+                probabilities[..., k] = score
+        del scores, best
+        labels = self.values[classes]
+        if self.keep_largest or self.min_size_mm3 > 0:
+            labels = clean_labels(
+                labels,
+                volume.spacing,
+                background=self.values[0],
+                keep_largest=self.keep_largest,
+                min_size_mm3=self.min_size_mm3,
+            )
+        return Prediction(
+            volume.with_array(labels[..., None]),
+            probabilities,
+            tuple(int(v) for v in self.values),
+            tuple(self.names),
+        )
+
+    def segment(self, volume: Volume) -> Volume:
+        """Label map (declared label values) on ``volume``'s own grid and header."""
+        return self.predict(volume).labels
+
+
+def _to_scan_grid(channel: Volume, records, fill: float) -> np.ndarray:
+    """One channel on the preprocessed grid -> ``(*S)`` on the scan's grid, undoing the
+    preprocessing records last first (resampling linearly, padding crops with
+    ``fill``)."""
+    for record in reversed(records):
+        if isinstance(record, geometry.ResampleRecord):
+            channel = record.undo(channel, order=1)
+        else:
+            channel = record.undo(channel, fill=fill)
+    return np.asarray(channel.array)[..., 0]
+
+
+def write_probabilities(path, probabilities: np.ndarray, affine, values, names) -> None:
+    """Writes ``probabilities`` (float16 ``(*S, K)``) with the scan's affine and the
+    label values and names to a compressed ``.npz``, atomically.
+
+    Load with ``numpy.load(path)["probabilities"]``.
+    """
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(
+            handle,
+            probabilities=probabilities,
+            affine=np.asarray(affine, np.float64),
+            label_values=np.asarray(values),
+            label_names=np.asarray(names, dtype=str),
+        )
+
+
+# classification bundles
+
+
+class Classifier:
+    """A classification bundle ready to classify images: per-image normalisation as in
+    training, one forward pass, softmax probabilities.
+
+    Images whose shape differs from the training images are resized to it (linear
+    interpolation), as MedMNIST images were made.
+    """
+
+    def __init__(self, bundle, *, batch_size: int = 64):
+        from medseg import bundle as bundles
+        from medseg.models import load_model
+        from medseg.preprocessing import Preprocessor
+
+        self.metadata = bundles.verify(bundle)
+        if self.metadata.get("task") != "classification":
+            raise InputFileError(
+                bundle,
+                f"a {self.metadata.get('task')} bundle, not a classification bundle",
+            )
+        self.model = load_model(bundle)
+        self.preprocessor = Preprocessor.from_dict(self.metadata["preprocessing"])
+        self.shape = tuple(self.metadata["patch_size"])
+        labels = self.metadata["labels"]
+        self.names = [str(labels[str(k)]["name"]) for k in range(len(labels))]
+        self.batch_size = batch_size
+
+    def prepare(self, image: np.ndarray, source) -> np.ndarray:
+        """One image ``(*S, C)`` -> the normalised network input ``(*shape, C)``.
+
+        Raises:
+            InputFileError: wrong number of spatial axes or channels, or NaN/Inf.
+        """
+        from medseg.preprocessing import handle_nonfinite, normalize
+
+        dims, channels = self.metadata["spatial_dims"], self.metadata["in_channels"]
+        if image.ndim - 1 != dims or image.shape[-1] != channels:
+            raise InputFileError(
+                source,
+                f"{image.ndim - 1}D image with {image.shape[-1]} channel(s), but the "
+                f"model classifies {dims}D images with {channels} channel(s)",
+            )
+        image = handle_nonfinite(
+            np.asarray(image, np.float32), source, self.preprocessor.nonfinite
+        )
+        if tuple(image.shape[:-1]) != self.shape:
+            image = geometry.resample_array(image, self.shape, order=1)
+        return normalize(image, self.preprocessor.normalizers).astype(np.float32)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Softmax ``(N, K)`` of prepared images ``(N, *shape, C)``."""
+        import keras
+
+        logits = self.model.predict(images, batch_size=self.batch_size, verbose=0)
+        return np.asarray(keras.ops.softmax(logits, axis=-1), dtype=np.float64)

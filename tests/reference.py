@@ -367,3 +367,66 @@ def directed_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
     pa = np.array(boundary_voxels(a), float) * spacing
     pb = np.array(boundary_voxels(b), float) * spacing
     return np.array([np.sqrt(((pb - p) ** 2).sum(axis=1)).min() for p in pa])
+
+
+def mirror_averaged(predict, axes):
+    """A predictor that averages ``predict`` over the batch mirrored along every
+    subset of the spatial ``axes`` (the empty one included), each mirrored back."""
+
+    def averaged(batch):
+        outputs = []
+        for r in range(len(axes) + 1):
+            for subset in itertools.combinations(axes, r):
+                flipped = batch
+                for a in subset:
+                    flipped = flipped[
+                        (slice(None),) * (a + 1) + (slice(None, None, -1),)
+                    ]
+                out = np.asarray(predict(flipped), dtype=np.float64)
+                for a in subset:
+                    out = out[(slice(None),) * (a + 1) + (slice(None, None, -1),)]
+                outputs.append(out)
+        return sum(outputs) / len(outputs)
+
+    return averaged
+
+
+def flood_components(mask: np.ndarray) -> list[list[tuple[int, ...]]]:
+    """Components of a boolean mask, fully connected (any neighbour within one voxel
+    along every axis), by breadth-first search."""
+    seen = np.zeros(mask.shape, bool)
+    steps = [d for d in itertools.product((-1, 0, 1), repeat=mask.ndim) if any(d)]
+    components = []
+    for start in voxel_indices(mask.shape):
+        if not mask[start] or seen[start]:
+            continue
+        seen[start] = True
+        queue, members = [start], []
+        while queue:
+            here = queue.pop()
+            members.append(here)
+            for d in steps:
+                there = tuple(h + s for h, s in zip(here, d, strict=True))
+                if all(0 <= t < n for t, n in zip(there, mask.shape, strict=True)):
+                    if mask[there] and not seen[there]:
+                        seen[there] = True
+                        queue.append(there)
+        components.append(members)
+    return components
+
+
+def clean_labels(labels, voxel_volume, background, keep_largest, min_size):
+    """Per label value: keep the largest component and/or drop components under
+    ``min_size`` (in voxel_volume units); dropped voxels become background."""
+    out = labels.copy()
+    for value in np.unique(labels):
+        if value == background:
+            continue
+        parts = flood_components(labels == value)
+        sizes = [len(p) * voxel_volume for p in parts]
+        for i, part in enumerate(parts):
+            drop = (keep_largest and i != int(np.argmax(sizes))) or sizes[i] < min_size
+            if drop:
+                for where in part:
+                    out[where] = background
+    return out

@@ -167,4 +167,6 @@ def test_bad_augment_config():
     with pytest.raises(ValueError, match="scale_range"):
         augment.AugmentConfig(scale_range=(1.2, 0.8))
     with pytest.raises(ValueError, match=r"mirror_axes \[2\] out of range for 2D"):
-        augment.Augmenter(augment.AugmentConfig(), spatial_dims=2)
+        augment.Augmenter(augment.AugmentConfig(mirror_axes=(0, 2)), spatial_dims=2)
+    # left out, the mirror axes are every spatial axis of the data
+    assert augment.Augmenter(augment.AugmentConfig(), 2).config.mirror_axes == (0, 1)

@@ -73,6 +73,8 @@ def test_data_and_train_sections(tmp_path):
     )
     assert config.data.target_spacing_mm == (1, 1, 2)
     assert config.train.augment.mirror_axes == (0,)
+    two_d = Config.from_dict({"model": {"name": "unet", "spatial_dims": 2}})
+    assert two_d.train.augment.mirror_axes == (0, 1)  # default: every spatial axis
     assert Config.from_dict(config.to_dict()) == config
     for section, data, message in [
         ("train", {"epoch": 3}, r"unknown train key\(s\) \['epoch'\]"),

@@ -53,6 +53,34 @@ def test_blending_matches_voxel_by_voxel_reference(rng):
     np.testing.assert_allclose(out, expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("axes", [(0,), (0, 2)])
+def test_mirroring_each_window_matches_reference(axes, rng):
+    image = rng.random((11, 9, 7, 1)).astype(np.float32)
+    patch = (6, 5, 4)
+    ramp = np.arange(120, dtype=np.float32).reshape(6, 5, 4, 1) / 120
+
+    def predict(batch):  # position-dependent, so mirroring changes its output
+        return np.concatenate([batch * ramp, np.sin(batch + ramp)], axis=-1)
+
+    out = inference.sliding_window_predict(
+        image, predict, patch_size=patch, batch_size=3, mirror_axes=axes
+    )
+    starts = [
+        inference.window_starts(n, p, 0.5)
+        for n, p in zip((11, 9, 7), patch, strict=True)
+    ]
+    expected = reference.stitch(
+        image,
+        reference.mirror_averaged(predict, axes),
+        patch,
+        starts,
+        inference.gaussian_importance(patch),
+    )
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    plain = inference.sliding_window_predict(image, predict, patch_size=patch)
+    assert np.abs(plain - out).max() > 1e-2  # the mirrored windows did count
+
+
 def test_gaussian_importance_peaks_at_the_centre():
     weights = inference.gaussian_importance((9, 9))
     assert weights[4, 4] == 1.0 and weights.min() > 0
@@ -268,3 +296,219 @@ def test_killed_batch_leaves_no_partial_output_and_rerun_does_the_rest(
     ) in rerun.stdout
     assert not list(out.glob(".*partial*"))
     assert len(list(out.glob("[0-9]*.nii.gz"))) == 36
+
+
+@pytest.mark.slow
+def test_way_back_class_by_class_equals_resampling_all_classes_at_once(bundle):
+    from medseg import geometry
+    from medseg.io import read_volume
+
+    segmenter = inference.Segmenter(bundle, probabilities=True)
+    volume = read_volume(sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[1])
+    # the same voxels said to be 0.7 x 1.3 x 0.9 mm: the bundle (1 mm) resamples them
+    volume = volume.with_array(
+        volume.array, volume.affine @ np.diag([0.7, 1.3, 0.9, 1])
+    )
+    prediction = segmenter.predict(volume)
+    image, records = segmenter.preprocessor.image(volume)
+    assert any(isinstance(r, geometry.ResampleRecord) for r in records)
+    assert image.shape[:-1] != volume.spatial_shape
+    scores = volume.with_array(segmenter.probabilities(image))
+    for record in reversed(records):  # every class together, as before
+        if isinstance(record, geometry.ResampleRecord):
+            scores = record.undo(scores, order=1)
+        else:
+            scores = record.undo(scores, fill=0)
+    whole = np.array(scores.array)
+    outside = whole.sum(-1) == 0  # padded back by a crop: background
+    whole[outside, 0] = 1
+    np.testing.assert_allclose(prediction.probabilities, whole, atol=1e-3)
+    expected = segmenter.values[np.argmax(whole, axis=-1)]
+    np.testing.assert_array_equal(prediction.labels.array[..., 0], expected)
+    np.testing.assert_array_equal(prediction.labels.affine, volume.affine)
+    assert len(np.unique(expected)) == 3  # every class appears, so the test can fail
+
+
+@pytest.mark.slow
+def test_probabilities_and_post_processing_from_the_command_line(bundle, tmp_path):
+    from scipy import ndimage
+
+    source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[2]
+    plain, cleaned = tmp_path / "plain", tmp_path / "clean"
+    result = medseg(
+        "predict",
+        "--model",
+        bundle,
+        "--input",
+        source,
+        "--output",
+        plain,
+        "--probabilities",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = medseg(
+        "predict",
+        "--model",
+        bundle,
+        "--input",
+        source,
+        "--output",
+        cleaned,
+        "--keep-largest",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    stem = source.name[: -len(".nii.gz")]
+    archive = np.load(plain / f"{stem}_probabilities.npz")
+    probabilities = archive["probabilities"]
+    labels = np.asanyarray(nib.load(plain / source.name).dataobj)
+    assert probabilities.dtype == np.float16
+    assert probabilities.shape == (*labels.shape, 3)
+    np.testing.assert_array_equal(archive["affine"], nib.load(source).affine)
+    assert archive["label_values"].tolist() == [0, 1, 2]
+    np.testing.assert_allclose(probabilities.astype(np.float32).sum(-1), 1, atol=3e-3)
+    top2 = np.sort(probabilities.astype(np.float32), axis=-1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 2e-3  # float16 cannot order closer ones
+    np.testing.assert_array_equal(np.argmax(probabilities, -1)[clear], labels[clear])
+    kept = np.asanyarray(nib.load(cleaned / source.name).dataobj)
+    structure = np.ones((3, 3, 3), bool)
+    for value in (1, 2):
+        parts, count = ndimage.label(labels == value, structure)
+        assert count > 1  # there was something to remove
+        sizes = np.bincount(parts.ravel())[1:]
+        np.testing.assert_array_equal(kept == value, parts == 1 + np.argmax(sizes))
+
+
+@pytest.fixture(scope="module")
+def classifier_bundle(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    folder = tmp_path_factory.mktemp("classifier")
+    np.savez(
+        folder / "tiny.npz",
+        train_images=rng.integers(0, 255, (24, 16, 16), dtype=np.uint8),
+        train_labels=rng.integers(0, 3, (24, 1)),
+        val_images=rng.integers(0, 255, (6, 16, 16), dtype=np.uint8),
+        val_labels=np.array([[0], [1], [2]] * 2),
+        test_images=rng.integers(0, 255, (5, 16, 16), dtype=np.uint8),
+        test_labels=np.array([[0], [1], [2], [0], [1]]),
+    )
+    (folder / "cls.yaml").write_text(
+        "model: {name: classifier, spatial_dims: 2, architecture: simple}\n"
+        "data: {task: classification}\n"
+        "train: {epochs: 1, steps_per_epoch: 2, batch_size: 8, optimizer: adam}\n"
+    )
+    result = medseg(
+        "train",
+        "--config",
+        folder / "cls.yaml",
+        "--data",
+        folder / "tiny.npz",
+        "--output",
+        folder / "run",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+@pytest.mark.slow
+def test_classification_bundle_predicts_a_npz_split_and_image_files(
+    classifier_bundle, tmp_path
+):
+    import csv
+
+    import keras
+    from PIL import Image
+
+    from medseg.models import load_model
+
+    run, data = classifier_bundle / "run", classifier_bundle / "tiny.npz"
+    result = medseg(
+        "predict", "--model", run, "--input", data, "--output", tmp_path / "p.csv"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert [r["case"] for r in rows] == [f"test_{i}" for i in range(5)]
+    assert list(rows[0]) == ["case", "predicted", "prob_0", "prob_1", "prob_2"]
+    images = np.load(data)["test_images"].astype(np.float64)
+    inputs = np.stack([reference.zscore(x) for x in images])[..., None]
+    logits = load_model(run).predict(inputs.astype(np.float32), verbose=0)
+    expected = np.asarray(keras.ops.softmax(logits, axis=-1))
+    got = np.array([[float(r[f"prob_{k}"]) for k in range(3)] for r in rows])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert [int(r["predicted"]) for r in rows] == expected.argmax(-1).tolist()
+    # scored against the npz's test labels
+    result = medseg(
+        "evaluate",
+        "--prediction",
+        tmp_path / "p.csv",
+        "--truth",
+        data,
+        "--summary",
+        tmp_path / "s.json",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    truth = np.array([0, 1, 2, 0, 1])
+    hits = expected.argmax(-1) == truth
+    assert summary["accuracy"] == pytest.approx(hits.mean())
+    recalls = [hits[truth == k].mean() for k in range(3)]
+    assert summary["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    for k in range(3):
+        auc = reference.pairwise_auc(expected[:, k], truth == k)
+        assert summary["auc_per_class"][str(k)] == pytest.approx(auc, abs=1e-4)
+    assert f"accuracy {hits.mean():.4f}" in result.stdout
+    # a truth CSV with a case the predictions lack is named
+    (tmp_path / "truth.csv").write_text("case,label\ntest_0,0\nextra_9,1\n")
+    result = medseg(
+        "evaluate",
+        "--prediction",
+        tmp_path / "p.csv",
+        "--truth",
+        tmp_path / "truth.csv",
+    )
+    assert result.returncode == 2 and "no prediction for extra_9" in result.stderr
+    # image files: a 16 x 16 PNG, a 32 x 32 PNG (resized), and one that is broken
+    files = tmp_path / "images"
+    files.mkdir()
+    Image.fromarray(np.load(data)["test_images"][0]).save(files / "a.png")
+    big = np.kron(np.load(data)["test_images"][1], np.ones((2, 2), np.uint8))
+    Image.fromarray(big).save(files / "b.png")
+    (files / "c.png").write_bytes(b"not a png")
+    result = medseg("predict", "--model", run, "--input", files, "--output", tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and f"{files / 'c.png'}: " in result.stderr
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert [r["case"] for r in rows] == ["a", "b"]
+    assert float(rows[0]["prob_1"]) == pytest.approx(expected[0, 1], abs=1e-5)
+    assert "1 failed" in result.stdout
+
+
+def test_model_names_resolve_to_shipped_bundles(tmp_path, monkeypatch):
+    from medseg import bundle as bundles
+    from medseg.errors import InputFileError
+
+    (tmp_path / "brain").mkdir()
+    (tmp_path / "brain" / "medseg.json").write_text("{}")
+    (tmp_path / "notes").mkdir()  # not a bundle: not listed
+    monkeypatch.setattr(bundles, "PRETRAINED_DIR", tmp_path)
+    assert bundles.shipped_models() == {"brain": tmp_path / "brain"}
+    assert bundles.resolve("brain") == tmp_path / "brain"
+    assert bundles.resolve(tmp_path / "notes") == tmp_path / "notes"  # a path wins
+    with pytest.raises(InputFileError, match=r"not a shipped model \(shipped: brain\)"):
+        bundles.resolve("liver")
+
+
+def test_unknown_model_name_is_one_line_and_exit_2(tmp_path):
+    result = medseg(
+        "predict",
+        "--model",
+        "no-such-model",
+        "--input",
+        SAMPLE / "imagesTr",
+        "--output",
+        tmp_path,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "no-such-model: no such bundle folder, and not a shipped model" in (
+        result.stderr
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import tensorflow as tf
 
@@ -167,6 +168,8 @@ class Augmenter:
     """
 
     def __init__(self, config: AugmentConfig, spatial_dims: int):
+        if config.mirror_axes is None:  # every spatial axis
+            config = replace(config, mirror_axes=tuple(range(spatial_dims)))
         bad = [a for a in config.mirror_axes if not 0 <= a < spatial_dims]
         if bad:
             raise ConfigError(
