@@ -57,6 +57,19 @@ def parse_labels(text: str | None):
     help="Summary JSON (mean, std, median per label and metric).",
 )
 @click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for pictures: overlays of the best, median and worst cases and a "
+    "box plot of Dice per label.",
+)
+@click.option(
+    "--images",
+    type=click.Path(exists=True, path_type=Path),
+    help="The scans (file or folder, matched by case name, nnU-Net's _0000 "
+    "channel suffix allowed) to draw the --report overlays on.",
+)
+@click.option(
     "--split",
     default="test",
     show_default=True,
@@ -69,6 +82,8 @@ def evaluate(
     tolerance_mm: float,
     output: Path | None,
     summary: Path | None,
+    report_dir: Path | None,
+    images: Path | None,
     split: str,
 ) -> None:
     """Score predicted label maps against the truth, per case and label, in mm.
@@ -120,6 +135,29 @@ def evaluate(
             + "\n",
         )
         click.echo(f"summary written to {summary}")
+    if report_dir is not None:
+        from medseg.report import write_report
+
+        written = write_report(report_dir, rows, pairs, _image_files(images, pairs))
+        click.echo(f"{len(written)} pictures written to {report_dir}")
+
+
+def _image_files(images: Path | None, pairs) -> dict[str, Path]:
+    """Case -> scan file for the overlays (a case without one is drawn without)."""
+    from medseg.io import SCAN_SUFFIXES, split_suffix
+
+    if images is None:
+        return {}
+    if images.is_file():
+        return {case: images for case, _, _ in pairs}
+    found = {}
+    for path in sorted(images.iterdir()):
+        stem, suffix = split_suffix(path)
+        if suffix in SCAN_SUFFIXES:
+            found.setdefault(stem, path)
+            if stem.endswith("_0000"):
+                found.setdefault(stem[: -len("_0000")], path)
+    return {case: found[case] for case, _, _ in pairs if case in found}
 
 
 def _evaluate_classification(prediction, truth, split, summary) -> None:

@@ -46,6 +46,13 @@ from medseg_cli._tf import start_tensorflow
     help="Sliding-window overlap.",
 )
 @click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Windows per forward pass (more is faster on a GPU, and takes more memory).",
+)
+@click.option(
     "--probabilities",
     is_flag=True,
     help="Also write CASE_probabilities.npz: float16 class probabilities on the "
@@ -82,6 +89,7 @@ def predict(
     output: Path,
     tta: bool,
     overlap: float,
+    batch_size: int,
     probabilities: bool,
     keep_largest: bool,
     min_size_mm3: float,
@@ -132,6 +140,7 @@ def predict(
     segmenter = Segmenter(
         bundle,
         overlap=overlap,
+        batch_size=batch_size,
         mirror_axes=metadata_axes,
         keep_largest=keep_largest,
         min_size_mm3=min_size_mm3,

@@ -76,9 +76,8 @@ def train(
     history.csv, progress.png and a checkpoint; a killed run continues with --resume.
     """
     from medseg.config import load_config
-    from medseg.errors import ConfigError, InputFileError
+    from medseg.errors import InputFileError
 
-    ctx = click.get_current_context()
     config = load_config(config_path)
     fold_value = parse_fold(fold)
     overrides = {
@@ -104,6 +103,15 @@ def train(
             config = config.replace(data=replace(config.data, dataset=str(resolved)))
     except ValueError as exc:
         raise InputFileError(config_path, str(exc)) from None
+    run(config, output, resume, config_path)
+
+
+def run(config, output: Path, resume: bool, blame) -> None:
+    """Trains ``config`` into ``output``; setting errors are reported against
+    ``blame`` (the config file, or the bundle a fine-tuning config came from)."""
+    from medseg.errors import ConfigError, InputFileError
+
+    ctx = click.get_current_context()
     start_tensorflow(ctx.meta.get("medseg.debug", False))
     logging.getLogger("medseg").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
@@ -115,5 +123,5 @@ def train(
             config, output, resume=resume, verbose=1 if sys.stdout.isatty() else 2
         )
     except ConfigError as exc:  # a setting that does not fit the data or model
-        raise InputFileError(config_path, str(exc)) from None
+        raise InputFileError(blame, str(exc)) from None
     click.echo(f"bundle written to {folder}")

@@ -318,6 +318,10 @@ class TrainConfig:
         precision: ``auto`` (mixed float16 on GPU, float32 on CPU), or a Keras policy.
         memory_gb: memory budget for planning; ``None``: the GPU's, or 4 GB on CPU.
         augment: :class:`AugmentConfig` fields.
+        init_from: a bundle whose weights start the run (fine-tuning; a
+            reconstruction bundle gives its encoder). Layers are matched by name.
+        freeze: glob patterns of layer names kept frozen (e.g. ``enc*``).
+        unfreeze_after: unfreeze them after this many epochs (``None``: never).
     """
 
     epochs: int = 100
@@ -338,8 +342,19 @@ class TrainConfig:
     precision: str = "auto"
     memory_gb: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    init_from: str | None = None
+    freeze: tuple[str, ...] = ()
+    unfreeze_after: int | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "freeze", tuple(str(p) for p in self.freeze))
+        if self.unfreeze_after is not None and (
+            not isinstance(self.unfreeze_after, int) or self.unfreeze_after < 1
+        ):
+            raise ValueError(
+                "train.unfreeze_after must be a positive int, got "
+                f"{self.unfreeze_after!r}"
+            )
         for name, choices in (
             ("optimizer", OPTIMIZERS),
             ("lr_schedule", SCHEDULES),

@@ -367,6 +367,8 @@ class CropRecord(_Record):
             raise ValueError(
                 f"undo crop: got shape {volume.spatial_shape}, expected {expected}"
             )
+        if expected == tuple(self.original_shape):  # nothing was cropped: no copy
+            return self._restore(volume, volume.array)
         array = np.full(
             (*self.original_shape, volume.num_channels), fill, dtype=volume.array.dtype
         )

@@ -27,6 +27,7 @@ def run(*args):
         (["data", "check"], "Check every case of DATASET and print its fingerprint."),
         (["info"], "Describe MODEL_OR_CONFIG: a .keras model, a model bundle"),
         (["train"], "Train a segmentation model; OUTPUT becomes a bundle"),
+        (["finetune"], "Fine-tune a pretrained bundle on a new dataset"),
         (["predict"], "Segment scans with a bundle; labels are written on each scan"),
         (
             ["evaluate"],

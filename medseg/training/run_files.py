@@ -124,6 +124,14 @@ def checkpoint_folder(folder: Path) -> Path | None:
     return None
 
 
+def checkpoint_epoch(folder: Path) -> int:
+    """The epoch the run's checkpoint ends with (0 without one)."""
+    source = checkpoint_folder(folder)
+    if source is None:
+        return 0
+    return int(json.loads((source / "state.json").read_text())["epoch"])
+
+
 def restore_checkpoint(folder: Path, model) -> tuple[int, float | None]:
     source = checkpoint_folder(folder)
     state = json.loads((source / "state.json").read_text())

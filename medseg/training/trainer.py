@@ -35,6 +35,7 @@ from medseg.training.augment import Augmenter
 from medseg.training.planning import Plan, plan_training
 from medseg.training.run_files import (
     append_history,
+    checkpoint_epoch,
     plot_progress,
     prepare_run,
     resume_run,
@@ -84,6 +85,9 @@ def config_errors():
 
 def _normalizers(config: Config, fingerprint: dict, channels: int):
     schemes = config.data.normalization or ({"scheme": "zscore"},) * channels
+    if len(schemes) != channels and config.train.init_from:
+        # a pretrained model's scheme for channel 0, for each channel of the new data
+        schemes = (schemes[0],) * channels
     if len(schemes) != channels:
         raise ConfigError(
             f"data.normalization lists {len(schemes)} scheme(s) for "
@@ -365,14 +369,29 @@ def _metadata(config, dataset, values, plan, preprocessor, fingerprint, split) -
     }
 
 
-def _compiled_model(config: Config, plan: Plan):
-    """Builds and compiles the network (inside the strategy's scope)."""
+def _compiled_model(config: Config, plan: Plan, *, frozen: bool = False):
+    """Builds and compiles the network (inside the strategy's scope); with ``frozen``
+    the layers matching ``train.freeze`` are not trained."""
     from medseg.models import build_model
+    from medseg.models.transfer import freeze_layers
 
     kwargs = config.model.builder_kwargs()
     same = config.model.options.get("padding", "same") == "same"
     kwargs["patch_size"] = None if same else plan.patch_size
     model = build_model(config.model.name, **kwargs)
+    if frozen:
+        names = freeze_layers(model, config.train.freeze)
+        if not names:
+            raise ConfigError(
+                f"train.freeze {list(config.train.freeze)} matches no layer "
+                "(see the layer names with medseg info)"
+            )
+        logger.info("frozen: %d layers (%s)", len(names), ", ".join(names[:6]))
+    return model, _compile(model, config)
+
+
+def _compile(model, config: Config) -> list:
+    """Compiles with a fresh optimizer; returns the metrics."""
     total_steps = config.train.epochs * config.train.steps_per_epoch
     if config.data.task == "reconstruction":
         loss, metrics = keras.losses.MeanSquaredError(), []
@@ -383,7 +402,62 @@ def _compiled_model(config: Config, plan: Plan):
         loss = LOSSES[config.train.loss]()
         metrics = [ArgmaxDice(k) for k in range(1, config.model.num_classes)]
     model.compile(optimizer=_optimizer(config, total_steps), loss=loss, metrics=metrics)
-    return model, metrics
+    return metrics
+
+
+def _is_frozen(config: Config, epoch: int) -> bool:
+    """Whether the ``train.freeze`` layers are frozen when training from ``epoch``."""
+    after = config.train.unfreeze_after
+    return bool(config.train.freeze) and (after is None or epoch < after)
+
+
+def _record_origin(metadata: dict, folder: Path, origin: dict | None) -> None:
+    """Puts the pretrained bundle's record in the new bundle's metadata; on resume,
+    keeps the one the run's first session wrote."""
+    if origin is None and (folder / "medseg.json").is_file():
+        from medseg.bundle import read_metadata
+
+        origin = read_metadata(folder).get("finetuned_from")
+    if origin is not None:
+        metadata["finetuned_from"] = origin
+
+
+def _start_from(config: Config, model) -> dict | None:
+    """Loads ``train.init_from``'s weights into a new run's model; what was done."""
+    if not config.train.init_from:
+        return None
+    from medseg import bundle as bundles
+    from medseg.models import load_model
+    from medseg.models.transfer import adapt_weights
+
+    metadata = bundles.verify(config.train.init_from)
+    source = load_model(config.train.init_from)
+    encoder_only = metadata.get("task") == "reconstruction"
+    report = adapt_weights(
+        source, model, prefixes=("enc", "bottleneck") if encoder_only else None
+    )
+    if not report["copied"] and not report["adapted"]:
+        raise ConfigError(
+            f"no layer of {config.train.init_from} fits this network (different "
+            "architecture?)"
+        )
+    logger.info(
+        "weights from %s: %d layers copied, %d adapted, %d initialised afresh (%s)",
+        config.train.init_from,
+        len(report["copied"]),
+        len(report["adapted"]),
+        len(report["initialised"]),
+        ", ".join(report["initialised"]) or "none",
+    )
+    return {
+        "bundle": str(config.train.init_from),
+        "model_sha256": metadata.get("model_sha256"),
+        "task": metadata.get("task"),
+        "labels": metadata.get("labels"),
+        "preprocessing": metadata.get("preprocessing"),
+        "validation": metadata.get("validation"),
+        "weights": report,
+    }
 
 
 def train(
@@ -458,9 +532,15 @@ def train(
         i: training_data.prepare_case(by_id[i], preprocessor, values, cache)
         for i in split[0] + split[1]
     }
+    first_epoch = checkpoint_epoch(folder) if resume else 0
+    if workers > 1 and config.train.unfreeze_after:
+        raise ConfigError("train.unfreeze_after is not available with several workers")
     with strategy.scope():
         with config_errors():
-            model, metrics = _compiled_model(config, plan)
+            model, metrics = _compiled_model(
+                config, plan, frozen=_is_frozen(config, first_epoch)
+            )
+    origin = None if resume else _start_from(config, model)
     start_epoch, best = resume_run(folder, model) if resume else (0, None)
     if start_epoch >= config.train.epochs:
         return folder
@@ -471,21 +551,29 @@ def train(
         seed=config.train.seed + 1000 * worker,  # each worker draws its own patches
         samples_per_epoch=config.train.steps_per_epoch * plan.batch_size * workers,
     )
-    stream = training_data.make_dataset(
-        sampler,
-        Augmenter(config.train.augment, config.model.spatial_dims),
-        plan.batch_size * workers,
-        start_epoch,
-        shard=workers == 1,
-        target="image" if not segmentation else "label",
+    augmenter = Augmenter(config.train.augment, config.model.spatial_dims)
+
+    def stream(first_epoch):
+        return training_data.make_dataset(
+            sampler,
+            augmenter,
+            plan.batch_size * workers,
+            first_epoch,
+            shard=workers == 1,
+            target="image" if not segmentation else "label",
+        )
+
+    metadata = _metadata(
+        config, dataset, values, plan, preprocessor, fingerprint, split
     )
+    _record_origin(metadata, folder, origin)
     run = _Run(
         folder,
         config,
         plan,
         preprocessor,
         [prepared[i] for i in split[1]],
-        _metadata(config, dataset, values, plan, preprocessor, fingerprint, split),
+        metadata,
         config.train.epochs,
         best,
     )
@@ -515,12 +603,18 @@ def _fit(
     workers: int,
     verbose: int,
 ) -> None:
-    """Keras ``fit`` on one machine; the explicit loop across several workers."""
+    """Keras ``fit`` on one machine; the explicit loop across several workers.
+
+    ``stream(epoch)`` gives the training batches from that epoch on. With
+    ``train.unfreeze_after`` the frozen layers are unfrozen at that epoch: the model is
+    recompiled with a fresh optimizer whose step count (and so its learning-rate
+    schedule) continues where the first one stopped.
+    """
     if workers > 1:
         _fit_multi_worker(
             model,
             metrics,
-            stream,
+            stream(start_epoch),
             strategy,
             run,
             start_epoch,
@@ -538,15 +632,30 @@ def _fit(
             "tensorboard is not installed: no TensorBoard logs "
             "(pip install 'medseg[tensorboard]')"
         )
-    model.fit(
-        stream,
-        epochs=run.total_epochs,
-        initial_epoch=start_epoch,
-        steps_per_epoch=run.config.train.steps_per_epoch,
-        callbacks=callbacks,
-        verbose=verbose,
-        shuffle=False,
-    )  # the stream is already random
+    train = run.config.train
+    phases = [(start_epoch, run.total_epochs)]
+    if _is_frozen(run.config, start_epoch) and train.unfreeze_after is not None:
+        if train.unfreeze_after < run.total_epochs:
+            phases = [(start_epoch, train.unfreeze_after)]
+            phases.append((train.unfreeze_after, run.total_epochs))
+    for number, (first, last) in enumerate(phases):
+        if number:
+            with strategy.scope():
+                for layer in model.layers:
+                    layer.trainable = True
+                _compile(model, run.config)
+                model.optimizer.build(model.trainable_variables)
+                model.optimizer.iterations.assign(first * train.steps_per_epoch)
+            logger.info("epoch %d: every layer trainable from here on", first)
+        model.fit(
+            stream(first),
+            epochs=last,
+            initial_epoch=first,
+            steps_per_epoch=train.steps_per_epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,
+        )  # the stream is already random
 
 
 def _train_classification(
@@ -585,22 +694,29 @@ def _train_classification(
         atomic_write_text(
             folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
         )
+    first_epoch = checkpoint_epoch(folder) if resume else 0
     with strategy.scope():
         with config_errors():
-            model, metrics = _compiled_model(config, plan)
+            model, metrics = _compiled_model(
+                config, plan, frozen=_is_frozen(config, first_epoch)
+            )
+    origin = None if resume else _start_from(config, model)
     start_epoch, best = resume_run(folder, model) if resume else (0, None)
     if start_epoch >= config.train.epochs:
         return folder
     augmenter = Augmenter(config.train.augment, config.model.spatial_dims)
-    stream = classification.make_stream(
-        images,
-        labels,
-        augmenter,
-        batch * workers,
-        config.train.seed + 1000 * worker,
-        start_epoch,
-        config.train.steps_per_epoch,
-    )
+
+    def stream(first_epoch):
+        return classification.make_stream(
+            images,
+            labels,
+            augmenter,
+            batch * workers,
+            config.train.seed + 1000 * worker,
+            first_epoch,
+            config.train.steps_per_epoch,
+        )
+
     metadata = {
         "task": "classification",
         "labels": {
@@ -618,6 +734,7 @@ def _train_classification(
             "splits": {k: int(len(v[0])) for k, v in dataset.splits.items()},
         },
     }
+    _record_origin(metadata, folder, origin)
     run = _Run(
         folder,
         config,

@@ -1,0 +1,140 @@
+"""``medseg finetune``: train from a bundle's weights on new data and labels."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from medseg_cli.train import parse_fold, run
+
+
+@click.command("finetune")
+@click.option(
+    "--model",
+    "model",
+    required=True,
+    help="Pretrained bundle folder or a shipped model's name (a reconstruction "
+    "bundle gives its encoder).",
+)
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder; becomes the new bundle.",
+)
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    help="Dataset folder (default: data.dataset of --config).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="YAML config for the training schedule (default: the bundle's own).",
+)
+@click.option(
+    "--freeze",
+    multiple=True,
+    help="Glob on layer names to keep frozen, e.g. 'enc*' (repeatable).",
+)
+@click.option(
+    "--unfreeze-after",
+    type=click.IntRange(min=1),
+    help="Unfreeze the --freeze layers after this many epochs.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), help="Overrides train.epochs.")
+@click.option(
+    "--steps-per-epoch", type=click.IntRange(min=1), help="Overrides the config."
+)
+@click.option(
+    "--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate."
+)
+@click.option("--fold", help="Fold to hold out (0..folds-1) or 'all'.")
+@click.option("--seed", type=int, help="Overrides train.seed.")
+@click.option("--resume", is_flag=True, help="Continue the run in --output.")
+def finetune(
+    model: str,
+    output: Path,
+    data: Path | None,
+    config_path: Path | None,
+    freeze: tuple[str, ...],
+    unfreeze_after: int | None,
+    epochs: int | None,
+    steps_per_epoch: int | None,
+    lr: float | None,
+    fold: str | None,
+    seed: int | None,
+    resume: bool,
+) -> None:
+    """Fine-tune a pretrained bundle on a new dataset; OUTPUT becomes a bundle.
+
+    The network keeps the pretrained architecture and every weight that fits: a new
+    label set gets a new output layer, a new number of input channels an adapted first
+    convolution (pretrained kernel averaged over channels and repeated). The new data
+    is preprocessed as the pretrained model expects (its spacing, normalisation, crop
+    and patch size), and the new bundle records the pretrained one.
+    """
+    from medseg.bundle import read_metadata, resolve
+    from medseg.config import Config, load_config
+    from medseg.errors import InputFileError
+
+    bundle = resolve(model).resolve()
+    metadata = read_metadata(bundle)
+    if metadata.get("task") not in ("segmentation", "reconstruction"):
+        raise InputFileError(
+            bundle,
+            f"fine-tuning takes a segmentation or reconstruction bundle, not "
+            f"{metadata.get('task')!r}",
+        )
+    blame = config_path or bundle / "medseg.json"
+    try:
+        saved = Config.from_dict(metadata["config"])
+        config = load_config(config_path) if config_path else saved
+        preprocessing = metadata["preprocessing"]
+        # the network and what it depends on come from the pretrained bundle
+        model_section = replace(
+            saved.model,
+            num_classes=None,
+            patch_size=tuple(metadata["patch_size"]),
+        )
+        spacing = preprocessing.get("target_spacing_mm")
+        data_section = replace(
+            config.data,
+            task="segmentation",
+            target_spacing_mm=tuple(spacing) if spacing else None,
+            normalization=tuple(preprocessing["normalizers"]),
+            crop_nonzero=preprocessing.get("crop_nonzero", True),
+            labels=config.data.labels if config_path else None,
+            cache_dir=config.data.cache_dir if config_path else None,
+        )
+        if data is not None:
+            data_section = replace(data_section, dataset=str(data.resolve()))
+        elif config_path and data_section.dataset:
+            if not Path(data_section.dataset).is_absolute():
+                resolved = (config_path.parent / data_section.dataset).resolve()
+                data_section = replace(data_section, dataset=str(resolved))
+        else:
+            raise click.UsageError("give the new dataset with --data (or --config)")
+        overrides = {
+            "epochs": epochs,
+            "steps_per_epoch": steps_per_epoch,
+            "learning_rate": lr,
+            "fold": parse_fold(fold),
+            "seed": seed,
+            "unfreeze_after": unfreeze_after,
+        }
+        train_section = replace(
+            config.train,
+            init_from=str(bundle),
+            freeze=freeze or config.train.freeze,
+            **{k: v for k, v in overrides.items() if v is not None},
+        )
+        config = Config(model_section, data_section, train_section)
+    except (ValueError, KeyError) as exc:
+        raise InputFileError(
+            blame, f"cannot make a fine-tuning config ({exc})"
+        ) from None
+    run(config, output, resume, blame)

@@ -1,0 +1,208 @@
+"""Pictures of an evaluation: overlays of the best, median and worst cases, and a box
+plot of Dice per label (matplotlib, written without a display)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medseg.io import atomic_output, read_volume
+
+#: Contour colours per label, cycled (truth solid, prediction dashed).
+COLOURS = ("#2ca02c", "#d62728", "#1f77b4", "#ff7f0e", "#9467bd", "#17becf")
+
+
+def case_scores(rows: list[dict]) -> dict[str, float]:
+    """Mean Dice over each case's labels with a defined Dice (NaN if none)."""
+    by_case: dict[str, list[float]] = {}
+    for row in rows:
+        by_case.setdefault(row["case"], [])
+        if not math.isnan(row["dice"]):
+            by_case[row["case"]].append(row["dice"])
+    return {
+        case: float(np.mean(values)) if values else math.nan
+        for case, values in by_case.items()
+    }
+
+
+def pick_cases(scores: dict[str, float]) -> dict[str, str]:
+    """``{"best": case, "median": case, "worst": case}`` by mean Dice; cases without a
+    defined Dice are left out; the median is the lower middle for an even count; ties
+    go to the case named first."""
+    ranked = sorted(
+        (case for case, s in scores.items() if not math.isnan(s)),
+        key=lambda c: (-scores[c], c),
+    )
+    if not ranked:
+        return {}
+    return {
+        "best": ranked[0],
+        "median": ranked[(len(ranked) - 1) // 2],
+        "worst": ranked[-1],
+    }
+
+
+def pick_slice(foreground: np.ndarray, axis: int) -> int:
+    """Index along ``axis`` of the slice with the most foreground (first on ties; the
+    middle slice when there is none)."""
+    other = tuple(a for a in range(foreground.ndim) if a != axis)
+    counts = foreground.sum(axis=other)
+    if counts.max() == 0:
+        return foreground.shape[axis] // 2
+    return int(np.argmax(counts))
+
+
+def _display(volume):
+    """A 2D array ``(rows, cols)`` view for drawing: 3D scans are put in RAS order so
+    that axial slices (last axis) are seen from below, anterior up, as radiologists
+    do."""
+    from medseg import geometry
+
+    if volume.spatial_dims == 3:
+        volume, _ = geometry.reorient_to_canonical(volume)
+    return np.asarray(volume.array)[..., 0], volume.spacing
+
+
+def write_overlay(
+    path: Path,
+    truth_path: Path,
+    prediction_path: Path,
+    image_path: Path | None,
+    labels: Sequence[int],
+    title: str,
+) -> None:
+    """One PNG: the slice with most truth foreground (prediction foreground when the
+    truth is empty), truth contours solid and prediction contours dashed per label,
+    over the image when one is given, with the voxels' aspect ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    truth, spacing = _display(read_volume(truth_path))
+    prediction, _ = _display(read_volume(prediction_path))
+    image = None
+    if image_path is not None:
+        image = _display(read_volume(image_path))[0].astype(np.float32)
+    three_d = truth.ndim == 3
+    chosen = [v for v in labels if (truth == v).any() or (prediction == v).any()]
+    foreground = np.isin(truth, chosen)  # the structure, or what was predicted
+    if not foreground.any():
+        foreground = np.isin(prediction, chosen)
+    if three_d:
+        index = pick_slice(foreground, axis=2)
+
+        def cut(a):
+            return a[:, :, index].T  # rows: anterior-posterior, from below
+
+        origin, aspect = "lower", spacing[1] / spacing[0]
+    else:
+
+        def cut(a):
+            return a
+
+        origin, aspect = "upper", spacing[0] / spacing[1]
+    figure, axes = plt.subplots(figsize=(5, 5), dpi=100)
+    if image is not None:
+        shown = cut(image)
+        low, high = np.percentile(shown, [1, 99]) if shown.size else (0, 1)
+        axes.imshow(
+            shown, cmap="gray", vmin=low, vmax=high, origin=origin, aspect=aspect
+        )
+    else:
+        axes.imshow(
+            np.zeros(cut(truth).shape), cmap="gray", origin=origin, aspect=aspect
+        )
+    for i, value in enumerate(chosen):
+        colour = COLOURS[i % len(COLOURS)]
+        for mask, style in (
+            (cut(truth) == value, "solid"),
+            (cut(prediction) == value, "dashed"),
+        ):
+            if mask.any() and not mask.all():
+                axes.contour(
+                    mask.astype(float),
+                    levels=[0.5],
+                    colors=[colour],
+                    linestyles=style,
+                    linewidths=1.2,
+                    origin=origin,
+                )
+    if chosen:
+        from matplotlib.lines import Line2D
+
+        handles = [
+            Line2D([], [], color=COLOURS[i % len(COLOURS)], label=f"label {v}")
+            for i, v in enumerate(chosen)
+        ]
+        axes.legend(handles=handles, loc="lower right", fontsize=7)
+    where = f", axial slice {index}" if three_d else ""
+    axes.set_title(f"{title}{where}\ntruth solid, prediction dashed", fontsize=9)
+    axes.set_axis_off()
+    _save(figure, path)
+
+
+def write_boxplot(path: Path, rows: list[dict]) -> None:
+    """Box plot of Dice per label over cases (cases with a defined Dice)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({r["label"] for r in rows})
+    values = [
+        [r["dice"] for r in rows if r["label"] == v and not math.isnan(r["dice"])]
+        for v in labels
+    ]
+    figure, axes = plt.subplots(figsize=(1.2 + 1.0 * len(labels), 4), dpi=100)
+    axes.boxplot(values, showmeans=True)
+    axes.set_xticks(range(1, len(labels) + 1), [str(v) for v in labels])
+    axes.set_xlabel("label")
+    axes.set_ylabel("Dice")
+    axes.set_ylim(0, 1.02)
+    axes.set_title(f"Dice per label ({len({r['case'] for r in rows})} cases)")
+    _save(figure, path)
+
+
+def _save(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        figure.tight_layout()
+        with atomic_output(path) as tmp:
+            figure.savefig(tmp, format="png")
+    finally:
+        plt.close(figure)
+
+
+def write_report(
+    folder: Path,
+    rows: list[dict],
+    pairs: list[tuple[str, Path, Path]],
+    images: dict[str, Path] | None = None,
+) -> list[Path]:
+    """Overlays of the best, median and worst cases and the Dice box plot in
+    ``folder``; returns the files written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / "dice_boxplot.png"]
+    write_boxplot(written[0], rows)
+    scores = case_scores(rows)
+    files = {case: (p, t) for case, p, t in pairs}
+    labels = sorted({r["label"] for r in rows})
+    for rank, case in pick_cases(scores).items():
+        prediction, truth = files[case]
+        target = folder / f"overlay_{rank}_{case}.png"
+        write_overlay(
+            target,
+            truth,
+            prediction,
+            (images or {}).get(case),
+            labels,
+            f"{rank}: {case} (mean Dice {scores[case]:.3f})",
+        )
+        written.append(target)
+    return written

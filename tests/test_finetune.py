@@ -1,0 +1,232 @@
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.models import build_autoencoder, build_unet
+from medseg.models.transfer import adapt_weights, freeze_layers
+from tests.conftest import SAMPLE
+
+
+def _unet(in_channels, num_classes, seed=0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return build_unet(
+        spatial_dims=2,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        filters=(4, 8),
+        norm="batch",
+    )
+
+
+def test_weights_are_copied_adapted_or_initialised_by_fit():
+    source = _unet(1, 3, seed=1)
+    target = _unet(2, 2, seed=2)
+    fresh_logits = [w.copy() for w in target.get_layer("logits").get_weights()]
+    report = adapt_weights(source, target)
+    assert set(report["initialised"]) == {"logits"}
+    assert list(report["adapted"]) == ["enc0_conv1"]
+    for name in report["copied"]:
+        for a, b in zip(
+            source.get_layer(name).get_weights(),
+            target.get_layer(name).get_weights(),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        fresh_logits, target.get_layer("logits").get_weights(), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)  # left as initialised
+    old_kernel, *old_rest = source.get_layer("enc0_conv1").get_weights()
+    new_kernel, *new_rest = target.get_layer("enc0_conv1").get_weights()
+    assert new_kernel.shape == (3, 3, 2, 4)
+    for c in range(2):  # the mean over 1 channel, halved for each of 2 channels
+        np.testing.assert_allclose(new_kernel[:, :, c], old_kernel[:, :, 0] / 2)
+    assert len(new_rest) == len(old_rest)
+    for a, b in zip(old_rest, new_rest, strict=True):  # a bias, where there is one
+        np.testing.assert_array_equal(a, b)
+    # so a constant image gives the first convolution the same response as before
+    import keras
+
+    ones1, ones2 = np.ones((1, 8, 8, 1), "float32"), np.ones((1, 8, 8, 2), "float32")
+    first = keras.Model(source.input, source.get_layer("enc0_conv1").output)
+    second = keras.Model(target.input, target.get_layer("enc0_conv1").output)
+    np.testing.assert_allclose(first(ones1), second(ones2), rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_only_from_an_autoencoder_and_glob_freezing():
+    autoencoder = build_autoencoder(spatial_dims=2, in_channels=1, filters=(4, 8))
+    unet = _unet(1, 2)
+    report = adapt_weights(autoencoder, unet, prefixes=("enc", "bottleneck"))
+    assert report["copied"] and all(
+        n.startswith(("enc", "bottleneck")) for n in report["copied"]
+    )
+    assert not any(n.startswith("dec") for n in report["copied"])
+    frozen = freeze_layers(unet, ["enc*"])
+    assert frozen == [layer.name for layer in unet.layers if layer.name[:3] == "enc"]
+    assert all(not unet.get_layer(n).trainable for n in frozen)
+    assert unet.get_layer("logits").trainable
+
+
+TINY = """\
+model: {name: unet, spatial_dims: 3, filters: [4, 8], patch_size: [16, 16, 16]}
+train: {epochs: 1, steps_per_epoch: 2, batch_size: 2, optimizer: adam,
+        learning_rate: 0.001, folds: 4, augment: {mirror_axes: [0, 2]}}
+"""
+
+
+def medseg(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "medseg_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pretrained")
+    (folder / "tiny.yaml").write_text(TINY)
+    result = medseg(
+        "train",
+        "--config",
+        folder / "tiny.yaml",
+        "--data",
+        SAMPLE,
+        "--output",
+        folder / "run",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole = folder / "whole"  # the sample with one label: the whole hippocampus
+    shutil.copytree(SAMPLE, whole)
+    manifest = json.loads((whole / "dataset.json").read_text())
+    manifest["labels"] = {"0": "background", "1": "hippocampus"}
+    (whole / "dataset.json").write_text(json.dumps(manifest))
+    for path in (whole / "labelsTr").glob("*.nii.gz"):
+        img = nib.load(path)
+        merged = (np.asanyarray(img.dataobj) > 0).astype(np.uint8)
+        nib.save(nib.Nifti1Image(merged, img.affine, img.header), path)
+    return folder / "run", whole
+
+
+def _weights(folder):
+    from medseg.models import load_model
+
+    return {layer.name: layer.get_weights() for layer in load_model(folder).layers}
+
+
+@pytest.mark.slow
+def test_finetune_to_one_label_keeps_frozen_encoder_bit_identical(pretrained, tmp_path):
+    bundle, whole = pretrained
+    out = tmp_path / "ft"
+    result = medseg(
+        "finetune",
+        "--model",
+        bundle,
+        "--data",
+        whole,
+        "--output",
+        out,
+        "--freeze",
+        "enc*",
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after = _weights(bundle), _weights(out)
+    encoder = [n for n in before if n.startswith("enc") and before[n]]
+    assert encoder
+    for name in encoder:
+        for a, b in zip(before[name], after[name], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert after["logits"][0].shape[-1] == 2  # background + hippocampus
+    changed = [
+        n
+        for n in after
+        if n.startswith("dec")
+        and after[n]
+        and any(
+            not np.array_equal(a, b) for a, b in zip(before[n], after[n], strict=True)
+        )
+    ]
+    assert changed  # the rest did train
+    metadata = json.loads((out / "medseg.json").read_text())
+    pretrained_meta = json.loads((bundle / "medseg.json").read_text())
+    assert metadata["labels"] == {
+        "0": {"value": 0, "name": "background"},
+        "1": {"value": 1, "name": "hippocampus"},
+    }
+    assert metadata["preprocessing"] == pretrained_meta["preprocessing"]
+    assert metadata["patch_size"] == pretrained_meta["patch_size"]
+    origin = metadata["finetuned_from"]
+    assert origin["model_sha256"] == pretrained_meta["model_sha256"]
+    assert origin["weights"]["initialised"] == {
+        "logits": origin["weights"]["initialised"]["logits"]
+    }
+    assert metadata["config"]["train"]["freeze"] == ["enc*"]
+    scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    result = medseg(
+        "predict", "--model", out, "--input", scan, "--output", tmp_path / "p"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    labels = np.asanyarray(nib.load(tmp_path / "p" / scan.name).dataobj)
+    assert labels.shape == nib.load(scan).shape and set(np.unique(labels)) <= {0, 1}
+
+
+@pytest.mark.slow
+def test_unfreeze_after_trains_the_encoder_from_that_epoch(pretrained, tmp_path):
+    from medseg.models import load_model
+
+    bundle, whole = pretrained
+    out = tmp_path / "ft"
+    result = medseg(
+        "finetune",
+        "--model",
+        bundle,
+        "--data",
+        whole,
+        "--output",
+        out,
+        "--freeze",
+        "enc*",
+        "--unfreeze-after",
+        "1",
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epoch 1: every layer trainable from here on" in result.stderr
+    model = load_model(out)
+    model.load_weights(out / "checkpoint" / "model.weights.h5")  # after epoch 2
+    before = _weights(bundle)
+    moved = [
+        layer.name
+        for layer in model.layers
+        if layer.name.startswith("enc")
+        and layer.get_weights()
+        and any(
+            not np.array_equal(a, b)
+            for a, b in zip(before[layer.name], layer.get_weights(), strict=True)
+        )
+    ]
+    assert moved
+
+
+def test_finetune_refuses_a_classification_bundle_and_needs_data(tmp_path):
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "medseg.json").write_text('{"task": "classification"}')
+    result = medseg("finetune", "--model", tmp_path / "cls", "--output", tmp_path / "o")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "fine-tuning takes a segmentation or reconstruction bundle" in result.stderr

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+
+from medseg import report
+from medseg_cli.main import main
+
+
+def test_best_median_worst_by_mean_dice_with_undefined_cases_left_out():
+    rows = [
+        {"case": "a", "label": 1, "dice": 0.9},
+        {"case": "a", "label": 2, "dice": 0.5},  # mean 0.7
+        {"case": "b", "label": 1, "dice": 0.8},
+        {"case": "b", "label": 2, "dice": math.nan},  # mean 0.8 (NaN left out)
+        {"case": "c", "label": 1, "dice": 0.1},
+        {"case": "c", "label": 2, "dice": 0.3},  # mean 0.2
+        {"case": "d", "label": 1, "dice": math.nan},
+        {"case": "d", "label": 2, "dice": math.nan},  # nothing to score
+        {"case": "e", "label": 1, "dice": 0.7},
+        {"case": "e", "label": 2, "dice": 0.7},  # ties with a: a first
+    ]
+    scores = report.case_scores(rows)
+    assert scores["b"] == 0.8 and math.isnan(scores["d"])
+    assert report.pick_cases(scores) == {"best": "b", "median": "a", "worst": "c"}
+    assert report.pick_cases({"x": math.nan}) == {}
+
+
+def test_slice_with_most_foreground(rng):
+    mask = rng.random((6, 7, 9)) < 0.3
+    for axis in range(3):
+        counts = [
+            int(np.take(mask, i, axis=axis).sum()) for i in range(mask.shape[axis])
+        ]
+        assert report.pick_slice(mask, axis) == counts.index(max(counts))
+    assert report.pick_slice(np.zeros((4, 4, 8), bool), 2) == 4
+
+
+def test_evaluate_report_writes_overlays_and_boxplot(tmp_path, rng):
+    for folder in ("pred", "truth", "images"):
+        (tmp_path / folder).mkdir()
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    truth = np.zeros((20, 20, 8), np.uint8)
+    truth[5:15, 5:15, 2:6] = 1
+    truth[8:12, 8:12, 3:5] = 2
+    for i, shift in enumerate((0, 1, 3)):  # worse and worse predictions
+        pred = np.roll(truth, shift, axis=0)
+        for name, data in (("pred", pred), ("truth", truth)):
+            nib.save(nib.Nifti1Image(data, affine), tmp_path / name / f"c{i}.nii.gz")
+        image = rng.normal(size=truth.shape).astype(np.float32) + truth
+        nib.save(
+            nib.Nifti1Image(image, affine), tmp_path / "images" / f"c{i}_0000.nii.gz"
+        )
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--prediction",
+            str(tmp_path / "pred"),
+            "--truth",
+            str(tmp_path / "truth"),
+            "--report",
+            str(tmp_path / "report"),
+            "--images",
+            str(tmp_path / "images"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "dice_boxplot.png",
+        "overlay_best_c0.png",
+        "overlay_median_c1.png",
+        "overlay_worst_c2.png",
+    ]
+    best = np.asarray(Image.open(tmp_path / "report" / "overlay_best_c0.png"))
+    assert best.shape[:2] == (500, 500)
+    # contours drawn in both label colours over a grey image
+    for colour in report.COLOURS[:2]:
+        rgb = np.array([int(colour[k : k + 2], 16) for k in (1, 3, 5)])
+        assert (np.abs(best[..., :3].astype(int) - rgb).sum(-1) < 30).sum() > 20
