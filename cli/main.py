@@ -13,6 +13,7 @@ import click
 from medseg import __version__
 from medseg_cli.data import data
 from medseg_cli.evaluate import evaluate
+from medseg_cli.export import export
 from medseg_cli.finetune import finetune
 from medseg_cli.info import info
 from medseg_cli.predict import predict
@@ -65,6 +66,7 @@ def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
 
 main.add_command(data)
 main.add_command(evaluate)
+main.add_command(export)
 main.add_command(finetune)
 main.add_command(info)
 main.add_command(predict)

@@ -83,7 +83,7 @@ def write_bundle(folder: str | Path, model, metadata: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / MODEL_FILE
     with atomic_output(target) as tmp:
-        model.save(tmp)
+        _without_optimizer(model).save(tmp)
     record = {
         "format_version": FORMAT_VERSION,
         **metadata,
@@ -92,6 +92,16 @@ def write_bundle(folder: str | Path, model, metadata: dict) -> Path:
     }
     atomic_write_text(folder / METADATA_FILE, json.dumps(record, indent=2) + "\n")
     return folder
+
+
+def _without_optimizer(model):
+    """The model without its training state, so a bundle holds the weights alone
+    (checkpoints keep the optimizer for resuming)."""
+    if getattr(model, "optimizer", None) is None:
+        return model
+    copy = type(model).from_config(model.get_config())  # built, not compiled
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def read_metadata(folder: str | Path) -> dict:

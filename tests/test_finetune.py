@@ -174,6 +174,14 @@ def test_finetune_to_one_label_keeps_frozen_encoder_bit_identical(pretrained, tm
         "logits": origin["weights"]["initialised"]["logits"]
     }
     assert metadata["config"]["train"]["freeze"] == ["enc*"]
+    import io
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(out / "model.keras") as archive:  # weights only
+        weights = h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r")
+        assert "optimizer" not in weights
     scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
     result = medseg(
         "predict", "--model", out, "--input", scan, "--output", tmp_path / "p"
@@ -230,3 +238,30 @@ def test_finetune_refuses_a_classification_bundle_and_needs_data(tmp_path):
     result = medseg("finetune", "--model", tmp_path / "cls", "--output", tmp_path / "o")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "fine-tuning takes a segmentation or reconstruction bundle" in result.stderr
+
+
+@pytest.mark.slow
+def test_export_savedmodel_round_trip(pretrained, tmp_path):
+    import tensorflow as tf
+
+    from medseg.models import load_model
+
+    bundle, _ = pretrained
+    out = tmp_path / "served"
+    result = medseg("export", "--model", bundle, "--output", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "outputs match the bundle" in result.stdout
+    metadata = json.loads((out / "medseg.json").read_text())
+    original = json.loads((bundle / "medseg.json").read_text())
+    assert metadata["preprocessing"] == original["preprocessing"]
+    assert metadata["labels"] == original["labels"]
+    assert metadata["export"]["format"] == "savedmodel"
+    served = tf.saved_model.load(str(out))
+    x = np.random.default_rng(5).normal(size=(2, 24, 32, 16, 1)).astype(np.float32)
+    expected = np.asarray(load_model(bundle)(x, training=False))
+    np.testing.assert_allclose(
+        np.asarray(served.serve(tf.constant(x))), expected, atol=1e-4
+    )
+    again = medseg("export", "--model", bundle, "--output", out)
+    assert again.returncode == 2 and "exists already" in again.stderr
+    assert not list(tmp_path.glob(".served.*"))
