@@ -16,6 +16,7 @@ from medseg_cli.evaluate import evaluate
 from medseg_cli.export import export
 from medseg_cli.finetune import finetune
 from medseg_cli.info import info
+from medseg_cli.models import models
 from medseg_cli.predict import predict
 from medseg_cli.train import train
 
@@ -69,5 +70,6 @@ main.add_command(evaluate)
 main.add_command(export)
 main.add_command(finetune)
 main.add_command(info)
+main.add_command(models)
 main.add_command(predict)
 main.add_command(train)

@@ -28,6 +28,8 @@ def run(*args):
         (["info"], "Describe MODEL_OR_CONFIG: a .keras model, a model bundle"),
         (["train"], "Train a segmentation model; OUTPUT becomes a bundle"),
         (["finetune"], "Fine-tune a pretrained bundle on a new dataset"),
+        (["models"], "List the models shipped with medseg"),
+        (["export"], "Export a bundle for serving, checked against the bundle"),
         (["predict"], "Segment scans with a bundle; labels are written on each scan"),
         (
             ["evaluate"],
@@ -288,3 +290,21 @@ def test_info_bad_inputs_exit_2_with_one_line(tmp_path):
     assert result.output.startswith(
         f"Error: {tmp_path / 'bad.yaml'}: unknown model key"
     )
+
+
+def test_every_package_folder_is_installed():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "packages"
+        ]
+    )
+    found = {
+        ".".join(p.parent.relative_to(root).parts)
+        for p in (root / "medseg").rglob("__init__.py")
+    }
+    assert found <= listed, f"not installed by `pip install .`: {found - listed}"

@@ -497,6 +497,38 @@ def test_model_names_resolve_to_shipped_bundles(tmp_path, monkeypatch):
         bundles.resolve("liver")
 
 
+def test_models_lists_shipped_bundles(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from medseg import bundle as bundles
+    from medseg_cli.main import main
+
+    (tmp_path / "hippo").mkdir()
+    (tmp_path / "hippo" / "medseg.json").write_text(
+        json.dumps(
+            {
+                "task": "segmentation",
+                "spatial_dims": 3,
+                "labels": {
+                    "0": {"value": 0, "name": "background"},
+                    "1": {"value": 1, "name": "Anterior"},
+                },
+                "preprocessing": {"target_spacing_mm": [1.0, 1.0, 1.5]},
+                "validation": {"val_dice_1": 0.8912},
+            }
+        )
+    )
+    monkeypatch.setattr(bundles, "PRETRAINED_DIR", tmp_path)
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 0, result.output
+    assert result.output == (
+        "hippo: segmentation, 3D, labels 1=Anterior, spacing 1 x 1 x 1.5 mm; "
+        "validation val_dice_1 0.891\n"
+    )
+    monkeypatch.setattr(bundles, "PRETRAINED_DIR", tmp_path / "none")
+    assert "no models are shipped" in CliRunner().invoke(main, ["models"]).output
+
+
 def test_unknown_model_name_is_one_line_and_exit_2(tmp_path):
     result = medseg(
         "predict",

@@ -1,0 +1,33 @@
+"""``medseg models``: the models shipped with medseg."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("models")
+def models() -> None:
+    """List the models shipped with medseg (usable as --model NAME)."""
+    from medseg.bundle import read_metadata, shipped_models
+
+    shipped = shipped_models()
+    if not shipped:
+        click.echo("no models are shipped with this installation")
+        return
+    for name, folder in shipped.items():
+        metadata = read_metadata(folder)
+        labels = metadata.get("labels") or {}
+        names = ", ".join(
+            f"{v['value']}={v['name']}" for k, v in sorted(labels.items()) if k != "0"
+        )
+        spacing = (metadata.get("preprocessing") or {}).get("target_spacing_mm")
+        spacing_text = (
+            " x ".join(f"{s:g}" for s in spacing) + " mm" if spacing else "scan's own"
+        )
+        scores = metadata.get("validation") or {}
+        score_text = ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items()))
+        click.echo(
+            f"{name}: {metadata.get('task')}, {metadata.get('spatial_dims')}D, "
+            f"labels {names or '-'}, spacing {spacing_text}; "
+            f"validation {score_text or 'none recorded'}"
+        )
