@@ -76,6 +76,12 @@ from medseg_cli._tf import start_tensorflow
     help="Split of a .npz input to classify.",
 )
 @click.option("--shard", help="K/N: only every N-th scan from the K-th (array jobs).")
+@click.option(
+    "--allow-modified-model",
+    is_flag=True,
+    help="Use a bundle whose model.keras no longer matches the sha256 in its "
+    "medseg.json (still loaded in safe mode).",
+)
 @click.option("--overwrite", is_flag=True, help="Redo scans whose output exists.")
 @click.option(
     "--report",
@@ -95,6 +101,7 @@ def predict(
     min_size_mm3: float,
     split: str,
     shard: str | None,
+    allow_modified_model: bool,
     overwrite: bool,
     report_path: Path | None,
 ) -> None:
@@ -121,7 +128,16 @@ def predict(
     metadata = read_metadata(bundle)
     if metadata.get("task") == "classification":
         start_tensorflow(ctx.meta.get("medseg.debug", False))
-        _classify(bundle, metadata, input_path, output, split, shard_value, report_path)
+        _classify(
+            bundle,
+            metadata,
+            input_path,
+            output,
+            split,
+            shard_value,
+            report_path,
+            allow_modified_model,
+        )
         return
     inputs = batch.take_shard(batch.collect_inputs(input_path), shard_value)
     single = (
@@ -145,6 +161,7 @@ def predict(
         keep_largest=keep_largest,
         min_size_mm3=min_size_mm3,
         probabilities=probabilities,
+        allow_modified=allow_modified_model,
     )
     if single and inputs[0].name != output.name:
         inputs_named = {inputs[0]: output.name}
@@ -199,7 +216,9 @@ def _finish(results, output_dir, report_path, shard_value, verb: str) -> None:
         sys.exit(1)
 
 
-def _classify(bundle, metadata, input_path, output, split, shard_value, report_path):
+def _classify(
+    bundle, metadata, input_path, output, split, shard_value, report_path, allowed
+):
     """Classification bundles: image files or a .npz split -> one predictions CSV."""
     from medseg import batch
     from medseg.datasets import load_npz_images
@@ -215,7 +234,7 @@ def _classify(bundle, metadata, input_path, output, split, shard_value, report_p
     else:
         files = batch.take_shard(batch.collect_inputs(input_path), shard_value)
         items = [(split_suffix(p)[0], lambda p=p: read_volume(p).array) for p in files]
-    classifier = Classifier(bundle)
+    classifier = Classifier(bundle, allow_modified=allowed)
     with click.progressbar(
         length=len(items), label="classifying", file=sys.stderr, show_pos=True
     ) as bar:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 from pathlib import Path
 
@@ -126,8 +127,13 @@ def read_metadata(folder: str | Path) -> dict:
     return metadata
 
 
-def verify(folder: str | Path) -> dict:
+def verify(folder: str | Path, *, allow_modified: bool = False) -> dict:
     """Metadata of a bundle whose ``model.keras`` matches its recorded sha256.
+
+    Args:
+        allow_modified: accept a model file that differs from the recorded sha256
+            (with a warning), for users who changed it on purpose. It is still loaded
+            in Keras safe mode.
 
     Raises:
         InputFileError: missing model, or a model file changed since it was bundled.
@@ -138,9 +144,16 @@ def verify(folder: str | Path) -> dict:
     if not model_path.is_file():
         raise InputFileError(model_path, "model file not found")
     if sha256(model_path) != metadata.get("model_sha256"):
+        if allow_modified:
+            logging.getLogger(__name__).warning(
+                "%s: sha256 differs from the one in medseg.json; used anyway "
+                "(--allow-modified-model)",
+                model_path,
+            )
+            return metadata
         raise InputFileError(
             model_path,
             "sha256 differs from the one in medseg.json "
-            "(modified or corrupted model file)",
+            "(modified or corrupted model file; --allow-modified-model uses it anyway)",
         )
     return metadata

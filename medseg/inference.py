@@ -193,6 +193,8 @@ class Segmenter:
         keep_largest: keep only the largest component of each label.
         min_size_mm3: remove components of a label smaller than this.
         probabilities: also return the class probabilities on the scan's grid.
+        allow_modified: accept a model file whose sha256 differs from the bundle's
+            record (see :func:`medseg.bundle.verify`).
     """
 
     def __init__(
@@ -205,12 +207,13 @@ class Segmenter:
         keep_largest: bool = False,
         min_size_mm3: float = 0.0,
         probabilities: bool = False,
+        allow_modified: bool = False,
     ):
         from medseg import bundle as bundles
         from medseg.models import load_model
         from medseg.preprocessing import Preprocessor
 
-        self.metadata = bundles.verify(bundle)
+        self.metadata = bundles.verify(bundle, allow_modified=allow_modified)
         if self.metadata.get("task") != "segmentation":
             raise InputFileError(
                 bundle,
@@ -353,12 +356,12 @@ class Classifier:
     interpolation), as MedMNIST images were made.
     """
 
-    def __init__(self, bundle, *, batch_size: int = 64):
+    def __init__(self, bundle, *, batch_size: int = 64, allow_modified: bool = False):
         from medseg import bundle as bundles
         from medseg.models import load_model
         from medseg.preprocessing import Preprocessor
 
-        self.metadata = bundles.verify(bundle)
+        self.metadata = bundles.verify(bundle, allow_modified=allow_modified)
         if self.metadata.get("task") != "classification":
             raise InputFileError(
                 bundle,

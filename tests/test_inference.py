@@ -373,9 +373,27 @@ def test_probabilities_and_post_processing_from_the_command_line(bundle, tmp_pat
     structure = np.ones((3, 3, 3), bool)
     for value in (1, 2):
         parts, count = ndimage.label(labels == value, structure)
-        assert count > 1  # there was something to remove
+        if count == 0:
+            assert not (kept == value).any()
+            continue
         sizes = np.bincount(parts.ravel())[1:]
         np.testing.assert_array_equal(kept == value, parts == 1 + np.argmax(sizes))
+    assert set(np.unique(labels[kept != labels])) <= {1, 2}
+    assert (kept[kept != labels] == 0).all()  # removed voxels became background
+    # a size limit above any component clears every label
+    result = medseg(
+        "predict",
+        "--model",
+        bundle,
+        "--input",
+        source,
+        "--output",
+        tmp_path / "none",
+        "--min-size-mm3",
+        "1e9",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not np.asanyarray(nib.load(tmp_path / "none" / source.name).dataobj).any()
 
 
 @pytest.fixture(scope="module")
@@ -544,3 +562,39 @@ def test_unknown_model_name_is_one_line_and_exit_2(tmp_path):
     assert "no-such-model: no such bundle folder, and not a shipped model" in (
         result.stderr
     )
+
+
+@pytest.mark.slow
+def test_modified_model_file_is_refused_unless_allowed(bundle, tmp_path):
+    import shutil
+
+    from medseg.models import load_model
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    model = load_model(copy)
+    weights = model.get_weights()
+    model.set_weights([w + 0.01 for w in weights])
+    model.save(copy / "model.keras")  # changed after bundling
+    scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    result = medseg(
+        "predict", "--model", copy, "--input", scan, "--output", tmp_path / "a"
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{copy / 'model.keras'}: sha256 differs from the one in medseg.json" in (
+        result.stderr
+    )
+    assert not (tmp_path / "a" / scan.name).exists()
+    result = medseg(
+        "predict",
+        "--model",
+        copy,
+        "--input",
+        scan,
+        "--output",
+        tmp_path / "b",
+        "--allow-modified-model",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "used anyway" in result.stderr
+    assert (tmp_path / "b" / scan.name).exists()
