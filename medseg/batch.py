@@ -63,10 +63,10 @@ def collect_inputs(path: str | Path) -> list[Path]:
     elif path.is_file():
         files = [path]
     elif path.is_dir():
-        files = [
+        files = [  # broken links and loops too, to be named when they fail
             p
             for p in path.iterdir()
-            if p.is_file()
+            if (p.is_file() or p.is_symlink())
             and not p.name.startswith(".")
             and split_suffix(p)[1] in SCAN_SUFFIXES
         ]

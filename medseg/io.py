@@ -246,6 +246,19 @@ def read_volume(
 def _existing_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            try:
+                path.resolve(strict=True)
+            except RuntimeError:  # Python < 3.13
+                raise InputFileError(path, "symlink loop") from None
+            except OSError as exc:
+                problem = (
+                    "symlink loop"
+                    if "loop" in str(exc).lower()
+                    else ("broken symlink (its target does not exist)")
+                )
+                raise InputFileError(path, problem) from None
+            raise InputFileError(path, "broken symlink (its target does not exist)")
         raise InputFileError(path, "file not found")
     if not path.is_file():
         raise InputFileError(path, "not a regular file")

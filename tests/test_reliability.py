@@ -1,0 +1,112 @@
+"""Bad input through the command line: each bad file named with its problem in one
+line, no traceback, the right exit status, and the good cases still done."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.conftest import SAMPLE
+
+TINY = """\
+model: {name: unet, spatial_dims: 3, filters: [4, 8], patch_size: [16, 16, 16]}
+train: {epochs: 1, steps_per_epoch: 1, batch_size: 2, optimizer: adam, folds: 4,
+        augment: {mirror_axes: [0, 2]}}
+"""
+
+
+def medseg(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "medseg_cli", *map(os.fsdecode, map(str, args))],
+        capture_output=True,
+        text=True,
+        errors="replace",
+    )
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bundle")
+    (folder / "tiny.yaml").write_text(TINY)
+    result = medseg(
+        "train",
+        "--config",
+        folder / "tiny.yaml",
+        "--data",
+        SAMPLE,
+        "--output",
+        folder / "run",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "run"
+
+
+@pytest.mark.slow
+def test_a_folder_of_bad_scans_names_each_and_finishes_the_good_ones(bundle, tmp_path):
+    source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    img = nib.load(source)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = ["with space.nii.gz", "caf\u00e9.nii.gz"]
+    for name in good:
+        shutil.copy(source, inputs / name)
+    raw_name = os.fsencode(inputs) + b"/latin1 \xff.nii.gz"  # not UTF-8
+    shutil.copy(source, raw_name)
+    (inputs / "wrong_magic.nii.gz").write_bytes(gzip.compress(bytes(range(256)) * 8))
+    nan = data.copy()
+    nan[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(nan, img.affine), inputs / "nan.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.stack([data, data], -1), img.affine),
+        inputs / "two_channels.nii.gz",
+    )
+    nib.save(nib.Nifti1Image(data, img.affine), inputs / "short.nii")
+    whole = (inputs / "short.nii").read_bytes()
+    (inputs / "short.nii").write_bytes(whole[: len(whole) // 2])
+    header = nib.Nifti1Header()
+    header.set_data_shape((4000, 4000, 4000))
+    header.set_data_dtype(np.float32)
+    (inputs / "bomb.nii").write_bytes(header.binaryblock + b"\0" * 4 + b"\0" * 64)
+    os.symlink(inputs / "loop_b.nii.gz", inputs / "loop_a.nii.gz")
+    os.symlink(inputs / "loop_a.nii.gz", inputs / "loop_b.nii.gz")
+    os.symlink(inputs / "gone.nii.gz", inputs / "dangling.nii.gz")
+    out = tmp_path / "out"
+    result = medseg("predict", "--model", bundle, "--input", inputs, "--output", out)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "3 segmented, 0 skipped (output existed), 8 failed" in result.stdout
+    for name, problem in [
+        ("wrong_magic.nii.gz", "not a NIfTI file"),
+        ("nan.nii.gz", "1 NaN/Inf voxels; refused"),
+        ("two_channels.nii.gz", "3D scan with 2 channel(s), but the model segments"),
+        ("short.nii", "truncated file: header declares"),
+        ("bomb.nii", "a damaged header or a decompression bomb"),
+        ("loop_a.nii.gz", "symlink loop"),
+        ("loop_b.nii.gz", "symlink loop"),
+        ("dangling.nii.gz", "broken symlink"),
+    ]:
+        lines = [
+            line for line in result.stderr.splitlines() if f"{inputs / name}: " in line
+        ]
+        assert lines and problem in lines[-1], (name, result.stderr[-3000:])
+    written = sorted(os.listdir(os.fsencode(out)))
+    assert written == sorted(
+        [os.fsencode(n) for n in good]
+        + [b"latin1 \xff.nii.gz", b"medseg_predict_report.json"]
+    )
+    for name in written:
+        if name.endswith(b".nii.gz"):
+            labels = nib.load(os.fsdecode(os.fsencode(out) + b"/" + name))
+            assert labels.shape == img.shape
+            np.testing.assert_array_equal(labels.affine, img.affine)
+    report = json.loads((out / "medseg_predict_report.json").read_text())
+    assert report["counts"] == {"done": 3, "skipped": 0, "failed": 8}
