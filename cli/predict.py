@@ -145,7 +145,7 @@ def predict(
         and Path(input_path).is_file()
         and (output.suffix and not output.is_dir())
     )
-    output_dir = output.parent if single else output
+    output_dir = batch.make_output_dir(output.parent if single else output)
     start_tensorflow(ctx.meta.get("medseg.debug", False))
     from medseg.inference import Segmenter
 
@@ -226,6 +226,7 @@ def _classify(
     from medseg.io import atomic_write_text, read_volume, split_suffix
 
     target = output if output.suffix == ".csv" else output / "predictions.csv"
+    batch.make_output_dir(target.parent)  # before any work
     source = Path(input_path)
     if source.suffix == ".npz":
         images, _ = load_npz_images(source, split, metadata["spatial_dims"])
@@ -243,7 +244,6 @@ def _classify(
         )
     for result in results:
         result.output = str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, batch.classification_csv(scores, classifier.names))
     click.echo(f"predictions written to {target}")
     _finish(results, target.parent, report_path, shard_value, "classified")

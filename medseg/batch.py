@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,24 @@ def take_shard(files: list[Path], shard: tuple[int, int] | None) -> list[Path]:
     return files[k - 1 :: n]
 
 
+def make_output_dir(folder: Path) -> Path:
+    """Creates the output folder (and parents).
+
+    Raises:
+        InputFileError: it cannot be created or written to.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputFileError(
+            folder, f"cannot create the output folder ({exc.strerror or exc})"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputFileError(folder, "output folder is not writable")
+    return folder
+
+
 def output_for(input_path: Path, output_dir: Path, rename: dict | None = None) -> Path:
     """Same file name (and format) as the input in ``output_dir``, unless ``rename``
     gives the input another name."""
@@ -133,7 +152,7 @@ def segment_all(
         probabilities: also write ``<case>_probabilities.npz`` (the prediction's
             float16 probabilities); a case counts as done when both files exist.
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(output_dir)
     todo, results = [], []
     for path in inputs:
         target = output_for(path, output_dir, rename)

@@ -110,3 +110,75 @@ def test_a_folder_of_bad_scans_names_each_and_finishes_the_good_ones(bundle, tmp
             np.testing.assert_array_equal(labels.affine, img.affine)
     report = json.loads((out / "medseg_predict_report.json").read_text())
     assert report["counts"] == {"done": 3, "skipped": 0, "failed": 8}
+
+
+def _limit_file_size(limit):
+    def apply():  # in the child: writes past `limit` bytes fail with EFBIG
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.slow
+def test_a_write_that_fails_midway_leaves_no_partial_file_and_the_rest_finish(
+    bundle, tmp_path
+):
+    # a full disk, simulated by a 20 kB file-size limit: the uncompressed output
+    # (about 60 kB) cannot be written, the compressed one (a few kB) can
+    source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(source, inputs / "small.nii.gz")
+    img = nib.load(source)
+    nib.save(
+        nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine), inputs / "big.nii"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.nii.gz").write_bytes(b"kept")  # a file from before is untouched
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medseg_cli",
+            "predict",
+            "--model",
+            str(bundle),
+            "--input",
+            str(inputs),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=_limit_file_size(20_000),
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "1 segmented, 0 skipped (output existed), 1 failed" in result.stdout
+    failure = [line for line in result.stderr.splitlines() if "big.nii" in line]
+    assert failure and "File too large" in failure[-1]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "earlier.nii.gz",
+        "medseg_predict_report.json",
+        "small.nii.gz",
+    ]  # no partial big.nii, nor its temporary file
+    assert (out / "earlier.nii.gz").read_bytes() == b"kept"
+    assert nib.load(out / "small.nii.gz").shape == img.shape
+
+
+def test_an_output_that_cannot_be_a_folder_is_one_line_and_exit_2(bundle, tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where the output folder should go")
+    source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    result = medseg(
+        "predict", "--model", bundle, "--input", source, "--output", blocker / "out"
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert f"{blocker / 'out'}: cannot create the output folder" in result.stderr
+    assert blocker.read_text() == "a file where the output folder should go"
