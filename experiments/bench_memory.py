@@ -84,20 +84,19 @@ def make_bundle(folder: Path, spacing, patch) -> None:
     )
 
 
-def run_predict(bundle: Path, scan: Path, output: Path, *extra) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "medseg_cli",
-        "predict",
-        "--model",
-        str(bundle),
+def predict_command(bundle: Path, scan: Path, output: Path, *extra) -> list[str]:
+    """``medseg predict`` in this Python, as a fresh process."""
+    return [sys.executable, "-m", "medseg_cli", "predict", "--model", str(bundle)] + [
         "--input",
         str(scan),
         "--output",
         str(output),
         *extra,
     ]
+
+
+def run_predict(bundle: Path, scan: Path, output: Path, *extra) -> dict:
+    command = predict_command(bundle, scan, output, *extra)
     started = time.perf_counter()
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
