@@ -6,8 +6,11 @@ was made: format version, task, labels, channels, spatial dims, patch size,
 preprocessing with its statistics, the dataset fingerprint, the plan, the resolved
 config, validation metrics, versions, and the sha256 of ``model.keras``.
 
-Both files are written to temporary names and renamed, ``medseg.json`` last, so a
-bundle is either the old complete one or the new complete one.
+Both files are written to temporary names and renamed, ``medseg.json`` last. The new
+metadata is first written beside the old as ``.medseg.json.next``: a writer killed
+between the two renames leaves the new model with its metadata there, and
+:func:`verify` completes the swap. So a bundle is always either the old complete one or
+the new complete one.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from medseg.io import atomic_output, atomic_write_text
 FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"
 METADATA_FILE = "medseg.json"
+PENDING_FILE = ".medseg.json.next"
 #: Bundles shipped inside the package, addressable by folder name.
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
@@ -85,13 +90,15 @@ def write_bundle(folder: str | Path, model, metadata: dict) -> Path:
     target = folder / MODEL_FILE
     with atomic_output(target) as tmp:
         _without_optimizer(model).save(tmp)
-    record = {
-        "format_version": FORMAT_VERSION,
-        **metadata,
-        "versions": versions(),
-        "model_sha256": sha256(target),
-    }
-    atomic_write_text(folder / METADATA_FILE, json.dumps(record, indent=2) + "\n")
+        record = {
+            "format_version": FORMAT_VERSION,
+            **metadata,
+            "versions": versions(),
+            "model_sha256": sha256(tmp),
+        }
+        text = json.dumps(record, indent=2) + "\n"
+        atomic_write_text(folder / PENDING_FILE, text)  # then the model is renamed
+    os.replace(folder / PENDING_FILE, folder / METADATA_FILE)
     return folder
 
 
@@ -103,6 +110,23 @@ def _without_optimizer(model):
     copy = type(model).from_config(model.get_config())  # built, not compiled
     copy.set_weights(model.get_weights())
     return copy
+
+
+def _pending_metadata(folder: Path, actual_sha: str) -> dict | None:
+    """The metadata a killed :func:`write_bundle` left for the model now in place, if
+    any; the swap is completed when the folder is writable."""
+    path = folder / PENDING_FILE
+    try:
+        pending = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if pending.get("model_sha256") != actual_sha:
+        return None
+    try:
+        os.replace(path, folder / METADATA_FILE)
+    except OSError:
+        pass  # a read-only bundle: use the pending record as it is
+    return pending
 
 
 def read_metadata(folder: str | Path) -> dict:
@@ -143,7 +167,12 @@ def verify(folder: str | Path, *, allow_modified: bool = False) -> dict:
     model_path = folder / MODEL_FILE
     if not model_path.is_file():
         raise InputFileError(model_path, "model file not found")
-    if sha256(model_path) != metadata.get("model_sha256"):
+    actual = sha256(model_path)
+    if actual != metadata.get("model_sha256"):
+        pending = _pending_metadata(folder, actual)
+        if pending is not None:  # a write stopped between its two renames
+            return pending
+    if actual != metadata.get("model_sha256"):
         if allow_modified:
             logging.getLogger(__name__).warning(
                 "%s: sha256 differs from the one in medseg.json; used anyway "

@@ -182,3 +182,81 @@ def test_an_output_that_cannot_be_a_folder_is_one_line_and_exit_2(bundle, tmp_pa
     assert "Traceback" not in result.stderr
     assert f"{blocker / 'out'}: cannot create the output folder" in result.stderr
     assert blocker.read_text() == "a file where the output folder should go"
+
+
+WRITER = """
+import sys
+from medseg.bundle import write_bundle
+from medseg.models import build_unet
+
+model = build_unet(spatial_dims=2, in_channels=1, num_classes=2, filters=(4, 8))
+generation = int(sys.argv[2])
+while True:  # each bundle's weights all equal its generation number
+    model.set_weights([w * 0 + generation for w in model.get_weights()])
+    write_bundle(sys.argv[1], model, {"task": "segmentation", "generation": generation})
+    print(generation, flush=True)
+    generation += 1
+"""
+
+
+def _check_bundle(folder):
+    from medseg.bundle import verify
+    from medseg.models import load_model
+
+    metadata = verify(folder)
+    weights = load_model(folder).get_weights()
+    assert all((w == metadata["generation"]).all() for w in weights)
+    return metadata["generation"]
+
+
+@pytest.mark.slow
+def test_sigkill_while_writing_bundles_always_leaves_a_complete_one(tmp_path):
+    import random
+    import signal
+    import time
+
+    rng = random.Random(0)
+    folder = tmp_path / "bundle"
+    generation = 0
+    for _ in range(6):
+        process = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(folder), str(generation)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        process.stdout.readline()  # one bundle written in this round
+        time.sleep(rng.uniform(0, 0.4))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        found = _check_bundle(folder)
+        assert found >= generation
+        generation = found + 1000  # later rounds are told apart
+
+
+def test_a_write_stopped_between_its_renames_is_completed_on_load(
+    tmp_path, monkeypatch
+):
+    import medseg.bundle as bundles
+    from medseg.models import build_unet
+
+    model = build_unet(spatial_dims=2, in_channels=1, num_classes=2, filters=(4, 8))
+    model.set_weights([w * 0 + 1 for w in model.get_weights()])
+    bundles.write_bundle(tmp_path, model, {"task": "segmentation", "generation": 1})
+    model.set_weights([w * 0 + 2 for w in model.get_weights()])
+    real_replace = os.replace
+
+    def killed_before_metadata(src, dst):
+        if str(dst).endswith(bundles.METADATA_FILE) and "next" in str(src):
+            raise KeyboardInterrupt  # the process dies here
+        real_replace(src, dst)
+
+    monkeypatch.setattr(bundles.os, "replace", killed_before_metadata)
+    with pytest.raises(KeyboardInterrupt):
+        bundles.write_bundle(tmp_path, model, {"task": "segmentation", "generation": 2})
+    monkeypatch.setattr(bundles.os, "replace", real_replace)
+    old = json.loads((tmp_path / "medseg.json").read_text())
+    assert old["generation"] == 1  # the new model is in place, its metadata is not
+    assert _check_bundle(tmp_path) == 2
+    assert not (tmp_path / bundles.PENDING_FILE).exists()  # the swap was completed
+    assert json.loads((tmp_path / "medseg.json").read_text())["generation"] == 2
