@@ -260,3 +260,53 @@ def test_a_write_stopped_between_its_renames_is_completed_on_load(
     assert _check_bundle(tmp_path) == 2
     assert not (tmp_path / bundles.PENDING_FILE).exists()  # the swap was completed
     assert json.loads((tmp_path / "medseg.json").read_text())["generation"] == 2
+
+
+@pytest.mark.slow
+def test_training_on_a_broken_dataset_names_every_defect_and_writes_no_model(
+    tmp_path,
+):
+    from tests.conftest import save_nifti
+    from tests.test_cli import make_broken_sample
+
+    root = make_broken_sample(tmp_path / "broken")
+    manifest = json.loads((root / "dataset.json").read_text())
+    manifest["training"][0]["image"] = "./imagesTr/hippocampus_003.nii.gz"
+    (root / "dataset.json").write_text(json.dumps(manifest))  # the case defects only
+    label = root / "labelsTr" / "hippocampus_020.nii.gz"
+    img = nib.load(label)
+    fractional = np.asanyarray(img.dataobj).astype(np.float32)
+    fractional[5, 5, 5] = 0.5
+    save_nifti(label, fractional, img.affine)
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    result = medseg(
+        "train",
+        "--config",
+        tmp_path / "tiny.yaml",
+        "--data",
+        root,
+        "--output",
+        tmp_path / "run",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert errors == [
+        f"Error: {root / 'imagesTr' / 'hippocampus_008.nii.gz'}: case hippocampus_008: "
+        "file not found (7 problem(s); run 'medseg data check')"
+    ]
+    check = medseg("data", "check", root)  # which lists every one of them
+    assert check.returncode == 2
+    for case, problem in [
+        ("hippocampus_008", "not found"),
+        ("hippocampus_011", "checksum"),
+        ("hippocampus_014", "7"),
+        ("hippocampus_015", "shape"),
+        ("hippocampus_017", "affine"),
+        ("hippocampus_019", "NaN"),
+        ("hippocampus_020", "non-integer values"),
+    ]:
+        output = check.stdout + check.stderr
+        lines = [line for line in output.splitlines() if case in line]
+        assert lines and problem in " ".join(lines), (case, output[-3000:])
+    assert not (tmp_path / "run" / "model.keras").exists()

@@ -327,7 +327,7 @@ def _checked_dataset(config: Config):
 
     if not config.data.dataset:
         raise ConfigError("no dataset: give data.dataset in the config or --data")
-    dataset = load_dataset(config.data.dataset)
+    dataset = load_dataset(config.data.dataset, strict=False)  # all problems counted
     if config.data.labels is not None:
         dataset = replace(dataset, labels=config.data.labels)
     report = check_dataset(dataset)
