@@ -411,3 +411,31 @@ def test_a_setting_that_cannot_work_is_reported_against_the_config(tmp_path):
         f"Error: {config}: patch_size (18, 16, 16): each size must be divisible by "
         "2**depth = 4"
     ) in result.stderr
+
+
+def test_checkpoint_restores_dropout_randomness(tmp_path):
+    import keras
+
+    from medseg.models import build_unet
+    from medseg.training.run_files import restore_checkpoint, save_checkpoint
+
+    def model():
+        net = build_unet(
+            spatial_dims=2, in_channels=1, num_classes=2, filters=(4, 8), dropout=0.3
+        )
+        net.compile(optimizer="adam", loss="mse")
+        net.optimizer.build(net.trainable_variables)
+        return net
+
+    x = np.random.default_rng(0).random((2, 16, 16, 1)).astype("float32")
+    first = model()
+    for _ in range(3):
+        first(x, training=True)  # move the dropout state on
+    save_checkpoint(tmp_path, first, 3, None)
+    second = model()
+    assert restore_checkpoint(tmp_path, second) == (3, None)
+    a = keras.ops.convert_to_numpy(first(x, training=True))
+    b = keras.ops.convert_to_numpy(second(x, training=True))
+    np.testing.assert_array_equal(a, b)  # the same dropout masks from here on
+    again = keras.ops.convert_to_numpy(first(x, training=True))
+    assert not np.array_equal(a, again)  # dropout is on: masks differ call to call

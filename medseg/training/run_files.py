@@ -106,6 +106,9 @@ def save_checkpoint(folder: Path, model, epoch: int, best: float | None) -> None
     variables = [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
     with open(tmp / "optimizer.npz", "wb") as handle:
         np.savez(handle, *variables)
+    seeds = [keras.ops.convert_to_numpy(v) for v in _seed_states(model)]
+    with open(tmp / "seeds.npz", "wb") as handle:  # dropout's random state
+        np.savez(handle, *seeds)
     (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "best": best}))
     old = folder / f".{CHECKPOINT}.old"
     if target.exists():
@@ -115,6 +118,12 @@ def save_checkpoint(folder: Path, model, epoch: int, best: float | None) -> None
     tmp.rename(target)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _seed_states(model) -> list:
+    """The random-number state of layers such as dropout, which Keras' weight files
+    leave out."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
 def checkpoint_folder(folder: Path) -> Path | None:
@@ -143,6 +152,14 @@ def restore_checkpoint(folder: Path, model) -> tuple[int, float | None]:
         raise InputFileError(source, "optimizer state does not match the model")
     for variable, value in zip(model.optimizer.variables, values, strict=True):
         variable.assign(value)
+    if (source / "seeds.npz").is_file():
+        with np.load(source / "seeds.npz", allow_pickle=False) as stored:
+            seeds = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+        states = _seed_states(model)
+        if len(seeds) != len(states):
+            raise InputFileError(source, "random state does not match the model")
+        for variable, value in zip(states, seeds, strict=True):
+            variable.assign(value)
     return int(state["epoch"]), state.get("best")
 
 
