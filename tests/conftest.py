@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +89,39 @@ def msd_dataset(tmp_path):
 def pytest_configure(config):
     # quieten TensorFlow's C++ start-up logging in test output
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+#: A 3D U-Net small enough to train in seconds on the sample (end-to-end tests).
+TINY_CONFIG = """\
+model: {name: unet, spatial_dims: 3, filters: [4, 8], patch_size: [16, 16, 16]}
+train: {epochs: 1, steps_per_epoch: 2, batch_size: 2, optimizer: adam,
+        learning_rate: 0.001, folds: 4, augment: {mirror_axes: [0, 2]}}
+"""
+
+
+def run_medseg(*args) -> subprocess.CompletedProcess:
+    """``medseg ARGS`` in a fresh process (arguments may be non-UTF-8 paths)."""
+    return subprocess.run(
+        [sys.executable, "-m", "medseg_cli", *(os.fsdecode(str(a)) for a in args)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+    )
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory):
+    """A bundle trained with TINY_CONFIG on the sample, shared read-only by tests."""
+    folder = tmp_path_factory.mktemp("bundle")
+    (folder / "tiny.yaml").write_text(TINY_CONFIG)
+    result = run_medseg(
+        "train",
+        "--config",
+        folder / "tiny.yaml",
+        "--data",
+        SAMPLE,
+        "--output",
+        folder / "run",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "run"

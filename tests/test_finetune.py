@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 from medseg.models import build_autoencoder, build_unet
 from medseg.models.transfer import adapt_weights, freeze_layers
 from tests.conftest import SAMPLE
+from tests.conftest import run_medseg as medseg
 
 
 def _unet(in_channels, num_classes, seed=0):
@@ -76,35 +75,9 @@ def test_encoder_only_from_an_autoencoder_and_glob_freezing():
     assert unet.get_layer("logits").trainable
 
 
-TINY = """\
-model: {name: unet, spatial_dims: 3, filters: [4, 8], patch_size: [16, 16, 16]}
-train: {epochs: 1, steps_per_epoch: 2, batch_size: 2, optimizer: adam,
-        learning_rate: 0.001, folds: 4, augment: {mirror_axes: [0, 2]}}
-"""
-
-
-def medseg(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "medseg_cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-    )
-
-
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def pretrained(bundle, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pretrained")
-    (folder / "tiny.yaml").write_text(TINY)
-    result = medseg(
-        "train",
-        "--config",
-        folder / "tiny.yaml",
-        "--data",
-        SAMPLE,
-        "--output",
-        folder / "run",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
     whole = folder / "whole"  # the sample with one label: the whole hippocampus
     shutil.copytree(SAMPLE, whole)
     manifest = json.loads((whole / "dataset.json").read_text())
@@ -114,7 +87,7 @@ def pretrained(tmp_path_factory):
         img = nib.load(path)
         merged = (np.asanyarray(img.dataobj) > 0).astype(np.uint8)
         nib.save(nib.Nifti1Image(merged, img.affine, img.header), path)
-    return folder / "run", whole
+    return bundle, whole
 
 
 def _weights(folder):

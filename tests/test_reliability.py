@@ -14,39 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.conftest import SAMPLE
-
-TINY = """\
-model: {name: unet, spatial_dims: 3, filters: [4, 8], patch_size: [16, 16, 16]}
-train: {epochs: 1, steps_per_epoch: 1, batch_size: 2, optimizer: adam, folds: 4,
-        augment: {mirror_axes: [0, 2]}}
-"""
-
-
-def medseg(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "medseg_cli", *map(os.fsdecode, map(str, args))],
-        capture_output=True,
-        text=True,
-        errors="replace",
-    )
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bundle")
-    (folder / "tiny.yaml").write_text(TINY)
-    result = medseg(
-        "train",
-        "--config",
-        folder / "tiny.yaml",
-        "--data",
-        SAMPLE,
-        "--output",
-        folder / "run",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return folder / "run"
+from tests.conftest import SAMPLE, TINY_CONFIG
+from tests.conftest import run_medseg as medseg
 
 
 @pytest.mark.slow
@@ -278,7 +247,7 @@ def test_training_on_a_broken_dataset_names_every_defect_and_writes_no_model(
     fractional = np.asanyarray(img.dataobj).astype(np.float32)
     fractional[5, 5, 5] = 0.5
     save_nifti(label, fractional, img.affine)
-    (tmp_path / "tiny.yaml").write_text(TINY)
+    (tmp_path / "tiny.yaml").write_text(TINY_CONFIG)
     result = medseg(
         "train",
         "--config",

@@ -405,6 +405,25 @@ def _compile(model, config: Config) -> list:
     return metrics
 
 
+def _model_for_run(config: Config, plan: Plan, folder: Path, strategy, resume: bool):
+    """The compiled model of a run, frozen as the epoch it starts from needs, with the
+    pretrained weights of a new fine-tuning run or the checkpoint of a resumed one.
+
+    Returns:
+        ``(model, metrics, origin, start_epoch, best)``; ``origin`` describes the
+        pretrained bundle of a new run (else ``None``).
+    """
+    first_epoch = checkpoint_epoch(folder) if resume else 0
+    with strategy.scope():
+        with config_errors():
+            model, metrics = _compiled_model(
+                config, plan, frozen=_is_frozen(config, first_epoch)
+            )
+    origin = None if resume else _start_from(config, model)
+    start_epoch, best = resume_run(folder, model) if resume else (0, None)
+    return model, metrics, origin, start_epoch, best
+
+
 def _is_frozen(config: Config, epoch: int) -> bool:
     """Whether the ``train.freeze`` layers are frozen when training from ``epoch``."""
     after = config.train.unfreeze_after
@@ -532,16 +551,11 @@ def train(
         i: training_data.prepare_case(by_id[i], preprocessor, values, cache)
         for i in split[0] + split[1]
     }
-    first_epoch = checkpoint_epoch(folder) if resume else 0
     if workers > 1 and config.train.unfreeze_after:
         raise ConfigError("train.unfreeze_after is not available with several workers")
-    with strategy.scope():
-        with config_errors():
-            model, metrics = _compiled_model(
-                config, plan, frozen=_is_frozen(config, first_epoch)
-            )
-    origin = None if resume else _start_from(config, model)
-    start_epoch, best = resume_run(folder, model) if resume else (0, None)
+    model, metrics, origin, start_epoch, best = _model_for_run(
+        config, plan, folder, strategy, resume
+    )
     if start_epoch >= config.train.epochs:
         return folder
     sampler = training_data.PatchSampler(
@@ -694,14 +708,9 @@ def _train_classification(
         atomic_write_text(
             folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
         )
-    first_epoch = checkpoint_epoch(folder) if resume else 0
-    with strategy.scope():
-        with config_errors():
-            model, metrics = _compiled_model(
-                config, plan, frozen=_is_frozen(config, first_epoch)
-            )
-    origin = None if resume else _start_from(config, model)
-    start_epoch, best = resume_run(folder, model) if resume else (0, None)
+    model, metrics, origin, start_epoch, best = _model_for_run(
+        config, plan, folder, strategy, resume
+    )
     if start_epoch >= config.train.epochs:
         return folder
     augmenter = Augmenter(config.train.augment, config.model.spatial_dims)
