@@ -125,3 +125,11 @@ def bundle(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return folder / "run"
+
+
+def assert_failures_named(stderr: str, folder: Path, problems) -> None:
+    """Each ``(file name, problem)`` has an error line naming ``folder / name`` that
+    says the problem."""
+    for name, problem in problems:
+        lines = [line for line in stderr.splitlines() if f"{folder / name}: " in line]
+        assert lines and problem in lines[-1], (name, stderr[-3000:])

@@ -10,7 +10,7 @@ import pytest
 
 from medseg import inference
 from tests import reference
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, assert_failures_named
 from tests.conftest import run_medseg as medseg
 
 
@@ -109,13 +109,16 @@ def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "2 segmented, 0 skipped (output existed), 4 failed" in result.stdout
-    for name, problem in [
-        ("truncated.nii.gz", "truncated"),
-        ("random.nii.gz", "not gzip-compressed"),
-        ("empty.nii.gz", "empty file"),
-        ("slice.png", "2D scan with 1 channel(s), but the model segments 3D scans"),
-    ]:
-        assert f"{inputs / name}: " in result.stderr and problem in result.stderr
+    assert_failures_named(
+        result.stderr,
+        inputs,
+        [
+            ("truncated.nii.gz", "truncated"),
+            ("random.nii.gz", "not gzip-compressed"),
+            ("empty.nii.gz", "empty file"),
+            ("slice.png", "2D scan with 1 channel(s), but the model segments 3D scans"),
+        ],
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [p.name for p in good] + ["medseg_predict_report.json"]
     )
