@@ -12,6 +12,7 @@ import click
 
 from medseg import __version__
 from medseg_cli.data import data
+from medseg_cli.demo import demo
 from medseg_cli.evaluate import evaluate
 from medseg_cli.export import export
 from medseg_cli.finetune import finetune
@@ -66,6 +67,7 @@ def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
 
 
 main.add_command(data)
+main.add_command(demo)
 main.add_command(evaluate)
 main.add_command(export)
 main.add_command(finetune)

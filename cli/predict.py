@@ -147,17 +147,13 @@ def predict(
     )
     output_dir = batch.make_output_dir(output.parent if single else output)
     start_tensorflow(ctx.meta.get("medseg.debug", False))
-    from medseg.inference import Segmenter
+    from medseg.inference import Segmenter, bundle_mirror_axes
 
-    metadata_axes = ()
-    if tta:
-        augment = metadata.get("config", {}).get("train", {}).get("augment", {})
-        metadata_axes = tuple(augment.get("mirror_axes") or ())
     segmenter = Segmenter(
         bundle,
         overlap=overlap,
         batch_size=batch_size,
-        mirror_axes=metadata_axes,
+        mirror_axes=bundle_mirror_axes(metadata) if tta else (),
         keep_largest=keep_largest,
         min_size_mm3=min_size_mm3,
         probabilities=probabilities,

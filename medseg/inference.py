@@ -180,6 +180,14 @@ class Prediction:
     names: tuple[str, ...] = ()
 
 
+def bundle_mirror_axes(metadata: dict) -> tuple[int, ...]:
+    """The mirror axes a bundle was trained with (its test-time augmentation axes):
+    axes along which flipping changes a label's meaning are left out in training, so
+    they are left out here too."""
+    augment = (metadata.get("config") or {}).get("train", {}).get("augment", {})
+    return tuple(augment.get("mirror_axes") or ())
+
+
 class Segmenter:
     """A segmentation bundle ready to segment scans: the training-time preprocessing,
     sliding-window prediction, and the way back to each scan's own grid.
