@@ -1,4 +1,4 @@
-"""``medseg export``: a bundle as a TensorFlow SavedModel for serving."""
+"""``medseg export``: a bundle as a TensorFlow SavedModel or ONNX model for serving."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from medseg_cli._tf import start_tensorflow
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["savedmodel"]),
+    type=click.Choice(["savedmodel", "onnx"]),
     default="savedmodel",
     show_default=True,
     help="Export format.",
@@ -33,17 +33,20 @@ from medseg_cli._tf import start_tensorflow
 def export(model: str, fmt: str, output: Path) -> None:
     """Export a bundle for serving, checked against the bundle.
 
-    The SavedModel's `serve` endpoint maps preprocessed patches to logits (for TF
-    Serving); the bundle's medseg.json (preprocessing, labels, patch size) is written
-    beside it so the preprocessing travels with the model. The export is compared with
-    the bundle on a random input and refused if they differ by more than 1e-4.
+    savedmodel: a SavedModel whose `serve` endpoint maps preprocessed patches to
+    logits (for TF Serving). onnx: OUTPUT/model.onnx, input `image`, the same mapping
+    (needs the onnx extra: pip install 'medseg[onnx]'); the metadata is also stored in
+    the ONNX file's metadata_props under "medseg.json". Either way the bundle's
+    medseg.json (preprocessing, labels, patch size) is written into OUTPUT so the
+    preprocessing travels with the model. The export is compared with the bundle on a
+    random input and refused if they differ by more than 1e-4.
     """
     from medseg.bundle import resolve
-    from medseg.export import export_savedmodel
+    from medseg.export import export_bundle
 
     bundle = resolve(model)
     start_tensorflow(click.get_current_context().meta.get("medseg.debug", False))
-    result = export_savedmodel(bundle, output)
+    result = export_bundle(bundle, output, fmt)
     click.echo(
         f"{fmt} written to {output}; outputs match the bundle within "
         f"{result['max_abs_difference']:.2g} on a {result['input_shape']} input"

@@ -1,5 +1,8 @@
-"""Exporting a bundle for serving: a TensorFlow SavedModel that carries the bundle's
-metadata (preprocessing, labels, patch size), checked against the bundle."""
+"""Exporting a bundle for serving, checked against the bundle: a TensorFlow
+SavedModel (TF Serving) or an ONNX model (onnxruntime and other ONNX runtimes; needs
+the ``onnx`` extra). Each export is a folder that also holds the bundle's
+``medseg.json`` (preprocessing, labels, patch size), so the preprocessing travels with
+the model; the ONNX file carries it in its metadata too."""
 
 from __future__ import annotations
 
@@ -12,13 +15,50 @@ import numpy as np
 
 from medseg.errors import InputFileError
 
-FORMATS = ("savedmodel",)
+FORMATS = ("savedmodel", "onnx")
+ONNX_FILE = "model.onnx"
+#: Key of the bundle's metadata in the ONNX model's ``metadata_props``.
+ONNX_METADATA_KEY = "medseg.json"
+TOLERANCE = 1e-4
 
 
-def export_savedmodel(bundle: str | Path, output: str | Path, *, seed: int = 0) -> dict:
-    """Writes ``output`` (a SavedModel folder with a ``serve`` endpoint that maps a
-    batch of preprocessed patches to logits, plus the bundle's ``medseg.json``), after
-    checking that it gives the bundle's outputs on a random input of the patch size.
+def _savedmodel(model, folder: Path, sample: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
+
+    model.export(str(folder), format="tf_saved_model", verbose=False)
+    loaded = tf.saved_model.load(str(folder))  # kept: its variables back serve()
+    return np.asarray(loaded.serve(tf.constant(sample)))
+
+
+def _onnx(model, folder: Path, sample: np.ndarray) -> np.ndarray:
+    import onnxruntime
+
+    folder.mkdir()
+    path = folder / ONNX_FILE
+    model.export(str(path), format="onnx", verbose=False)
+    session = onnxruntime.InferenceSession(
+        str(path), providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, {session.get_inputs()[0].name: sample})[0]
+
+
+def _embed_onnx_metadata(path: Path, record: dict) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(record)
+    onnx.save(proto, str(path))
+
+
+def export_bundle(
+    bundle: str | Path, output: str | Path, fmt: str = "savedmodel", *, seed: int = 0
+) -> dict:
+    """Writes ``output``, a folder with the exported model (a SavedModel whose
+    ``serve`` endpoint maps a batch of preprocessed patches to logits, or
+    ``model.onnx`` with input ``image`` doing the same) and the bundle's
+    ``medseg.json``, after checking that the export gives the bundle's outputs on a
+    random input of the patch size.
 
     The folder is built under a temporary name and renamed, so ``output`` is either
     complete and checked or absent.
@@ -27,15 +67,28 @@ def export_savedmodel(bundle: str | Path, output: str | Path, *, seed: int = 0) 
         ``{"max_abs_difference": ..., "input_shape": [...]}``.
 
     Raises:
-        InputFileError: ``output`` exists, or the exported model disagrees with the
-            bundle by more than 1e-4.
+        InputFileError: ``output`` exists, an unknown format, the onnx extra missing,
+            or an export that disagrees with the bundle by more than 1e-4.
     """
-    import tensorflow as tf
-
     from medseg import bundle as bundles
     from medseg.models import load_model
 
+    if fmt not in FORMATS:
+        raise InputFileError(output, f"unknown export format {fmt!r}; one of {FORMATS}")
     output = Path(output)
+    if fmt == "onnx":
+        import importlib.util
+
+        missing = [
+            name
+            for name in ("onnx", "onnxruntime", "tf2onnx")
+            if importlib.util.find_spec(name) is None
+        ]
+        if missing:
+            raise InputFileError(
+                output,
+                f"ONNX export needs {', '.join(missing)}: pip install 'medseg[onnx]'",
+            )
     if output.exists():
         raise InputFileError(output, "exists already; choose a new output folder")
     metadata = bundles.verify(bundle)
@@ -45,25 +98,29 @@ def export_savedmodel(bundle: str | Path, output: str | Path, *, seed: int = 0) 
     expected = np.asarray(model(sample, training=False))
     tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
-        model.export(str(tmp), format="tf_saved_model", verbose=False)
-        loaded = tf.saved_model.load(str(tmp))  # kept: its variables back serve()
-        served = loaded.serve(tf.constant(sample))
-        difference = float(np.max(np.abs(np.asarray(served) - expected)))
-        if not difference <= 1e-4:
+        exported = (_savedmodel if fmt == "savedmodel" else _onnx)(model, tmp, sample)
+        difference = float(np.max(np.abs(exported - expected)))
+        if not difference <= TOLERANCE:
             raise InputFileError(
                 output, f"exported model differs from the bundle by {difference:.3g}"
             )
         record = {
             **metadata,
             "export": {
-                "format": "savedmodel",
-                "endpoint": "serve",
+                "format": fmt,
+                **(
+                    {"endpoint": "serve"}
+                    if fmt == "savedmodel"
+                    else {"file": ONNX_FILE, "input_name": "image"}
+                ),
                 "input": "preprocessed patches (batch, *spatial, channels), float32",
                 "output": "logits (batch, *spatial, classes); softmax for "
                 "probabilities",
                 "checked_max_abs_difference": difference,
             },
         }
+        if fmt == "onnx":
+            _embed_onnx_metadata(tmp / ONNX_FILE, record)
         (tmp / bundles.METADATA_FILE).write_text(json.dumps(record, indent=2) + "\n")
         tmp.rename(output)
     finally:

@@ -238,3 +238,31 @@ def test_export_savedmodel_round_trip(pretrained, tmp_path):
     again = medseg("export", "--model", bundle, "--output", out)
     assert again.returncode == 2 and "exists already" in again.stderr
     assert not list(tmp_path.glob(".served.*"))
+
+
+def test_export_onnx_round_trip_carries_the_metadata(pretrained, tmp_path):
+    import onnx
+    import onnxruntime
+
+    from medseg.models import load_model
+
+    bundle, _ = pretrained
+    out = tmp_path / "onnx"
+    result = medseg("export", "--model", bundle, "--format", "onnx", "--output", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    original = json.loads((bundle / "medseg.json").read_text())
+    beside = json.loads((out / "medseg.json").read_text())
+    embedded = {
+        p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props
+    }
+    assert json.loads(embedded["medseg.json"]) == beside
+    assert beside["preprocessing"] == original["preprocessing"]
+    assert beside["export"]["format"] == "onnx"
+    session = onnxruntime.InferenceSession(
+        str(out / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert session.get_inputs()[0].name == "image"
+    x = np.random.default_rng(6).normal(size=(2, 24, 32, 16, 1)).astype(np.float32)
+    expected = np.asarray(load_model(bundle)(x, training=False))
+    np.testing.assert_allclose(session.run(None, {"image": x})[0], expected, atol=1e-4)
+    assert not list(tmp_path.glob(".onnx.*"))
