@@ -24,10 +24,20 @@ def models() -> None:
         spacing_text = (
             " x ".join(f"{s:g}" for s in spacing) + " mm" if spacing else "scan's own"
         )
-        scores = metadata.get("validation") or {}
-        score_text = ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items()))
+        evaluation = metadata.get("evaluation")
+        if evaluation:
+            score_text = (
+                "Dice "
+                + ", ".join(f"{k} {v:.3f}" for k, v in evaluation["dice"].items())
+                + f" on {evaluation['cases']} unseen cases ({evaluation['what']})"
+            )
+        else:
+            scores = metadata.get("validation") or {}
+            score_text = "validation " + (
+                ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items()))
+                or "none recorded"
+            )
         click.echo(
             f"{name}: {metadata.get('task')}, {metadata.get('spatial_dims')}D, "
-            f"labels {names or '-'}, spacing {spacing_text}; "
-            f"validation {score_text or 'none recorded'}"
+            f"labels {names or '-'}, spacing {spacing_text}; {score_text}"
         )

@@ -515,6 +515,16 @@ def test_models_lists_shipped_bundles(tmp_path, monkeypatch):
         "hippo: segmentation, 3D, labels 1=Anterior, spacing 1 x 1 x 1.5 mm; "
         "validation val_dice_1 0.891\n"
     )
+    record = json.loads((tmp_path / "hippo" / "medseg.json").read_text())
+    record["evaluation"] = {
+        "cases": 42,
+        "what": "fold 0 of 5",
+        "dice": {"Anterior": 0.8761},
+    }
+    (tmp_path / "hippo" / "medseg.json").write_text(json.dumps(record))
+    assert CliRunner().invoke(main, ["models"]).output.endswith(
+        "; Dice Anterior 0.876 on 42 unseen cases (fold 0 of 5)\n"
+    )
     monkeypatch.setattr(bundles, "PRETRAINED_DIR", tmp_path / "none")
     assert "no models are shipped" in CliRunner().invoke(main, ["models"]).output
 
