@@ -97,13 +97,20 @@ def _weights(folder):
 
 
 @pytest.mark.slow
-def test_finetune_to_one_label_keeps_frozen_encoder_bit_identical(pretrained, tmp_path):
+@pytest.mark.parametrize("source", ["tiny", "hippocampus"])
+def test_finetune_to_one_label_keeps_frozen_encoder_bit_identical(
+    pretrained, tmp_path, source
+):
+    from medseg.bundle import resolve
+
     bundle, whole = pretrained
+    name = bundle if source == "tiny" else source  # the shipped model, by name
+    bundle = resolve(name)
     out = tmp_path / "ft"
     result = medseg(
         "finetune",
         "--model",
-        bundle,
+        name,
         "--data",
         whole,
         "--output",

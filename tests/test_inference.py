@@ -522,8 +522,10 @@ def test_models_lists_shipped_bundles(tmp_path, monkeypatch):
         "dice": {"Anterior": 0.8761},
     }
     (tmp_path / "hippo" / "medseg.json").write_text(json.dumps(record))
-    assert CliRunner().invoke(main, ["models"]).output.endswith(
-        "; Dice Anterior 0.876 on 42 unseen cases (fold 0 of 5)\n"
+    assert (
+        CliRunner()
+        .invoke(main, ["models"])
+        .output.endswith("; Dice Anterior 0.876 on 42 unseen cases (fold 0 of 5)\n")
     )
     monkeypatch.setattr(bundles, "PRETRAINED_DIR", tmp_path / "none")
     assert "no models are shipped" in CliRunner().invoke(main, ["models"]).output

@@ -1,0 +1,62 @@
+"""The model shipped in the package: listed, intact, and accurate on sample cases it
+never saw."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.bundle import MODEL_FILE, resolve, verify
+from tests.conftest import SAMPLE
+from tests.conftest import run_medseg as medseg
+from tests.reference import hard_dice
+
+
+def test_hippocampus_is_listed_intact_and_small():
+    folder = resolve("hippocampus")
+    metadata = verify(folder)  # sha256 of model.keras matches its record
+    assert (folder / MODEL_FILE).stat().st_size <= 15_000_000
+    assert metadata["task"] == "segmentation" and metadata["spatial_dims"] == 3
+    assert [v["name"] for _, v in sorted(metadata["labels"].items())] == [
+        "background",
+        "Anterior",
+        "Posterior",
+    ]
+    evaluation = metadata["evaluation"]
+    assert evaluation["cases"] == len(metadata["split"]["validation"])
+    listing = medseg("models")
+    assert listing.returncode == 0
+    assert listing.stdout.startswith("hippocampus: segmentation, 3D, labels ")
+    assert f"Dice Anterior {evaluation['dice']['Anterior']:.3f}" in listing.stdout
+
+
+@pytest.mark.slow
+def test_hippocampus_segments_the_sample_cases_it_never_saw(tmp_path):
+    metadata = json.loads((resolve("hippocampus") / "medseg.json").read_text())
+    seen = set(metadata["split"]["train"])
+    unseen = sorted(
+        p for p in (SAMPLE / "imagesTr").glob("*.nii.gz") if p.name[:-7] not in seen
+    )
+    assert unseen
+    (tmp_path / "in").mkdir()
+    for path in unseen:
+        shutil.copy(path, tmp_path / "in")
+    result = medseg(
+        "predict", "--model", "hippocampus", "--input", tmp_path / "in",
+        "--output", tmp_path / "out",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path in unseen:
+        truth = nib.load(SAMPLE / "labelsTr" / path.name)
+        predicted = nib.load(tmp_path / "out" / path.name)
+        assert np.allclose(predicted.affine, truth.affine)
+        for k in (1, 2):
+            dice = hard_dice(
+                np.asarray(truth.dataobj), np.asarray(predicted.dataobj), k
+            )
+            assert not math.isnan(dice) and dice >= 0.8, (path.name, k, dice)
