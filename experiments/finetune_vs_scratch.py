@@ -147,7 +147,7 @@ def main() -> None:
             "train_seconds": round(seconds, 1),
         }
     report = {
-        "pretrained": str(bundle),
+        "pretrained": args.model,
         "pretrained_validation": metadata.get("validation"),
         "train_cases": train_ids,
         "test_cases": test_ids,
