@@ -401,16 +401,16 @@ def main() -> None:
             }
         )
     print(
-        f"\n{'task':<16}{'medseg':>14}{'MONAI':>14}{'speed x':>9}"
+        f"\n{'task':<26}{'medseg':>8}{'MONAI':>8}{'speed x':>9}"
         f"{'medseg MiB':>12}{'MONAI MiB':>11}{'mem x':>7}"
     )
     for row in rows:
-        unit = "samples/s" if row["task"] == "train" else "s"
-        key = "samples_per_s" if row["task"] == "train" else "seconds"
+        train = row["task"] == "train"
+        key = "samples_per_s" if train else "seconds"
+        title = f"{row['task']} {row['precision']} ({'samples/s' if train else 's'})"
         print(
-            f"{row['task'] + ' ' + row['precision']:<16}"
-            f"{row['medseg'][key]:>10.2f} {unit[:3]:<3}{row['monai'][key]:>10.2f} "
-            f"{unit[:3]:<3}{row['speed_ratio']:>9.2f}{row['medseg']['peak_mib']:>12.0f}"
+            f"{title:<26}{row['medseg'][key]:>8.2f}{row['monai'][key]:>8.2f}"
+            f"{row['speed_ratio']:>9.2f}{row['medseg']['peak_mib']:>12.0f}"
             f"{row['monai']['peak_mib']:>11.0f}{row['memory_ratio']:>7.2f}"
         )
     report = {
