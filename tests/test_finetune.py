@@ -273,3 +273,22 @@ def test_export_onnx_round_trip_carries_the_metadata(pretrained, tmp_path):
     expected = np.asarray(load_model(bundle)(x, training=False))
     np.testing.assert_allclose(session.run(None, {"image": x})[0], expected, atol=1e-4)
     assert not list(tmp_path.glob(".onnx.*"))
+
+
+def test_onnx_export_without_the_extra_names_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    from medseg.errors import InputFileError
+    from medseg.export import export_bundle
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tf2onnx" else real(name, *a),
+    )
+    with pytest.raises(
+        InputFileError, match=r"needs tf2onnx: pip install 'medseg\[onnx\]'"
+    ):
+        export_bundle(tmp_path / "bundle", tmp_path / "out", "onnx")
+    assert not (tmp_path / "out").exists()
