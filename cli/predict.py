@@ -82,6 +82,14 @@ from medseg_cli._tf import start_tensorflow
     help="Use a bundle whose model.keras no longer matches the sha256 in its "
     "medseg.json (still loaded in safe mode).",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="Forward-pass precision. auto: bfloat16 on a CPU with AMX bfloat16 units "
+    "and no GPU (about 2x faster there), float32 otherwise.",
+)
 @click.option("--overwrite", is_flag=True, help="Redo scans whose output exists.")
 @click.option(
     "--report",
@@ -102,6 +110,7 @@ def predict(
     split: str,
     shard: str | None,
     allow_modified_model: bool,
+    precision: str,
     overwrite: bool,
     report_path: Path | None,
 ) -> None:
@@ -158,6 +167,7 @@ def predict(
         min_size_mm3=min_size_mm3,
         probabilities=probabilities,
         allow_modified=allow_modified_model,
+        precision=precision,
     )
     if single and inputs[0].name != output.name:
         inputs_named = {inputs[0]: output.name}
@@ -185,15 +195,20 @@ def predict(
             rename=inputs_named,
             probabilities=probabilities,
         )
-    _finish(results, output_dir, report_path, shard_value, "segmented")
+    settings = {"precision": segmenter.precision, "tta": list(segmenter.mirror_axes)}
+    _finish(results, output_dir, report_path, shard_value, "segmented", settings)
 
 
-def _finish(results, output_dir, report_path, shard_value, verb: str) -> None:
+def _finish(
+    results, output_dir, report_path, shard_value, verb: str, settings=None
+) -> None:
     """Writes the run report, prints the counts and the failures; exit 1 on any."""
     from medseg import batch
     from medseg.io import atomic_write_text
 
     summary = batch.report(results)
+    if settings:
+        summary["settings"] = settings
     if report_path is None:
         name = "medseg_predict_report"
         if shard_value:

@@ -250,7 +250,7 @@ def volume():
     return np.random.default_rng(2).normal(size=(*VOLUME, 1)).astype(np.float32)
 
 
-def infer_medseg() -> float:
+def infer_medseg(bf16: bool) -> float:
     from medseg.bundle import write_bundle
     from medseg.inference import Segmenter
 
@@ -273,7 +273,12 @@ def infer_medseg() -> float:
                 },
             },
         )
-        segmenter = Segmenter(tmp, overlap=0.5, batch_size=SW_BATCH)
+        segmenter = Segmenter(
+            tmp,
+            overlap=0.5,
+            batch_size=SW_BATCH,
+            precision="bfloat16" if bf16 else "float32",
+        )
         image = volume()
         segmenter.probabilities(image[:64, :64, :64])  # warm-up (traces the graph)
         started = time.perf_counter()
@@ -283,19 +288,26 @@ def infer_medseg() -> float:
     return seconds
 
 
-def infer_monai() -> float:
+def infer_monai(bf16: bool) -> float:
+    import contextlib
+
     import torch
     from monai.inferers import sliding_window_inference
 
     net = torch_unet().eval()
     image = torch.from_numpy(volume().transpose(3, 0, 1, 2)[None].copy())
-    with torch.inference_mode():
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if bf16
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), autocast:
         net(image[..., :64, :64, :64])  # warm-up
         started = time.perf_counter()
         logits = sliding_window_inference(
             image, PATCH, SW_BATCH, net, overlap=0.5, mode="gaussian"
         )
-        scores = torch.softmax(logits, dim=1)
+        scores = torch.softmax(logits.float(), dim=1)
         seconds = time.perf_counter() - started
     assert tuple(scores.shape) == (1, CLASSES, *VOLUME)
     return seconds
@@ -326,7 +338,7 @@ def worker(tool: str, task: str, args) -> None:
         seconds = WORKERS[tool, task](args.steps, args.warmup, args.precision == "bf16")
         rate = args.steps * BATCH / seconds
     else:
-        seconds, rate = WORKERS[tool, task](), None
+        seconds, rate = WORKERS[tool, task](args.precision == "bf16"), None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "samples_per_s": rate, "peak_mib": peak}))
 
@@ -343,12 +355,34 @@ def measure(tool, task, precision, args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def default_row(rows: list[dict]) -> dict | None:
+    """Inference as each tool runs by default here: ``medseg predict --precision
+    auto`` (bfloat16 on a CPU with AMX bfloat16 units) against MONAI in float32."""
+    from medseg.inference import cpu_has_amx_bf16  # imports neither framework
+
+    by_key = {(row["task"], row["precision"]): row for row in rows}
+    ours = by_key.get(("infer", "bf16" if cpu_has_amx_bf16() else "fp32"))
+    theirs = by_key.get(("infer", "fp32"))
+    if ours is None or theirs is None:
+        return None
+    return {
+        "task": "infer",
+        "precision": f"default ({ours['precision']} vs fp32)",
+        "medseg": ours["medseg"],
+        "monai": theirs["monai"],
+        "speed_ratio": theirs["monai"]["seconds"] / ours["medseg"]["seconds"],
+        "memory_ratio": ours["medseg"]["peak_mib"] / theirs["monai"]["peak_mib"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--bf16", action="store_true", help="also bfloat16 training")
+    parser.add_argument(
+        "--bf16", action="store_true", help="also bfloat16 training and inference"
+    )
     parser.add_argument("--output", default=str(HERE / "results" / "monai.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
@@ -368,7 +402,8 @@ def main() -> None:
     )
     scenarios = [("train", "fp32"), ("infer", "fp32")]
     if args.bf16:
-        scenarios.insert(1, ("train", "bf16"))
+        scenarios = [("train", "fp32"), ("train", "bf16"), ("infer", "fp32"),
+                     ("infer", "bf16")]  # fmt: skip
     runs = {s: {"medseg": [], "monai": []} for s in scenarios}
     for repeat in range(args.repeats):
         for scenario in scenarios:
@@ -401,15 +436,18 @@ def main() -> None:
             }
         )
     print(
-        f"\n{'task':<26}{'medseg':>8}{'MONAI':>8}{'speed x':>9}"
+        f"\n{'task':<36}{'medseg':>8}{'MONAI':>8}{'speed x':>9}"
         f"{'medseg MiB':>12}{'MONAI MiB':>11}{'mem x':>7}"
     )
+    default = default_row(rows)
+    if default:
+        rows.append(default)
     for row in rows:
         train = row["task"] == "train"
         key = "samples_per_s" if train else "seconds"
         title = f"{row['task']} {row['precision']} ({'samples/s' if train else 's'})"
         print(
-            f"{title:<26}{row['medseg'][key]:>8.2f}{row['monai'][key]:>8.2f}"
+            f"{title:<36}{row['medseg'][key]:>8.2f}{row['monai'][key]:>8.2f}"
             f"{row['speed_ratio']:>9.2f}{row['medseg']['peak_mib']:>12.0f}"
             f"{row['monai']['peak_mib']:>11.0f}{row['memory_ratio']:>7.2f}"
         )

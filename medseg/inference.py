@@ -188,6 +188,39 @@ def bundle_mirror_axes(metadata: dict) -> tuple[int, ...]:
     return tuple(augment.get("mirror_axes") or ())
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX bfloat16 tile units (Linux ``/proc/cpuinfo``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as file:
+            for line in file:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def inference_precision(requested: str = "auto") -> str:
+    """The precision a forward pass runs in: ``"float32"`` or ``"bfloat16"``.
+
+    ``"auto"`` picks bfloat16 only where it is both fast and measured: a CPU with AMX
+    bfloat16 units (Intel Sapphire Rapids and later) and no GPU, where it halves the
+    time of a 3D U-Net's forward pass; float32 anywhere else.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU") or not cpu_has_amx_bf16():
+        return "float32"
+    return "bfloat16"
+
+
 class Segmenter:
     """A segmentation bundle ready to segment scans: the training-time preprocessing,
     sliding-window prediction, and the way back to each scan's own grid.
@@ -203,6 +236,10 @@ class Segmenter:
         probabilities: also return the class probabilities on the scan's grid.
         allow_modified: accept a model file whose sha256 differs from the bundle's
             record (see :func:`medseg.bundle.verify`).
+        precision: ``"float32"``, ``"bfloat16"`` (convolutions in bfloat16, logits
+            and blending in float32), or ``"auto"``: bfloat16 on a CPU with AMX
+            bfloat16 units and no GPU, float32 otherwise (see
+            :func:`inference_precision`).
     """
 
     def __init__(
@@ -216,9 +253,10 @@ class Segmenter:
         min_size_mm3: float = 0.0,
         probabilities: bool = False,
         allow_modified: bool = False,
+        precision: str = "auto",
     ):
         from medseg import bundle as bundles
-        from medseg.models import load_model
+        from medseg.models import load_model, with_precision
         from medseg.preprocessing import Preprocessor
 
         self.metadata = bundles.verify(bundle, allow_modified=allow_modified)
@@ -227,7 +265,11 @@ class Segmenter:
                 bundle,
                 f"a {self.metadata.get('task')} bundle, not a segmentation bundle",
             )
-        self.model = load_model(bundle)
+        self.precision = inference_precision(precision)
+        self.model = with_precision(
+            load_model(bundle),
+            "mixed_bfloat16" if self.precision == "bfloat16" else "float32",
+        )
         self.preprocessor = Preprocessor.from_dict(self.metadata["preprocessing"])
         self.patch_size = tuple(self.metadata["patch_size"])
         labels = self.metadata["labels"]

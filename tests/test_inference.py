@@ -582,3 +582,40 @@ def test_modified_model_file_is_refused_unless_allowed(bundle, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "used anyway" in result.stderr
     assert (tmp_path / "b" / scan.name).exists()
+
+
+def test_precision_auto_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch):
+    assert inference.inference_precision("float32") == "float32"
+    assert inference.inference_precision("bfloat16") == "bfloat16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        inference.inference_precision("float16")
+    monkeypatch.setattr(inference, "cpu_has_amx_bf16", lambda: False)
+    assert inference.inference_precision("auto") == "float32"
+    monkeypatch.setattr(inference, "cpu_has_amx_bf16", lambda: True)
+    assert inference.inference_precision("auto") == "bfloat16"  # no GPU here
+
+
+def test_bfloat16_and_float32_predictions_agree_and_reports_say_which(bundle, tmp_path):
+    source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[4]
+    outputs = {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / precision
+        result = medseg(
+            "predict", "--model", bundle, "--input", source, "--output", out,
+            "--precision", precision, "--probabilities",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        report = json.loads((out / "medseg_predict_report.json").read_text())
+        assert report["settings"]["precision"] == precision
+        stem = source.name[: -len(".nii.gz")]
+        outputs[precision] = (
+            np.asanyarray(nib.load(out / source.name).dataobj),
+            np.load(out / f"{stem}_probabilities.npz")["probabilities"].astype(float),
+        )
+    (labels32, p32), (labels16, p16) = outputs["float32"], outputs["bfloat16"]
+    assert 0 < np.abs(p32 - p16).max() < 0.1
+    assert (labels32 == labels16).mean() > 0.99
+    for value in (1, 2):
+        np.testing.assert_allclose(
+            (labels16 == value).sum(), (labels32 == value).sum(), rtol=0.05
+        )

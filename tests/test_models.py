@@ -14,6 +14,7 @@ from medseg.models import (
     transfer_encoder_weights,
     unet_output_size,
     valid_unet_input_sizes,
+    with_precision,
 )
 from medseg.models.classifier import ARCHITECTURES
 from medseg.models.info import describe_model, receptive_field
@@ -427,3 +428,33 @@ def test_flops_and_memory_estimate_by_hand():
         "total": 16 * 770 + 12 * activations,
     }
     assert info.rows[1].name == "enc0_conv1" and info.rows[1].params == 40
+
+
+@pytest.mark.parametrize("upsampling", ["transpose", "max_unpool"])
+def test_bfloat16_copy_keeps_weights_and_returns_close_float32_logits(upsampling, rng):
+    model = build_unet(
+        spatial_dims=3,
+        in_channels=1,
+        num_classes=3,
+        filters=(4, 8),
+        norm="batch",  # instance norm of a random network magnifies any rounding
+        upsampling=upsampling,
+    )
+    x = rng.normal(size=(2, 16, 16, 16, 1)).astype(np.float32)
+    copy = with_precision(model, "mixed_bfloat16")
+    assert copy is not model
+    for a, b in zip(model.get_weights(), copy.get_weights(), strict=True):
+        assert b.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+    final = copy.layers[-1]
+    assert final.dtype_policy.name == "float32"
+    convs = [layer for layer in copy.layers if isinstance(layer, keras.layers.Conv3D)]
+    assert all(c.compute_dtype == "bfloat16" for c in convs if c is not final)
+    expected = np.asarray(model(x, training=False))
+    got = copy(x, training=False)
+    assert got.dtype == "float32"
+    # bfloat16 keeps 8 significant bits: the logits agree to a few percent of their
+    # size, and differ (the copy really computes in bfloat16)
+    error = np.abs(np.asarray(got) - expected).max()
+    assert 0 < error < 0.05 * np.abs(expected).max()
+    assert with_precision(model, "float32") is model

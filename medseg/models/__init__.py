@@ -36,6 +36,7 @@ __all__ = [
     "transfer_encoder_weights",
     "unet_output_size",
     "valid_unet_input_sizes",
+    "with_precision",
 ]
 
 
@@ -92,3 +93,37 @@ def load_model(path: str | Path):
     except Exception as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputFileError(path, f"cannot load model ({message})") from None
+
+
+def with_precision(model, policy: str):
+    """A copy of ``model`` computing under a Keras dtype policy, with its weights.
+
+    ``policy`` is a Keras policy name (``"float32"``, ``"mixed_bfloat16"``,
+    ``"mixed_float16"``). The layers producing the model's outputs stay float32, so
+    logits (and the softmax after them) are computed and returned in float32; the
+    variables stay float32 under the mixed policies. For ``"float32"`` on a float32
+    model, the model itself is returned.
+    """
+    import keras
+
+    if policy == "float32" and all(
+        layer.dtype_policy.name == "float32" for layer in model.layers
+    ):
+        return model
+    outputs = {id(tensor) for tensor in model.outputs}
+    final = set()
+    for layer in model.layers:
+        try:
+            if id(layer.output) in outputs:
+                final.add(layer.name)
+        except (AttributeError, ValueError):  # a layer called more than once
+            continue
+
+    def clone(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32" if layer.name in final else policy
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
