@@ -18,23 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import yaml
+from cross_validate import means, score_run
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-def medseg(*args) -> None:
-    command = [sys.executable, "-m", "medseg_cli", *map(str, args)]
-    print("$ medseg " + " ".join(map(str, args)), flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"failed ({result.returncode}):\n{result.stderr[-3000:]}")
 
 
 def main() -> None:
@@ -45,44 +35,18 @@ def main() -> None:
     args = parser.parse_args()
 
     from medseg.bundle import MODEL_FILE, PRETRAINED_DIR, verify
-    from medseg.datasets import load_dataset
     from medseg.io import atomic_write_text
 
     metadata = verify(args.run)
     config = metadata["config"]
-    dataset = load_dataset(config["data"]["dataset"])
-    held_out = set((metadata.get("split") or {}).get("validation") or ())
-    cases = [c for c in dataset.cases if c.case_id in held_out]
-    if not cases:
-        sys.exit(f"{args.run}: no held-out cases recorded to score it on")
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for sub in ("images", "labels", "predicted"):
-            (tmp / sub).mkdir()
-        for case in cases:
-            shutil.copyfile(case.images[0], tmp / "images" / case.label.name)
-            shutil.copyfile(case.label, tmp / "labels" / case.label.name)
-        medseg("predict", "--model", args.run, "--input", tmp / "images",
-               "--output", tmp / "predicted")  # fmt: skip
-        medseg("evaluate", "--prediction", tmp / "predicted", "--truth",
-               tmp / "labels", "--summary", tmp / "summary.json")  # fmt: skip
-        summary = json.loads((tmp / "summary.json").read_text())
-    names = {str(v["value"]): v["name"] for v in metadata["labels"].values()}
+    names = {
+        str(v["value"]): v["name"] for k, v in metadata["labels"].items() if k != "0"
+    }
     evaluation = {
-        "cases": len(cases),
         "what": f"fold {metadata['split']['fold']} of {metadata['split']['folds']}: "
         "held-out cases, each scored on its own grid, mean over cases",
-        "dice": {
-            names[k]: round(v["dice"]["mean"], 4) for k, v in summary["labels"].items()
-        },
-        "hd95_mm": {
-            names[k]: round(v["hd95_mm"]["mean"], 3)
-            for k, v in summary["labels"].items()
-        },
+        **means(score_run(args.run), names),
     }
-    evaluation["dice_mean"] = round(
-        sum(evaluation["dice"].values()) / len(evaluation["dice"]), 4
-    )
     source = yaml.safe_load(args.config.read_text())
     config["data"]["dataset"] = source["data"]["dataset"]
     config["data"]["cache_dir"] = None
@@ -99,7 +63,8 @@ def main() -> None:
     atomic_write_text(target / "medseg.json", json.dumps(metadata, indent=2) + "\n")
     verify(target)
     size = (target / MODEL_FILE).stat().st_size / 1e6
-    print(f"\n{args.name}: {evaluation['what']}, {len(cases)} cases, {size:.1f} MB")
+    what, cases = evaluation["what"], evaluation["cases"]
+    print(f"\n{args.name}: {what}, {cases} cases, {size:.1f} MB")
     print(f"{'label':<12}{'Dice':>8}{'HD95 mm':>9}")
     for label, dice in evaluation["dice"].items():
         print(f"{label:<12}{dice:>8.3f}{evaluation['hd95_mm'][label]:>9.2f}")
