@@ -432,6 +432,7 @@ def test_flops_and_memory_estimate_by_hand():
 
 @pytest.mark.parametrize("upsampling", ["transpose", "max_unpool"])
 def test_bfloat16_copy_keeps_weights_and_returns_close_float32_logits(upsampling, rng):
+    keras.utils.set_random_seed(0)
     model = build_unet(
         spatial_dims=3,
         in_channels=1,
@@ -453,8 +454,10 @@ def test_bfloat16_copy_keeps_weights_and_returns_close_float32_logits(upsampling
     expected = np.asarray(model(x, training=False))
     got = copy(x, training=False)
     assert got.dtype == "float32"
-    # bfloat16 keeps 8 significant bits: the logits agree to a few percent of their
-    # size, and differ (the copy really computes in bfloat16)
-    error = np.abs(np.asarray(got) - expected).max()
-    assert 0 < error < 0.05 * np.abs(expected).max()
+    # bfloat16 keeps 8 significant bits: the logits agree to a few percent overall
+    # (other weights would be off by their whole size; argmax unpooling can move a
+    # near-tied maximum, so single voxels may differ more), and differ (the copy
+    # really computes in bfloat16)
+    error = np.linalg.norm(np.asarray(got) - expected) / np.linalg.norm(expected)
+    assert 0 < error < 0.05
     assert with_precision(model, "float32") is model
