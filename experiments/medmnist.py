@@ -21,12 +21,12 @@ import csv
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from cross_validate import medseg
 
 HERE = Path(__file__).resolve().parent
 
@@ -51,14 +51,6 @@ BASELINES = {
         "Google AutoML Vision": (0.861, 0.919),
     },
 }
-
-
-def medseg(*args) -> None:
-    command = [sys.executable, "-m", "medseg_cli", *map(str, args)]
-    print("$ medseg " + " ".join(map(str, args)), flush=True)
-    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if result.returncode != 0:
-        sys.exit(f"failed ({result.returncode}):\n{result.stderr.decode()[-3000:]}")
 
 
 def history(run: Path) -> list[dict]:
