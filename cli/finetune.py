@@ -78,7 +78,7 @@ def finetune(
     and patch size), and the new bundle records the pretrained one.
     """
     from medseg.bundle import read_metadata, resolve
-    from medseg.config import Config, load_config
+    from medseg.config import Config, load_config, relative_to_config
     from medseg.errors import InputFileError
 
     bundle = resolve(model).resolve()
@@ -113,9 +113,8 @@ def finetune(
         if data is not None:
             data_section = replace(data_section, dataset=str(data.resolve()))
         elif config_path and data_section.dataset:
-            if not Path(data_section.dataset).is_absolute():
-                resolved = (config_path.parent / data_section.dataset).resolve()
-                data_section = replace(data_section, dataset=str(resolved))
+            dataset = relative_to_config(data_section.dataset, config_path)
+            data_section = replace(data_section, dataset=dataset)
         else:
             raise click.UsageError("give the new dataset with --data (or --config)")
         overrides = {

@@ -101,6 +101,42 @@ def info(
         click.echo(f"summary written to {json_path}")
 
 
+def _with_classes(config, path: Path):
+    """The config's model, its number of classes filled in from the config's labels
+    or its dataset as training does, when the config leaves it out."""
+    from dataclasses import replace
+
+    from medseg.config import _CLASSIFYING, relative_to_config
+    from medseg.errors import InputFileError
+
+    model = config.model
+    if model.num_classes is not None or model.name not in _CLASSIFYING:
+        return model
+    data = replace(config.data, dataset=relative_to_config(config.data.dataset, path))
+    if data.task == "segmentation" and data.labels is not None:
+        return replace(model, num_classes=len(data.labels))
+    if not data.dataset:
+        raise InputFileError(
+            path, "model.num_classes is not set and there is no data.dataset to count"
+        )
+    from medseg.datasets import load_dataset, load_npz_dataset
+
+    try:
+        if data.task == "classification":
+            classes = load_npz_dataset(data.dataset).num_classes
+        else:
+            classes = len(load_dataset(data.dataset).labels or ())
+    except (OSError, ValueError) as exc:
+        raise InputFileError(
+            path, f"cannot count the classes of its dataset ({exc})"
+        ) from None
+    if not classes:
+        raise InputFileError(
+            path, "model.num_classes is not set and data has no labels"
+        )
+    return replace(model, num_classes=classes)
+
+
 def _model(path: Path, suffix: str, shape):
     from medseg.errors import InputFileError
 
@@ -108,7 +144,7 @@ def _model(path: Path, suffix: str, shape):
         from medseg.config import ModelConfig, load_config
         from medseg.models import build_model
 
-        config = load_config(path).model
+        config = _with_classes(load_config(path), path)
         if shape is not None:
             config = ModelConfig.from_dict({**config.to_dict(), "patch_size": shape})
         try:

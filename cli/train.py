@@ -75,7 +75,7 @@ def train(
     patch and batch size for the memory budget) is printed. Every epoch writes
     history.csv, progress.png and a checkpoint; a killed run continues with --resume.
     """
-    from medseg.config import load_config
+    from medseg.config import load_config, relative_to_config
     from medseg.errors import InputFileError
 
     config = load_config(config_path)
@@ -97,10 +97,9 @@ def train(
             config = config.replace(
                 data=replace(config.data, dataset=str(data.resolve()))
             )
-        elif config.data.dataset and not Path(config.data.dataset).is_absolute():
-            # relative dataset paths are relative to the config file
-            resolved = (config_path.parent / config.data.dataset).resolve()
-            config = config.replace(data=replace(config.data, dataset=str(resolved)))
+        else:
+            dataset = relative_to_config(config.data.dataset, config_path)
+            config = config.replace(data=replace(config.data, dataset=dataset))
     except ValueError as exc:
         raise InputFileError(config_path, str(exc)) from None
     run(config, output, resume, config_path)

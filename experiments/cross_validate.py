@@ -35,10 +35,17 @@ def medseg(*args) -> None:
         sys.exit(f"failed ({result.returncode}):\n{result.stderr.decode()[-3000:]}")
 
 
-def score_run(run: Path, dataset: str | None = None) -> list[dict]:
-    """Per case and label rows (``medseg evaluate``'s CSV) of a run's held-out cases."""
+def score_run(
+    run: Path, dataset: str | None = None, labels: str | None = None
+) -> list[dict]:
+    """Per case and label rows (``medseg evaluate``'s CSV, of ``labels`` such as
+    ``"0,255"`` or the non-zero values) of a run's held-out cases, each with the case's
+    voxel error (the fraction of voxels whose predicted label is wrong)."""
+    import numpy as np
+
     from medseg.bundle import verify
     from medseg.datasets import load_dataset
+    from medseg.io import read_volume
 
     metadata = verify(run)
     held_out = set((metadata.get("split") or {}).get("validation") or ())
@@ -55,10 +62,17 @@ def score_run(run: Path, dataset: str | None = None) -> list[dict]:
             shutil.copyfile(case.label, tmp / "labels" / case.label.name)
         medseg("predict", "--model", run, "--input", tmp / "images",
                "--output", tmp / "predicted")  # fmt: skip
+        chosen = ["--labels", labels] if labels else []
         medseg("evaluate", "--prediction", tmp / "predicted", "--truth",
-               tmp / "labels", "--output", tmp / "cases.csv")  # fmt: skip
+               tmp / "labels", "--output", tmp / "cases.csv", *chosen)  # fmt: skip
         with open(tmp / "cases.csv", newline="") as file:
-            return list(csv.DictReader(file))
+            rows = list(csv.DictReader(file))
+        for row in rows:
+            name = next((tmp / "labels").glob(row["case"] + ".*")).name
+            predicted = read_volume(tmp / "predicted" / name).array
+            truth = read_volume(tmp / "labels" / name).array
+            row["voxel_error"] = float(np.mean(predicted != truth))
+        return rows
 
 
 def means(rows: list[dict], names: dict) -> dict:
@@ -72,6 +86,9 @@ def means(rows: list[dict], names: dict) -> dict:
             values = np.array([float(r[metric]) for r in rows if r["label"] == value])
             result[metric][name] = round(float(np.nanmean(values)), 4)
     result["dice_mean"] = round(float(np.mean(list(result["dice"].values()))), 4)
+    if rows and "voxel_error" in rows[0]:
+        errors = {r["case"]: r["voxel_error"] for r in rows}
+        result["voxel_error"] = round(float(np.mean(list(errors.values()))), 4)
     return result
 
 
@@ -82,6 +99,9 @@ def main() -> None:
     parser.add_argument("--data", help="dataset (default: the config's)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--score-only", action="store_true")
+    parser.add_argument(
+        "--labels", help="label values to score, e.g. 0,255 (default: the non-zero)"
+    )
     parser.add_argument("--output", help="JSON (default: results/<config>_cv.json)")
     args = parser.parse_args()
 
@@ -107,21 +127,23 @@ def main() -> None:
             missing.append(fold)
             print(f"fold {fold}: {done} of {epochs} epochs trained; not scored")
             continue
+        scored = args.labels.split(",") if args.labels else None
         names = {
             str(v["value"]): v["name"]
             for k, v in metadata["labels"].items()
-            if k != "0"
+            if (str(v["value"]) in scored if scored else k != "0")
         }
-        fold_rows = score_run(run, args.data)
+        fold_rows = score_run(run, args.data, args.labels)
         rows += fold_rows
         folds.append({"fold": fold, "epochs": epochs, **means(fold_rows, names)})
     if not folds:
         sys.exit("no fold finished yet")
     overall = means(rows, names)
-    print(f"\n{'fold':<8}{'cases':>6}" + "".join(
+    print(f"\n{'fold':<8}{'cases':>6}{'voxel error':>13}" + "".join(
         f"{'Dice ' + n:>16}{'HD95 ' + n:>16}" for n in names.values()))  # fmt: skip
     for row in [*folds, {"fold": "all", **overall}]:
-        print(f"{row['fold']!s:<8}{row['cases']:>6}" + "".join(
+        print(f"{row['fold']!s:<8}{row['cases']:>6}{row['voxel_error']:>13.4f}"
+              + "".join(
             f"{row['dice'][n]:>16.3f}{row['hd95_mm'][n]:>16.2f}"
             for n in names.values()))  # fmt: skip
     if missing:

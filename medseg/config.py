@@ -467,6 +467,14 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def relative_to_config(dataset: str | None, config_path: str | Path) -> str | None:
+    """A config's ``data.dataset`` as an absolute path: relative paths are relative to
+    the folder of the config file, not to the working directory."""
+    if not dataset or Path(dataset).is_absolute():
+        return dataset
+    return str((Path(config_path).parent / dataset).resolve())
+
+
 def load_config(path: str | Path) -> Config:
     """Loads and validates a config file.
 

@@ -277,6 +277,29 @@ def test_info_on_a_saved_model_with_an_input_shape(tmp_path):
     assert wrong.exit_code == 2 and "the model is 2D; give 2 sizes" in wrong.output
 
 
+def test_info_counts_classes_from_the_labels_or_the_dataset(tmp_path):
+    import os
+
+    def logits_channels(text):
+        config = tmp_path / "c.yaml"
+        config.write_text(text)
+        result = CliRunner().invoke(main, ["info", str(config)])
+        assert result.exit_code == 0, result.output
+        line = next(x for x in result.output.splitlines() if x.startswith("logits"))
+        return int(line.split(")")[0].split(",")[-1])
+
+    model = "model:\n  name: unet\n  spatial_dims: 2\n  filters: [4, 8]\n"
+    # the sample declares background, anterior, posterior; relative to the config
+    relative = os.path.relpath(SAMPLE, tmp_path)
+    assert logits_channels(model + f"data:\n  dataset: {relative}\n") == 3
+    declared = "data:\n  labels: {0: membrane, 255: cell}\n"
+    assert logits_channels(model + declared) == 2
+    (tmp_path / "c.yaml").write_text(model)
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "num_classes is not set and there is no data.dataset" in result.output
+
+
 def test_info_bad_inputs_exit_2_with_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     result = CliRunner().invoke(main, ["info", str(tmp_path / "notes.txt")])
