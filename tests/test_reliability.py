@@ -156,6 +156,37 @@ def test_an_output_that_cannot_be_a_folder_is_one_line_and_exit_2(bundle, tmp_pa
     assert blocker.read_text() == "a file where the output folder should go"
 
 
+def test_an_output_folder_that_is_not_writable_keeps_what_it_has(
+    bundle, tmp_path, monkeypatch
+):
+    """Read-only is simulated (os.access), since root may write anywhere."""
+    from click.testing import CliRunner
+
+    from medseg_cli.main import main
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "earlier.nii.gz").write_bytes(b"an earlier result")
+    real = os.access
+
+    def access(path, mode, **kwargs):
+        if os.fspath(path) == str(output) and mode & os.W_OK:
+            return False
+        return real(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    result = CliRunner().invoke(
+        main,
+        ["predict", "--model", str(bundle), "--input", str(source), "--output",
+         str(output)],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.output == f"Error: {output}: output folder is not writable\n"
+    assert sorted(p.name for p in output.iterdir()) == ["earlier.nii.gz"]
+    assert (output / "earlier.nii.gz").read_bytes() == b"an earlier result"
+
+
 WRITER = """
 import sys
 from medseg.bundle import write_bundle
