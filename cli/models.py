@@ -18,7 +18,8 @@ def models() -> None:
         metadata = read_metadata(folder)
         labels = metadata.get("labels") or {}
         names = ", ".join(
-            f"{v['value']}={v['name']}" for k, v in sorted(labels.items()) if k != "0"
+            f"{v['value']}={v['name']}"
+            for _, v in sorted(labels.items(), key=lambda kv: int(kv[0]))
         )
         spacing = (metadata.get("preprocessing") or {}).get("target_spacing_mm")
         spacing_text = (

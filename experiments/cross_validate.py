@@ -75,6 +75,17 @@ def score_run(
         return rows
 
 
+def label_names(metadata: dict, labels: str | None = None) -> dict:
+    """``{value: name}`` of the labels to score: ``labels`` such as ``"0,255"``, or
+    every label but class 0."""
+    scored = labels.split(",") if labels else None
+    return {
+        str(v["value"]): v["name"]
+        for k, v in metadata["labels"].items()
+        if (str(v["value"]) in scored if scored else k != "0")
+    }
+
+
 def means(rows: list[dict], names: dict) -> dict:
     """Mean Dice and HD95 per label name over the rows' cases (NaN left out)."""
     import numpy as np
@@ -127,12 +138,7 @@ def main() -> None:
             missing.append(fold)
             print(f"fold {fold}: {done} of {epochs} epochs trained; not scored")
             continue
-        scored = args.labels.split(",") if args.labels else None
-        names = {
-            str(v["value"]): v["name"]
-            for k, v in metadata["labels"].items()
-            if (str(v["value"]) in scored if scored else k != "0")
-        }
+        names = label_names(metadata, args.labels)
         fold_rows = score_run(run, args.data, args.labels)
         rows += fold_rows
         folds.append({"fold": fold, "epochs": epochs, **means(fold_rows, names)})

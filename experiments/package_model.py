@@ -1,16 +1,22 @@
 """Packages a training run as a model shipped inside medseg (medseg/pretrained/NAME).
 
-Scores the run on its own held-out cases first: ``medseg predict`` (with the bundle's
-test-time mirroring) on the validation cases its medseg.json lists, then
-``medseg evaluate`` against their labels, on each scan's own grid. The bundle's
-medseg.json gets that record (``evaluation``: cases, mean Dice and HD95 per label), the
-name, and the config file it was trained with; machine-specific paths (the dataset
+A run of one fold is scored on its own held-out cases first: ``medseg predict`` (with
+the bundle's test-time mirroring) on the validation cases its medseg.json lists, then
+``medseg evaluate`` against their labels, on each scan's own grid. A run trained on all
+cases (``--fold all``) has none: give ``--cross-validation`` with the JSON that
+cross_validate.py wrote for the same config, and its all-folds means are the record.
+The bundle's medseg.json gets that record (``evaluation``: cases, mean Dice, HD95 and
+voxel error per label, and per fold for cross-validation), the name, and the config
+file it was trained with; machine-specific paths (the dataset
 folder, the preprocessing cache) are replaced by the config's own. model.keras is copied
 unchanged (its sha256 still matches). Prints the table and writes
 experiments/results/pretrained_NAME.json.
 
     python experiments/package_model.py runs/hippocampus --name hippocampus \
         --config experiments/hippocampus_3d_shipped.yaml
+    python experiments/package_model.py runs/membrane_all --name membrane \
+        --config experiments/membrane_2d_shipped.yaml --labels 0,255 \
+        --cross-validation experiments/results/membrane_2d_shipped_cv.json
 """
 
 from __future__ import annotations
@@ -21,10 +27,30 @@ import shutil
 from pathlib import Path
 
 import yaml
-from cross_validate import means, score_run
+from cross_validate import label_names, means, score_run
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+
+
+def cross_validation_record(path: Path, config: Path) -> dict:
+    """The all-folds means of cross_validate.py's JSON, checked to be of ``config``
+    and complete, with the per-fold means."""
+    report = json.loads(path.read_text())
+    if Path(report["config"]).resolve() != config.resolve():
+        raise SystemExit(
+            f"{path}: cross-validation of {report['config']}, not {config}"
+        )
+    if report["missing_folds"]:
+        raise SystemExit(f"{path}: folds {report['missing_folds']} are missing")
+    folds = report["folds"]
+    return {
+        "what": f"{len(folds)}-fold cross-validation of the same config: each fold's "
+        "held-out cases, each scored on its own grid, mean over all cases",
+        **report["all_scored_cases"],
+        "folds": folds,
+        "command": report["command"],
+    }
 
 
 def main() -> None:
@@ -32,6 +58,14 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="training run folder (a bundle)")
     parser.add_argument("--name", required=True)
     parser.add_argument("--config", required=True, type=Path, help="its config file")
+    parser.add_argument(
+        "--labels", help="label values to score, e.g. 0,255 (default: the non-zero)"
+    )
+    parser.add_argument(
+        "--cross-validation",
+        type=Path,
+        help="cross_validate.py's JSON for this config (for a run on all cases)",
+    )
     args = parser.parse_args()
 
     from medseg.bundle import MODEL_FILE, PRETRAINED_DIR, verify
@@ -39,14 +73,20 @@ def main() -> None:
 
     metadata = verify(args.run)
     config = metadata["config"]
-    names = {
-        str(v["value"]): v["name"] for k, v in metadata["labels"].items() if k != "0"
-    }
-    evaluation = {
-        "what": f"fold {metadata['split']['fold']} of {metadata['split']['folds']}: "
-        "held-out cases, each scored on its own grid, mean over cases",
-        **means(score_run(args.run), names),
-    }
+    if args.cross_validation:
+        evaluation = cross_validation_record(args.cross_validation, args.config)
+    elif (metadata.get("split") or {}).get("validation"):
+        evaluation = {
+            "what": f"fold {metadata['split']['fold']} of "
+            f"{metadata['split']['folds']}: held-out cases, each scored on its own "
+            "grid, mean over cases",
+            **means(
+                score_run(args.run, None, args.labels),
+                label_names(metadata, args.labels),
+            ),
+        }
+    else:
+        parser.error(f"{args.run} has no held-out cases: give --cross-validation")
     source = yaml.safe_load(args.config.read_text())
     config["data"]["dataset"] = source["data"]["dataset"]
     config["data"]["cache_dir"] = None

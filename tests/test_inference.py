@@ -512,8 +512,8 @@ def test_models_lists_shipped_bundles(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["models"])
     assert result.exit_code == 0, result.output
     assert result.output == (
-        "hippo: segmentation, 3D, labels 1=Anterior, spacing 1 x 1 x 1.5 mm; "
-        "validation val_dice_1 0.891\n"
+        "hippo: segmentation, 3D, labels 0=background, 1=Anterior, "
+        "spacing 1 x 1 x 1.5 mm; validation val_dice_1 0.891\n"
     )
     record = json.loads((tmp_path / "hippo" / "medseg.json").read_text())
     record["evaluation"] = {
