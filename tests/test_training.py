@@ -110,6 +110,35 @@ def test_poly_schedule_values():
     assert PolyDecay(**schedule.get_config()).get_config() == schedule.get_config()
 
 
+def test_resume_keeps_the_saved_config_and_warns_of_new_epochs(tmp_path, caplog):
+    import dataclasses
+
+    import yaml
+
+    from medseg.training.run_files import prepare_run
+
+    config = Config.from_dict({"model": {"name": "unet"}, "train": {"epochs": 10}})
+    with pytest.raises(InputFileError, match="nothing to resume"):
+        prepare_run(tmp_path, config, resume=True)
+    assert prepare_run(tmp_path, config, resume=False) is config
+    saved = config.to_dict()
+    saved["train"]["learning_rate"] = 0.5
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.json").write_text('{"epoch": 3}')
+    with pytest.raises(InputFileError, match="pass --resume"):
+        prepare_run(tmp_path, config, resume=False)
+    with caplog.at_level("WARNING"):
+        same = prepare_run(tmp_path, config, resume=True)
+    assert same.train.learning_rate == 0.5 and same.train.epochs == 10
+    assert not caplog.records
+    longer = config.replace(train=dataclasses.replace(config.train, epochs=15))
+    with caplog.at_level("WARNING"):
+        resumed = prepare_run(tmp_path, longer, resume=True)
+    assert resumed.train.epochs == 15 and resumed.train.learning_rate == 0.5
+    assert "resuming with 15 epochs instead of 10" in caplog.text
+
+
 def _fingerprint(shape, spacing=(1.0, 1.0, 1.0), cases=100):
     return {
         "spacing_mm": {"median": list(spacing)},

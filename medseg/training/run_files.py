@@ -175,6 +175,14 @@ def prepare_run(folder: Path, config: Config, *, resume: bool) -> Config:
         from medseg.config import load_yaml
 
         saved = ConfigClass.from_dict(load_yaml(folder / "config.yaml"))
+        if config.train.epochs != saved.train.epochs:
+            logger.warning(
+                "resuming with %d epochs instead of %d: the learning-rate schedule "
+                "continues as if the run had been started with %d",
+                config.train.epochs,
+                saved.train.epochs,
+                config.train.epochs,
+            )
         return saved.replace(train=replace(saved.train, epochs=config.train.epochs))
     if has_run:
         raise InputFileError(
