@@ -60,3 +60,46 @@ def test_hippocampus_segments_the_sample_cases_it_never_saw(tmp_path):
                 np.asarray(truth.dataobj), np.asarray(predicted.dataobj), k
             )
             assert not math.isnan(dice) and dice >= 0.8, (path.name, k, dice)
+
+
+def test_membrane_is_listed_intact_small_and_records_its_cross_validation():
+    folder = resolve("membrane")
+    metadata = verify(folder)
+    assert (folder / MODEL_FILE).stat().st_size <= 10_000_000
+    assert metadata["task"] == "segmentation" and metadata["spatial_dims"] == 2
+    labels = sorted(metadata["labels"].items(), key=lambda kv: int(kv[0]))
+    assert [(v["value"], v["name"]) for _, v in labels] == [
+        (0, "membrane"),
+        (255, "cell"),
+    ]
+    assert metadata["split"]["fold"] == "all"
+    evaluation = metadata["evaluation"]
+    folds = evaluation["folds"]
+    assert [f["fold"] for f in folds] == [0, 1, 2, 3, 4]
+    assert sum(f["cases"] for f in folds) == evaluation["cases"] == 24
+    for name in ("membrane", "cell"):  # all cases' mean = fold means by case count
+        pooled = sum(f["dice"][name] * f["cases"] for f in folds) / 24
+        assert evaluation["dice"][name] == pytest.approx(pooled, abs=2e-4)
+    listing = medseg("models")
+    assert "membrane: segmentation, 2D, labels 0=membrane, 255=cell" in listing.stdout
+
+
+@pytest.mark.slow
+def test_membrane_segments_a_png_into_its_label_values_flip_for_flip(tmp_path):
+    from skimage import io
+
+    rng = np.random.default_rng(3)
+    image = (rng.random((200, 232)) * 255).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    io.imsave(tmp_path / "in" / "a.png", image, check_contrast=False)
+    io.imsave(tmp_path / "in" / "b.png", image[::-1, ::-1], check_contrast=False)
+    result = medseg(
+        "predict", "--model", "membrane", "--input", tmp_path / "in",
+        "--output", tmp_path / "out",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = io.imread(tmp_path / "out" / "a.png")
+    b = io.imread(tmp_path / "out" / "b.png")
+    assert a.shape == image.shape and set(np.unique(a)) <= {0, 255}
+    # mirroring over both axes at prediction makes the result flip-equivariant
+    assert np.mean(a != b[::-1, ::-1]) < 1e-3
