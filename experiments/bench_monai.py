@@ -21,8 +21,12 @@ tools alternating over the repeats:
   network, MONAI's ``sliding_window_inference``; seconds.
 
 Prints medians and medseg/MONAI ratios (speed: MONAI's time / medseg's; memory:
-medseg's peak / MONAI's) and writes experiments/results/monai.json. Needs the bench
-extra (``pip install -e ".[bench]"``: torch and monai).
+medseg's peak / MONAI's) and writes experiments/results/monai.json. Memory is also
+split: each worker first imports its framework (TensorFlow, Keras and medseg, or
+PyTorch and MONAI, without TensorFlow: see ``without_tensorflow``) and records its
+resident memory then (``framework_mib``); the peak less that is what running the
+network adds (``run_mib``, ratio ``run x``). Needs the bench extra (``pip install -e
+".[bench]"``: torch and monai).
 
     python experiments/bench_monai.py --repeats 3
 """
@@ -330,17 +334,51 @@ def versions() -> dict:
             "monai": monai.__version__}  # fmt: skip
 
 
+def resident_mib() -> float:
+    """This process's resident memory now (not its peak)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def without_tensorflow() -> None:
+    """Make ``import tensorflow`` fail in this process. MONAI imports TensorBoard, and
+    TensorBoard imports TensorFlow when it is installed (as it is here, beside medseg),
+    adding about 475 MiB of resident memory and seconds of start-up to MONAI's runs
+    that a MONAI user, with no TensorFlow, would not have. TensorBoard falls back to
+    its stub without it."""
+    sys.modules["tensorflow"] = None
+
+
+def import_framework(tool: str) -> float:
+    """Import what the tool's run uses; the resident memory it costs before any
+    network exists (the runtime's own libraries and state)."""
+    if tool == "medseg":
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+
+        import medseg.inference  # noqa: F401
+        import medseg.losses  # noqa: F401
+    else:
+        without_tensorflow()
+        import monai.inferers  # noqa: F401
+        import monai.losses  # noqa: F401
+        import torch  # noqa: F401
+    return resident_mib()
+
+
 def worker(tool: str, task: str, args) -> None:
     if task == "check":  # also in a child: Linux keeps a parent's peak RSS in forks
         print(json.dumps({**check_same_function(), "versions": versions()}))
         return
+    baseline = import_framework(tool)
     if task == "train":
         seconds = WORKERS[tool, task](args.steps, args.warmup, args.precision == "bf16")
         rate = args.steps * BATCH / seconds
     else:
         seconds, rate = WORKERS[tool, task](args.precision == "bf16"), None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "samples_per_s": rate, "peak_mib": peak}))
+    print(json.dumps({"seconds": seconds, "samples_per_s": rate, "peak_mib": peak,
+                      "framework_mib": baseline}))  # fmt: skip
 
 
 def measure(tool, task, precision, args) -> dict:
@@ -372,6 +410,7 @@ def default_row(rows: list[dict]) -> dict | None:
         "monai": theirs["monai"],
         "speed_ratio": theirs["monai"]["seconds"] / ours["medseg"]["seconds"],
         "memory_ratio": ours["medseg"]["peak_mib"] / theirs["monai"]["peak_mib"],
+        "run_memory_ratio": ours["medseg"]["run_mib"] / theirs["monai"]["run_mib"],
     }
 
 
@@ -416,11 +455,13 @@ def main() -> None:
         med = {
             tool: {
                 key: statistics.median(r[key] for r in values)
-                for key in ("seconds", "peak_mib")
+                for key in ("seconds", "peak_mib", "framework_mib")
             }
             for tool, values in by_tool.items()
         }
         speed = med["monai"]["seconds"] / med["medseg"]["seconds"]
+        for tool in med:  # what the network's run adds to the imported runtime
+            med[tool]["run_mib"] = med[tool]["peak_mib"] - med[tool]["framework_mib"]
         if task == "train":
             for tool in med:
                 med[tool]["samples_per_s"] = args.steps * BATCH / med[tool]["seconds"]
@@ -432,12 +473,13 @@ def main() -> None:
                 "monai": med["monai"],
                 "speed_ratio": speed,
                 "memory_ratio": med["medseg"]["peak_mib"] / med["monai"]["peak_mib"],
+                "run_memory_ratio": med["medseg"]["run_mib"] / med["monai"]["run_mib"],
                 "runs": by_tool,
             }
         )
     print(
         f"\n{'task':<36}{'medseg':>8}{'MONAI':>8}{'speed x':>9}"
-        f"{'medseg MiB':>12}{'MONAI MiB':>11}{'mem x':>7}"
+        f"{'medseg MiB':>12}{'MONAI MiB':>11}{'mem x':>7}{'run x':>7}"
     )
     default = default_row(rows)
     if default:
@@ -450,6 +492,7 @@ def main() -> None:
             f"{title:<36}{row['medseg'][key]:>8.2f}{row['monai'][key]:>8.2f}"
             f"{row['speed_ratio']:>9.2f}{row['medseg']['peak_mib']:>12.0f}"
             f"{row['monai']['peak_mib']:>11.0f}{row['memory_ratio']:>7.2f}"
+            f"{row['run_memory_ratio']:>7.2f}"
         )
     report = {
         "network": {"filters": FILTERS, "classes": CLASSES, **check},

@@ -189,6 +189,9 @@ def main() -> None:
         prepare(Path(args.prepare), args.data)
         return
     if args.worker:
+        import bench_monai
+
+        bench_monai.without_tensorflow()  # as a MONAI user's environment
         seconds = run_monai(Path(args.worker), args.scan, Path(args.out))
         print(json.dumps({"seconds": seconds}))
         return
