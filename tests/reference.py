@@ -98,6 +98,32 @@ def percentile_linear(values: np.ndarray, q: float) -> float:
     return ordered[low] + (position - low) * (ordered[high] - ordered[low])
 
 
+def instance_norm(x: np.ndarray, gamma, beta, epsilon: float) -> np.ndarray:
+    """Each channel of each sample to zero mean and unit variance over its spatial
+    axes (channels-last), then scaled and shifted per channel."""
+    out = np.empty(x.shape, np.float64)
+    for b in range(x.shape[0]):
+        for c in range(x.shape[-1]):
+            values = x[b, ..., c].astype(np.float64)
+            mean = values.sum() / values.size
+            variance = ((values - mean) ** 2).sum() / values.size
+            normalised = (values - mean) / np.sqrt(variance + epsilon)
+            out[b, ..., c] = gamma[c] * normalised + beta[c]
+    return out
+
+
+def numeric_gradient(function, x: np.ndarray, step: float = 1e-4) -> np.ndarray:
+    """Central differences of the scalar ``function`` at ``x`` (float64)."""
+    x = x.astype(np.float64)
+    gradient = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[index] += step
+        down[index] -= step
+        gradient[index] = (function(up) - function(down)) / (2 * step)
+    return gradient
+
+
 def max_pool_with_argmax(x: np.ndarray, pool):
     """Loops over windows; the first maximum in C order wins. Indices are positions in
     the flattened ``(*spatial, C)`` array of each sample."""

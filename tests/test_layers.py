@@ -192,6 +192,72 @@ def test_other_layers_survive_save_and_load(rng, tmp_path):
     ]
 
 
+# instance normalisation
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5, 2), (3, 5, 4, 3)])
+def test_instance_norm_values_and_gradients_match_reference(rng, shape):
+    x = rng.normal(2.0, 3.0, size=shape)
+    gamma, beta = rng.normal(size=shape[-1]), rng.normal(size=shape[-1])
+    weights = rng.normal(size=shape)  # loss = sum(weights * y): every output matters
+    layer = layers.InstanceNormalization()
+    layer.build(shape)
+    layer.set_weights([gamma.astype(np.float32), beta.astype(np.float32)])
+    xt = tf.constant(x, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt)
+        loss = tf.reduce_sum(tf.constant(weights, tf.float32) * y)
+    dx, d_gamma, d_beta = tape.gradient(loss, [xt, layer.gamma, layer.beta])
+
+    def loss_of(x_=x, gamma_=gamma, beta_=beta):
+        return (weights * reference.instance_norm(x_, gamma_, beta_, 1e-5)).sum()
+
+    np.testing.assert_allclose(y, reference.instance_norm(x, gamma, beta, 1e-5),
+                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(dx, reference.numeric_gradient(loss_of, x), atol=2e-4)
+    np.testing.assert_allclose(
+        d_gamma, reference.numeric_gradient(lambda g: loss_of(gamma_=g), gamma),
+        rtol=1e-4, atol=1e-4,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        d_beta, reference.numeric_gradient(lambda b: loss_of(beta_=b), beta),
+        rtol=1e-4, atol=1e-4,
+    )  # fmt: skip
+
+
+def test_instance_norm_on_bfloat16_input_matches_reference(rng):
+    # bfloat16 input (a convolution's output under mixed precision) with an offset
+    # large against its spread: sums kept in bfloat16 would lose the variance
+    x = (100 + 10 * rng.normal(size=(2, 16, 16, 16, 2))).astype(np.float32)
+    layer = layers.InstanceNormalization(dtype="mixed_bfloat16")
+    xt = tf.cast(tf.constant(x), tf.bfloat16)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) ** 2)
+    gradient = tape.gradient(loss, xt)
+    assert y.dtype == tf.bfloat16
+    rounded = np.asarray(tf.cast(xt, tf.float32))
+    expected = reference.instance_norm(rounded, np.ones(2), np.zeros(2), 1e-5)
+    np.testing.assert_allclose(np.asarray(y, np.float32), expected, atol=0.05)
+    # sum of squares of a normalised channel is its size: no gradient left to give
+    assert np.all(np.isfinite(gradient)) and np.abs(gradient).max() < 0.05
+
+
+def test_instance_norm_matches_keras_group_norm_and_loads_its_weights(rng, tmp_path):
+    x = rng.normal(size=(2, 6, 6, 6, 4)).astype(np.float32)
+    keras_norm = keras.layers.GroupNormalization(groups=-1, epsilon=1e-5)
+    keras_norm.build(x.shape)
+    keras_norm.set_weights([rng.normal(size=4).astype(np.float32) for _ in range(2)])
+    ours = layers.InstanceNormalization()
+    ours.build(x.shape)
+    ours.set_weights(keras_norm.get_weights())
+    np.testing.assert_allclose(ours(x), keras_norm(x), atol=1e-5)
+    inputs = keras.Input((6, 6, 6, 4))
+    _round_trip(keras.Model(inputs, ours(inputs)), tmp_path, x)
+
+
 # transposed convolution seeds
 
 
@@ -254,6 +320,7 @@ def test_unpooling_needs_values_and_indices():
         layers.NMaxPooling3D((2, 2, 1), n=2),
         layers.Padding2D((1, 2), mode="circular"),
         layers.Padding3D(2, mode="replicate"),
+        layers.InstanceNormalization(epsilon=1e-3),
     ],
 )
 def test_layer_config_round_trip(layer):

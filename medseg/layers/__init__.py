@@ -1,8 +1,10 @@
-"""Custom Keras layers: argmax pooling and unpooling, zero insertion, N-max pooling,
-and padding modes. All are registered under the ``medseg`` package, serialisable,
-2D and 3D, channels-last. Nearest-neighbour unpooling is Keras' ``UpSampling2D/3D``.
+"""Custom Keras layers: instance normalisation, argmax pooling and unpooling, zero
+insertion, N-max pooling, and padding modes. All are registered under the ``medseg``
+package, serialisable, 2D and 3D, channels-last. Nearest-neighbour unpooling is
+Keras' ``UpSampling2D/3D``.
 """
 
+from medseg.layers.normalization import InstanceNormalization
 from medseg.layers.padding import PADDING_MODES, Padding2D, Padding3D
 from medseg.layers.pooling import (
     MaxPoolingWithArgmax2D,
@@ -21,6 +23,7 @@ __all__ = [
     "PADDING_MODES",
     "BedOfNailsUnpooling2D",
     "BedOfNailsUnpooling3D",
+    "InstanceNormalization",
     "MaxPoolingWithArgmax2D",
     "MaxPoolingWithArgmax3D",
     "MaxUnpooling2D",

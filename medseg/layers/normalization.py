@@ -1,0 +1,82 @@
+"""Instance normalisation with a hand-written gradient that keeps little for backward.
+
+Keras' ``GroupNormalization(groups=-1)`` computes the same function, but its automatic
+gradient keeps the float32 input, the centred input and further full-size products of
+every normalisation layer until the backward pass. Here the backward pass needs only the
+layer's input and two numbers per sample and channel, which is what fused instance-norm
+kernels keep. Statistics and gradients are computed in float32 whatever the compute
+dtype (bfloat16 and float16 overflow in sums over a 3D patch).
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="medseg")
+class InstanceNormalization(keras.layers.GroupNormalization):
+    """Normalises each channel of each sample over its spatial axes, then scales by
+    ``gamma`` and shifts by ``beta`` (one each per channel). Channels-last, 2D or 3D.
+
+    Same weights and outputs as ``keras.layers.GroupNormalization(groups=-1)``.
+    """
+
+    def __init__(self, epsilon: float = 1e-5, **kwargs):
+        kwargs.pop("groups", None)  # always one channel per group
+        super().__init__(groups=-1, epsilon=epsilon, **kwargs)
+
+    def build(self, input_shape):
+        if self.axis not in (-1, len(input_shape) - 1):
+            raise ValueError("InstanceNormalization is channels-last (axis=-1)")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        channels = inputs.shape[-1]
+        gamma = self.gamma if self.scale else ops.ones((channels,), "float32")
+        beta = self.beta if self.center else ops.zeros((channels,), "float32")
+        # copies: a custom gradient takes tensors, and the variables' own gradients
+        # flow through the copy
+        outputs = _instance_norm(inputs, ops.copy(gamma), ops.copy(beta), self.epsilon)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("groups")
+        return config
+
+
+def _instance_norm(x, gamma, beta, epsilon: float):
+    spatial = tuple(range(1, len(x.shape) - 1))
+    every = (0, *spatial)
+
+    @ops.custom_gradient
+    def forward(x, gamma, beta):
+        x32 = ops.cast(x, "float32")
+        mean = ops.mean(x32, axis=spatial, keepdims=True)
+        variance = ops.mean(ops.square(x32 - mean), axis=spatial, keepdims=True)
+        inverse = ops.rsqrt(variance + epsilon)
+        scale = inverse * ops.cast(gamma, "float32")
+        shift = ops.cast(beta, "float32") - mean * scale
+        y = ops.cast(x32 * scale + shift, x.dtype)
+
+        def backward(*args, upstream=None):
+            dy = ops.cast(args[0] if upstream is None else upstream, "float32")
+            normalised = (ops.cast(x, "float32") - mean) * inverse
+            d_beta = ops.sum(dy, axis=every)
+            d_gamma = ops.sum(dy * normalised, axis=every)
+            g = dy * ops.cast(gamma, "float32")
+            dx = inverse * (
+                g
+                - ops.mean(g, axis=spatial, keepdims=True)
+                - normalised * ops.mean(g * normalised, axis=spatial, keepdims=True)
+            )
+            return (
+                ops.cast(dx, x.dtype),
+                ops.cast(d_gamma, gamma.dtype),
+                ops.cast(d_beta, beta.dtype),
+            )
+
+        return y, backward
+
+    return forward(x, gamma, beta)
