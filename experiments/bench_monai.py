@@ -191,6 +191,7 @@ def batches(n: int):
 def train_medseg(steps: int, warmup: int, bf16: bool) -> float:
     import keras
     import tensorflow as tf
+    from fit_timing import fit_seconds
 
     from medseg.losses import DiceCELoss
 
@@ -206,10 +207,7 @@ def train_medseg(steps: int, warmup: int, bf16: bool) -> float:
     data = (
         tf.data.Dataset.from_tensor_slices((images, labels)).repeat().prefetch(2)
     )  # one repeated dataset, as the trainer feeds fit
-    model.fit(data, epochs=1, steps_per_epoch=warmup, verbose=0)
-    started = time.perf_counter()
-    model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
-    return time.perf_counter() - started
+    return fit_seconds(model, data, steps, warmup)
 
 
 def train_monai(steps: int, warmup: int, bf16: bool) -> float:

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -51,6 +50,7 @@ def main() -> None:
 
     import keras
     import tensorflow as tf
+    from fit_timing import fit_seconds
 
     from medseg.checks import check_dataset
     from medseg.config import AugmentConfig
@@ -112,9 +112,7 @@ def main() -> None:
     model.fit(memory, epochs=1, steps_per_epoch=5, verbose=0)  # build and trace
 
     def rate(source) -> float:
-        start = time.perf_counter()
-        model.fit(source, epochs=1, steps_per_epoch=args.steps, verbose=0)
-        return args.steps / (time.perf_counter() - start)
+        return args.steps / fit_seconds(model, source, args.steps)
 
     results = {"pipeline": [], "memory": []}
     for _ in range(args.repeats):  # alternate so drifts in machine load hit both

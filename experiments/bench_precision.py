@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -36,6 +35,7 @@ def main() -> None:
     import keras
     import numpy as np
     import tensorflow as tf
+    from fit_timing import fit_seconds
 
     from medseg.losses import DiceCELoss
     from medseg.models import build_unet
@@ -72,9 +72,8 @@ def main() -> None:
     rates = {p: [] for p in policies}
     for _ in range(args.repeats):
         for policy in policies:
-            start = time.perf_counter()
-            models[policy].fit(data, epochs=1, steps_per_epoch=args.steps, verbose=0)
-            rates[policy].append(args.steps / (time.perf_counter() - start))
+            seconds = fit_seconds(models[policy], data, args.steps)
+            rates[policy].append(args.steps / seconds)
     medians = {p: statistics.median(v) for p, v in rates.items()}
     base = medians[policies[0]]
     print(f"{'policy':<16}{'median steps/s':>16}{'vs ' + policies[0]:>20}")

@@ -60,6 +60,7 @@ def matmul_peak(dtype: str, n: int = 4096, repeats: int = 5) -> float:
 def profile_training(data: str, steps: int, policy: str) -> dict:
     import keras
     import tensorflow as tf
+    from fit_timing import fit_seconds
 
     from medseg.checks import check_dataset
     from medseg.config import AugmentConfig
@@ -106,10 +107,7 @@ def profile_training(data: str, steps: int, policy: str) -> dict:
         loss=DiceCELoss(),
     )
     memory = tf.data.Dataset.from_tensors((images, labels)).repeat()
-    model.fit(memory, epochs=1, steps_per_epoch=3, verbose=0)
-    start = time.perf_counter()
-    model.fit(memory, epochs=1, steps_per_epoch=steps, verbose=0)
-    step = (time.perf_counter() - start) / steps
+    step = fit_seconds(model, memory, steps, warmup=3) / steps
     forward_fn = tf.function(lambda x: model(x, training=False))
     forward_fn(images)
     forward = seconds(lambda: forward_fn(images).numpy(), steps)

@@ -144,8 +144,10 @@ def checkpoint_epoch(folder: Path) -> int:
 def restore_checkpoint(folder: Path, model) -> tuple[int, float | None]:
     source = checkpoint_folder(folder)
     state = json.loads((source / "state.json").read_text())
-    model.load_weights(source / "model.weights.h5")
+    # built first, so that the weights file's optimizer entries have variables to go
+    # to (else Keras warns that it skips them); optimizer.npz then sets them
     model.optimizer.build(model.trainable_variables)
+    model.load_weights(source / "model.weights.h5")
     with np.load(source / "optimizer.npz", allow_pickle=False) as stored:
         values = [stored[f"arr_{i}"] for i in range(len(stored.files))]
     if len(values) != len(model.optimizer.variables):
