@@ -1,11 +1,11 @@
 """Instance normalisation with a hand-written gradient that keeps little for backward.
 
 Keras' ``GroupNormalization(groups=-1)`` computes the same function, but its automatic
-gradient keeps the float32 input, the centred input and further full-size products of
-every normalisation layer until the backward pass. Here the backward pass needs only the
+gradient keeps full-size intermediates of every normalisation layer (the centred
+input among them) until the backward pass. Here the backward pass needs only the
 layer's input and two numbers per sample and channel, which is what fused instance-norm
 kernels keep. Statistics and gradients are computed in float32 whatever the compute
-dtype (bfloat16 and float16 overflow in sums over a 3D patch).
+dtype (float16 can overflow and bfloat16 loses precision in sums over a 3D patch).
 """
 
 from __future__ import annotations
