@@ -7,7 +7,12 @@ mirroring) on that fold's held-out cases and ``medseg evaluate`` against their l
 each case on its own grid. The table: per fold and over all scored cases, the mean Dice
 and HD95 of each label. Folds not trained yet are listed as missing (``--score-only``
 trains nothing and scores what is there). Writes
-experiments/results/<config name>_cv.json.
+experiments/results/<config name>_cv.json, with each fold's per-case scores.
+
+A cross-validation can outlive its run folders: a fold already in that JSON (same
+config) whose run folder is gone is kept from the JSON rather than listed as missing,
+so folds trained on different machines add up to one table. A fold is rescored whenever
+its finished run folder is there.
 
     python experiments/cross_validate.py \
         --config experiments/hippocampus_3d_shipped.yaml --runs runs/hippocampus_cv
@@ -103,6 +108,54 @@ def means(rows: list[dict], names: dict) -> dict:
     return result
 
 
+def pooled(folds: list[dict]) -> dict:
+    """Means over all cases of the folds, from each fold's means weighted by its
+    number of cases (the same as pooling the cases when every case has a value);
+    voxel error over the folds that report it."""
+    import numpy as np
+
+    weights = np.array([f["cases"] for f in folds], float)
+    result = {"cases": int(weights.sum())}
+    for metric in ("dice", "hd95_mm"):
+        result[metric] = {
+            name: round(
+                float(np.average([f[metric][name] for f in folds], weights=weights)), 4
+            )  # fmt: skip
+            for name in folds[0][metric]
+        }
+    result["dice_mean"] = round(float(np.mean(list(result["dice"].values()))), 4)
+    with_error = [f for f in folds if "voxel_error" in f]
+    if with_error:
+        result["voxel_error"] = round(float(np.average(
+            [f["voxel_error"] for f in with_error],
+            weights=[f["cases"] for f in with_error])), 4)  # fmt: skip
+    return result
+
+
+def training_hours(run: Path) -> float | None:
+    """Hours of training summed over history.csv's epochs, None without it."""
+    history = run / "history.csv"
+    if not history.is_file():
+        return None
+    with open(history, newline="") as file:
+        seconds = [
+            float(r["seconds"]) for r in csv.DictReader(file) if r.get("seconds")
+        ]
+    return round(sum(seconds) / 3600, 2)
+
+
+def recorded_folds(output: Path, config: Path, model: dict | None) -> dict[int, dict]:
+    """Folds of an earlier report of the same config and model, by fold number."""
+    if not output.is_file():
+        return {}
+    report = json.loads(output.read_text())
+    same_file = Path(report.get("config", "")).resolve() == config.resolve()
+    if not same_file or report.get("model") != model:
+        print(f"{output}: written for another config or model; not reused")
+        return {}
+    return {f["fold"]: f for f in report.get("folds", [])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True)
@@ -118,52 +171,63 @@ def main() -> None:
 
     import yaml
 
-    output = args.output or HERE / "results" / f"{args.config.stem}_cv.json"
+    output = Path(args.output or HERE / "results" / f"{args.config.stem}_cv.json")
+    model = yaml.safe_load(args.config.read_text()).get("model")
+    recorded = recorded_folds(output, args.config, model)
     data = ["--data", args.data] if args.data else []
-    folds, rows, missing = [], [], []
-    names = None
+    folds, missing = [], []
     for fold in range(args.folds):
         run = args.runs / f"fold_{fold}"
         if not args.score_only:
             resume = ["--resume"] if (run / "checkpoint").exists() else []
             medseg("train", "--config", args.config, "--output", run,
                    "--fold", fold, *data, *resume)  # fmt: skip
-        if not (run / "medseg.json").is_file():
-            missing.append(fold)
-            continue
-        metadata = json.loads((run / "medseg.json").read_text())
-        epochs = metadata["config"]["train"]["epochs"]
-        done = len((run / "history.csv").read_text().splitlines()) - 1
-        if done < epochs:
-            missing.append(fold)
-            print(f"fold {fold}: {done} of {epochs} epochs trained; not scored")
+        finished = (run / "medseg.json").is_file()
+        if finished:
+            metadata = json.loads((run / "medseg.json").read_text())
+            epochs = metadata["config"]["train"]["epochs"]
+            if (run / "history.csv").is_file():
+                done = len((run / "history.csv").read_text().splitlines()) - 1
+                finished = done >= epochs
+                if not finished:
+                    print(f"fold {fold}: {done} of {epochs} epochs trained")
+        if not finished:
+            if fold in recorded:
+                print(f"fold {fold}: kept from {output.name} (no finished run here)")
+                folds.append(recorded[fold])
+            else:
+                missing.append(fold)
             continue
         names = label_names(metadata, args.labels)
         fold_rows = score_run(run, args.data, args.labels)
-        rows += fold_rows
-        folds.append({"fold": fold, "epochs": epochs, **means(fold_rows, names)})
+        folds.append({
+            "fold": fold, "epochs": epochs,
+            "precision": metadata["config"]["train"].get("precision"),
+            "training_hours": training_hours(run),
+            **means(fold_rows, names), "case_scores": fold_rows,
+        })  # fmt: skip
     if not folds:
         sys.exit("no fold finished yet")
-    overall = means(rows, names)
+    overall = pooled(folds)
+    names = list(overall["dice"])
     print(f"\n{'fold':<8}{'cases':>6}{'voxel error':>13}" + "".join(
-        f"{'Dice ' + n:>16}{'HD95 ' + n:>16}" for n in names.values()))  # fmt: skip
+        f"{'Dice ' + n:>16}{'HD95 ' + n:>16}" for n in names))  # fmt: skip
     for row in [*folds, {"fold": "all", **overall}]:
-        print(f"{row['fold']!s:<8}{row['cases']:>6}{row['voxel_error']:>13.4f}"
-              + "".join(
+        error = f"{row['voxel_error']:>13.4f}" if "voxel_error" in row else " " * 13
+        print(f"{row['fold']!s:<8}{row['cases']:>6}{error}" + "".join(
             f"{row['dice'][n]:>16.3f}{row['hd95_mm'][n]:>16.2f}"
-            for n in names.values()))  # fmt: skip
+            for n in names))  # fmt: skip
     if missing:
         print(f"missing folds (not trained to the end): {missing}")
-    config = yaml.safe_load(args.config.read_text())
     report = {
         "command": "python experiments/cross_validate.py " + " ".join(sys.argv[1:]),
         "config": str(args.config),
-        "model": config.get("model"),
+        "model": model,
         "folds": folds,
         "missing_folds": missing,
         "all_scored_cases": overall,
     }
-    Path(output).write_text(json.dumps(report, indent=2) + "\n")
+    output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {output}")
 
 

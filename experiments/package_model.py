@@ -43,7 +43,10 @@ def cross_validation_record(path: Path, config: Path) -> dict:
         )
     if report["missing_folds"]:
         raise SystemExit(f"{path}: folds {report['missing_folds']} are missing")
-    folds = report["folds"]
+    folds = [
+        {k: v for k, v in fold.items() if k != "case_scores"}
+        for fold in report["folds"]
+    ]
     return {
         "what": f"{len(folds)}-fold cross-validation of the same config: each fold's "
         "held-out cases, each scored on its own grid, mean over all cases",

@@ -1,0 +1,88 @@
+"""The bookkeeping of experiments/cross_validate.py: pooling fold means and reusing the
+folds an earlier report recorded."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from .conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def cv():
+    spec = importlib.util.spec_from_file_location(
+        "cross_validate", REPO / "experiments" / "cross_validate.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def case_rows(rng, cases, fold):
+    """medseg evaluate's rows for two labels plus each case's voxel error."""
+    rows = []
+    for case in range(cases):
+        error = float(rng.uniform(0, 0.01))
+        for label in ("1", "2"):
+            rows.append(
+                {
+                    "case": f"f{fold}_c{case}",
+                    "label": label,
+                    "dice": str(rng.uniform(0.7, 0.95)),
+                    "hd95_mm": str(rng.uniform(1, 3)),
+                    "voxel_error": error,
+                }
+            )
+    return rows
+
+
+def test_pooled_fold_means_equal_the_means_over_all_cases(cv, rng):
+    names = {"1": "Anterior", "2": "Posterior"}
+    folds, rows = [], []
+    for fold, cases in enumerate((5, 3, 4)):  # unequal folds: weights matter
+        fold_rows = case_rows(rng, cases, fold)
+        rows += fold_rows
+        folds.append({"fold": fold, **cv.means(fold_rows, names)})
+    pooled = cv.pooled(folds)
+    assert pooled["cases"] == 12
+    for metric in ("dice", "hd95_mm"):
+        for value, name in names.items():
+            expected = np.mean([float(r[metric]) for r in rows if r["label"] == value])
+            # fold means are rounded to 4 decimals before pooling
+            assert pooled[metric][name] == pytest.approx(expected, abs=1e-4)
+    errors = {r["case"]: r["voxel_error"] for r in rows}
+    assert pooled["voxel_error"] == pytest.approx(
+        np.mean(list(errors.values())), abs=1e-4
+    )
+
+
+def test_voxel_error_pools_only_the_folds_that_have_it(cv):
+    folds = [
+        {"cases": 2, "dice": {"a": 0.8}, "hd95_mm": {"a": 2.0}, "voxel_error": 0.01},
+        {"cases": 6, "dice": {"a": 0.9}, "hd95_mm": {"a": 1.0}},
+    ]
+    pooled = cv.pooled(folds)
+    assert pooled["dice"]["a"] == pytest.approx((2 * 0.8 + 6 * 0.9) / 8)
+    assert pooled["hd95_mm"]["a"] == pytest.approx((2 * 2.0 + 6 * 1.0) / 8)
+    assert pooled["voxel_error"] == pytest.approx(0.01)
+
+
+def test_recorded_folds_are_reused_only_for_the_same_config_and_model(cv, tmp_path):
+    config = tmp_path / "a.yaml"
+    config.write_text("model: {name: unet}\n")
+    report = tmp_path / "a_cv.json"
+    folds = [{"fold": 1, "cases": 3}, {"fold": 3, "cases": 4}]
+    model = {"name": "unet"}
+    report.write_text(
+        json.dumps({"config": str(config), "model": model, "folds": folds})
+    )
+    assert cv.recorded_folds(report, config, model) == {1: folds[0], 3: folds[1]}
+    assert cv.recorded_folds(report, config, {"name": "unet", "filters": [8]}) == {}
+    other = tmp_path / "b.yaml"
+    other.write_text("model: {name: unet}\n")
+    assert cv.recorded_folds(report, other, model) == {}
+    assert cv.recorded_folds(tmp_path / "none.json", config, model) == {}
