@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import machine
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -86,7 +87,7 @@ def main() -> None:
     print(f"{'peak':>14} {peak:>8}")
     record = {
         "command": "python experiments/bench_batch_memory.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine.describe(),
         "cases": args.cases,
         "written": written,
         "seconds": round(seconds, 1),

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -44,6 +43,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import machine
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -502,7 +503,7 @@ def main() -> None:
         "repeats": args.repeats,
         "results": rows,
         "versions": tool_versions,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "machine": machine.describe(),
     }
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.output}")

@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 from pathlib import Path
+
+import machine
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -123,7 +124,7 @@ def main() -> None:
     record = {
         "command": "python experiments/bench_pipeline.py "
         + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "output"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine.describe(),
         "patch": list(patch),
         "batch": args.batch,
         "steps": args.steps,

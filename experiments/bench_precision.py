@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 from pathlib import Path
+
+import machine
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -82,8 +83,7 @@ def main() -> None:
     record = {
         "command": "python experiments/bench_precision.py "
         + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "output"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"{'GPU' if tf.config.list_physical_devices('GPU') else 'CPU only'}",
+        "machine": machine.describe(gpu=bool(tf.config.list_physical_devices("GPU"))),
         "patch": list(patch),
         "batch": args.batch,
         "steps_per_s": {p: [round(v, 4) for v in vs] for p, vs in rates.items()},

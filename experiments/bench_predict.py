@@ -27,13 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import machine
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -245,7 +246,7 @@ def main() -> None:
         )
     report = {
         "command": "python experiments/bench_predict.py --repeats " + str(args.repeats),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "machine": machine.describe(),
         "medseg_default_precision": default,
         "ct_spacing_mm": list(CT_SPACING),
         "results": rows,

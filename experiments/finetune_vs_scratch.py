@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import shutil
 import subprocess
@@ -31,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import machine
 import nibabel as nib
 import numpy as np
 import yaml
@@ -155,7 +154,7 @@ def main() -> None:
         "steps_per_epoch": args.steps,
         "seed": args.seed,
         "results": results,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "machine": machine.describe(),
     }
     print(
         f"\n{len(train_ids)} training cases, {len(test_ids)} test cases, "

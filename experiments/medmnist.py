@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+import machine
 import numpy as np
 from cross_validate import medseg
 
@@ -133,7 +132,7 @@ def main() -> None:
         )
     report = {
         "command": "python experiments/medmnist.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "machine": machine.describe(),
         "results": results,
     }
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

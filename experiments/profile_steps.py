@@ -23,11 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import machine
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -224,7 +225,7 @@ def main() -> None:
     report = {
         "command": "python experiments/profile_steps.py "
         + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "output"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "machine": machine.describe(),
         "matmul_peak_flop_per_s": peaks,
         "training": training,
         "prediction": prediction,

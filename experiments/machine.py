@@ -1,0 +1,49 @@
+"""What the benchmarks ran on, for their JSON: the CPU's model and the instruction sets
+that change the numbers (bfloat16 is fast only with AVX-512 BF16 or AMX), the core
+count, and whether TensorFlow sees a GPU."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (the platform's name elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_features() -> list[str]:
+    """The CPU flags among AVX2, AVX-512F, AVX-512 BF16 and AMX BF16 that it has."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as file:
+            for line in file:
+                if line.startswith("flags"):
+                    flags = set(line.split())
+                    return [f for f in wanted if f in flags]
+    except OSError:
+        pass
+    return []
+
+
+def describe(gpu: bool | None = None) -> dict:
+    """The machine: CPU model, architecture, cores, relevant flags and (when ``gpu``
+    is given) whether a GPU was used."""
+    result = {
+        "cpu": cpu_model(),
+        "architecture": platform.machine(),
+        "cores": os.cpu_count(),
+        "cpu_features": cpu_features(),
+        "platform": platform.platform(),
+    }
+    if gpu is not None:
+        result["gpu"] = gpu
+    return result
