@@ -32,6 +32,8 @@ def start_tensorflow(debug: bool = False) -> None:
     if "tensorflow" in sys.modules and "keras" in sys.modules:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import medseg  # noqa: F401  (TensorFlow's oneDNN default, before TensorFlow)
+
     quiet = contextlib.nullcontext() if debug else _stderr_silenced()
     with quiet:
         import keras  # noqa: F401

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import platform
 
+import medseg  # noqa: F401  (TensorFlow's defaults as medseg's commands run with them)
+
 
 def cpu_model() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` (the platform's name elsewhere)."""
@@ -43,6 +45,7 @@ def describe(gpu: bool | None = None) -> dict:
         "cores": os.cpu_count(),
         "cpu_features": cpu_features(),
         "platform": platform.platform(),
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
     }
     if gpu is not None:
         result["gpu"] = gpu

@@ -89,6 +89,7 @@ def msd_dataset(tmp_path):
 def pytest_configure(config):
     # quieten TensorFlow's C++ start-up logging in test output
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import medseg  # noqa: F401  (its TensorFlow defaults, before any test imports TF)
 
 
 #: A 3D U-Net small enough to train in seconds on the sample (end-to-end tests).

@@ -112,6 +112,15 @@ def instance_norm(x: np.ndarray, gamma, beta, epsilon: float) -> np.ndarray:
     return out
 
 
+def leaky_relu(x: np.ndarray, slope: float) -> np.ndarray:
+    """x where positive, slope * x elsewhere, element by element."""
+    out = np.empty(x.shape, np.float64)
+    for index in np.ndindex(x.shape):
+        value = float(x[index])
+        out[index] = value if value > 0 else slope * value
+    return out
+
+
 def numeric_gradient(function, x: np.ndarray, step: float = 1e-4) -> np.ndarray:
     """Central differences of the scalar ``function`` at ``x`` (float64)."""
     x = x.astype(np.float64)

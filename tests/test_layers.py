@@ -258,6 +258,57 @@ def test_instance_norm_matches_keras_group_norm_and_loads_its_weights(rng, tmp_p
     _round_trip(keras.Model(inputs, ours(inputs)), tmp_path, x)
 
 
+# leaky ReLU
+
+
+def test_leaky_relu_values_and_gradient_match_reference(rng):
+    x = rng.normal(size=(2, 4, 3, 5, 3))
+    x[0, 0, 0, 0] = 0.0  # at zero the slope side is taken, as TensorFlow does
+    weights = rng.normal(size=x.shape)
+    layer = layers.LeakyReLU(negative_slope=0.1)
+    xt = tf.constant(x, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt)
+        loss = tf.reduce_sum(tf.constant(weights, tf.float32) * y)
+    np.testing.assert_allclose(y, reference.leaky_relu(x, 0.1), rtol=1e-6, atol=1e-7)
+    # away from the kink the loss is linear in x: central differences are exact
+    away = np.abs(x) > 1e-3
+    numeric = reference.numeric_gradient(
+        lambda x_: (weights * reference.leaky_relu(x_, 0.1)).sum(), x, step=1e-4
+    )
+    gradient = np.asarray(tape.gradient(loss, xt))
+    np.testing.assert_allclose(gradient[away], numeric[away], rtol=1e-4, atol=1e-6)
+    assert gradient[0, 0, 0, 0, 0] == pytest.approx(0.1 * weights[0, 0, 0, 0, 0])
+
+
+def test_leaky_relu_equals_keras_activation_in_value_and_gradient(rng):
+    x = tf.constant(rng.normal(size=(2, 6, 6, 6, 4)).astype(np.float32))
+    for dtype, policy in (("float32", "float32"), ("bfloat16", "mixed_bfloat16")):
+        xt = tf.cast(x, dtype)
+        results = []
+        for layer in (
+            layers.LeakyReLU(dtype=policy),
+            keras.layers.Activation("leaky_relu", dtype=policy),
+        ):
+            with tf.GradientTape() as tape:
+                tape.watch(xt)
+                y = layer(xt)
+                loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.cast(x, tf.float32))
+            results.append((y, tape.gradient(loss, xt)))
+        (ours, our_grad), (theirs, their_grad) = results
+        assert ours.dtype == theirs.dtype == tf.dtypes.as_dtype(dtype)
+        np.testing.assert_array_equal(np.asarray(ours, np.float32),
+                                      np.asarray(theirs, np.float32))  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(our_grad, np.float32),
+                                      np.asarray(their_grad, np.float32))  # fmt: skip
+
+
+def test_leaky_relu_needs_a_positive_slope():
+    with pytest.raises(ValueError, match="negative_slope must be > 0"):
+        layers.LeakyReLU(negative_slope=0.0)
+
+
 # transposed convolution seeds
 
 
@@ -321,6 +372,7 @@ def test_unpooling_needs_values_and_indices():
         layers.Padding2D((1, 2), mode="circular"),
         layers.Padding3D(2, mode="replicate"),
         layers.InstanceNormalization(epsilon=1e-3),
+        layers.LeakyReLU(negative_slope=0.05),
     ],
 )
 def test_layer_config_round_trip(layer):

@@ -70,6 +70,15 @@ def norm_layer(norm: str, filters: int, name: str):
     return None
 
 
+def activation_layer(activation: str, name: str):
+    """The layer for ``activation``: ``leaky_relu`` (Keras' function, slope 0.2) is
+    ``medseg.layers.LeakyReLU``, whose gradient needs only its output, so training does
+    not keep its input; other names are ``keras.layers.Activation``."""
+    if activation == "leaky_relu":
+        return medseg_layers.LeakyReLU(negative_slope=0.2, name=name)
+    return layers.Activation(activation, name=name)
+
+
 def conv_unit(
     x,
     filters: int,
@@ -112,7 +121,7 @@ def conv_unit(
     if norm_op is not None:
         x = norm_op(x)
     if activation is not None:
-        x = layers.Activation(activation, name=f"{name}_act{index}")(x)
+        x = activation_layer(activation, f"{name}_act{index}")(x)
     return x
 
 
@@ -159,7 +168,7 @@ def conv_block(
             trim = convs * (kernel_size - 1) * dilation // 2
             shortcut = CROP[spatial_dims](trim, name=f"{name}_skip_crop")(shortcut)
         x = layers.Add(name=f"{name}_add")([x, shortcut])
-        x = layers.Activation(activation, name=f"{name}_act_out")(x)
+        x = activation_layer(activation, f"{name}_act_out")(x)
     if dropout:
         x = SPATIAL_DROPOUT[spatial_dims](dropout, name=f"{name}_dropout")(x)
     return x
