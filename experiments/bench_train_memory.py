@@ -13,10 +13,11 @@ random batches, in three builds that compute the same function:
 
 Each build runs in a fresh process: resident memory after importing TensorFlow and
 building the model (``start_mib``), peak resident memory after ``--steps`` steps
-(``peak_mib``), and seconds per step after a warm-up. The builds alternate over
-``--repeats``; medians are printed and written to experiments/results/train_memory.json.
+(``peak_mib``), and seconds per step after a warm-up. The builds take turns over
+``--repeats``, the order rotated each time; medians are printed and written to
+experiments/results/train_memory.json.
 
-    python experiments/bench_train_memory.py --patch 64 64 64 --batch 2 --repeats 3
+    python experiments/bench_train_memory.py --patch 64 64 64 --batch 2 --repeats 6
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def main() -> None:
 
     runs = {kind: [] for kind in BUILDS}
     for repeat in range(args.repeats):
-        for kind in BUILDS:
+        shift = repeat % len(BUILDS)  # each build in each place of the order in turn
+        for kind in BUILDS[shift:] + BUILDS[:shift]:
             command = [
                 sys.executable, __file__, "--worker", kind,
                 "--patch", *map(str, args.patch), "--batch", str(args.batch),

@@ -226,6 +226,31 @@ def test_instance_norm_values_and_gradients_match_reference(rng, shape):
     )  # fmt: skip
 
 
+def test_instance_norm_gradient_with_shapes_known_only_at_run_time(rng):
+    x = rng.normal(1.0, 2.0, size=(2, 5, 3, 4, 2))
+    weights = tf.constant(rng.normal(size=x.shape), tf.float32)
+    layer = layers.InstanceNormalization()
+    layer.build((None, None, None, None, 2))
+
+    def gradient(x_):
+        with tf.GradientTape() as tape:
+            tape.watch(x_)
+            loss = tf.reduce_sum(weights * layer(x_))
+        return tape.gradient(loss, x_)
+
+    traced = tf.function(
+        gradient, input_signature=[tf.TensorSpec([None, None, None, None, 2])]
+    )
+    expected = reference.numeric_gradient(
+        lambda x_: (
+            np.asarray(weights)
+            * reference.instance_norm(x_, np.ones(2), np.zeros(2), 1e-5)
+        ).sum(),
+        x,
+    )
+    np.testing.assert_allclose(traced(tf.constant(x, tf.float32)), expected, atol=2e-4)
+
+
 def test_instance_norm_on_bfloat16_input_matches_reference(rng):
     # bfloat16 input (a convolution's output under mixed precision) with an offset
     # large against its spread: sums kept in bfloat16 would lose the variance

@@ -61,16 +61,23 @@ def _instance_norm(x, gamma, beta, epsilon: float):
         y = ops.cast(x32 * scale + shift, x.dtype)
 
         def backward(*args, upstream=None):
+            # with n = (x - mean) * inverse, per sample and channel over N voxels:
+            # dx = inverse * gamma * (dy - sum(dy) / N - n * sum(dy * n) / N),
+            # written as k * dy + (x - mean) * a + b with per-channel k, a, b so that
+            # few full-size temporaries exist at once
             dy = ops.cast(args[0] if upstream is None else upstream, "float32")
-            normalised = (ops.cast(x, "float32") - mean) * inverse
-            d_beta = ops.sum(dy, axis=every)
-            d_gamma = ops.sum(dy * normalised, axis=every)
-            g = dy * ops.cast(gamma, "float32")
-            dx = inverse * (
-                g
-                - ops.mean(g, axis=spatial, keepdims=True)
-                - normalised * ops.mean(g * normalised, axis=spatial, keepdims=True)
-            )
+            centred = ops.cast(x, "float32") - mean
+            sum_dy = ops.sum(dy, axis=spatial, keepdims=True)
+            sum_dy_n = ops.sum(dy * centred, axis=spatial, keepdims=True) * inverse
+            d_beta = ops.sum(sum_dy, axis=every)
+            d_gamma = ops.sum(sum_dy_n, axis=every)
+            count = ops.cast(ops.size(x), "float32") / ops.cast(
+                ops.size(sum_dy), "float32"
+            )  # voxels per sample and channel, also for shapes known only at run time
+            k = inverse * ops.cast(gamma, "float32")
+            a = -k * inverse * sum_dy_n / count
+            b = -k * sum_dy / count
+            dx = k * dy + (centred * a + b)
             return (
                 ops.cast(dx, x.dtype),
                 ops.cast(d_gamma, gamma.dtype),
