@@ -70,6 +70,13 @@ def parse_labels(text: str | None):
     "channel suffix allowed) to draw the --report overlays on.",
 )
 @click.option(
+    "--label-names",
+    "names_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="dataset.json whose labels name the label values in the table and pictures "
+    "(default: a dataset.json in the truth folder or its parent, when there is one).",
+)
+@click.option(
     "--split",
     default="test",
     show_default=True,
@@ -84,6 +91,7 @@ def evaluate(
     summary: Path | None,
     report_dir: Path | None,
     images: Path | None,
+    names_file: Path | None,
     split: str,
 ) -> None:
     """Score predicted label maps against the truth, per case and label, in mm.
@@ -110,6 +118,7 @@ def evaluate(
     from medseg.io import atomic_write_text
 
     pairs = pair_files(prediction, truth)
+    names = _label_names(names_file, truth)
     with click.progressbar(
         length=len(pairs), label="evaluating", file=sys.stderr
     ) as bar:
@@ -121,7 +130,7 @@ def evaluate(
         )
     result = summarize(rows)
     click.echo(f"{len(pairs)} case(s); mean (median) over cases with a defined value")
-    click.echo(format_summary(result))
+    click.echo(format_summary(result, names))
     if output is not None:
         atomic_write_text(output, to_csv(rows))
         click.echo(f"metrics written to {output}")
@@ -129,7 +138,12 @@ def evaluate(
         atomic_write_text(
             summary,
             json.dumps(
-                {"tolerance_mm": tolerance_mm, "cases": len(pairs), "labels": result},
+                {
+                    "tolerance_mm": tolerance_mm,
+                    "cases": len(pairs),
+                    "label_names": {str(k): v for k, v in sorted(names.items())},
+                    "labels": result,
+                },
                 indent=2,
             )
             + "\n",
@@ -138,8 +152,30 @@ def evaluate(
     if report_dir is not None:
         from medseg.report import write_report
 
-        written = write_report(report_dir, rows, pairs, _image_files(images, pairs))
+        written = write_report(
+            report_dir, rows, pairs, _image_files(images, pairs), names
+        )
         click.echo(f"{len(written)} pictures written to {report_dir}")
+
+
+def _label_names(names_file: Path | None, truth: Path) -> dict[int, str]:
+    """Label names from ``--label-names``, or from a dataset.json beside the truth
+    (MSD and nnU-Net keep it in the parent of labelsTr); one found on its own that
+    cannot be read is passed over with a warning."""
+    from medseg.datasets import read_label_names
+    from medseg.errors import InputFileError
+
+    if names_file is not None:
+        return read_label_names(names_file)
+    folder = truth if truth.is_dir() else truth.parent
+    for candidate in (folder / "dataset.json", folder.parent / "dataset.json"):
+        if candidate.is_file():
+            try:
+                return read_label_names(candidate)
+            except InputFileError as exc:
+                click.echo(f"warning: label names not used: {exc}", err=True)
+                return {}
+    return {}
 
 
 def _image_files(images: Path | None, pairs) -> dict[str, Path]:

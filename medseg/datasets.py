@@ -173,6 +173,38 @@ def _case_id_from(path: str) -> str:
     return split_suffix(path)[0]
 
 
+def read_label_names(manifest_path: str | Path) -> dict[int, str]:
+    """Label values and names declared by a ``dataset.json`` (MSD's ``{"1": name}``
+    or nnU-Net v2's ``{name: 1}``); empty when it declares none.
+
+    Raises:
+        InputFileError: unreadable, or labels that are not integer values.
+    """
+    manifest_path = Path(manifest_path)
+    manifest = _read_manifest(manifest_path)
+    if manifest is None:
+        raise InputFileError(manifest_path, "file not found")
+    raw = manifest.get("labels")
+    if not isinstance(raw, dict):
+        return {}
+    if "channel_names" in manifest:  # nnU-Net v2: names to values
+        return _labels_from_nnunet(raw, manifest_path)
+    return _labels_from_msd(raw, manifest_path)
+
+
+def _labels_from_nnunet(raw: dict, manifest_path: Path) -> dict[int, str]:
+    labels = {}
+    for name, value in raw.items():
+        if not isinstance(value, int):
+            raise InputFileError(
+                manifest_path,
+                f"label {name!r} has value {value!r}; region-based labels are not "
+                "supported",
+            )
+        labels[value] = str(name)
+    return labels
+
+
 def _labels_from_msd(raw: dict, manifest_path: Path) -> dict[int, str]:
     try:
         return {int(k): str(v) for k, v in raw.items()}
@@ -230,15 +262,7 @@ def _load_nnunet(root: Path, manifest: dict) -> Dataset:
             manifest_path, "channel_names must map '0', '1', ... to names"
         )
     channels = tuple(str(channel_raw[k]) for k in sorted(channel_raw, key=int))
-    labels = {}
-    for name, value in dict(manifest.get("labels", {})).items():
-        if not isinstance(value, int):
-            raise InputFileError(
-                manifest_path,
-                f"label {name!r} has value {value!r}; region-based labels are not "
-                "supported",
-            )
-        labels[value] = str(name)
+    labels = _labels_from_nnunet(dict(manifest.get("labels", {})), manifest_path)
     ending = str(manifest.get("file_ending", ".nii.gz"))
     builder = _CaseBuilder(root)
     cases = []

@@ -202,13 +202,17 @@ def run_demo(
         json.dumps({"cases": len(cases), "labels": summary}, indent=2) + "\n",
     )
     t = time.perf_counter()
-    pictures = write_report(
-        output / "report", rows, pairs, {c.case_id: c.images[0] for c in cases}
-    )
-    timings["report_s"] = round(time.perf_counter() - t, 2)
     names = {
         int(v["value"]): v["name"] for v in (metadata.get("labels") or {}).values()
     }
+    pictures = write_report(
+        output / "report",
+        rows,
+        pairs,
+        {c.case_id: c.images[0] for c in cases},
+        names,
+    )
+    timings["report_s"] = round(time.perf_counter() - t, 2)
     result = {
         "model": str(bundle),
         "data": str(data),

@@ -136,10 +136,19 @@ def to_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def format_summary(summary: dict) -> str:
-    """The table ``medseg evaluate`` prints: mean (median) per label."""
+def label_title(value, names: dict[int, str] | None) -> str:
+    """``"1 anterior"`` where the label has a name, else ``"1"``."""
+    name = (names or {}).get(int(value))
+    return f"{value} {name}" if name else str(value)
+
+
+def format_summary(summary: dict, names: dict[int, str] | None = None) -> str:
+    """The table ``medseg evaluate`` prints: mean (median) per label, with the labels'
+    names where ``names`` gives them."""
+    titles = {label: label_title(label, names) for label in summary}
+    width = max([5, *map(len, titles.values())])
     lines = [
-        f"{'label':>5}  {'dice':>15}  {'hd95_mm':>15}  {'assd_mm':>15}  "
+        f"{'label':<{width}}  {'dice':>15}  {'hd95_mm':>15}  {'assd_mm':>15}  "
         f"{'nsd':>15}  empty"
     ]
     for label, metrics in summary.items():
@@ -149,7 +158,9 @@ def format_summary(summary: dict) -> str:
         ]
         flags = f"{metrics['dice']['n_nan']} both, {metrics['hd95_mm']['n_inf']} one"
         lines.append(
-            f"{label:>5}  " + "  ".join(f"{c:>15}" for c in cells) + f"  {flags}"
+            f"{titles[label]:<{width}}  "
+            + "  ".join(f"{c:>15}" for c in cells)
+            + f"  {flags}"
         )
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.evaluation import label_title
 from medseg.io import atomic_output, read_volume
 
 #: Contour colours per label, cycled (truth solid, prediction dashed).
@@ -73,10 +74,12 @@ def write_overlay(
     image_path: Path | None,
     labels: Sequence[int],
     title: str,
+    names: dict[int, str] | None = None,
 ) -> None:
     """One PNG: the slice with most truth foreground (prediction foreground when the
     truth is empty), truth contours solid and prediction contours dashed per label,
-    over the image when one is given, with the voxels' aspect ratio."""
+    over the image when one is given, with the voxels' aspect ratio; the legend names
+    the labels where ``names`` gives them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,7 +138,7 @@ def write_overlay(
         from matplotlib.lines import Line2D
 
         handles = [
-            Line2D([], [], color=COLOURS[i % len(COLOURS)], label=f"label {v}")
+            Line2D([], [], color=COLOURS[i % len(COLOURS)], label=label_title(v, names))
             for i, v in enumerate(chosen)
         ]
         axes.legend(handles=handles, loc="lower right", fontsize=7)
@@ -145,7 +148,9 @@ def write_overlay(
     _save(figure, path)
 
 
-def write_boxplot(path: Path, rows: list[dict]) -> None:
+def write_boxplot(
+    path: Path, rows: list[dict], names: dict[int, str] | None = None
+) -> None:
     """Box plot of Dice per label over cases (cases with a defined Dice)."""
     import matplotlib
 
@@ -159,7 +164,7 @@ def write_boxplot(path: Path, rows: list[dict]) -> None:
     ]
     figure, axes = plt.subplots(figsize=(1.2 + 1.0 * len(labels), 4), dpi=100)
     axes.boxplot(values, showmeans=True)
-    axes.set_xticks(range(1, len(labels) + 1), [str(v) for v in labels])
+    axes.set_xticks(range(1, len(labels) + 1), [label_title(v, names) for v in labels])
     axes.set_xlabel("label")
     axes.set_ylabel("Dice")
     axes.set_ylim(0, 1.02)
@@ -183,13 +188,14 @@ def write_report(
     rows: list[dict],
     pairs: list[tuple[str, Path, Path]],
     images: dict[str, Path] | None = None,
+    names: dict[int, str] | None = None,
 ) -> list[Path]:
     """Overlays of the best, median and worst cases and the Dice box plot in
-    ``folder``; returns the files written."""
+    ``folder``, labels named by ``names`` where given; returns the files written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "dice_boxplot.png"]
-    write_boxplot(written[0], rows)
+    write_boxplot(written[0], rows, names)
     scores = case_scores(rows)
     files = {case: (p, t) for case, p, t in pairs}
     labels = sorted({r["label"] for r in rows})
@@ -203,6 +209,7 @@ def write_report(
             (images or {}).get(case),
             labels,
             f"{rank}: {case} (mean Dice {scores[case]:.3f})",
+            names,
         )
         written.append(target)
     return written

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medseg.datasets import load_dataset, load_npz_dataset
+from medseg.datasets import load_dataset, load_npz_dataset, read_label_names
 from medseg.errors import InputFileError
 from tests.conftest import SAMPLE, save_nifti
 
@@ -85,6 +85,28 @@ def test_nnunet_region_labels_are_refused(tmp_path):
     )
     with pytest.raises(InputFileError, match="region-based labels are not supported"):
         load_dataset(tmp_path)
+
+
+def test_label_names_from_either_manifest_form(tmp_path):
+    assert read_label_names(SAMPLE / "dataset.json") == {
+        0: "background",
+        1: "Anterior",
+        2: "Posterior",
+    }
+    nnunet = tmp_path / "dataset.json"
+    nnunet.write_text(
+        json.dumps(
+            {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1}}
+        )
+    )
+    assert read_label_names(nnunet) == {0: "background", 1: "liver"}
+    nnunet.write_text(json.dumps({"channel_names": {"0": "CT"}}))
+    assert read_label_names(nnunet) == {}
+    nnunet.write_text(json.dumps({"labels": {"one": "liver"}}))  # MSD form, bad key
+    with pytest.raises(InputFileError, match="labels must map integer values"):
+        read_label_names(nnunet)
+    with pytest.raises(InputFileError, match="file not found"):
+        read_label_names(tmp_path / "missing.json")
 
 
 def test_folder_pair_of_pngs_matched_by_name(tmp_path):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 
 import nibabel as nib
@@ -40,6 +41,13 @@ def test_slice_with_most_foreground(rng):
     assert report.pick_slice(np.zeros((4, 4, 8), bool), 2) == 4
 
 
+def test_label_titles_name_the_labels_that_have_names():
+    names = {1: "anterior"}
+    assert report.label_title(1, names) == "1 anterior"
+    assert report.label_title(2, names) == "2"
+    assert report.label_title(3, None) == "3"
+
+
 def test_evaluate_report_writes_overlays_and_boxplot(tmp_path, rng):
     for folder in ("pred", "truth", "images"):
         (tmp_path / folder).mkdir()
@@ -55,6 +63,10 @@ def test_evaluate_report_writes_overlays_and_boxplot(tmp_path, rng):
         nib.save(
             nib.Nifti1Image(image, affine), tmp_path / "images" / f"c{i}_0000.nii.gz"
         )
+    # an MSD manifest beside the truth folder names the labels
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"labels": {"0": "background", "1": "outer", "2": "inner"}})
+    )
     result = CliRunner().invoke(
         main,
         [
@@ -63,6 +75,8 @@ def test_evaluate_report_writes_overlays_and_boxplot(tmp_path, rng):
             str(tmp_path / "pred"),
             "--truth",
             str(tmp_path / "truth"),
+            "--summary",
+            str(tmp_path / "s.json"),
             "--report",
             str(tmp_path / "report"),
             "--images",
@@ -70,6 +84,14 @@ def test_evaluate_report_writes_overlays_and_boxplot(tmp_path, rng):
         ],
     )
     assert result.exit_code == 0, result.output
+    table = result.output.splitlines()
+    header = next(i for i, line in enumerate(table) if line.split()[:1] == ["label"])
+    assert [line.split()[:2] for line in table[header + 1 : header + 3]] == [
+        ["1", "outer"],
+        ["2", "inner"],
+    ]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["label_names"] == {"0": "background", "1": "outer", "2": "inner"}
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
         "dice_boxplot.png",
         "overlay_best_c0.png",
