@@ -1,7 +1,8 @@
 """Speed and memory of medseg against MONAI on the same 3D U-Net, side by side.
 
 The network: medseg's ``build_unet`` (3D, filters 32-64-128-256, two 3x3x3 conv +
-instance norm + ReLU per level, max pooling, 2x2x2 transposed convolutions, skip
+instance norm + ReLU (``--activation leaky_relu``: leaky ReLU, slope 0.2) per
+level, max pooling, 2x2x2 transposed convolutions, skip
 concatenation, 1x1x1 logits, 3 classes) and the same network built from MONAI's
 blocks (``Convolution`` with instance norm, ``UpSample`` deconv) in PyTorch. The
 weights of the Keras model are ported to the PyTorch one and both are run on the same
@@ -52,6 +53,9 @@ HERE = Path(__file__).resolve().parent
 FILTERS = (32, 64, 128, 256)
 CLASSES = 3
 PATCH = (64, 64, 64)
+#: ``relu`` or ``leaky_relu`` (slope 0.2; MONAI's in place, as its DynUNet runs it);
+#: set from ``--activation``
+ACTIVATION = "relu"
 VOLUME = (160, 160, 160)
 BATCH = 2
 SW_BATCH = 4
@@ -67,7 +71,7 @@ def keras_unet():
         num_classes=CLASSES,
         filters=FILTERS,
         norm="instance",
-        activation="relu",
+        activation=ACTIVATION,
     )
 
 
@@ -76,9 +80,13 @@ def torch_unet():
     import torch
     from monai.networks.blocks import Convolution, UpSample
 
+    act = "RELU"
+    if ACTIVATION == "leaky_relu":
+        act = ("LEAKYRELU", {"negative_slope": 0.2, "inplace": True})
+
     def unit(cin, cout):
         return Convolution(
-            3, cin, cout, kernel_size=3, act="RELU",
+            3, cin, cout, kernel_size=3, act=act,
             norm=("INSTANCE", {"affine": True, "eps": 1e-5}), bias=False,
         )  # fmt: skip
 
@@ -384,7 +392,7 @@ def measure(tool, task, precision, args) -> dict:
     command = [
         sys.executable, __file__, "--worker", tool, "--task", task,
         "--precision", precision, "--steps", str(args.steps),
-        "--warmup", str(args.warmup),
+        "--warmup", str(args.warmup), "--activation", args.activation,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
@@ -421,11 +429,20 @@ def main() -> None:
     parser.add_argument(
         "--bf16", action="store_true", help="also bfloat16 training and inference"
     )
+    parser.add_argument(
+        "--activation",
+        choices=("relu", "leaky_relu"),
+        default="relu",
+        help="the network's activation (leaky_relu: slope 0.2, medseg's fused "
+        "instance norm + leaky ReLU layer against MONAI's in-place LeakyReLU)",
+    )
     parser.add_argument("--output", default=str(HERE / "results" / "monai.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global ACTIVATION
+    ACTIVATION = args.activation
     if args.worker:
         worker(args.worker, args.task, args)
         return
@@ -494,7 +511,12 @@ def main() -> None:
             f"{row['run_memory_ratio']:>7.2f}"
         )
     report = {
-        "network": {"filters": FILTERS, "classes": CLASSES, **check},
+        "network": {
+            "filters": FILTERS,
+            "classes": CLASSES,
+            "activation": ACTIVATION,
+            **check,
+        },
         "patch": PATCH,
         "batch": BATCH,
         "volume": VOLUME,

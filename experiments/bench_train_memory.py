@@ -3,13 +3,14 @@ against medseg's lighter ones.
 
 The network of experiments/hippocampus_3d_shipped.yaml (3D U-Net, filters 24-192,
 instance norm, leaky ReLU, 3 classes), trained with SGD and Dice + cross-entropy on
-random batches, in three builds that compute the same function:
+random batches, in four builds that compute the same function:
 
 - ``keras``: Keras' ``GroupNormalization(groups=-1)`` and ``Activation("leaky_relu")``
   (what U-Nets were built with before medseg had its own layers),
 - ``medseg norm``: medseg's ``InstanceNormalization``, Keras' activation,
-- ``medseg``: medseg's ``InstanceNormalization`` and ``LeakyReLU`` (what
-  ``build_unet`` gives now).
+- ``medseg separate``: medseg's ``InstanceNormalization`` and ``LeakyReLU``,
+- ``medseg``: medseg's fused ``InstanceNormLeakyReLU`` (what ``build_unet`` gives
+  now).
 
 Each build runs in a fresh process: resident memory after importing TensorFlow and
 building the model (``start_mib``), peak resident memory after ``--steps`` steps
@@ -36,14 +37,14 @@ import machine
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 HERE = Path(__file__).resolve().parent
-BUILDS = ("keras", "medseg norm", "medseg")
+BUILDS = ("keras", "medseg norm", "medseg separate", "medseg")
 
 
 def build(kind: str, patch):
     import keras
     import yaml
 
-    from medseg.layers import InstanceNormalization, LeakyReLU
+    from medseg.layers import InstanceNormalization, InstanceNormLeakyReLU, LeakyReLU
     from medseg.models import build_model
 
     config = yaml.safe_load((HERE / "hippocampus_3d_shipped.yaml").read_text())
@@ -54,6 +55,17 @@ def build(kind: str, patch):
 
     def replace(layer):
         settings = layer.get_config()
+        if isinstance(layer, InstanceNormLeakyReLU):  # norm, then activation
+            assert settings["negative_slope"] == 0.2  # Keras' "leaky_relu" slope
+            if kind == "keras":
+                norm = keras.layers.GroupNormalization(groups=-1, epsilon=layer.epsilon)
+            else:
+                norm = InstanceNormalization(epsilon=layer.epsilon)
+            if kind == "medseg separate":
+                activation = LeakyReLU(0.2)
+            else:
+                activation = keras.layers.Activation("leaky_relu")
+            return keras.Sequential([norm, activation], name=layer.name)
         if kind == "keras" and isinstance(layer, InstanceNormalization):
             return keras.layers.GroupNormalization(
                 groups=-1, epsilon=layer.epsilon, name=layer.name

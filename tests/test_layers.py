@@ -283,6 +283,128 @@ def test_instance_norm_matches_keras_group_norm_and_loads_its_weights(rng, tmp_p
     _round_trip(keras.Model(inputs, ours(inputs)), tmp_path, x)
 
 
+# instance normalisation fused with leaky ReLU
+
+
+def test_fused_norm_leaky_relu_values_and_gradients_match_reference(rng):
+    shape = (2, 3, 4, 5, 3)
+    x = rng.normal(1.0, 2.0, size=shape)
+    gamma = np.array([1.3, -0.7, 0.02])  # negative and small scales recovered too
+    beta = np.array([0.4, -0.2, 0.1])
+    weights = rng.normal(size=shape)
+    layer = layers.InstanceNormLeakyReLU(negative_slope=0.1)
+    layer.build(shape)
+    layer.set_weights([gamma.astype(np.float32), beta.astype(np.float32)])
+    xt = tf.constant(x, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt)
+        loss = tf.reduce_sum(tf.constant(weights, tf.float32) * y)
+    dx, d_gamma, d_beta = tape.gradient(loss, [xt, layer.gamma, layer.beta])
+
+    def forward(x_=x, gamma_=gamma, beta_=beta):
+        normalised = reference.instance_norm(x_, gamma_, beta_, 1e-5)
+        return reference.leaky_relu(normalised, 0.1)
+
+    z = reference.instance_norm(x, gamma, beta, 1e-5)
+    assert np.abs(z).min() > 1e-3  # central differences do not cross the kink
+
+    def loss_of(**kwargs):
+        return (weights * forward(**kwargs)).sum()
+
+    np.testing.assert_allclose(y, forward(), atol=1e-5)
+    np.testing.assert_allclose(
+        dx, reference.numeric_gradient(lambda v: loss_of(x_=v), x, step=1e-5),
+        atol=2e-4,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        d_gamma, reference.numeric_gradient(lambda g: loss_of(gamma_=g), gamma),
+        rtol=1e-4, atol=2e-4,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        d_beta, reference.numeric_gradient(lambda b: loss_of(beta_=b), beta),
+        rtol=1e-4, atol=2e-4,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fused_norm_leaky_relu_equals_the_two_layers(rng, policy):
+    x = tf.constant(rng.normal(3.0, 2.0, size=(2, 6, 6, 6, 4)).astype(np.float32))
+    weights = [rng.normal(size=4).astype(np.float32) for _ in range(2)]
+    fused = layers.InstanceNormLeakyReLU(dtype=policy)
+    norm = layers.InstanceNormalization(dtype=policy)
+    act = layers.LeakyReLU(dtype=policy)
+    for layer in (fused, norm):
+        layer.build(x.shape)
+        layer.set_weights(weights)
+    dtype = "float32" if policy == "float32" else "bfloat16"
+    xt = tf.cast(x, dtype)
+    results = []
+    for run in (fused, lambda t: act(norm(t))):
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = run(xt)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * x)
+        results.append(
+            [np.asarray(tf.cast(t, tf.float32)) for t in [y, tape.gradient(loss, xt)]]
+        )
+    (y1, g1), (y2, g2) = results
+    if policy == "float32":
+        np.testing.assert_allclose(y1, y2, atol=1e-6)
+        np.testing.assert_allclose(g1, g2, atol=1e-5)
+    else:  # the fused layer recovers its input from a bfloat16 output
+        np.testing.assert_allclose(y1, y2, atol=0.02 * np.abs(y2).max())
+        np.testing.assert_allclose(g1, g2, atol=0.03 * np.abs(g2).max())
+
+
+def test_backward_ops_wait_for_the_upstream_gradient():
+    # ops of a hand-written backward pass that read only forward tensors would
+    # otherwise run during the forward pass and keep full-size results until backward
+    inputs = keras.Input((6, 6, 6, 2))
+    conv = keras.layers.Conv3D(2, 3, padding="same", use_bias=False)
+    layers_used = [
+        layers.InstanceNormLeakyReLU(),
+        layers.InstanceNormalization(),
+        layers.LeakyReLU(),
+    ]
+    x = conv(inputs)
+    for layer in layers_used:
+        x = layer(x)
+    model = keras.Model(inputs, x)
+
+    @tf.function
+    def step(data):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(data) ** 2)
+        return tape.gradient(loss, model.trainable_variables)
+
+    graph = step.get_concrete_function(tf.TensorSpec((2, 6, 6, 6, 2))).graph
+
+    def waits_for_gradient(op, seen):
+        # some op it depends on (through inputs or control inputs) is of TensorFlow's
+        # own backward pass, which starts from the loss's gradient
+        for parent in [t.op for t in op.inputs] + list(op.control_inputs):
+            if parent.name in seen:
+                continue
+            seen.add(parent.name)
+            if parent.name.startswith("gradient_tape") or waits_for_gradient(
+                parent, seen
+            ):
+                return True
+        return False
+
+    readers = 0
+    for op in graph.get_operations():
+        if op.name.startswith(("functional", "gradient_tape", "pow")):
+            continue  # the model, TensorFlow's own gradients, the loss
+        if any(
+            t.name.startswith("functional") and t.shape.rank == 5 for t in op.inputs
+        ):  # a hand-written backward op reading a full-size forward tensor
+            readers += 1
+            assert waits_for_gradient(op, set()), f"{op.name} ({op.type}) runs early"
+    assert readers >= 3  # each layer's backward reads a forward tensor
+
+
 # leaky ReLU
 
 
@@ -397,6 +519,7 @@ def test_unpooling_needs_values_and_indices():
         layers.Padding2D((1, 2), mode="circular"),
         layers.Padding3D(2, mode="replicate"),
         layers.InstanceNormalization(epsilon=1e-3),
+        layers.InstanceNormLeakyReLU(negative_slope=0.1, epsilon=1e-3),
         layers.LeakyReLU(negative_slope=0.05),
     ],
 )

@@ -461,3 +461,42 @@ def test_bfloat16_copy_keeps_weights_and_returns_close_float32_logits(upsampling
     error = np.linalg.norm(np.asarray(got) - expected) / np.linalg.norm(expected)
     assert 0 < error < 0.05
     assert with_precision(model, "float32") is model
+
+
+def test_instance_norm_and_leaky_relu_are_one_layer_with_the_same_function(rng):
+    keras.utils.set_random_seed(0)
+    model = build_unet(
+        spatial_dims=3,
+        in_channels=1,
+        num_classes=2,
+        filters=(4, 8),
+        norm="instance",
+        activation="leaky_relu",
+    )
+    from medseg import layers as medseg_layers
+
+    fused = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, medseg_layers.InstanceNormLeakyReLU)
+    ]
+    assert [layer.name for layer in fused][:2] == ["enc0_norm1", "enc0_norm2"]
+    assert len(fused) == 6  # two per encoder, bottleneck and decoder level
+    assert not any(isinstance(layer, medseg_layers.LeakyReLU) for layer in model.layers)
+
+    def split(layer):  # the same network with norm and activation as two layers
+        if isinstance(layer, medseg_layers.InstanceNormLeakyReLU):
+            norm = medseg_layers.InstanceNormalization(epsilon=layer.epsilon)
+            return keras.Sequential(
+                [norm, medseg_layers.LeakyReLU(layer.negative_slope)], name=layer.name
+            )
+        return layer.__class__.from_config(layer.get_config())
+
+    twin = keras.models.clone_model(model, clone_function=split)
+    for ours, theirs in zip(model.layers, twin.layers, strict=True):
+        if isinstance(theirs, keras.Sequential):
+            theirs.layers[0].set_weights(ours.get_weights())
+        else:
+            theirs.set_weights(ours.get_weights())
+    x = rng.random((1, 16, 16, 16, 1)).astype(np.float32)
+    np.testing.assert_allclose(model(x), twin(x), atol=1e-5)

@@ -1,11 +1,12 @@
-"""Custom Keras layers: instance normalisation and a leaky ReLU that keep less for
-training, argmax pooling and unpooling, zero insertion, N-max pooling, and padding
+"""Custom Keras layers: instance normalisation, a leaky ReLU and the two fused that
+keep less for training, argmax pooling and unpooling, zero insertion, N-max pooling,
+and padding
 modes. All are registered under the ``medseg`` package, serialisable, 2D and 3D,
 channels-last. Nearest-neighbour unpooling is Keras' ``UpSampling2D/3D``.
 """
 
 from medseg.layers.activation import LeakyReLU
-from medseg.layers.normalization import InstanceNormalization
+from medseg.layers.normalization import InstanceNormalization, InstanceNormLeakyReLU
 from medseg.layers.padding import PADDING_MODES, Padding2D, Padding3D
 from medseg.layers.pooling import (
     MaxPoolingWithArgmax2D,
@@ -24,6 +25,7 @@ __all__ = [
     "PADDING_MODES",
     "BedOfNailsUnpooling2D",
     "BedOfNailsUnpooling3D",
+    "InstanceNormLeakyReLU",
     "InstanceNormalization",
     "LeakyReLU",
     "MaxPoolingWithArgmax2D",

@@ -1,11 +1,30 @@
-"""Shared helpers for the pooling and unpooling layers: argument checks and the
-reshaping between a channels-last map and its non-overlapping pooling windows."""
+"""Shared helpers of the layers: argument checks, the reshaping between a
+channels-last map and its non-overlapping pooling windows, and the scope of a
+hand-written backward pass."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
+import keras
 from keras import ops
+
+
+def after_upstream(upstream):
+    """A context in which the ops of a hand-written backward pass wait for the
+    upstream gradient.
+
+    Without it TensorFlow's graph executor runs the backward ops that read only forward
+    tensors (``x - mean``, ``y > 0``) as soon as the forward pass has made those, and
+    keeps their full-size results until the backward pass reaches the layer: memory
+    the gradient was written not to keep.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.control_dependencies([upstream])
+    return contextlib.nullcontext()
 
 
 def as_tuple(value, spatial_dims: int, name: str) -> tuple[int, ...]:

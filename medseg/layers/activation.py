@@ -13,6 +13,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from medseg.layers._util import after_upstream
+
 
 @keras.saving.register_keras_serializable(package="medseg")
 class LeakyReLU(keras.layers.Layer):
@@ -44,7 +46,10 @@ def _leaky_relu(x, slope: float):
 
         def backward(*args, upstream=None):
             dy = args[0] if upstream is None else upstream
-            return ops.where(y > 0, dy, dy * ops.cast(slope, dy.dtype))
+            with after_upstream(
+                dy
+            ):  # else y > 0 is made and kept from the forward pass
+                return ops.where(y > 0, dy, dy * ops.cast(slope, dy.dtype))
 
         return y, backward
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from medseg.layers._util import after_upstream
+
 
 @keras.saving.register_keras_serializable(package="medseg")
 class InstanceNormalization(keras.layers.GroupNormalization):
@@ -65,7 +67,12 @@ def _instance_norm(x, gamma, beta, epsilon: float):
             # dx = inverse * gamma * (dy - sum(dy) / N - n * sum(dy * n) / N),
             # written as k * dy + (x - mean) * a + b with per-channel k, a, b so that
             # few full-size temporaries exist at once
-            dy = ops.cast(args[0] if upstream is None else upstream, "float32")
+            upstream = args[0] if upstream is None else upstream
+            with after_upstream(upstream):
+                return _norm_backward(upstream)
+
+        def _norm_backward(upstream):
+            dy = ops.cast(upstream, "float32")
             centred = ops.cast(x, "float32") - mean
             sum_dy = ops.sum(dy, axis=spatial, keepdims=True)
             sum_dy_n = ops.sum(dy * centred, axis=spatial, keepdims=True) * inverse
@@ -80,6 +87,104 @@ def _instance_norm(x, gamma, beta, epsilon: float):
             dx = k * dy + (centred * a + b)
             return (
                 ops.cast(dx, x.dtype),
+                ops.cast(d_gamma, gamma.dtype),
+                ops.cast(d_beta, beta.dtype),
+            )
+
+        return y, backward
+
+    return forward(x, gamma, beta)
+
+
+@keras.saving.register_keras_serializable(package="medseg")
+class InstanceNormLeakyReLU(InstanceNormalization):
+    """``InstanceNormalization`` followed by a leaky ReLU (``negative_slope``, default
+    0.2 as Keras' ``leaky_relu``), as one layer that keeps only its output for the
+    backward pass.
+
+    The output is what the next convolution keeps anyway; the normalised values are
+    recovered from it (the leaky ReLU is invertible for a positive slope, the affine
+    for a non-zero ``gamma``), as in-place activated batch normalisation does (Rota
+    Bulo et al., CVPR 2018). So a conv + norm + activation unit keeps one full-size
+    tensor for training instead of two. Where ``|gamma|`` is below 1e-3 the recovery
+    divides by 1e-3 instead, and that channel's gradients are only approximate.
+    Same weights as ``InstanceNormalization`` (and Keras'
+    ``GroupNormalization(groups=-1)``).
+    """
+
+    def __init__(self, negative_slope: float = 0.2, epsilon: float = 1e-5, **kwargs):
+        super().__init__(epsilon=epsilon, **kwargs)
+        if not negative_slope > 0:
+            raise ValueError(f"negative_slope must be > 0, got {negative_slope!r}")
+        self.negative_slope = float(negative_slope)
+
+    def call(self, inputs):
+        channels = inputs.shape[-1]
+        gamma = self.gamma if self.scale else ops.ones((channels,), "float32")
+        beta = self.beta if self.center else ops.zeros((channels,), "float32")
+        outputs = _instance_norm_leaky_relu(
+            inputs, ops.copy(gamma), ops.copy(beta), self.epsilon, self.negative_slope
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "negative_slope": self.negative_slope}
+
+
+#: Below this ``|gamma|`` the recovery of the normalised values divides by it instead.
+MIN_RECOVERY_GAMMA = 1e-3
+
+
+def _instance_norm_leaky_relu(x, gamma, beta, epsilon: float, slope: float):
+    spatial = tuple(range(1, len(x.shape) - 1))
+    every = (0, *spatial)
+
+    @ops.custom_gradient
+    def forward(x, gamma, beta):
+        x32 = ops.cast(x, "float32")
+        mean = ops.mean(x32, axis=spatial, keepdims=True)
+        variance = ops.mean(ops.square(x32 - mean), axis=spatial, keepdims=True)
+        inverse = ops.rsqrt(variance + epsilon)
+        scale = inverse * ops.cast(gamma, "float32")
+        shift = ops.cast(beta, "float32") - mean * scale
+        dtype = x.dtype  # the backward closure must not hold x itself
+        y = ops.cast(ops.leaky_relu(x32 * scale + shift, slope), dtype)
+
+        def backward(*args, upstream=None):
+            # only y, the per-channel inverse deviation and the weights are used here:
+            # z = gamma * n + beta is y where y > 0, else y / slope; with N voxels per
+            # sample and channel and dz the gradient at z,
+            # dx = inverse * gamma * (dz - sum(dz) / N - n * sum(dz * n) / N),
+            # where gamma * n = z - beta, so only sum(dz * n) divides by gamma
+            upstream = args[0] if upstream is None else upstream
+            with after_upstream(upstream):
+                return _fused_backward(upstream)
+
+        def _fused_backward(upstream):
+            dy = ops.cast(upstream, "float32")
+            y32 = ops.cast(y, "float32")
+            positive = y32 > 0
+            dz = ops.where(positive, dy, dy * slope)
+            g = ops.cast(gamma, "float32")
+            gamma_n = ops.where(positive, y32, y32 / slope) - ops.cast(beta, "float32")
+            safe_g = ops.where(
+                ops.abs(g) < MIN_RECOVERY_GAMMA,
+                ops.where(g < 0, -MIN_RECOVERY_GAMMA, MIN_RECOVERY_GAMMA),
+                g,
+            )
+            sum_dz = ops.sum(dz, axis=spatial, keepdims=True)
+            sum_dz_n = ops.sum(dz * gamma_n, axis=spatial, keepdims=True) / safe_g
+            d_beta = ops.sum(sum_dz, axis=every)
+            d_gamma = ops.sum(sum_dz_n, axis=every)
+            count = ops.cast(ops.size(y), "float32") / ops.cast(
+                ops.size(sum_dz), "float32"
+            )  # voxels per sample and channel (from y: x is not kept)
+            k = inverse * g
+            a = -inverse * sum_dz_n / count  # times gamma * n
+            b = -k * sum_dz / count
+            dx = k * dz + (gamma_n * a + b)
+            return (
+                ops.cast(dx, dtype),
                 ops.cast(d_gamma, gamma.dtype),
                 ops.cast(d_beta, beta.dtype),
             )

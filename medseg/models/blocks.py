@@ -97,7 +97,10 @@ def conv_unit(
     """Convolution, normalisation, activation: ``{name}_conv{index}``, ``_norm``...
 
     With ``padding="same"`` and a ``padding_mode`` other than zero, an explicit padding
-    layer ``{name}_pad{index}`` comes first and the convolution is 'valid'.
+    layer ``{name}_pad{index}`` comes first and the convolution is 'valid'. Instance
+    normalisation followed by ``leaky_relu`` is one layer, ``{name}_norm{index}``
+    (``medseg.layers.InstanceNormLeakyReLU``: the same function, half the memory
+    kept for training).
     """
     conv_padding = padding
     if padding == "same" and padding_mode != "zero" and kernel_size > 1:
@@ -117,6 +120,10 @@ def conv_unit(
         use_bias=norm == "none",  # a bias before normalisation is cancelled by it
         name=f"{name}_conv{index}",
     )(x)
+    if norm == "instance" and activation == "leaky_relu":
+        return medseg_layers.InstanceNormLeakyReLU(
+            negative_slope=0.2, epsilon=1e-5, name=f"{name}_norm{index}"
+        )(x)
     norm_op = norm_layer(norm, filters, f"{name}_norm{index}")
     if norm_op is not None:
         x = norm_op(x)
