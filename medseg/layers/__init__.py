@@ -1,8 +1,7 @@
 """Custom Keras layers: instance normalisation, a leaky ReLU and the two fused that
 keep less for training, argmax pooling and unpooling, zero insertion, N-max pooling,
-and padding
-modes. All are registered under the ``medseg`` package, serialisable, 2D and 3D,
-channels-last. Nearest-neighbour unpooling is Keras' ``UpSampling2D/3D``.
+and padding modes. All are registered under the ``medseg`` package, serialisable, 2D
+and 3D, channels-last. Nearest-neighbour unpooling is Keras' ``UpSampling2D/3D``.
 """
 
 from medseg.layers.activation import LeakyReLU

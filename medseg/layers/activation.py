@@ -46,9 +46,8 @@ def _leaky_relu(x, slope: float):
 
         def backward(*args, upstream=None):
             dy = args[0] if upstream is None else upstream
-            with after_upstream(
-                dy
-            ):  # else y > 0 is made and kept from the forward pass
+            # else y > 0 would be made, and kept, during the forward pass
+            with after_upstream(dy):
                 return ops.where(y > 0, dy, dy * ops.cast(slope, dy.dtype))
 
         return y, backward
