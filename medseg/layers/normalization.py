@@ -34,18 +34,34 @@ class InstanceNormalization(keras.layers.GroupNormalization):
         super().build(input_shape)
 
     def call(self, inputs):
+        outputs = _instance_norm(inputs, *self._affine(inputs), self.epsilon)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _affine(self, inputs):
+        """``gamma`` and ``beta`` as tensors (ones and zeros where not learnt):
+        copies, since a custom gradient takes tensors, and the variables' own gradients
+        flow through the copy."""
         channels = inputs.shape[-1]
         gamma = self.gamma if self.scale else ops.ones((channels,), "float32")
         beta = self.beta if self.center else ops.zeros((channels,), "float32")
-        # copies: a custom gradient takes tensors, and the variables' own gradients
-        # flow through the copy
-        outputs = _instance_norm(inputs, ops.copy(gamma), ops.copy(beta), self.epsilon)
-        return ops.cast(outputs, self.compute_dtype)
+        return ops.copy(gamma), ops.copy(beta)
 
     def get_config(self):
         config = super().get_config()
         config.pop("groups")
         return config
+
+
+def _statistics(x, gamma, beta, epsilon: float, spatial: tuple[int, ...]):
+    """In float32: the input, its mean and inverse deviation per sample and channel,
+    and the scale and shift that normalise it and apply ``gamma`` and ``beta``."""
+    x32 = ops.cast(x, "float32")
+    mean = ops.mean(x32, axis=spatial, keepdims=True)
+    variance = ops.mean(ops.square(x32 - mean), axis=spatial, keepdims=True)
+    inverse = ops.rsqrt(variance + epsilon)
+    scale = inverse * ops.cast(gamma, "float32")
+    shift = ops.cast(beta, "float32") - mean * scale
+    return x32, mean, inverse, scale, shift
 
 
 def _instance_norm(x, gamma, beta, epsilon: float):
@@ -54,12 +70,7 @@ def _instance_norm(x, gamma, beta, epsilon: float):
 
     @ops.custom_gradient
     def forward(x, gamma, beta):
-        x32 = ops.cast(x, "float32")
-        mean = ops.mean(x32, axis=spatial, keepdims=True)
-        variance = ops.mean(ops.square(x32 - mean), axis=spatial, keepdims=True)
-        inverse = ops.rsqrt(variance + epsilon)
-        scale = inverse * ops.cast(gamma, "float32")
-        shift = ops.cast(beta, "float32") - mean * scale
+        x32, mean, inverse, scale, shift = _statistics(x, gamma, beta, epsilon, spatial)
         y = ops.cast(x32 * scale + shift, x.dtype)
 
         def backward(*args, upstream=None):
@@ -119,11 +130,8 @@ class InstanceNormLeakyReLU(InstanceNormalization):
         self.negative_slope = float(negative_slope)
 
     def call(self, inputs):
-        channels = inputs.shape[-1]
-        gamma = self.gamma if self.scale else ops.ones((channels,), "float32")
-        beta = self.beta if self.center else ops.zeros((channels,), "float32")
         outputs = _instance_norm_leaky_relu(
-            inputs, ops.copy(gamma), ops.copy(beta), self.epsilon, self.negative_slope
+            inputs, *self._affine(inputs), self.epsilon, self.negative_slope
         )
         return ops.cast(outputs, self.compute_dtype)
 
@@ -141,12 +149,7 @@ def _instance_norm_leaky_relu(x, gamma, beta, epsilon: float, slope: float):
 
     @ops.custom_gradient
     def forward(x, gamma, beta):
-        x32 = ops.cast(x, "float32")
-        mean = ops.mean(x32, axis=spatial, keepdims=True)
-        variance = ops.mean(ops.square(x32 - mean), axis=spatial, keepdims=True)
-        inverse = ops.rsqrt(variance + epsilon)
-        scale = inverse * ops.cast(gamma, "float32")
-        shift = ops.cast(beta, "float32") - mean * scale
+        x32, _, inverse, scale, shift = _statistics(x, gamma, beta, epsilon, spatial)
         dtype = x.dtype  # the backward closure must not hold x itself
         y = ops.cast(ops.leaky_relu(x32 * scale + shift, slope), dtype)
 
