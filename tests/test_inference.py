@@ -595,13 +595,15 @@ def test_precision_auto_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch):
     assert inference.inference_precision("auto") == "bfloat16"  # no GPU here
 
 
-def test_bfloat16_and_float32_predictions_agree_and_reports_say_which(bundle, tmp_path):
+def test_bfloat16_and_float32_predictions_agree_and_reports_say_which(tmp_path):
+    # the shipped model: a trained network's predictions are confident, so the
+    # comparison does not hinge on near ties that differ from one CPU to another
     source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[4]
     outputs = {}
     for precision in ("float32", "bfloat16"):
         out = tmp_path / precision
         result = medseg(
-            "predict", "--model", bundle, "--input", source, "--output", out,
+            "predict", "--model", "hippocampus", "--input", source, "--output", out,
             "--precision", precision, "--probabilities",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-2000:]
@@ -615,15 +617,15 @@ def test_bfloat16_and_float32_predictions_agree_and_reports_say_which(bundle, tm
     (labels32, p32), (labels16, p16) = outputs["float32"], outputs["bfloat16"]
     difference = np.abs(p32 - p16).max()
     assert 0 < difference < 0.1
-    # the fixture's model is barely trained, so many voxels are near ties: labels
-    # must agree wherever float32's two best classes are further apart than twice
-    # the largest probability difference, and nearly everywhere overall
+    # labels must agree wherever float32's two best classes are further apart than
+    # twice the largest probability difference (nearly everywhere), and overall
     top = np.sort(p32, axis=-1)
     clear = (top[..., -1] - top[..., -2]) > 2 * difference
-    assert clear.mean() > 0.5
+    assert clear.mean() > 0.95
     np.testing.assert_array_equal(labels16[clear], labels32[clear])
-    assert (labels32 == labels16).mean() > 0.97
+    assert (labels32 == labels16).mean() > 0.995
     for value in (1, 2):
+        assert (labels32 == value).sum() > 500
         np.testing.assert_allclose(
-            (labels16 == value).sum(), (labels32 == value).sum(), rtol=0.05
+            (labels16 == value).sum(), (labels32 == value).sum(), rtol=0.02
         )
