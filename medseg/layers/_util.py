@@ -27,6 +27,19 @@ def after_upstream(upstream):
     return contextlib.nullcontext()
 
 
+def waits_for_upstream(gradient):
+    """The ``backward`` function for ``keras.ops.custom_gradient`` that computes
+    ``gradient(upstream)`` inside :func:`after_upstream` (the upstream gradient comes
+    positionally or as ``upstream=``, by backend)."""
+
+    def backward(*args, upstream=None):
+        upstream = args[0] if upstream is None else upstream
+        with after_upstream(upstream):
+            return gradient(upstream)
+
+    return backward
+
+
 def as_tuple(value, spatial_dims: int, name: str) -> tuple[int, ...]:
     """An int or a sequence of ``spatial_dims`` positive ints, as a tuple.
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from medseg.layers._util import after_upstream
+from medseg.layers._util import waits_for_upstream
 
 
 @keras.saving.register_keras_serializable(package="medseg")
@@ -44,12 +44,10 @@ def _leaky_relu(x, slope: float):
     def forward(x):
         y = ops.leaky_relu(x, negative_slope=slope)
 
-        def backward(*args, upstream=None):
-            dy = args[0] if upstream is None else upstream
-            # else y > 0 would be made, and kept, during the forward pass
-            with after_upstream(dy):
-                return ops.where(y > 0, dy, dy * ops.cast(slope, dy.dtype))
+        def backward(dy):
+            # waits for dy, else y > 0 would be made, and kept, during the forward pass
+            return ops.where(y > 0, dy, dy * ops.cast(slope, dy.dtype))
 
-        return y, backward
+        return y, waits_for_upstream(backward)
 
     return forward(x)

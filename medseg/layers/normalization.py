@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from medseg.layers._util import after_upstream
+from medseg.layers._util import waits_for_upstream
 
 
 @keras.saving.register_keras_serializable(package="medseg")
@@ -73,16 +73,11 @@ def _instance_norm(x, gamma, beta, epsilon: float):
         x32, mean, inverse, scale, shift = _statistics(x, gamma, beta, epsilon, spatial)
         y = ops.cast(x32 * scale + shift, x.dtype)
 
-        def backward(*args, upstream=None):
+        def backward(upstream):
             # with n = (x - mean) * inverse, per sample and channel over N voxels:
             # dx = inverse * gamma * (dy - sum(dy) / N - n * sum(dy * n) / N),
             # written as k * dy + (x - mean) * a + b with per-channel k, a, b so that
             # few full-size temporaries exist at once
-            upstream = args[0] if upstream is None else upstream
-            with after_upstream(upstream):
-                return _norm_backward(upstream)
-
-        def _norm_backward(upstream):
             dy = ops.cast(upstream, "float32")
             centred = ops.cast(x, "float32") - mean
             sum_dy = ops.sum(dy, axis=spatial, keepdims=True)
@@ -102,7 +97,7 @@ def _instance_norm(x, gamma, beta, epsilon: float):
                 ops.cast(d_beta, beta.dtype),
             )
 
-        return y, backward
+        return y, waits_for_upstream(backward)
 
     return forward(x, gamma, beta)
 
@@ -153,17 +148,12 @@ def _instance_norm_leaky_relu(x, gamma, beta, epsilon: float, slope: float):
         dtype = x.dtype  # the backward closure must not hold x itself
         y = ops.cast(ops.leaky_relu(x32 * scale + shift, slope), dtype)
 
-        def backward(*args, upstream=None):
+        def backward(upstream):
             # only y, the per-channel inverse deviation and the weights are used here:
             # z = gamma * n + beta is y where y > 0, else y / slope; with N voxels per
             # sample and channel and dz the gradient at z,
             # dx = inverse * gamma * (dz - sum(dz) / N - n * sum(dz * n) / N),
             # where gamma * n = z - beta, so only sum(dz * n) divides by gamma
-            upstream = args[0] if upstream is None else upstream
-            with after_upstream(upstream):
-                return _fused_backward(upstream)
-
-        def _fused_backward(upstream):
             dy = ops.cast(upstream, "float32")
             y32 = ops.cast(y, "float32")
             positive = y32 > 0
@@ -192,6 +182,6 @@ def _instance_norm_leaky_relu(x, gamma, beta, epsilon: float, slope: float):
                 ops.cast(d_beta, beta.dtype),
             )
 
-        return y, backward
+        return y, waits_for_upstream(backward)
 
     return forward(x, gamma, beta)
