@@ -8,28 +8,17 @@ import os
 import platform
 
 import medseg  # noqa: F401  (TensorFlow's defaults as medseg's commands run with them)
-
-
-def _cpuinfo(field: str) -> str | None:
-    """The value of the first ``field`` line of ``/proc/cpuinfo`` (None without it)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as file:
-            for line in file:
-                if line.startswith(field):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+from medseg.inference import cpu_info
 
 
 def cpu_model() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` (the platform's name elsewhere)."""
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
+    return cpu_info("model name") or platform.processor() or platform.machine()
 
 
 def cpu_features() -> list[str]:
     """The CPU flags among AVX2, AVX-512F, AVX-512 BF16 and AMX BF16 that it has."""
-    flags = set((_cpuinfo("flags") or "").split())
+    flags = set((cpu_info("flags") or "").split())
     return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
 
 

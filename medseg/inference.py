@@ -191,16 +191,22 @@ def bundle_mirror_axes(metadata: dict) -> tuple[int, ...]:
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU has AMX bfloat16 tile units (Linux ``/proc/cpuinfo``)."""
+def cpu_info(field: str, path="/proc/cpuinfo") -> str | None:
+    """The value of the first ``field`` line of Linux's ``/proc/cpuinfo`` (``"model
+    name"``, ``"flags"``); None where there is no such line or file."""
     try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as file:
+        with open(path, encoding="ascii", errors="replace") as file:
             for line in file:
-                if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return False
+    return None
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX bfloat16 tile units (Linux ``/proc/cpuinfo``)."""
+    return "amx_bf16" in (cpu_info("flags") or "").split()
 
 
 def inference_precision(requested: str = "auto") -> str:

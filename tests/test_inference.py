@@ -595,6 +595,19 @@ def test_precision_auto_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch):
     assert inference.inference_precision("auto") == "bfloat16"  # no GPU here
 
 
+def test_cpu_info_reads_the_first_line_of_a_field(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Some CPU: 2 GHz\n"
+        "flags\t\t: fpu avx2 amx_bf16\n\n"
+        "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n"
+    )
+    assert inference.cpu_info("model name", cpuinfo) == "Some CPU: 2 GHz"
+    assert inference.cpu_info("flags", cpuinfo).split() == ["fpu", "avx2", "amx_bf16"]
+    assert inference.cpu_info("microcode", cpuinfo) is None
+    assert inference.cpu_info("flags", tmp_path / "missing") is None
+
+
 def test_bfloat16_and_float32_predictions_agree_and_reports_say_which(tmp_path):
     # the shipped model: a trained network's predictions are confident, so the
     # comparison does not hinge on near ties that differ from one CPU to another
