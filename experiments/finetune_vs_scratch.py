@@ -13,8 +13,11 @@ Each is then run with ``medseg predict`` on the test cases and scored with
 ``medseg evaluate``. Prints a table and writes
 experiments/results/finetune_vs_scratch.json.
 
-    python experiments/finetune_vs_scratch.py --model hippocampus \
-        --data ../shared/datasets/hippocampus --epochs 5 --steps 30
+    python experiments/finetune_vs_scratch.py --model runs/hippocampus_cv/fold_0 \
+        --data ../shared/datasets/hippocampus --epochs 8 --steps 25
+
+The bundle must have been trained on one fold: one trained on every case (as the
+shipped ``hippocampus`` is) leaves no unseen cases.
 """
 
 from __future__ import annotations
@@ -147,6 +150,7 @@ def main() -> None:
         }
     report = {
         "pretrained": args.model,
+        "pretrained_sha256": metadata.get("model_sha256"),
         "pretrained_validation": metadata.get("validation"),
         "train_cases": train_ids,
         "test_cases": test_ids,
