@@ -249,6 +249,24 @@ def conv_transpose_2d(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndar
     return out
 
 
+def conv_same_2d(x: np.ndarray, kernel: np.ndarray, dilation: int = 1) -> np.ndarray:
+    """Cross-correlation of ``x`` ``(H, W, C)`` with ``kernel`` ``(kh, kw, C, F)``
+    (odd sizes), zeros outside the image, output ``(H, W, F)``: one output pixel at a
+    time."""
+    h, w, _ = x.shape
+    kh, kw, _, filters = kernel.shape
+    out = np.zeros((h, w, filters))
+    for i in range(h):
+        for j in range(w):
+            for a in range(kh):
+                for b in range(kw):
+                    y = i + (a - kh // 2) * dilation
+                    z = j + (b - kw // 2) * dilation
+                    if 0 <= y < h and 0 <= z < w:
+                        out[i, j] += x[y, z] @ kernel[a, b]
+    return out
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)

@@ -182,13 +182,15 @@ def test_other_layers_survive_save_and_load(rng, tmp_path):
     x = layers.Padding3D(1, mode="reflect")(inputs)
     x = layers.NMaxPooling3D(2, n=3)(x)
     x = layers.BedOfNailsUnpooling3D((1, 2, 2))(x)
-    model = keras.Model(inputs, x)
+    y = layers.ConcatConv3D(3, 3, padding="same")([inputs, inputs])
+    model = keras.Model(inputs, [x, y])
     data = rng.random((1, 8, 8, 8, 2)).astype(np.float32)
     loaded = _round_trip(model, tmp_path, data)
     assert [type(layer).__name__ for layer in loaded.layers[1:]] == [
         "Padding3D",
         "NMaxPooling3D",
         "BedOfNailsUnpooling3D",
+        "ConcatConv3D",
     ]
 
 
@@ -405,6 +407,88 @@ def test_backward_ops_wait_for_the_upstream_gradient():
     assert readers >= 3  # each layer's backward reads a forward tensor
 
 
+# convolution of concatenated inputs
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_concat_conv_matches_reference_convolution_of_the_concatenation(rng, dilation):
+    a = rng.normal(size=(7, 6, 2))
+    b = rng.normal(size=(7, 6, 3))
+    kernel = rng.normal(size=(3, 3, 5, 4))
+    bias = rng.normal(size=4)
+    layer = layers.ConcatConv2D(4, 3, padding="same", dilation_rate=dilation)
+    layer.build([(1, 7, 6, 2), (1, 7, 6, 3)])
+    layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    out = np.asarray(layer([a[None].astype(np.float32), b[None].astype(np.float32)]))
+    expected = reference.conv_same_2d(np.concatenate([a, b], -1), kernel, dilation)
+    np.testing.assert_allclose(out[0], expected + bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_concat_conv_equals_concatenate_and_conv_in_value_and_gradient(rng, policy):
+    shapes = [(2, 6, 5, 4, 3), (2, 6, 5, 4, 2)]
+    parts = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in shapes]
+    split = layers.ConcatConv3D(4, 3, padding="same", dtype=policy)
+    joined = keras.layers.Conv3D(4, 3, padding="same", dtype=policy)
+    split.build([p.shape for p in parts])
+    joined.build((2, 6, 5, 4, 5))
+    assert [w.shape for w in split.weights] == [w.shape for w in joined.weights]
+    joined.set_weights(split.get_weights())
+    weight = rng.normal(size=(2, 6, 5, 4, 4)).astype(np.float32)
+    results = []
+    for layer, run in [
+        (split, split),
+        (joined, lambda ps: joined(keras.ops.concatenate(ps, axis=-1))),
+    ]:
+        with tf.GradientTape() as tape:
+            tape.watch(parts)
+            y = tf.cast(run(parts), tf.float32)
+            loss = tf.reduce_sum(y * weight)
+        grads = tape.gradient(loss, [*parts, *layer.trainable_weights])
+        results.append([np.asarray(y), *(np.asarray(g) for g in grads)])
+    tolerance = 1e-5 if policy == "float32" else 2e-2
+    for first, second in zip(*results, strict=True):
+        scale = max(1.0, np.abs(second).max())
+        np.testing.assert_allclose(first, second, atol=tolerance * scale)
+
+
+def test_unet_training_step_never_forms_the_skip_concatenation():
+    from medseg.models import build_unet
+
+    model = build_unet(spatial_dims=3, in_channels=1, num_classes=2, filters=(4, 8))
+    assert not any(isinstance(x, keras.layers.Concatenate) for x in model.layers)
+    assert isinstance(model.get_layer("dec0_conv1"), layers.ConcatConv3D)
+
+    @tf.function
+    def step(data):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(data) ** 2)
+        return tape.gradient(loss, model.trainable_variables)
+
+    graph = step.get_concrete_function(tf.TensorSpec((2, 8, 8, 8, 1))).graph
+    full_size = [
+        op
+        for op in graph.get_operations()
+        if op.type in ("ConcatV2", "Concat", "Pack")
+        and any(t.shape.rank == 5 for t in op.outputs)
+    ]
+    assert full_size == []
+    # the same U-Net with a residual block needs the concatenated tensor
+    residual = build_unet(
+        spatial_dims=3, in_channels=1, num_classes=2, filters=(4, 8), residual=True
+    )
+    assert isinstance(residual.get_layer("dec0_concat"), keras.layers.Concatenate)
+
+
+def test_concat_conv_needs_a_list_of_matching_inputs():
+    with pytest.raises(ValueError, match="list of inputs"):
+        layers.ConcatConv2D(2, 3)(np.zeros((1, 4, 4, 1), np.float32))
+    with pytest.raises(ValueError, match="differ but in channels"):
+        layers.ConcatConv2D(2, 3)(
+            [np.zeros((1, 4, 4, 1), np.float32), np.zeros((1, 4, 5, 1), np.float32)]
+        )
+
+
 # leaky ReLU
 
 
@@ -521,6 +605,8 @@ def test_unpooling_needs_values_and_indices():
         layers.InstanceNormalization(epsilon=1e-3),
         layers.InstanceNormLeakyReLU(negative_slope=0.1, epsilon=1e-3),
         layers.LeakyReLU(negative_slope=0.05),
+        layers.ConcatConv2D(4, 3, padding="same", use_bias=False),
+        layers.ConcatConv3D(2, 3, dilation_rate=2),
     ],
 )
 def test_layer_config_round_trip(layer):

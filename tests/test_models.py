@@ -417,9 +417,9 @@ def test_flops_and_memory_estimate_by_hand():
     # logits 4*2 at 64 = 512; FLOPs = 2 x MACs
     assert info.flops_per_sample == 2 * (2304 + 4608 + 2048 + 18432 + 512)
     # outputs per sample: image 64, enc0_conv1 256, enc0_act1 256, pool 64,
-    # bottleneck conv+act 2*128, dec0_up 256, concat 512, dec0 conv+act 2*256,
-    # logits 128
-    activations = 64 + 256 + 256 + 64 + 256 + 256 + 512 + 512 + 128
+    # bottleneck conv+act 2*128, dec0_up 256, dec0 conv+act 2*256 (its convolution
+    # takes the skip and dec0_up without concatenating them), logits 128
+    activations = 64 + 256 + 256 + 64 + 256 + 256 + 512 + 128
     assert info.memory_bytes == {
         "parameters": 4 * 770,
         "gradients": 4 * 770,

@@ -1,10 +1,12 @@
-"""Custom Keras layers: instance normalisation, a leaky ReLU and the two fused that
-keep less for training, argmax pooling and unpooling, zero insertion, N-max pooling,
-and padding modes. All are registered under the ``medseg`` package, serialisable, 2D
-and 3D, channels-last. Nearest-neighbour unpooling is Keras' ``UpSampling2D/3D``.
+"""Custom Keras layers: instance normalisation, a leaky ReLU, the two fused, and a
+convolution of concatenated inputs, all keeping less for training; argmax pooling and
+unpooling, zero insertion, N-max pooling, and padding modes. All are registered under
+the ``medseg`` package, serialisable, 2D and 3D, channels-last. Nearest-neighbour
+unpooling is Keras' ``UpSampling2D/3D``.
 """
 
 from medseg.layers.activation import LeakyReLU
+from medseg.layers.concat_conv import ConcatConv2D, ConcatConv3D
 from medseg.layers.normalization import InstanceNormalization, InstanceNormLeakyReLU
 from medseg.layers.padding import PADDING_MODES, Padding2D, Padding3D
 from medseg.layers.pooling import (
@@ -24,6 +26,8 @@ __all__ = [
     "PADDING_MODES",
     "BedOfNailsUnpooling2D",
     "BedOfNailsUnpooling3D",
+    "ConcatConv2D",
+    "ConcatConv3D",
     "InstanceNormLeakyReLU",
     "InstanceNormalization",
     "LeakyReLU",

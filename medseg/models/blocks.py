@@ -12,6 +12,7 @@ from keras import layers
 from medseg import layers as medseg_layers
 
 CONV = {2: layers.Conv2D, 3: layers.Conv3D}
+CONCAT_CONV = {2: medseg_layers.ConcatConv2D, 3: medseg_layers.ConcatConv3D}
 CONV_TRANSPOSE = {2: layers.Conv2DTranspose, 3: layers.Conv3DTranspose}
 MAX_POOL = {2: layers.MaxPooling2D, 3: layers.MaxPooling3D}
 AVG_POOL = {2: layers.AveragePooling2D, 3: layers.AveragePooling3D}
@@ -96,14 +97,19 @@ def conv_unit(
 ):
     """Convolution, normalisation, activation: ``{name}_conv{index}``, ``_norm``...
 
-    With ``padding="same"`` and a ``padding_mode`` other than zero, an explicit padding
+    ``x`` may be a list of tensors, convolved as their channel concatenation without
+    forming it (``medseg.layers.ConcatConv2D/3D``; zero padding only). With
+    ``padding="same"`` and a ``padding_mode`` other than zero, an explicit padding
     layer ``{name}_pad{index}`` comes first and the convolution is 'valid'. Instance
     normalisation followed by ``leaky_relu`` is one layer, ``{name}_norm{index}``
     (``medseg.layers.InstanceNormLeakyReLU``: the same function, half the memory
     kept for training).
     """
     conv_padding = padding
+    several = isinstance(x, list | tuple)
     if padding == "same" and padding_mode != "zero" and kernel_size > 1:
+        if several:
+            raise ValueError(f"padding_mode {padding_mode!r} needs one input tensor")
         if strides != 1:
             raise ValueError(
                 "padding_mode other than 'zero' needs stride 1 convolutions"
@@ -111,7 +117,7 @@ def conv_unit(
         amount = (kernel_size - 1) // 2 * dilation
         x = PAD[spatial_dims](amount, mode=padding_mode, name=f"{name}_pad{index}")(x)
         conv_padding = "valid"
-    x = CONV[spatial_dims](
+    x = (CONCAT_CONV if several else CONV)[spatial_dims](
         filters,
         kernel_size,
         strides=strides,
@@ -151,7 +157,21 @@ def conv_block(
     """``convs`` conv units; residual blocks add a (1x1-projected) shortcut before the
     last activation (``{name}_skip``, ``{name}_add``, ``{name}_act_out``); optional
     spatial dropout ``{name}_dropout``.
+
+    ``x`` may be a list of tensors (a U-Net's skip and upsampled tensors): the first
+    convolution takes their channel concatenation without forming it, unless the block
+    is residual or pads other than with zeros, which need the concatenated tensor
+    (``{name}_concat``).
     """
+    if isinstance(x, list | tuple) and (
+        residual
+        or (
+            padding == "same"
+            and unit_kwargs.get("padding_mode", "zero") != "zero"
+            and kernel_size > 1
+        )
+    ):
+        x = layers.Concatenate(name=f"{name}_concat")(list(x))
     shortcut = x
     common = dict(
         spatial_dims=spatial_dims,

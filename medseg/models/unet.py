@@ -362,9 +362,9 @@ def build_unet(
         skip = skips[level]
         if arch.padding == "valid":
             skip = _crop_to(skip, x, f"dec{level}_crop", arch.spatial_dims)
-        x = layers.Concatenate(name=f"dec{level}_concat")([skip, x])
+        # the skip and upsampled tensors, convolved as their concatenation
         x = conv_block(
-            x, arch.filters[level], name=f"dec{level}", **arch.block_kwargs()
+            [skip, x], arch.filters[level], name=f"dec{level}", **arch.block_kwargs()
         )
         if 1 <= level <= deep_supervision:
             head = CONV[arch.spatial_dims](num_classes, 1, name=f"logits_ds{level}")
