@@ -3,14 +3,18 @@ against medseg's lighter ones.
 
 The network of experiments/hippocampus_3d_shipped.yaml (3D U-Net, filters 24-192,
 instance norm, leaky ReLU, 3 classes), trained with SGD and Dice + cross-entropy on
-random batches, in four builds that compute the same function:
+random batches, in five builds that compute the same function:
 
 - ``keras``: Keras' ``GroupNormalization(groups=-1)`` and ``Activation("leaky_relu")``
   (what U-Nets were built with before medseg had its own layers),
 - ``medseg norm``: medseg's ``InstanceNormalization``, Keras' activation,
 - ``medseg separate``: medseg's ``InstanceNormalization`` and ``LeakyReLU``,
-- ``medseg``: medseg's fused ``InstanceNormLeakyReLU`` (what ``build_unet`` gives
-  now).
+- ``medseg fused``: medseg's fused ``InstanceNormLeakyReLU``,
+- ``medseg``: that, and each decoder's first convolution a ``ConcatConv3D``, which
+  never forms the skip concatenation (what ``build_unet`` gives now).
+
+The four builds before the last concatenate the skip and upsampled tensors and
+convolve the result, as ``build_unet`` did before ``ConcatConv3D``.
 
 Each build runs in a fresh process: resident memory after importing TensorFlow and
 building the model (``start_mib``), peak resident memory after ``--steps`` steps
@@ -37,14 +41,38 @@ import machine
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 HERE = Path(__file__).resolve().parent
-BUILDS = ("keras", "medseg norm", "medseg separate", "medseg")
+BUILDS = ("keras", "medseg norm", "medseg separate", "medseg fused", "medseg")
+
+
+def concatenated(layer):
+    """A layer that concatenates its inputs and convolves the result with the weights
+    of ``layer`` (a ``ConcatConv3D``): the concatenated tensor exists."""
+    import keras
+
+    class ConcatenateThenConv(keras.layers.Layer):
+        def __init__(self, conv, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = conv
+
+        def call(self, inputs):
+            return self.conv(keras.ops.concatenate(inputs, axis=-1))
+
+    settings = {**layer.get_config(), "name": f"{layer.name}_joined"}
+    return ConcatenateThenConv(
+        keras.layers.Conv3D.from_config(settings), name=layer.name
+    )
 
 
 def build(kind: str, patch):
     import keras
     import yaml
 
-    from medseg.layers import InstanceNormalization, InstanceNormLeakyReLU, LeakyReLU
+    from medseg.layers import (
+        ConcatConv3D,
+        InstanceNormalization,
+        InstanceNormLeakyReLU,
+        LeakyReLU,
+    )
     from medseg.models import build_model
 
     config = yaml.safe_load((HERE / "hippocampus_3d_shipped.yaml").read_text())
@@ -55,6 +83,10 @@ def build(kind: str, patch):
 
     def replace(layer):
         settings = layer.get_config()
+        if isinstance(layer, ConcatConv3D):
+            return concatenated(layer)
+        if kind == "medseg fused":
+            return layer.__class__.from_config(settings)
         if isinstance(layer, InstanceNormLeakyReLU):  # norm, then activation
             assert settings["negative_slope"] == 0.2  # Keras' "leaky_relu" slope
             if kind == "keras":

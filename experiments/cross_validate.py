@@ -41,11 +41,15 @@ def medseg(*args) -> None:
 
 
 def score_run(
-    run: Path, dataset: str | None = None, labels: str | None = None
+    run: Path,
+    dataset: str | None = None,
+    labels: str | None = None,
+    predict_options: tuple[str, ...] = (),
 ) -> list[dict]:
     """Per case and label rows (``medseg evaluate``'s CSV, of ``labels`` such as
     ``"0,255"`` or the non-zero values) of a run's held-out cases, each with the case's
-    voxel error (the fraction of voxels whose predicted label is wrong)."""
+    voxel error (the fraction of voxels whose predicted label is wrong).
+    ``predict_options`` go to ``medseg predict`` (``--keep-largest``, say)."""
     import numpy as np
 
     from medseg.bundle import verify
@@ -66,7 +70,7 @@ def score_run(
             shutil.copyfile(case.images[0], tmp / "images" / case.label.name)
             shutil.copyfile(case.label, tmp / "labels" / case.label.name)
         medseg("predict", "--model", run, "--input", tmp / "images",
-               "--output", tmp / "predicted")  # fmt: skip
+               "--output", tmp / "predicted", *predict_options)  # fmt: skip
         chosen = ["--labels", labels] if labels else []
         medseg("evaluate", "--prediction", tmp / "predicted", "--truth",
                tmp / "labels", "--output", tmp / "cases.csv", *chosen)  # fmt: skip
@@ -144,14 +148,20 @@ def training_hours(run: Path) -> float | None:
     return round(sum(seconds) / 3600, 2)
 
 
-def recorded_folds(output: Path, config: Path, model: dict | None) -> dict[int, dict]:
-    """Folds of an earlier report of the same config and model, by fold number."""
+def recorded_folds(
+    output: Path, config: Path, model: dict | None, postprocessing: list[str] = ()
+) -> dict[int, dict]:
+    """Folds of an earlier report of the same config, model and post-processing, by
+    fold number."""
     if not output.is_file():
         return {}
     report = json.loads(output.read_text())
     same_file = Path(report.get("config", "")).resolve() == config.resolve()
-    if not same_file or report.get("model") != model:
-        print(f"{output}: written for another config or model; not reused")
+    same = report.get("model") == model
+    post = report.get("postprocessing", [])
+    if not same_file or not same or post != list(postprocessing):
+        print(f"{output}: written for another config, model or post-processing; "
+              "not reused")  # fmt: skip
         return {}
     return {f["fold"]: f for f in report.get("folds", [])}
 
@@ -166,6 +176,11 @@ def main() -> None:
     parser.add_argument(
         "--labels", help="label values to score, e.g. 0,255 (default: the non-zero)"
     )
+    parser.add_argument(
+        "--keep-largest",
+        action="store_true",
+        help="score predictions post-processed with medseg predict --keep-largest",
+    )
     parser.add_argument("--output", help="JSON (default: results/<config>_cv.json)")
     args = parser.parse_args()
 
@@ -173,7 +188,8 @@ def main() -> None:
 
     output = Path(args.output or HERE / "results" / f"{args.config.stem}_cv.json")
     model = yaml.safe_load(args.config.read_text()).get("model")
-    recorded = recorded_folds(output, args.config, model)
+    postprocessing = ["--keep-largest"] if args.keep_largest else []
+    recorded = recorded_folds(output, args.config, model, postprocessing)
     data = ["--data", args.data] if args.data else []
     folds, missing = [], []
     for fold in range(args.folds):
@@ -199,7 +215,7 @@ def main() -> None:
                 missing.append(fold)
             continue
         names = label_names(metadata, args.labels)
-        fold_rows = score_run(run, args.data, args.labels)
+        fold_rows = score_run(run, args.data, args.labels, tuple(postprocessing))
         folds.append({
             "fold": fold, "epochs": epochs,
             "precision": metadata["config"]["train"].get("precision"),
@@ -223,6 +239,7 @@ def main() -> None:
         "command": "python experiments/cross_validate.py " + " ".join(sys.argv[1:]),
         "config": str(args.config),
         "model": model,
+        "postprocessing": postprocessing,
         "folds": folds,
         "missing_folds": missing,
         "all_scored_cases": overall,
