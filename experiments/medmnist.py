@@ -9,7 +9,8 @@ well: they involve no choice made on the validation set.
 The baselines are the MedMNIST v2 paper's (Yang et al., Scientific Data 2023, tables 2
 and 3), which are on each dataset's *test* split; the shared copies here have train
 and val only, so the numbers are not from the same images. Prints a table and writes
-experiments/results/medmnist.json.
+experiments/results/medmnist.json; datasets not run keep their results there, each
+with the command and machine that produced it.
 
     python experiments/medmnist.py --runs runs/medmnist
 """
@@ -68,6 +69,22 @@ def score_predictions(path: Path, labels: np.ndarray) -> dict:
     return classification_scores(probabilities, labels.reshape(-1).astype(int))
 
 
+def merged(path: str, results: list[dict]) -> dict:
+    """``results`` with the results already in ``path`` for other datasets (given
+    the command and machine of that file where they do not carry their own)."""
+    kept = []
+    if Path(path).exists():
+        before = json.loads(Path(path).read_text())
+        ran = {r["dataset"] for r in results}
+        for old in before["results"]:
+            if old["dataset"] not in ran:
+                kept.append({"command": before.get("command"),
+                             "machine": before.get("machine"), **old})  # fmt: skip
+    order = list(BASELINES)
+    everything = sorted([*kept, *results], key=lambda r: order.index(r["dataset"]))
+    return {"results": everything}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default=",".join(BASELINES))
@@ -117,6 +134,8 @@ def main() -> None:
                 "baselines_test": {
                     k: {"acc": a, "auc": u} for k, (a, u) in BASELINES[name].items()
                 },
+                "command": "python experiments/medmnist.py " + " ".join(sys.argv[1:]),
+                "machine": machine.describe(),
             }
         )
     print(f"\n{'dataset':<16}{'ACC':>7}{'AUC':>7}{'last ACC':>10}{'last AUC':>10}"
@@ -130,12 +149,9 @@ def main() -> None:
             f"{r['val_chosen']['auc']:>7.3f}{r['val_last_epoch']['acc']:>10.3f}"
             f"{r['val_last_epoch']['auc']:>10.3f}{best_acc:>24.3f} / {best_auc:.3f}"
         )
-    report = {
-        "command": "python experiments/medmnist.py " + " ".join(sys.argv[1:]),
-        "machine": machine.describe(),
-        "results": results,
-    }
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    Path(args.output).write_text(
+        json.dumps(merged(args.output, results), indent=2) + "\n"
+    )
     print(f"written to {args.output}")
 
 

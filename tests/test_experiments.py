@@ -82,7 +82,33 @@ def test_recorded_folds_are_reused_only_for_the_same_config_and_model(cv, tmp_pa
     )
     assert cv.recorded_folds(report, config, model) == {1: folds[0], 3: folds[1]}
     assert cv.recorded_folds(report, config, {"name": "unet", "filters": [8]}) == {}
+    assert cv.recorded_folds(report, config, model, ["--keep-largest"]) == {}
     other = tmp_path / "b.yaml"
     other.write_text("model: {name: unet}\n")
     assert cv.recorded_folds(report, other, model) == {}
     assert cv.recorded_folds(tmp_path / "none.json", config, model) == {}
+
+
+def test_medmnist_report_keeps_the_datasets_not_run_with_their_command(
+    tmp_path, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    spec = importlib.util.spec_from_file_location(
+        "medmnist_benchmark", REPO / "experiments" / "medmnist.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path / "medmnist.json"
+    old = [
+        {"dataset": "breastmnist", "val_chosen": {"auc": 0.9}},
+        {"dataset": "vesselmnist3d", "val_chosen": {"auc": 0.8}},
+    ]
+    path.write_text(json.dumps({"command": "old run", "machine": "A", "results": old}))
+    new = {"dataset": "vesselmnist3d", "val_chosen": {"auc": 0.85},
+           "command": "new run", "machine": "B"}  # fmt: skip
+    report = module.merged(str(path), [new])
+    assert [r["dataset"] for r in report["results"]] == ["vesselmnist3d", "breastmnist"]
+    vessel, breast = report["results"]
+    assert vessel == new
+    assert breast == {"command": "old run", "machine": "A", **old[0]}
+    assert module.merged(str(tmp_path / "none.json"), [new]) == {"results": [new]}
