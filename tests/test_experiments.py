@@ -112,3 +112,22 @@ def test_medmnist_report_keeps_the_datasets_not_run_with_their_command(
     assert vessel == new
     assert breast == {"command": "old run", "machine": "A", **old[0]}
     assert module.merged(str(tmp_path / "none.json"), [new]) == {"results": [new]}
+
+
+def test_private_peak_sees_a_buffer_freed_before_the_block_ends(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    spec = importlib.util.spec_from_file_location(
+        "bench_monai", REPO / "experiments" / "bench_monai.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import time
+
+    before = module.status_mib("RssAnon")
+    with module.PrivatePeak(interval=0.002) as sampled:
+        buffer = np.ones(200 * 2**20 // 8)  # 200 MiB, touched
+        time.sleep(0.1)
+        del buffer
+        time.sleep(0.05)
+    assert sampled.peak >= before + 180
+    assert module.status_mib("RssAnon") < sampled.peak - 150  # freed by then
