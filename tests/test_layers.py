@@ -21,6 +21,18 @@ def _round_trip(model, tmp_path, *inputs):
     return loaded
 
 
+def _training_step_graph(model, input_shape):
+    """The graph of one gradient computation of ``sum(model(x) ** 2)``."""
+
+    @tf.function
+    def step(data):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(data) ** 2)
+        return tape.gradient(loss, model.trainable_variables)
+
+    return step.get_concrete_function(tf.TensorSpec(input_shape)).graph
+
+
 # max pooling with argmax / max unpooling
 
 
@@ -373,14 +385,7 @@ def test_backward_ops_wait_for_the_upstream_gradient():
     for layer in layers_used:
         x = layer(x)
     model = keras.Model(inputs, x)
-
-    @tf.function
-    def step(data):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(model(data) ** 2)
-        return tape.gradient(loss, model.trainable_variables)
-
-    graph = step.get_concrete_function(tf.TensorSpec((2, 6, 6, 6, 2))).graph
+    graph = _training_step_graph(model, (2, 6, 6, 6, 2))
 
     def waits_for_gradient(op, seen):
         # some op it depends on (through inputs or control inputs) is of TensorFlow's
@@ -458,14 +463,7 @@ def test_unet_training_step_never_forms_the_skip_concatenation():
     model = build_unet(spatial_dims=3, in_channels=1, num_classes=2, filters=(4, 8))
     assert not any(isinstance(x, keras.layers.Concatenate) for x in model.layers)
     assert isinstance(model.get_layer("dec0_conv1"), layers.ConcatConv3D)
-
-    @tf.function
-    def step(data):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(model(data) ** 2)
-        return tape.gradient(loss, model.trainable_variables)
-
-    graph = step.get_concrete_function(tf.TensorSpec((2, 8, 8, 8, 1))).graph
+    graph = _training_step_graph(model, (2, 8, 8, 8, 1))
     full_size = [
         op
         for op in graph.get_operations()
