@@ -149,7 +149,7 @@ def training_hours(run: Path) -> float | None:
 
 
 def recorded_folds(
-    output: Path, config: Path, model: dict | None, postprocessing: list[str] = ()
+    output: Path, config: Path, model: dict | None, postprocessing: tuple[str, ...] = ()
 ) -> dict[int, dict]:
     """Folds of an earlier report of the same config, model and post-processing, by
     fold number."""
@@ -188,7 +188,7 @@ def main() -> None:
 
     output = Path(args.output or HERE / "results" / f"{args.config.stem}_cv.json")
     model = yaml.safe_load(args.config.read_text()).get("model")
-    postprocessing = ["--keep-largest"] if args.keep_largest else []
+    postprocessing = ("--keep-largest",) if args.keep_largest else ()
     recorded = recorded_folds(output, args.config, model, postprocessing)
     data = ["--data", args.data] if args.data else []
     folds, missing = [], []
@@ -215,7 +215,7 @@ def main() -> None:
                 missing.append(fold)
             continue
         names = label_names(metadata, args.labels)
-        fold_rows = score_run(run, args.data, args.labels, tuple(postprocessing))
+        fold_rows = score_run(run, args.data, args.labels, postprocessing)
         folds.append({
             "fold": fold, "epochs": epochs,
             "precision": metadata["config"]["train"].get("precision"),
@@ -239,7 +239,7 @@ def main() -> None:
         "command": "python experiments/cross_validate.py " + " ".join(sys.argv[1:]),
         "config": str(args.config),
         "model": model,
-        "postprocessing": postprocessing,
+        "postprocessing": list(postprocessing),
         "folds": folds,
         "missing_folds": missing,
         "all_scored_cases": overall,

@@ -82,7 +82,7 @@ def test_recorded_folds_are_reused_only_for_the_same_config_and_model(cv, tmp_pa
     )
     assert cv.recorded_folds(report, config, model) == {1: folds[0], 3: folds[1]}
     assert cv.recorded_folds(report, config, {"name": "unet", "filters": [8]}) == {}
-    assert cv.recorded_folds(report, config, model, ["--keep-largest"]) == {}
+    assert cv.recorded_folds(report, config, model, ("--keep-largest",)) == {}
     other = tmp_path / "b.yaml"
     other.write_text("model: {name: unet}\n")
     assert cv.recorded_folds(report, other, model) == {}
