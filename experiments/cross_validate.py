@@ -136,16 +136,22 @@ def pooled(folds: list[dict]) -> dict:
     return result
 
 
-def training_hours(run: Path) -> float | None:
-    """Hours of training summed over history.csv's epochs, None without it."""
+def training_seconds(run: Path) -> float | None:
+    """Seconds of training summed over history.csv's epochs (a resumed run's earlier
+    epochs included), None without it."""
     history = run / "history.csv"
     if not history.is_file():
         return None
     with open(history, newline="") as file:
-        seconds = [
+        return sum(
             float(r["seconds"]) for r in csv.DictReader(file) if r.get("seconds")
-        ]
-    return round(sum(seconds) / 3600, 2)
+        )
+
+
+def training_hours(run: Path) -> float | None:
+    """:func:`training_seconds` in hours, rounded."""
+    seconds = training_seconds(run)
+    return None if seconds is None else round(seconds / 3600, 2)
 
 
 def recorded_folds(

@@ -21,12 +21,11 @@ import argparse
 import csv
 import json
 import sys
-import time
 from pathlib import Path
 
 import machine
 import numpy as np
-from cross_validate import medseg
+from cross_validate import medseg, training_seconds
 
 HERE = Path(__file__).resolve().parent
 
@@ -105,9 +104,7 @@ def main() -> None:
             dataset = (Path.cwd() / dataset).resolve()
         run = args.runs / name
         extra = ["--resume"] if (run / "checkpoint").exists() else []
-        started = time.perf_counter()
         medseg("train", "--config", config, "--data", dataset, "--output", run, *extra)
-        seconds = time.perf_counter() - started
         medseg("predict", "--model", run, "--input", dataset, "--split", "val",
                "--output", run / "val_predictions.csv")  # fmt: skip
         with np.load(dataset, allow_pickle=False) as arrays:
@@ -130,7 +127,7 @@ def main() -> None:
                     "auc": float(last["val_auc"]),
                 },
                 "val_cases": int(labels.size),
-                "train_seconds": round(seconds, 1),
+                "train_seconds": round(training_seconds(run), 1),
                 "baselines_test": {
                     k: {"acc": a, "auc": u} for k, (a, u) in BASELINES[name].items()
                 },
