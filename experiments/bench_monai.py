@@ -346,7 +346,8 @@ def versions() -> dict:
 
 
 def status_mib(field: str) -> float:
-    """A memory field of /proc/self/status (``RssAnon``, ``RssFile``) in MiB."""
+    """A memory field of /proc/self/status (``VmRSS``, ``RssAnon``, ``RssFile``) in
+    MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
@@ -380,12 +381,6 @@ class PrivatePeak:
         self.peak = max(self.peak, status_mib("RssAnon"))
 
 
-def resident_mib() -> float:
-    """This process's resident memory now (not its peak)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def without_tensorflow() -> None:
     """Make ``import tensorflow`` fail in this process. MONAI imports TensorBoard, and
     TensorBoard imports TensorFlow when it is installed (as it is here, beside medseg),
@@ -409,7 +404,7 @@ def import_framework(tool: str) -> float:
         import monai.inferers  # noqa: F401
         import monai.losses  # noqa: F401
         import torch  # noqa: F401
-    return resident_mib()
+    return status_mib("VmRSS")  # resident now, not the peak
 
 
 def worker(tool: str, task: str, args) -> None:

@@ -45,8 +45,9 @@ BUILDS = ("keras", "medseg norm", "medseg separate", "medseg fused", "medseg")
 
 
 def concatenated(layer):
-    """A layer that concatenates its inputs and convolves the result with the weights
-    of ``layer`` (a ``ConcatConv3D``): the concatenated tensor exists."""
+    """A layer that concatenates its inputs and convolves the result, configured as
+    ``layer`` (a ``ConcatConv3D``; fresh weights, as every build here starts from
+    random ones): the concatenated tensor exists."""
     import keras
 
     class ConcatenateThenConv(keras.layers.Layer):
