@@ -9,7 +9,9 @@ The bundle's medseg.json gets that record (``evaluation``: cases, mean Dice, HD9
 voxel error per label, and per fold for cross-validation), the name, and the config
 file it was trained with; machine-specific paths (the dataset
 folder, the preprocessing cache) are replaced by the config's own. model.keras is copied
-unchanged (its sha256 still matches). Prints the table and writes
+unchanged (its sha256 still matches), or with ``--weights float16`` saved again with its
+weights rounded to float16, in half the bytes (a run of one fold is then scored as
+shipped, with the rounded weights). Prints the table and writes
 experiments/results/pretrained_NAME.json.
 
     python experiments/package_model.py runs/hippocampus --name hippocampus \
@@ -69,40 +71,54 @@ def main() -> None:
         type=Path,
         help="cross_validate.py's JSON for this config (for a run on all cases)",
     )
+    parser.add_argument(
+        "--weights",
+        choices=("float32", "float16"),
+        default="float32",
+        help="dtype the shipped weights are stored in (float16: half the bytes)",
+    )
     args = parser.parse_args()
 
-    from medseg.bundle import MODEL_FILE, PRETRAINED_DIR, verify
+    from medseg.bundle import MODEL_FILE, PRETRAINED_DIR, verify, write_bundle
     from medseg.io import atomic_write_text
+    from medseg.models import load_model
 
     metadata = verify(args.run)
     config = metadata["config"]
+    scored_split = (metadata.get("split") or {}).get("validation")
+    if not (args.cross_validation or scored_split):
+        parser.error(f"{args.run} has no held-out cases: give --cross-validation")
+    dataset = config["data"]["dataset"]  # where the run found it, on this machine
+    source = yaml.safe_load(args.config.read_text())
+    config["data"]["dataset"] = source["data"]["dataset"]
+    config["data"]["cache_dir"] = None
+    metadata.update(
+        name=args.name, trained_with=str(args.config.resolve().relative_to(REPO))
+    )
+    target = PRETRAINED_DIR / args.name
+    if target.exists():
+        shutil.rmtree(target)
+    if args.weights == "float32":
+        target.mkdir(parents=True)
+        shutil.copyfile(args.run / MODEL_FILE, target / MODEL_FILE)
+        metadata["weights_dtype"] = "float32"
+        atomic_write_text(target / "medseg.json", json.dumps(metadata, indent=2))
+    else:
+        write_bundle(target, load_model(args.run), metadata, weights_dtype=args.weights)
+        metadata = verify(target)
     if args.cross_validation:
         evaluation = cross_validation_record(args.cross_validation, args.config)
-    elif (metadata.get("split") or {}).get("validation"):
+    else:
         evaluation = {
             "what": f"fold {metadata['split']['fold']} of "
             f"{metadata['split']['folds']}: held-out cases, each scored on its own "
             "grid, mean over cases",
             **means(
-                score_run(args.run, None, args.labels),
+                score_run(target, dataset, args.labels),
                 label_names(metadata, args.labels),
             ),
         }
-    else:
-        parser.error(f"{args.run} has no held-out cases: give --cross-validation")
-    source = yaml.safe_load(args.config.read_text())
-    config["data"]["dataset"] = source["data"]["dataset"]
-    config["data"]["cache_dir"] = None
-    metadata.update(
-        name=args.name,
-        trained_with=str(args.config.resolve().relative_to(REPO)),
-        evaluation=evaluation,
-    )
-    target = PRETRAINED_DIR / args.name
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    shutil.copyfile(args.run / MODEL_FILE, target / MODEL_FILE)
+    metadata["evaluation"] = evaluation
     atomic_write_text(target / "medseg.json", json.dumps(metadata, indent=2) + "\n")
     verify(target)
     size = (target / MODEL_FILE).stat().st_size / 1e6

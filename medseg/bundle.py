@@ -83,16 +83,23 @@ def versions() -> dict:
     }
 
 
-def write_bundle(folder: str | Path, model, metadata: dict) -> Path:
-    """Saves ``model`` and ``metadata`` (plus format version, versions and sha256)."""
+def write_bundle(
+    folder: str | Path, model, metadata: dict, *, weights_dtype: str = "float32"
+) -> Path:
+    """Saves ``model`` and ``metadata`` (plus format version, versions, the dtype the
+    weights are stored in and sha256). ``weights_dtype="float16"`` stores the weights
+    rounded to float16, in half the bytes; loading computes in float32 again."""
+    from medseg.models import with_weights_dtype
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / MODEL_FILE
     with atomic_output(target) as tmp:
-        _without_optimizer(model).save(tmp)
+        with_weights_dtype(_without_optimizer(model), weights_dtype).save(tmp)
         record = {
             "format_version": FORMAT_VERSION,
             **metadata,
+            "weights_dtype": weights_dtype,
             "versions": versions(),
             "model_sha256": sha256(tmp),
         }

@@ -642,3 +642,39 @@ def test_bfloat16_and_float32_predictions_agree_and_reports_say_which(tmp_path):
         np.testing.assert_allclose(
             (labels16 == value).sum(), (labels32 == value).sum(), rtol=0.02
         )
+
+
+def test_a_bundle_with_float16_weights_predicts_as_its_float32_original(tmp_path):
+    from medseg.bundle import read_metadata, resolve, write_bundle
+    from medseg.models import load_model
+
+    shipped = resolve("hippocampus")
+    half = tmp_path / "half"
+    write_bundle(
+        half, load_model(shipped), read_metadata(shipped), weights_dtype="float16"
+    )
+    assert (half / "model.keras").stat().st_size < 0.55 * (
+        shipped / "model.keras"
+    ).stat().st_size
+    source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[4]
+    outputs = {}
+    for name, model in (("full", shipped), ("half", half)):
+        out = tmp_path / f"out_{name}"
+        result = medseg(
+            "predict", "--model", model, "--input", source, "--output", out,
+            "--precision", "float32", "--probabilities",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        stem = source.name[: -len(".nii.gz")]
+        outputs[name] = (
+            np.asanyarray(nib.load(out / source.name).dataobj),
+            np.load(out / f"{stem}_probabilities.npz")["probabilities"].astype(float),
+        )
+    (labels, p), (labels16, p16) = outputs["full"], outputs["half"]
+    difference = np.abs(p - p16).max()
+    assert 0 < difference < 0.02  # rounded weights: close, not the same
+    top = np.sort(p, axis=-1)
+    clear = (top[..., -1] - top[..., -2]) > 2 * difference
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(labels16[clear], labels[clear])
+    assert (labels == labels16).mean() > 0.999

@@ -14,7 +14,9 @@ from medseg.models import (
     transfer_encoder_weights,
     unet_output_size,
     valid_unet_input_sizes,
+    weights_dtype,
     with_precision,
+    with_weights_dtype,
 )
 from medseg.models.classifier import ARCHITECTURES
 from medseg.models.info import describe_model, receptive_field
@@ -461,6 +463,63 @@ def test_bfloat16_copy_keeps_weights_and_returns_close_float32_logits(upsampling
     error = np.linalg.norm(np.asarray(got) - expected) / np.linalg.norm(expected)
     assert 0 < error < 0.05
     assert with_precision(model, "float32") is model
+
+
+def test_float16_weights_halve_the_bundle_and_load_rounded_as_float32(tmp_path, rng):
+    from medseg.bundle import read_metadata, verify, write_bundle
+
+    keras.utils.set_random_seed(0)
+    model = build_unet(
+        spatial_dims=3, in_channels=1, num_classes=3, filters=(16, 32), norm="instance"
+    )
+    write_bundle(tmp_path / "full", model, {"task": "segmentation"})
+    write_bundle(
+        tmp_path / "half", model, {"task": "segmentation"}, weights_dtype="float16"
+    )
+    verify(tmp_path / "half")
+    assert read_metadata(tmp_path / "half")["weights_dtype"] == "float16"
+    assert read_metadata(tmp_path / "full")["weights_dtype"] == "float32"
+    sizes = {k: (tmp_path / k / "model.keras").stat().st_size for k in ("full", "half")}
+    weight_bytes = 4 * model.count_params()
+    assert sizes["full"] - sizes["half"] == pytest.approx(weight_bytes / 2, rel=0.05)
+
+    loaded = load_model(tmp_path / "half")
+    assert weights_dtype(loaded) == "float32"
+    assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
+    rounded = [w.astype(np.float16).astype(np.float32) for w in model.get_weights()]
+    changed = 0
+    for got, want, original in zip(
+        loaded.get_weights(), rounded, model.get_weights(), strict=True
+    ):
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+        changed += int(np.any(want != original))
+    assert changed > 0  # the weights really were rounded
+    # it computes in float32 with the rounded weights: the same as the float32
+    # model given them, and close to the unrounded one
+    reference = build_unet(
+        spatial_dims=3, in_channels=1, num_classes=3, filters=(16, 32), norm="instance"
+    )
+    reference.set_weights(rounded)
+    x = rng.normal(size=(1, 16, 16, 16, 1)).astype(np.float32)
+    got = np.asarray(loaded(x, training=False))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, np.asarray(reference(x, training=False)), atol=1e-5)
+    full = np.asarray(model(x, training=False))
+    error = np.linalg.norm(got - full) / np.linalg.norm(full)
+    assert 0 < error < 1e-2
+
+
+def test_float16_weights_refuse_values_float16_cannot_hold():
+    model = build_unet(spatial_dims=2, in_channels=1, num_classes=2, **TINY)
+    weights = model.get_weights()
+    weights[0] = np.full_like(weights[0], 7e4)
+    model.set_weights(weights)
+    with pytest.raises(ValueError, match="65504"):
+        with_weights_dtype(model, "float16")
+    with pytest.raises(ValueError, match="float8"):
+        with_weights_dtype(model, "float8")
+    assert with_weights_dtype(model, "float32") is model
 
 
 def test_instance_norm_and_leaky_relu_are_one_layer_with_the_same_function(rng):

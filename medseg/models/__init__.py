@@ -36,8 +36,13 @@ __all__ = [
     "transfer_encoder_weights",
     "unet_output_size",
     "valid_unet_input_sizes",
+    "weights_dtype",
     "with_precision",
+    "with_weights_dtype",
 ]
+
+#: The dtypes a saved model's weights can be stored in.
+WEIGHTS_DTYPES = ("float32", "float16")
 
 
 def build_model(name: str, **kwargs):
@@ -89,20 +94,57 @@ def load_model(path: str | Path):
     if not path.is_file():
         raise InputFileError(path, "model file not found")
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputFileError(path, f"cannot load model ({message})") from None
+    if weights_dtype(model) != "float32":  # stored small: compute in float32
+        model = with_weights_dtype(model, "float32")
+    return model
 
 
-def with_precision(model, policy: str):
+def weights_dtype(model) -> str:
+    """``"float16"`` when any of ``model``'s layers keeps float16 variables (a model
+    saved by :func:`with_weights_dtype` to halve its file), else ``"float32"``."""
+    variable_dtypes = {layer.dtype_policy.variable_dtype for layer in model.layers}
+    return "float16" if "float16" in variable_dtypes else "float32"
+
+
+def with_weights_dtype(model, dtype: str):
+    """``model`` with every layer's variables (and arithmetic) in ``dtype``, its weights
+    cast: ``"float16"`` to save it in half the bytes, ``"float32"`` to compute with
+    such a model again (:func:`load_model` does this). float16 keeps 11 significant
+    bits (a relative rounding of at most 2^-11) and values up to 65504; casting back
+    to float32 is exact. A model already in ``dtype`` is returned as it is.
+
+    Raises:
+        ValueError: ``dtype`` not one of ``WEIGHTS_DTYPES``, or weights too large
+            for float16.
+    """
+    import numpy as np
+
+    if dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights dtype {dtype!r}; expected one of {WEIGHTS_DTYPES}")
+    if all(layer.dtype_policy.name == dtype for layer in model.layers):
+        return model
+    weights = model.get_weights()
+    if dtype == "float16":
+        largest = max((float(np.abs(w).max()) for w in weights if w.size), default=0)
+        if largest > float(np.finfo(np.float16).max):
+            raise ValueError(
+                f"a weight of {largest:g} does not fit float16 (at most 65504)"
+            )
+    return with_precision(model, dtype, outputs_float32=False)
+
+
+def with_precision(model, policy: str, *, outputs_float32: bool = True):
     """A copy of ``model`` computing under a Keras dtype policy, with its weights.
 
     ``policy`` is a Keras policy name (``"float32"``, ``"mixed_bfloat16"``,
-    ``"mixed_float16"``). The layers producing the model's outputs stay float32, so
-    logits (and the softmax after them) are computed and returned in float32; the
-    variables stay float32 under the mixed policies. For ``"float32"`` on a float32
-    model, the model itself is returned.
+    ``"mixed_float16"``). The layers producing the model's outputs stay float32
+    (unless ``outputs_float32`` is false), so logits (and the softmax after them) are
+    computed and returned in float32; the variables stay float32 under the mixed
+    policies. For ``"float32"`` on a float32 model, the model itself is returned.
     """
     import keras
 
@@ -121,7 +163,8 @@ def with_precision(model, policy: str):
 
     def clone(layer):
         config = layer.get_config()
-        config["dtype"] = "float32" if layer.name in final else policy
+        keep = outputs_float32 and layer.name in final
+        config["dtype"] = "float32" if keep else policy
         return layer.__class__.from_config(config)
 
     copy = keras.models.clone_model(model, clone_function=clone)
