@@ -253,6 +253,16 @@ class TverskyLoss(keras.losses.Loss):
         }
 
 
+def deep_supervision_weights(outputs: int) -> list[float]:
+    """Loss weights of a deep-supervised U-Net's outputs, full resolution first: each
+    level half the one above (1, 1/2, 1/4, ...), normalised to sum to 1, as nnU-Net
+    weighs them."""
+    if outputs < 1:
+        raise ValueError(f"outputs must be >= 1, got {outputs}")
+    raw = [0.5**level for level in range(outputs)]
+    return [w / sum(raw) for w in raw]
+
+
 #: Losses by the name configs use.
 LOSSES = {
     "dice": DiceLoss,

@@ -483,3 +483,14 @@ def clean_labels(labels, voxel_volume, background, keep_largest, min_size):
                 for where in part:
                     out[where] = background
     return out
+
+
+def block_centre_labels(label: np.ndarray, factor: int) -> np.ndarray:
+    """``(*S, 1)`` labels at 1/``factor`` resolution: voxel ``i`` of the result is the
+    label at ``factor * i + factor // 2`` along each axis, one voxel at a time."""
+    spatial = label.shape[:-1]
+    out = np.zeros((*(n // factor for n in spatial), 1), label.dtype)
+    for index in voxel_indices(out.shape[:-1]):
+        source = tuple(factor * i + factor // 2 for i in index)
+        out[index] = label[source]
+    return out

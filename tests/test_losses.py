@@ -123,3 +123,12 @@ def test_argmax_dice_accumulates_hard_dice_over_batches(rng):
     metric.update_state(np.zeros((1, 3, 3)), np.zeros((1, 3, 3, 3), np.float32))
     assert np.isnan(float(metric.result()))  # class 2 nowhere: undefined, not 0 or 1
     assert losses.ArgmaxDice.from_config(metric.get_config()).class_id == 2
+
+
+def test_deep_supervision_weights_halve_per_level_and_sum_to_one():
+    assert losses.deep_supervision_weights(1) == [1.0]
+    np.testing.assert_allclose(
+        losses.deep_supervision_weights(4), [8 / 15, 4 / 15, 2 / 15, 1 / 15]
+    )
+    with pytest.raises(ValueError, match=">= 1"):
+        losses.deep_supervision_weights(0)

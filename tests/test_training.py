@@ -10,11 +10,13 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from medseg.config import Config
 from medseg.errors import InputFileError
 from medseg.preprocessing import Preprocessor, ZScoreNormalization
 from medseg.training import data as training_data
+from tests import reference
 from tests.conftest import SAMPLE
 
 TINY_TRAIN = """\
@@ -468,3 +470,78 @@ def test_checkpoint_restores_dropout_randomness(tmp_path):
     np.testing.assert_array_equal(a, b)  # the same dropout masks from here on
     again = keras.ops.convert_to_numpy(first(x, training=True))
     assert not np.array_equal(a, again)  # dropout is on: masks differ call to call
+
+
+@pytest.mark.parametrize("shape", [(8, 12, 16), (12, 8)])
+def test_deep_supervision_targets_take_each_blocks_centre_label(shape, rng):
+    label = rng.integers(0, 3, size=(*shape, 1)).astype(np.int32)
+    targets = training_data.deep_supervision_targets(tf.constant(label), 2)
+    assert len(targets) == 3
+    np.testing.assert_array_equal(targets[0], label)
+    for level, target in enumerate(targets[1:], start=1):
+        expected = reference.block_centre_labels(label, 2**level)
+        np.testing.assert_array_equal(np.asarray(target), expected)
+
+
+def test_deep_supervision_trains_on_weighted_outputs_and_bundles_full_resolution(
+    tmp_path,
+):
+    from medseg.config import load_config
+    from medseg.models import build_model, load_model
+
+    config = tmp_path / "ds.yaml"
+    config.write_text(
+        TINY_TRAIN.format(epochs=1, steps=2).replace(
+            "filters: [4, 8]", "filters: [4, 8, 16, 32]\n  deep_supervision: 2"
+        )
+    )
+    run = tmp_path / "run"
+    result = subprocess.run(_train_command(config, run), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = _history(run / "history.csv")
+    # the Dice columns are the full-resolution output's; the loss weighs the outputs'
+    # losses 4/7, 2/7, 1/7 (halving per level, summing to 1)
+    assert {"dice_1", "dice_2", "val_dice_mean"} <= set(row)
+    parts = [
+        float(row[k]) for k in ("logits_loss", "logits_ds1_loss", "logits_ds2_loss")
+    ]
+    expected = sum(w * p for w, p in zip((4 / 7, 2 / 7, 1 / 7), parts, strict=True))
+    assert float(row["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert len(set(parts)) == 3
+    model = load_model(run)
+    assert [t.shape for t in model.outputs] == [(None, None, None, None, 3)]
+    names = {layer.name for layer in model.layers}
+    assert "logits" in names and not any(n.startswith("logits_ds") for n in names)
+    # the bundle's layers hold the weights of the same layers of the trained
+    # deep-supervised network (its checkpoint)
+    trained_config = load_config(run / "config.yaml").model
+    trained = build_model(
+        "unet", **{**trained_config.builder_kwargs(), "patch_size": None}
+    )
+    assert len(trained.outputs) == 3
+    trained.load_weights(run / "checkpoint" / "model.weights.h5")
+    for layer in model.layers:
+        for got, want in zip(
+            layer.get_weights(),
+            trained.get_layer(layer.name).get_weights(),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(got, want)
+    x = np.zeros((1, 16, 16, 16, 1), np.float32)
+    assert model(x).shape == (1, 16, 16, 16, 3)
+
+
+def test_deep_supervision_with_valid_padding_is_one_line_and_exit_2(tmp_path):
+    config = tmp_path / "ds.yaml"
+    config.write_text(
+        TINY_TRAIN.format(epochs=1, steps=1).replace(
+            "filters: [4, 8]",
+            "filters: [4, 8, 16]\n  deep_supervision: 1\n  padding: valid",
+        )
+    )
+    result = subprocess.run(
+        _train_command(config, tmp_path / "run"), capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "model.deep_supervision needs padding: same" in result.stderr
+    assert "Traceback" not in result.stderr

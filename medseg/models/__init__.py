@@ -33,6 +33,7 @@ __all__ = [
     "builder_for",
     "builder_options",
     "load_model",
+    "main_output",
     "transfer_encoder_weights",
     "unet_output_size",
     "valid_unet_input_sizes",
@@ -101,6 +102,17 @@ def load_model(path: str | Path):
     if weights_dtype(model) != "float32":  # stored small: compute in float32
         model = with_weights_dtype(model, "float32")
     return model
+
+
+def main_output(model):
+    """``model``, or for one with several outputs (a deep-supervised U-Net) a model of
+    the same layers and weights with only its first, full-resolution output."""
+    import keras
+
+    if len(model.outputs) == 1:
+        return model
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras.Model(inputs, model.outputs[0], name=model.name)
 
 
 def weights_dtype(model) -> str:

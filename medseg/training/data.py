@@ -200,6 +200,20 @@ class PatchSampler:
             epoch += 1
 
 
+def deep_supervision_targets(label, levels: int) -> tuple:
+    """``(label, label at 1/2, ..., label at 1/2**levels)`` of a ``(*S, 1)`` label
+    patch: the targets of a deep-supervised U-Net's outputs ``logits``,
+    ``logits_ds1``, ... At 1/s, output voxel ``i`` covers voxels ``s*i .. s*i+s-1``
+    along each axis and takes the label of the one at ``s*i + s//2`` (nearest
+    neighbour to the block's centre)."""
+    dims = len(label.shape) - 1
+    targets = [label]
+    for level in range(1, levels + 1):
+        s = 2**level
+        targets.append(label[(*[slice(s // 2, None, s)] * dims, slice(None))])
+    return tuple(targets)
+
+
 def make_dataset(
     sampler: PatchSampler,
     augmenter,
@@ -207,13 +221,15 @@ def make_dataset(
     first_epoch: int,
     shard: bool = True,
     target: str = "label",
+    deep_supervision: int = 0,
 ):
     """The infinite ``tf.data`` stream of augmented batches ``(images, labels)``.
 
     ``batch_size`` is the global batch. With ``shard=False`` (multi-worker training,
     where each worker samples its own patches) tf.distribute does not split the stream
     by worker. ``target="image"`` pairs each augmented image with itself
-    (reconstruction) instead of with its label.
+    (reconstruction) instead of with its label. ``deep_supervision`` levels make the
+    labels a tuple (:func:`deep_supervision_targets`).
     """
     import tensorflow as tf
 
@@ -234,6 +250,13 @@ def make_dataset(
         dataset = dataset.map(lambda image, label, seed: (image, label))
     if target == "image":
         dataset = dataset.map(lambda image, label: (image, image))
+    elif deep_supervision:
+        dataset = dataset.map(
+            lambda image, label: (
+                image,
+                deep_supervision_targets(label, deep_supervision),
+            )
+        )
     dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     if not shard:
         options = tf.data.Options()

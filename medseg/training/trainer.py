@@ -23,7 +23,8 @@ from medseg.config import Config
 from medseg.datasets import load_dataset
 from medseg.errors import ConfigError, InputFileError
 from medseg.io import atomic_write_text
-from medseg.losses import LOSSES, ArgmaxDice
+from medseg.losses import LOSSES, ArgmaxDice, deep_supervision_weights
+from medseg.models import main_output
 from medseg.preprocessing import (
     CTNormalization,
     Preprocessor,
@@ -200,7 +201,12 @@ class _EpochEnd(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         run = self.run
-        logs = dict(logs or {})
+        # a deep-supervised model's metrics are its first output's: logits_dice_1 is
+        # dice_1 (the losses of the outputs keep their names, logits_ds1_loss, ...)
+        logs = {
+            k.removeprefix("logits_") if k.startswith("logits_dice_") else k: v
+            for k, v in (logs or {}).items()
+        }
         number = epoch + 1
         validated = run.val_cases and (
             number % run.config.train.val_interval == 0 or number == run.total_epochs
@@ -226,7 +232,7 @@ class _EpochEnd(keras.callbacks.Callback):
             metrics = {k: v for k, v in logs.items() if k.startswith("val_")}
             write_bundle(
                 run.folder,
-                self.model,
+                main_output(self.model),
                 {
                     **run.metadata,
                     "epoch": number,
@@ -401,6 +407,15 @@ def _compile(model, config: Config) -> list:
     else:
         loss = LOSSES[config.train.loss]()
         metrics = [ArgmaxDice(k) for k in range(1, config.model.num_classes)]
+    outputs = len(model.outputs)
+    if outputs > 1:  # deep supervision: a loss per output, the Dice of the first
+        model.compile(
+            optimizer=_optimizer(config, total_steps),
+            loss=[LOSSES[config.train.loss]() for _ in range(outputs)],
+            loss_weights=deep_supervision_weights(outputs),
+            metrics=[metrics, *([] for _ in range(outputs - 1))],
+        )
+        return metrics
     model.compile(optimizer=_optimizer(config, total_steps), loss=loss, metrics=metrics)
     return metrics
 
@@ -524,8 +539,13 @@ def train(
             in_channels=channels,
         )
     )
-    if config.model.options.get("deep_supervision"):
-        raise ConfigError("training with deep_supervision is not available yet")
+    levels = int(config.model.options.get("deep_supervision") or 0)
+    if levels and (not segmentation or workers > 1):
+        raise ConfigError(
+            "model.deep_supervision trains segmentation on one machine only"
+        )
+    if levels and config.model.options.get("padding", "same") != "same":
+        raise ConfigError("model.deep_supervision needs padding: same")
     keras.mixed_precision.set_global_policy(_precision(config))
     with config_errors():  # e.g. a patch size the network cannot take
         plan = plan_training(config, fingerprint)
@@ -575,6 +595,7 @@ def train(
             first_epoch,
             shard=workers == 1,
             target="image" if not segmentation else "label",
+            deep_supervision=levels,
         )
 
     metadata = _metadata(

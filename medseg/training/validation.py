@@ -22,12 +22,15 @@ def predictor(model, run: _Run):
     run, so validating every epoch does not trace it again."""
     import tensorflow as tf
 
+    from medseg.models import main_output
+
     if getattr(run, "_predict", None) is not None:
         return run._predict
+    main = main_output(model)  # a deep-supervised U-Net: the full-resolution logits
 
     @tf.function(reduce_retracing=True)
     def forward(batch):
-        return model(batch, training=False)
+        return main(batch, training=False)
 
     def predict(batch):
         return keras.ops.convert_to_numpy(forward(batch)).astype(np.float32)
