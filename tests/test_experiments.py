@@ -131,3 +131,38 @@ def test_private_peak_sees_a_buffer_freed_before_the_block_ends(monkeypatch):
         time.sleep(0.05)
     assert sampled.peak >= before + 180
     assert module.status_mib("RssAnon") < sampled.peak - 150  # freed by then
+
+
+def test_variant_configs_change_only_their_keys_and_runs_are_checked(monkeypatch):
+    import yaml
+
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    spec = importlib.util.spec_from_file_location(
+        "hippocampus_variants", REPO / "experiments" / "hippocampus_variants.py"
+    )
+    variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants)
+    shipped = yaml.safe_load(variants.SHIPPED.read_text())
+    config = variants.variant_config({"model": {"deep_supervision": 2}})
+    assert config["model"] == {**shipped["model"], "deep_supervision": 2}
+    assert config["train"] == shipped["train"]
+    dataset = REPO / "experiments" / shipped["data"]["dataset"]
+    assert config["data"]["dataset"] == str(dataset.resolve())
+    # a run's resolved config holds more keys (every augmentation setting): those
+    # the variant does not set are not compared
+    trained = {
+        "model": {**config["model"], "num_classes": 3},
+        "train": {
+            **config["train"],
+            "augment": {"mirror_axes": [0, 2], "p_rotate": 0.2},
+            "precision": "auto",
+        },
+        "data": {"dataset": "/elsewhere"},
+    }
+    assert variants.differences(config, trained) == []
+    trained["train"]["augment"]["mirror_axes"] = [0, 1, 2]
+    trained["model"]["deep_supervision"] = 0
+    assert variants.differences(config, trained) == [
+        "model.deep_supervision: 0",
+        "train.augment.mirror_axes: [0, 1, 2]",
+    ]

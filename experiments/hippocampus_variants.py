@@ -1,0 +1,160 @@
+"""One fold of the shipped hippocampus config against variants that each change one
+thing: which change moves the held-out Dice, and what it costs in training time.
+
+Each variant is experiments/hippocampus_3d_shipped.yaml with some keys replaced,
+written to RUNS/<variant>/config.yaml (its dataset made absolute) and trained on the
+fold (``--resume`` when it has a checkpoint; a finished run is left as it is and only
+scored, after checking that it was trained with the variant's settings). Its held-out
+cases are scored as cross_validate.py scores a fold: ``medseg predict`` with the
+bundle's test-time mirroring, ``medseg evaluate`` on each case's own grid. Prints a
+table and writes experiments/results/hippocampus_variants.json: per variant the Dice and
+HD95 of each label, the epoch the bundle was taken at (best validation Dice), and the
+median seconds per training epoch (runs trained at different times: machine load
+differs between them).
+
+    python experiments/hippocampus_variants.py --runs runs/variants --fold 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+from cross_validate import label_names, means, medseg, score_run
+
+HERE = Path(__file__).resolve().parent
+SHIPPED = HERE / "hippocampus_3d_shipped.yaml"
+
+#: name: (what it changes, the keys it replaces in the shipped config)
+VARIANTS = {
+    "shipped": ("the shipped config", {}),
+    "filters_32_256": (
+        "filters 32-64-128-256 (hippocampus_3d.yaml's network, 1.8x the FLOPs)",
+        {"model": {"filters": [32, 64, 128, 256]}},
+    ),
+    "deep_supervision_2": (
+        "deep supervision of the 1/2 and 1/4 resolution outputs",
+        {"model": {"deep_supervision": 2}},
+    ),
+    "bfloat16": (
+        "mixed bfloat16 training",
+        {"train": {"precision": "mixed_bfloat16"}},
+    ),
+}
+
+
+def variant_config(overrides: dict) -> dict:
+    """The shipped config with ``overrides`` (section by section) and its dataset path
+    made absolute, so the config works from any folder."""
+    config = yaml.safe_load(SHIPPED.read_text())
+    for section, values in overrides.items():
+        config.setdefault(section, {}).update(copy.deepcopy(values))
+    dataset = Path(config["data"]["dataset"])
+    config["data"]["dataset"] = str((SHIPPED.parent / dataset).resolve())
+    return config
+
+
+def differences(wanted: dict, trained: dict, prefix: str = "") -> list[str]:
+    """The settings of ``wanted`` (nested, model and train sections at the top) that
+    the run's resolved config ``trained`` has otherwise; ``trained`` may hold more."""
+    wrong = []
+    for key, value in wanted.items():
+        if prefix == "" and key not in ("model", "train"):
+            continue
+        got = trained.get(key) if isinstance(trained, dict) else None
+        if isinstance(value, dict) and isinstance(got, dict):
+            wrong += differences(value, got, f"{prefix}{key}.")
+        elif got != value:
+            wrong.append(f"{prefix}{key}: {got!r}")
+    return wrong
+
+
+def median_epoch_seconds(run: Path) -> float:
+    import csv
+
+    with open(run / "history.csv", newline="") as file:
+        seconds = [float(r["seconds"]) for r in csv.DictReader(file)]
+    return round(statistics.median(seconds), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--fold", type=int, default=3)
+    parser.add_argument("--data", help="dataset (default: the shipped config's)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--score-only", action="store_true")
+    parser.add_argument(
+        "--output", type=Path, default=HERE / "results" / "hippocampus_variants.json"
+    )
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
+
+    results, missing = [], []
+    for name in names:
+        what, overrides = VARIANTS[name]
+        config = variant_config(overrides)
+        if args.data:
+            config["data"]["dataset"] = str(Path(args.data).resolve())
+        folder = args.runs / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        run = folder / f"fold_{args.fold}"
+        metadata_path = run / "medseg.json"
+        if not args.score_only:
+            resume = ["--resume"] if (run / "checkpoint").exists() else []
+            medseg("train", "--config", folder / "config.yaml", "--output", run,
+                   "--fold", args.fold, *resume)  # fmt: skip
+        if not metadata_path.is_file():
+            missing.append(name)
+            continue
+        metadata = json.loads(metadata_path.read_text())
+        wrong = differences(config, metadata["config"])
+        if metadata["split"]["fold"] != args.fold:
+            wrong.append(f"fold {metadata['split']['fold']}")
+        if wrong:
+            sys.exit(f"{run}: not trained as variant {name} ({', '.join(wrong)})")
+        results.append({
+            "variant": name, "what": what, "overrides": overrides,
+            "fold": args.fold, "bundle_epoch": metadata["epoch"],
+            "epochs": metadata["config"]["train"]["epochs"],
+            "median_epoch_seconds": median_epoch_seconds(run),
+            **means(score_run(run, args.data), label_names(metadata)),
+        })  # fmt: skip
+    if not results:
+        sys.exit("no variant trained yet")
+    labels = list(results[0]["dice"])
+    print(f"\nfold {args.fold}, held-out cases\n{'variant':<22}{'cases':>6}"
+          + "".join(f"{'Dice ' + n:>16}{'HD95 ' + n:>16}" for n in labels)
+          + f"{'mean Dice':>11}{'s/epoch':>9}{'epoch':>7}")  # fmt: skip
+    for r in results:
+        print(f"{r['variant']:<22}{r['cases']:>6}" + "".join(
+            f"{r['dice'][n]:>16.4f}{r['hd95_mm'][n]:>16.2f}" for n in labels)
+            + f"{r['dice_mean']:>11.4f}{r['median_epoch_seconds']:>9.1f}"
+            f"{r['bundle_epoch']:>7}")  # fmt: skip
+    if missing:
+        print(f"not trained yet: {missing}")
+    import machine
+
+    report = {
+        "command": "python experiments/hippocampus_variants.py "
+        + " ".join(sys.argv[1:]),
+        "machine": machine.describe(),
+        "base_config": str(SHIPPED.relative_to(HERE.parent)),
+        "variants": results,
+        "missing": missing,
+    }
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
