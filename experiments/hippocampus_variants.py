@@ -10,7 +10,8 @@ bundle's test-time mirroring, ``medseg evaluate`` on each case's own grid. Print
 table and writes experiments/results/hippocampus_variants.json: per variant the Dice and
 HD95 of each label, the epoch the bundle was taken at (best validation Dice), and the
 median seconds per training epoch (runs trained at different times: machine load
-differs between them).
+differs between them); for every variant after the first, the case-by-case difference
+of its label-averaged Dice from the first's, with the standard error of that mean.
 
     python experiments/hippocampus_variants.py --runs runs/variants --fold 3
 """
@@ -45,6 +46,10 @@ VARIANTS = {
         "mixed bfloat16 training",
         {"train": {"precision": "mixed_bfloat16"}},
     ),
+    "epochs_90": (
+        "twice the epochs (the poly schedule stretched to 90)",
+        {"train": {"epochs": 90}},
+    ),
 }
 
 
@@ -72,6 +77,29 @@ def differences(wanted: dict, trained: dict, prefix: str = "") -> list[str]:
         elif got != value:
             wrong.append(f"{prefix}{key}: {got!r}")
     return wrong
+
+
+def case_means(rows: list[dict]) -> dict[str, float]:
+    """Each case's Dice averaged over its labels."""
+    by_case: dict[str, list[float]] = {}
+    for row in rows:
+        by_case.setdefault(row["case"], []).append(float(row["dice"]))
+    return {case: statistics.mean(values) for case, values in by_case.items()}
+
+
+def paired(rows: list[dict], baseline: list[dict]) -> dict:
+    """Case by case against ``baseline`` (the same cases): the mean difference of the
+    cases' label-averaged Dice, its standard error, and how many cases rose / fell."""
+    mine, theirs = case_means(rows), case_means(baseline)
+    differences = [mine[case] - theirs[case] for case in sorted(theirs)]
+    return {
+        "mean_dice_difference": round(statistics.mean(differences), 4),
+        "standard_error": round(
+            statistics.stdev(differences) / len(differences) ** 0.5, 4
+        ),
+        "cases_up": sum(d > 0 for d in differences),
+        "cases_down": sum(d < 0 for d in differences),
+    }
 
 
 def median_epoch_seconds(run: Path) -> float:
@@ -122,23 +150,32 @@ def main() -> None:
             wrong.append(f"fold {metadata['split']['fold']}")
         if wrong:
             sys.exit(f"{run}: not trained as variant {name} ({', '.join(wrong)})")
+        rows = score_run(run, args.data)
         results.append({
             "variant": name, "what": what, "overrides": overrides,
             "fold": args.fold, "bundle_epoch": metadata["epoch"],
             "epochs": metadata["config"]["train"]["epochs"],
             "median_epoch_seconds": median_epoch_seconds(run),
-            **means(score_run(run, args.data), label_names(metadata)),
+            **means(rows, label_names(metadata)), "case_scores": rows,
         })  # fmt: skip
+        if len(results) > 1:
+            results[-1]["against_" + results[0]["variant"]] = paired(
+                rows, results[0]["case_scores"]
+            )
     if not results:
         sys.exit("no variant trained yet")
     labels = list(results[0]["dice"])
     print(f"\nfold {args.fold}, held-out cases\n{'variant':<22}{'cases':>6}"
           + "".join(f"{'Dice ' + n:>16}{'HD95 ' + n:>16}" for n in labels)
-          + f"{'mean Dice':>11}{'s/epoch':>9}{'epoch':>7}")  # fmt: skip
+          + f"{'mean Dice':>11}{'paired diff':>18}"
+          + f"{'s/epoch':>9}{'epoch':>7}")  # fmt: skip
     for r in results:
+        against = r.get("against_" + results[0]["variant"])
+        diff = (f"{against['mean_dice_difference']:+.4f} +- "
+                f"{against['standard_error']:.4f}" if against else "")  # fmt: skip
         print(f"{r['variant']:<22}{r['cases']:>6}" + "".join(
             f"{r['dice'][n]:>16.4f}{r['hd95_mm'][n]:>16.2f}" for n in labels)
-            + f"{r['dice_mean']:>11.4f}{r['median_epoch_seconds']:>9.1f}"
+            + f"{r['dice_mean']:>11.4f}{diff:>18}{r['median_epoch_seconds']:>9.1f}"
             f"{r['bundle_epoch']:>7}")  # fmt: skip
     if missing:
         print(f"not trained yet: {missing}")

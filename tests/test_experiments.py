@@ -133,15 +133,20 @@ def test_private_peak_sees_a_buffer_freed_before_the_block_ends(monkeypatch):
     assert module.status_mib("RssAnon") < sampled.peak - 150  # freed by then
 
 
-def test_variant_configs_change_only_their_keys_and_runs_are_checked(monkeypatch):
-    import yaml
-
+@pytest.fixture
+def variants(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "experiments"))
     spec = importlib.util.spec_from_file_location(
         "hippocampus_variants", REPO / "experiments" / "hippocampus_variants.py"
     )
-    variants = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(variants)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variant_configs_change_only_their_keys_and_runs_are_checked(variants):
+    import yaml
+
     shipped = yaml.safe_load(variants.SHIPPED.read_text())
     config = variants.variant_config({"model": {"deep_supervision": 2}})
     assert config["model"] == {**shipped["model"], "deep_supervision": 2}
@@ -166,3 +171,24 @@ def test_variant_configs_change_only_their_keys_and_runs_are_checked(monkeypatch
         "model.deep_supervision: 0",
         "train.augment.mirror_axes: [0, 1, 2]",
     ]
+
+
+def test_paired_differences_are_case_by_case_over_label_means(variants):
+
+    def rows(scores):
+        return [
+            {"case": case, "label": label, "dice": str(dice)}
+            for case, labelled in scores.items()
+            for label, dice in zip(("1", "2"), labelled, strict=True)
+        ]
+
+    base = rows({"a": (0.8, 0.9), "b": (0.7, 0.7), "c": (0.9, 0.8)})
+    other = rows({"c": (0.9, 0.9), "a": (0.8, 0.8), "b": (0.8, 0.8)})
+    # label means: base a .85 b .70 c .85; other a .80 b .80 c .90
+    differences = np.array([-0.05, 0.10, 0.05])
+    result = variants.paired(other, base)
+    assert result["mean_dice_difference"] == pytest.approx(differences.mean(), abs=1e-4)
+    assert result["standard_error"] == pytest.approx(
+        differences.std(ddof=1) / np.sqrt(3), abs=1e-4
+    )
+    assert (result["cases_up"], result["cases_down"]) == (2, 1)
