@@ -399,6 +399,7 @@ def _compiled_model(config: Config, plan: Plan, *, frozen: bool = False):
 def _compile(model, config: Config) -> list:
     """Compiles with a fresh optimizer; returns the metrics."""
     total_steps = config.train.epochs * config.train.steps_per_epoch
+    weights = None
     if config.data.task == "reconstruction":
         loss, metrics = keras.losses.MeanSquaredError(), []
     elif config.data.task == "classification":
@@ -407,17 +408,18 @@ def _compile(model, config: Config) -> list:
     else:
         loss = LOSSES[config.train.loss]()
         metrics = [ArgmaxDice(k) for k in range(1, config.model.num_classes)]
-    outputs = len(model.outputs)
-    if outputs > 1:  # deep supervision: a loss per output, the Dice of the first
-        model.compile(
-            optimizer=_optimizer(config, total_steps),
-            loss=[LOSSES[config.train.loss]() for _ in range(outputs)],
-            loss_weights=deep_supervision_weights(outputs),
-            metrics=[metrics, *([] for _ in range(outputs - 1))],
-        )
-        return metrics
-    model.compile(optimizer=_optimizer(config, total_steps), loss=loss, metrics=metrics)
-    return metrics
+        outputs = len(model.outputs)
+        if outputs > 1:  # deep supervision: a loss per output, the Dice of the first
+            loss = [LOSSES[config.train.loss]() for _ in range(outputs)]
+            weights = deep_supervision_weights(outputs)
+            metrics = [metrics, *([] for _ in range(outputs - 1))]
+    model.compile(
+        optimizer=_optimizer(config, total_steps),
+        loss=loss,
+        loss_weights=weights,
+        metrics=metrics,
+    )
+    return metrics[0] if weights else metrics
 
 
 def _model_for_run(config: Config, plan: Plan, folder: Path, strategy, resume: bool):
