@@ -271,11 +271,16 @@ def test_killed_batch_leaves_no_partial_output_and_rerun_does_the_rest(
 
 
 @pytest.mark.slow
-def test_way_back_class_by_class_equals_resampling_all_classes_at_once(bundle):
+def test_way_back_class_by_class_equals_resampling_all_classes_at_once():
     from medseg import geometry
+    from medseg.bundle import resolve
     from medseg.io import read_volume
 
-    segmenter = inference.Segmenter(bundle, probabilities=True)
+    # the shipped model, which finds both labels (a barely trained test bundle may
+    # give background everywhere, and then the comparison would prove little)
+    segmenter = inference.Segmenter(
+        resolve("hippocampus"), probabilities=True, precision="float32"
+    )
     volume = read_volume(sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[1])
     # the same voxels said to be 0.7 x 1.3 x 0.9 mm: the bundle (1 mm) resamples them
     volume = volume.with_array(
@@ -298,7 +303,7 @@ def test_way_back_class_by_class_equals_resampling_all_classes_at_once(bundle):
     expected = segmenter.values[np.argmax(whole, axis=-1)]
     np.testing.assert_array_equal(prediction.labels.array[..., 0], expected)
     np.testing.assert_array_equal(prediction.labels.affine, volume.affine)
-    assert len(np.unique(expected)) >= 2  # not one class everywhere: the test can fail
+    assert len(np.unique(expected)) == 3  # every class present: the test can fail
 
 
 @pytest.mark.slow
