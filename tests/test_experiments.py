@@ -22,6 +22,16 @@ def cv():
     return module
 
 
+def load_experiment(file: str, name: str, monkeypatch):
+    """experiments/FILE as the module ``name``, with experiments/ on ``sys.path`` for
+    its own imports."""
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def case_rows(rng, cases, fold):
     """medseg evaluate's rows for two labels plus each case's voxel error."""
     rows = []
@@ -92,12 +102,7 @@ def test_recorded_folds_are_reused_only_for_the_same_config_and_model(cv, tmp_pa
 def test_medmnist_report_keeps_the_datasets_not_run_with_their_command(
     tmp_path, monkeypatch
 ):
-    monkeypatch.syspath_prepend(str(REPO / "experiments"))
-    spec = importlib.util.spec_from_file_location(
-        "medmnist_benchmark", REPO / "experiments" / "medmnist.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_experiment("medmnist.py", "medmnist_benchmark", monkeypatch)
     path = tmp_path / "medmnist.json"
     old = [
         {"dataset": "breastmnist", "val_chosen": {"auc": 0.9}},
@@ -115,12 +120,7 @@ def test_medmnist_report_keeps_the_datasets_not_run_with_their_command(
 
 
 def test_private_peak_sees_a_buffer_freed_before_the_block_ends(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "experiments"))
-    spec = importlib.util.spec_from_file_location(
-        "bench_monai", REPO / "experiments" / "bench_monai.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_experiment("bench_monai.py", "bench_monai", monkeypatch)
     import time
 
     before = module.status_mib("RssAnon")
@@ -135,13 +135,9 @@ def test_private_peak_sees_a_buffer_freed_before_the_block_ends(monkeypatch):
 
 @pytest.fixture
 def variants(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "experiments"))
-    spec = importlib.util.spec_from_file_location(
-        "hippocampus_variants", REPO / "experiments" / "hippocampus_variants.py"
+    return load_experiment(
+        "hippocampus_variants.py", "hippocampus_variants", monkeypatch
     )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_variant_configs_change_only_their_keys_and_runs_are_checked(variants):

@@ -613,35 +613,52 @@ def test_cpu_info_reads_the_first_line_of_a_field(tmp_path):
     assert inference.cpu_info("flags", tmp_path / "missing") is None
 
 
+def _labels_and_probabilities(model, source, out, precision):
+    """``medseg predict --probabilities`` of one scan: its label map and class
+    probabilities; the report's precision is checked."""
+    result = medseg(
+        "predict", "--model", model, "--input", source, "--output", out,
+        "--precision", precision, "--probabilities",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "medseg_predict_report.json").read_text())
+    assert report["settings"]["precision"] == precision
+    stem = source.name[: -len(".nii.gz")]
+    return (
+        np.asanyarray(nib.load(out / source.name).dataobj),
+        np.load(out / f"{stem}_probabilities.npz")["probabilities"].astype(float),
+    )
+
+
+def _assert_near_same_segmentation(reference, other, *, at_most, clear, agree):
+    """``(labels, probabilities)`` of two predictions of a scan: the probabilities
+    differ, by at most ``at_most``; the labels are the same wherever the reference's
+    two best classes are further apart than twice the largest difference (at least a
+    ``clear`` fraction of voxels) and agree on an ``agree`` fraction overall."""
+    (labels, p), (other_labels, other_p) = reference, other
+    difference = np.abs(p - other_p).max()
+    assert 0 < difference < at_most
+    top = np.sort(p, axis=-1)
+    apart = (top[..., -1] - top[..., -2]) > 2 * difference
+    assert apart.mean() > clear
+    np.testing.assert_array_equal(other_labels[apart], labels[apart])
+    assert (labels == other_labels).mean() > agree
+
+
 def test_bfloat16_and_float32_predictions_agree_and_reports_say_which(tmp_path):
     # the shipped model: a trained network's predictions are confident, so the
     # comparison does not hinge on near ties that differ from one CPU to another
     source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[4]
-    outputs = {}
-    for precision in ("float32", "bfloat16"):
-        out = tmp_path / precision
-        result = medseg(
-            "predict", "--model", "hippocampus", "--input", source, "--output", out,
-            "--precision", precision, "--probabilities",
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-2000:]
-        report = json.loads((out / "medseg_predict_report.json").read_text())
-        assert report["settings"]["precision"] == precision
-        stem = source.name[: -len(".nii.gz")]
-        outputs[precision] = (
-            np.asanyarray(nib.load(out / source.name).dataobj),
-            np.load(out / f"{stem}_probabilities.npz")["probabilities"].astype(float),
+    outputs = {
+        precision: _labels_and_probabilities(
+            "hippocampus", source, tmp_path / precision, precision
         )
-    (labels32, p32), (labels16, p16) = outputs["float32"], outputs["bfloat16"]
-    difference = np.abs(p32 - p16).max()
-    assert 0 < difference < 0.1
-    # labels must agree wherever float32's two best classes are further apart than
-    # twice the largest probability difference (nearly everywhere), and overall
-    top = np.sort(p32, axis=-1)
-    clear = (top[..., -1] - top[..., -2]) > 2 * difference
-    assert clear.mean() > 0.95
-    np.testing.assert_array_equal(labels16[clear], labels32[clear])
-    assert (labels32 == labels16).mean() > 0.995
+        for precision in ("float32", "bfloat16")
+    }
+    _assert_near_same_segmentation(
+        outputs["float32"], outputs["bfloat16"], at_most=0.1, clear=0.95, agree=0.995
+    )
+    labels32, labels16 = outputs["float32"][0], outputs["bfloat16"][0]
     for value in (1, 2):
         assert (labels32 == value).sum() > 500
         np.testing.assert_allclose(
@@ -662,24 +679,9 @@ def test_a_bundle_with_float16_weights_predicts_as_its_float32_original(tmp_path
         shipped / "model.keras"
     ).stat().st_size
     source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[4]
-    outputs = {}
-    for name, model in (("full", shipped), ("half", half)):
-        out = tmp_path / f"out_{name}"
-        result = medseg(
-            "predict", "--model", model, "--input", source, "--output", out,
-            "--precision", "float32", "--probabilities",
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-2000:]
-        stem = source.name[: -len(".nii.gz")]
-        outputs[name] = (
-            np.asanyarray(nib.load(out / source.name).dataobj),
-            np.load(out / f"{stem}_probabilities.npz")["probabilities"].astype(float),
-        )
-    (labels, p), (labels16, p16) = outputs["full"], outputs["half"]
-    difference = np.abs(p - p16).max()
-    assert 0 < difference < 0.02  # rounded weights: close, not the same
-    top = np.sort(p, axis=-1)
-    clear = (top[..., -1] - top[..., -2]) > 2 * difference
-    assert clear.mean() > 0.99
-    np.testing.assert_array_equal(labels16[clear], labels[clear])
-    assert (labels == labels16).mean() > 0.999
+    full, rounded = (
+        _labels_and_probabilities(model, source, tmp_path / name, "float32")
+        for name, model in (("full", shipped), ("half", half))
+    )
+    # rounded weights: close, not the same
+    _assert_near_same_segmentation(full, rounded, at_most=0.02, clear=0.99, agree=0.999)
