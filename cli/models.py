@@ -25,6 +25,8 @@ def models() -> None:
         spacing_text = (
             " x ".join(f"{s:g}" for s in spacing) + " mm" if spacing else "scan's own"
         )
+        if metadata.get("weights_dtype", "float32") != "float32":
+            spacing_text += f", {metadata['weights_dtype']} weights"
         evaluation = metadata.get("evaluation")
         if evaluation:
             score_text = (

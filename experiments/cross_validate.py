@@ -172,6 +172,16 @@ def recorded_folds(
     return {f["fold"]: f for f in report.get("folds", [])}
 
 
+def fold_order(text: str | None, folds: int) -> list[int]:
+    """The folds to train, in order, from ``"3,0,1"`` (``None``: all, 0 first)."""
+    if not text:
+        return list(range(folds))
+    order = [int(f) if f.strip().isdigit() else -1 for f in text.split(",")]
+    if not set(order) <= set(range(folds)) or len(set(order)) != len(order):
+        raise ValueError(f"--order {text}: folds must be distinct, 0 to {folds - 1}")
+    return order
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True)
@@ -179,6 +189,11 @@ def main() -> None:
     parser.add_argument("--data", help="dataset (default: the config's)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--score-only", action="store_true")
+    parser.add_argument(
+        "--order",
+        help="folds to train, in this order, e.g. 3,0,1,2,4 (default: every fold, "
+        "0 first); the others are only scored",
+    )
     parser.add_argument(
         "--labels", help="label values to score, e.g. 0,255 (default: the non-zero)"
     )
@@ -198,9 +213,13 @@ def main() -> None:
     recorded = recorded_folds(output, args.config, model, postprocessing)
     data = ["--data", args.data] if args.data else []
     folds, missing = [], []
-    for fold in range(args.folds):
+    try:
+        order = fold_order(args.order, args.folds)
+    except ValueError as error:
+        parser.error(str(error))
+    for fold in order + sorted(set(range(args.folds)) - set(order)):
         run = args.runs / f"fold_{fold}"
-        if not args.score_only:
+        if not args.score_only and fold in order:
             resume = ["--resume"] if (run / "checkpoint").exists() else []
             medseg("train", "--config", args.config, "--output", run,
                    "--fold", fold, *data, *resume)  # fmt: skip
@@ -230,6 +249,8 @@ def main() -> None:
         })  # fmt: skip
     if not folds:
         sys.exit("no fold finished yet")
+    folds.sort(key=lambda row: row["fold"])
+    missing.sort()
     overall = pooled(folds)
     names = list(overall["dice"])
     print(f"\n{'fold':<8}{'cases':>6}{'voxel error':>13}" + "".join(

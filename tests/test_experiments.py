@@ -188,3 +188,11 @@ def test_paired_differences_are_case_by_case_over_label_means(variants):
         differences.std(ddof=1) / np.sqrt(3), abs=1e-4
     )
     assert (result["cases_up"], result["cases_down"]) == (2, 1)
+
+
+def test_fold_order_trains_the_named_folds_in_order(cv):
+    assert cv.fold_order(None, 5) == [0, 1, 2, 3, 4]
+    assert cv.fold_order("3,0, 1", 5) == [3, 0, 1]
+    for bad in ("3,3", "5", "1,x", "-1"):
+        with pytest.raises(ValueError, match="distinct, 0 to 4"):
+            cv.fold_order(bad, 5)

@@ -532,6 +532,10 @@ def test_models_lists_shipped_bundles(tmp_path, monkeypatch):
         .invoke(main, ["models"])
         .output.endswith("; Dice Anterior 0.876 on 42 unseen cases (fold 0 of 5)\n")
     )
+    record["weights_dtype"] = "float16"
+    (tmp_path / "hippo" / "medseg.json").write_text(json.dumps(record))
+    output = CliRunner().invoke(main, ["models"]).output
+    assert "spacing 1 x 1 x 1.5 mm, float16 weights; Dice" in output
     monkeypatch.setattr(bundles, "PRETRAINED_DIR", tmp_path / "none")
     assert "no models are shipped" in CliRunner().invoke(main, ["models"]).output
 
