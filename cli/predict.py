@@ -90,7 +90,12 @@ from medseg_cli._tf import start_tensorflow
     help="Forward-pass precision. auto: bfloat16 on a CPU with AMX bfloat16 units "
     "and no GPU (about 2x faster there), float32 otherwise.",
 )
-@click.option("--overwrite", is_flag=True, help="Redo scans whose output exists.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Redo scans whose output exists; needed to write into a folder of label maps "
+    "made with another model or options.",
+)
 @click.option(
     "--report",
     "report_path",
@@ -119,14 +124,16 @@ def predict(
     The bundle's preprocessing is repeated exactly (orientation, crop, resampling,
     normalisation), windows are blended with Gaussian weights, and the label map goes
     back to the input's shape, affine and header codes. Existing outputs are skipped
-    (re-running a killed job does only what is missing); a scan that cannot be read is
-    named with the reason and the others still finish. Exit status 1 if any failed.
+    (re-running a killed job does only what is missing); OUTPUT's
+    medseg_predict_settings.json records the model and options, and a run with others
+    is refused there unless --overwrite. A scan that cannot be read is named with the
+    reason and the others still finish. Exit status 1 if any failed.
 
     Classification models write one CSV (OUTPUT if it ends in .csv, else
     OUTPUT/predictions.csv): case, predicted class, one probability per class.
     """
-    from medseg import batch
-    from medseg.bundle import read_metadata, resolve
+    from medseg import __version__, batch
+    from medseg.bundle import MODEL_FILE, read_metadata, resolve, sha256
 
     ctx = click.get_current_context()
     try:
@@ -173,6 +180,25 @@ def predict(
         inputs_named = {inputs[0]: output.name}
     else:
         inputs_named = {}
+    existing = [
+        batch.is_done(batch.output_for(path, output_dir, inputs_named), probabilities)
+        for path in inputs
+    ]
+    batch.check_settings(  # before any scan is read
+        output_dir,
+        {
+            "model_sha256": sha256(bundle / MODEL_FILE),
+            "tta": list(segmenter.mirror_axes),
+            "overlap": overlap,
+            "keep_largest": keep_largest,
+            "min_size_mm3": min_size_mm3,
+            "precision": segmenter.precision,
+            "model": str(bundle),
+            "medseg": __version__,
+        },
+        skipping=0 if overwrite else sum(existing),
+        overwrite=overwrite,
+    )
     with click.progressbar(
         length=len(inputs),
         label="segmenting",

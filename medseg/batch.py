@@ -4,7 +4,10 @@ Each output is written under a temporary name and renamed, so a killed job leave
 partial file; a re-run skips scans whose output exists (unless ``overwrite``); a scan
 that fails is reported with its file and reason and the others go on; ``shard=(k, n)``
 takes every n-th scan of the sorted list, for array jobs on a scheduler; the next scan
-is read while the current one is predicted.
+is read while the current one is predicted. With ``settings`` (the model's sha256 and
+the options that change a label map), the output folder keeps a record of them
+(:data:`SETTINGS_FILE`), and a run with other settings is refused before it would skip
+outputs made otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputFileError
-from medseg.io import SCAN_SUFFIXES, read_volume, split_suffix, write_volume
+from medseg.io import (
+    SCAN_SUFFIXES,
+    atomic_write_text,
+    read_volume,
+    split_suffix,
+    write_volume,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +132,80 @@ def output_for(input_path: Path, output_dir: Path, rename: dict | None = None) -
     return output_dir / (rename or {}).get(input_path, Path(input_path).name)
 
 
+def is_done(target: Path, probabilities: bool = False) -> bool:
+    """The label file exists (and its probabilities, when they are asked for)."""
+    return target.exists() and (not probabilities or probabilities_for(target).exists())
+
+
 def probabilities_for(label_path: Path) -> Path:
     """``case.nii.gz`` -> ``case_probabilities.npz`` beside it."""
     stem = split_suffix(label_path)[0]
     return label_path.with_name(f"{stem}_probabilities.npz")
+
+
+SETTINGS_FILE = "medseg_predict_settings.json"
+# what makes one label map differ from another of the same scan
+COMPARED_SETTINGS = (
+    "model_sha256",
+    "tta",
+    "overlap",
+    "keep_largest",
+    "min_size_mm3",
+    "precision",
+)
+
+
+def check_settings(
+    output_dir: Path, settings: dict, *, skipping: int, overwrite: bool
+) -> None:
+    """Records in ``output_dir`` the settings its label maps are made with, and refuses
+    to add to outputs made with others, so a re-run cannot keep another model's labels.
+
+    Args:
+        output_dir: the output folder (exists).
+        settings: JSON-ready; the keys of :data:`COMPARED_SETTINGS` are compared with
+            the folder's record, the others (the bundle's path, say) only recorded.
+        skipping: how many of this run's outputs exist and would be skipped.
+        overwrite: this run redoes its outputs; its settings become the record.
+
+    Raises:
+        InputFileError: without ``overwrite``, the record differs, cannot be read, or
+            is missing while outputs would be skipped (made by an unknown model).
+    """
+    record = Path(output_dir) / SETTINGS_FILE
+    redo = "--overwrite redoes this run's scans, or choose another output folder"
+    recorded = None
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            if not overwrite:
+                raise InputFileError(
+                    record, f"unreadable record ({exc}); {redo}"
+                ) from None
+            recorded = {}
+        if not isinstance(recorded, dict):
+            recorded = {}
+        was, now = recorded.get, settings.get
+        changed = [
+            f"{key} {json.dumps(was(key))}, now {json.dumps(now(key))}"
+            for key in COMPARED_SETTINGS
+            if was(key) != now(key)
+        ]
+        if changed and not overwrite:
+            raise InputFileError(
+                record,
+                "the label maps here were made with other settings "
+                f"({'; '.join(changed)}); {redo}",
+            )
+    elif skipping and not overwrite:
+        raise InputFileError(
+            output_dir,
+            f"{skipping} of this run's outputs exist, but no {SETTINGS_FILE} says "
+            f"which model made them; {redo}",
+        )
+    if recorded != settings:
+        atomic_write_text(record, json.dumps(settings, indent=2) + "\n")
 
 
 def segment_all(
@@ -138,6 +217,7 @@ def segment_all(
     progress: Callable[[CaseResult], None] | None = None,
     rename: dict | None = None,
     probabilities: bool = False,
+    settings: dict | None = None,
 ) -> list[CaseResult]:
     """Segments every input into ``output_dir``; never stops at a bad scan.
 
@@ -151,20 +231,25 @@ def segment_all(
         rename: output file names for some inputs (by default the input's name).
         probabilities: also write ``<case>_probabilities.npz`` (the prediction's
             float16 probabilities); a case counts as done when both files exist.
+        settings: what the label maps depend on (see :func:`check_settings`), checked
+            against the folder's record before any scan is read; ``None``: no record.
+
+    Raises:
+        InputFileError: the output folder cannot be written, or its record of settings
+            differs (see :func:`check_settings`).
     """
     make_output_dir(output_dir)
     todo, results = [], []
     for path in inputs:
         target = output_for(path, output_dir, rename)
-        done = target.exists() and (
-            not probabilities or probabilities_for(target).exists()
-        )
-        if done and not overwrite:
+        if is_done(target, probabilities) and not overwrite:
             results.append(CaseResult(str(path), str(target), "skipped"))
-            if progress:
-                progress(results[-1])
         else:
             todo.append((path, target))
+    if settings is not None:
+        check_settings(output_dir, settings, skipping=len(results), overwrite=overwrite)
+    for result in results if progress else ():
+        progress(result)
 
     def load(path):
         try:

@@ -120,7 +120,8 @@ def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
         ],
     )
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [p.name for p in good] + ["medseg_predict_report.json"]
+        [p.name for p in good]
+        + ["medseg_predict_report.json", "medseg_predict_settings.json"]
     )
     report = json.loads((out / "medseg_predict_report.json").read_text())
     assert report["counts"] == {"done": 2, "skipped": 0, "failed": 4}
@@ -134,6 +135,18 @@ def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
     again = medseg("predict", "--model", bundle, "--input", inputs, "--output", out)
     assert again.returncode == 1
     assert "0 segmented, 2 skipped (output existed), 4 failed" in again.stdout
+    # another option that changes label maps: refused in one line, nothing touched
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    other = medseg(
+        "predict", "--model", bundle, "--input", inputs, "--output", out,
+        "--keep-largest",
+    )  # fmt: skip
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert (
+        f"{out / 'medseg_predict_settings.json'}: the label maps here were made with "
+        "other settings (keep_largest false, now true); --overwrite"
+    ) in other.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     # a run killed while writing leaves only a hidden temporary file, cleaned next time
     (out / good[0].name).unlink()
     stale = out / f".{good[0].name}.0badcafe.partial.nii.gz"

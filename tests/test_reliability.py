@@ -74,6 +74,7 @@ def test_a_folder_of_bad_scans_names_each_and_finishes_the_good_ones(bundle, tmp
     assert written == sorted(
         [os.fsencode(n) for n in good]
         + [b"latin1 \xff.nii.gz", b"medseg_predict_report.json"]
+        + [b"medseg_predict_settings.json"]
     )
     for name in written:
         if name.endswith(b".nii.gz"):
@@ -137,6 +138,7 @@ def test_a_write_that_fails_midway_leaves_no_partial_file_and_the_rest_finish(
     assert sorted(p.name for p in out.iterdir()) == [
         "earlier.nii.gz",
         "medseg_predict_report.json",
+        "medseg_predict_settings.json",
         "small.nii.gz",
     ]  # no partial big.nii, nor its temporary file
     assert (out / "earlier.nii.gz").read_bytes() == b"kept"

@@ -1,0 +1,110 @@
+"""Batch bookkeeping of medseg.batch: shards, and the record of the settings an
+output folder's label maps were made with (a re-run must not keep another model's)."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg import batch
+from medseg.errors import InputFileError
+
+SETTINGS = {
+    "model_sha256": "a" * 64,
+    "tta": [0, 2],
+    "overlap": 0.5,
+    "keep_largest": False,
+    "min_size_mm3": 0.0,
+    "precision": "float32",
+    "model": "/somewhere/hippocampus",
+}
+
+
+@pytest.mark.parametrize("files", [0, 1, 7, 12])
+@pytest.mark.parametrize("shards", [1, 3, 8])
+def test_shards_are_disjoint_and_cover_every_file_in_order(files, shards):
+    names = [f"case_{i:02d}" for i in range(files)]
+    taken = [batch.take_shard(names, (k, shards)) for k in range(1, shards + 1)]
+    assert sorted(sum(taken, [])) == names
+    for k, part in enumerate(taken):  # every shards-th name from the k-th
+        assert part == [n for i, n in enumerate(names) if i % shards == k]
+    assert batch.take_shard(names, None) == names
+
+
+def test_shard_text_is_k_of_n():
+    assert batch.parse_shard("2/8") == (2, 8)
+    for bad in ("0/3", "4/3", "2", "a/b", "1/2/3"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            batch.parse_shard(bad)
+
+
+def test_a_folder_records_its_settings_and_refuses_others(tmp_path):
+    record = tmp_path / batch.SETTINGS_FILE
+    batch.check_settings(tmp_path, SETTINGS, skipping=0, overwrite=False)
+    assert json.loads(record.read_text()) == SETTINGS
+    # the same settings again, from another path to the bundle: outputs may be kept
+    moved = {**SETTINGS, "model": "/elsewhere/hippocampus"}
+    batch.check_settings(tmp_path, moved, skipping=3, overwrite=False)
+    assert json.loads(record.read_text()) == moved
+    other = {**moved, "model_sha256": "b" * 64, "keep_largest": True}
+    with pytest.raises(InputFileError) as error:
+        batch.check_settings(tmp_path, other, skipping=0, overwrite=False)
+    assert str(error.value) == (
+        f"{record}: the label maps here were made with other settings (model_sha256 "
+        f'"{"a" * 64}", now "{"b" * 64}"; keep_largest false, now true); '
+        "--overwrite redoes this run's scans, or choose another output folder"
+    )
+    assert json.loads(record.read_text()) == moved  # unchanged
+    batch.check_settings(tmp_path, other, skipping=3, overwrite=True)
+    assert json.loads(record.read_text()) == other
+
+
+def test_outputs_without_a_record_are_not_kept_unchecked(tmp_path):
+    batch.check_settings(tmp_path, SETTINGS, skipping=0, overwrite=False)  # no outputs
+    (tmp_path / batch.SETTINGS_FILE).unlink()
+    with pytest.raises(InputFileError, match="2 of this run's outputs exist, but no"):
+        batch.check_settings(tmp_path, SETTINGS, skipping=2, overwrite=False)
+    assert not (tmp_path / batch.SETTINGS_FILE).exists()
+    (tmp_path / batch.SETTINGS_FILE).write_text('{"model_sha256": "a')  # cut short
+    with pytest.raises(InputFileError, match="unreadable record"):
+        batch.check_settings(tmp_path, SETTINGS, skipping=0, overwrite=False)
+    batch.check_settings(tmp_path, SETTINGS, skipping=2, overwrite=True)
+    assert json.loads((tmp_path / batch.SETTINGS_FILE).read_text()) == SETTINGS
+
+
+def test_segment_all_refuses_other_settings_before_touching_a_scan(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(3):
+        image = np.full((4, 5, 6), i, np.float32)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), inputs / f"case_{i}.nii.gz")
+    files = sorted(inputs.iterdir())
+    out = tmp_path / "out"
+    calls = []
+
+    def segment(volume):
+        calls.append(volume.path)
+        return volume.with_array((volume.array > 0).astype(np.uint8))
+
+    def run(settings, overwrite=False, files=files):
+        return batch.segment_all(
+            segment, files, out, settings=settings, overwrite=overwrite
+        )
+
+    assert [r.status for r in run(SETTINGS, files=files[:2])] == ["done"] * 2
+    assert [r.status for r in run(SETTINGS)] == ["skipped", "skipped", "done"]
+    assert len(calls) == 3
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    other = {**SETTINGS, "overlap": 0.25}
+    with pytest.raises(InputFileError, match="overlap 0.5, now 0.25"):
+        run(other)
+    assert len(calls) == 3
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+    assert [r.status for r in run(other, overwrite=True)] == ["done"] * 3
+    assert len(calls) == 6
+    assert json.loads((out / batch.SETTINGS_FILE).read_text())["overlap"] == 0.25
+    labels = nib.load(out / "case_2.nii.gz")
+    np.testing.assert_array_equal(np.asanyarray(labels.dataobj), 1)
