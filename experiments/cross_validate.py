@@ -40,16 +40,37 @@ def medseg(*args) -> None:
         sys.exit(f"failed ({result.returncode}):\n{result.stderr.decode()[-3000:]}")
 
 
+def last_epoch_bundle(run: Path, target: Path) -> int:
+    """Writes to ``target`` a bundle of ``run``'s checkpoint, the weights of its last
+    epoch, for a run whose bundle is an earlier epoch picked on its validation cases
+    (``train.keep: best``); the metadata is the run's. Returns that epoch."""
+    from medseg.bundle import verify, write_bundle
+    from medseg.config import load_config
+    from medseg.models import build_model, main_output
+
+    metadata = verify(run)
+    epoch = checkpoint_epoch(run)
+    model = load_config(run / "config.yaml").model
+    network = build_model(model.name, **{**model.builder_kwargs(), "patch_size": None})
+    network.load_weights(run / "checkpoint" / "model.weights.h5")
+    record = {k: v for k, v in metadata.items() if k != "model_sha256"}
+    write_bundle(target, main_output(network), {**record, "epoch": epoch})
+    return epoch
+
+
 def score_run(
     run: Path,
     dataset: str | None = None,
     labels: str | None = None,
     predict_options: tuple[str, ...] = (),
+    last_epoch: bool = False,
 ) -> list[dict]:
     """Per case and label rows (``medseg evaluate``'s CSV, of ``labels`` such as
     ``"0,255"`` or the non-zero values) of a run's held-out cases, each with the case's
     voxel error (the fraction of voxels whose predicted label is wrong).
-    ``predict_options`` go to ``medseg predict`` (``--keep-largest``, say)."""
+    ``predict_options`` go to ``medseg predict`` (``--keep-largest``, say);
+    ``last_epoch``: the checkpoint's weights (the end of training) are scored instead
+    of a bundle picked at an earlier epoch on these same cases."""
     import numpy as np
 
     from medseg.bundle import verify
@@ -69,6 +90,9 @@ def score_run(
         for case in cases:
             shutil.copyfile(case.images[0], tmp / "images" / case.label.name)
             shutil.copyfile(case.label, tmp / "labels" / case.label.name)
+        if last_epoch and metadata["epoch"] < checkpoint_epoch(run):
+            last_epoch_bundle(run, tmp / "last")
+            run = tmp / "last"
         medseg("predict", "--model", run, "--input", tmp / "images",
                "--output", tmp / "predicted", *predict_options)  # fmt: skip
         chosen = ["--labels", labels] if labels else []
@@ -82,6 +106,14 @@ def score_run(
             truth = read_volume(tmp / "labels" / name).array
             row["voxel_error"] = float(np.mean(predicted != truth))
         return rows
+
+
+def checkpoint_epoch(run: Path) -> int:
+    """The epoch of a run's checkpoint (the last one trained)."""
+    state = run / "checkpoint" / "state.json"
+    if not state.is_file():
+        sys.exit(f"{run}: no checkpoint to take the last epoch from")
+    return json.loads(state.read_text())["epoch"]
 
 
 def label_names(metadata: dict, labels: str | None = None) -> dict:
@@ -155,19 +187,24 @@ def training_hours(run: Path) -> float | None:
 
 
 def recorded_folds(
-    output: Path, config: Path, model: dict | None, postprocessing: tuple[str, ...] = ()
+    output: Path,
+    config: Path,
+    model: dict | None,
+    postprocessing: tuple[str, ...] = (),
+    last_epoch: bool = False,
 ) -> dict[int, dict]:
-    """Folds of an earlier report of the same config, model and post-processing, by
-    fold number."""
+    """Folds of an earlier report of the same config, model, post-processing and
+    choice of epoch, by fold number."""
     if not output.is_file():
         return {}
     report = json.loads(output.read_text())
     same_file = Path(report.get("config", "")).resolve() == config.resolve()
     same = report.get("model") == model
     post = report.get("postprocessing", [])
-    if not same_file or not same or post != list(postprocessing):
-        print(f"{output}: written for another config, model or post-processing; "
-              "not reused")  # fmt: skip
+    last = report.get("last_epoch", False)
+    if not same_file or not same or post != list(postprocessing) or last != last_epoch:
+        print(f"{output}: written for another config, model, post-processing or "
+              "choice of epoch; not reused")  # fmt: skip
         return {}
     return {f["fold"]: f for f in report.get("folds", [])}
 
@@ -202,6 +239,12 @@ def main() -> None:
         action="store_true",
         help="score predictions post-processed with medseg predict --keep-largest",
     )
+    parser.add_argument(
+        "--last-epoch",
+        action="store_true",
+        help="score each fold's last epoch (its checkpoint) where its bundle is an "
+        "earlier epoch picked on the held-out cases (train.keep: best)",
+    )
     parser.add_argument("--output", help="JSON (default: results/<config>_cv.json)")
     args = parser.parse_args()
 
@@ -210,7 +253,9 @@ def main() -> None:
     output = Path(args.output or HERE / "results" / f"{args.config.stem}_cv.json")
     model = yaml.safe_load(args.config.read_text()).get("model")
     postprocessing = ("--keep-largest",) if args.keep_largest else ()
-    recorded = recorded_folds(output, args.config, model, postprocessing)
+    recorded = recorded_folds(
+        output, args.config, model, postprocessing, args.last_epoch
+    )
     data = ["--data", args.data] if args.data else []
     folds, missing = [], []
     try:
@@ -240,9 +285,15 @@ def main() -> None:
                 missing.append(fold)
             continue
         names = label_names(metadata, args.labels)
-        fold_rows = score_run(run, args.data, args.labels, postprocessing)
+        fold_rows = score_run(
+            run, args.data, args.labels, postprocessing, args.last_epoch
+        )
+        scored = checkpoint_epoch(run) if args.last_epoch else metadata["epoch"]
+        if scored < epochs:
+            print(f"fold {fold}: its bundle is epoch {scored} of {epochs}, picked on "
+                  "these held-out cases (--last-epoch scores the last)")  # fmt: skip
         folds.append({
-            "fold": fold, "epochs": epochs,
+            "fold": fold, "epochs": epochs, "scored_epoch": scored,
             "precision": metadata["config"]["train"].get("precision"),
             "training_hours": training_hours(run),
             **means(fold_rows, names), "case_scores": fold_rows,
@@ -267,6 +318,7 @@ def main() -> None:
         "config": str(args.config),
         "model": model,
         "postprocessing": list(postprocessing),
+        "last_epoch": args.last_epoch,
         "folds": folds,
         "missing_folds": missing,
         "all_scored_cases": overall,

@@ -8,7 +8,8 @@ scored, after checking that it was trained with the variant's settings). Its hel
 cases are scored as cross_validate.py scores a fold: ``medseg predict`` with the
 bundle's test-time mirroring, ``medseg evaluate`` on each case's own grid. Prints a
 table and writes experiments/results/hippocampus_variants.json: per variant the Dice and
-HD95 of each label, the epoch the bundle was taken at (best validation Dice), and the
+HD95 of each label, the epoch scored (the bundle's, picked on the best validation Dice,
+which are these held-out cases; ``--last-epoch``: the end of training), and the
 median seconds per training epoch (runs trained at different times: machine load
 differs between them); for every variant after the first, the case-by-case difference
 of its label-averaged Dice from the first's, with the standard error of that mean.
@@ -26,7 +27,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from cross_validate import label_names, means, medseg, score_run
+from cross_validate import checkpoint_epoch, label_names, means, medseg, score_run
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = HERE / "hippocampus_3d_shipped.yaml"
@@ -118,6 +119,11 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--score-only", action="store_true")
     parser.add_argument(
+        "--last-epoch",
+        action="store_true",
+        help="score each run's last epoch, not its bundle's (picked on these cases)",
+    )
+    parser.add_argument(
         "--output", type=Path, default=HERE / "results" / "hippocampus_variants.json"
     )
     args = parser.parse_args()
@@ -150,10 +156,12 @@ def main() -> None:
             wrong.append(f"fold {metadata['split']['fold']}")
         if wrong:
             sys.exit(f"{run}: not trained as variant {name} ({', '.join(wrong)})")
-        rows = score_run(run, args.data)
+        rows = score_run(run, args.data, last_epoch=args.last_epoch)
         results.append({
             "variant": name, "what": what, "overrides": overrides,
             "fold": args.fold, "bundle_epoch": metadata["epoch"],
+            "scored_epoch": (
+                checkpoint_epoch(run) if args.last_epoch else metadata["epoch"]),
             "epochs": metadata["config"]["train"]["epochs"],
             "median_epoch_seconds": median_epoch_seconds(run),
             **means(rows, label_names(metadata)), "case_scores": rows,
@@ -176,7 +184,7 @@ def main() -> None:
         print(f"{r['variant']:<22}{r['cases']:>6}" + "".join(
             f"{r['dice'][n]:>16.4f}{r['hd95_mm'][n]:>16.2f}" for n in labels)
             + f"{r['dice_mean']:>11.4f}{diff:>18}{r['median_epoch_seconds']:>9.1f}"
-            f"{r['bundle_epoch']:>7}")  # fmt: skip
+            f"{r['scored_epoch']:>7}")  # fmt: skip
     if missing:
         print(f"not trained yet: {missing}")
     import machine

@@ -316,6 +316,11 @@ class TrainConfig:
         val_interval: validate on whole held-out cases every this many epochs.
         val_overlap: sliding-window overlap for validation.
         precision: ``auto`` (mixed float16 on GPU, float32 on CPU), or a Keras policy.
+        keep: the bundle at the top of the run folder: ``best`` (the validated epoch
+            with the best validation score so far) or ``last`` (the latest validated
+            epoch, so the end of training, as nnU-Net's final checkpoint). Use ``last``
+            when the run is scored on its validation cases (cross-validation): picking
+            the epoch on them makes their score optimistic.
         memory_gb: memory budget for planning; ``None``: the GPU's, or 4 GB on CPU.
         augment: :class:`AugmentConfig` fields.
         init_from: a bundle whose weights start the run (fine-tuning; a
@@ -340,6 +345,7 @@ class TrainConfig:
     val_interval: int = 1
     val_overlap: float = 0.5
     precision: str = "auto"
+    keep: str = "best"
     memory_gb: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     init_from: str | None = None
@@ -359,6 +365,7 @@ class TrainConfig:
             ("optimizer", OPTIMIZERS),
             ("lr_schedule", SCHEDULES),
             ("precision", PRECISIONS),
+            ("keep", ("best", "last")),
             ("loss", ("dice_ce", "dice", "focal", "tversky")),
         ):
             if getattr(self, name) not in choices:

@@ -93,6 +93,7 @@ def test_recorded_folds_are_reused_only_for_the_same_config_and_model(cv, tmp_pa
     assert cv.recorded_folds(report, config, model) == {1: folds[0], 3: folds[1]}
     assert cv.recorded_folds(report, config, {"name": "unet", "filters": [8]}) == {}
     assert cv.recorded_folds(report, config, model, ("--keep-largest",)) == {}
+    assert cv.recorded_folds(report, config, model, last_epoch=True) == {}
     other = tmp_path / "b.yaml"
     other.write_text("model: {name: unet}\n")
     assert cv.recorded_folds(report, other, model) == {}
@@ -196,3 +197,36 @@ def test_fold_order_trains_the_named_folds_in_order(cv):
     for bad in ("3,3", "5", "1,x", "-1"):
         with pytest.raises(ValueError, match="distinct, 0 to 4"):
             cv.fold_order(bad, 5)
+
+
+def test_last_epoch_bundle_holds_the_checkpoint_of_a_deep_supervised_run(cv, tmp_path):
+    """A run whose bundle is an earlier epoch: the last epoch's bundle has the
+    checkpoint's weights (all heads trained, the full-resolution one kept)."""
+    import yaml
+
+    from medseg.bundle import verify, write_bundle
+    from medseg.models import build_model, load_model, main_output
+
+    model = {"name": "unet", "spatial_dims": 3, "in_channels": 1, "filters": [4, 8, 16],
+             "deep_supervision": 1, "num_classes": 3}  # fmt: skip
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": model}))
+    kwargs = {k: v for k, v in model.items() if k != "name"}
+    earlier, last = build_model("unet", **kwargs), build_model("unet", **kwargs)
+    rng = np.random.default_rng(0)
+    last.set_weights([rng.normal(size=w.shape) for w in last.get_weights()])
+    last.save_weights(run / "checkpoint" / "model.weights.h5")
+    (run / "checkpoint" / "state.json").write_text('{"epoch": 45, "best": 0.8}')
+    write_bundle(run, main_output(earlier), {"task": "segmentation", "epoch": 40})
+    assert cv.checkpoint_epoch(run) == 45
+    assert cv.last_epoch_bundle(run, tmp_path / "last") == 45
+    assert verify(tmp_path / "last")["epoch"] == 45
+    bundled = load_model(tmp_path / "last")
+    assert len(bundled.outputs) == 1
+    for layer in bundled.layers:
+        for got, want in zip(
+            layer.get_weights(), last.get_layer(layer.name).get_weights(), strict=True
+        ):
+            np.testing.assert_array_equal(got, want)
+    assert verify(run)["epoch"] == 40  # the run's own bundle is left as it was

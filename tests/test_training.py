@@ -545,3 +545,39 @@ def test_deep_supervision_with_valid_padding_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     assert "model.deep_supervision needs padding: same" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("keep", "epoch"), [("best", 2), ("last", 4)])
+def test_the_bundle_is_the_best_or_the_last_validated_epoch(
+    tmp_path, monkeypatch, keep, epoch
+):
+    from medseg import bundle
+    from medseg.config import load_config
+    from medseg.models import load_model
+    from medseg.training import trainer
+
+    scores = iter([0.5, 0.7, 0.6, 0.4])  # validation Dice of epochs 1 to 4
+
+    def scripted(model, run):
+        score = next(scores)
+        return {"val_dice_1": score, "val_dice_2": score, "val_dice_mean": score}
+
+    monkeypatch.setattr(trainer, "validate", scripted)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        TINY_TRAIN.format(epochs=4, steps=1)
+        + f"  val_interval: 1\n  keep: {keep}\ndata:\n  dataset: {SAMPLE}\n"
+    )
+    run = tmp_path / "run"
+    trainer.train(load_config(path), run, verbose=0)
+    metadata = bundle.verify(run)
+    assert metadata["epoch"] == epoch
+    assert metadata["validation"]["val_dice_mean"] == [0.5, 0.7, 0.6, 0.4][epoch - 1]
+    assert metadata["config"]["train"]["keep"] == keep
+    final = load_model(run)  # the checkpoint holds the weights after epoch 4
+    final.load_weights(run / "checkpoint" / "model.weights.h5")
+    same = [
+        np.array_equal(a, b)
+        for a, b in zip(load_model(run).get_weights(), final.get_weights(), strict=True)
+    ]
+    assert all(same) if keep == "last" else not all(same)

@@ -2,8 +2,9 @@
 
 A run folder holds ``config.yaml`` (resolved), ``history.csv``, ``progress.png``,
 ``tensorboard/``, ``checkpoint/`` (weights, optimizer state, epoch) and, at its top, the
-bundle (``model.keras`` + ``medseg.json``) of the best validation Dice so far (or of
-the last epoch when there is no validation). A run killed at any point continues with
+bundle (``model.keras`` + ``medseg.json``) of the best validation Dice so far
+(``train.keep: last``: of the latest validated epoch; without validation cases: of the
+last epoch). A run killed at any point continues with
 ``resume=True`` from its last completed epoch, drawing the same patches it would have.
 """
 
@@ -226,9 +227,14 @@ class _EpochEnd(keras.callbacks.Callback):
         plot_progress(run.folder)
         score = logs.get(run.score_key)
         improved = bool(validated) and run.improves(score)
-        if improved or not run.val_cases:
-            if improved:
-                run.best = score
+        if improved:
+            run.best = score
+        keep_last = run.config.train.keep == "last"
+        if (
+            (improved and not keep_last)
+            or (validated and keep_last)
+            or not run.val_cases
+        ):
             metrics = {k: v for k, v in logs.items() if k.startswith("val_")}
             write_bundle(
                 run.folder,
