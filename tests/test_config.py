@@ -80,6 +80,7 @@ def test_data_and_train_sections(tmp_path):
         ("train", {"epoch": 3}, r"unknown train key\(s\) \['epoch'\]"),
         ("train", {"fold": 7}, "train.fold must be 'all' or an int in"),
         ("train", {"optimizer": "lbfgs"}, "train.optimizer must be one of"),
+        ("train", {"keep": "first"}, r"train.keep must be one of \('best', 'last'\)"),
         ("train", {"augment": {"p_flip": 1}}, r"unknown train.augment key"),
         ("data", {"task": "detection"}, "data.task must be one of"),
         ("data", {"foreground_oversample": 2}, "foreground_oversample must be in"),
