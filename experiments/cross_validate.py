@@ -46,12 +46,16 @@ def last_epoch_bundle(run: Path, target: Path) -> int:
     (``train.keep: best``); the metadata is the run's. Returns that epoch."""
     from medseg.bundle import verify, write_bundle
     from medseg.config import load_config
-    from medseg.models import build_model, main_output
+    from medseg.models import build_model, load_model, main_output
 
     metadata = verify(run)
     epoch = checkpoint_epoch(run)
     model = load_config(run / "config.yaml").model
-    network = build_model(model.name, **{**model.builder_kwargs(), "patch_size": None})
+    if model.options.get("deep_supervision"):  # the checkpoint has the extra heads
+        kwargs = {**model.builder_kwargs(), "patch_size": None}
+        network = build_model(model.name, **kwargs)
+    else:  # the network as this run built it (its layers' weights then load as saved)
+        network = load_model(run)
     network.load_weights(run / "checkpoint" / "model.weights.h5")
     record = {k: v for k, v in metadata.items() if k != "model_sha256"}
     write_bundle(target, main_output(network), {**record, "epoch": epoch})

@@ -199,16 +199,18 @@ def test_fold_order_trains_the_named_folds_in_order(cv):
             cv.fold_order(bad, 5)
 
 
-def test_last_epoch_bundle_holds_the_checkpoint_of_a_deep_supervised_run(cv, tmp_path):
+@pytest.mark.parametrize("heads", [0, 1])
+def test_last_epoch_bundle_holds_the_checkpoint_of_the_run(cv, tmp_path, heads):
     """A run whose bundle is an earlier epoch: the last epoch's bundle has the
-    checkpoint's weights (all heads trained, the full-resolution one kept)."""
+    checkpoint's weights (of a deep-supervised run: all heads trained, the
+    full-resolution one kept)."""
     import yaml
 
     from medseg.bundle import verify, write_bundle
     from medseg.models import build_model, load_model, main_output
 
     model = {"name": "unet", "spatial_dims": 3, "in_channels": 1, "filters": [4, 8, 16],
-             "deep_supervision": 1, "num_classes": 3}  # fmt: skip
+             "deep_supervision": heads, "num_classes": 3}  # fmt: skip
     run = tmp_path / "run"
     (run / "checkpoint").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"model": model}))
