@@ -49,9 +49,15 @@ def cross_validation_record(path: Path, config: Path) -> dict:
         {k: v for k, v in fold.items() if k != "case_scores"}
         for fold in report["folds"]
     ]
+    last = all(fold.get("scored_epoch") == fold["epochs"] for fold in folds)
     return {
         "what": f"{len(folds)}-fold cross-validation of the same config: each fold's "
-        "held-out cases, each scored on its own grid, mean over all cases",
+        "held-out cases, each scored on its own grid, mean over all cases; "
+        + (
+            "each fold at its last epoch"
+            if last
+            else "each fold at its best validation epoch, picked on those cases"
+        ),
         **report["all_scored_cases"],
         "folds": folds,
         "command": report["command"],

@@ -232,3 +232,29 @@ def test_last_epoch_bundle_holds_the_checkpoint_of_the_run(cv, tmp_path, heads):
         ):
             np.testing.assert_array_equal(got, want)
     assert verify(run)["epoch"] == 40  # the run's own bundle is left as it was
+
+
+def test_packaged_cross_validation_says_how_each_fold_was_picked(tmp_path, monkeypatch):
+    package = load_experiment("package_model.py", "package_model", monkeypatch)
+    config = tmp_path / "a.yaml"
+    config.write_text("model: {name: unet}\n")
+    report = {"config": str(config), "missing_folds": [], "command": "cv",
+              "all_scored_cases": {"cases": 8, "dice": {"A": 0.9}}}  # fmt: skip
+    path = tmp_path / "a_cv.json"
+    for scored, said in [
+        ([45, 45], "each fold at its last epoch"),
+        ([40, 45], "each fold at its best validation epoch, picked on those cases"),
+        ([None, None], "each fold at its best validation epoch, picked on those cases"),
+    ]:
+        folds = [
+            {"fold": i, "epochs": 45, "cases": 4, "case_scores": [{}]}
+            | ({"scored_epoch": s} if s else {})
+            for i, s in enumerate(scored)
+        ]
+        path.write_text(json.dumps({**report, "folds": folds}))
+        record = package.cross_validation_record(path, config)
+        assert record["what"].endswith(said) and record["cases"] == 8
+        assert all("case_scores" not in fold for fold in record["folds"])
+    with pytest.raises(SystemExit, match="folds \\[2\\] are missing"):
+        path.write_text(json.dumps({**report, "folds": [], "missing_folds": [2]}))
+        package.cross_validation_record(path, config)
