@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -174,38 +175,61 @@ def check_settings(
     """
     record = Path(output_dir) / SETTINGS_FILE
     redo = "--overwrite redoes this run's scans, or choose another output folder"
-    recorded = None
-    if record.is_file():
-        try:
-            recorded = json.loads(record.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            if not overwrite:
-                raise InputFileError(
-                    record, f"unreadable record ({exc}); {redo}"
-                ) from None
-            recorded = {}
-        if not isinstance(recorded, dict):
-            recorded = {}
-        was, now = recorded.get, settings.get
-        changed = [
-            f"{key} {json.dumps(was(key))}, now {json.dumps(now(key))}"
-            for key in COMPARED_SETTINGS
-            if was(key) != now(key)
-        ]
-        if changed and not overwrite:
+    text = json.dumps(settings, indent=2) + "\n"
+    if overwrite:
+        atomic_write_text(record, text)
+        return
+    if not record.exists():
+        if skipping:
             raise InputFileError(
-                record,
-                "the label maps here were made with other settings "
-                f"({'; '.join(changed)}); {redo}",
+                output_dir,
+                f"{skipping} of this run's outputs exist, but no {SETTINGS_FILE} "
+                f"says which model made them; {redo}",
             )
-    elif skipping and not overwrite:
+        if _create_once(record, text):
+            return
+        # another job (a shard of the same batch) wrote it first: compare with theirs
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+        if not isinstance(recorded, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise InputFileError(record, f"unreadable record ({exc}); {redo}") from None
+    was, now = recorded.get, settings.get
+    changed = [
+        f"{key} {json.dumps(was(key))}, now {json.dumps(now(key))}"
+        for key in COMPARED_SETTINGS
+        if was(key) != now(key)
+    ]
+    if changed:
         raise InputFileError(
-            output_dir,
-            f"{skipping} of this run's outputs exist, but no {SETTINGS_FILE} says "
-            f"which model made them; {redo}",
+            record,
+            "the label maps here were made with other settings "
+            f"({'; '.join(changed)}); {redo}",
         )
-    if recorded != settings:
-        atomic_write_text(record, json.dumps(settings, indent=2) + "\n")
+    if recorded != settings:  # the same label maps; where the bundle lies, say
+        atomic_write_text(record, text)
+
+
+def _create_once(path: Path, text: str) -> bool:
+    """Writes ``path`` complete, only if no other process has created it: the text goes
+    to a temporary file that is then hard-linked to ``path`` (atomic, and refused when
+    ``path`` exists). False when it exists. Where hard links are not supported, a plain
+    atomic write."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system
+            os.replace(tmp, path)
+        return True
+    except OSError as exc:
+        raise InputFileError(path, f"cannot write ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def segment_all(

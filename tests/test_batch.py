@@ -108,3 +108,23 @@ def test_segment_all_refuses_other_settings_before_touching_a_scan(tmp_path):
     assert json.loads((out / batch.SETTINGS_FILE).read_text())["overlap"] == 0.25
     labels = nib.load(out / "case_2.nii.gz")
     np.testing.assert_array_equal(np.asanyarray(labels.dataobj), 1)
+
+
+def test_jobs_starting_together_agree_on_one_record(tmp_path, monkeypatch):
+    record = tmp_path / batch.SETTINGS_FILE
+    assert batch._create_once(record, "first\n")
+    assert not batch._create_once(record, "second\n")
+    assert record.read_text() == "first\n"
+    assert [p.name for p in tmp_path.iterdir()] == [batch.SETTINGS_FILE]  # no temp
+    record.unlink()
+    other = {**SETTINGS, "precision": "bfloat16"}
+    real = batch._create_once
+
+    def another_job_first(path, text):  # its record lands between check and write
+        assert real(path, json.dumps(other))
+        return real(path, text)
+
+    monkeypatch.setattr(batch, "_create_once", another_job_first)
+    with pytest.raises(InputFileError, match='precision "bfloat16", now "float32"'):
+        batch.check_settings(tmp_path, SETTINGS, skipping=0, overwrite=False)
+    assert json.loads(record.read_text()) == other
