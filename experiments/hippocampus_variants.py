@@ -51,6 +51,13 @@ VARIANTS = {
         "twice the epochs (the poly schedule stretched to 90)",
         {"train": {"epochs": 90}},
     ),
+    "ds90": (
+        "hippocampus_3d_ds90.yaml: deep supervision, 90 epochs, bfloat16, last epoch",
+        {
+            "model": {"deep_supervision": 2},
+            "train": {"epochs": 90, "precision": "mixed_bfloat16", "keep": "last"},
+        },
+    ),
 }
 
 

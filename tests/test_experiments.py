@@ -168,6 +168,13 @@ def test_variant_configs_change_only_their_keys_and_runs_are_checked(variants):
         "model.deep_supervision: 0",
         "train.augment.mirror_axes: [0, 1, 2]",
     ]
+    # the ds90 variant is experiments/hippocampus_3d_ds90.yaml, so that config's
+    # cross-validation runs can be scored beside the others
+    ds90 = yaml.safe_load(
+        (REPO / "experiments" / "hippocampus_3d_ds90.yaml").read_text()
+    )
+    ds90["data"]["dataset"] = config["data"]["dataset"]
+    assert variants.variant_config(variants.VARIANTS["ds90"][1]) == ds90
 
 
 def test_paired_differences_are_case_by_case_over_label_means(variants):
