@@ -188,6 +188,11 @@ def predict(
         output_dir,
         {
             "model_sha256": sha256(bundle / MODEL_FILE),
+            "preprocessing": metadata.get("preprocessing"),
+            "label_values": sorted(
+                v["value"] for v in (metadata.get("labels") or {}).values()
+            ),
+            "patch_size": metadata.get("patch_size"),
             "tta": list(segmenter.mirror_axes),
             "overlap": overlap,
             "keep_largest": keep_largest,

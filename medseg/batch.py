@@ -148,6 +148,9 @@ SETTINGS_FILE = "medseg_predict_settings.json"
 # what makes one label map differ from another of the same scan
 COMPARED_SETTINGS = (
     "model_sha256",
+    "preprocessing",
+    "label_values",
+    "patch_size",
     "tta",
     "overlap",
     "keep_largest",

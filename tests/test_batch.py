@@ -14,6 +14,9 @@ from medseg.errors import InputFileError
 
 SETTINGS = {
     "model_sha256": "a" * 64,
+    "preprocessing": {"target_spacing_mm": [1.0, 1.0, 1.0], "crop_nonzero": True},
+    "label_values": [0, 1, 2],
+    "patch_size": [40, 56, 40],
     "tta": [0, 2],
     "overlap": 0.5,
     "keep_largest": False,
@@ -58,6 +61,10 @@ def test_a_folder_records_its_settings_and_refuses_others(tmp_path):
         "--overwrite redoes this run's scans, or choose another output folder"
     )
     assert json.loads(record.read_text()) == moved  # unchanged
+    # the same network with other preprocessing (an edited medseg.json) is refused too
+    spacing = {**moved, "preprocessing": {"target_spacing_mm": [1.5, 1.5, 1.5]}}
+    with pytest.raises(InputFileError, match=r"\(preprocessing \{.*, now \{"):
+        batch.check_settings(tmp_path, spacing, skipping=0, overwrite=False)
     batch.check_settings(tmp_path, other, skipping=3, overwrite=True)
     assert json.loads(record.read_text()) == other
 
