@@ -43,7 +43,8 @@ def medseg(*args) -> None:
 def last_epoch_bundle(run: Path, target: Path) -> int:
     """Writes to ``target`` a bundle of ``run``'s checkpoint, the weights of its last
     epoch, for a run whose bundle is an earlier epoch picked on its validation cases
-    (``train.keep: best``); the metadata is the run's. Returns that epoch."""
+    (``train.keep: best``); the metadata is the run's, less the picked epoch's
+    validation scores. Returns that epoch."""
     from medseg.bundle import verify, write_bundle
     from medseg.config import load_config
     from medseg.models import build_model, load_model, main_output
@@ -57,7 +58,9 @@ def last_epoch_bundle(run: Path, target: Path) -> int:
     else:  # the network as this run built it (its layers' weights then load as saved)
         network = load_model(run)
     network.load_weights(run / "checkpoint" / "model.weights.h5")
-    record = {k: v for k, v in metadata.items() if k != "model_sha256"}
+    record = {
+        k: v for k, v in metadata.items() if k not in ("model_sha256", "validation")
+    }
     write_bundle(target, main_output(network), {**record, "epoch": epoch})
     return epoch
 

@@ -227,10 +227,15 @@ def test_last_epoch_bundle_holds_the_checkpoint_of_the_run(cv, tmp_path, heads):
     last.set_weights([rng.normal(size=w.shape) for w in last.get_weights()])
     last.save_weights(run / "checkpoint" / "model.weights.h5")
     (run / "checkpoint" / "state.json").write_text('{"epoch": 45, "best": 0.8}')
-    write_bundle(run, main_output(earlier), {"task": "segmentation", "epoch": 40})
+    write_bundle(
+        run,
+        main_output(earlier),
+        {"task": "segmentation", "epoch": 40, "validation": {"val_dice_mean": 0.8}},
+    )
     assert cv.checkpoint_epoch(run) == 45
     assert cv.last_epoch_bundle(run, tmp_path / "last") == 45
-    assert verify(tmp_path / "last")["epoch"] == 45
+    metadata = verify(tmp_path / "last")
+    assert metadata["epoch"] == 45 and "validation" not in metadata
     bundled = load_model(tmp_path / "last")
     assert len(bundled.outputs) == 1
     for layer in bundled.layers:
