@@ -130,7 +130,9 @@ def main() -> None:
     size = (target / MODEL_FILE).stat().st_size / 1e6
     what, cases = evaluation["what"], evaluation["cases"]
     print(f"\n{args.name}: {what}, {cases} cases, {size:.1f} MB")
-    print(f"{'label':<12}{'Dice':>8}{'HD95 mm':>9}")
+    # 2D images (PNG, TIFF) have no physical spacing: their distances are in pixels
+    hd95 = "HD95 mm" if metadata["spatial_dims"] == 3 else "HD95"
+    print(f"{'label':<12}{'Dice':>8}{hd95:>9}")
     for label, dice in evaluation["dice"].items():
         print(f"{label:<12}{dice:>8.3f}{evaluation['hd95_mm'][label]:>9.2f}")
     result = {"name": args.name, "model_mb": round(size, 2), **evaluation}
