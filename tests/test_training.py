@@ -549,7 +549,7 @@ def test_deep_supervision_with_valid_padding_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize(("keep", "epoch"), [("best", 2), ("last", 4)])
 def test_the_bundle_is_the_best_or_the_last_validated_epoch(
-    tmp_path, monkeypatch, keep, epoch
+    tmp_path, monkeypatch, caplog, keep, epoch
 ):
     from medseg import bundle
     from medseg.config import load_config
@@ -569,7 +569,11 @@ def test_the_bundle_is_the_best_or_the_last_validated_epoch(
         + f"  val_interval: 1\n  keep: {keep}\ndata:\n  dataset: {SAMPLE}\n"
     )
     run = tmp_path / "run"
-    trainer.train(load_config(path), run, verbose=0)
+    with caplog.at_level("INFO", logger="medseg.training.trainer"):
+        trainer.train(load_config(path), run, verbose=0)
+    # a run that picks its epoch on its held-out cases says so
+    said = "best validation score on the 3 held-out cases of fold 0" in caplog.text
+    assert said == (keep == "best")
     metadata = bundle.verify(run)
     assert metadata["epoch"] == epoch
     assert metadata["validation"]["val_dice_mean"] == [0.5, 0.7, 0.6, 0.4][epoch - 1]

@@ -573,6 +573,14 @@ def train(
     split = training_data.kfold_split(
         [c.case_id for c in dataset.cases], config.train.folds, config.train.fold
     )
+    if split[1] and config.train.keep == "best":
+        logger.info(
+            "the bundle will be the epoch with the best validation score on the %d "
+            "held-out cases of fold %s; to score those cases without that choice "
+            "(cross-validation), set train.keep: last",
+            len(split[1]),
+            config.train.fold,
+        )
     cache = Path(config.data.cache_dir) if config.data.cache_dir else None
     by_id = {c.case_id: c for c in dataset.cases}
     prepared = {
