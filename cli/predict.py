@@ -180,10 +180,8 @@ def predict(
         inputs_named = {inputs[0]: output.name}
     else:
         inputs_named = {}
-    existing = [
-        batch.is_done(batch.output_for(path, output_dir, inputs_named), probabilities)
-        for path in inputs
-    ]
+    targets = [batch.output_for(path, output_dir, inputs_named) for path in inputs]
+    existing = [batch.is_done(target, probabilities) for target in targets]
     batch.check_settings(  # before any scan is read
         output_dir,
         {
@@ -203,6 +201,7 @@ def predict(
         },
         skipping=0 if overwrite else sum(existing),
         overwrite=overwrite,
+        others=len(set(batch.label_files(output_dir)) - set(targets)),
     )
     with click.progressbar(
         length=len(inputs),

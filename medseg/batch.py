@@ -160,7 +160,12 @@ COMPARED_SETTINGS = (
 
 
 def check_settings(
-    output_dir: Path, settings: dict, *, skipping: int, overwrite: bool
+    output_dir: Path,
+    settings: dict,
+    *,
+    skipping: int,
+    overwrite: bool,
+    others: int = 0,
 ) -> None:
     """Records in ``output_dir`` the settings its label maps are made with, and refuses
     to add to outputs made with others, so a re-run cannot keep another model's labels.
@@ -171,16 +176,27 @@ def check_settings(
             the folder's record, the others (the bundle's path, say) only recorded.
         skipping: how many of this run's outputs exist and would be skipped.
         overwrite: this run redoes its outputs; its settings become the record.
+        others: label files in the folder that this run does not write
+            (:func:`label_files`). An ``overwrite`` run with other settings keeps
+            them as they are, so the record then counts them (:data:`KEPT`), and no
+            later run may skip outputs there until an ``overwrite`` run covers them.
 
     Raises:
         InputFileError: without ``overwrite``, the record differs, cannot be read, or
-            is missing while outputs would be skipped (made by an unknown model).
+            is missing or counts kept label maps while outputs would be skipped.
     """
     record = Path(output_dir) / SETTINGS_FILE
     redo = "--overwrite redoes this run's scans, or choose another output folder"
-    text = json.dumps(settings, indent=2) + "\n"
     if overwrite:
-        atomic_write_text(record, text)
+        kept = 0
+        if others:
+            try:
+                recorded = _read_record(record)
+            except InputFileError:
+                recorded = None
+            if recorded is None or _changes(recorded, settings) or recorded.get(KEPT):
+                kept = others
+        atomic_write_text(record, _record_text(settings, kept))
         return
     if not record.exists():
         if skipping:
@@ -189,29 +205,75 @@ def check_settings(
                 f"{skipping} of this run's outputs exist, but no {SETTINGS_FILE} "
                 f"says which model made them; {redo}",
             )
-        if _create_once(record, text):
+        if _create_once(record, _record_text(settings)):
             return
         # another job (a shard of the same batch) wrote it first: compare with theirs
-    try:
-        recorded = json.loads(record.read_text(encoding="utf-8"))
-        if not isinstance(recorded, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise InputFileError(record, f"unreadable record ({exc}); {redo}") from None
-    was, now = recorded.get, settings.get
-    changed = [
-        f"{key} {json.dumps(was(key))}, now {json.dumps(now(key))}"
-        for key in COMPARED_SETTINGS
-        if was(key) != now(key)
-    ]
+    recorded = _read_record(record)
+    changed = _changes(recorded, settings)
     if changed:
         raise InputFileError(
             record,
             "the label maps here were made with other settings "
             f"({'; '.join(changed)}); {redo}",
         )
-    if recorded != settings:  # the same label maps; where the bundle lies, say
+    kept = recorded.get(KEPT, 0)
+    if kept and skipping:
+        raise InputFileError(
+            record,
+            f"{kept} label maps here were made with earlier settings and kept by a run "
+            "with --overwrite that redid only its own scans, so existing outputs "
+            f"cannot be told apart; {redo}",
+        )
+    text = _record_text(settings, kept)
+    if json.loads(text) != recorded:  # the same label maps; the bundle moved, say
         atomic_write_text(record, text)
+
+
+#: key of the record: label maps left from other settings by an ``overwrite`` run
+KEPT = "label_maps_kept_from_other_settings"
+
+
+def label_files(folder: Path) -> list[Path]:
+    """The label files in an output folder: its scan files (not hidden, not
+    probabilities)."""
+    return [
+        p
+        for p in Path(folder).iterdir()
+        if not p.name.startswith(".")
+        and split_suffix(p)[1] in SCAN_SUFFIXES
+        and not p.name.endswith("_probabilities.npz")
+        and p.is_file()
+    ]
+
+
+def _read_record(record: Path) -> dict | None:
+    if not record.exists():
+        return None
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+        if not isinstance(recorded, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise InputFileError(
+            record,
+            f"unreadable record ({exc}); --overwrite redoes this run's scans, or "
+            "choose another output folder",
+        ) from None
+    return recorded
+
+
+def _changes(recorded: dict, settings: dict) -> list[str]:
+    was, now = recorded.get, settings.get
+    return [
+        f"{key} {json.dumps(was(key))}, now {json.dumps(now(key))}"
+        for key in COMPARED_SETTINGS
+        if was(key) != now(key)
+    ]
+
+
+def _record_text(settings: dict, kept: int = 0) -> str:
+    record = {k: v for k, v in settings.items() if k != KEPT}
+    return json.dumps({**record, **({KEPT: kept} if kept else {})}, indent=2) + "\n"
 
 
 def _create_once(path: Path, text: str) -> bool:
@@ -266,15 +328,22 @@ def segment_all(
             differs (see :func:`check_settings`).
     """
     make_output_dir(output_dir)
-    todo, results = [], []
+    todo, results, targets = [], [], set()
     for path in inputs:
         target = output_for(path, output_dir, rename)
+        targets.add(target)
         if is_done(target, probabilities) and not overwrite:
             results.append(CaseResult(str(path), str(target), "skipped"))
         else:
             todo.append((path, target))
     if settings is not None:
-        check_settings(output_dir, settings, skipping=len(results), overwrite=overwrite)
+        check_settings(
+            output_dir,
+            settings,
+            skipping=len(results),
+            overwrite=overwrite,
+            others=len(set(label_files(output_dir)) - targets),
+        )
     for result in results if progress else ():
         progress(result)
 

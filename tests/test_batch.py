@@ -135,3 +135,42 @@ def test_jobs_starting_together_agree_on_one_record(tmp_path, monkeypatch):
     with pytest.raises(InputFileError, match='precision "bfloat16", now "float32"'):
         batch.check_settings(tmp_path, SETTINGS, skipping=0, overwrite=False)
     assert json.loads(record.read_text()) == other
+
+
+def test_label_maps_an_overwrite_run_left_behind_stop_later_skipping(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(4):
+        image = np.full((4, 5, 6), i, np.float32)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), inputs / f"case_{i}.nii.gz")
+    files = sorted(inputs.iterdir())
+    out = tmp_path / "out"
+
+    def run(settings, files, overwrite=False):
+        results = batch.segment_all(
+            lambda v: v.with_array((v.array > 0).astype(np.uint8)),
+            files,
+            out,
+            settings=settings,
+            overwrite=overwrite,
+        )
+        return [r.status for r in results]
+
+    def kept():
+        return json.loads((out / batch.SETTINGS_FILE).read_text()).get(batch.KEPT)
+
+    other = {**SETTINGS, "model_sha256": "b" * 64}
+    assert run(SETTINGS, files[:2]) == ["done"] * 2
+    # another model redoes case 2 only: cases 0 and 1 stay as the first model made them
+    assert run(other, files[2:3], overwrite=True) == ["done"]
+    assert kept() == 2
+    for subset in (files[:3], files[2:3]):  # a skip could keep either model's labels
+        with pytest.raises(InputFileError, match="2 label maps here were made with"):
+            run(other, subset)
+    assert run(other, files[3:]) == ["done"] and kept() == 2  # nothing skipped: fine
+    # an overwrite run over every label map in the folder makes it one model's again
+    assert run(other, files, overwrite=True) == ["done"] * 4
+    assert kept() is None
+    assert run(other, files) == ["skipped"] * 4
+    # the same settings with overwrite leave nothing kept from other settings
+    assert run(other, files[:1], overwrite=True) == ["done"] and kept() is None
