@@ -82,13 +82,17 @@ def test_outputs_without_a_record_are_not_kept_unchecked(tmp_path):
     assert json.loads((tmp_path / batch.SETTINGS_FILE).read_text()) == SETTINGS
 
 
-def test_segment_all_refuses_other_settings_before_touching_a_scan(tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for i in range(3):
+def scans(folder, count):
+    """``count`` small NIfTI scans in ``folder``; case i is i everywhere."""
+    folder.mkdir()
+    for i in range(count):
         image = np.full((4, 5, 6), i, np.float32)
-        nib.save(nib.Nifti1Image(image, np.eye(4)), inputs / f"case_{i}.nii.gz")
-    files = sorted(inputs.iterdir())
+        nib.save(nib.Nifti1Image(image, np.eye(4)), folder / f"case_{i}.nii.gz")
+    return sorted(folder.iterdir())
+
+
+def test_segment_all_refuses_other_settings_before_touching_a_scan(tmp_path):
+    files = scans(tmp_path / "in", 3)
     out = tmp_path / "out"
     calls = []
 
@@ -138,12 +142,7 @@ def test_jobs_starting_together_agree_on_one_record(tmp_path, monkeypatch):
 
 
 def test_label_maps_an_overwrite_run_left_behind_stop_later_skipping(tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for i in range(4):
-        image = np.full((4, 5, 6), i, np.float32)
-        nib.save(nib.Nifti1Image(image, np.eye(4)), inputs / f"case_{i}.nii.gz")
-    files = sorted(inputs.iterdir())
+    files = scans(tmp_path / "in", 4)
     out = tmp_path / "out"
 
     def run(settings, files, overwrite=False):
