@@ -186,7 +186,7 @@ def check_settings(
             is missing or counts kept label maps while outputs would be skipped.
     """
     record = Path(output_dir) / SETTINGS_FILE
-    redo = "--overwrite redoes this run's scans, or choose another output folder"
+    redo = _REDO
     if overwrite:
         kept = 0
         if others:
@@ -231,6 +231,7 @@ def check_settings(
 
 #: key of the record: label maps left from other settings by an ``overwrite`` run
 KEPT = "label_maps_kept_from_other_settings"
+_REDO = "--overwrite redoes this run's scans, or choose another output folder"
 
 
 def label_files(folder: Path) -> list[Path]:
@@ -254,11 +255,7 @@ def _read_record(record: Path) -> dict | None:
         if not isinstance(recorded, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
-        raise InputFileError(
-            record,
-            f"unreadable record ({exc}); --overwrite redoes this run's scans, or "
-            "choose another output folder",
-        ) from None
+        raise InputFileError(record, f"unreadable record ({exc}); {_REDO}") from None
     return recorded
 
 
