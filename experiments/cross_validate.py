@@ -7,7 +7,8 @@ mirroring) on that fold's held-out cases and ``medseg evaluate`` against their l
 each case on its own grid. The table: per fold and over all scored cases, the mean Dice
 and HD95 of each label. Folds not trained yet are listed as missing (``--score-only``
 trains nothing and scores what is there). Writes
-experiments/results/<config name>_cv.json, with each fold's per-case scores.
+experiments/results/<config name>_cv.json, with each fold's per-case scores, after
+each fold it scores (an interrupted run keeps those).
 
 A cross-validation can outlive its run folders: a fold already in that JSON (same
 config) whose run folder is gone is kept from the JSON rather than listed as missing,
@@ -216,6 +217,23 @@ def recorded_folds(
     return {f["fold"]: f for f in report.get("folds", [])}
 
 
+def write_report(output: Path, header: dict, folds: list[dict], count: int) -> dict:
+    """Writes the cross-validation JSON: ``header`` (command, config, ...), the folds
+    in order, the fold numbers of ``range(count)`` without scores, and the scores
+    pooled over all scored cases. Returns it."""
+    from medseg.io import atomic_write_text
+
+    folds = sorted(folds, key=lambda row: row["fold"])
+    report = {
+        **header,
+        "folds": folds,
+        "missing_folds": sorted(set(range(count)) - {row["fold"] for row in folds}),
+        "all_scored_cases": pooled(folds),
+    }
+    atomic_write_text(output, json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def fold_order(text: str | None, folds: int) -> list[int]:
     """The folds to train, in order, from ``"3,0,1"`` (``None``: all, 0 first)."""
     if not text:
@@ -264,12 +282,20 @@ def main() -> None:
         output, args.config, model, postprocessing, args.last_epoch
     )
     data = ["--data", args.data] if args.data else []
-    folds, missing = [], []
+    header = {
+        "command": "python experiments/cross_validate.py " + " ".join(sys.argv[1:]),
+        "config": str(args.config),
+        "model": model,
+        "postprocessing": list(postprocessing),
+        "last_epoch": args.last_epoch,
+    }
+    folds, processed = [], set()
     try:
         order = fold_order(args.order, args.folds)
     except ValueError as error:
         parser.error(str(error))
     for fold in order + sorted(set(range(args.folds)) - set(order)):
+        processed.add(fold)
         run = args.runs / f"fold_{fold}"
         if not args.score_only and fold in order:
             resume = ["--resume"] if (run / "checkpoint").exists() else []
@@ -288,8 +314,6 @@ def main() -> None:
             if fold in recorded:
                 print(f"fold {fold}: kept from {output.name} (no finished run here)")
                 folds.append(recorded[fold])
-            else:
-                missing.append(fold)
             continue
         names = label_names(metadata, args.labels)
         fold_rows = score_run(
@@ -305,11 +329,17 @@ def main() -> None:
             "training_hours": training_hours(run),
             **means(fold_rows, names), "case_scores": fold_rows,
         })  # fmt: skip
+        # each fold's scores are written at once: an interrupted run loses none
+        pending = [recorded[f] for f in sorted(recorded) if f not in processed]
+        write_report(output, header, folds + pending, args.folds)
     if not folds:
         sys.exit("no fold finished yet")
-    folds.sort(key=lambda row: row["fold"])
-    missing.sort()
-    overall = pooled(folds)
+    report = write_report(output, header, folds, args.folds)
+    folds, missing, overall = (
+        report["folds"],
+        report["missing_folds"],
+        report["all_scored_cases"],
+    )
     names = list(overall["dice"])
     print(f"\n{'fold':<8}{'cases':>6}{'voxel error':>13}" + "".join(
         f"{'Dice ' + n:>16}{'HD95 ' + n:>16}" for n in names))  # fmt: skip
@@ -320,17 +350,6 @@ def main() -> None:
             for n in names))  # fmt: skip
     if missing:
         print(f"missing folds (not trained to the end): {missing}")
-    report = {
-        "command": "python experiments/cross_validate.py " + " ".join(sys.argv[1:]),
-        "config": str(args.config),
-        "model": model,
-        "postprocessing": list(postprocessing),
-        "last_epoch": args.last_epoch,
-        "folds": folds,
-        "missing_folds": missing,
-        "all_scored_cases": overall,
-    }
-    output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {output}")
 
 

@@ -270,3 +270,22 @@ def test_packaged_cross_validation_says_how_each_fold_was_picked(tmp_path, monke
     with pytest.raises(SystemExit, match="folds \\[2\\] are missing"):
         path.write_text(json.dumps({**report, "folds": [], "missing_folds": [2]}))
         package.cross_validation_record(path, config)
+
+
+def test_a_report_written_fold_by_fold_is_reused_by_the_next_run(cv, rng, tmp_path):
+    names = {"1": "Anterior", "2": "Posterior"}
+    config = tmp_path / "a.yaml"
+    config.write_text("model: {name: unet}\n")
+    header = {"config": str(config), "model": {"name": "unet"}, "postprocessing": []}
+    output = tmp_path / "a_cv.json"
+    folds = [
+        {"fold": f, **cv.means(case_rows(rng, 4, f), names)} for f in (3, 0)
+    ]  # scored in the order 3, 0
+    report = cv.write_report(output, header, folds, 5)
+    assert json.loads(output.read_text()) == report
+    assert [f["fold"] for f in report["folds"]] == [0, 3]
+    assert report["missing_folds"] == [1, 2, 4]
+    assert report["all_scored_cases"] == cv.pooled(folds)
+    # the next run (after an interruption) takes up the folds already scored
+    recorded = cv.recorded_folds(output, config, {"name": "unet"})
+    assert sorted(recorded) == [0, 3] and recorded[3] == folds[0]
