@@ -180,9 +180,8 @@ def predict(
         inputs_named = {inputs[0]: output.name}
     else:
         inputs_named = {}
-    targets = [batch.output_for(path, output_dir, inputs_named) for path in inputs]
-    existing = [batch.is_done(target, probabilities) for target in targets]
-    batch.check_settings(  # before any scan is read
+    batch.check_folder(  # before any scan is read
+        inputs,
         output_dir,
         {
             "model_sha256": sha256(bundle / MODEL_FILE),
@@ -199,9 +198,9 @@ def predict(
             "model": str(bundle),
             "medseg": __version__,
         },
-        skipping=0 if overwrite else sum(existing),
         overwrite=overwrite,
-        others=len(set(batch.label_files(output_dir)) - set(targets)),
+        rename=inputs_named,
+        probabilities=probabilities,
     )
     with click.progressbar(
         length=len(inputs),

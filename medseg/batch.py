@@ -229,6 +229,27 @@ def check_settings(
         atomic_write_text(record, text)
 
 
+def check_folder(
+    inputs: list[Path],
+    output_dir: Path,
+    settings: dict,
+    *,
+    overwrite: bool = False,
+    rename: dict | None = None,
+    probabilities: bool = False,
+) -> None:
+    """:func:`check_settings` for a run that writes ``inputs``' outputs (named as
+    :func:`segment_all` names them) into ``output_dir``."""
+    targets = {output_for(path, output_dir, rename) for path in inputs}
+    check_settings(
+        output_dir,
+        settings,
+        skipping=0 if overwrite else sum(is_done(t, probabilities) for t in targets),
+        overwrite=overwrite,
+        others=len(set(label_files(output_dir)) - targets),
+    )
+
+
 #: key of the record: label maps left from other settings by an ``overwrite`` run
 KEPT = "label_maps_kept_from_other_settings"
 _REDO = "--overwrite redoes this run's scans, or choose another output folder"
@@ -325,24 +346,24 @@ def segment_all(
             differs (see :func:`check_settings`).
     """
     make_output_dir(output_dir)
-    todo, results, targets = [], [], set()
-    for path in inputs:
-        target = output_for(path, output_dir, rename)
-        targets.add(target)
-        if is_done(target, probabilities) and not overwrite:
-            results.append(CaseResult(str(path), str(target), "skipped"))
-        else:
-            todo.append((path, target))
     if settings is not None:
-        check_settings(
+        check_folder(
+            inputs,
             output_dir,
             settings,
-            skipping=len(results),
             overwrite=overwrite,
-            others=len(set(label_files(output_dir)) - targets),
+            rename=rename,
+            probabilities=probabilities,
         )
-    for result in results if progress else ():
-        progress(result)
+    todo, results = [], []
+    for path in inputs:
+        target = output_for(path, output_dir, rename)
+        if is_done(target, probabilities) and not overwrite:
+            results.append(CaseResult(str(path), str(target), "skipped"))
+            if progress:
+                progress(results[-1])
+        else:
+            todo.append((path, target))
 
     def load(path):
         try:
