@@ -13,7 +13,9 @@ each fold it scores (an interrupted run keeps those).
 A cross-validation can outlive its run folders: a fold already in that JSON (same
 config) whose run folder is gone is kept from the JSON rather than listed as missing,
 so folds trained on different machines add up to one table. A fold is rescored whenever
-its finished run folder is there.
+its finished run folder is there. A run folder trained with other model or train
+settings than the config's (a folder linked from another experiment, say) is refused,
+before it is resumed or scored.
 
     python experiments/cross_validate.py \
         --config experiments/hippocampus_3d_shipped.yaml --runs runs/hippocampus_cv
@@ -39,6 +41,55 @@ def medseg(*args) -> None:
     result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if result.returncode != 0:
         sys.exit(f"failed ({result.returncode}):\n{result.stderr.decode()[-3000:]}")
+
+
+def differences(wanted: dict, trained: dict, prefix: str = "") -> list[str]:
+    """The settings of ``wanted`` (nested, model and train sections at the top) that
+    the run's resolved config ``trained`` has otherwise; ``trained`` may hold more."""
+    wrong = []
+    for key, value in wanted.items():
+        if prefix == "" and key not in ("model", "train"):
+            continue
+        got = trained.get(key) if isinstance(trained, dict) else None
+        if isinstance(value, dict) and isinstance(got, dict):
+            wrong += differences(value, got, f"{prefix}{key}.")
+        elif got != value:
+            wrong.append(f"{prefix}{key}: {got!r}")
+    return wrong
+
+
+def unlike_config(run: Path, config: Path) -> list[str]:
+    """How the run in ``run`` was trained otherwise than the config file ``config``
+    says, with every default filled in: its model and train settings (not the fold,
+    nor the number of classes training takes from the dataset, nor the dataset
+    path); nothing for a run not started. ``train.keep`` only decides which epoch
+    becomes the bundle, so a run whose bundle is its last epoch passes either way."""
+    import yaml
+
+    from medseg.config import load_config
+
+    wanted = load_config(config).to_dict()
+    if (run / "medseg.json").is_file():
+        metadata = json.loads((run / "medseg.json").read_text())
+        trained, epoch = metadata["config"], metadata["epoch"]
+    elif (run / "config.yaml").is_file():
+        trained, epoch = yaml.safe_load((run / "config.yaml").read_text()), None
+    else:
+        return []
+    train = trained.get("train", {})
+    if "keep" not in train:  # before train.keep, runs kept their best epoch
+        trained = {**trained, "train": {**train, "keep": "best"}}
+    wrong = differences(wanted, trained) + [  # model options the config leaves out
+        f"model.{key}: {value!r}"
+        for key, value in trained.get("model", {}).items()
+        if key not in wanted["model"]
+    ]
+    ignored = ["train.fold:"]
+    if wanted["model"].get("num_classes") is None:
+        ignored.append("model.num_classes:")
+    if epoch is not None and epoch == trained.get("train", {}).get("epochs"):
+        ignored.append("train.keep:")
+    return [w for w in wrong if not w.startswith(tuple(ignored))]
 
 
 def last_epoch_bundle(run: Path, target: Path) -> int:
@@ -297,6 +348,9 @@ def main() -> None:
     for fold in order + sorted(set(range(args.folds)) - set(order)):
         processed.add(fold)
         run = args.runs / f"fold_{fold}"
+        wrong = unlike_config(run, args.config)
+        if wrong:
+            sys.exit(f"{run}: not trained with {args.config} ({', '.join(wrong)})")
         if not args.score_only and fold in order:
             resume = ["--resume"] if (run / "checkpoint").exists() else []
             medseg("train", "--config", args.config, "--output", run,

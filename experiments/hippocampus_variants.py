@@ -27,7 +27,14 @@ import sys
 from pathlib import Path
 
 import yaml
-from cross_validate import checkpoint_epoch, label_names, means, medseg, score_run
+from cross_validate import (
+    checkpoint_epoch,
+    label_names,
+    means,
+    medseg,
+    score_run,
+    unlike_config,
+)
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = HERE / "hippocampus_3d_shipped.yaml"
@@ -70,21 +77,6 @@ def variant_config(overrides: dict) -> dict:
     dataset = Path(config["data"]["dataset"])
     config["data"]["dataset"] = str((SHIPPED.parent / dataset).resolve())
     return config
-
-
-def differences(wanted: dict, trained: dict, prefix: str = "") -> list[str]:
-    """The settings of ``wanted`` (nested, model and train sections at the top) that
-    the run's resolved config ``trained`` has otherwise; ``trained`` may hold more."""
-    wrong = []
-    for key, value in wanted.items():
-        if prefix == "" and key not in ("model", "train"):
-            continue
-        got = trained.get(key) if isinstance(trained, dict) else None
-        if isinstance(value, dict) and isinstance(got, dict):
-            wrong += differences(value, got, f"{prefix}{key}.")
-        elif got != value:
-            wrong.append(f"{prefix}{key}: {got!r}")
-    return wrong
 
 
 def case_means(rows: list[dict]) -> dict[str, float]:
@@ -158,7 +150,7 @@ def main() -> None:
             missing.append(name)
             continue
         metadata = json.loads(metadata_path.read_text())
-        wrong = differences(config, metadata["config"])
+        wrong = unlike_config(run, folder / "config.yaml")
         if metadata["split"]["fold"] != args.fold:
             wrong.append(f"fold {metadata['split']['fold']}")
         if wrong:

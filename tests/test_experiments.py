@@ -141,7 +141,9 @@ def variants(monkeypatch):
     )
 
 
-def test_variant_configs_change_only_their_keys_and_runs_are_checked(variants):
+def test_variant_configs_change_only_their_keys_and_runs_are_checked(
+    variants, tmp_path
+):
     import yaml
 
     shipped = yaml.safe_load(variants.SHIPPED.read_text())
@@ -150,21 +152,22 @@ def test_variant_configs_change_only_their_keys_and_runs_are_checked(variants):
     assert config["train"] == shipped["train"]
     dataset = REPO / "experiments" / shipped["data"]["dataset"]
     assert config["data"]["dataset"] == str(dataset.resolve())
-    # a run's resolved config holds more keys (every augmentation setting): those
-    # the variant does not set are not compared
-    trained = {
-        "model": {**config["model"], "num_classes": 3},
-        "train": {
-            **config["train"],
-            "augment": {"mirror_axes": [0, 2], "p_rotate": 0.2},
-            "precision": "auto",
-        },
-        "data": {"dataset": "/elsewhere"},
-    }
-    assert variants.differences(config, trained) == []
+    # a run is checked against the variant's config with its defaults filled in
+    from medseg.config import load_config
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = tmp_path / "fold_3"
+    run.mkdir()
+    trained = load_config(tmp_path / "config.yaml").to_dict()
+    trained["model"]["num_classes"] = 3
+    trained["train"]["fold"] = 3
+    metadata = {"config": trained, "epoch": trained["train"]["epochs"]}
+    (run / "medseg.json").write_text(json.dumps(metadata))
+    assert variants.unlike_config(run, tmp_path / "config.yaml") == []
     trained["train"]["augment"]["mirror_axes"] = [0, 1, 2]
     trained["model"]["deep_supervision"] = 0
-    assert variants.differences(config, trained) == [
+    (run / "medseg.json").write_text(json.dumps(metadata))
+    assert variants.unlike_config(run, tmp_path / "config.yaml") == [
         "model.deep_supervision: 0",
         "train.augment.mirror_axes: [0, 1, 2]",
     ]
@@ -204,6 +207,51 @@ def test_fold_order_trains_the_named_folds_in_order(cv):
     for bad in ("3,3", "5", "1,x", "-1"):
         with pytest.raises(ValueError, match="distinct, 0 to 4"):
             cv.fold_order(bad, 5)
+
+
+def test_runs_trained_with_another_config_are_named(cv, tmp_path):
+    import yaml
+
+    from medseg.config import load_config
+
+    config = tmp_path / "cv.yaml"
+    config.write_text(
+        yaml.safe_dump({
+            "model": {"name": "unet", "spatial_dims": 3, "filters": [8, 16]},
+            "data": {"dataset": "here"},
+            "train": {"epochs": 4, "keep": "last", "augment": {"mirror_axes": [0, 2]}},
+        })
+    )  # fmt: skip
+    run = tmp_path / "fold_1"
+    assert cv.unlike_config(run, config) == []  # not started
+    run.mkdir()
+    assert cv.unlike_config(run, config) == []
+    # as training resolves it: every default, the classes and fold filled in,
+    # another dataset path; and from before train.keep existed (best was kept)
+    trained = load_config(config).to_dict()
+    trained["model"]["num_classes"] = 3
+    trained["data"]["dataset"] = "/elsewhere"
+    trained["train"]["fold"] = 1
+    del trained["train"]["keep"]
+    (run / "config.yaml").write_text(yaml.safe_dump(trained))
+    # started, no bundle yet: which epoch it will keep is open
+    assert cv.unlike_config(run, config) == ["train.keep: 'best'"]
+    metadata = {"config": trained, "epoch": 3}
+    (run / "medseg.json").write_text(json.dumps(metadata))
+    assert cv.unlike_config(run, config) == ["train.keep: 'best'"]
+    metadata["epoch"] = 4  # its bundle is its last epoch: what keep: last gives
+    (run / "medseg.json").write_text(json.dumps(metadata))
+    assert cv.unlike_config(run, config) == []
+    # a setting the config leaves to its default, and options it does not name
+    trained["train"]["precision"] = "mixed_bfloat16"
+    trained["train"]["augment"]["mirror_axes"] = [0, 1, 2]
+    trained["model"]["deep_supervision"] = 2
+    (run / "medseg.json").write_text(json.dumps(metadata))
+    assert cv.unlike_config(run, config) == [
+        "train.precision: 'mixed_bfloat16'",
+        "train.augment.mirror_axes: [0, 1, 2]",
+        "model.deep_supervision: 2",
+    ]
 
 
 @pytest.mark.parametrize("heads", [0, 1])
