@@ -123,4 +123,4 @@ def run(config, output: Path, resume: bool, blame) -> None:
         )
     except ConfigError as exc:  # a setting that does not fit the data or model
         raise InputFileError(blame, str(exc)) from None
-    click.echo(f"bundle written to {folder}")
+    click.echo(f"bundle: {folder}")

@@ -472,6 +472,23 @@ def test_checkpoint_restores_dropout_randomness(tmp_path):
     assert not np.array_equal(a, again)  # dropout is on: masks differ call to call
 
 
+def test_a_checkpoint_of_another_network_is_one_error_naming_it(tmp_path):
+    from medseg.models import build_unet
+    from medseg.training.run_files import restore_checkpoint, save_checkpoint
+
+    def model(filters):
+        net = build_unet(spatial_dims=2, in_channels=1, num_classes=2, filters=filters)
+        net.compile(optimizer="adam", loss="mse")
+        return net
+
+    save_checkpoint(tmp_path, model((4, 8)), 3, None)
+    with pytest.raises(InputFileError) as caught:
+        restore_checkpoint(tmp_path, model((4, 8, 16)))
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'checkpoint'}: its weights do not fit")
+    assert "\n" not in message
+
+
 @pytest.mark.parametrize("shape", [(8, 12, 16), (12, 8)])
 def test_deep_supervision_targets_take_each_blocks_centre_label(shape, rng):
     label = rng.integers(0, 3, size=(*shape, 1)).astype(np.int32)
@@ -585,3 +602,12 @@ def test_the_bundle_is_the_best_or_the_last_validated_epoch(
         for a, b in zip(load_model(run).get_weights(), final.get_weights(), strict=True)
     ]
     assert all(same) if keep == "last" else not all(same)
+    # resuming the finished run reads no data and leaves the bundle as it is
+    stamp = (run / "model.keras").stat().st_mtime_ns
+
+    def unread(config):
+        raise AssertionError("the dataset was read")
+
+    monkeypatch.setattr(trainer, "_checked_dataset", unread)
+    assert trainer.train(load_config(path), run, resume=True, verbose=0) == run
+    assert (run / "model.keras").stat().st_mtime_ns == stamp

@@ -147,7 +147,15 @@ def restore_checkpoint(folder: Path, model) -> tuple[int, float | None]:
     # built first, so that the weights file's optimizer entries have variables to go
     # to (else Keras warns that it skips them); optimizer.npz then sets them
     model.optimizer.build(model.trainable_variables)
-    model.load_weights(source / "model.weights.h5")
+    try:
+        model.load_weights(source / "model.weights.h5")
+    except ValueError as error:  # Keras names the layers that did not fit
+        raise InputFileError(
+            source,
+            "its weights do not fit the network built from the run's config.yaml "
+            "(a run of an earlier medseg version, or an edited config?); train a new "
+            f"run, or use the run's bundle as it is ({str(error).splitlines()[0]})",
+        ) from None
     with np.load(source / "optimizer.npz", allow_pickle=False) as stored:
         values = [stored[f"arr_{i}"] for i in range(len(stored.files))]
     if len(values) != len(model.optimizer.variables):

@@ -532,6 +532,15 @@ def train(
         folder = folder / f".worker-{worker}"
     folder.mkdir(parents=True, exist_ok=True)
     config = prepare_run(folder, config, resume=resume)
+    done = checkpoint_epoch(folder) if resume else 0
+    if done >= config.train.epochs and (folder / "medseg.json").is_file():
+        logger.info(
+            "%s: trained to epoch %d of %d already, nothing to resume",
+            folder,
+            done,
+            config.train.epochs,
+        )
+        return folder
     if config.data.task == "classification":
         return _train_classification(
             config, folder, strategy, worker, workers, resume=resume, verbose=verbose
