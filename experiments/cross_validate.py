@@ -130,18 +130,55 @@ def score_run(
     ``predict_options`` go to ``medseg predict`` (``--keep-largest``, say);
     ``last_epoch``: the checkpoint's weights (the end of training) are scored instead
     of a bundle picked at an earlier epoch on these same cases."""
+    return score_runs([run], dataset, labels, predict_options, last_epoch)
+
+
+def average_label_maps(folders: list[Path], target: Path) -> None:
+    """Label maps in ``target`` from the mean of the class probabilities that
+    ``medseg predict --probabilities`` wrote for the same scans in each of
+    ``folders`` (an ensemble of their models), each on its scan's grid and header."""
+    import numpy as np
+
+    from medseg.batch import probabilities_for
+    from medseg.io import read_volume, write_volume
+
+    for label_file in sorted(folders[0].glob("*.nii*")):
+        stores = [np.load(probabilities_for(f / label_file.name)) for f in folders]
+        values = stores[0]["label_values"]
+        if any(not np.array_equal(s["label_values"], values) for s in stores):
+            sys.exit(f"{label_file.name}: the models' label values differ")
+        mean = sum(s["probabilities"].astype(np.float32) for s in stores) / len(stores)
+        template = read_volume(label_file)
+        labels = values[np.argmax(mean, axis=-1)].astype(template.array.dtype)
+        write_volume(template.with_array(labels[..., None]), target / label_file.name)
+
+
+def score_runs(
+    runs: list[Path],
+    dataset: str | None = None,
+    labels: str | None = None,
+    predict_options: tuple[str, ...] = (),
+    last_epoch: bool = False,
+) -> list[dict]:
+    """:func:`score_run` of one run, or of the ensemble of several runs of the same
+    fold (the mean of their class probabilities on each scan's grid)."""
     import numpy as np
 
     from medseg.bundle import verify
     from medseg.datasets import load_dataset
     from medseg.io import read_volume
 
-    metadata = verify(run)
-    held_out = set((metadata.get("split") or {}).get("validation") or ())
+    if len(runs) > 1 and predict_options:
+        sys.exit("post-processing options are not applied to an ensemble's mean")
+    splits = [verify(run).get("split") or {} for run in runs]
+    held_out = set(splits[0].get("validation") or ())
+    if any(set(s.get("validation") or ()) != held_out for s in splits):
+        sys.exit(f"{', '.join(map(str, runs))}: not trained on the same fold")
+    metadata = verify(runs[0])
     source = load_dataset(dataset or metadata["config"]["data"]["dataset"])
     cases = [c for c in source.cases if c.case_id in held_out]
     if not cases:
-        sys.exit(f"{run}: no held-out cases recorded to score it on")
+        sys.exit(f"{runs[0]}: no held-out cases recorded to score it on")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for sub in ("images", "labels", "predicted"):
@@ -149,11 +186,19 @@ def score_run(
         for case in cases:
             shutil.copyfile(case.images[0], tmp / "images" / case.label.name)
             shutil.copyfile(case.label, tmp / "labels" / case.label.name)
-        if last_epoch and metadata["epoch"] < checkpoint_epoch(run):
-            last_epoch_bundle(run, tmp / "last")
-            run = tmp / "last"
-        medseg("predict", "--model", run, "--input", tmp / "images",
-               "--output", tmp / "predicted", *predict_options)  # fmt: skip
+        ensemble = len(runs) > 1
+        outputs = []
+        for i, run in enumerate(runs):
+            if last_epoch and verify(run)["epoch"] < checkpoint_epoch(run):
+                last_epoch_bundle(run, tmp / f"last_{i}")
+                run = tmp / f"last_{i}"
+            output = tmp / f"member_{i}" if ensemble else tmp / "predicted"
+            extra = ("--probabilities",) if ensemble else ()
+            medseg("predict", "--model", run, "--input", tmp / "images",
+                   "--output", output, *predict_options, *extra)  # fmt: skip
+            outputs.append(output)
+        if ensemble:
+            average_label_maps(outputs, tmp / "predicted")
         chosen = ["--labels", labels] if labels else []
         medseg("evaluate", "--prediction", tmp / "predicted", "--truth",
                tmp / "labels", "--output", tmp / "cases.csv", *chosen)  # fmt: skip

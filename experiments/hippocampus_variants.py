@@ -13,6 +13,9 @@ which are these held-out cases; ``--last-epoch``: the end of training), and the
 median seconds per training epoch (runs trained at different times: machine load
 differs between them); for every variant after the first, the case-by-case difference
 of its label-averaged Dice from the first's, with the standard error of that mean.
+``--ensembles a+b,...`` also scores ensembles of the variants' runs (the mean of their
+class probabilities on each scan's grid), each paired against the first variant and
+against its best member.
 
     python experiments/hippocampus_variants.py --runs runs/variants --fold 3
 """
@@ -33,6 +36,7 @@ from cross_validate import (
     means,
     medseg,
     score_run,
+    score_runs,
     unlike_config,
 )
 
@@ -142,13 +146,25 @@ def main() -> None:
         help="score each run's last epoch, not its bundle's (picked on these cases)",
     )
     parser.add_argument(
+        "--ensembles",
+        default="",
+        help="also score ensembles of the variants' runs, e.g. "
+        "epochs_90+ds90,shipped+bfloat16: the mean of their class probabilities",
+    )
+    parser.add_argument(
         "--output", type=Path, default=HERE / "results" / "hippocampus_variants.json"
     )
     args = parser.parse_args()
     names = args.variants.split(",")
+    ensembles = [e.split("+") for e in args.ensembles.split(",") if e]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
+    for members in ensembles:
+        if len(members) < 2 or not set(members) <= set(names):
+            parser.error(
+                f"ensemble {'+'.join(members)}: two or more of --variants {names}"
+            )
 
     results, missing = [], []
     for name in names:
@@ -190,19 +206,43 @@ def main() -> None:
             )
     if not results:
         sys.exit("no variant trained yet")
+    scored = {r["variant"]: r for r in results}
+    for members in ensembles:
+        if not set(members) <= set(scored):
+            missing.append("+".join(members))
+            continue
+        runs = [args.runs / name / f"fold_{args.fold}" for name in members]
+        rows = score_runs(runs, args.data, last_epoch=args.last_epoch)
+        best = max(members, key=lambda name: scored[name]["dice_mean"])
+        results.append({
+            "variant": "+".join(members),
+            "what": "ensemble: the mean of the class probabilities of "
+            + ", ".join(members),
+            "fold": args.fold, "members": members,
+            "scored_epoch": "/".join(str(scored[m]["scored_epoch"]) for m in members),
+            "median_epoch_seconds": sum(
+                scored[m]["median_epoch_seconds"] for m in members),
+            **means(rows, label_names(json.loads(
+                (runs[0] / "medseg.json").read_text()))), "case_scores": rows,
+            "against_" + results[0]["variant"]: paired(
+                rows, results[0]["case_scores"]),
+            "best_member": best,
+            "against_best_member": paired(rows, scored[best]["case_scores"]),
+        })  # fmt: skip
     labels = list(results[0]["dice"])
-    print(f"\nfold {args.fold}, held-out cases\n{'variant':<22}{'cases':>6}"
+    width = max(22, *(len(r["variant"]) + 2 for r in results))
+    print(f"\nfold {args.fold}, held-out cases\n{'variant':<{width}}{'cases':>6}"
           + "".join(f"{'Dice ' + n:>16}{'HD95 ' + n:>16}" for n in labels)
           + f"{'mean Dice':>11}{'paired diff':>18}"
-          + f"{'s/epoch':>9}{'epoch':>7}")  # fmt: skip
+          + f"{'s/epoch':>9}{'epoch':>12}")  # fmt: skip
     for r in results:
         against = r.get("against_" + results[0]["variant"])
         diff = (f"{against['mean_dice_difference']:+.4f} +- "
                 f"{against['standard_error']:.4f}" if against else "")  # fmt: skip
-        print(f"{r['variant']:<22}{r['cases']:>6}" + "".join(
+        print(f"{r['variant']:<{width}}{r['cases']:>6}" + "".join(
             f"{r['dice'][n]:>16.4f}{r['hd95_mm'][n]:>16.2f}" for n in labels)
             + f"{r['dice_mean']:>11.4f}{diff:>18}{r['median_epoch_seconds']:>9.1f}"
-            f"{r['scored_epoch']:>7}")  # fmt: skip
+            f"{r['scored_epoch']!s:>12}")  # fmt: skip
     if missing:
         print(f"not trained yet: {missing}")
     import machine
