@@ -43,6 +43,23 @@ from cross_validate import (
 HERE = Path(__file__).resolve().parent
 SHIPPED = HERE / "hippocampus_3d_shipped.yaml"
 
+#: the shipped config's augmentation with every transform but mirroring off
+MIRROR_ONLY = {
+    "mirror_axes": [0, 2],
+    **{
+        f"p_{name}": 0.0
+        for name in (
+            "rotate",
+            "scale",
+            "gamma",
+            "brightness",
+            "contrast",
+            "noise",
+            "blur",
+        )
+    },
+}
+
 #: name: (what it changes, the keys it replaces in the shipped config)
 VARIANTS = {
     "shipped": ("the shipped config", {}),
@@ -66,18 +83,15 @@ VARIANTS = {
         "no augmentation but mirroring (at 45 epochs the training Dice, on augmented "
         "patches, is no higher than the held-out Dice: does augmentation slow a "
         "short schedule?)",
+        {"train": {"augment": MIRROR_ONLY}},
+    ),
+    "mirror_only_90": (
+        "no augmentation but mirroring, 90 epochs, the last epoch kept",
         {
             "train": {
-                "augment": {
-                    "mirror_axes": [0, 2],
-                    "p_rotate": 0.0,
-                    "p_scale": 0.0,
-                    "p_gamma": 0.0,
-                    "p_brightness": 0.0,
-                    "p_contrast": 0.0,
-                    "p_noise": 0.0,
-                    "p_blur": 0.0,
-                }
+                "epochs": 90,
+                "keep": "last",
+                "augment": MIRROR_ONLY,
             }
         },
     ),
