@@ -170,11 +170,11 @@ def score_runs(
 
     if len(runs) > 1 and predict_options:
         sys.exit("post-processing options are not applied to an ensemble's mean")
-    splits = [verify(run).get("split") or {} for run in runs]
-    held_out = set(splits[0].get("validation") or ())
-    if any(set(s.get("validation") or ()) != held_out for s in splits):
+    records = [verify(run) for run in runs]
+    held_out = [set((m.get("split") or {}).get("validation") or ()) for m in records]
+    if any(cases != held_out[0] for cases in held_out):
         sys.exit(f"{', '.join(map(str, runs))}: not trained on the same fold")
-    metadata = verify(runs[0])
+    held_out, metadata = held_out[0], records[0]
     source = load_dataset(dataset or metadata["config"]["data"]["dataset"])
     cases = [c for c in source.cases if c.case_id in held_out]
     if not cases:
@@ -188,8 +188,8 @@ def score_runs(
             shutil.copyfile(case.label, tmp / "labels" / case.label.name)
         ensemble = len(runs) > 1
         outputs = []
-        for i, run in enumerate(runs):
-            if last_epoch and verify(run)["epoch"] < checkpoint_epoch(run):
+        for i, (run, record) in enumerate(zip(runs, records, strict=True)):
+            if last_epoch and record["epoch"] < checkpoint_epoch(run):
                 last_epoch_bundle(run, tmp / f"last_{i}")
                 run = tmp / f"last_{i}"
             output = tmp / f"member_{i}" if ensemble else tmp / "predicted"
