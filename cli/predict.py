@@ -91,6 +91,13 @@ from medseg_cli._tf import start_tensorflow
     "and no GPU (about 2x faster there), float32 otherwise.",
 )
 @click.option(
+    "--nonfinite",
+    type=click.Choice(["error", "replace"]),
+    help="NaN/Inf voxels in a scan: error refuses the scan, replace fills them with "
+    "the channel's minimum (noted in the report). Default: the bundle's policy "
+    "(error for the shipped models).",
+)
+@click.option(
     "--overwrite",
     is_flag=True,
     help="Redo scans whose output exists; needed to write into a folder of label maps "
@@ -116,6 +123,7 @@ def predict(
     shard: str | None,
     allow_modified_model: bool,
     precision: str,
+    nonfinite: str | None,
     overwrite: bool,
     report_path: Path | None,
 ) -> None:
@@ -153,6 +161,7 @@ def predict(
             shard_value,
             report_path,
             allow_modified_model,
+            nonfinite,
         )
         return
     inputs = batch.take_shard(batch.collect_inputs(input_path), shard_value)
@@ -175,6 +184,7 @@ def predict(
         probabilities=probabilities,
         allow_modified=allow_modified_model,
         precision=precision,
+        nonfinite=nonfinite,
     )
     if single and inputs[0].name != output.name:
         inputs_named = {inputs[0]: output.name}
@@ -214,6 +224,12 @@ def predict(
             bar.update(1)
             if result.status == "failed":
                 click.echo(f"\nFAILED {result.error}", err=True)
+            elif result.nonfinite_replaced:
+                click.echo(
+                    f"\n{result.input}: {result.nonfinite_replaced:,} NaN/Inf voxels "
+                    "replaced by the channel minimum",
+                    err=True,
+                )
 
         results = batch.segment_all(
             segmenter.predict,
@@ -224,7 +240,11 @@ def predict(
             rename=inputs_named,
             probabilities=probabilities,
         )
-    settings = {"precision": segmenter.precision, "tta": list(segmenter.mirror_axes)}
+    settings = {
+        "precision": segmenter.precision,
+        "tta": list(segmenter.mirror_axes),
+        "nonfinite": segmenter.preprocessor.nonfinite,
+    }
     _finish(results, output_dir, report_path, shard_value, "segmented", settings)
 
 
@@ -257,7 +277,15 @@ def _finish(
 
 
 def _classify(
-    bundle, metadata, input_path, output, split, shard_value, report_path, allowed
+    bundle,
+    metadata,
+    input_path,
+    output,
+    split,
+    shard_value,
+    report_path,
+    allowed,
+    nonfinite,
 ):
     """Classification bundles: image files or a .npz split -> one predictions CSV."""
     from medseg import batch
@@ -275,7 +303,7 @@ def _classify(
     else:
         files = batch.take_shard(batch.collect_inputs(input_path), shard_value)
         items = [(split_suffix(p)[0], lambda p=p: read_volume(p).array) for p in files]
-    classifier = Classifier(bundle, allow_modified=allowed)
+    classifier = Classifier(bundle, allow_modified=allowed, nonfinite=nonfinite)
     with click.progressbar(
         length=len(items), label="classifying", file=sys.stderr, show_pos=True
     ) as bar:

@@ -48,6 +48,7 @@ class CaseResult:
     error: str | None = None
     input_shape: list[int] | None = None
     spacing_mm: list[float] | None = None
+    nonfinite_replaced: int = 0  # NaN/Inf voxels filled (``--nonfinite replace``)
 
 
 def collect_inputs(path: str | Path) -> list[Path]:
@@ -390,7 +391,9 @@ def segment_all(
                     raise error
                 result.input_shape = list(volume.array.shape)
                 result.spacing_mm = [round(s, 6) for s in volume.spacing]
-                _write(segment(volume), target, probabilities)
+                prediction = segment(volume)
+                result.nonfinite_replaced = getattr(prediction, "nonfinite_replaced", 0)
+                _write(prediction, target, probabilities)
             except (InputFileError, ValueError, OSError, MemoryError) as exc:
                 result.status = "failed"
                 result.error = (

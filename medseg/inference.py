@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -178,6 +178,7 @@ class Prediction:
     probabilities: np.ndarray | None = None
     values: tuple[int, ...] = ()
     names: tuple[str, ...] = ()
+    nonfinite_replaced: int = 0
 
 
 def bundle_mirror_axes(metadata: dict) -> tuple[int, ...]:
@@ -246,6 +247,10 @@ class Segmenter:
             and blending in float32), or ``"auto"``: bfloat16 on a CPU with AMX
             bfloat16 units and no GPU, float32 otherwise (see
             :func:`inference_precision`).
+        nonfinite: ``"error"`` or ``"replace"`` NaN/Inf voxels in place of the
+            bundle's policy (see :func:`medseg.preprocessing.handle_nonfinite`);
+            ``None`` keeps the bundle's. ``Prediction.nonfinite_replaced`` counts
+            the voxels replaced.
     """
 
     def __init__(
@@ -260,6 +265,7 @@ class Segmenter:
         probabilities: bool = False,
         allow_modified: bool = False,
         precision: str = "auto",
+        nonfinite: str | None = None,
     ):
         from medseg import bundle as bundles
         from medseg.models import load_model, with_precision
@@ -277,6 +283,8 @@ class Segmenter:
             "mixed_bfloat16" if self.precision == "bfloat16" else "float32",
         )
         self.preprocessor = Preprocessor.from_dict(self.metadata["preprocessing"])
+        if nonfinite is not None:
+            self.preprocessor = replace(self.preprocessor, nonfinite=nonfinite)
         self.patch_size = tuple(self.metadata["patch_size"])
         labels = self.metadata["labels"]
         values = [int(labels[str(k)]["value"]) for k in range(len(labels))]
@@ -329,6 +337,11 @@ class Segmenter:
                 f"{volume.spatial_dims}D scan with {volume.num_channels} channel(s), "
                 f"but the model segments {dims}D scans with {channels} channel(s)",
             )
+        replaced = 0
+        if self.preprocessor.nonfinite == "replace":
+            from medseg.preprocessing import count_nonfinite
+
+            replaced = count_nonfinite(np.asarray(volume.array))
         image, records = self.preprocessor.image(volume)
         scores = self.probabilities(image)
         del image
@@ -366,6 +379,7 @@ class Segmenter:
             probabilities,
             tuple(int(v) for v in self.values),
             tuple(self.names),
+            replaced,
         )
 
     def segment(self, volume: Volume) -> Volume:
@@ -409,10 +423,18 @@ class Classifier:
     training, one forward pass, softmax probabilities.
 
     Images whose shape differs from the training images are resized to it (linear
-    interpolation), as MedMNIST images were made.
+    interpolation), as MedMNIST images were made. ``nonfinite`` overrides the
+    bundle's NaN/Inf policy as in :class:`Segmenter`.
     """
 
-    def __init__(self, bundle, *, batch_size: int = 64, allow_modified: bool = False):
+    def __init__(
+        self,
+        bundle,
+        *,
+        batch_size: int = 64,
+        allow_modified: bool = False,
+        nonfinite: str | None = None,
+    ):
         from medseg import bundle as bundles
         from medseg.models import load_model
         from medseg.preprocessing import Preprocessor
@@ -425,6 +447,8 @@ class Classifier:
             )
         self.model = load_model(bundle)
         self.preprocessor = Preprocessor.from_dict(self.metadata["preprocessing"])
+        if nonfinite is not None:
+            self.preprocessor = replace(self.preprocessor, nonfinite=nonfinite)
         self.shape = tuple(self.metadata["patch_size"])
         labels = self.metadata["labels"]
         self.names = [str(labels[str(k)]["name"]) for k in range(len(labels))]

@@ -250,8 +250,9 @@ def handle_nonfinite(
     if policy == "error":
         raise InputFileError(
             path,
-            f"{bad:,} NaN/Inf voxels; refused (use the 'replace' non-finite policy to "
-            "fill them with the channel minimum)",
+            f"{bad:,} NaN/Inf voxels; refused (medseg predict --nonfinite replace, "
+            "or data.nonfinite: replace in a training config, fills them with the "
+            "channel minimum)",
         )
     return replace_nonfinite(array, fill)
 

@@ -85,6 +85,60 @@ def test_a_folder_of_bad_scans_names_each_and_finishes_the_good_ones(bundle, tmp
     assert report["counts"] == {"done": 3, "skipped": 0, "failed": 8}
 
 
+@pytest.mark.slow
+def test_scans_refused_for_nan_are_segmented_on_a_rerun_with_nonfinite_replace(
+    tmp_path,
+):
+    sources = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    shutil.copy(sources[0], inputs / "good.nii.gz")
+    img = nib.load(sources[1])
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    broken = data.copy()
+    broken[0:2, 0:2, 0] = np.nan  # a corner outside the field of view, as after
+    broken[5, 6, 7] = np.inf  # a registration, and one voxel inside
+    nib.save(nib.Nifti1Image(broken, img.affine), inputs / "nan.nii.gz")
+    filled = broken.copy()  # the reference: filled by hand with the finite minimum
+    filled[~np.isfinite(filled)] = data[np.isfinite(broken)].min()
+    nib.save(nib.Nifti1Image(filled, img.affine), tmp_path / "filled.nii.gz")
+    common = ("--model", "hippocampus", "--no-tta", "--precision", "float32")
+
+    first = medseg("predict", *common, "--input", inputs, "--output", out)
+    assert first.returncode == 1
+    assert "1 segmented, 0 skipped (output existed), 1 failed" in first.stdout
+    assert_failures_named(
+        first.stderr,
+        inputs,
+        [("nan.nii.gz", "5 NaN/Inf voxels; refused (medseg predict --nonfinite")],
+    )
+    assert not (out / "nan.nii.gz").exists()
+    rerun = medseg(
+        "predict", *common, "--input", inputs, "--output", out, "--nonfinite", "replace"
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "1 segmented, 1 skipped (output existed), 0 failed" in rerun.stdout
+    assert f"{inputs / 'nan.nii.gz'}: 5 NaN/Inf voxels replaced" in rerun.stderr
+    report = json.loads((out / "medseg_predict_report.json").read_text())
+    replaced = {c["input"]: c["nonfinite_replaced"] for c in report["cases"]}
+    assert replaced == {str(inputs / "good.nii.gz"): 0, str(inputs / "nan.nii.gz"): 5}
+    assert report["settings"]["nonfinite"] == "replace"
+    reference = medseg(
+        "predict",
+        *common,
+        "--input",
+        tmp_path / "filled.nii.gz",
+        "--output",
+        tmp_path / "filled_labels.nii.gz",
+    )
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = np.asanyarray(nib.load(tmp_path / "filled_labels.nii.gz").dataobj)
+    labels = nib.load(out / "nan.nii.gz")
+    np.testing.assert_array_equal(np.asanyarray(labels.dataobj), expected)
+    np.testing.assert_array_equal(labels.affine, img.affine)
+    assert set(np.unique(expected)) == {0, 1, 2}  # a real segmentation to compare
+
+
 def _limit_file_size(limit):
     def apply():  # in the child: writes past `limit` bytes fail with EFBIG
         import resource
