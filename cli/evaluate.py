@@ -119,6 +119,7 @@ def evaluate(
 
     pairs = pair_files(prediction, truth)
     names = _label_names(names_file, truth)
+    failures: list[tuple[str, str]] = []
     with click.progressbar(
         length=len(pairs), label="evaluating", file=sys.stderr
     ) as bar:
@@ -127,9 +128,16 @@ def evaluate(
             labels=parse_labels(labels),
             tolerance_mm=tolerance_mm,
             progress=lambda _case: bar.update(1),
+            failures=failures,
         )
+    failed = {case for case, _ in failures}
+    pairs = [pair for pair in pairs if pair[0] not in failed]
     result = summarize(rows)
-    click.echo(f"{len(pairs)} case(s); mean (median) over cases with a defined value")
+    click.echo(
+        f"{len(pairs)} case(s) scored"
+        + (f", {len(failed)} failed (not in the means)" if failed else "")
+        + "; mean (median) over cases with a defined value"
+    )
     click.echo(format_summary(result, names))
     if output is not None:
         atomic_write_text(output, to_csv(rows))
@@ -141,6 +149,7 @@ def evaluate(
                 {
                     "tolerance_mm": tolerance_mm,
                     "cases": len(pairs),
+                    "failed": {case: message for case, message in failures},
                     "label_names": {str(k): v for k, v in sorted(names.items())},
                     "labels": result,
                 },
@@ -156,6 +165,10 @@ def evaluate(
             report_dir, rows, pairs, _image_files(images, pairs), names
         )
         click.echo(f"{len(written)} pictures written to {report_dir}")
+    if failures:
+        for _, message in failures:
+            click.echo(f"FAILED {message}", err=True)
+        sys.exit(1)
 
 
 def _label_names(names_file: Path | None, truth: Path) -> dict[int, str]:

@@ -69,37 +69,59 @@ def evaluate_pairs(
     labels: Sequence[int] | None = None,
     tolerance_mm: float = 1.0,
     progress: Callable[[str], None] | None = None,
+    failures: list[tuple[str, str]] | None = None,
 ) -> list[dict]:
     """One row per case and label (labels default to the non-zero values present).
 
+    Args:
+        failures: when a list, a case whose files cannot be read or are on different
+            grids is appended to it as ``(case, message)`` and the others are scored;
+            when ``None`` the first such case raises.
+
     Raises:
-        InputFileError: unreadable file, or prediction and truth on different grids.
+        InputFileError: unreadable file, or prediction and truth on different grids
+            (only when ``failures`` is ``None``).
     """
     rows = []
     for case, pred_path, truth_path in pairs:
-        prediction, truth = read_volume(pred_path), read_volume(truth_path)
-        if prediction.spatial_shape != truth.spatial_shape:
-            raise InputFileError(
-                pred_path,
-                f"shape {prediction.spatial_shape} differs "
-                f"from the truth's {truth.spatial_shape}",
+        try:
+            p, t, spacing = _read_pair(pred_path, truth_path)
+        except InputFileError as exc:
+            if failures is None:
+                raise
+            failures.append((case, str(exc)))
+        else:
+            chosen = (
+                labels
+                if labels is not None
+                else sorted(
+                    (set(np.unique(p).tolist()) | set(np.unique(t).tolist())) - {0}
+                )
             )
-        if np.max(np.abs(prediction.affine - truth.affine)) > 1e-3:
-            raise InputFileError(
-                pred_path, "affine differs from the truth's (not on the same grid)"
-            )
-        p = np.asarray(prediction.array)[..., 0]
-        t = np.asarray(truth.array)[..., 0]
-        chosen = (
-            labels
-            if labels is not None
-            else sorted((set(np.unique(p).tolist()) | set(np.unique(t).tolist())) - {0})
-        )
-        for row in label_metrics(p, t, chosen, truth.spacing, tolerance_mm):
-            rows.append({"case": case, **row})
+            for row in label_metrics(p, t, chosen, spacing, tolerance_mm):
+                rows.append({"case": case, **row})
         if progress:
             progress(case)
     return rows
+
+
+def _read_pair(pred_path: Path, truth_path: Path):
+    """The prediction's and the truth's label arrays and the spacing, checked to be
+    on one grid."""
+    prediction, truth = read_volume(pred_path), read_volume(truth_path)
+    if prediction.spatial_shape != truth.spatial_shape:
+        raise InputFileError(
+            pred_path,
+            f"shape {prediction.spatial_shape} differs "
+            f"from the truth's {truth.spatial_shape}",
+        )
+    if np.max(np.abs(prediction.affine - truth.affine)) > 1e-3:
+        raise InputFileError(
+            pred_path, "affine differs from the truth's (not on the same grid)"
+        )
+    p = np.asarray(prediction.array)[..., 0]
+    t = np.asarray(truth.array)[..., 0]
+    return p, t, truth.spacing
 
 
 def summarize(rows: list[dict]) -> dict:

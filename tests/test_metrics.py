@@ -128,10 +128,13 @@ def test_evaluate_command_writes_long_csv_and_summary(tmp_path, rng):
     assert "0 both, 1 one" in result.output
 
 
-def test_evaluate_names_missing_pairs_and_grid_mismatch(tmp_path):
+def test_evaluate_names_missing_pairs_and_scores_the_rest_past_a_grid_mismatch(
+    tmp_path,
+):
     (tmp_path / "pred").mkdir()
     (tmp_path / "truth").mkdir()
     data = np.zeros((4, 4, 4))
+    data[1:3, 1:3, 1:3] = 1
     for name in ("a.nii.gz", "b.nii.gz"):
         _save(tmp_path / "truth" / name, data)
     _save(tmp_path / "pred" / "a.nii.gz", data)
@@ -158,6 +161,22 @@ def test_evaluate_names_missing_pairs_and_grid_mismatch(tmp_path):
             str(tmp_path / "pred"),
             "--truth",
             str(tmp_path / "truth"),
+            "--output",
+            str(tmp_path / "m.csv"),
+            "--summary",
+            str(tmp_path / "s.json"),
         ],
     )
-    assert result.exit_code == 2 and "affine differs from the truth's" in result.output
+    # the case on another grid is named and left out; the other is scored
+    assert result.exit_code == 1
+    failed = [line for line in result.output.splitlines() if "FAILED" in line]
+    assert failed == [
+        f"FAILED {tmp_path / 'pred' / 'b.nii.gz'}: affine differs from the truth's "
+        "(not on the same grid)"
+    ]
+    assert "1 case(s) scored, 1 failed (not in the means)" in result.output
+    rows = (tmp_path / "m.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[:3] for row in rows] == [["a", "1", "1"]]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["cases"] == 1 and list(summary["failed"]) == ["b"]
+    assert summary["labels"]["1"]["dice"]["n"] == 1
