@@ -331,10 +331,14 @@ class Segmenter:
         multi-class volume is resampled at once.
         """
         dims, channels = self.metadata["spatial_dims"], self.metadata["in_channels"]
+        volume = volume.with_array(
+            _one_grey(volume.array, volume.spatial_dims, channels)
+        )
         if volume.spatial_dims != dims or volume.num_channels != channels:
             raise InputFileError(
                 volume.path or "input",
-                f"{volume.spatial_dims}D scan with {volume.num_channels} channel(s), "
+                f"{volume.spatial_dims}D scan with {volume.num_channels} channel(s)"
+                f"{_colour_note(volume.array, volume.spatial_dims, channels)}, "
                 f"but the model segments {dims}D scans with {channels} channel(s)",
             )
         replaced = 0
@@ -385,6 +389,25 @@ class Segmenter:
     def segment(self, volume: Volume) -> Volume:
         """Label map (declared label values) on ``volume``'s own grid and header."""
         return self.predict(volume).labels
+
+
+def _one_grey(array, spatial_dims: int, channels: int):
+    """A 2D picture's one grey channel where the model takes one channel and the
+    picture is greyscale stored with colour or alpha channels; else ``array``."""
+    if spatial_dims == 2 and channels == 1 and array.shape[-1] in (2, 3, 4):
+        from medseg.preprocessing import grey_channel
+
+        grey = grey_channel(np.asarray(array))
+        if grey is not None:
+            return grey
+    return array
+
+
+def _colour_note(array, spatial_dims: int, channels: int) -> str:
+    """Why a 2D picture with colour channels was not taken as grey."""
+    if spatial_dims == 2 and channels == 1 and array.shape[-1] in (2, 3, 4):
+        return " (a colour picture: its channels differ)"
+    return ""
 
 
 def _to_scan_grid(channel: Volume, records, fill: float) -> np.ndarray:
@@ -463,10 +486,12 @@ class Classifier:
         from medseg.preprocessing import handle_nonfinite, normalize
 
         dims, channels = self.metadata["spatial_dims"], self.metadata["in_channels"]
+        image = _one_grey(image, image.ndim - 1, channels)
         if image.ndim - 1 != dims or image.shape[-1] != channels:
             raise InputFileError(
                 source,
-                f"{image.ndim - 1}D image with {image.shape[-1]} channel(s), but the "
+                f"{image.ndim - 1}D image with {image.shape[-1]} channel(s)"
+                f"{_colour_note(image, image.ndim - 1, channels)}, but the "
                 f"model classifies {dims}D images with {channels} channel(s)",
             )
         image = handle_nonfinite(

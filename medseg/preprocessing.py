@@ -190,6 +190,24 @@ def normalize(array: np.ndarray, normalizers: Sequence[Normalizer]) -> np.ndarra
     return out
 
 
+def grey_channel(array: np.ndarray) -> np.ndarray | None:
+    """The one channel ``(*S, 1)`` of a greyscale picture stored with colour or
+    alpha channels (grey + alpha, RGB, RGBA: red, green and blue equal everywhere,
+    alpha constant), or ``None`` when the channels carry more than one grey."""
+    count = array.shape[-1]
+    if count not in (2, 3, 4):
+        return None
+    first = array[..., 0]
+    colours = range(1, 3) if count >= 3 else range(0)
+    if any(not np.array_equal(first, array[..., c]) for c in colours):
+        return None
+    if count in (2, 4):
+        alpha = array[..., -1]
+        if alpha.size and not np.all(alpha == alpha.flat[0]):
+            return None
+    return array[..., :1]
+
+
 # non-finite voxels
 
 NONFINITE_POLICIES = ("error", "replace")

@@ -10,6 +10,7 @@ from medseg.preprocessing import (
     WindowNormalization,
     ZScoreNormalization,
     count_nonfinite,
+    grey_channel,
     handle_nonfinite,
     normalize,
     normalizer_from_dict,
@@ -137,3 +138,26 @@ def test_nonfinite_policy(tmp_path):
     assert replace_nonfinite(clean) is clean
     with pytest.raises(ValueError, match="nonfinite policy"):
         handle_nonfinite(clean, "x", policy="ignore")
+
+
+def test_grey_channel_takes_grey_stored_as_colour_and_refuses_colour(rng):
+    grey = rng.integers(0, 256, (5, 6, 1)).astype(np.uint8)
+    alpha = np.full_like(grey, 255)
+    for stored in (
+        np.concatenate([grey, alpha], -1),
+        np.concatenate([grey, grey, grey], -1),
+        np.concatenate([grey, grey, grey, alpha], -1),
+    ):
+        out = grey_channel(stored)
+        assert out.shape == (5, 6, 1)
+        np.testing.assert_array_equal(out, grey)
+    for channel in (1, 2):  # green or blue differs in one pixel
+        colour = np.concatenate([grey, grey, grey], -1)
+        colour[2, 3, channel] ^= 1
+        assert grey_channel(colour) is None
+    patchy = alpha.copy()
+    patchy[0, 0, 0] = 0  # a transparent pixel: the alpha carries a mask
+    assert grey_channel(np.concatenate([grey, patchy], -1)) is None
+    assert grey_channel(np.concatenate([grey, grey, grey, patchy], -1)) is None
+    assert grey_channel(grey) is None  # one channel already
+    assert grey_channel(np.concatenate([grey] * 5, -1)) is None

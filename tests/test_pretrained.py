@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from medseg.bundle import MODEL_FILE, resolve, verify
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, assert_failures_named
 from tests.conftest import run_medseg as medseg
 from tests.reference import hard_dice
 
@@ -107,3 +107,42 @@ def test_membrane_segments_a_png_into_its_label_values_flip_for_flip(tmp_path):
     assert a.shape == image.shape and set(np.unique(a)) == {0, 255}  # both, not one
     # mirroring over both axes at prediction makes the result flip-equivariant
     assert np.mean(a != b[::-1, ::-1]) < 1e-3
+
+
+@pytest.mark.slow
+def test_greyscale_pictures_stored_as_colour_are_segmented_as_their_grey(tmp_path):
+    from skimage import io
+
+    rng = np.random.default_rng(4)
+    grey = (rng.random((96, 112)) * 255).astype(np.uint8)
+    opaque = np.full_like(grey, 255)
+    colour = np.stack([grey, grey, grey], -1)
+    colour[40, 50, 2] ^= 1  # one pixel's blue differs: a colour picture
+    (tmp_path / "in").mkdir()
+    pictures = {
+        "grey": grey,
+        "grey_alpha": np.stack([grey, opaque], -1),
+        "rgb": np.stack([grey, grey, grey], -1),
+        "rgba": np.stack([grey, grey, grey, opaque], -1),
+        "colour": colour,
+    }
+    for name, picture in pictures.items():
+        io.imsave(tmp_path / "in" / f"{name}.png", picture, check_contrast=False)
+    result = medseg(
+        "predict", "--model", "membrane", "--input", tmp_path / "in",
+        "--output", tmp_path / "out",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "4 segmented, 0 skipped (output existed), 1 failed" in result.stdout
+    assert_failures_named(
+        result.stderr,
+        tmp_path / "in",
+        [("colour.png", "2D scan with 3 channel(s) (a colour picture: its channels")],
+    )
+    expected = io.imread(tmp_path / "out" / "grey.png")
+    assert expected.shape == grey.shape and set(np.unique(expected)) == {0, 255}
+    for name in ("grey_alpha", "rgb", "rgba"):
+        np.testing.assert_array_equal(
+            io.imread(tmp_path / "out" / f"{name}.png"), expected
+        )
+    assert not (tmp_path / "out" / "colour.png").exists()
