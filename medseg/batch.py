@@ -240,7 +240,25 @@ def check_folder(
     probabilities: bool = False,
 ) -> None:
     """:func:`check_settings` for a run that writes ``inputs``' outputs (named as
-    :func:`segment_all` names them) into ``output_dir``."""
+    :func:`segment_all` names them) into ``output_dir``.
+
+    Raises:
+        InputFileError: an output would be written over one of the inputs (the output
+            folder is the input folder, or an output file is the input file), even
+            with ``overwrite``; or see :func:`check_settings`.
+    """
+    clashes = [
+        path
+        for path in inputs
+        if _same_file(output_for(path, output_dir, rename), path)
+    ]
+    if clashes:
+        more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+        raise InputFileError(
+            output_for(clashes[0], output_dir, rename),
+            f"an input scan, which its label map would be written over{more}; "
+            "choose another output folder or file name",
+        )
     targets = {output_for(path, output_dir, rename) for path in inputs}
     check_settings(
         output_dir,
@@ -249,6 +267,13 @@ def check_folder(
         overwrite=overwrite,
         others=len(set(label_files(output_dir)) - targets),
     )
+
+
+def _same_file(target: Path, source: Path) -> bool:
+    try:
+        return os.path.samefile(target, source)
+    except OSError:  # the target does not exist (yet)
+        return False
 
 
 #: key of the record: label maps left from other settings by an ``overwrite`` run

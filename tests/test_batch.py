@@ -173,3 +173,40 @@ def test_label_maps_an_overwrite_run_left_behind_stop_later_skipping(tmp_path):
     assert run(other, files) == ["skipped"] * 4
     # the same settings with overwrite leave nothing kept from other settings
     assert run(other, files[:1], overwrite=True) == ["done"] and kept() is None
+
+
+def test_no_label_map_is_written_over_its_own_scan(tmp_path):
+    import os
+
+    files = scans(tmp_path / "in", 3)
+    before = {p: p.read_bytes() for p in files}
+    calls = []
+
+    def segment(volume):
+        calls.append(volume.path)
+        return volume.with_array((volume.array > 0).astype(np.uint8))
+
+    def run(output_dir, inputs=files, rename=None):
+        return batch.segment_all(
+            segment, inputs, output_dir, settings=SETTINGS, overwrite=True,
+            rename=rename,
+        )  # fmt: skip
+
+    # the input folder as the output folder, even with overwrite
+    with pytest.raises(InputFileError, match=r"case_0.nii.gz: an input scan.*2 more"):
+        run(tmp_path / "in")
+    # a single scan named as its own output
+    with pytest.raises(InputFileError, match="case_1.nii.gz: an input scan"):
+        run(tmp_path / "in", [files[1]], {files[1]: files[1].name})
+    # an output folder holding a hard link to a scan: the same file by another path
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.link(files[2], linked / files[2].name)
+    with pytest.raises(InputFileError, match="case_2.nii.gz: an input scan"):
+        run(linked)
+    assert calls == [] and {p: p.read_bytes() for p in files} == before
+    # the same scans into another folder, or renamed beside themselves, are done
+    assert [r.status for r in run(tmp_path / "out")] == ["done"] * 3
+    renamed = run(tmp_path / "in", [files[0]], {files[0]: "case_0_labels.nii.gz"})
+    assert [r.status for r in renamed] == ["done"]
+    assert {p: p.read_bytes() for p in files} == before
