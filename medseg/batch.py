@@ -419,17 +419,28 @@ def segment_all(
                 prediction = segment(volume)
                 result.nonfinite_replaced = getattr(prediction, "nonfinite_replaced", 0)
                 _write(prediction, target, probabilities)
-            except (InputFileError, ValueError, OSError, MemoryError) as exc:
+            except Exception as exc:  # even a bug met on one scan: that scan only
                 result.status = "failed"
-                result.error = (
-                    str(exc) if isinstance(exc, InputFileError) else (f"{path}: {exc}")
-                )
+                result.error = failure_message(path, exc)
                 logger.debug("case %s failed", path, exc_info=True)
             result.seconds = round(time.perf_counter() - started, 3)
             results.append(result)
             if progress:
                 progress(result)
     return results
+
+
+def failure_message(case, exc: Exception) -> str:
+    """One line for a case that failed: an input problem as it names itself, a
+    system error (a full disk, memory) after the case, and anything else as an
+    unexpected error, so that a bug met on one scan fails that scan only."""
+    if isinstance(exc, InputFileError):
+        return str(exc)
+    if isinstance(exc, (ValueError, OSError, MemoryError)):
+        return f"{case}: {exc}"
+    return (
+        f"{case}: unexpected error ({type(exc).__name__}: {exc}; --debug shows where)"
+    )
 
 
 def _write(prediction, target: Path, probabilities: bool) -> None:
@@ -498,11 +509,10 @@ def classify_all(
             image = loader()
             result.input_shape = list(image.shape)
             prepared = classifier.prepare(image, case)
-        except (InputFileError, ValueError, OSError, MemoryError) as exc:
+        except Exception as exc:
             result.status = "failed"
-            result.error = (
-                str(exc) if isinstance(exc, InputFileError) else f"{case}: {exc}"
-            )
+            result.error = failure_message(case, exc)
+            logger.debug("case %s failed", case, exc_info=True)
             result.seconds = round(time.perf_counter() - started, 3)
             results.append(result)
             if progress:

@@ -210,3 +210,29 @@ def test_no_label_map_is_written_over_its_own_scan(tmp_path):
     renamed = run(tmp_path / "in", [files[0]], {files[0]: "case_0_labels.nii.gz"})
     assert [r.status for r in renamed] == ["done"]
     assert {p: p.read_bytes() for p in files} == before
+
+
+def test_an_unexpected_error_on_one_scan_fails_that_scan_only(tmp_path):
+    files = scans(tmp_path / "in", 3)
+
+    def segment(volume):
+        if float(volume.array.max()) == 1:  # case_1: a bug met on one scan
+            raise IndexError("index 7 is out of bounds for axis 0 with size 7")
+        return volume.with_array((volume.array > 0).astype(np.uint8))
+
+    results = batch.segment_all(segment, files, tmp_path / "out")
+    assert [r.status for r in results] == ["done", "failed", "done"]
+    assert results[1].error == (
+        f"{files[1]}: unexpected error (IndexError: index 7 is out of bounds for "
+        "axis 0 with size 7; --debug shows where)"
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "case_0.nii.gz",
+        "case_2.nii.gz",
+    ]
+
+    def interrupted(volume):  # Ctrl-C still stops the job
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        batch.segment_all(interrupted, files, tmp_path / "again")
