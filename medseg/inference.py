@@ -394,7 +394,7 @@ class Segmenter:
 def _one_grey(array, spatial_dims: int, channels: int):
     """A 2D picture's one grey channel where the model takes one channel and the
     picture is greyscale stored with colour or alpha channels; else ``array``."""
-    if spatial_dims == 2 and channels == 1 and array.shape[-1] in (2, 3, 4):
+    if _pictured(array, spatial_dims, channels):
         from medseg.preprocessing import grey_channel
 
         grey = grey_channel(np.asarray(array))
@@ -405,9 +405,14 @@ def _one_grey(array, spatial_dims: int, channels: int):
 
 def _colour_note(array, spatial_dims: int, channels: int) -> str:
     """Why a 2D picture with colour channels was not taken as grey."""
-    if spatial_dims == 2 and channels == 1 and array.shape[-1] in (2, 3, 4):
+    if _pictured(array, spatial_dims, channels):
         return " (a colour picture: its channels differ)"
     return ""
+
+
+def _pictured(array, spatial_dims: int, channels: int) -> bool:
+    """A 2D picture with colour or alpha channels, for a one-channel model."""
+    return spatial_dims == 2 and channels == 1 and array.shape[-1] in (2, 3, 4)
 
 
 def _to_scan_grid(channel: Volume, records, fill: float) -> np.ndarray:
