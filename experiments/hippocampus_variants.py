@@ -15,7 +15,9 @@ differs between them); for every variant after the first, the case-by-case diffe
 of its label-averaged Dice from the first's, with the standard error of that mean.
 ``--ensembles a+b,...`` also scores ensembles of the variants' runs (the mean of their
 class probabilities on each scan's grid), each paired against the first variant and
-against its best member.
+against its best member. ``--baseline FILE:VARIANT`` takes the first row from an
+earlier results file instead of training it (its run folder may be gone): the
+variants are then paired against that recorded result, case by case.
 
     python experiments/hippocampus_variants.py --runs runs/variants --fold 3
 """
@@ -147,6 +149,29 @@ def median_epoch_seconds(run: Path) -> float:
     return round(statistics.median(seconds), 1)
 
 
+def recorded(spec: str, fold: int, last_epoch: bool) -> dict:
+    """A variant's result as an earlier run of this script recorded it (``spec`` is
+    FILE:VARIANT); ValueError when it is not there or was scored on another fold or,
+    with ``last_epoch``, not at the end of its training."""
+    file, _, name = spec.rpartition(":")
+    if not Path(file).is_file():
+        raise ValueError(f"--baseline {spec}: no file {file}")
+    report = json.loads(Path(file).read_text())
+    found = [r for r in report["variants"] if r["variant"] == name]
+    if not found:
+        raise ValueError(f"--baseline {spec}: no variant {name!r} in {file}")
+    result = found[0]
+    if result["fold"] != fold or (
+        last_epoch and result["scored_epoch"] != result["epochs"]
+    ):
+        raise ValueError(
+            f"--baseline {spec}: scored on fold {result['fold']} at epoch "
+            f"{result['scored_epoch']} of {result['epochs']}, not fold {fold}"
+            + (" at its last epoch" if last_epoch else "")
+        )
+    return {**result, "recorded_in": file}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, required=True)
@@ -166,6 +191,12 @@ def main() -> None:
         "epochs_90+ds90,shipped+bfloat16: the mean of their class probabilities",
     )
     parser.add_argument(
+        "--baseline",
+        default="",
+        help="FILE:VARIANT, a variant's recorded result in an earlier results file "
+        "(same fold, same scored epoch rule) to pair the variants against, untrained",
+    )
+    parser.add_argument(
         "--output", type=Path, default=HERE / "results" / "hippocampus_variants.json"
     )
     args = parser.parse_args()
@@ -181,6 +212,11 @@ def main() -> None:
             )
 
     results, missing = [], []
+    if args.baseline:
+        try:
+            results.append(recorded(args.baseline, args.fold, args.last_epoch))
+        except ValueError as error:
+            parser.error(str(error))
     for name in names:
         what, overrides = VARIANTS[name]
         config = variant_config(overrides)

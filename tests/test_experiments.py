@@ -385,3 +385,23 @@ def test_an_ensemble_labels_each_voxel_by_its_mean_probabilities(cv, tmp_path, r
     )
     with pytest.raises(SystemExit, match="label values differ"):
         cv.average_label_maps([folder for folder, _ in members], target)
+
+
+def test_a_recorded_baseline_is_taken_only_from_the_same_fold_and_epoch_rule(
+    variants, tmp_path
+):
+    row = {"variant": "epochs_90", "fold": 3, "scored_epoch": 90, "epochs": 90}
+    picked = {"variant": "shipped", "fold": 3, "scored_epoch": 40, "epochs": 45}
+    file = tmp_path / "earlier.json"
+    file.write_text(json.dumps({"variants": [picked, row]}))
+    found = variants.recorded(f"{file}:epochs_90", 3, last_epoch=True)
+    assert found == {**row, "recorded_in": str(file)}
+    assert variants.recorded(f"{file}:shipped", 3, last_epoch=False)["fold"] == 3
+    for spec, fold, last, problem in (
+        (f"{file}:shipped", 3, True, "at epoch 40 of 45, not fold 3 at its last"),
+        (f"{file}:epochs_90", 4, True, "scored on fold 3"),
+        (f"{file}:ds90", 3, True, "no variant 'ds90'"),
+        (f"{tmp_path}/none.json:ds90", 3, True, "no file"),
+    ):
+        with pytest.raises(ValueError, match=problem):
+            variants.recorded(spec, fold, last_epoch=last)
