@@ -9,9 +9,10 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from medseg.bundle import MODEL_FILE, resolve, verify
-from tests.conftest import SAMPLE, assert_failures_named
+from tests.conftest import REPO, SAMPLE, assert_failures_named
 from tests.conftest import run_medseg as medseg
 from tests.reference import hard_dice
 
@@ -36,6 +37,11 @@ def test_hippocampus_is_listed_intact_small_and_records_its_cross_validation():
     for name in ("Anterior", "Posterior"):  # all cases' mean = fold means by case count
         pooled = sum(f["dice"][name] * f["cases"] for f in folds) / cases
         assert evaluation["dice"][name] == pytest.approx(pooled, abs=2e-4)
+    # the record is of the config it names, each fold scored as shipped: last epoch
+    config = yaml.safe_load((REPO / metadata["trained_with"]).read_text())
+    assert metadata["config"]["model"]["filters"] == config["model"]["filters"]
+    assert metadata["epoch"] == config["train"]["epochs"]
+    assert all(f["scored_epoch"] == f["epochs"] == metadata["epoch"] for f in folds)
     listing = medseg("models")
     assert listing.returncode == 0
     assert listing.stdout.startswith("hippocampus: segmentation, 3D, labels ")
