@@ -9,6 +9,7 @@ predictor, so any callable mapping a batch of patches to per-class outputs works
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -19,6 +20,8 @@ from medseg import geometry
 from medseg.errors import InputFileError
 from medseg.io import Volume, atomic_output
 from medseg.postprocessing import clean_labels
+
+logger = logging.getLogger(__name__)
 
 BLENDS = ("gaussian", "constant")
 
@@ -210,6 +213,24 @@ def cpu_has_amx_bf16() -> bool:
     return "amx_bf16" in (cpu_info("flags") or "").split()
 
 
+def cpu_lacks_onednn_bfloat16() -> bool:
+    """Whether TensorFlow runs bfloat16 on this CPU without oneDNN: its oneDNN
+    bfloat16 kernels need AVX-512, and without them TensorFlow falls back to kernels
+    that emulate bfloat16, far slower than float32 (on a 2-core AVX2-only AMD EPYC,
+    25x in training, ``experiments/results/precision_avx2.json``, and 13x in
+    ``medseg predict``). False where the CPU's flags cannot be read."""
+    flags = cpu_info("flags")
+    return flags is not None and "avx512f" not in flags.split()
+
+
+#: Why bfloat16 is slow where :func:`cpu_lacks_onednn_bfloat16`.
+SLOW_BFLOAT16 = (
+    "this CPU has no AVX-512, so TensorFlow runs bfloat16 without oneDNN, 10-25x "
+    "slower than float32 (measured on an AVX2-only CPU: 13x in prediction, 25x in "
+    "training)"
+)
+
+
 def inference_precision(requested: str = "auto") -> str:
     """The precision a forward pass runs in: ``"float32"`` or ``"bfloat16"``.
 
@@ -278,6 +299,11 @@ class Segmenter:
                 f"a {self.metadata.get('task')} bundle, not a segmentation bundle",
             )
         self.precision = inference_precision(precision)
+        if self.precision == "bfloat16" and cpu_lacks_onednn_bfloat16():
+            import tensorflow as tf
+
+            if not tf.config.list_physical_devices("GPU"):
+                logger.warning("--precision bfloat16: %s; use auto", SLOW_BFLOAT16)
         self.model = with_precision(
             load_model(bundle),
             "mixed_bfloat16" if self.precision == "bfloat16" else "float32",

@@ -617,6 +617,34 @@ def test_precision_auto_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch):
     assert inference.inference_precision("auto") == "bfloat16"  # no GPU here
 
 
+def test_bfloat16_is_slow_on_a_cpu_without_avx512(monkeypatch, caplog):
+    flags = {"flags": "fpu avx2 fma"}
+    monkeypatch.setattr(inference, "cpu_info", lambda field: flags.get(field))
+    assert inference.cpu_lacks_onednn_bfloat16()
+    flags["flags"] = "fpu avx2 avx512f avx512bw"
+    assert not inference.cpu_lacks_onednn_bfloat16()
+    flags.clear()  # no /proc/cpuinfo: cannot tell, no warning
+    assert not inference.cpu_lacks_onednn_bfloat16()
+
+    import tensorflow as tf
+
+    from medseg.bundle import resolve
+
+    shipped = resolve("hippocampus")
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    for lacks, warned in ((True, True), (False, False)):
+        monkeypatch.setattr(inference, "cpu_lacks_onednn_bfloat16", lambda x=lacks: x)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="medseg"):
+            segmenter = inference.Segmenter(shipped, precision="bfloat16")
+        assert segmenter.precision == "bfloat16"
+        assert ("no AVX-512" in caplog.text) is warned
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="medseg"):
+            inference.Segmenter(shipped, precision="float32")
+        assert caplog.text == ""
+
+
 def test_cpu_info_reads_the_first_line_of_a_field(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(

@@ -114,11 +114,29 @@ def _normalizers(config: Config, fingerprint: dict, channels: int):
 
 
 def _precision(config: Config) -> str:
+    """The Keras policy ``train.precision`` asks for here: ``auto`` is mixed float16
+    on a GPU and float32 on a CPU. On a CPU, float16 is refused (TensorFlow has no
+    float16 CPU kernels for some layers) and bfloat16 without AVX-512 is warned of."""
     import tensorflow as tf
 
-    if config.train.precision != "auto":
-        return config.train.precision
-    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    from medseg.inference import SLOW_BFLOAT16, cpu_lacks_onednn_bfloat16
+
+    policy = config.train.precision
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    if policy == "auto":
+        return "mixed_float16" if gpu else "float32"
+    if not gpu and policy == "mixed_float16":
+        raise ConfigError(
+            "train.precision: mixed_float16 needs a GPU (TensorFlow has no float16 "
+            "CPU kernels for some layers, 3D max pooling among them); use auto, "
+            "float32 or mixed_bfloat16"
+        )
+    if not gpu and policy == "mixed_bfloat16" and cpu_lacks_onednn_bfloat16():
+        logger.warning(
+            "train.precision mixed_bfloat16: %s; auto or float32 trains faster here",
+            SLOW_BFLOAT16,
+        )
+    return policy
 
 
 def _strategy():
@@ -530,7 +548,18 @@ def train(
     folder = Path(folder)
     if worker:  # only the chief writes the run; the others keep their own scratch copy
         folder = folder / f".worker-{worker}"
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train_in(config, folder, strategy, worker, workers, resume, verbose)
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # refused before it wrote anything: leave no empty run
+        raise
+
+
+def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Path:
+    """:func:`train` in its run folder, which exists."""
     config = prepare_run(folder, config, resume=resume)
     done = checkpoint_epoch(folder) if resume else 0
     if done >= config.train.epochs and (folder / "medseg.json").is_file():
