@@ -553,7 +553,7 @@ def train(
     try:
         return _train_in(config, folder, strategy, worker, workers, resume, verbose)
     except BaseException:
-        if created and not any(folder.iterdir()):
+        if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()  # refused before it wrote anything: leave no empty run
         raise
 
