@@ -613,11 +613,10 @@ def test_the_bundle_is_the_best_or_the_last_validated_epoch(
     assert (run / "model.keras").stat().st_mtime_ns == stamp
 
 
-def test_precision_refuses_float16_and_warns_of_slow_bfloat16_on_a_cpu(
+def test_precision_on_a_cpu_trains_float16_as_float32_and_warns_of_slow_bfloat16(
     monkeypatch, caplog
 ):
     from medseg import inference
-    from medseg.errors import ConfigError
     from medseg.training.trainer import _precision
 
     def config(precision):
@@ -629,8 +628,10 @@ def test_precision_refuses_float16_and_warns_of_slow_bfloat16_on_a_cpu(
     monkeypatch.setattr(inference, "cpu_lacks_onednn_bfloat16", lambda: True)
     assert _precision(config("auto")) == "float32"
     assert _precision(config("float32")) == "float32"
-    with pytest.raises(ConfigError, match="mixed_float16 needs a GPU"):
-        _precision(config("mixed_float16"))
+    with caplog.at_level("WARNING", logger="medseg"):
+        assert _precision(config("mixed_float16")) == "float32"
+    assert "mixed_float16 is for GPUs" in caplog.text
+    caplog.clear()
     with caplog.at_level("WARNING", logger="medseg"):
         assert _precision(config("mixed_bfloat16")) == "mixed_bfloat16"
     assert "no AVX-512" in caplog.text
@@ -644,26 +645,28 @@ def test_precision_refuses_float16_and_warns_of_slow_bfloat16_on_a_cpu(
     assert _precision(config("mixed_float16")) == "mixed_float16"
 
 
-def test_a_run_refused_before_it_writes_anything_leaves_no_folder(
-    tmp_path, monkeypatch
-):
+def test_a_run_refused_before_it_writes_anything_leaves_no_folder(tmp_path):
     from medseg.errors import ConfigError
     from medseg.training import trainer
 
-    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
     config = Config.from_dict(
         {
-            "model": {"name": "unet", "filters": [4, 8]},
+            "model": {
+                "name": "unet",
+                "filters": [4, 8],
+                "deep_supervision": 1,
+                "padding": "valid",
+            },
             "data": {"dataset": str(SAMPLE)},
-            "train": {"epochs": 1, "precision": "mixed_float16"},
+            "train": {"epochs": 1},
         }
     )
     run = tmp_path / "new" / "run"
-    with pytest.raises(ConfigError, match="mixed_float16 needs a GPU"):
+    with pytest.raises(ConfigError, match="deep_supervision needs padding: same"):
         trainer.train(config, run, verbose=0)
     assert not run.exists()
     existing = tmp_path / "existing"
     existing.mkdir()
-    with pytest.raises(ConfigError, match="mixed_float16 needs a GPU"):
+    with pytest.raises(ConfigError, match="deep_supervision needs padding: same"):
         trainer.train(config, existing, verbose=0)
     assert existing.is_dir() and not any(existing.iterdir())

@@ -115,8 +115,9 @@ def _normalizers(config: Config, fingerprint: dict, channels: int):
 
 def _precision(config: Config) -> str:
     """The Keras policy ``train.precision`` asks for here: ``auto`` is mixed float16
-    on a GPU and float32 on a CPU. On a CPU, float16 is refused (TensorFlow has no
-    float16 CPU kernels for some layers) and bfloat16 without AVX-512 is warned of."""
+    on a GPU and float32 on a CPU. On a CPU, float16 falls back to float32 (a bundle
+    trained on a GPU, fine-tuned on a laptop) and bfloat16 without AVX-512 is warned
+    of; both with a warning."""
     import tensorflow as tf
 
     from medseg.inference import SLOW_BFLOAT16, cpu_lacks_onednn_bfloat16
@@ -126,11 +127,12 @@ def _precision(config: Config) -> str:
     if policy == "auto":
         return "mixed_float16" if gpu else "float32"
     if not gpu and policy == "mixed_float16":
-        raise ConfigError(
-            "train.precision: mixed_float16 needs a GPU (TensorFlow has no float16 "
-            "CPU kernels for some layers, 3D max pooling among them); use auto, "
-            "float32 or mixed_bfloat16"
+        logger.warning(
+            "train.precision mixed_float16 is for GPUs: on a CPU TensorFlow has no "
+            "float16 kernel for 3D max pooling and float16 is no faster; training in "
+            "float32"
         )
+        return "float32"
     if not gpu and policy == "mixed_bfloat16" and cpu_lacks_onednn_bfloat16():
         logger.warning(
             "train.precision mixed_bfloat16: %s; auto or float32 trains faster here",
