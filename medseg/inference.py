@@ -223,7 +223,15 @@ def cpu_lacks_onednn_bfloat16() -> bool:
     return flags is not None and "avx512f" not in flags.split()
 
 
-#: Why bfloat16 is slow where :func:`cpu_lacks_onednn_bfloat16`.
+def bfloat16_is_slow_here() -> bool:
+    """Whether bfloat16 would run emulated here: no GPU and
+    :func:`cpu_lacks_onednn_bfloat16`."""
+    import tensorflow as tf
+
+    return cpu_lacks_onednn_bfloat16() and not tf.config.list_physical_devices("GPU")
+
+
+#: Why bfloat16 is slow where :func:`bfloat16_is_slow_here`.
 SLOW_BFLOAT16 = (
     "this CPU has no AVX-512, so TensorFlow runs bfloat16 without oneDNN, 10-25x "
     "slower than float32 (measured on an AVX2-only CPU: 13x in prediction, 25x in "
@@ -299,11 +307,8 @@ class Segmenter:
                 f"a {self.metadata.get('task')} bundle, not a segmentation bundle",
             )
         self.precision = inference_precision(precision)
-        if self.precision == "bfloat16" and cpu_lacks_onednn_bfloat16():
-            import tensorflow as tf
-
-            if not tf.config.list_physical_devices("GPU"):
-                logger.warning("--precision bfloat16: %s; use auto", SLOW_BFLOAT16)
+        if self.precision == "bfloat16" and bfloat16_is_slow_here():
+            logger.warning("--precision bfloat16: %s; use auto", SLOW_BFLOAT16)
         self.model = with_precision(
             load_model(bundle),
             "mixed_bfloat16" if self.precision == "bfloat16" else "float32",

@@ -120,7 +120,7 @@ def _precision(config: Config) -> str:
     of; both with a warning."""
     import tensorflow as tf
 
-    from medseg.inference import SLOW_BFLOAT16, cpu_lacks_onednn_bfloat16
+    from medseg.inference import SLOW_BFLOAT16, bfloat16_is_slow_here
 
     policy = config.train.precision
     gpu = bool(tf.config.list_physical_devices("GPU"))
@@ -133,7 +133,7 @@ def _precision(config: Config) -> str:
             "float32"
         )
         return "float32"
-    if not gpu and policy == "mixed_bfloat16" and cpu_lacks_onednn_bfloat16():
+    if policy == "mixed_bfloat16" and bfloat16_is_slow_here():
         logger.warning(
             "train.precision mixed_bfloat16: %s; auto or float32 trains faster here",
             SLOW_BFLOAT16,
