@@ -372,6 +372,14 @@ class Segmenter:
                 f"{_colour_note(volume.array, volume.spatial_dims, channels)}, "
                 f"but the model segments {dims}D scans with {channels} channel(s)",
             )
+        if dims == 3 and 1 in volume.spatial_shape and min(self.patch_size) > 1:
+            # a 2D NIfTI, or one slice saved as 3D: a 3D network would see it between
+            # zero slices and return a label map that looks valid but means nothing
+            raise InputFileError(
+                volume.path or "input",
+                f"a single slice (shape {' x '.join(map(str, volume.spatial_shape))}), "
+                "but the model segments 3D volumes",
+            )
         replaced = 0
         if self.preprocessor.nonfinite == "replace":
             from medseg.preprocessing import count_nonfinite

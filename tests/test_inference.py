@@ -104,11 +104,14 @@ def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
     from PIL import Image
 
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(inputs / "slice.png")
+    one = nib.load(good[0])  # a 2D NIfTI: one slice of a scan, which a 3D network
+    # would see between zero slices and label as if it were a volume
+    nib.save(nib.Nifti1Image(one.get_fdata()[:, :, 10], one.affine), inputs / "z.nii")
     out = tmp_path / "out"
     result = medseg("predict", "--model", bundle, "--input", inputs, "--output", out)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "2 segmented, 0 skipped (output existed), 4 failed" in result.stdout
+    assert "2 segmented, 0 skipped (output existed), 5 failed" in result.stdout
     assert_failures_named(
         result.stderr,
         inputs,
@@ -117,6 +120,11 @@ def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
             ("random.nii.gz", "not gzip-compressed"),
             ("empty.nii.gz", "empty file"),
             ("slice.png", "2D scan with 1 channel(s), but the model segments 3D scans"),
+            (
+                "z.nii",
+                f"a single slice (shape {' x '.join(map(str, one.shape[:2]))} x 1), "
+                "but the model segments 3D volumes",
+            ),
         ],
     )
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -124,7 +132,7 @@ def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
         + ["medseg_predict_report.json", "medseg_predict_settings.json"]
     )
     report = json.loads((out / "medseg_predict_report.json").read_text())
-    assert report["counts"] == {"done": 2, "skipped": 0, "failed": 4}
+    assert report["counts"] == {"done": 2, "skipped": 0, "failed": 5}
     for path in good:  # labels on the input's own grid, header codes kept
         image, labels = nib.load(path), nib.load(out / path.name)
         assert labels.shape == image.shape
@@ -134,7 +142,7 @@ def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
         assert set(np.unique(np.asanyarray(labels.dataobj))) <= {0, 1, 2}
     again = medseg("predict", "--model", bundle, "--input", inputs, "--output", out)
     assert again.returncode == 1
-    assert "0 segmented, 2 skipped (output existed), 4 failed" in again.stdout
+    assert "0 segmented, 2 skipped (output existed), 5 failed" in again.stdout
     # another option that changes label maps: refused in one line, nothing touched
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     other = medseg(
@@ -152,7 +160,7 @@ def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
     stale = out / f".{good[0].name}.0badcafe.partial.nii.gz"
     stale.write_bytes(b"half a file")
     third = medseg("predict", "--model", bundle, "--input", inputs, "--output", out)
-    assert "1 segmented, 1 skipped (output existed), 4 failed" in third.stdout
+    assert "1 segmented, 1 skipped (output existed), 5 failed" in third.stdout
     assert (
         not stale.exists()
         and nib.load(out / good[0].name).shape == nib.load(good[0]).shape
