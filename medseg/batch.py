@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ class CaseResult:
     input_shape: list[int] | None = None
     spacing_mm: list[float] | None = None
     nonfinite_replaced: int = 0  # NaN/Inf voxels filled (``--nonfinite replace``)
+    warnings: list[str] = field(default_factory=list)  # what reading had to fix
 
 
 def collect_inputs(path: str | Path) -> list[Path]:
@@ -416,6 +417,7 @@ def segment_all(
                     raise error
                 result.input_shape = list(volume.array.shape)
                 result.spacing_mm = [round(s, 6) for s in volume.spacing]
+                result.warnings = list(volume.notes)
                 prediction = segment(volume)
                 result.nonfinite_replaced = getattr(prediction, "nonfinite_replaced", 0)
                 _write(prediction, target, probabilities)

@@ -27,6 +27,7 @@ import gzip
 import logging
 import os
 import re
+import threading
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -93,12 +94,15 @@ class Volume:
         header: the source NIfTI header (kept so that writing restores its codes, units
             and descriptions), or ``None``.
         path: where it was read from, if anywhere.
+        notes: what the reader had to fix or assume to read the file (a NIfTI header
+            with a zero voxel size, say), one line each; also logged as warnings.
     """
 
     array: np.ndarray
     affine: np.ndarray
     header: object | None = None
     path: Path | None = None
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.array.ndim not in (3, 4):
@@ -133,7 +137,11 @@ class Volume:
         """Returns a volume with a new array (and optionally affine), same header and
         path."""
         return Volume(
-            array, self.affine if affine is None else affine, self.header, self.path
+            array,
+            self.affine if affine is None else affine,
+            self.header,
+            self.path,
+            self.notes,
         )
 
 
@@ -184,7 +192,8 @@ def read_info(path: str | Path, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> Scan
     path = _existing_file(path)
     fmt = scan_format(path)
     if fmt == "nifti":
-        img = _load_nifti(path)
+        with _header_fixes(path):
+            img = _load_nifti(path)
         spatial, channels = _nifti_layout(path, img.shape)
         dtype = np.dtype(img.get_data_dtype())
         if _nifti_is_scaled(img):
@@ -301,6 +310,33 @@ def _read_problem(exc: BaseException) -> str:
 # NIfTI
 
 
+@contextlib.contextmanager
+def _header_fixes(path: Path) -> Iterator[list[str]]:
+    """Collects what nibabel logs while this thread reads ``path`` (the fixes it makes
+    to a damaged header, such as a zero voxel size read as 1 mm), which it logs without
+    naming the file, and logs each once as a warning that names it. Yields the list of
+    those lines ("PATH: header fixed on reading: ...")."""
+    thread, seen, lines = threading.get_ident(), set(), []
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.thread != thread:
+            return True
+        message = record.getMessage()
+        if message not in seen:
+            seen.add(message)
+            lines.append(f"{path}: header fixed on reading: {message}")
+        return False
+
+    nibabel_logger = logging.getLogger("nibabel.global")
+    nibabel_logger.addFilter(keep)
+    try:
+        yield lines
+    finally:
+        nibabel_logger.removeFilter(keep)
+        for line in lines:
+            logger.warning("%s", line)
+
+
 def _load_nifti(path: Path):
     import nibabel as nib
 
@@ -341,6 +377,11 @@ def _nifti_is_scaled(img) -> bool:
 
 
 def _read_nifti(path: Path, max_voxels: int) -> Volume:
+    with _header_fixes(path) as notes:
+        return _read_nifti_data(path, max_voxels, notes)
+
+
+def _read_nifti_data(path: Path, max_voxels: int, notes: list[str]) -> Volume:
     img = _load_nifti(path)  # header only
     spatial, channels = _nifti_layout(path, img.shape)
     _check_size(path, spatial, channels, max_voxels)
@@ -371,7 +412,13 @@ def _read_nifti(path: Path, max_voxels: int) -> Volume:
         raise
     except Exception as exc:
         raise InputFileError(path, _read_problem(exc)) from None
-    return Volume(data.reshape(*spatial, channels), img.affine, img.header.copy(), path)
+    return Volume(
+        data.reshape(*spatial, channels),
+        img.affine,
+        img.header.copy(),
+        path,
+        tuple(notes),
+    )
 
 
 # 2D images

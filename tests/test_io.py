@@ -96,6 +96,64 @@ def test_nan_and_inf_are_read_as_stored(tmp_path):
     assert np.isnan(array[0, 0, 0, 0]) and np.isinf(array[1, 1, 1, 0])
 
 
+def _zero_voxel_size_nifti(path, rng):
+    """A NIfTI without sform/qform whose pixdim says 0 mm along the first axis."""
+    data = rng.random((4, 5, 6)).astype(np.float32)
+    img = nib.Nifti1Image(data, None)
+    img.header["pixdim"][1:4] = [0.0, 2.0, 3.0]
+    img.header.set_sform(None, code=0)
+    img.header.set_qform(None, code=0)
+    nib.save(img, path)
+    return data
+
+
+@pytest.mark.parametrize("name", ["zero.nii.gz", "zero.nii"])
+def test_a_header_fixed_on_reading_is_named_once_and_kept_with_the_scan(
+    name, tmp_path, rng, caplog, capfd
+):
+    path = tmp_path / name
+    data = _zero_voxel_size_nifti(path, rng)
+    with caplog.at_level("WARNING"):
+        volume = read_volume(path)
+    # nibabel reads the zero as 1 mm and says so without naming the file; medseg
+    # says it once, naming the file, and the volume keeps the line for reports
+    assert volume.spacing == (1.0, 2.0, 3.0)
+    np.testing.assert_array_equal(volume.array[..., 0], data)
+    assert len(volume.notes) == 1
+    assert volume.notes[0].startswith(f"{path}: header fixed on reading: pixdim")
+    assert [r.getMessage() for r in caplog.records] == list(volume.notes)
+    assert [r.name for r in caplog.records] == ["medseg.io"]
+    assert "pixdim" not in capfd.readouterr().err  # nibabel's own handler was quiet
+    assert volume.with_array(volume.array[..., :1]).notes == volume.notes
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert read_info(path).spacing == (1.0, 2.0, 3.0)
+    assert [r.getMessage() for r in caplog.records] == list(volume.notes)
+    # a sound header: nothing to say
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "sound.nii.gz")
+    caplog.clear()
+    assert read_volume(tmp_path / "sound.nii.gz").notes == ()
+    assert caplog.records == []
+
+
+def test_header_fixes_of_other_threads_are_left_to_nibabel(tmp_path, rng, caplog):
+    import threading
+
+    from medseg import io
+
+    nibabel_logger = __import__("logging").getLogger("nibabel.global")
+    with caplog.at_level("WARNING"), io._header_fixes(tmp_path / "a.nii") as lines:
+        other = threading.Thread(target=nibabel_logger.warning, args=("elsewhere",))
+        other.start()
+        other.join()
+        nibabel_logger.warning("here")
+    assert lines == [f"{tmp_path / 'a.nii'}: header fixed on reading: here"]
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("nibabel.global", "elsewhere"),
+        ("medseg.io", lines[0]),
+    ]
+
+
 def test_header_only_info_matches_data(oblique_nifti):
     path, data = oblique_nifti
     info = read_info(path)
