@@ -81,6 +81,10 @@ VARIANTS = {
         "twice the epochs (the poly schedule stretched to 90)",
         {"train": {"epochs": 90}},
     ),
+    "epochs_180": (
+        "four times the epochs (the poly schedule stretched to 180), last epoch kept",
+        {"train": {"epochs": 180, "keep": "last"}},
+    ),
     "mirror_only": (
         "no augmentation but mirroring (at 45 epochs the training Dice, on augmented "
         "patches, is no higher than the held-out Dice: does augmentation slow a "
