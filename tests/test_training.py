@@ -670,3 +670,21 @@ def test_a_run_refused_before_it_writes_anything_leaves_no_folder(tmp_path):
     with pytest.raises(ConfigError, match="deep_supervision needs padding: same"):
         trainer.train(config, existing, verbose=0)
     assert existing.is_dir() and not any(existing.iterdir())
+    # refused after the run wrote its config.yaml: that goes too
+    frozen = Config.from_dict(
+        {
+            "model": {"name": "unet", "filters": [4, 8]},
+            "data": {"dataset": str(SAMPLE)},
+            "train": {"epochs": 1, "freeze": ["nothing_called_this*"]},
+        }
+    )
+    for folder in (run, existing):
+        with pytest.raises(ConfigError, match="matches no layer"):
+            trainer.train(frozen, folder, verbose=0)
+    assert not run.exists()
+    assert existing.is_dir() and not any(existing.iterdir())
+    # a config.yaml that was there before the run is not the run's to remove
+    (existing / "config.yaml").write_text("kept: true\n")
+    with pytest.raises(ConfigError, match="matches no layer"):
+        trainer.train(frozen, existing, verbose=0)
+    assert [p.name for p in existing.iterdir()] == ["config.yaml"]

@@ -552,11 +552,18 @@ def train(
         folder = folder / f".worker-{worker}"
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    written = folder / "config.yaml"
+    if resume or written.exists():
+        written = None  # not this run's to remove
     try:
         return _train_in(config, folder, strategy, worker, workers, resume, verbose)
     except BaseException:
+        # refused before training started (a freeze pattern that matches no layer,
+        # say): leave neither an empty run folder nor one holding only its config
+        if written is not None and [p.name for p in folder.iterdir()] == [written.name]:
+            written.unlink()
         if created and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()  # refused before it wrote anything: leave no empty run
+            folder.rmdir()
         raise
 
 
