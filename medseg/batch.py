@@ -49,7 +49,7 @@ class CaseResult:
     input_shape: list[int] | None = None
     spacing_mm: list[float] | None = None
     nonfinite_replaced: int = 0  # NaN/Inf voxels filled (``--nonfinite replace``)
-    warnings: list[str] = field(default_factory=list)  # what reading had to fix
+    warnings: list[str] = field(default_factory=list)  # header fixes, field of view
 
 
 def collect_inputs(path: str | Path) -> list[Path]:
@@ -420,6 +420,7 @@ def segment_all(
                 result.warnings = list(volume.notes)
                 prediction = segment(volume)
                 result.nonfinite_replaced = getattr(prediction, "nonfinite_replaced", 0)
+                result.warnings += getattr(prediction, "notes", ())
                 _write(prediction, target, probabilities)
             except Exception as exc:  # even a bug met on one scan: that scan only
                 result.status = "failed"

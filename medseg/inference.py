@@ -182,6 +182,39 @@ class Prediction:
     values: tuple[int, ...] = ()
     names: tuple[str, ...] = ()
     nonfinite_replaced: int = 0
+    notes: tuple[str, ...] = ()  # warnings about the scan (see field_of_view_note)
+
+
+#: how far outside the training scans' sizes a scan's field of view may be before
+#: prediction warns
+FIELD_OF_VIEW_FACTOR = 2.0
+
+
+def field_of_view_note(volume: Volume, fingerprint: dict | None) -> str | None:
+    """A warning when the scan's longest side (in mm) is over twice the longest a
+    training scan can have had, or under half the shortest longest side, from the
+    bundle's dataset fingerprint (per-axis shape and spacing ranges); ``None`` when it
+    is within that range or the bundle records none. A network trained on crops around
+    one organ labels a whole-body scan (or a sliver) without complaint, and wrongly."""
+    try:
+        shape, spacing = fingerprint["shape"], fingerprint["spacing_mm"]
+        most = max(n * s for n, s in zip(shape["max"], spacing["max"], strict=True))
+        least = max(n * s for n, s in zip(shape["min"], spacing["min"], strict=True))
+    except (KeyError, TypeError, ValueError):
+        return None
+    extent = [n * s for n, s in zip(volume.spatial_shape, volume.spacing, strict=True)]
+    if most < max(extent) / FIELD_OF_VIEW_FACTOR:
+        bound = f"at most {most:.0f} mm"
+    elif max(extent) * FIELD_OF_VIEW_FACTOR < least:
+        bound = f"at least {least:.0f} mm"
+    else:
+        return None
+    return (
+        f"{volume.path or 'input'}: field of view "
+        f"{' x '.join(f'{e:.0f}' for e in extent)} mm, while the longest side of the "
+        f"model's training scans was {bound}: it has not seen scans like this one; "
+        "check its labels"
+    )
 
 
 def bundle_mirror_axes(metadata: dict) -> tuple[int, ...]:
@@ -380,6 +413,9 @@ class Segmenter:
                 f"a single slice (shape {' x '.join(map(str, volume.spatial_shape))}), "
                 "but the model segments 3D volumes",
             )
+        note = field_of_view_note(volume, self.metadata.get("fingerprint"))
+        if note:
+            logger.warning("%s", note)
         replaced = 0
         if self.preprocessor.nonfinite == "replace":
             from medseg.preprocessing import count_nonfinite
@@ -423,6 +459,7 @@ class Segmenter:
             tuple(int(v) for v in self.values),
             tuple(self.names),
             replaced,
+            (note,) if note else (),
         )
 
     def segment(self, volume: Volume) -> Volume:

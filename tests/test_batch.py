@@ -238,7 +238,9 @@ def test_an_unexpected_error_on_one_scan_fails_that_scan_only(tmp_path):
         batch.segment_all(interrupted, files, tmp_path / "again")
 
 
-def test_the_report_keeps_what_reading_a_scan_had_to_fix(tmp_path):
+def test_the_report_keeps_what_reading_and_segmenting_a_scan_noted(tmp_path):
+    from medseg.inference import Prediction
+
     files = scans(tmp_path / "in", 2)
     img = nib.Nifti1Image(nib.load(files[1]).get_fdata(), None)
     img.header["pixdim"][1] = 0.0  # no voxel size along x, and no sform/qform to say it
@@ -247,13 +249,15 @@ def test_the_report_keeps_what_reading_a_scan_had_to_fix(tmp_path):
     nib.save(img, files[1])
 
     def segment(volume):
-        return volume.with_array((volume.array > 0).astype(np.uint8))
+        labels = volume.with_array((volume.array > 0).astype(np.uint8))
+        return Prediction(labels, notes=(f"{volume.path}: a note",))
 
     results = batch.segment_all(segment, files, tmp_path / "out")
     assert [r.status for r in results] == ["done", "done"]
-    assert results[0].warnings == []
-    assert len(results[1].warnings) == 1
+    assert results[0].warnings == [f"{files[0]}: a note"]
+    assert len(results[1].warnings) == 2
     assert results[1].warnings[0].startswith(f"{files[1]}: header fixed on reading:")
+    assert results[1].warnings[1] == f"{files[1]}: a note"
     assert results[1].spacing_mm == [1.0, 1.0, 1.0]
     cases = batch.report(results)["cases"]
-    assert [c["warnings"] for c in cases] == [[], results[1].warnings]
+    assert [c["warnings"] for c in cases] == [results[0].warnings, results[1].warnings]

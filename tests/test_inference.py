@@ -291,6 +291,57 @@ def test_killed_batch_leaves_no_partial_output_and_rerun_does_the_rest(
     assert len(list(out.glob("[0-9]*.nii.gz"))) == 36
 
 
+def test_field_of_view_far_outside_the_training_scans_is_noted():
+    from medseg.io import Volume
+
+    # training scans 31..43 x 40..58 x 24..47 voxels of 1 mm: longest side 40..58 mm
+    fingerprint = {
+        "shape": {"min": [31, 40, 24], "max": [43, 58, 47]},
+        "spacing_mm": {"min": [1.0, 1.0, 1.0], "max": [1.0, 1.0, 1.0]},
+    }
+
+    def note(shape, spacing):
+        volume = Volume(np.zeros((*shape, 1)), np.diag([*spacing, 1.0]), path="s.nii")
+        return inference.field_of_view_note(volume, fingerprint)
+
+    assert note((35, 50, 36), (1, 1, 1)) is None
+    assert note((116, 20, 20), (1, 1, 1)) is None  # twice 58 mm: still within
+    assert note((20, 20, 20), (1, 1, 1)) is None  # half of 40 mm: still within
+    assert note((197, 233, 189), (1, 1, 1)) == (
+        "s.nii: field of view 197 x 233 x 189 mm, while the longest side of the "
+        "model's training scans was at most 58 mm: it has not seen scans like this "
+        "one; check its labels"
+    )
+    assert "at most 58 mm" in note((20, 20, 30), (1, 1, 4))  # 120 mm along z
+    assert "at least 40 mm" in note((19, 10, 10), (1, 1, 1))
+    assert (
+        inference.field_of_view_note(Volume(np.zeros((9, 9, 9, 1)), np.eye(4)), None)
+        is None
+    )
+
+
+@pytest.mark.slow
+def test_shipped_model_notes_a_scan_unlike_its_training_scans(caplog):
+    from medseg.bundle import resolve
+    from medseg.io import read_volume
+
+    segmenter = inference.Segmenter(resolve("hippocampus"), precision="float32")
+    volume = read_volume(sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0])
+    with caplog.at_level("WARNING", logger="medseg"):
+        assert segmenter.predict(volume).notes == ()
+    assert caplog.records == []
+    # the same voxels said to be 0.25 mm: a sliver of 8.5 x 13 x 8.75 mm
+    sliver = volume.with_array(volume.array, volume.affine @ np.diag([0.25] * 3 + [1]))
+    with caplog.at_level("WARNING", logger="medseg"):
+        notes = segmenter.predict(sliver).notes
+    assert notes == (
+        f"{volume.path}: field of view 8 x 13 x 9 mm, while the longest side of the "
+        "model's training scans was at least 40 mm: it has not seen scans like this "
+        "one; check its labels",
+    )
+    assert [r.getMessage() for r in caplog.records] == list(notes)
+
+
 @pytest.mark.slow
 def test_way_back_class_by_class_equals_resampling_all_classes_at_once():
     from medseg import geometry
