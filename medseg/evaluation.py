@@ -119,9 +119,35 @@ def _read_pair(pred_path: Path, truth_path: Path):
         raise InputFileError(
             pred_path, "affine differs from the truth's (not on the same grid)"
         )
-    p = np.asarray(prediction.array)[..., 0]
-    t = np.asarray(truth.array)[..., 0]
-    return p, t, truth.spacing
+    return _label_array(prediction), _label_array(truth), truth.spacing
+
+
+def _label_array(volume) -> np.ndarray:
+    """A label map's values, refused when they cannot be one: several channels (a
+    one-hot or probability volume) or values that are not whole numbers (a soft or
+    resampled prediction, whose every distinct value would be scored as a label).
+    Whole numbers stored as floats are read as integers."""
+    if volume.num_channels != 1:
+        raise InputFileError(
+            volume.path,
+            f"{volume.num_channels} channels: a label map has one value per voxel",
+        )
+    array = np.asarray(volume.array)[..., 0]
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise InputFileError(volume.path, "NaN or Inf values: not a label map")
+        whole = np.round(array)
+        if not np.array_equal(whole, array):
+            odd = array[array != whole]
+            raise InputFileError(
+                volume.path,
+                f"{odd.size:,} voxels hold values that are not whole numbers (such as "
+                f"{odd.flat[0]:g}): not a label map",
+            )
+        array = whole.astype(np.int64)
+    elif array.dtype.kind not in "iub":
+        raise InputFileError(volume.path, f"{array.dtype} values: not a label map")
+    return array
 
 
 def summarize(rows: list[dict]) -> dict:

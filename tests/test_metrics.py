@@ -180,3 +180,51 @@ def test_evaluate_names_missing_pairs_and_scores_the_rest_past_a_grid_mismatch(
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["cases"] == 1 and list(summary["failed"]) == ["b"]
     assert summary["labels"]["1"]["dice"]["n"] == 1
+
+
+def test_evaluate_refuses_files_that_are_not_label_maps_and_reads_whole_floats(
+    tmp_path, rng
+):
+    a, b = _blobs(rng)
+    affine = np.diag([*SPACING, 1.0])
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    for name in ("whole.nii.gz", "soft.nii.gz", "onehot.nii.gz", "nan.nii.gz"):
+        _save(tmp_path / "truth" / name, a * 2)  # label 2
+    pred = (b * 2).astype(np.float32)
+
+    def save(name, data):
+        nib.save(nib.Nifti1Image(data, affine), tmp_path / "pred" / name)
+
+    save("whole.nii.gz", pred)  # 0.0 and 2.0 as float32: a label map
+    save("soft.nii.gz", pred * 0.75)  # 0 and 1.5: a probability-like map
+    save("onehot.nii.gz", np.stack([1 - b, b], -1).astype(np.uint8))
+    nan = pred.copy()
+    nan[0, 0, 0] = np.nan
+    save("nan.nii.gz", nan)
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--prediction",
+            str(tmp_path / "pred"),
+            "--truth",
+            str(tmp_path / "truth"),
+            "--output",
+            str(tmp_path / "m.csv"),
+        ],
+    )
+    assert result.exit_code == 1
+    failed = sorted(line for line in result.output.splitlines() if "FAILED" in line)
+    pred_dir = tmp_path / "pred"
+    assert failed == [
+        f"FAILED {pred_dir / 'nan.nii.gz'}: NaN or Inf values: not a label map",
+        f"FAILED {pred_dir / 'onehot.nii.gz'}: 2 channels: a label map has one value "
+        "per voxel",
+        f"FAILED {pred_dir / 'soft.nii.gz'}: {int(b.sum()):,} voxels hold values that "
+        "are not whole numbers (such as 1.5): not a label map",
+    ]
+    rows = (tmp_path / "m.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[:2] for row in rows] == [["whole", "2"]]
+    expected = reference.hard_dice(a.astype(int), b.astype(int), 1)
+    assert float(rows[0].split(",")[2]) == pytest.approx(expected, abs=1e-5)
