@@ -126,13 +126,24 @@ def _label_array(volume) -> np.ndarray:
     """A label map's values, refused when they cannot be one: several channels (a
     one-hot or probability volume) or values that are not whole numbers (a soft or
     resampled prediction, whose every distinct value would be scored as a label).
-    Whole numbers stored as floats are read as integers."""
-    if volume.num_channels != 1:
+    Whole numbers stored as floats are read as integers, and a 2D mask saved as a
+    greyscale picture with colour or alpha channels as its grey."""
+    array = np.asarray(volume.array)
+    if volume.spatial_dims == 2 and volume.num_channels > 1:
+        from medseg.preprocessing import grey_channel
+
+        grey = grey_channel(array)
+        if grey is None:
+            raise InputFileError(
+                volume.path, "a colour picture (its channels differ): not a label map"
+            )
+        array = grey
+    if array.shape[-1] != 1:
         raise InputFileError(
             volume.path,
-            f"{volume.num_channels} channels: a label map has one value per voxel",
+            f"{array.shape[-1]} channels: a label map has one value per voxel",
         )
-    array = np.asarray(volume.array)[..., 0]
+    array = array[..., 0]
     if array.dtype.kind == "f":
         if not np.all(np.isfinite(array)):
             raise InputFileError(volume.path, "NaN or Inf values: not a label map")

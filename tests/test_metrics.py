@@ -228,3 +228,42 @@ def test_evaluate_refuses_files_that_are_not_label_maps_and_reads_whole_floats(
     assert [row.split(",")[:2] for row in rows] == [["whole", "2"]]
     expected = reference.hard_dice(a.astype(int), b.astype(int), 1)
     assert float(rows[0].split(",")[2]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_evaluate_reads_a_grey_mask_saved_in_colour_and_refuses_a_colour_one(tmp_path):
+    from PIL import Image
+
+    truth = np.zeros((12, 10), np.uint8)
+    truth[2:8, 3:7] = 255
+    pred = np.zeros_like(truth)
+    pred[3:9, 3:7] = 255
+    for name in ("grey.png", "colour.png"):
+        (tmp_path / "truth").mkdir(exist_ok=True)
+        Image.fromarray(truth).save(tmp_path / "truth" / name)
+    (tmp_path / "pred").mkdir()
+    Image.fromarray(np.stack([pred] * 3, -1)).save(tmp_path / "pred" / "grey.png")
+    colour = np.stack([pred, pred, 255 - pred], -1)
+    Image.fromarray(colour).save(tmp_path / "pred" / "colour.png")
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--prediction",
+            str(tmp_path / "pred"),
+            "--truth",
+            str(tmp_path / "truth"),
+            "--output",
+            str(tmp_path / "m.csv"),
+        ],
+    )
+    assert result.exit_code == 1
+    failed = [line for line in result.output.splitlines() if "FAILED" in line]
+    assert failed == [
+        f"FAILED {tmp_path / 'pred' / 'colour.png'}: a colour picture (its channels "
+        "differ): not a label map"
+    ]
+    rows = (tmp_path / "m.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[:2] for row in rows] == [["grey", "255"]]
+    expected = reference.hard_dice(truth, pred, 255)  # 5 of 6 rows overlap: 5/6
+    assert expected == pytest.approx(5 / 6)
+    assert float(rows[0].split(",")[2]) == pytest.approx(expected, abs=1e-5)
