@@ -164,7 +164,10 @@ def predict(
             nonfinite,
         )
         return
-    inputs = batch.take_shard(batch.collect_inputs(input_path), shard_value)
+    everything = batch.collect_inputs(input_path)
+    # on every input, before sharding, so that every shard names its outputs alike
+    inputs_named = batch.case_names(everything, int(metadata.get("in_channels") or 1))
+    inputs = batch.take_shard(everything, shard_value)
     single = (
         len(inputs) == 1
         and Path(input_path).is_file()
@@ -186,10 +189,8 @@ def predict(
         precision=precision,
         nonfinite=nonfinite,
     )
-    if single and inputs[0].name != output.name:
+    if single:
         inputs_named = {inputs[0]: output.name}
-    else:
-        inputs_named = {}
     batch.check_folder(  # before any scan is read
         inputs,
         output_dir,

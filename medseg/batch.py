@@ -129,6 +129,26 @@ def make_output_dir(folder: Path) -> Path:
     return folder
 
 
+#: nnU-Net's suffix for a case's first (here, only) channel file
+CHANNEL_SUFFIX = "_0000"
+
+
+def case_names(inputs: list[Path], channels: int) -> dict[Path, str]:
+    """Output names without nnU-Net's channel suffix (``CASE_0000.nii.gz`` ->
+    ``CASE.nii.gz``, as nnU-Net names its predictions and its ``labelsTr``), when the
+    model takes one channel and every input carries the suffix; else none (a folder
+    that merely holds a ``scan_0000`` among others keeps its names)."""
+    stems = [split_suffix(p) for p in inputs]
+    if channels != 1 or not inputs:
+        return {}
+    if not all(stem.endswith(CHANNEL_SUFFIX) for stem, _ in stems):
+        return {}
+    return {
+        path: stem[: -len(CHANNEL_SUFFIX)] + suffix
+        for path, (stem, suffix) in zip(inputs, stems, strict=True)
+    }
+
+
 def output_for(input_path: Path, output_dir: Path, rename: dict | None = None) -> Path:
     """Same file name (and format) as the input in ``output_dir``, unless ``rename``
     gives the input another name."""

@@ -261,3 +261,16 @@ def test_the_report_keeps_what_reading_and_segmenting_a_scan_noted(tmp_path):
     assert results[1].spacing_mm == [1.0, 1.0, 1.0]
     cases = batch.report(results)["cases"]
     assert [c["warnings"] for c in cases] == [results[0].warnings, results[1].warnings]
+
+
+def test_outputs_drop_nnunet_channel_suffix_only_when_every_input_has_it(tmp_path):
+    files = [tmp_path / "a_0000.nii.gz", tmp_path / "b_0000.png"]
+    assert batch.case_names(files, 1) == {files[0]: "a.nii.gz", files[1]: "b.png"}
+    assert batch.case_names(files, 2) == {}  # two channels: not one file per case
+    mixed = [*files, tmp_path / "scan.nii.gz"]
+    assert batch.case_names(mixed, 1) == {}
+    assert batch.case_names([], 1) == {}
+    out = tmp_path / "out"
+    assert batch.output_for(files[0], out, batch.case_names(files, 1)) == (
+        out / "a.nii.gz"
+    )

@@ -167,6 +167,36 @@ def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
     )
 
 
+def test_nnunet_named_scans_get_case_named_outputs_that_evaluate_pairs(
+    bundle, tmp_path
+):
+    from click.testing import CliRunner
+
+    from medseg_cli.main import main
+
+    images, truth = tmp_path / "imagesTs", tmp_path / "labelsTs"
+    images.mkdir()
+    truth.mkdir()
+    cases = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[:2]
+    for path in cases:  # nnU-Net's layout: CASE_0000.nii.gz, labels CASE.nii.gz
+        case = path.name[: -len(".nii.gz")]
+        (images / f"{case}_0000.nii.gz").write_bytes(path.read_bytes())
+        (truth / path.name).write_bytes((SAMPLE / "labelsTr" / path.name).read_bytes())
+    out = tmp_path / "out"
+    for shard in ("1/2", "2/2"):
+        result = medseg(
+            "predict", "--model", bundle, "--input", images, "--output", out,
+            "--shard", shard, "--no-tta",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [p.name for p in cases]
+    scored = CliRunner().invoke(
+        main, ["evaluate", "--prediction", str(out), "--truth", str(truth)]
+    )
+    assert scored.exit_code == 0, scored.output
+    assert "2 case(s) scored" in scored.output
+
+
 @pytest.mark.slow
 def test_same_scan_in_another_voxel_order_gets_the_same_segmentation(bundle, tmp_path):
     source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
