@@ -165,8 +165,12 @@ def predict(
         )
         return
     everything = batch.collect_inputs(input_path)
-    # on every input, before sharding, so that every shard names its outputs alike
-    inputs_named = batch.case_names(everything, int(metadata.get("in_channels") or 1))
+    # on every input, before sharding, so that every shard groups and names alike
+    channels = int(metadata.get("in_channels") or 1)
+    groups = batch.channel_groups(everything, channels)
+    if groups:  # nnU-Net's one file per channel: a case is read from all of them
+        everything = sorted(groups)
+    inputs_named = batch.case_names(everything, grouped=bool(groups))
     inputs = batch.take_shard(everything, shard_value)
     single = (
         len(inputs) == 1
@@ -191,6 +195,7 @@ def predict(
     )
     if single:
         inputs_named = {inputs[0]: output.name}
+    batch.check_unique_outputs(everything, output_dir, inputs_named)  # every shard's
     batch.check_folder(  # before any scan is read
         inputs,
         output_dir,
@@ -240,6 +245,7 @@ def predict(
             progress=progress,
             rename=inputs_named,
             probabilities=probabilities,
+            reader=batch.channel_reader(groups, channels),
         )
     settings = {
         "precision": segmenter.precision,

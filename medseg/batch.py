@@ -16,6 +16,7 @@ import glob
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from medseg.errors import InputFileError
 from medseg.io import (
     SCAN_SUFFIXES,
     atomic_write_text,
+    read_channels,
+    read_info,
     read_volume,
     split_suffix,
     write_volume,
@@ -71,8 +74,9 @@ def collect_inputs(path: str | Path) -> list[Path]:
                 (path.parent / (t if isinstance(t, str) else t["image"])).resolve()
                 for t in tests
             ]
-        else:
-            files = [c.images[0] for c in load_dataset(path, strict=False).cases]
+        else:  # every channel file of a case stored one file per channel
+            cases = load_dataset(path, strict=False).cases
+            files = [image for case in cases for image in case.images]
     elif path.is_file():
         files = [path]
     elif path.is_dir():
@@ -129,24 +133,62 @@ def make_output_dir(folder: Path) -> Path:
     return folder
 
 
-#: nnU-Net's suffix for a case's first (here, only) channel file
-CHANNEL_SUFFIX = "_0000"
+#: nnU-Net's name for one channel of a case: CASE_0000, CASE_0001, ...
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-def case_names(inputs: list[Path], channels: int) -> dict[Path, str]:
+def channel_groups(files: list[Path], channels: int) -> dict[Path, tuple[Path, ...]]:
+    """nnU-Net's one file per channel grouped into cases, for a model that takes
+    ``channels`` > 1: ``{a case's first file: its files in name (channel) order}``.
+    Empty, each file then being a case (a multi-channel 4D NIfTI, say), when the model
+    takes one channel, a file is not named ``CASE_dddd``, or the first file holds
+    more than one channel. A case's files are checked when it is read
+    (:func:`medseg.io.read_channels`), so a case with a channel missing fails alone."""
+    if channels < 2 or not files:
+        return {}
+    groups: dict[tuple, list[Path]] = {}
+    for path in files:
+        stem, suffix = split_suffix(path)
+        match = CHANNEL_FILE.match(stem)
+        if match is None:
+            return {}
+        groups.setdefault((path.parent, match["case"], suffix), []).append(path)
+    try:
+        if read_info(files[0]).num_channels != 1:
+            return {}
+    except InputFileError:
+        return {}
+    return {min(group): tuple(sorted(group)) for group in groups.values()}
+
+
+def case_names(inputs: list[Path], grouped: bool = False) -> dict[Path, str]:
     """Output names without nnU-Net's channel suffix (``CASE_0000.nii.gz`` ->
-    ``CASE.nii.gz``, as nnU-Net names its predictions and its ``labelsTr``), when the
-    model takes one channel and every input carries the suffix; else none (a folder
-    that merely holds a ``scan_0000`` among others keeps its names)."""
-    stems = [split_suffix(p) for p in inputs]
-    if channels != 1 or not inputs:
-        return {}
-    if not all(stem.endswith(CHANNEL_SUFFIX) for stem, _ in stems):
-        return {}
-    return {
-        path: stem[: -len(CHANNEL_SUFFIX)] + suffix
-        for path, (stem, suffix) in zip(inputs, stems, strict=True)
-    }
+    ``CASE.nii.gz``, as nnU-Net names its predictions and its ``labelsTr``) when every
+    input carries one: ``_0000``, or with ``grouped`` (the inputs are each case's first
+    file, see :func:`channel_groups`) any; else none (a folder that merely holds a
+    ``scan_0000`` among other names keeps its names)."""
+    names = {}
+    for path in inputs:
+        stem, suffix = split_suffix(path)
+        match = CHANNEL_FILE.match(stem)
+        if match is None or (not grouped and match["channel"] != "0000"):
+            return {}
+        names[path] = match["case"] + suffix
+    return names
+
+
+def channel_reader(
+    groups: dict[Path, tuple[Path, ...]], channels: int
+) -> Callable[[Path], object]:
+    """Reads a case by its first file: all its channel files when ``groups`` has it
+    (see :func:`channel_groups`), else the file itself."""
+
+    def read(path: Path):
+        if path in groups:
+            return read_channels(list(groups[path]), channels)
+        return read_volume(path)
+
+    return read
 
 
 def output_for(input_path: Path, output_dir: Path, rename: dict | None = None) -> Path:
@@ -251,6 +293,27 @@ def check_settings(
         atomic_write_text(record, text)
 
 
+def check_unique_outputs(
+    inputs: list[Path], output_dir: Path, rename: dict | None = None
+) -> None:
+    """Refuses inputs of which two would have one output (scans of one name in two
+    folders): the second would overwrite the first's, or be skipped as done.
+
+    Raises:
+        InputFileError: naming the output and both inputs.
+    """
+    first_by_target: dict[Path, Path] = {}
+    for path in inputs:
+        target = output_for(path, output_dir, rename)
+        if target in first_by_target:
+            raise InputFileError(
+                target,
+                f"the label map of both {first_by_target[target]} and {path}; "
+                "segment scans of one name into separate output folders",
+            )
+        first_by_target[target] = path
+
+
 def check_folder(
     inputs: list[Path],
     output_dir: Path,
@@ -266,8 +329,10 @@ def check_folder(
     Raises:
         InputFileError: an output would be written over one of the inputs (the output
             folder is the input folder, or an output file is the input file), even
-            with ``overwrite``; or see :func:`check_settings`.
+            with ``overwrite``; two inputs would have one output (scans of one name in
+            two folders); or see :func:`check_settings`.
     """
+    check_unique_outputs(inputs, output_dir, rename)
     clashes = [
         path
         for path in inputs
@@ -372,6 +437,7 @@ def segment_all(
     rename: dict | None = None,
     probabilities: bool = False,
     settings: dict | None = None,
+    reader: Callable[[Path], object] = read_volume,
 ) -> list[CaseResult]:
     """Segments every input into ``output_dir``; never stops at a bad scan.
 
@@ -387,6 +453,8 @@ def segment_all(
             float16 probabilities); a case counts as done when both files exist.
         settings: what the label maps depend on (see :func:`check_settings`), checked
             against the folder's record before any scan is read; ``None``: no record.
+        reader: reads an input as a :class:`medseg.io.Volume` (one case stored one
+            file per channel: see :func:`channel_reader`).
 
     Raises:
         InputFileError: the output folder cannot be written, or its record of settings
@@ -414,7 +482,7 @@ def segment_all(
 
     def load(path):
         try:
-            return read_volume(path), None
+            return reader(path), None
         except InputFileError as exc:
             return None, exc
         except Exception as exc:  # a reader's bug must not end the batch
@@ -424,13 +492,13 @@ def segment_all(
         for name in (target, probabilities_for(target)):
             for stale in name.parent.glob(f".{glob.escape(name.name)}.*.partial*"):
                 stale.unlink(missing_ok=True)
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(load, todo[0][0]) if todo else None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, todo[0][0]) if todo else None
         for index, (path, target) in enumerate(todo):
             started = time.perf_counter()
             volume, error = pending.result()
             if index + 1 < len(todo):  # read the next scan while this one is predicted
-                pending = reader.submit(load, todo[index + 1][0])
+                pending = pool.submit(load, todo[index + 1][0])
             result = CaseResult(str(path), str(target), "done")
             try:
                 if error is not None:

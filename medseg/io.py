@@ -252,6 +252,56 @@ def read_volume(
     return Volume(arr.reshape(*spatial, channels), np.eye(4), None, path)
 
 
+def read_channels(
+    files: list[Path], channels: int, *, tolerance_mm: float = 1e-3
+) -> Volume:
+    """One case stored one file per channel (nnU-Net's ``CASE_0000``, ``CASE_0001``,
+    ...; ``files`` in channel order) read as one multi-channel volume, on the first
+    file's grid and with its header.
+
+    Raises:
+        InputFileError: naming the file: channel files missing or extra (the model
+            takes ``channels``), a file holding several channels, a file on another grid
+            than the first (shape, or affine beyond ``tolerance_mm``), or any read
+            problem.
+    """
+    numbers = [split_suffix(path)[0][-4:] for path in files]
+    if numbers != [f"{c:04d}" for c in range(channels)]:
+        raise InputFileError(
+            files[0],
+            f"channel files _{', _'.join(numbers)}, but the model takes {channels} "
+            f"channels, _0000 to _{channels - 1:04d}",
+        )
+    volumes: list[Volume] = []
+    for path in files:
+        volume = read_volume(path)
+        if volume.num_channels != 1:
+            raise InputFileError(
+                path, f"{volume.num_channels} channels in one channel's file"
+            )
+        if volumes:
+            first = volumes[0]
+            if volume.spatial_shape != first.spatial_shape:
+                raise InputFileError(
+                    path,
+                    f"shape {volume.spatial_shape} differs from {files[0].name}'s "
+                    f"{first.spatial_shape}",
+                )
+            if np.max(np.abs(volume.affine - first.affine)) > tolerance_mm:
+                raise InputFileError(
+                    path, f"affine differs from {files[0].name}'s (not on its grid)"
+                )
+        volumes.append(volume)
+    first = volumes[0]
+    return Volume(
+        np.concatenate([np.asarray(v.array) for v in volumes], axis=-1),
+        first.affine,
+        first.header,
+        first.path,
+        tuple(note for v in volumes for note in v.notes),
+    )
+
+
 def _existing_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():

@@ -265,12 +265,66 @@ def test_the_report_keeps_what_reading_and_segmenting_a_scan_noted(tmp_path):
 
 def test_outputs_drop_nnunet_channel_suffix_only_when_every_input_has_it(tmp_path):
     files = [tmp_path / "a_0000.nii.gz", tmp_path / "b_0000.png"]
-    assert batch.case_names(files, 1) == {files[0]: "a.nii.gz", files[1]: "b.png"}
-    assert batch.case_names(files, 2) == {}  # two channels: not one file per case
+    assert batch.case_names(files) == {files[0]: "a.nii.gz", files[1]: "b.png"}
     mixed = [*files, tmp_path / "scan.nii.gz"]
-    assert batch.case_names(mixed, 1) == {}
-    assert batch.case_names([], 1) == {}
+    assert batch.case_names(mixed) == {}
+    assert batch.case_names([*files, tmp_path / "c_0001.nii.gz"]) == {}
+    assert batch.case_names([]) == {}
+    # each case's first file when a case is one file per channel: any channel
+    firsts = [tmp_path / "a_0000.nii.gz", tmp_path / "b_0001.nii.gz"]
+    assert batch.case_names(firsts, grouped=True) == {
+        firsts[0]: "a.nii.gz",
+        firsts[1]: "b.nii.gz",
+    }
     out = tmp_path / "out"
-    assert batch.output_for(files[0], out, batch.case_names(files, 1)) == (
+    assert batch.output_for(files[0], out, batch.case_names(files)) == (
         out / "a.nii.gz"
     )
+
+
+def test_channel_files_are_grouped_into_cases_and_one_name_one_output(tmp_path):
+    folder = tmp_path / "imagesTs"
+    folder.mkdir()
+    for name in ("b_0001", "a_0000", "a_0001", "b_0000", "c_0001"):
+        nib.save(
+            nib.Nifti1Image(np.zeros((3, 3, 3), np.float32), np.eye(4)),
+            folder / f"{name}.nii.gz",
+        )
+    files = batch.collect_inputs(folder)
+    groups = batch.channel_groups(files, 2)
+    f = {p.name[: -len(".nii.gz")]: p for p in files}
+    assert groups == {
+        f["a_0000"]: (f["a_0000"], f["a_0001"]),
+        f["b_0000"]: (f["b_0000"], f["b_0001"]),
+        f["c_0001"]: (f["c_0001"],),  # incomplete: refused when read, by name
+    }
+    assert batch.channel_groups(files, 1) == {}  # a one-channel model: file by file
+    other = folder / "notes.nii.gz"
+    other.write_bytes(f["a_0000"].read_bytes())
+    assert batch.channel_groups(batch.collect_inputs(folder), 2) == {}
+    other.unlink()
+    # a multi-channel file per case, named like a channel file: not grouped
+    four_d = tmp_path / "four_d"
+    four_d.mkdir()
+    for name in ("p_0001", "p_0002"):
+        nib.save(
+            nib.Nifti1Image(np.zeros((3, 3, 3, 2), np.float32), np.eye(4)),
+            four_d / f"{name}.nii.gz",
+        )
+    assert batch.channel_groups(batch.collect_inputs(four_d), 2) == {}
+    # reading: a grouped case from all its files, any other file by itself
+    read = batch.channel_reader(groups, 2)
+    assert read(f["a_0000"]).array.shape == (3, 3, 3, 2)
+    with pytest.raises(InputFileError, match="channel files _0001, but the model"):
+        read(f["c_0001"])
+    assert read(four_d / "p_0001.nii.gz").array.shape == (3, 3, 3, 2)
+    # scans of one name in two folders would have one output: refused by name
+    twins = [folder / "a_0000.nii.gz", four_d / "a_0000.nii.gz"]
+    with pytest.raises(InputFileError) as clash:
+        batch.check_unique_outputs(twins, tmp_path / "out")
+    assert str(clash.value) == (
+        f"{tmp_path / 'out' / 'a_0000.nii.gz'}: the label map of both {twins[0]} and "
+        f"{twins[1]}; segment scans of one name into separate output folders"
+    )
+    with pytest.raises(InputFileError, match="the label map of both"):
+        batch.check_folder(twins, tmp_path / "out", SETTINGS)

@@ -198,6 +198,88 @@ def test_nnunet_named_scans_get_case_named_outputs_that_evaluate_pairs(
 
 
 @pytest.mark.slow
+def test_a_two_channel_model_reads_cases_stored_one_file_per_channel(tmp_path):
+    """nnU-Net's layout for several channels: CASE_0000, CASE_0001 are one case."""
+    from medseg.io import read_volume
+    from tests.conftest import TINY_CONFIG
+
+    def second(array):  # a second channel that is not the first one again
+        return (array.max() - array).astype(np.float32)
+
+    data = tmp_path / "two"
+    cases = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[:6]
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (data / folder).mkdir(parents=True)
+    for path in cases:
+        case = path.name[: -len(".nii.gz")]
+        image = nib.load(path)
+        array = image.get_fdata().astype(np.float32)
+        nib.save(image, data / "imagesTr" / f"{case}_0000.nii.gz")
+        nib.save(
+            nib.Nifti1Image(second(array), image.affine),
+            data / "imagesTr" / f"{case}_0001.nii.gz",
+        )
+        (data / "labelsTr" / path.name).write_bytes(
+            (SAMPLE / "labelsTr" / path.name).read_bytes()
+        )
+    (data / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "T1", "1": "inverted"},
+                "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
+    (tmp_path / "tiny.yaml").write_text(TINY_CONFIG)
+    trained = medseg(
+        "train", "--config", tmp_path / "tiny.yaml", "--data", data,
+        "--output", tmp_path / "run",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    tests = data / "imagesTs"
+    train_images = sorted((data / "imagesTr").iterdir())
+    for path in train_images[:4]:  # two whole cases
+        (tests / path.name).write_bytes(path.read_bytes())
+    (tests / "lone_0000.nii.gz").write_bytes(train_images[4].read_bytes())
+    (tests / "apart_0000.nii.gz").write_bytes(train_images[4].read_bytes())
+    (tests / "apart_0001.nii.gz").write_bytes(train_images[7].read_bytes())
+    out = tmp_path / "out"
+    result = medseg(
+        "predict", "--model", tmp_path / "run", "--input", tests, "--output", out,
+        "--no-tta",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "2 segmented, 0 skipped (output existed), 2 failed" in result.stdout
+    other = nib.load(train_images[7]).shape
+    first = nib.load(train_images[4]).shape
+    assert_failures_named(
+        result.stderr,
+        tests,
+        [
+            ("lone_0000.nii.gz", "channel files _0000, but the model takes 2 channels"),
+            (
+                "apart_0001.nii.gz",
+                f"shape {other} differs from apart_0000.nii.gz's {first}",
+            ),
+        ],
+    )
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [p.name for p in cases[:2]]
+    # the case's label map is the model's on its two channels, in channel order
+    segmenter = inference.Segmenter(tmp_path / "run", precision="float32")
+    for path in cases[:2]:
+        volume = read_volume(path)
+        both = volume.with_array(
+            np.concatenate([volume.array, second(np.asarray(volume.array))], -1)
+        )
+        expected = segmenter.segment(both).array[..., 0]
+        written = np.asanyarray(nib.load(out / path.name).dataobj)
+        np.testing.assert_array_equal(written, expected)
+        swapped = both.with_array(both.array[..., ::-1])
+        assert not np.array_equal(segmenter.segment(swapped).array[..., 0], expected)
+
+
+@pytest.mark.slow
 def test_same_scan_in_another_voxel_order_gets_the_same_segmentation(bundle, tmp_path):
     source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
     img = nib.load(source)

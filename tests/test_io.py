@@ -421,3 +421,39 @@ def test_integer_source_dtype_is_kept_when_it_holds_the_values(oblique_nifti, tm
     )
     huge = volume.with_array(volume.array.astype(np.int64) * 100)  # beyond int16
     assert nib.load(write_volume(huge, tmp_path / "b.nii")).get_data_dtype() == "<i4"
+
+
+def test_a_case_stored_one_file_per_channel_reads_as_one_volume(tmp_path, rng):
+    from medseg.io import read_channels
+
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    channels = [rng.random((5, 6, 4)).astype(np.float32) for _ in range(3)]
+    files = [tmp_path / f"case_{c:04d}.nii.gz" for c in range(3)]
+    for path, data in zip(files, channels, strict=True):
+        nib.save(nib.Nifti1Image(data, affine), path)
+    volume = read_channels(files, 3)
+    np.testing.assert_array_equal(volume.array, np.stack(channels, -1))
+    np.testing.assert_array_equal(volume.affine, nib.load(files[0]).affine)
+    assert volume.path == files[0]
+    # a channel missing, or one too many: named with what the model takes
+    with pytest.raises(InputFileError) as missing:
+        read_channels([files[0], files[2]], 3)
+    assert str(missing.value) == (
+        f"{files[0]}: channel files _0000, _0002, but the model takes 3 channels, "
+        "_0000 to _0002"
+    )
+    with pytest.raises(InputFileError, match="_0000, _0001, _0002, but the model "):
+        read_channels(files, 2)
+    # a channel on another grid: named
+    nib.save(nib.Nifti1Image(channels[1][:4], affine), files[1])
+    with pytest.raises(InputFileError) as shape:
+        read_channels(files, 3)
+    assert str(shape.value) == (
+        f"{files[1]}: shape (4, 6, 4) differs from case_0000.nii.gz's (5, 6, 4)"
+    )
+    nib.save(nib.Nifti1Image(channels[1], affine @ np.diag([1, 1, 1.01, 1])), files[1])
+    with pytest.raises(InputFileError, match="case_0001.nii.gz: affine differs from"):
+        read_channels(files, 3)
+    nib.save(nib.Nifti1Image(np.stack(channels[:2], -1), affine), files[1])
+    with pytest.raises(InputFileError, match="case_0001.nii.gz: 2 channels in one"):
+        read_channels(files, 3)
