@@ -194,8 +194,12 @@ def field_of_view_note(volume: Volume, fingerprint: dict | None) -> str | None:
     """A warning when the scan's longest side (in mm) is over twice the longest a
     training scan can have had, or under half the shortest longest side, from the
     bundle's dataset fingerprint (per-axis shape and spacing ranges); ``None`` when it
-    is within that range or the bundle records none. A network trained on crops around
-    one organ labels a whole-body scan (or a sliver) without complaint, and wrongly."""
+    is within that range, the bundle records none, or the scan is 2D (pictures carry no
+    spacing, and a larger one is only more of the same texture, as electron microscopy
+    tiles are). A network trained on crops around one organ labels a whole-body scan
+    (or a sliver) without complaint, and wrongly."""
+    if volume.spatial_dims != 3:
+        return None
     try:
         shape, spacing = fingerprint["shape"], fingerprint["spacing_mm"]
         most = max(n * s for n, s in zip(shape["max"], spacing["max"], strict=True))
