@@ -82,6 +82,25 @@ def test_empty_mask_policy():
         metrics.dice(blob, blob[:4])
 
 
+def _evaluate(folder, *options):
+    """``medseg evaluate`` of ``folder/pred`` against ``folder/truth``."""
+    return CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--prediction",
+            str(folder / "pred"),
+            "--truth",
+            str(folder / "truth"),
+            *options,
+        ],
+    )
+
+
+def _failed(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "FAILED" in line]
+
+
 def _save(path, data, spacing=SPACING):
     nib.save(nib.Nifti1Image(data.astype(np.uint8), np.diag([*spacing, 1.0])), path)
 
@@ -139,37 +158,21 @@ def test_evaluate_names_missing_pairs_and_scores_the_rest_past_a_grid_mismatch(
         _save(tmp_path / "truth" / name, data)
     _save(tmp_path / "pred" / "a.nii.gz", data)
     _save(tmp_path / "pred" / "z.nii.gz", data)
-    result = CliRunner().invoke(
-        main,
-        [
-            "evaluate",
-            "--prediction",
-            str(tmp_path / "pred"),
-            "--truth",
-            str(tmp_path / "truth"),
-        ],
-    )
+    result = _evaluate(tmp_path)
     assert result.exit_code == 2
     assert "no prediction for b.nii.gz; no truth for z.nii.gz" in result.output
     (tmp_path / "pred" / "z.nii.gz").unlink()
     _save(tmp_path / "pred" / "b.nii.gz", data, spacing=(1, 1, 1))
-    result = CliRunner().invoke(
-        main,
-        [
-            "evaluate",
-            "--prediction",
-            str(tmp_path / "pred"),
-            "--truth",
-            str(tmp_path / "truth"),
-            "--output",
-            str(tmp_path / "m.csv"),
-            "--summary",
-            str(tmp_path / "s.json"),
-        ],
+    result = _evaluate(
+        tmp_path,
+        "--output",
+        str(tmp_path / "m.csv"),
+        "--summary",
+        str(tmp_path / "s.json"),
     )
     # the case on another grid is named and left out; the other is scored
     assert result.exit_code == 1
-    failed = [line for line in result.output.splitlines() if "FAILED" in line]
+    failed = _failed(result.output)
     assert failed == [
         f"FAILED {tmp_path / 'pred' / 'b.nii.gz'}: affine differs from the truth's "
         "(not on the same grid)"
@@ -202,20 +205,9 @@ def test_evaluate_refuses_files_that_are_not_label_maps_and_reads_whole_floats(
     nan = pred.copy()
     nan[0, 0, 0] = np.nan
     save("nan.nii.gz", nan)
-    result = CliRunner().invoke(
-        main,
-        [
-            "evaluate",
-            "--prediction",
-            str(tmp_path / "pred"),
-            "--truth",
-            str(tmp_path / "truth"),
-            "--output",
-            str(tmp_path / "m.csv"),
-        ],
-    )
+    result = _evaluate(tmp_path, "--output", str(tmp_path / "m.csv"))
     assert result.exit_code == 1
-    failed = sorted(line for line in result.output.splitlines() if "FAILED" in line)
+    failed = sorted(_failed(result.output))
     pred_dir = tmp_path / "pred"
     assert failed == [
         f"FAILED {pred_dir / 'nan.nii.gz'}: NaN or Inf values: not a label map",
@@ -244,20 +236,9 @@ def test_evaluate_reads_a_grey_mask_saved_in_colour_and_refuses_a_colour_one(tmp
     Image.fromarray(np.stack([pred] * 3, -1)).save(tmp_path / "pred" / "grey.png")
     colour = np.stack([pred, pred, 255 - pred], -1)
     Image.fromarray(colour).save(tmp_path / "pred" / "colour.png")
-    result = CliRunner().invoke(
-        main,
-        [
-            "evaluate",
-            "--prediction",
-            str(tmp_path / "pred"),
-            "--truth",
-            str(tmp_path / "truth"),
-            "--output",
-            str(tmp_path / "m.csv"),
-        ],
-    )
+    result = _evaluate(tmp_path, "--output", str(tmp_path / "m.csv"))
     assert result.exit_code == 1
-    failed = [line for line in result.output.splitlines() if "FAILED" in line]
+    failed = _failed(result.output)
     assert failed == [
         f"FAILED {tmp_path / 'pred' / 'colour.png'}: a colour picture (its channels "
         "differ): not a label map"
