@@ -66,7 +66,9 @@ def info(
     mixed_precision: bool,
     json_path: Path | None,
 ) -> None:
-    """Describe MODEL_OR_CONFIG: a .keras model, a model bundle folder or a YAML config.
+    """Describe MODEL_OR_CONFIG: a .keras model, a model bundle folder (or the name of
+    a shipped model) or a YAML config; a bundle is described at its training patch
+    size unless --input-shape gives another.
 
     Prints every layer with its output shape and parameters, the parameter totals,
     the receptive field, FLOPs per sample and the training memory estimate
@@ -76,11 +78,22 @@ def info(
     from medseg.errors import InputFileError
 
     shape = parse_shape(input_shape)
+    if not model_or_config.exists():
+        from medseg.bundle import shipped_models
+
+        model_or_config = shipped_models().get(str(model_or_config), model_or_config)
+    if shape is None and (model_or_config / "medseg.json").is_file():
+        # a bundle: its training patch, so that FLOPs and memory can be counted
+        from medseg.bundle import read_metadata
+
+        patch = read_metadata(model_or_config).get("patch_size")
+        shape = tuple(int(n) for n in patch) if patch else None
     suffix = model_or_config.suffix.lower()
     if not (model_or_config.is_dir() or suffix in (".keras", ".yaml", ".yml")):
         raise InputFileError(
             model_or_config,
-            "expected a .keras model, a bundle folder or a .yaml config",
+            "expected a .keras model, a bundle folder, a shipped model's name or a "
+            ".yaml config",
         )
     if not model_or_config.exists():
         raise InputFileError(model_or_config, "not found")

@@ -277,6 +277,22 @@ def test_info_on_a_saved_model_with_an_input_shape(tmp_path):
     assert wrong.exit_code == 2 and "the model is 2D; give 2 sizes" in wrong.output
 
 
+def test_info_on_a_shipped_model_by_name_at_its_patch_size():
+    from medseg.bundle import read_metadata, shipped_models
+    from medseg.models import load_model
+
+    folder = shipped_models()["hippocampus"]
+    patch = tuple(read_metadata(folder)["patch_size"])
+    result = run("info", "hippocampus")
+    assert result.exit_code == 0, result.output
+    assert f"input ({', '.join(map(str, patch))}, 1)" in result.output
+    count = load_model(folder).count_params()
+    assert f"parameters: {count:,} total" in result.output
+    assert "FLOPs per sample (forward)" in result.output
+    unknown = run("info", "no_such_model")
+    assert unknown.exit_code == 2 and "a shipped model's name" in unknown.output
+
+
 def test_info_counts_classes_from_the_labels_or_the_dataset(tmp_path):
     import os
 
@@ -304,7 +320,10 @@ def test_info_bad_inputs_exit_2_with_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     result = CliRunner().invoke(main, ["info", str(tmp_path / "notes.txt")])
     assert result.exit_code == 2
-    assert "expected a .keras model, a bundle folder or a .yaml config" in result.output
+    assert (
+        "expected a .keras model, a bundle folder, a shipped model's name or a .yaml "
+        "config" in result.output
+    )
     (tmp_path / "bad.yaml").write_text(
         "model:\n  name: unet\n  num_classes: 2\n  x: 1\n"
     )
