@@ -96,28 +96,33 @@ def test_nan_and_inf_are_read_as_stored(tmp_path):
     assert np.isnan(array[0, 0, 0, 0]) and np.isinf(array[1, 1, 1, 0])
 
 
-def _zero_voxel_size_nifti(path, rng):
-    """A NIfTI without sform/qform whose pixdim says 0 mm along the first axis."""
+def _damaged_voxel_size_nifti(path, rng, first=0.0):
+    """A NIfTI without sform/qform whose pixdim says ``first`` mm along the first
+    axis (0 or negative: a damaged header)."""
     data = rng.random((4, 5, 6)).astype(np.float32)
     img = nib.Nifti1Image(data, None)
-    img.header["pixdim"][1:4] = [0.0, 2.0, 3.0]
+    img.header["pixdim"][1:4] = [first, 2.0, 3.0]
     img.header.set_sform(None, code=0)
     img.header.set_qform(None, code=0)
     nib.save(img, path)
     return data
 
 
-@pytest.mark.parametrize("name", ["zero.nii.gz", "zero.nii"])
+@pytest.mark.parametrize(
+    "name, first, read_as",
+    [("zero.nii.gz", 0.0, 1.0), ("zero.nii", 0.0, 1.0), ("minus.nii.gz", -2.0, 2.0)],
+)
 def test_a_header_fixed_on_reading_is_named_once_and_kept_with_the_scan(
-    name, tmp_path, rng, caplog, capfd
+    name, first, read_as, tmp_path, rng, caplog, capfd
 ):
     path = tmp_path / name
-    data = _zero_voxel_size_nifti(path, rng)
+    data = _damaged_voxel_size_nifti(path, rng, first)
     with caplog.at_level("WARNING"):
         volume = read_volume(path)
-    # nibabel reads the zero as 1 mm and says so without naming the file; medseg
-    # says it once, naming the file, and the volume keeps the line for reports
-    assert volume.spacing == (1.0, 2.0, 3.0)
+    # nibabel reads a zero as 1 mm, a negative size as its absolute value, and says so
+    # without naming the file; medseg says it once, naming the file, and the volume
+    # keeps the line for reports
+    assert volume.spacing == (read_as, 2.0, 3.0)
     np.testing.assert_array_equal(volume.array[..., 0], data)
     assert len(volume.notes) == 1
     assert volume.notes[0].startswith(f"{path}: header fixed on reading: pixdim")
@@ -127,7 +132,7 @@ def test_a_header_fixed_on_reading_is_named_once_and_kept_with_the_scan(
     assert volume.with_array(volume.array[..., :1]).notes == volume.notes
     caplog.clear()
     with caplog.at_level("WARNING"):
-        assert read_info(path).spacing == (1.0, 2.0, 3.0)
+        assert read_info(path).spacing == (read_as, 2.0, 3.0)
     assert [r.getMessage() for r in caplog.records] == list(volume.notes)
     # a sound header: nothing to say
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "sound.nii.gz")
