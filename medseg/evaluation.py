@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputFileError
-from medseg.io import SCAN_SUFFIXES, read_volume, split_suffix
+from medseg.io import SCAN_SUFFIXES, off_grid, read_volume, split_suffix
 from medseg.metrics import METRIC_COLUMNS, label_metrics
 
 CSV_COLUMNS = ("case", "label", *METRIC_COLUMNS)
@@ -109,16 +109,9 @@ def _read_pair(pred_path: Path, truth_path: Path):
     """The prediction's and the truth's label arrays and the spacing, checked to be
     on one grid."""
     prediction, truth = read_volume(pred_path), read_volume(truth_path)
-    if prediction.spatial_shape != truth.spatial_shape:
-        raise InputFileError(
-            pred_path,
-            f"shape {prediction.spatial_shape} differs "
-            f"from the truth's {truth.spatial_shape}",
-        )
-    if np.max(np.abs(prediction.affine - truth.affine)) > 1e-3:
-        raise InputFileError(
-            pred_path, "affine differs from the truth's (not on the same grid)"
-        )
+    off = off_grid(prediction, truth, "the truth's")
+    if off:
+        raise InputFileError(pred_path, off)
     return _label_array(prediction), _label_array(truth), truth.spacing
 
 

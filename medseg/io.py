@@ -280,17 +280,9 @@ def read_channels(
                 path, f"{volume.num_channels} channels in one channel's file"
             )
         if volumes:
-            first = volumes[0]
-            if volume.spatial_shape != first.spatial_shape:
-                raise InputFileError(
-                    path,
-                    f"shape {volume.spatial_shape} differs from {files[0].name}'s "
-                    f"{first.spatial_shape}",
-                )
-            if np.max(np.abs(volume.affine - first.affine)) > tolerance_mm:
-                raise InputFileError(
-                    path, f"affine differs from {files[0].name}'s (not on its grid)"
-                )
+            off = off_grid(volume, volumes[0], f"{files[0].name}'s", tolerance_mm)
+            if off:
+                raise InputFileError(path, off)
         volumes.append(volume)
     first = volumes[0]
     return Volume(
@@ -300,6 +292,21 @@ def read_channels(
         first.path,
         tuple(note for v in volumes for note in v.notes),
     )
+
+
+def off_grid(
+    volume: Volume, reference: Volume, whose: str, tolerance_mm: float = 1e-3
+) -> str | None:
+    """Why ``volume`` is not on ``reference``'s grid (its shape, or its affine beyond
+    ``tolerance_mm``), said of ``whose`` grid ("the truth's"); ``None`` when it is."""
+    if volume.spatial_shape != reference.spatial_shape:
+        return (
+            f"shape {volume.spatial_shape} differs from {whose} "
+            f"{reference.spatial_shape}"
+        )
+    if np.max(np.abs(volume.affine - reference.affine)) > tolerance_mm:
+        return f"affine differs from {whose} (not on the same grid)"
+    return None
 
 
 def _existing_file(path: str | Path) -> Path:

@@ -560,8 +560,9 @@ def train(
     except BaseException:
         # refused before training started (a freeze pattern that matches no layer,
         # say): leave neither an empty run folder nor one holding only its config
-        if written is not None and [p.name for p in folder.iterdir()] == [written.name]:
-            written.unlink()
+        if written is not None and folder.is_dir():
+            if [p.name for p in folder.iterdir()] == [written.name]:
+                written.unlink()
         if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
         raise
