@@ -202,6 +202,31 @@ def is_done(target: Path, probabilities: bool = False) -> bool:
     return target.exists() and (not probabilities or probabilities_for(target).exists())
 
 
+def not_its_output(target: Path, source: Path) -> str | None:
+    """Why an existing output cannot be ``source``'s label map, from the two headers: it
+    is unreadable, or on another grid (another scan's of the same name, left by another
+    job); ``None`` when it can be (or ``source`` cannot be read, which its own run
+    would say)."""
+    try:
+        scan = read_info(source)
+    except InputFileError:
+        return None
+    try:
+        made = read_info(target)
+    except InputFileError as exc:
+        return f"{exc}; --overwrite redoes it"
+    if made.spatial_shape != scan.spatial_shape:
+        what = f"shape {made.spatial_shape}, the scan's {scan.spatial_shape}"
+    elif not np.allclose(made.affine, scan.affine, rtol=0, atol=1e-3):
+        what = "its affine differs from the scan's"
+    else:
+        return None
+    return (
+        f"{target}: an existing label map on another grid than {source} ({what}): "
+        "another scan's; --overwrite redoes it, or choose another output folder"
+    )
+
+
 def probabilities_for(label_path: Path) -> Path:
     """``case.nii.gz`` -> ``case_probabilities.npz`` beside it."""
     stem = split_suffix(label_path)[0]
@@ -474,9 +499,13 @@ def segment_all(
     for path in inputs:
         target = output_for(path, output_dir, rename)
         if is_done(target, probabilities) and not overwrite:
-            results.append(CaseResult(str(path), str(target), "skipped"))
+            result = CaseResult(str(path), str(target), "skipped")
+            problem = not_its_output(target, path)
+            if problem:
+                result.status, result.error = "failed", problem
+            results.append(result)
             if progress:
-                progress(results[-1])
+                progress(result)
         else:
             todo.append((path, target))
 

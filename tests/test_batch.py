@@ -328,3 +328,36 @@ def test_channel_files_are_grouped_into_cases_and_one_name_one_output(tmp_path):
     )
     with pytest.raises(InputFileError, match="the label map of both"):
         batch.check_folder(twins, tmp_path / "out", SETTINGS)
+
+
+def test_an_existing_output_on_another_grid_is_not_skipped_as_done(tmp_path):
+    files = scans(tmp_path / "in", 3)
+
+    def segment(volume):
+        return volume.with_array((volume.array > 0).astype(np.uint8))
+
+    out = tmp_path / "out"
+    assert [r.status for r in batch.segment_all(segment, files, out)] == ["done"] * 3
+    # another job's scans of the same names: one of another shape, one moved in space
+    nib.save(nib.Nifti1Image(np.ones((4, 5, 7), np.float32), np.eye(4)), files[1])
+    moved = np.eye(4)
+    moved[:3, 3] = [10.0, 0.0, 0.0]
+    nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.float32), moved), files[2])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    results = batch.segment_all(segment, files, out)
+    assert [r.status for r in results] == ["skipped", "failed", "failed"]
+    assert results[1].error == (
+        f"{out / 'case_1.nii.gz'}: an existing label map on another grid than "
+        f"{files[1]} (shape (4, 5, 6), the scan's (4, 5, 7)): another scan's; "
+        "--overwrite redoes it, or choose another output folder"
+    )
+    assert "(its affine differs from the scan's)" in results[2].error
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # an unreadable output is not taken as done either
+    (out / "case_0.nii.gz").write_bytes(b"not a scan")
+    results = batch.segment_all(segment, files[:1], out)
+    assert results[0].status == "failed"
+    assert results[0].error.startswith(f"{out / 'case_0.nii.gz'}: not gzip-compressed")
+    redone = batch.segment_all(segment, files, out, overwrite=True)
+    assert [r.status for r in redone] == ["done"] * 3
+    assert nib.load(out / "case_1.nii.gz").shape == (4, 5, 7)
