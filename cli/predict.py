@@ -164,9 +164,11 @@ def predict(
             nonfinite,
         )
         return
-    everything = batch.collect_inputs(input_path)
-    # on every input, before sharding, so that every shard groups and names alike
     channels = int(metadata.get("in_channels") or 1)
+    everything = batch.collect_inputs(input_path)
+    if Path(input_path).is_file():  # one channel's file names its whole case
+        everything = batch.with_sibling_channels(everything, channels)
+    # on every input, before sharding, so that every shard groups and names alike
     groups = batch.channel_groups(everything, channels)
     if groups:  # nnU-Net's one file per channel: a case is read from all of them
         everything = sorted(groups)

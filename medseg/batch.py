@@ -161,6 +161,21 @@ def channel_groups(files: list[Path], channels: int) -> dict[Path, tuple[Path, .
     return {min(group): tuple(sorted(group)) for group in groups.values()}
 
 
+def with_sibling_channels(files: list[Path], channels: int) -> list[Path]:
+    """One file named ``CASE_dddd`` given to a model that takes ``channels`` > 1: with
+    the case's other channel files beside it (``CASE_0000``, ``CASE_0001``, ... in its
+    folder), so that one channel's file names the whole case; anything else as it
+    is."""
+    if channels < 2 or len(files) != 1:
+        return files
+    stem, suffix = split_suffix(files[0])
+    match = CHANNEL_FILE.match(stem)
+    if match is None:
+        return files
+    pattern = glob.escape(match["case"]) + "_" + "[0-9]" * 4 + glob.escape(suffix)
+    return sorted(files[0].parent.glob(pattern)) or files
+
+
 def case_names(inputs: list[Path], grouped: bool = False) -> dict[Path, str]:
     """Output names without nnU-Net's channel suffix (``CASE_0000.nii.gz`` ->
     ``CASE.nii.gz``, as nnU-Net names its predictions and its ``labelsTr``) when every

@@ -312,6 +312,13 @@ def test_channel_files_are_grouped_into_cases_and_one_name_one_output(tmp_path):
             four_d / f"{name}.nii.gz",
         )
     assert batch.channel_groups(batch.collect_inputs(four_d), 2) == {}
+    # one channel's file given alone names its whole case
+    assert batch.with_sibling_channels([f["b_0001"]], 2) == [f["b_0000"], f["b_0001"]]
+    assert batch.with_sibling_channels([f["b_0001"]], 1) == [f["b_0001"]]
+    assert batch.with_sibling_channels([f["a_0000"], f["b_0000"]], 2) == [
+        f["a_0000"],
+        f["b_0000"],
+    ]
     # reading: a grouped case from all its files, any other file by itself
     read = batch.channel_reader(groups, 2)
     assert read(f["a_0000"]).array.shape == (3, 3, 3, 2)

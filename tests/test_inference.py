@@ -277,6 +277,17 @@ def test_a_two_channel_model_reads_cases_stored_one_file_per_channel(tmp_path):
         np.testing.assert_array_equal(written, expected)
         swapped = both.with_array(both.array[..., ::-1])
         assert not np.array_equal(segmenter.segment(swapped).array[..., 0], expected)
+    # one channel's file given alone: the case is read from all its files
+    case = cases[0].name[: -len(".nii.gz")]
+    alone = medseg(
+        "predict", "--model", tmp_path / "run", "--input",
+        tests / f"{case}_0001.nii.gz", "--output", tmp_path / "one.nii.gz", "--no-tta",
+    )  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    np.testing.assert_array_equal(
+        np.asanyarray(nib.load(tmp_path / "one.nii.gz").dataobj),
+        np.asanyarray(nib.load(out / cases[0].name).dataobj),
+    )
 
 
 @pytest.mark.slow
