@@ -30,6 +30,7 @@ from medseg.errors import InputFileError
 from medseg.io import (
     SCAN_SUFFIXES,
     atomic_write_text,
+    off_grid,
     read_channels,
     read_info,
     read_volume,
@@ -230,14 +231,11 @@ def not_its_output(target: Path, source: Path) -> str | None:
         made = read_info(target)
     except InputFileError as exc:
         return f"{exc}; --overwrite redoes it"
-    if made.spatial_shape != scan.spatial_shape:
-        what = f"shape {made.spatial_shape}, the scan's {scan.spatial_shape}"
-    elif not np.allclose(made.affine, scan.affine, rtol=0, atol=1e-3):
-        what = "its affine differs from the scan's"
-    else:
+    off = off_grid(made, scan, "the scan's")
+    if off is None:
         return None
     return (
-        f"{target}: an existing label map on another grid than {source} ({what}): "
+        f"{target}: an existing label map on another grid than {source} ({off}): "
         "another scan's; --overwrite redoes it, or choose another output folder"
     )
 

@@ -295,10 +295,14 @@ def read_channels(
 
 
 def off_grid(
-    volume: Volume, reference: Volume, whose: str, tolerance_mm: float = 1e-3
+    volume: Volume | ScanInfo,
+    reference: Volume | ScanInfo,
+    whose: str,
+    tolerance_mm: float = 1e-3,
 ) -> str | None:
     """Why ``volume`` is not on ``reference``'s grid (its shape, or its affine beyond
-    ``tolerance_mm``), said of ``whose`` grid ("the truth's"); ``None`` when it is."""
+    ``tolerance_mm``), said of ``whose`` grid ("the truth's"); ``None`` when it is.
+    Either may be a header read alone (:class:`ScanInfo`)."""
     if volume.spatial_shape != reference.spatial_shape:
         return (
             f"shape {volume.spatial_shape} differs from {whose} "

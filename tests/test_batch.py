@@ -355,10 +355,11 @@ def test_an_existing_output_on_another_grid_is_not_skipped_as_done(tmp_path):
     assert [r.status for r in results] == ["skipped", "failed", "failed"]
     assert results[1].error == (
         f"{out / 'case_1.nii.gz'}: an existing label map on another grid than "
-        f"{files[1]} (shape (4, 5, 6), the scan's (4, 5, 7)): another scan's; "
+        f"{files[1]} (shape (4, 5, 6) differs from the scan's (4, 5, 7)): another "
+        "scan's; "
         "--overwrite redoes it, or choose another output folder"
     )
-    assert "(its affine differs from the scan's)" in results[2].error
+    assert "(affine differs from the scan's (not on the same grid))" in results[2].error
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # an unreadable output is not taken as done either
     (out / "case_0.nii.gz").write_bytes(b"not a scan")
