@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medseg.bundle import shipped_models
 from medseg.models import build_autoencoder, build_unet
 from medseg.models.transfer import adapt_weights, freeze_layers
 from tests.conftest import SAMPLE
@@ -292,3 +293,15 @@ def test_onnx_export_without_the_extra_names_what_to_install(tmp_path, monkeypat
     ):
         export_bundle(tmp_path / "bundle", tmp_path / "out", "onnx")
     assert not (tmp_path / "out").exists()
+
+
+def test_finetune_names_scans_of_other_dimensions_than_the_pretrained_model(tmp_path):
+    result = medseg(
+        "finetune", "--model", "membrane", "--data", SAMPLE, "--output", tmp_path / "o"
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith(
+        f"Error: {SAMPLE}: 3D scans (median 36 x 49 x 36), but the pretrained model "
+        f"{shipped_models()['membrane']} is 2D (model.spatial_dims: 2)"
+    )
+    assert not (tmp_path / "o").exists()

@@ -688,3 +688,44 @@ def test_a_run_refused_before_it_writes_anything_leaves_no_folder(tmp_path):
     with pytest.raises(ConfigError, match="matches no layer"):
         trainer.train(frozen, existing, verbose=0)
     assert [p.name for p in existing.iterdir()] == ["config.yaml"]
+
+
+def test_scans_of_other_dimensions_than_the_network_are_refused_by_name(tmp_path):
+    from skimage import io as skio
+
+    from medseg.training import trainer
+
+    pictures = tmp_path / "pictures"
+    for name in ("a", "b", "c", "d"):
+        for kind, value in (("image", 90), ("label", 1)):
+            array = np.zeros((24, 20), np.uint8)
+            array[5:15, 4:12] = value
+            (pictures / kind).mkdir(parents=True, exist_ok=True)
+            skio.imsave(pictures / kind / f"{name}.png", array, check_contrast=False)
+    cases = (
+        (
+            SAMPLE,
+            None,
+            2,
+            "3D scans (median 36 x 49 x 36), but the config's model is 2D",
+        ),
+        (
+            pictures,
+            {0: "bg", 1: "fg"},
+            3,
+            "2D scans (median 24 x 20), but the config's model is 3D",
+        ),
+    )
+    for dataset, labels, dims, problem in cases:
+        config = Config.from_dict(
+            {
+                "model": {"name": "unet", "spatial_dims": dims, "filters": [4, 8]},
+                "data": {"dataset": str(dataset), "labels": labels},
+                "train": {"epochs": 1},
+            }
+        )
+        run = tmp_path / f"run{dims}"
+        with pytest.raises(InputFileError) as caught:
+            trainer.train(config, run, verbose=0)
+        assert str(caught.value) == f"{dataset}: {problem} (model.spatial_dims: {dims})"
+        assert not run.exists()

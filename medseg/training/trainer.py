@@ -373,6 +373,24 @@ def _checked_dataset(config: Config):
     return dataset, report.fingerprint
 
 
+def _check_spatial_dims(config: Config, dataset, fingerprint: dict) -> None:
+    """Refuses a dataset of 3D scans for a 2D network, or the other way round."""
+    shape = fingerprint.get("shape", {}).get("median")
+    wanted = config.model.spatial_dims
+    if shape is None or len(shape) == wanted:
+        return
+    model = (
+        f"the pretrained model {config.train.init_from}"
+        if config.train.init_from
+        else "the config's model"
+    )
+    raise InputFileError(
+        dataset.root,
+        f"{len(shape)}D scans (median {' x '.join(map(str, shape))}), but {model} "
+        f"is {wanted}D (model.spatial_dims: {wanted})",
+    )
+
+
 def _metadata(config, dataset, values, plan, preprocessor, fingerprint, split) -> dict:
     """What the bundle records besides the model."""
     labels = None
@@ -585,6 +603,7 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
             config, folder, strategy, worker, workers, resume=resume, verbose=verbose
         )
     dataset, fingerprint = _checked_dataset(config)
+    _check_spatial_dims(config, dataset, fingerprint)
     segmentation = config.data.task == "segmentation"
     values = training_data.class_values(dataset) if segmentation else None
     channels = int(next(iter(fingerprint["num_channels"])))
