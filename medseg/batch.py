@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import time
 import uuid
 from collections.abc import Callable
@@ -89,9 +90,16 @@ def collect_inputs(path: str | Path) -> list[Path]:
             and split_suffix(p)[1] in SCAN_SUFFIXES
         ]
     else:
-        files = [Path(p) for p in glob.glob(text) if Path(p).is_file()]
+        files = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()]
         if not files and not any(c in text for c in "*?["):
             raise InputFileError(path, "not found")
+    if not files and path.is_dir() and any(p.is_dir() for p in path.iterdir()):
+        pattern = shlex.quote(str(path / "**" / "*.nii.gz"))
+        raise InputFileError(
+            path,
+            "no scan files found (its subfolders are not searched; a pattern such as "
+            f"{pattern} takes the scans in every subfolder)",
+        )
     if not files:
         raise InputFileError(path, "no scan files found")
     return sorted(files)

@@ -401,12 +401,16 @@ def _header_fixes(path: Path) -> Iterator[list[str]]:
 def _load_nifti(path: Path):
     import nibabel as nib
 
-    if path.name.lower().endswith(".gz"):
-        with open(path, "rb") as handle:
-            if handle.read(2) != b"\x1f\x8b":
-                raise InputFileError(
-                    path, "not gzip-compressed data (corrupt, or misnamed file)"
-                )
+    with open(path, "rb") as handle:
+        compressed = handle.read(2) == b"\x1f\x8b"
+    if path.name.lower().endswith(".gz") and not compressed:
+        raise InputFileError(
+            path, "not gzip-compressed data (corrupt, or misnamed file)"
+        )
+    if compressed and not path.name.lower().endswith(".gz"):
+        raise InputFileError(
+            path, "gzip-compressed data in a file not named .gz (name it .nii.gz)"
+        )
     try:
         img = nib.load(path)
     except nib.filebasedimages.ImageFileError:

@@ -369,3 +369,23 @@ def test_an_existing_output_on_another_grid_is_not_skipped_as_done(tmp_path):
     redone = batch.segment_all(segment, files, out, overwrite=True)
     assert [r.status for r in redone] == ["done"] * 3
     assert nib.load(out / "case_1.nii.gz").shape == (4, 5, 7)
+
+
+def test_a_folder_of_subfolders_says_how_to_take_their_scans(tmp_path):
+    study = tmp_path / "study"
+    for subject in ("sub-01", "sub-02"):
+        (study / subject / "anat").mkdir(parents=True)
+        nib.save(
+            nib.Nifti1Image(np.zeros((3, 3, 3), np.float32), np.eye(4)),
+            study / subject / "anat" / f"{subject}_T1w.nii.gz",
+        )
+    with pytest.raises(InputFileError) as info:
+        batch.collect_inputs(study)
+    assert str(info.value) == (
+        f"{study}: no scan files found (its subfolders are not searched; a pattern "
+        f"such as '{study}/**/*.nii.gz' takes the scans in every subfolder)"
+    )
+    assert batch.collect_inputs(study / "**" / "*.nii.gz") == [
+        study / "sub-01" / "anat" / "sub-01_T1w.nii.gz",
+        study / "sub-02" / "anat" / "sub-02_T1w.nii.gz",
+    ]

@@ -293,6 +293,16 @@ def test_unreadable_files_name_the_file_and_the_problem(
     assert str(info.value).startswith(str(path))
 
 
+def test_gzipped_nifti_named_nii_is_named_as_such(tmp_path):
+    path = tmp_path / "scan.nii"
+    path.write_bytes(_nifti_bytes(tmp_path))
+    with pytest.raises(InputFileError) as info:
+        read_volume(path)
+    assert str(info.value) == (
+        f"{path}: gzip-compressed data in a file not named .gz (name it .nii.gz)"
+    )
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(InputFileError, match="file not found"):
         read_volume(tmp_path / "nope.nii.gz")
