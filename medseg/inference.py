@@ -37,10 +37,25 @@ def window_starts(size: int, patch: int, overlap: float = 0.5) -> list[int]:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if patch >= size:
         return [0]
-    target_step = patch * (1 - overlap)
+    target_step = max(patch * (1 - overlap), 1)  # a window one voxel deep: every voxel
     count = math.ceil((size - patch) / target_step) + 1
     step = (size - patch) / (count - 1)
     return [int(round(i * step)) for i in range(count)]
+
+
+def slicewise(predict_fn: Callable, slice_axis: int | None) -> Callable:
+    """A 2D network's batch function as one over 3D windows one voxel deep across
+    ``slice_axis`` (``(B, *window, C)``, the axis squeezed for the network and put back
+    on its output), so :func:`sliding_window_predict` runs it slice by slice on a
+    volume. ``predict_fn`` itself for ``None``."""
+    if slice_axis is None:
+        return predict_fn
+    axis = slice_axis + 1
+
+    def predict(batch):
+        return np.expand_dims(np.asarray(predict_fn(np.squeeze(batch, axis))), axis)
+
+    return predict
 
 
 def _gaussian_1d(n: int, sigma_scale: float) -> np.ndarray:
@@ -302,7 +317,10 @@ class Segmenter:
         bundle: bundle folder (``model.keras`` + ``medseg.json``).
         overlap: sliding-window overlap.
         mirror_axes: test-time augmentation: also predict each window mirrored along
-            these axes of the RAS-reoriented scan and average; ``()`` for none.
+            these axes of the RAS-reoriented scan and average; ``()`` for none. A 2D
+            network trained on slices of volumes (the plan's ``slice_axis``) segments a
+            volume slice by slice, and its axes are the slice's (the volume's other
+            two, in order).
         batch_size: windows per forward pass.
         keep_largest: keep only the largest component of each label.
         min_size_mm3: remove components of a label smaller than this.
@@ -353,7 +371,13 @@ class Segmenter:
         self.preprocessor = Preprocessor.from_dict(self.metadata["preprocessing"])
         if nonfinite is not None:
             self.preprocessor = replace(self.preprocessor, nonfinite=nonfinite)
+        from medseg.training.planning import window_of
+
         self.patch_size = tuple(self.metadata["patch_size"])
+        self.slice_axis = (self.metadata.get("plan") or {}).get("slice_axis")
+        self.window = window_of(self.patch_size, self.slice_axis)
+        in_plane = [a for a in range(len(self.window)) if a != self.slice_axis]
+        self._window_mirror = tuple(in_plane[a] for a in mirror_axes)
         labels = self.metadata["labels"]
         values = [int(labels[str(k)]["value"]) for k in range(len(labels))]
         self.names = [str(labels[str(k)].get("name", v)) for k, v in enumerate(values)]
@@ -384,11 +408,11 @@ class Segmenter:
         """Class probabilities ``(*S, K)`` of a preprocessed image, mirroring TTA."""
         return sliding_window_predict(
             image,
-            self._predict_batch,
-            patch_size=self.patch_size,
+            slicewise(self._predict_batch, self.slice_axis),
+            patch_size=self.window,
             overlap=self.overlap,
             batch_size=self.batch_size,
-            mirror_axes=self.mirror_axes,
+            mirror_axes=self._window_mirror,
         )
 
     def predict(self, volume: Volume) -> Prediction:
@@ -398,7 +422,7 @@ class Segmenter:
         interpolation where the bundle resamples), with a running argmax, so no
         multi-class volume is resampled at once.
         """
-        dims, channels = self.metadata["spatial_dims"], self.metadata["in_channels"]
+        dims, channels = len(self.window), self.metadata["in_channels"]
         volume = volume.with_array(
             _one_grey(volume.array, volume.spatial_dims, channels)
         )
@@ -409,7 +433,7 @@ class Segmenter:
                 f"{_colour_note(volume.array, volume.spatial_dims, channels)}, "
                 f"but the model segments {dims}D scans with {channels} channel(s)",
             )
-        if dims == 3 and 1 in volume.spatial_shape and min(self.patch_size) > 1:
+        if dims == 3 and 1 in volume.spatial_shape and min(self.window) > 1:
             # a 2D NIfTI, or one slice saved as 3D: a 3D network would see it between
             # zero slices and return a label map that looks valid but means nothing
             raise InputFileError(

@@ -302,6 +302,6 @@ def test_finetune_names_scans_of_other_dimensions_than_the_pretrained_model(tmp_
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().endswith(
         f"Error: {SAMPLE}: 3D scans (median 36 x 49 x 36), but the pretrained model "
-        f"{shipped_models()['membrane']} is 2D (model.spatial_dims: 2)"
+        f"{shipped_models()['membrane']} was trained on 2D scans"
     )
     assert not (tmp_path / "o").exists()

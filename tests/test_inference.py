@@ -82,6 +82,46 @@ def test_mirroring_each_window_matches_reference(axes, rng):
     assert np.abs(plain - out).max() > 1e-2  # the mirrored windows did count
 
 
+def test_a_window_one_voxel_deep_visits_each_slice_once():
+    assert inference.window_starts(5, 1, 0.5) == [0, 1, 2, 3, 4]
+    assert inference.window_starts(12, 4, 0.9) == list(range(9))
+
+
+@pytest.mark.parametrize("slice_axis", [0, 1, 2])
+def test_a_2d_network_segments_a_volume_slice_by_slice(slice_axis, rng):
+    from medseg.training.planning import window_of
+
+    image = rng.random((18, 20, 17, 1)).astype(np.float32)
+    patch = (16, 16)
+    ramp = np.arange(256, dtype=np.float32).reshape(16, 16, 1) / 256
+
+    def predict(batch):  # a 2D network: (B, 16, 16, 1) only, position-dependent
+        assert batch.shape[1:] == (16, 16, 1)
+        return np.concatenate([batch * ramp, np.sin(batch + ramp)], axis=-1)
+
+    out = inference.sliding_window_predict(
+        image,
+        inference.slicewise(predict, slice_axis),
+        patch_size=window_of(patch, slice_axis),
+        batch_size=5,
+        mirror_axes=[a for a in range(3) if a != slice_axis][:1],
+    )
+    assert out.shape == (18, 20, 17, 2)
+    windows = {18: [0, 2], 20: [0, 4], 17: [0, 1]}  # 16-pixel windows, overlap 0.5
+    for k in range(image.shape[slice_axis]):
+        cut = np.take(image, k, axis=slice_axis)
+        expected = reference.stitch(
+            cut,
+            reference.mirror_averaged(predict, (0,)),
+            patch,
+            [windows[n] for n in cut.shape[:-1]],
+            inference.gaussian_importance(patch),
+        )
+        np.testing.assert_allclose(
+            np.take(out, k, axis=slice_axis), expected, rtol=1e-5, atol=1e-6
+        )
+
+
 def test_gaussian_importance_peaks_at_the_centre():
     weights = inference.gaussian_importance((9, 9))
     assert weights[4, 4] == 1.0 and weights.min() > 0
@@ -924,3 +964,82 @@ def test_a_bundle_with_float16_weights_predicts_as_its_float32_original(tmp_path
     )
     # rounded weights: close, not the same
     _assert_near_same_segmentation(full, rounded, at_most=0.02, clear=0.99, agree=0.999)
+
+
+@pytest.mark.slow
+def test_a_2d_network_trained_on_volumes_segments_them_slice_by_slice(tmp_path):
+    import keras
+
+    from medseg.io import read_volume
+
+    (tmp_path / "slices.yaml").write_text(
+        "model: {name: unet, spatial_dims: 2, filters: [4, 8]}\n"
+        "train: {epochs: 1, steps_per_epoch: 2, batch_size: 4, optimizer: adam,\n"
+        "        learning_rate: 0.001, folds: 4, augment: {mirror_axes: [0]}}\n"
+    )
+    run = tmp_path / "run"
+    trained = medseg(
+        "train", "--config", tmp_path / "slices.yaml", "--data", SAMPLE,
+        "--output", run, "--fold", "0",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "(2D slices across axis 2)" in trained.stderr
+    metadata = json.loads((run / "medseg.json").read_text())
+    assert metadata["spatial_dims"] == 2 and metadata["plan"]["slice_axis"] == 2
+    assert metadata["patch_size"] == [36, 50]  # the median case's 36 x 49 axial plane
+    assert metadata["validation"]["val_dice_mean"] >= 0
+    scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    out = tmp_path / "out.nii.gz"
+    result = medseg("predict", "--model", run, "--input", scan, "--output", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written, source = nib.load(out), nib.load(scan)
+    assert written.shape == source.shape
+    np.testing.assert_allclose(written.affine, source.affine)
+    # each axial slice of the preprocessed scan through the 2D network, mirrored along
+    # its first axis too, windows of 36 x 50 blended
+    segmenter = inference.Segmenter(run, mirror_axes=(0,), precision="float32")
+    image, _ = segmenter.preprocessor.image(read_volume(scan))
+    model = segmenter.model
+
+    def network(batch):
+        return keras.ops.convert_to_numpy(
+            keras.ops.softmax(model(batch, training=False), axis=-1)
+        )
+
+    probabilities = segmenter.probabilities(image)
+    for k in range(image.shape[2]):
+        cut = image[:, :, k]
+        plane = cut.shape[:-1]
+        size = [max(n, p) for n, p in zip(plane, (36, 50), strict=True)]
+        pads = [
+            ((s - n) // 2, s - n - (s - n) // 2)
+            for n, s in zip(plane, size, strict=True)
+        ]
+        padded = np.pad(cut, [*pads, (0, 0)])
+        expected = reference.stitch(
+            padded,
+            reference.mirror_averaged(network, (0,)),
+            (36, 50),
+            [
+                inference.window_starts(s, p, 0.5)
+                for s, p in zip(size, (36, 50), strict=True)
+            ],
+            inference.gaussian_importance((36, 50)),
+        )
+        crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, plane, strict=True))
+        np.testing.assert_allclose(
+            probabilities[:, :, k], expected[crop], rtol=1e-4, atol=1e-5
+        )
+    np.testing.assert_array_equal(
+        np.asanyarray(written.dataobj),
+        segmenter.segment(read_volume(scan)).array[..., 0],
+    )
+    # one slice saved as a volume one voxel deep is segmented too, on its own grid
+    data = np.asanyarray(source.dataobj)
+    one = tmp_path / "one_slice.nii.gz"
+    nib.save(nib.Nifti1Image(data[:, :, 17:18], source.affine), one)
+    single = medseg(
+        "predict", "--model", run, "--input", one, "--output", tmp_path / "o"
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert nib.load(tmp_path / "o" / "one_slice.nii.gz").shape == (*data.shape[:2], 1)

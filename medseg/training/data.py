@@ -137,7 +137,9 @@ class PatchSampler:
     """Draws ``(image, label)`` patches from prepared cases, repeatably.
 
     Samples of epoch ``e`` come from ``default_rng([seed, e])``, so a run resumed at
-    epoch ``e`` draws the same patches as an uninterrupted one.
+    epoch ``e`` draws the same patches as an uninterrupted one. With ``slice_axis``
+    (a 2D network on 3D cases) ``patch_size`` is the 2D patch: each sample is a patch
+    of one slice across that axis, the 3D case's axis removed.
     """
 
     def __init__(
@@ -148,11 +150,16 @@ class PatchSampler:
         foreground_oversample: float,
         seed: int,
         samples_per_epoch: int,
+        slice_axis: int | None = None,
     ):
+        from medseg.training.planning import window_of
+
         if not cases:
             raise ConfigError("no training cases")
         self.cases = cases
-        self.patch_size = tuple(int(p) for p in patch_size)
+        self.sample_size = tuple(int(p) for p in patch_size)  # what the network takes
+        self.patch_size = window_of(patch_size, slice_axis)  # what is cut from a case
+        self.slice_axis = slice_axis
         self.foreground_oversample = foreground_oversample
         self.seed = seed
         self.samples_per_epoch = samples_per_epoch
@@ -193,6 +200,9 @@ class PatchSampler:
             for index in range(self.samples_per_epoch):
                 case = self.cases[rng.integers(len(self.cases))]
                 image, label = self.patch(case, self._centre(case, rng))
+                if self.slice_axis is not None:
+                    image = image.squeeze(self.slice_axis)
+                    label = label.squeeze(self.slice_axis)
                 seed = np.array([epoch, index], np.int32) + np.array(
                     [0, self.seed], np.int32
                 )
@@ -235,8 +245,8 @@ def make_dataset(
 
     channels = sampler.cases[0].image.shape[-1]
     spec = (
-        tf.TensorSpec((*sampler.patch_size, channels), tf.float32),
-        tf.TensorSpec((*sampler.patch_size, 1), tf.int32),
+        tf.TensorSpec((*sampler.sample_size, channels), tf.float32),
+        tf.TensorSpec((*sampler.sample_size, 1), tf.int32),
         tf.TensorSpec((2,), tf.int32),
     )
     dataset = tf.data.Dataset.from_generator(

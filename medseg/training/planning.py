@@ -35,6 +35,15 @@ class Plan:
     estimated_memory_gb: float
     num_classes: int
     in_channels: int
+    #: a 2D network on 3D volumes: the axis of the preprocessed (RAS) volume it is cut
+    #: along; ``patch_size`` is then the slice's, ``target_spacing_mm`` the volume's
+    slice_axis: int | None = None
+
+    @property
+    def window(self) -> tuple[int, ...]:
+        """The patch as a window over the preprocessed case: one voxel deep along the
+        slice axis of a 2D network on 3D volumes."""
+        return window_of(self.patch_size, self.slice_axis)
 
     def to_dict(self) -> dict:
         return {
@@ -45,14 +54,35 @@ class Plan:
         def fmt(values, spec=""):
             return " x ".join(format(v, spec) for v in values)
 
+        slices = (
+            ""
+            if self.slice_axis is None
+            else f" (2D slices across axis {self.slice_axis})"
+        )
         return (
             f"plan: spacing {fmt(self.target_spacing_mm, '.3g')} mm, median case "
-            f"{fmt(self.median_shape)}, patch {fmt(self.patch_size)}, batch "
+            f"{fmt(self.median_shape)}, patch {fmt(self.patch_size)}{slices}, batch "
             f"{self.batch_size}, {self.num_classes} classes, "
             f"{self.in_channels} channel(s); "
             f"estimated training memory {self.estimated_memory_gb:.2f} GB of "
             f"{self.memory_gb:.1f} GB"
         )
+
+
+def window_of(patch_size, slice_axis: int | None) -> tuple[int, ...]:
+    """``patch_size`` with a 1 inserted at ``slice_axis`` (unchanged for ``None``)."""
+    patch = [int(p) for p in patch_size]
+    if slice_axis is not None:
+        patch.insert(slice_axis, 1)
+    return tuple(patch)
+
+
+def slice_axis_for(spacing) -> int:
+    """The axis a 2D network cuts a volume across, as nnU-Net's 2D configuration does:
+    the one with the coarsest voxels (thick slices), the last of equals (axial slices
+    of a RAS volume at isotropic spacing)."""
+    spacing = np.asarray(spacing, dtype=float)
+    return int(np.flatnonzero(np.isclose(spacing, spacing.max(), rtol=1e-3))[-1])
 
 
 def default_memory_gb() -> float:
@@ -87,6 +117,8 @@ def plan_training(
     """Chooses what the config leaves open.
 
     * target spacing: the median spacing of the dataset;
+    * a 2D network on 3D volumes is trained on slices across the axis of the coarsest
+      target spacing (:func:`slice_axis_for`), its patch planned from the other two;
     * patch size: the median case shape at that spacing, rounded up to a multiple of
       ``2 ** depth`` and shrunk along its longest axis until the estimated training
       memory (``medseg info``'s estimate) fits ``memory_gb``;
@@ -100,19 +132,27 @@ def plan_training(
     if memory_gb is None:
         memory_gb = config.train.memory_gb or default_memory_gb()
     dims = model_cfg.spatial_dims
+    scan_dims = len(fingerprint["shape"]["median"])  # 3 for a 2D network on volumes
     spacing = config.data.target_spacing_mm or tuple(
-        fingerprint["spacing_mm"]["median"][:dims]
+        fingerprint["spacing_mm"]["median"][:scan_dims]
     )
-    median_spacing = np.array(fingerprint["spacing_mm"]["median"][:dims])
+    if len(spacing) != scan_dims:
+        raise ValueError(
+            f"data.target_spacing_mm {tuple(spacing)} must have {scan_dims} values, "
+            f"one per axis of the scans"
+        )
+    median_spacing = np.array(fingerprint["spacing_mm"]["median"][:scan_dims])
     median_shape = (
-        np.array(fingerprint["shape"]["median"][:dims])
+        np.array(fingerprint["shape"]["median"][:scan_dims])
         * median_spacing
         / np.array(spacing)
     )
     median_shape = tuple(int(round(n)) for n in median_shape)
+    slice_axis = slice_axis_for(spacing) if scan_dims > dims else None
+    in_plane = [n for a, n in enumerate(median_shape) if a != slice_axis]
     depth = len(model_cfg.options.get("filters", (32, 64, 128, 256, 320))) - 1
     multiple = 2**depth if model_cfg.name != "classifier" else 1
-    patch = list(model_cfg.patch_size or (_round_up(n, multiple) for n in median_shape))
+    patch = list(model_cfg.patch_size or (_round_up(n, multiple) for n in in_plane))
     precision_bytes = 2 if config.train.precision.startswith("mixed") else 4
 
     def estimate(patch_size):
@@ -156,4 +196,5 @@ def plan_training(
         float(used),
         model_cfg.num_classes,
         model_cfg.in_channels,
+        slice_axis,
     )

@@ -374,21 +374,30 @@ def _checked_dataset(config: Config):
 
 
 def _check_spatial_dims(config: Config, dataset, fingerprint: dict) -> None:
-    """Refuses a dataset of 3D scans for a 2D network, or the other way round."""
+    """Refuses a dataset of 2D pictures for a 3D network, and fine-tuning a model on
+    scans of other dimensions than those it was trained on (a 2D network on 3D
+    volumes is trained on their slices)."""
     shape = fingerprint.get("shape", {}).get("median")
-    wanted = config.model.spatial_dims
-    if shape is None or len(shape) == wanted:
+    if shape is None:
         return
-    model = (
-        f"the pretrained model {config.train.init_from}"
-        if config.train.init_from
-        else "the config's model"
-    )
-    raise InputFileError(
-        dataset.root,
-        f"{len(shape)}D scans (median {' x '.join(map(str, shape))}), but {model} "
-        f"is {wanted}D (model.spatial_dims: {wanted})",
-    )
+    scans = f"{len(shape)}D scans (median {' x '.join(map(str, shape))})"
+    wanted = config.model.spatial_dims
+    pretrained = config.train.init_from
+    if len(shape) < wanted:
+        model = (
+            f"the pretrained model {pretrained}" if pretrained else "the config's model"
+        )
+        raise InputFileError(
+            dataset.root,
+            f"{scans}, but {model} is {wanted}D (model.spatial_dims: {wanted})",
+        )
+    trained_on = len(config.data.target_spacing_mm or shape)
+    if pretrained and trained_on != len(shape):
+        raise InputFileError(
+            dataset.root,
+            f"{scans}, but the pretrained model {pretrained} was trained on "
+            f"{trained_on}D scans",
+        )
 
 
 def _metadata(config, dataset, values, plan, preprocessor, fingerprint, split) -> dict:
@@ -667,6 +676,7 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
         foreground_oversample=config.data.foreground_oversample,
         seed=config.train.seed + 1000 * worker,  # each worker draws its own patches
         samples_per_epoch=config.train.steps_per_epoch * plan.batch_size * workers,
+        slice_axis=plan.slice_axis,
     )
     augmenter = Augmenter(config.train.augment, config.model.spatial_dims)
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import keras
 import numpy as np
 
-from medseg.inference import sliding_window_predict
+from medseg.inference import slicewise, sliding_window_predict
 
 if TYPE_CHECKING:
     from medseg.training.trainer import _Run
@@ -51,12 +51,12 @@ def validate(model, run: _Run) -> dict[str, float]:
     fp = np.zeros(num_classes)
     fn = np.zeros(num_classes)
 
-    predict = predictor(model, run)
+    predict = slicewise(predictor(model, run), run.plan.slice_axis)
     for case in run.val_cases:
         scores = sliding_window_predict(
             case.image,
             predict,
-            patch_size=run.plan.patch_size,
+            patch_size=run.plan.window,
             overlap=run.config.train.val_overlap,
             batch_size=VALIDATION_BATCH,
         )
@@ -79,13 +79,13 @@ def validate(model, run: _Run) -> dict[str, float]:
 
 
 def _validate_reconstruction(model, run: _Run) -> dict[str, float]:
-    predict = predictor(model, run)
+    predict = slicewise(predictor(model, run), run.plan.slice_axis)
     squared, count = 0.0, 0
     for case in run.val_cases:
         output = sliding_window_predict(
             case.image,
             predict,
-            patch_size=run.plan.patch_size,
+            patch_size=run.plan.window,
             overlap=run.config.train.val_overlap,
             batch_size=VALIDATION_BATCH,
         )
