@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.dicom import is_series_folder
 from medseg.errors import InputFileError
 from medseg.io import (
     SCAN_SUFFIXES,
@@ -81,6 +82,8 @@ def collect_inputs(path: str | Path) -> list[Path]:
             files = [image for case in cases for image in case.images]
     elif path.is_file():
         files = [path]
+    elif is_series_folder(path):  # one DICOM series: one scan
+        files = [path]
     elif path.is_dir():
         files = [  # broken links and loops too, to be named when they fail
             p
@@ -90,7 +93,11 @@ def collect_inputs(path: str | Path) -> list[Path]:
             and split_suffix(p)[1] in SCAN_SUFFIXES
         ]
     else:
-        files = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()]
+        files = [
+            Path(p)
+            for p in glob.glob(text, recursive=True)
+            if Path(p).is_file() or is_series_folder(Path(p))
+        ]
         if not files and not any(c in text for c in "*?["):
             raise InputFileError(path, "not found")
     if not files and path.is_dir() and any(p.is_dir() for p in path.iterdir()):
@@ -217,8 +224,11 @@ def channel_reader(
 
 def output_for(input_path: Path, output_dir: Path, rename: dict | None = None) -> Path:
     """Same file name (and format) as the input in ``output_dir``, unless ``rename``
-    gives the input another name."""
-    return output_dir / (rename or {}).get(input_path, Path(input_path).name)
+    gives the input another name; a DICOM series folder's is its name + ``.nii.gz``."""
+    name = Path(input_path).name
+    if is_series_folder(Path(input_path)):
+        name += ".nii.gz"
+    return output_dir / (rename or {}).get(input_path, name)
 
 
 def is_done(target: Path, probabilities: bool = False) -> bool:

@@ -160,7 +160,8 @@ class ScanInfo:
 
     Attributes:
         path: the file.
-        format: ``"nifti"``, ``"image2d"`` or ``"numpy"``.
+        format: ``"nifti"``, ``"image2d"``, ``"numpy"`` or ``"dicom"`` (a series
+            folder).
         spatial_shape: voxels along each spatial axis.
         num_channels: size of the channel axis medseg will give it.
         dtype: the on-disk voxel type (after NIfTI scaling, if the header has one).
@@ -189,6 +190,12 @@ def read_info(path: str | Path, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> Scan
     Raises:
         InputFileError: missing, unreadable, wrong format, or absurd dimensions.
     """
+    if _is_series(path):
+        from medseg.dicom import series_geometry
+
+        shape, affine = series_geometry(path)
+        _check_size(path, shape, 1, max_voxels)
+        return ScanInfo(Path(path), "dicom", shape, 1, np.dtype(np.float64), affine)
     path = _existing_file(path)
     fmt = scan_format(path)
     if fmt == "nifti":
@@ -225,7 +232,8 @@ def read_volume(
 
     Args:
         path: a ``.nii``, ``.nii.gz``, ``.png``, ``.tif``, ``.tiff``, ``.jpg``,
-            ``.jpeg`` or ``.npy`` file.
+            ``.jpeg`` or ``.npy`` file, or a folder holding the DICOM files of one
+            series (:mod:`medseg.dicom`; values after their rescaling, affine in RAS).
         max_voxels: refuse files that declare more voxels than this (times channels).
         spatial_dims: only for ``.npy``: 2 reads a 3-axis array as ``(H, W, C)``; by
             default a 2-axis array is 2D, a 3-axis array is 3D single-channel and a
@@ -236,6 +244,11 @@ def read_volume(
         InputFileError: missing file, unreadable or truncated file, wrong format,
             zero-size or absurd dimensions.
     """
+    if _is_series(path):
+        from medseg.dicom import read_series
+
+        array, affine = read_series(path, max_voxels=max_voxels)
+        return Volume(array[..., None], affine, None, Path(path))
     path = _existing_file(path)
     fmt = scan_format(path)
     if fmt == "nifti":
@@ -311,6 +324,13 @@ def off_grid(
     if np.max(np.abs(volume.affine - reference.affine)) > tolerance_mm:
         return f"affine differs from {whose} (not on the same grid)"
     return None
+
+
+def _is_series(path: str | Path) -> bool:
+    """A folder holding DICOM files: one series, read as one scan."""
+    from medseg.dicom import is_series_folder
+
+    return Path(path).is_dir() and is_series_folder(Path(path))
 
 
 def _existing_file(path: str | Path) -> Path:

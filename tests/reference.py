@@ -494,3 +494,18 @@ def block_centre_labels(label: np.ndarray, factor: int) -> np.ndarray:
         source = tuple(factor * i + factor // 2 for i in index)
         out[index] = label[source]
     return out
+
+
+def dicom_pixel_lps(position, orientation, pixel_spacing, row: int, column: int):
+    """Where DICOM puts the pixel in ``row``, ``column`` of a slice (PS3.3 C.7.6.2.1.1):
+    ``ImagePositionPatient + column * spacing between columns * row cosine + row *
+    spacing between rows * column cosine``, in LPS patient coordinates (mm)."""
+    position = np.asarray(position, float)
+    row_cosine = np.asarray(orientation[:3], float)
+    column_cosine = np.asarray(orientation[3:], float)
+    between_rows, between_columns = (float(v) for v in pixel_spacing)
+    return (
+        position
+        + column * between_columns * row_cosine
+        + row * between_rows * column_cosine
+    )

@@ -1,0 +1,224 @@
+"""DICOM series: a folder holding the slices of one series, read as one volume with
+its geometry (the optional extra ``pip install "medseg[dicom]"``, which brings pydicom).
+
+The geometry follows the DICOM standard (PS3.3 C.7.6.2): the pixel in row ``r`` and
+column ``c`` of a slice lies at ``ImagePositionPatient + c * dc * row_cosine + r * dr *
+col_cosine`` in LPS patient coordinates, where ``PixelSpacing`` is ``(dr, dc)`` and
+``ImageOrientationPatient`` holds the two cosines. Slices are ordered along the normal
+``row_cosine x col_cosine``. The volume is stored as ``(column, row, slice)``, as NIfTI
+converters do, with its affine in RAS (LPS with the first two axes negated).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import InputFileError
+
+#: The extra that reads DICOM.
+INSTALL = 'pip install "medseg[dicom]"'
+#: Tags without which a file is not a slice of a volume.
+GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+#: Largest spread of the gaps between neighbouring slices, in mm, read as one spacing.
+GAP_TOLERANCE_MM = 0.01
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file: ``DICM`` after the 128-byte preamble."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The DICOM files of ``folder`` (any name; hidden files left out), sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and is_dicom_file(p)
+    )
+
+
+def is_series_folder(path: Path) -> bool:
+    """A folder holding DICOM files and no other scan files: one series, one scan."""
+    from medseg.io import split_suffix
+
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    found = False
+    for p in path.iterdir():
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        if split_suffix(p)[1]:  # a NIfTI or picture: a folder of scans
+            return False
+        found = found or is_dicom_file(p)
+    return found
+
+
+def _pydicom(folder: Path):
+    try:
+        import pydicom
+    except ImportError:
+        raise InputFileError(
+            folder, f"a DICOM series; reading DICOM needs pydicom ({INSTALL})"
+        ) from None
+    return pydicom
+
+
+def _read(pydicom, path: Path, *, pixels: bool):
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+    except Exception as exc:  # pydicom raises many types for damaged files
+        raise InputFileError(path, f"unreadable DICOM ({exc})") from None
+
+
+def _vector(ds, tag: str, path: Path) -> np.ndarray:
+    try:
+        return np.asarray([float(v) for v in ds[tag].value], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        raise InputFileError(path, f"no usable {tag}") from None
+
+
+class _Slice:
+    """One file's geometry, from its header."""
+
+    def __init__(self, ds, path: Path):
+        missing = [tag for tag in GEOMETRY_TAGS if tag not in ds]
+        if missing:
+            raise InputFileError(
+                path,
+                f"no {', '.join(missing)}: not a slice of a volume (a localiser, a "
+                "report or a secondary capture?)",
+            )
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise InputFileError(path, "a multi-frame DICOM file, which is not read")
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise InputFileError(path, "a colour DICOM image, not a scan's slice")
+        self.path = path
+        self.series = str(ds.get("SeriesInstanceUID", ""))
+        self.position = _vector(ds, "ImagePositionPatient", path)
+        self.orientation = _vector(ds, "ImageOrientationPatient", path)
+        self.spacing = _vector(ds, "PixelSpacing", path)  # (between rows, columns)
+        self.shape = (int(ds.Rows), int(ds.Columns))
+        self.thickness = float(
+            ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0
+        )
+        if self.orientation.shape != (6,) or self.spacing.shape != (2,):
+            raise InputFileError(path, "malformed ImageOrientationPatient/PixelSpacing")
+        if np.any(self.spacing <= 0):
+            raise InputFileError(path, f"PixelSpacing {list(self.spacing)} is not > 0")
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.orientation[:3], self.orientation[3:])
+
+
+def _geometry(folder: Path, slices: list[_Slice]) -> tuple[list[_Slice], np.ndarray]:
+    """The slices in order along their normal, and the volume's RAS affine."""
+    series = sorted({s.series for s in slices})
+    if len(series) > 1:
+        raise InputFileError(
+            folder,
+            f"holds {len(series)} DICOM series; give each series a folder of its own",
+        )
+    first = slices[0]
+    for s in slices[1:]:
+        for what, mine, theirs in (
+            ("orientation", s.orientation, first.orientation),
+            ("pixel spacing", s.spacing, first.spacing),
+            ("size", np.array(s.shape), np.array(first.shape)),
+        ):
+            if not np.allclose(mine, theirs, atol=1e-4):
+                raise InputFileError(
+                    s.path, f"{what} differs from {first.path.name}'s in one series"
+                )
+    normal = first.normal
+    ordered = sorted(slices, key=lambda s: float(s.position @ normal))
+    where = np.array([float(s.position @ normal) for s in ordered])
+    gaps = np.diff(where)
+    if len(gaps) and gaps.min() < GAP_TOLERANCE_MM:
+        i = int(np.argmin(gaps))
+        raise InputFileError(
+            folder,
+            f"two slices at one position ({ordered[i].path.name}, "
+            f"{ordered[i + 1].path.name})",
+        )
+    if len(gaps) and gaps.max() - gaps.min() > GAP_TOLERANCE_MM:
+        raise InputFileError(
+            folder,
+            f"slices unevenly spaced ({gaps.min():.3g} to {gaps.max():.3g} mm apart; "
+            "a slice missing?)",
+        )
+    if len(ordered) > 1:
+        step = (ordered[-1].position - ordered[0].position) / (len(ordered) - 1)
+    else:
+        step = normal * first.thickness
+    lps = np.eye(4)
+    lps[:3, 0] = first.orientation[:3] * first.spacing[1]  # along a row: columns
+    lps[:3, 1] = first.orientation[3:] * first.spacing[0]  # down a column: rows
+    lps[:3, 2] = step
+    lps[:3, 3] = ordered[0].position
+    return ordered, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def series_geometry(folder: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The series' shape ``(columns, rows, slices)`` and RAS affine, from headers only.
+
+    Raises:
+        InputFileError: no DICOM files, pydicom missing, or slices that do not make
+            one volume (several series, missing geometry, uneven or repeated slices).
+    """
+    folder = Path(folder)
+    pydicom = _pydicom(folder)
+    files = dicom_files(folder)
+    if not files:
+        raise InputFileError(folder, "no DICOM files found")
+    slices = [_Slice(_read(pydicom, p, pixels=False), p) for p in files]
+    ordered, affine = _geometry(folder, slices)
+    rows, columns = ordered[0].shape
+    return (columns, rows, len(ordered)), affine
+
+
+def read_series(
+    folder: str | Path, *, max_voxels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The series' voxels ``(columns, rows, slices)`` in their stored units after
+    ``RescaleSlope``/``RescaleIntercept`` (Hounsfield units for CT), and its RAS affine.
+
+    Whole numbers stay integers (int16 when they fit, else int32); a series whose
+    rescaling gives fractions is float32.
+    """
+    folder = Path(folder)
+    shape, _ = series_geometry(folder)  # every header checked before any pixel is read
+    if int(np.prod(shape)) > max_voxels:
+        raise InputFileError(
+            folder, f"declares {int(np.prod(shape)):,} voxels, over the limit"
+        )
+    pydicom = _pydicom(folder)
+    datasets = {p: _read(pydicom, p, pixels=True) for p in dicom_files(folder)}
+    ordered, affine = _geometry(folder, [_Slice(ds, p) for p, ds in datasets.items()])
+    planes = []
+    for s in ordered:
+        ds = datasets[s.path]
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # a compressed syntax without its decoder, say
+            raise InputFileError(s.path, f"pixel data not readable ({exc})") from None
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        planes.append(pixels.astype(np.float64) * slope + intercept)
+    volume = np.stack([p.T for p in planes], axis=-1)  # (columns, rows, slices)
+    if np.all(volume == np.round(volume)):
+        for dtype in (np.int16, np.int32):
+            info = np.iinfo(dtype)
+            if info.min <= volume.min() and volume.max() <= info.max:
+                return volume.astype(dtype), affine
+    return volume.astype(np.float32), affine

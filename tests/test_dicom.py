@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.errors import InputFileError
+from medseg.io import read_info, read_volume
+from tests import reference
+from tests.conftest import SAMPLE, assert_failures_named
+from tests.conftest import run_medseg as medseg
+
+pydicom = pytest.importorskip("pydicom")
+
+#: an oblique orientation (rows run along the first cosine, columns down the second)
+OBLIQUE = np.array([0.94, 0.34, 0.0, -0.0, 0.0, -1.0])
+OBLIQUE[:3] /= np.linalg.norm(OBLIQUE[:3])
+
+
+def write_series(
+    folder,
+    planes,
+    *,
+    orientation=OBLIQUE,
+    origin=(12.5, -40.0, 7.25),
+    pixel_spacing=(0.8, 0.6),
+    step=2.5,
+    slope=1.0,
+    intercept=0.0,
+    series="1.2.826.0.1.3680043.8.498.1",
+    names=None,
+):
+    """Writes ``planes`` (``(slices, rows, columns)`` stored values) as a DICOM series
+    in ``folder``, slice ``k`` at ``origin + k * step * normal``; the files are named
+    in another order than their positions. Returns the positions."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = []
+    order = np.random.default_rng(0).permutation(len(planes))
+    for k, plane in enumerate(planes):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR image
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID = series
+        ds.Modality = "MR"
+        position = np.asarray(origin, float) + k * step * normal
+        positions.append(position)
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
+        ds.PixelSpacing = [f"{v:g}" for v in pixel_spacing]
+        ds.SliceThickness = f"{step:g}"
+        ds.RescaleSlope = f"{slope:g}"
+        ds.RescaleIntercept = f"{intercept:g}"
+        ds.Rows, ds.Columns = plane.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.PixelData = np.ascontiguousarray(plane, dtype="<i2").tobytes()
+        name = names[k] if names else f"IM{order[k]:04d}"
+        ds.save_as(folder / name, enforce_file_format=True)
+    return positions
+
+
+def test_a_series_reads_as_one_volume_where_the_standard_puts_each_pixel(tmp_path):
+    rng = np.random.default_rng(3)
+    planes = rng.integers(-500, 1500, size=(5, 7, 9)).astype(np.int16)
+    folder = tmp_path / "series"
+    positions = write_series(folder, planes, slope=2.0, intercept=-1024.0)
+    volume = read_volume(folder)
+    assert volume.array.shape == (9, 7, 5, 1)  # columns, rows, slices
+    assert volume.array.dtype == np.int16
+    for k in range(5):  # stored values rescaled, one slice per position, in order
+        np.testing.assert_array_equal(
+            volume.array[:, :, k, 0], (planes[k].astype(int) * 2 - 1024).T
+        )
+    for row, column, k in [(0, 0, 0), (6, 8, 4), (3, 2, 1), (6, 0, 3)]:
+        lps = reference.dicom_pixel_lps(positions[k], OBLIQUE, (0.8, 0.6), row, column)
+        ras = volume.affine @ [column, row, k, 1]
+        np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-4)
+    info = read_info(folder)
+    assert info.spatial_shape == (9, 7, 5) and info.format == "dicom"
+    np.testing.assert_allclose(info.affine, volume.affine)
+    np.testing.assert_allclose(volume.spacing, (0.6, 0.8, 2.5), atol=1e-5)
+
+
+def test_a_rescale_to_fractions_reads_as_float32(tmp_path):
+    planes = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)
+    write_series(tmp_path / "s", planes, slope=0.5)
+    volume = read_volume(tmp_path / "s")
+    assert volume.array.dtype == np.float32
+    np.testing.assert_array_equal(volume.array[..., 0, 0], planes[0].T * 0.5)
+
+
+def test_series_that_are_not_one_volume_are_refused_by_name(tmp_path, monkeypatch):
+    planes = np.zeros((4, 3, 3), np.int16)
+    gap = tmp_path / "gap"
+    write_series(gap, planes, names=["a", "b", "c", "d"])
+    (gap / "c").unlink()  # slices 0, 1, 3
+    two = tmp_path / "two"
+    write_series(two, planes[:2], names=["a", "b"])
+    write_series(two, planes[:2], names=["c", "d"], series="1.2.3", origin=(0, 0, 0))
+    again = tmp_path / "again"
+    write_series(again, planes[:2], names=["a", "b"])
+    write_series(again, planes[:1], names=["c"])  # slice 0 twice
+    cases = [
+        (gap, "slices unevenly spaced (2.5 to 5 mm apart; a slice missing?)"),
+        (two, "holds 2 DICOM series; give each series a folder of its own"),
+        (again, "two slices at one position (a, c)"),
+    ]
+    for folder, problem in cases:
+        with pytest.raises(InputFileError) as info:
+            read_volume(folder)
+        assert str(info.value) == f"{folder}: {problem}"
+    bare = tmp_path / "bare"
+    write_series(bare, planes[:2], names=["a", "b"])
+    ds = pydicom.dcmread(bare / "b")
+    del ds.ImagePositionPatient
+    ds.save_as(bare / "b")
+    with pytest.raises(InputFileError) as info:
+        read_volume(bare)
+    assert str(info.value).startswith(f"{bare / 'b'}: no ImagePositionPatient")
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    with pytest.raises(InputFileError) as info:
+        read_volume(gap)
+    assert str(info.value) == (
+        f"{gap}: a DICOM series; reading DICOM needs pydicom "
+        '(pip install "medseg[dicom]")'
+    )
+
+
+@pytest.mark.slow
+def test_predict_segments_a_dicom_series_as_the_same_scan_in_nifti(bundle, tmp_path):
+    source = nib.load(sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0])
+    data = np.round(np.asanyarray(source.dataobj)).astype(np.int16)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ source.affine
+    orientation = np.concatenate([lps[:3, 0], lps[:3, 1]])  # columns along axis 0
+    inputs = tmp_path / "in"
+    write_series(
+        inputs / "subject_1",
+        data.transpose(2, 1, 0),  # slice k holds rows (axis 1) by columns (axis 0)
+        orientation=orientation,
+        origin=lps[:3, 3],
+        pixel_spacing=(lps[1, 1] * -1, lps[0, 0] * -1),
+        step=lps[2, 2],
+    )
+    nib.save(nib.Nifti1Image(data, source.affine), inputs / "subject_2.nii.gz")
+    (inputs / "broken").mkdir()
+    (inputs / "broken" / "x.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 50)
+    out = tmp_path / "out"
+    result = medseg(
+        "predict", "--model", bundle, "--input", f"{inputs}/*", "--output", out
+    )
+    assert result.returncode == 1
+    assert "2 segmented, 0 skipped (output existed), 1 failed" in result.stdout
+    assert_failures_named(
+        result.stderr,
+        inputs / "broken",
+        [("x.dcm", "no ImagePositionPatient, ImageOrientationPatient, PixelSpacing")],
+    )
+    series, nifti = (
+        nib.load(out / "subject_1.nii.gz"),
+        nib.load(out / "subject_2.nii.gz"),
+    )
+    assert series.shape == data.shape
+    np.testing.assert_allclose(series.affine, source.affine, atol=1e-5)
+    np.testing.assert_array_equal(
+        np.asanyarray(series.dataobj), np.asanyarray(nifti.dataobj)
+    )
+    assert len(np.unique(np.asanyarray(series.dataobj))) > 1
