@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.dicom import is_series_folder
+from medseg.dicom import is_dicom_file, is_series_folder
 from medseg.errors import InputFileError
 from medseg.io import (
     SCAN_SUFFIXES,
@@ -80,6 +80,8 @@ def collect_inputs(path: str | Path) -> list[Path]:
         else:  # every channel file of a case stored one file per channel
             cases = load_dataset(path, strict=False).cases
             files = [image for case in cases for image in case.images]
+    elif path.is_file() and is_series_folder(path.parent) and is_dicom_file(path):
+        files = [path.parent]  # one slice names its series
     elif path.is_file():
         files = [path]
     elif is_series_folder(path):  # one DICOM series: one scan

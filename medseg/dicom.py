@@ -35,15 +35,20 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
+def _candidate(path: Path) -> bool:
+    """A file that may be a slice: not hidden, not a media directory (DICOMDIR)."""
+    return (
+        path.is_file()
+        and not path.name.startswith(".")
+        and path.name.upper() != "DICOMDIR"
+    )
+
+
 def dicom_files(folder: Path) -> list[Path]:
-    """The DICOM files of ``folder`` (any name; hidden files left out), sorted."""
+    """The DICOM files of ``folder`` (any name), sorted."""
     if not folder.is_dir():
         return []
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and is_dicom_file(p)
-    )
+    return sorted(p for p in folder.iterdir() if _candidate(p) and is_dicom_file(p))
 
 
 def is_series_folder(path: Path) -> bool:
@@ -55,7 +60,7 @@ def is_series_folder(path: Path) -> bool:
         return False
     found = False
     for p in path.iterdir():
-        if p.name.startswith(".") or not p.is_file():
+        if not _candidate(p):
             continue
         if split_suffix(p)[1]:  # a NIfTI or picture: a folder of scans
             return False
@@ -104,6 +109,7 @@ class _Slice:
             raise InputFileError(path, "a colour DICOM image, not a scan's slice")
         self.path = path
         self.series = str(ds.get("SeriesInstanceUID", ""))
+        self.description = str(ds.get("SeriesDescription", "") or "")
         self.position = _vector(ds, "ImagePositionPatient", path)
         self.orientation = _vector(ds, "ImageOrientationPatient", path)
         self.spacing = _vector(ds, "PixelSpacing", path)  # (between rows, columns)
@@ -125,9 +131,15 @@ def _geometry(folder: Path, slices: list[_Slice]) -> tuple[list[_Slice], np.ndar
     """The slices in order along their normal, and the volume's RAS affine."""
     series = sorted({s.series for s in slices})
     if len(series) > 1:
+        counts = []
+        for uid in series:
+            members = [s for s in slices if s.series == uid]
+            name = members[0].description or f"UID {uid}"
+            counts.append(f"{name}: {len(members)} file{'s' * (len(members) > 1)}")
         raise InputFileError(
             folder,
-            f"holds {len(series)} DICOM series; give each series a folder of its own",
+            f"holds {len(series)} DICOM series ({'; '.join(counts)}); give each "
+            "series a folder of its own",
         )
     first = slices[0]
     for s in slices[1:]:

@@ -77,6 +77,10 @@ def test_a_series_reads_as_one_volume_where_the_standard_puts_each_pixel(tmp_pat
     planes = rng.integers(-500, 1500, size=(5, 7, 9)).astype(np.int16)
     folder = tmp_path / "series"
     positions = write_series(folder, planes, slope=2.0, intercept=-1024.0)
+    # a media directory beside the slices is no slice
+    ds = pydicom.dcmread(next(folder.iterdir()))
+    del ds.ImagePositionPatient
+    ds.save_as(folder / "DICOMDIR")
     volume = read_volume(folder)
     assert volume.array.shape == (9, 7, 5, 1)  # columns, rows, slices
     assert volume.array.dtype == np.int16
@@ -109,13 +113,18 @@ def test_series_that_are_not_one_volume_are_refused_by_name(tmp_path, monkeypatc
     (gap / "c").unlink()  # slices 0, 1, 3
     two = tmp_path / "two"
     write_series(two, planes[:2], names=["a", "b"])
-    write_series(two, planes[:2], names=["c", "d"], series="1.2.3", origin=(0, 0, 0))
+    write_series(two, planes[:1], names=["c"], series="1.2.3", origin=(0, 0, 0))
     again = tmp_path / "again"
     write_series(again, planes[:2], names=["a", "b"])
     write_series(again, planes[:1], names=["c"])  # slice 0 twice
     cases = [
         (gap, "slices unevenly spaced (2.5 to 5 mm apart; a slice missing?)"),
-        (two, "holds 2 DICOM series; give each series a folder of its own"),
+        (
+            two,
+            "holds 2 DICOM series (UID 1.2.3: 1 file; UID "
+            "1.2.826.0.1.3680043.8.498.1: 2 files); give each series a folder of "
+            "its own",
+        ),
         (again, "two slices at one position (a, c)"),
     ]
     for folder, problem in cases:
@@ -178,3 +187,13 @@ def test_predict_segments_a_dicom_series_as_the_same_scan_in_nifti(bundle, tmp_p
         np.asanyarray(series.dataobj), np.asanyarray(nifti.dataobj)
     )
     assert len(np.unique(np.asanyarray(series.dataobj))) > 1
+    # one slice's file names its series
+    one = next((inputs / "subject_1").iterdir())
+    alone = medseg(
+        "predict", "--model", bundle, "--input", one, "--output", tmp_path / "o"
+    )
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    np.testing.assert_array_equal(
+        np.asanyarray(nib.load(tmp_path / "o" / "subject_1.nii.gz").dataobj),
+        np.asanyarray(series.dataobj),
+    )
