@@ -142,6 +142,7 @@ def predict(
     """
     from medseg import __version__, batch
     from medseg.bundle import MODEL_FILE, read_metadata, resolve, sha256
+    from medseg.dicom import is_series_folder
 
     ctx = click.get_current_context()
     try:
@@ -176,9 +177,10 @@ def predict(
     inputs = batch.take_shard(everything, shard_value)
     single = (
         len(inputs) == 1
-        and Path(input_path).is_file()
+        and (Path(input_path).is_file() or is_series_folder(Path(input_path)))
         and (output.suffix and not output.is_dir())
     )
+    batch.check_outside_series(inputs, output.parent if single else output)
     output_dir = batch.make_output_dir(output.parent if single else output)
     start_tensorflow(ctx.meta.get("medseg.debug", False))
     from medseg.inference import Segmenter, bundle_mirror_axes

@@ -387,8 +387,9 @@ def check_folder(
     Raises:
         InputFileError: an output would be written over one of the inputs (the output
             folder is the input folder, or an output file is the input file), even
-            with ``overwrite``; two inputs would have one output (scans of one name in
-            two folders); or see :func:`check_settings`.
+            with ``overwrite``; the output folder is in a DICOM series folder given
+            as input; two inputs would have one output (scans of one name in two
+            folders); or see :func:`check_settings`.
     """
     check_unique_outputs(inputs, output_dir, rename)
     clashes = [
@@ -403,6 +404,7 @@ def check_folder(
             f"an input scan, which its label map would be written over{more}; "
             "choose another output folder or file name",
         )
+    check_outside_series(inputs, output_dir)
     targets = {output_for(path, output_dir, rename) for path in inputs}
     check_settings(
         output_dir,
@@ -411,6 +413,28 @@ def check_folder(
         overwrite=overwrite,
         others=len(set(label_files(output_dir)) - targets),
     )
+
+
+def check_outside_series(inputs: list[Path], output_dir: Path) -> None:
+    """Refuses an output folder that is, or is in, a DICOM series folder given as
+    input: files among its slices would make it a folder of other scans.
+
+    Raises:
+        InputFileError: naming the series folder.
+    """
+    for path in inputs:
+        if path.is_dir() and _within(output_dir, path):
+            raise InputFileError(
+                path,
+                "a DICOM series given as input, and the output folder would put "
+                "files among its slices; choose another output folder",
+            )
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    """``inner`` is ``outer`` or a folder below it (the same files, links resolved)."""
+    inner, outer = Path(inner).resolve(), Path(outer).resolve()
+    return inner == outer or outer in inner.parents
 
 
 def _same_file(target: Path, source: Path) -> bool:

@@ -197,3 +197,28 @@ def test_predict_segments_a_dicom_series_as_the_same_scan_in_nifti(bundle, tmp_p
         np.asanyarray(nib.load(tmp_path / "o" / "subject_1.nii.gz").dataobj),
         np.asanyarray(series.dataobj),
     )
+    # a series given with an output file name is written there
+    named = tmp_path / "named.nii.gz"
+    to_file = medseg(
+        "predict", "--model", bundle, "--input", inputs / "subject_1", "--output", named
+    )
+    assert to_file.returncode == 0, to_file.stderr[-2000:]
+    np.testing.assert_array_equal(
+        np.asanyarray(nib.load(named).dataobj), np.asanyarray(series.dataobj)
+    )
+    # the output folder among a series' slices is refused before anything is written
+    inside = inputs / "subject_1" / "labels"
+    refused = medseg(
+        "predict",
+        "--model",
+        bundle,
+        "--input",
+        inputs / "subject_1",
+        "--output",
+        inside,
+    )
+    assert refused.returncode == 2 and not inside.exists()
+    assert refused.stderr.strip() == (
+        f"Error: {inputs / 'subject_1'}: a DICOM series given as input, and the output "
+        "folder would put files among its slices; choose another output folder"
+    )
