@@ -52,20 +52,17 @@ def dicom_files(folder: Path) -> list[Path]:
 
 
 def is_series_folder(path: Path) -> bool:
-    """A folder holding DICOM files and no other scan files: one series, one scan."""
+    """A folder holding DICOM files and no other scan files: one series, one scan.
+    (Names are checked first; files are opened only until one is DICOM.)"""
     from medseg.io import split_suffix
 
     path = Path(path)
     if not path.is_dir():
         return False
-    found = False
-    for p in path.iterdir():
-        if not _candidate(p):
-            continue
-        if split_suffix(p)[1]:  # a NIfTI or picture: a folder of scans
-            return False
-        found = found or is_dicom_file(p)
-    return found
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    if any(split_suffix(p)[1] for p in entries):  # a NIfTI or picture: scans
+        return False
+    return any(_candidate(p) and is_dicom_file(p) for p in entries)
 
 
 def _pydicom(folder: Path):
@@ -96,7 +93,7 @@ class _Slice:
     """One file's geometry, from its header."""
 
     def __init__(self, ds, path: Path):
-        missing = [tag for tag in GEOMETRY_TAGS if tag not in ds]
+        missing = [tag for tag in (*GEOMETRY_TAGS, "Rows", "Columns") if tag not in ds]
         if missing:
             raise InputFileError(
                 path,
@@ -117,6 +114,8 @@ class _Slice:
         self.thickness = float(
             ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0
         )
+        self.slope = float(ds.get("RescaleSlope", 1) or 1)
+        self.intercept = float(ds.get("RescaleIntercept", 0) or 0)
         if self.orientation.shape != (6,) or self.spacing.shape != (2,):
             raise InputFileError(path, "malformed ImageOrientationPatient/PixelSpacing")
         if np.any(self.spacing <= 0):
@@ -188,15 +187,21 @@ def series_geometry(folder: str | Path) -> tuple[tuple[int, int, int], np.ndarra
         InputFileError: no DICOM files, pydicom missing, or slices that do not make
             one volume (several series, missing geometry, uneven or repeated slices).
     """
-    folder = Path(folder)
+    ordered, affine = _ordered(Path(folder))
+    rows, columns = ordered[0].shape
+    return (columns, rows, len(ordered)), affine
+
+
+def _ordered(folder: Path) -> tuple[list[_Slice], np.ndarray]:
+    """Every slice's header read (no pixels) and checked; the slices in order and the
+    volume's RAS affine."""
     pydicom = _pydicom(folder)
     files = dicom_files(folder)
     if not files:
         raise InputFileError(folder, "no DICOM files found")
-    slices = [_Slice(_read(pydicom, p, pixels=False), p) for p in files]
-    ordered, affine = _geometry(folder, slices)
-    rows, columns = ordered[0].shape
-    return (columns, rows, len(ordered)), affine
+    return _geometry(
+        folder, [_Slice(_read(pydicom, p, pixels=False), p) for p in files]
+    )
 
 
 def read_series(
@@ -209,28 +214,42 @@ def read_series(
     rescaling gives fractions is float32.
     """
     folder = Path(folder)
-    shape, _ = series_geometry(folder)  # every header checked before any pixel is read
+    ordered, affine = _ordered(folder)  # every header checked before any pixel
+    rows, columns = ordered[0].shape
+    shape = (columns, rows, len(ordered))
     if int(np.prod(shape)) > max_voxels:
         raise InputFileError(
             folder, f"declares {int(np.prod(shape)):,} voxels, over the limit"
         )
+    whole = all(
+        float(s.slope).is_integer() and float(s.intercept).is_integer() for s in ordered
+    )
+    volume = np.empty(shape, np.int32 if whole else np.float32)
     pydicom = _pydicom(folder)
-    datasets = {p: _read(pydicom, p, pixels=True) for p in dicom_files(folder)}
-    ordered, affine = _geometry(folder, [_Slice(ds, p) for p, ds in datasets.items()])
-    planes = []
-    for s in ordered:
-        ds = datasets[s.path]
+    for k, s in enumerate(ordered):  # one file's pixels in memory at a time
+        ds = _read(pydicom, s.path, pixels=True)
         try:
             pixels = ds.pixel_array
         except Exception as exc:  # a compressed syntax without its decoder, say
             raise InputFileError(s.path, f"pixel data not readable ({exc})") from None
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        planes.append(pixels.astype(np.float64) * slope + intercept)
-    volume = np.stack([p.T for p in planes], axis=-1)  # (columns, rows, slices)
-    if np.all(volume == np.round(volume)):
+        if pixels.shape != s.shape:
+            raise InputFileError(
+                s.path, f"pixel data of shape {pixels.shape}, header says {s.shape}"
+            )
+        if whole:
+            plane = pixels.T.astype(np.float64) * s.slope + s.intercept
+            if pixels.dtype.kind not in "iub" or not (
+                np.iinfo(np.int32).min <= plane.min() <= plane.max() < 2**31
+            ):
+                volume = volume.astype(np.float32)  # no longer whole int32 values
+                whole = False
+        else:
+            plane = pixels.T.astype(np.float32) * np.float32(s.slope)
+            plane += np.float32(s.intercept)
+        volume[:, :, k] = plane
+    if whole:
         for dtype in (np.int16, np.int32):
             info = np.iinfo(dtype)
             if info.min <= volume.min() and volume.max() <= info.max:
                 return volume.astype(dtype), affine
-    return volume.astype(np.float32), affine
+    return volume.astype(np.float32, copy=False), affine
