@@ -82,12 +82,16 @@ def info(
         from medseg.bundle import shipped_models
 
         model_or_config = shipped_models().get(str(model_or_config), model_or_config)
-    if shape is None and (model_or_config / "medseg.json").is_file():
-        # a bundle: its training patch, so that FLOPs and memory can be counted
+    slice_axis = None
+    if (model_or_config / "medseg.json").is_file():
         from medseg.bundle import read_metadata
 
-        patch = read_metadata(model_or_config).get("patch_size")
-        shape = tuple(int(n) for n in patch) if patch else None
+        metadata = read_metadata(model_or_config)
+        slice_axis = (metadata.get("plan") or {}).get("slice_axis")
+        patch = metadata.get("patch_size")
+        if shape is None and patch:
+            # a bundle: its training patch, so that FLOPs and memory can be counted
+            shape = tuple(int(n) for n in patch)
     suffix = model_or_config.suffix.lower()
     if not (model_or_config.is_dir() or suffix in (".keras", ".yaml", ".yml")):
         raise InputFileError(
@@ -109,6 +113,11 @@ def info(
         activation_bytes=2 if mixed_precision else 4,
     )
     click.echo(format_info(summary))
+    if slice_axis is not None:
+        click.echo(
+            f"a 2D network trained on slices of volumes: segments a volume slice by "
+            f"slice, across axis {slice_axis} of the scan in RAS order"
+        )
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(summary.to_dict(), indent=2) + "\n")
         click.echo(f"summary written to {json_path}")

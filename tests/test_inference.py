@@ -988,6 +988,12 @@ def test_a_2d_network_trained_on_volumes_segments_them_slice_by_slice(tmp_path):
     assert metadata["spatial_dims"] == 2 and metadata["plan"]["slice_axis"] == 2
     assert metadata["patch_size"] == [36, 50]  # the median case's 36 x 49 axial plane
     assert metadata["validation"]["val_dice_mean"] >= 0
+    described = medseg("info", run)
+    assert described.returncode == 0, described.stderr[-2000:]
+    assert "model: unet, input (36, 50, 1)" in described.stdout
+    assert described.stdout.strip().endswith(
+        "segments a volume slice by slice, across axis 2 of the scan in RAS order"
+    )
     scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
     out = tmp_path / "out.nii.gz"
     result = medseg("predict", "--model", run, "--input", scan, "--output", out)
