@@ -59,8 +59,9 @@ class CaseResult:
 
 
 def collect_inputs(path: str | Path) -> list[Path]:
-    """Scans named by ``path``: a file, a folder (its scan files), a glob pattern, or a
-    ``dataset.json`` (its ``test`` list, else its training images). Sorted.
+    """Scans named by ``path``: a file, a folder (its scan files, else its DICOM series
+    folders), a DICOM series folder, a glob pattern, or a ``dataset.json`` (its
+    ``test`` list, else its training images). Sorted.
 
     Raises:
         InputFileError: nothing matches.
@@ -94,6 +95,8 @@ def collect_inputs(path: str | Path) -> list[Path]:
             and not p.name.startswith(".")
             and split_suffix(p)[1] in SCAN_SUFFIXES
         ]
+        if not files:  # a folder of DICOM series folders: one scan each
+            files = [p for p in path.iterdir() if is_series_folder(p)]
     else:
         files = [
             Path(p)

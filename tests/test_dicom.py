@@ -229,3 +229,17 @@ def test_predict_segments_a_dicom_series_as_the_same_scan_in_nifti(bundle, tmp_p
         f"Error: {inputs / 'subject_1'}: a DICOM series given as input, and the output "
         "folder would put files among its slices; choose another output folder"
     )
+
+
+def test_a_folder_of_series_folders_holds_one_scan_per_series(tmp_path):
+    from medseg import batch
+
+    patients = tmp_path / "patients"
+    planes = np.zeros((2, 3, 3), np.int16)
+    for name in ("p2", "p1"):
+        write_series(patients / name, planes)
+    (patients / "notes").mkdir()
+    (patients / "notes" / "readme.txt").write_text("not a scan")
+    assert batch.collect_inputs(patients) == [patients / "p1", patients / "p2"]
+    assert batch.collect_inputs(patients / "p1") == [patients / "p1"]
+    assert batch.output_for(patients / "p1", tmp_path) == tmp_path / "p1.nii.gz"
