@@ -217,10 +217,9 @@ def read_series(
     ordered, affine = _ordered(folder)  # every header checked before any pixel
     rows, columns = ordered[0].shape
     shape = (columns, rows, len(ordered))
-    if int(np.prod(shape)) > max_voxels:
-        raise InputFileError(
-            folder, f"declares {int(np.prod(shape)):,} voxels, over the limit"
-        )
+    from medseg.io import _check_size
+
+    _check_size(folder, shape, 1, max_voxels)  # as for any scan file
     whole = all(
         float(s.slope).is_integer() and float(s.intercept).is_integer() for s in ordered
     )

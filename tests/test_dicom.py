@@ -96,6 +96,8 @@ def test_a_series_reads_as_one_volume_where_the_standard_puts_each_pixel(tmp_pat
     assert info.spatial_shape == (9, 7, 5) and info.format == "dicom"
     np.testing.assert_allclose(info.affine, volume.affine)
     np.testing.assert_allclose(volume.spacing, (0.6, 0.8, 2.5), atol=1e-5)
+    with pytest.raises(InputFileError, match=r"declares 315 voxels .* above the limit"):
+        read_volume(folder, max_voxels=300)
 
 
 def test_a_rescale_to_fractions_reads_as_float32(tmp_path):
