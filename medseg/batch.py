@@ -81,7 +81,7 @@ def collect_inputs(path: str | Path) -> list[Path]:
         else:  # every channel file of a case stored one file per channel
             cases = load_dataset(path, strict=False).cases
             files = [image for case in cases for image in case.images]
-    elif path.is_file() and is_series_folder(path.parent) and is_dicom_file(path):
+    elif path.is_file() and is_dicom_file(path) and is_series_folder(path.parent):
         files = [path.parent]  # one slice names its series
     elif path.is_file():
         files = [path]
