@@ -14,9 +14,12 @@ from medseg_cli._tf import start_tensorflow
 @click.command("predict")
 @click.option(
     "--model",
-    "model",
+    "models",
     required=True,
-    help="Model bundle folder (a training run folder), or a shipped model's name.",
+    multiple=True,
+    help="Model bundle folder (a training run folder), or a shipped model's name. "
+    "Given more than once: an ensemble, each scan segmented by the mean of the "
+    "models' class probabilities (the folds of a cross-validation, say).",
 )
 @click.option(
     "--input",
@@ -110,7 +113,7 @@ from medseg_cli._tf import start_tensorflow
     help="Run report JSON (default: OUTPUT/medseg_predict_report[-K-of-N].json).",
 )
 def predict(
-    model: str,
+    models: tuple[str, ...],
     input_path: str,
     output: Path,
     tta: bool,
@@ -137,20 +140,35 @@ def predict(
     is refused there unless --overwrite. A scan that cannot be read is named with the
     reason and the others still finish. Exit status 1 if any failed.
 
+    Several --model: their ensemble (same labels and inputs; each model keeps its own
+    preprocessing, windows and mirroring, and the mean of their class probabilities
+    labels each voxel).
+
     Classification models write one CSV (OUTPUT if it ends in .csv, else
     OUTPUT/predictions.csv): case, predicted class, one probability per class.
     """
     from medseg import __version__, batch
     from medseg.bundle import MODEL_FILE, read_metadata, resolve, sha256
     from medseg.dicom import is_series_folder
+    from medseg.errors import InputFileError
+    from medseg.inference import ensemble_problem
 
     ctx = click.get_current_context()
     try:
         shard_value = batch.parse_shard(shard) if shard else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--shard") from None
-    bundle = resolve(model)
-    metadata = read_metadata(bundle)
+    bundles = [resolve(model) for model in models]
+    metadatas = [read_metadata(bundle) for bundle in bundles]
+    bundle, metadata = bundles[0], metadatas[0]
+    if len(bundles) > 1:
+        resolved = [b.resolve() for b in bundles]
+        twice = next((b for b in bundles if resolved.count(b.resolve()) > 1), None)
+        if twice:
+            raise InputFileError(twice, "given twice as --model")
+        problem = ensemble_problem(bundles, metadatas)
+        if problem:
+            raise InputFileError(*problem)
     if metadata.get("task") == "classification":
         start_tensorflow(ctx.meta.get("medseg.debug", False))
         _classify(
@@ -183,20 +201,35 @@ def predict(
     batch.check_outside_series(inputs, output.parent if single else output)
     output_dir = batch.make_output_dir(output.parent if single else output)
     start_tensorflow(ctx.meta.get("medseg.debug", False))
-    from medseg.inference import Segmenter, bundle_mirror_axes
+    from medseg.inference import Ensemble, Segmenter, bundle_mirror_axes
 
-    segmenter = Segmenter(
-        bundle,
-        overlap=overlap,
-        batch_size=batch_size,
-        mirror_axes=bundle_mirror_axes(metadata) if tta else (),
-        keep_largest=keep_largest,
-        min_size_mm3=min_size_mm3,
-        probabilities=probabilities,
-        allow_modified=allow_modified_model,
-        precision=precision,
-        nonfinite=nonfinite,
-    )
+    members = [
+        Segmenter(
+            member,
+            overlap=overlap,
+            batch_size=batch_size,
+            mirror_axes=bundle_mirror_axes(member_metadata) if tta else (),
+            keep_largest=keep_largest,
+            min_size_mm3=min_size_mm3,
+            probabilities=probabilities,
+            allow_modified=allow_modified_model,
+            precision=precision,
+            nonfinite=nonfinite,
+        )
+        for member, member_metadata in zip(bundles, metadatas, strict=True)
+    ]
+    segmenter = members[0]
+    if len(members) > 1:
+        segmenter = Ensemble(
+            members,
+            keep_largest=keep_largest,
+            min_size_mm3=min_size_mm3,
+            probabilities=probabilities,
+        )
+
+    def each(values):  # one model's setting, or every member's for an ensemble
+        return values[0] if len(values) == 1 else values
+
     if single:
         inputs_named = {inputs[0]: output.name}
     batch.check_unique_outputs(everything, output_dir, inputs_named)  # every shard's
@@ -204,18 +237,18 @@ def predict(
         inputs,
         output_dir,
         {
-            "model_sha256": sha256(bundle / MODEL_FILE),
-            "preprocessing": metadata.get("preprocessing"),
+            "model_sha256": each([sha256(b / MODEL_FILE) for b in bundles]),
+            "preprocessing": each([m.get("preprocessing") for m in metadatas]),
             "label_values": sorted(
                 v["value"] for v in (metadata.get("labels") or {}).values()
             ),
-            "patch_size": metadata.get("patch_size"),
-            "tta": list(segmenter.mirror_axes),
+            "patch_size": each([m.get("patch_size") for m in metadatas]),
+            "tta": each([list(m.mirror_axes) for m in members]),
             "overlap": overlap,
             "keep_largest": keep_largest,
             "min_size_mm3": min_size_mm3,
-            "precision": segmenter.precision,
-            "model": str(bundle),
+            "precision": members[0].precision,
+            "model": each([str(b) for b in bundles]),
             "medseg": __version__,
         },
         overwrite=overwrite,
@@ -252,9 +285,9 @@ def predict(
             reader=batch.channel_reader(groups, channels),
         )
     settings = {
-        "precision": segmenter.precision,
-        "tta": list(segmenter.mirror_axes),
-        "nonfinite": segmenter.preprocessor.nonfinite,
+        "precision": members[0].precision,
+        "tta": each([list(m.mirror_axes) for m in members]),
+        "nonfinite": each([m.preprocessor.nonfinite for m in members]),
     }
     _finish(results, output_dir, report_path, shard_value, "segmented", settings)
 

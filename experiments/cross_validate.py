@@ -133,26 +133,6 @@ def score_run(
     return score_runs([run], dataset, labels, predict_options, last_epoch)
 
 
-def average_label_maps(folders: list[Path], target: Path) -> None:
-    """Label maps in ``target`` from the mean of the class probabilities that
-    ``medseg predict --probabilities`` wrote for the same scans in each of
-    ``folders`` (an ensemble of their models), each on its scan's grid and header."""
-    import numpy as np
-
-    from medseg.batch import probabilities_for
-    from medseg.io import read_volume, write_volume
-
-    for label_file in sorted(folders[0].glob("*.nii*")):
-        stores = [np.load(probabilities_for(f / label_file.name)) for f in folders]
-        values = stores[0]["label_values"]
-        if any(not np.array_equal(s["label_values"], values) for s in stores):
-            sys.exit(f"{label_file.name}: the models' label values differ")
-        mean = sum(s["probabilities"].astype(np.float32) for s in stores) / len(stores)
-        template = read_volume(label_file)
-        labels = values[np.argmax(mean, axis=-1)].astype(template.array.dtype)
-        write_volume(template.with_array(labels[..., None]), target / label_file.name)
-
-
 def score_runs(
     runs: list[Path],
     dataset: str | None = None,
@@ -161,15 +141,14 @@ def score_runs(
     last_epoch: bool = False,
 ) -> list[dict]:
     """:func:`score_run` of one run, or of the ensemble of several runs of the same
-    fold (the mean of their class probabilities on each scan's grid)."""
+    fold (``medseg predict`` with each as a ``--model``: the mean of their class
+    probabilities)."""
     import numpy as np
 
     from medseg.bundle import verify
     from medseg.datasets import load_dataset
     from medseg.io import read_volume
 
-    if len(runs) > 1 and predict_options:
-        sys.exit("post-processing options are not applied to an ensemble's mean")
     records = [verify(run) for run in runs]
     held_out = [set((m.get("split") or {}).get("validation") or ()) for m in records]
     if any(cases != held_out[0] for cases in held_out):
@@ -186,19 +165,14 @@ def score_runs(
         for case in cases:
             shutil.copyfile(case.images[0], tmp / "images" / case.label.name)
             shutil.copyfile(case.label, tmp / "labels" / case.label.name)
-        ensemble = len(runs) > 1
-        outputs = []
+        models = []
         for i, (run, record) in enumerate(zip(runs, records, strict=True)):
             if last_epoch and record["epoch"] < checkpoint_epoch(run):
                 last_epoch_bundle(run, tmp / f"last_{i}")
                 run = tmp / f"last_{i}"
-            output = tmp / f"member_{i}" if ensemble else tmp / "predicted"
-            extra = ("--probabilities",) if ensemble else ()
-            medseg("predict", "--model", run, "--input", tmp / "images",
-                   "--output", output, *predict_options, *extra)  # fmt: skip
-            outputs.append(output)
-        if ensemble:
-            average_label_maps(outputs, tmp / "predicted")
+            models += ["--model", run]
+        medseg("predict", *models, "--input", tmp / "images",
+               "--output", tmp / "predicted", *predict_options)  # fmt: skip
         chosen = ["--labels", labels] if labels else []
         medseg("evaluate", "--prediction", tmp / "predicted", "--truth",
                tmp / "labels", "--output", tmp / "cases.csv", *chosen)  # fmt: skip

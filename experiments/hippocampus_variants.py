@@ -13,11 +13,12 @@ which are these held-out cases; ``--last-epoch``: the end of training), and the
 median seconds per training epoch (runs trained at different times: machine load
 differs between them); for every variant after the first, the case-by-case difference
 of its label-averaged Dice from the first's, with the standard error of that mean.
-``--ensembles a+b,...`` also scores ensembles of the variants' runs (the mean of their
-class probabilities on each scan's grid), each paired against the first variant and
-against its best member. ``--baseline FILE:VARIANT`` takes the first row from an
-earlier results file instead of training it (its run folder may be gone): the
-variants are then paired against that recorded result, case by case.
+``--ensembles a+b,...`` also scores ensembles of the variants' runs (``medseg predict``
+with each run as a ``--model``: the mean of their class probabilities), each paired
+against the first variant and against its best member. ``--baseline FILE:VARIANT``
+takes the first row from an earlier results file instead of training it (its run
+folder may be gone): the variants are then paired against that recorded result, case
+by case.
 
     python experiments/hippocampus_variants.py --runs runs/variants --fold 3
 """

@@ -355,6 +355,7 @@ class Segmenter:
         from medseg.models import load_model, with_precision
         from medseg.preprocessing import Preprocessor
 
+        self.bundle = bundle
         self.metadata = bundles.verify(bundle, allow_modified=allow_modified)
         if self.metadata.get("task") != "segmentation":
             raise InputFileError(
@@ -415,12 +416,13 @@ class Segmenter:
             mirror_axes=self._window_mirror,
         )
 
-    def predict(self, volume: Volume) -> Prediction:
-        """Labels (and probabilities) on ``volume``'s own grid and header.
+    def check(self, volume: Volume) -> Volume:
+        """``volume`` as the network takes it (a greyscale picture stored with colour
+        channels: its one grey channel).
 
-        The probabilities go back to the scan's grid one class at a time (linear
-        interpolation where the bundle resamples), with a running argmax, so no
-        multi-class volume is resampled at once.
+        Raises:
+            InputFileError: the scan has other spatial dimensions or channels than the
+                model segments, or is a single slice given to a 3D network.
         """
         dims, channels = len(self.window), self.metadata["in_channels"]
         volume = volume.with_array(
@@ -441,58 +443,213 @@ class Segmenter:
                 f"a single slice (shape {' x '.join(map(str, volume.spatial_shape))}), "
                 "but the model segments 3D volumes",
             )
-        note = field_of_view_note(volume, self.metadata.get("fingerprint"))
-        if note:
-            logger.warning("%s", note)
-        replaced = 0
-        if self.preprocessor.nonfinite == "replace":
-            from medseg.preprocessing import count_nonfinite
+        return volume
 
-            replaced = count_nonfinite(np.asarray(volume.array))
+    def predict(self, volume: Volume) -> Prediction:
+        """Labels (and probabilities) on ``volume``'s own grid and header.
+
+        The probabilities go back to the scan's grid one class at a time (linear
+        interpolation where the bundle resamples), with a running argmax, so no
+        multi-class volume is resampled at once.
+        """
+        volume = self.check(volume)
+        notes = _scan_notes(volume, [self])
         image, records = self.preprocessor.image(volume)
         scores = self.probabilities(image)
         del image
-        shape = volume.spatial_shape
-        best = classes = probabilities = None
-        for k in range(scores.shape[-1]):
-            score = _to_scan_grid(
-                volume.with_array(scores[..., k : k + 1]), records, 1.0 if k == 0 else 0
-            )
-            if score.shape != shape:  # a bundle whose records do not fit the scan
-                raise ValueError(f"prediction on grid {score.shape}, scan is {shape}")
-            if best is None:
-                best = np.array(score, dtype=np.float32)
-                classes = np.zeros(shape, np.min_scalar_type(scores.shape[-1] - 1))
-            else:
-                better = score > best
-                classes[better] = k
-                np.maximum(best, score, out=best)
-            if self.want_probabilities:
-                if probabilities is None:
-                    probabilities = np.empty((*shape, scores.shape[-1]), np.float16)
-                probabilities[..., k] = score
-        del scores, best
-        labels = self.values[classes]
-        if self.keep_largest or self.min_size_mm3 > 0:
-            labels = clean_labels(
-                labels,
-                volume.spacing,
-                background=self.values[0],
-                keep_largest=self.keep_largest,
-                min_size_mm3=self.min_size_mm3,
-            )
-        return Prediction(
-            volume.with_array(labels[..., None]),
-            probabilities,
-            tuple(int(v) for v in self.values),
-            tuple(self.names),
-            replaced,
-            (note,) if note else (),
-        )
+        return _on_scan_grid(volume, [(scores, records, 1.0)], self, notes)
 
     def segment(self, volume: Volume) -> Volume:
         """Label map (declared label values) on ``volume``'s own grid and header."""
         return self.predict(volume).labels
+
+
+def ensemble_problem(bundles: Sequence, metadatas: Sequence[dict]) -> tuple | None:
+    """Why bundles (with their ``medseg.json``) cannot be one ensemble, as ``(bundle,
+    problem)``, or ``None``: each must segment, with the same labels (values and
+    names, in order), the same input channels and scans of the same dimensions as the
+    first. Read before any model is loaded."""
+    from medseg.training.planning import window_of
+
+    def task(metadata):
+        labels = metadata.get("labels") or {}
+        classes = [labels[str(k)] for k in range(len(labels))]
+        window = window_of(
+            tuple(metadata.get("patch_size") or ()),
+            (metadata.get("plan") or {}).get("slice_axis"),
+        )
+        return (
+            [(int(c["value"]), str(c.get("name", c["value"]))) for c in classes],
+            int(metadata.get("in_channels") or 1),
+            len(window),
+        )
+
+    def named(labels):
+        return ", ".join(f"{value} {name}" for value, name in labels)
+
+    for bundle, metadata in zip(bundles, metadatas, strict=True):
+        if metadata.get("task") != "segmentation":
+            return bundle, (
+                f"a {metadata.get('task')} bundle; an ensemble of models takes "
+                "segmentation bundles"
+            )
+    first = task(metadatas[0])
+    for bundle, metadata in zip(bundles[1:], metadatas[1:], strict=True):
+        labels, channels, dims = task(metadata)
+        if labels != first[0]:
+            return bundle, (
+                f"labels {named(labels)}, but the first model ({bundles[0]}) has "
+                f"{named(first[0])}; an ensemble's models must segment alike"
+            )
+        if (channels, dims) != first[1:]:
+            return bundle, (
+                f"segments {dims}D scans with {channels} channel(s), but the first "
+                f"model ({bundles[0]}) {first[2]}D scans with {first[1]} channel(s)"
+            )
+    return None
+
+
+class Ensemble:
+    """Segmentation bundles of one task as one model: each scan is segmented by the
+    mean of their class probabilities (nnU-Net's ensemble of cross-validation folds).
+
+    Members that preprocess alike (the same :class:`~medseg.preprocessing.Preprocessor`,
+    as folds of one dataset with per-scan normalisation) share one preprocessed scan
+    and average there, before one way back to the scan's grid; the others' means are
+    taken on the scan's grid (linear interpolation, one class at a time). Each member
+    keeps its own patch, overlap, mirroring, batch size and precision; post-processing
+    and probabilities are the ensemble's (the members' own are not used).
+
+    Args:
+        members: :class:`Segmenter` of each bundle.
+        keep_largest, min_size_mm3, probabilities: as :class:`Segmenter`'s, applied to
+            the mean.
+
+    Raises:
+        InputFileError: the bundles cannot be one ensemble (:func:`ensemble_problem`),
+            naming the bundle that differs from the first.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[Segmenter],
+        *,
+        keep_largest: bool = False,
+        min_size_mm3: float = 0.0,
+        probabilities: bool = False,
+    ):
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        problem = ensemble_problem(
+            [m.bundle for m in members], [m.metadata for m in members]
+        )
+        if problem:
+            raise InputFileError(*problem)
+        self.members = tuple(members)
+        self.values, self.names = members[0].values, members[0].names
+        self.keep_largest = keep_largest
+        self.min_size_mm3 = min_size_mm3
+        self.want_probabilities = probabilities
+        self._groups: list[tuple] = []  # (preprocessor, members)
+        for member in self.members:
+            for preprocessor, alike in self._groups:
+                if preprocessor == member.preprocessor:
+                    alike.append(member)
+                    break
+            else:
+                self._groups.append((member.preprocessor, [member]))
+
+    def predict(self, volume: Volume) -> Prediction:
+        """Labels (and probabilities) of the mean, on ``volume``'s own grid."""
+        volume = self.members[0].check(volume)
+        notes = _scan_notes(volume, self.members)
+        parts = []
+        for preprocessor, alike in self._groups:
+            image, records = preprocessor.image(volume)
+            mean = None
+            for member in alike:
+                scores = member.probabilities(image)
+                if mean is None:
+                    mean = scores
+                else:
+                    mean += scores
+            del image
+            mean /= len(alike)
+            parts.append((mean, records, len(alike) / len(self.members)))
+        return _on_scan_grid(volume, parts, self, notes)
+
+    def segment(self, volume: Volume) -> Volume:
+        """Label map (declared label values) on ``volume``'s own grid and header."""
+        return self.predict(volume).labels
+
+
+def _scan_notes(volume: Volume, members: Sequence[Segmenter]) -> tuple[tuple, int]:
+    """Warnings about ``volume`` from the members' fingerprints (logged), and the
+    count of NaN/Inf voxels a member's preprocessing replaces."""
+    notes = []
+    for member in members:
+        note = field_of_view_note(volume, member.metadata.get("fingerprint"))
+        if note and note not in notes:
+            logger.warning("%s", note)
+            notes.append(note)
+    replaced = 0
+    if any(m.preprocessor.nonfinite == "replace" for m in members):
+        from medseg.preprocessing import count_nonfinite
+
+        replaced = count_nonfinite(np.asarray(volume.array))
+    return tuple(notes), replaced
+
+
+def _on_scan_grid(volume: Volume, parts, options, notes) -> Prediction:
+    """The prediction on ``volume``'s grid from class probabilities on preprocessed
+    grids: ``parts`` of ``(scores (*P, K), records, weight)`` (weights summing to 1)
+    are taken back one class at a time and summed, with a running argmax;
+    ``options`` (a :class:`Segmenter` or :class:`Ensemble`) gives the label values
+    and names and the post-processing."""
+    notes, replaced = notes
+    shape = volume.spatial_shape
+    count = parts[0][0].shape[-1]
+    best = classes = probabilities = None
+    for k in range(count):
+        score = None
+        for scores, records, weight in parts:
+            part = _to_scan_grid(
+                volume.with_array(scores[..., k : k + 1]), records, 1.0 if k == 0 else 0
+            )
+            if part.shape != shape:  # a bundle whose records do not fit the scan
+                raise ValueError(f"prediction on grid {part.shape}, scan is {shape}")
+            if weight != 1.0:
+                part = part * np.float32(weight)
+            score = part if score is None else score + part
+        if best is None:
+            best = np.array(score, dtype=np.float32)
+            classes = np.zeros(shape, np.min_scalar_type(count - 1))
+        else:
+            better = score > best
+            classes[better] = k
+            np.maximum(best, score, out=best)
+        if options.want_probabilities:
+            if probabilities is None:
+                probabilities = np.empty((*shape, count), np.float16)
+            probabilities[..., k] = score
+    del parts, best
+    labels = options.values[classes]
+    if options.keep_largest or options.min_size_mm3 > 0:
+        labels = clean_labels(
+            labels,
+            volume.spacing,
+            background=options.values[0],
+            keep_largest=options.keep_largest,
+            min_size_mm3=options.min_size_mm3,
+        )
+    return Prediction(
+        volume.with_array(labels[..., None]),
+        probabilities,
+        tuple(int(v) for v in options.values),
+        tuple(options.names),
+        replaced,
+        notes,
+    )
 
 
 def _one_grey(array, spatial_dims: int, channels: int):

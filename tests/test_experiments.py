@@ -339,54 +339,6 @@ def test_a_report_written_fold_by_fold_is_reused_by_the_next_run(cv, rng, tmp_pa
     assert sorted(recorded) == [0, 3] and recorded[3] == folds[0]
 
 
-def test_an_ensemble_labels_each_voxel_by_its_mean_probabilities(cv, tmp_path, rng):
-    from medseg.inference import write_probabilities
-    from medseg.io import Volume, read_volume, write_volume
-
-    affine = np.diag([0.8, 0.9, 1.2, 1.0])
-    affine[:3, 3] = [4.0, -2.0, 7.0]
-    values = (0, 2, 7)
-    members = []
-    for i in range(3):
-        folder = tmp_path / f"member_{i}"
-        folder.mkdir()
-        scores = rng.random((5, 4, 3, 3)).astype(np.float32)
-        scores /= scores.sum(-1, keepdims=True)
-        own = np.array(values)[scores.argmax(-1)].astype(np.uint8)
-        write_volume(Volume(own[..., None], affine), folder / "case_1.nii.gz")
-        write_probabilities(
-            folder / "case_1_probabilities.npz",
-            scores.astype(np.float16),
-            affine,
-            values,
-            ("background", "a", "b"),
-        )
-        members.append((folder, scores.astype(np.float16).astype(np.float64)))
-    target = tmp_path / "ensemble"
-    target.mkdir()
-    cv.average_label_maps([folder for folder, _ in members], target)
-    result = read_volume(target / "case_1.nii.gz")
-    mean = sum(scores for _, scores in members) / 3
-    expected = np.array(values)[mean.argmax(-1)]
-    np.testing.assert_array_equal(result.array[..., 0], expected)
-    np.testing.assert_allclose(result.affine, affine)
-    assert result.array.dtype == np.uint8
-    # each member disagrees with the mean somewhere, so copying one would fail
-    assert all(
-        not np.array_equal(read_volume(f / "case_1.nii.gz").array[..., 0], expected)
-        for f, _ in members
-    )
-    write_probabilities(  # another label set in one member
-        members[2][0] / "case_1_probabilities.npz",
-        members[2][1].astype(np.float16),
-        affine,
-        (0, 1, 2),
-        ("background", "a", "b"),
-    )
-    with pytest.raises(SystemExit, match="label values differ"):
-        cv.average_label_maps([folder for folder, _ in members], target)
-
-
 def test_a_recorded_baseline_is_taken_only_from_the_same_fold_and_epoch_rule(
     variants, tmp_path
 ):

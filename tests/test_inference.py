@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -1049,3 +1050,132 @@ def test_a_2d_network_trained_on_volumes_segments_them_slice_by_slice(tmp_path):
     )
     assert single.returncode == 0, single.stderr[-3000:]
     assert nib.load(tmp_path / "o" / "one_slice.nii.gz").shape == (*data.shape[:2], 1)
+
+
+def _respaced_copy(folder, spacing):
+    """The shipped hippocampus bundle said to be trained at ``spacing``: the same
+    network with other preprocessing (its model file, and so its sha256, unchanged)."""
+    import shutil
+
+    from medseg.bundle import resolve
+
+    shutil.copytree(resolve("hippocampus"), folder)
+    record = json.loads((folder / "medseg.json").read_text())
+    record["preprocessing"]["target_spacing_mm"] = list(spacing)
+    (folder / "medseg.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_an_ensemble_labels_each_voxel_by_its_members_mean_probabilities(tmp_path):
+    from medseg.bundle import resolve
+    from medseg.io import read_volume
+
+    shipped = resolve("hippocampus")
+    respaced = _respaced_copy(tmp_path / "respaced", (1.2, 0.9, 1.1))
+    volume = read_volume(sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[1])
+
+    def member(bundle, mirror_axes):
+        return inference.Segmenter(
+            bundle, mirror_axes=mirror_axes, probabilities=True, precision="float32"
+        )
+
+    # two members preprocess alike (averaged before the way back), one otherwise
+    members = [member(shipped, ()), member(shipped, (0, 1, 2)), member(respaced, ())]
+    ensemble = inference.Ensemble(members, probabilities=True)
+    prediction = ensemble.predict(volume)
+    own = [m.predict(volume) for m in members]
+    mean = sum(p.probabilities.astype(np.float64) for p in own) / len(own)
+    np.testing.assert_allclose(prediction.probabilities, mean, atol=2e-3)
+    top2 = np.sort(mean, axis=-1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 5e-3  # beyond float16 rounding
+    labels = prediction.labels.array[..., 0]
+    np.testing.assert_array_equal(labels[clear], np.argmax(mean, -1)[clear])
+    np.testing.assert_array_equal(prediction.labels.affine, volume.affine)
+    assert prediction.values == (0, 1, 2)
+    # each member labels some voxels otherwise, so returning one would fail
+    for p in own:
+        assert (p.labels.array[..., 0] != labels).sum() > 0
+    assert len(np.unique(labels)) == 3
+    # post-processing applies to the mean
+    cleaned = inference.Ensemble(members, min_size_mm3=1e9).predict(volume)
+    assert not cleaned.labels.array.any()
+
+
+def test_bundles_that_segment_otherwise_are_refused_as_an_ensemble(tmp_path):
+    from medseg.bundle import read_metadata, resolve
+
+    hippocampus = read_metadata(resolve("hippocampus"))
+    bundles = [Path("a"), Path("b")]
+    assert inference.ensemble_problem(bundles, [hippocampus, hippocampus]) is None
+    cases = []
+    other = json.loads(json.dumps(hippocampus))
+    other["labels"]["2"]["name"] = "Tail"
+    cases.append((other, "labels 0 background, 1 Anterior, 2 Tail, but the first "
+                  "model (a) has 0 background, 1 Anterior, 2 Posterior"))  # fmt: skip
+    other = json.loads(json.dumps(hippocampus))
+    other["in_channels"] = 2
+    cases.append((other, "segments 3D scans with 2 channel(s), but the first model "
+                  "(a) 3D scans with 1 channel(s)"))  # fmt: skip
+    other = json.loads(json.dumps(hippocampus))
+    other["patch_size"] = other["patch_size"][:2]  # a 2D network ...
+    cases.append((other, "segments 2D scans"))
+    other = json.loads(json.dumps(other))
+    other["plan"] = {"slice_axis": 2}  # ... on slices of volumes: alike
+    cases.append((other, None))
+    other = json.loads(json.dumps(hippocampus))
+    other["task"] = "classification"
+    cases.append((other, "a classification bundle; an ensemble of models takes "
+                  "segmentation bundles"))  # fmt: skip
+    for metadata, problem in cases:
+        found = inference.ensemble_problem(bundles, [hippocampus, metadata])
+        if problem is None:
+            assert found is None
+        else:
+            assert found[0] == Path("b") and problem in found[1], found
+    for models, problem in (
+        (["hippocampus", "membrane"], "membrane: labels 0 membrane, 255 cell, but "),
+        (["hippocampus", str(resolve("hippocampus"))], "given twice as --model"),
+    ):
+        args = [a for m in models for a in ("--model", m)]
+        result = medseg("predict", *args, "--input", SAMPLE / "imagesTr",
+                        "--output", tmp_path / "out")  # fmt: skip
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert problem in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_predict_with_several_models_writes_their_ensembles_labels(tmp_path):
+    from medseg.bundle import resolve
+    from medseg.io import read_volume
+
+    respaced = _respaced_copy(tmp_path / "respaced", (1.2, 0.9, 1.1))
+    source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    out = tmp_path / "out"
+    args = ("--model", "hippocampus", "--model", respaced, "--input", source)
+    result = medseg("predict", *args, "--output", out, "--keep-largest")
+    assert result.returncode == 0, result.stderr[-2000:]
+    members = [  # the bundles' own mirroring, as the command's --tta
+        inference.Segmenter(bundle, mirror_axes=(0, 2), precision="float32")
+        for bundle in (resolve("hippocampus"), respaced)
+    ]
+    ensemble = inference.Ensemble(members, keep_largest=True)
+    expected = ensemble.segment(read_volume(source))
+    written = read_volume(out / source.name)
+    np.testing.assert_array_equal(written.array, expected.array)
+    np.testing.assert_array_equal(written.affine, expected.affine)
+    settings = json.loads((out / "medseg_predict_settings.json").read_text())
+    assert settings["model"] == [str(resolve("hippocampus")), str(respaced)]
+    assert [p["target_spacing_mm"] for p in settings["preprocessing"]] == [
+        [1.0, 1.0, 1.0],
+        [1.2, 0.9, 1.1],
+    ]
+    assert settings["tta"] == [[0, 2], [0, 2]]
+    # the folder's label maps are the ensemble's: one model alone may not add to them
+    result = medseg("predict", "--model", "hippocampus", "--input", source,
+                    "--output", out)  # fmt: skip
+    assert result.returncode == 2
+    assert "made with other settings (model_sha256" in result.stderr
+    # the same ensemble again skips the scan
+    result = medseg("predict", *args, "--output", out, "--keep-largest")
+    assert result.returncode == 0 and "1 skipped" in result.stdout
