@@ -51,9 +51,9 @@ from medseg_cli._tf import start_tensorflow
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Windows per forward pass (more is faster on a GPU, and takes more memory).",
+    help="Windows per forward pass (more is faster on a GPU, and takes more memory). "
+    "Default: 4, and more of small windows (a 2D network's slices of volumes), up "
+    "to 64 and about 2^18 voxels a pass.",
 )
 @click.option(
     "--probabilities",
@@ -118,7 +118,7 @@ def predict(
     output: Path,
     tta: bool,
     overlap: float,
-    batch_size: int,
+    batch_size: int | None,
     probabilities: bool,
     keep_largest: bool,
     min_size_mm3: float,

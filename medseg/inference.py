@@ -43,6 +43,25 @@ def window_starts(size: int, patch: int, overlap: float = 0.5) -> list[int]:
     return [int(round(i * step)) for i in range(count)]
 
 
+#: windows per forward pass when none is asked for: at least this many ...
+LEAST_WINDOWS_PER_PASS = 4
+#: ... and more of small windows (a 2D network's slices of volumes), up to about this
+#: many voxels a pass ...
+VOXELS_PER_PASS = 2**18
+#: ... and at most this many windows
+MOST_WINDOWS_PER_PASS = 64
+
+
+def windows_per_pass(window: Sequence[int], least: int = LEAST_WINDOWS_PER_PASS) -> int:
+    """Windows per forward pass for windows of shape ``window``: ``least`` for windows
+    of :data:`VOXELS_PER_PASS` / ``least`` voxels and more (the 3D patches and 2D
+    pictures of the shipped models), else as many as fit :data:`VOXELS_PER_PASS`
+    voxels, at most :data:`MOST_WINDOWS_PER_PASS`. Never more memory a pass than
+    ``least`` windows of that larger size."""
+    fit = VOXELS_PER_PASS // max(1, math.prod(int(n) for n in window))
+    return int(max(least, min(MOST_WINDOWS_PER_PASS, fit)))
+
+
 def slicewise(predict_fn: Callable, slice_axis: int | None) -> Callable:
     """A 2D network's batch function as one over 3D windows one voxel deep across
     ``slice_axis`` (``(B, *window, C)``, the axis squeezed for the network and put back
@@ -321,7 +340,8 @@ class Segmenter:
             network trained on slices of volumes (the plan's ``slice_axis``) segments a
             volume slice by slice, and its axes are the slice's (the volume's other
             two, in order).
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass; ``None``: :func:`windows_per_pass` of
+            the bundle's window.
         keep_largest: keep only the largest component of each label.
         min_size_mm3: remove components of a label smaller than this.
         probabilities: also return the class probabilities on the scan's grid.
@@ -343,7 +363,7 @@ class Segmenter:
         *,
         overlap: float = 0.5,
         mirror_axes=(),
-        batch_size: int = 4,
+        batch_size: int | None = None,
         keep_largest: bool = False,
         min_size_mm3: float = 0.0,
         probabilities: bool = False,
@@ -385,7 +405,7 @@ class Segmenter:
         self.values = np.array(values, dtype=np.min_scalar_type(max(values)))
         self.overlap = overlap
         self.mirror_axes = tuple(mirror_axes)
-        self.batch_size = batch_size
+        self.batch_size = batch_size or windows_per_pass(self.window)
         self.keep_largest = keep_largest
         self.min_size_mm3 = min_size_mm3
         self.want_probabilities = probabilities

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,21 @@ def test_a_2d_network_segments_a_volume_slice_by_slice(slice_axis, rng):
         np.testing.assert_allclose(
             np.take(out, k, axis=slice_axis), expected, rtol=1e-5, atol=1e-6
         )
+
+
+def test_small_windows_are_predicted_more_to_a_forward_pass(rng):
+    assert inference.windows_per_pass((40, 56, 40)) == 4  # the shipped models' ...
+    assert inference.windows_per_pass((256, 256)) == 4  # ... windows, as before
+    assert inference.windows_per_pass((128, 128)) == 16
+    assert inference.windows_per_pass((1, 36, 50)) == 64  # slices of a volume
+    assert inference.windows_per_pass((36, 50)) == 64
+    assert inference.windows_per_pass((40, 56, 40), least=8) == 8
+    for _ in range(200):  # never more voxels a pass than 4 large windows or 2^18
+        window = tuple(int(n) for n in rng.integers(1, 200, rng.integers(2, 4)))
+        count = inference.windows_per_pass(window)
+        voxels = count * math.prod(window)
+        assert 4 <= count <= 64
+        assert voxels <= max(4 * math.prod(window), 2**18)
 
 
 def test_gaussian_importance_peaks_at_the_centre():
@@ -1005,6 +1021,7 @@ def test_a_2d_network_trained_on_volumes_segments_them_slice_by_slice(tmp_path):
     # each axial slice of the preprocessed scan through the 2D network, mirrored along
     # its first axis too, windows of 36 x 50 blended
     segmenter = inference.Segmenter(run, mirror_axes=(0,), precision="float32")
+    assert segmenter.batch_size == 64  # 36 x 50 windows: more to a forward pass
     image, _ = segmenter.preprocessor.image(read_volume(scan))
     model = segmenter.model
 

@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING
 import keras
 import numpy as np
 
-from medseg.inference import slicewise, sliding_window_predict
+from medseg.inference import slicewise, sliding_window_predict, windows_per_pass
 
 if TYPE_CHECKING:
     from medseg.training.trainer import _Run
 
-#: Windows per forward pass during validation (inference needs no gradients).
+#: Windows per forward pass during validation (inference needs no gradients); more of
+#: small windows (:func:`medseg.inference.windows_per_pass`).
 VALIDATION_BATCH = 8
 
 
@@ -58,7 +59,7 @@ def validate(model, run: _Run) -> dict[str, float]:
             predict,
             patch_size=run.plan.window,
             overlap=run.config.train.val_overlap,
-            batch_size=VALIDATION_BATCH,
+            batch_size=windows_per_pass(run.plan.window, VALIDATION_BATCH),
         )
         prediction = scores.argmax(-1)
         truth = case.label[..., 0]
@@ -87,7 +88,7 @@ def _validate_reconstruction(model, run: _Run) -> dict[str, float]:
             predict,
             patch_size=run.plan.window,
             overlap=run.config.train.val_overlap,
-            batch_size=VALIDATION_BATCH,
+            batch_size=windows_per_pass(run.plan.window, VALIDATION_BATCH),
         )
         squared += float(np.sum((output - case.image) ** 2))
         count += case.image.size
