@@ -283,6 +283,7 @@ def predict(
             rename=inputs_named,
             probabilities=probabilities,
             reader=batch.channel_reader(groups, channels),
+            groups=groups,
         )
     settings = {
         "precision": members[0].precision,

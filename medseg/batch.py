@@ -13,6 +13,7 @@ outputs made otherwise.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from medseg.io import (
     off_grid,
     read_channels,
     read_info,
+    read_source_id,
     read_volume,
     split_suffix,
     write_volume,
@@ -227,6 +229,57 @@ def channel_reader(
     return read
 
 
+#: files up to this size are hashed whole by :func:`source_id`; larger ones sampled
+WHOLE_FILE_BYTES = 1 << 20
+SAMPLED_BLOCKS, BLOCK_BYTES = 32, 4096
+
+
+def input_files(path: Path, groups: dict | None = None) -> tuple[Path, ...]:
+    """The files an input is read from: a case's channel files (``groups``, see
+    :func:`channel_groups`), the files of a DICOM series folder, or the file."""
+    if groups and path in groups:
+        return tuple(groups[path])
+    if path.is_dir():
+        return tuple(
+            sorted(
+                p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+            )
+        )
+    return (path,)
+
+
+def _file_digest(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        digest.update(size.to_bytes(8, "little"))
+        if size <= WHOLE_FILE_BYTES:
+            digest.update(handle.read())
+        else:
+            step = (size - BLOCK_BYTES) / (SAMPLED_BLOCKS - 1)
+            for i in range(SAMPLED_BLOCKS):
+                handle.seek(round(i * step))
+                digest.update(handle.read(BLOCK_BYTES))
+    return digest.digest()
+
+
+def source_id(files: tuple[Path, ...], ordered: bool = True) -> str:
+    """An identifier of an input's content, kept in its label map so that a re-run
+    tells another scan of the same name and grid from it: SHA-256 over each file's
+    size and bytes (whole up to 1 MiB; else 32 blocks of 4 KiB spread evenly from its
+    start to its end, so that checking a folder of large scans stays cheap). The
+    files' names do not count, their order does where ``ordered`` (a case's channels;
+    not a DICOM series' files). 32 hex digits."""
+    digests = [_file_digest(path) for path in files]
+    if not ordered:
+        digests.sort()
+    return hashlib.sha256(b"".join(digests)).hexdigest()[:32]
+
+
+def _input_id(path: Path, groups: dict | None) -> str:
+    return source_id(input_files(path, groups), ordered=not path.is_dir())
+
+
 def output_for(input_path: Path, output_dir: Path, rename: dict | None = None) -> Path:
     """Same file name (and format) as the input in ``output_dir``, unless ``rename``
     gives the input another name; a DICOM series folder's is its name + ``.nii.gz``."""
@@ -241,11 +294,15 @@ def is_done(target: Path, probabilities: bool = False) -> bool:
     return target.exists() and (not probabilities or probabilities_for(target).exists())
 
 
-def not_its_output(target: Path, source: Path) -> str | None:
-    """Why an existing output cannot be ``source``'s label map, from the two headers: it
-    is unreadable, or on another grid (another scan's of the same name, left by another
-    job); ``None`` when it can be (or ``source`` cannot be read, which its own run
-    would say)."""
+def not_its_output(
+    target: Path, source: Path, groups: dict | None = None
+) -> str | None:
+    """Why an existing output cannot be ``source``'s label map: it is unreadable, on
+    another grid, or made from other content (the :func:`source_id` it keeps differs
+    from ``source``'s): another scan's of the same name, left by another job; ``None``
+    when it can be (an output that keeps no source id, from a format without room for
+    one, is judged by its grid), or when ``source`` cannot be read, which its own run
+    would say. ``groups``: see :func:`input_files`."""
     try:
         scan = read_info(source)
     except InputFileError:
@@ -254,13 +311,24 @@ def not_its_output(target: Path, source: Path) -> str | None:
         made = read_info(target)
     except InputFileError as exc:
         return f"{exc}; --overwrite redoes it"
+    another = "another scan's; --overwrite redoes it, or choose another output folder"
     off = off_grid(made, scan, "the scan's")
-    if off is None:
+    if off is not None:
+        return (
+            f"{target}: an existing label map on another grid than {source} ({off}): "
+            f"{another}"
+        )
+    kept = read_source_id(target)
+    try:
+        differs = kept is not None and kept != _input_id(source, groups)
+    except OSError:
         return None
-    return (
-        f"{target}: an existing label map on another grid than {source} ({off}): "
-        "another scan's; --overwrite redoes it, or choose another output folder"
-    )
+    if differs:
+        return (
+            f"{target}: an existing label map made from other content than {source} "
+            f"(on the same grid): {another}"
+        )
+    return None
 
 
 def probabilities_for(label_path: Path) -> Path:
@@ -523,6 +591,7 @@ def segment_all(
     probabilities: bool = False,
     settings: dict | None = None,
     reader: Callable[[Path], object] = read_volume,
+    groups: dict | None = None,
 ) -> list[CaseResult]:
     """Segments every input into ``output_dir``; never stops at a bad scan.
 
@@ -540,6 +609,8 @@ def segment_all(
             against the folder's record before any scan is read; ``None``: no record.
         reader: reads an input as a :class:`medseg.io.Volume` (one case stored one
             file per channel: see :func:`channel_reader`).
+        groups: a case's channel files by its first (:func:`channel_groups`), for the
+            :func:`source_id` each label map keeps of its input.
 
     Raises:
         InputFileError: the output folder cannot be written, or its record of settings
@@ -560,7 +631,7 @@ def segment_all(
         target = output_for(path, output_dir, rename)
         if is_done(target, probabilities) and not overwrite:
             result = CaseResult(str(path), str(target), "skipped")
-            problem = not_its_output(target, path)
+            problem = not_its_output(target, path, groups)
             if problem:
                 result.status, result.error = "failed", problem
             results.append(result)
@@ -570,12 +641,16 @@ def segment_all(
             todo.append((path, target))
 
     def load(path):
+        try:  # before reading: a file changed meanwhile is redone by a re-run
+            content = _input_id(path, groups)
+        except OSError:  # unreadable: the reader says why
+            content = None
         try:
-            return reader(path), None
+            return reader(path), content, None
         except InputFileError as exc:
-            return None, exc
+            return None, None, exc
         except Exception as exc:  # a reader's bug must not end the batch
-            return None, InputFileError(path, f"unreadable ({exc})")
+            return None, None, InputFileError(path, f"unreadable ({exc})")
 
     for _, target in todo:  # leftovers of a killed run (each shard cleans its own)
         for name in (target, probabilities_for(target)):
@@ -585,7 +660,7 @@ def segment_all(
         pending = pool.submit(load, todo[0][0]) if todo else None
         for index, (path, target) in enumerate(todo):
             started = time.perf_counter()
-            volume, error = pending.result()
+            volume, content, error = pending.result()
             if index + 1 < len(todo):  # read the next scan while this one is predicted
                 pending = pool.submit(load, todo[index + 1][0])
             result = CaseResult(str(path), str(target), "done")
@@ -598,7 +673,7 @@ def segment_all(
                 prediction = segment(volume)
                 result.nonfinite_replaced = getattr(prediction, "nonfinite_replaced", 0)
                 result.warnings += getattr(prediction, "notes", ())
-                _write(prediction, target, probabilities)
+                _write(prediction, target, probabilities, content)
             except Exception as exc:  # even a bug met on one scan: that scan only
                 result.status = "failed"
                 result.error = failure_message(path, exc)
@@ -623,7 +698,7 @@ def failure_message(case, exc: Exception) -> str:
     )
 
 
-def _write(prediction, target: Path, probabilities: bool) -> None:
+def _write(prediction, target: Path, probabilities: bool, content=None) -> None:
     """Writes the probabilities first and the labels last, so an existing label file
     means the case is complete."""
     labels = getattr(prediction, "labels", prediction)
@@ -637,7 +712,7 @@ def _write(prediction, target: Path, probabilities: bool) -> None:
             prediction.values,
             prediction.names,
         )
-    write_volume(labels, target, is_label=True)
+    write_volume(labels, target, is_label=True, source_id=content)
 
 
 def report(results: list[CaseResult]) -> dict:

@@ -680,8 +680,17 @@ def _preferred_dtype(volume: Volume) -> np.dtype:
     return chosen
 
 
+#: how a written file names the input it was made from (see :func:`read_source_id`)
+SOURCE_ID_KEY = "medseg-source"
+
+
 def write_volume(
-    volume: Volume, path: str | Path, *, dtype=None, is_label: bool = False
+    volume: Volume,
+    path: str | Path,
+    *,
+    dtype=None,
+    is_label: bool = False,
+    source_id: str | None = None,
 ) -> Path:
     """Writes a volume, restoring its geometry, atomically.
 
@@ -696,6 +705,10 @@ def write_volume(
             (uint8/uint16), and images the source NIfTI header's integer type when it
             holds the values (an int16 CT stays int16), else :func:`output_dtype`.
         is_label: the volume is a label map (see ``dtype``).
+        source_id: an identifier of the input this file was made from, kept in the
+            file where its format has room (a NIfTI comment extension, a PNG text
+            chunk, a TIFF description; not ``.npy``) and read by
+            :func:`read_source_id`.
 
     Returns:
         The path written.
@@ -714,9 +727,9 @@ def write_volume(
     try:
         with atomic_output(path) as tmp:
             if fmt == "nifti":
-                _write_nifti(volume, tmp, dtype)
+                _write_nifti(volume, tmp, dtype, source_id)
             elif fmt == "image2d":
-                _write_image2d(volume, tmp, dtype, path)
+                _write_image2d(volume, tmp, dtype, path, source_id)
             else:
                 _write_npy(volume, tmp, dtype)
     except OSError as exc:
@@ -724,7 +737,40 @@ def write_volume(
     return path
 
 
-def _write_nifti(volume: Volume, path: Path, dtype: np.dtype) -> None:
+def read_source_id(path: str | Path) -> str | None:
+    """The ``source_id`` that :func:`write_volume` kept in ``path``, or ``None`` (none
+    kept, a format without room for it, or an unreadable file)."""
+    path = Path(path)
+    try:
+        fmt = scan_format(path)
+        if fmt == "nifti":
+            for extension in _load_nifti(path).header.extensions:
+                content = extension.get_content()
+                prefix = f"{SOURCE_ID_KEY} ".encode()
+                if extension.get_code() == 6 and bytes(content).startswith(prefix):
+                    return bytes(content)[len(prefix) :].decode("ascii")
+            return None
+        if fmt == "image2d":
+            suffix = split_suffix(path)[1]
+            if suffix in (".tif", ".tiff"):
+                import tifffile
+
+                with tifffile.TiffFile(path) as tiff:
+                    text = tiff.pages[0].description or ""
+                prefix = f"{SOURCE_ID_KEY} "
+                return text[len(prefix) :] if text.startswith(prefix) else None
+            from PIL import Image
+
+            with Image.open(path) as picture:
+                return getattr(picture, "text", {}).get(SOURCE_ID_KEY)
+    except (OSError, ValueError, InputFileError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def _write_nifti(
+    volume: Volume, path: Path, dtype: np.dtype, source_id: str | None = None
+) -> None:
     import nibabel as nib
 
     data = volume.array
@@ -752,10 +798,24 @@ def _write_nifti(volume: Volume, path: Path, dtype: np.dtype) -> None:
         img.header.set_xyzt_units("mm", "sec")
     img.set_sform(volume.affine, code=sform_code)
     img.set_qform(volume.affine, code=qform_code)
+    extensions = img.header.extensions
+    prefix = f"{SOURCE_ID_KEY} ".encode()
+    for extension in [
+        e
+        for e in extensions
+        if e.get_code() == 6 and bytes(e.get_content()).startswith(prefix)
+    ]:  # a source's own record (a label map segmented again) is not this file's
+        extensions.remove(extension)
+    if source_id is not None:
+        extensions.append(
+            nib.nifti1.Nifti1Extension("comment", prefix + source_id.encode("ascii"))
+        )
     nib.save(img, path)
 
 
-def _write_image2d(volume: Volume, tmp: Path, dtype: np.dtype, final: Path) -> None:
+def _write_image2d(
+    volume: Volume, tmp: Path, dtype: np.dtype, final: Path, source_id=None
+) -> None:
     if volume.spatial_dims != 2:
         raise InputFileError(
             final,
@@ -771,9 +831,10 @@ def _write_image2d(volume: Volume, tmp: Path, dtype: np.dtype, final: Path) -> N
             final, "JPEG is lossy and would alter the values; use .png or .tif"
         )
     if suffix in (".tif", ".tiff"):
-        import skimage.io
+        import tifffile
 
-        skimage.io.imsave(tmp, array.astype(dtype, copy=False), check_contrast=False)
+        described = {"description": f"{SOURCE_ID_KEY} {source_id}"} if source_id else {}
+        tifffile.imwrite(tmp, array.astype(dtype, copy=False), **described)
         return
     if dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
         raise InputFileError(
@@ -782,9 +843,14 @@ def _write_image2d(volume: Volume, tmp: Path, dtype: np.dtype, final: Path) -> N
         )
     if dtype == np.uint16 and array.ndim == 3:
         raise InputFileError(final, "16-bit PNG must be single-channel; use .tif")
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
-    Image.fromarray(np.ascontiguousarray(array.astype(dtype, copy=False))).save(tmp)
+    info = PngImagePlugin.PngInfo()
+    if source_id:
+        info.add_text(SOURCE_ID_KEY, source_id)
+    Image.fromarray(np.ascontiguousarray(array.astype(dtype, copy=False))).save(
+        tmp, format="PNG", pnginfo=info
+    )
 
 
 def _write_npy(volume: Volume, path: Path, dtype: np.dtype) -> None:

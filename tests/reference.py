@@ -509,3 +509,23 @@ def dicom_pixel_lps(position, orientation, pixel_spacing, row: int, column: int)
         + column * between_columns * row_cosine
         + row * between_rows * column_cosine
     )
+
+
+def sampled_content_id(contents: list[bytes], ordered: bool) -> str:
+    """SHA-256 over each file's size (8 bytes, little-endian) and bytes: all of them
+    up to 1 MiB, else the 4 KiB blocks starting at round(i * (size - 4096) / 31),
+    i = 0..31; the files' digests in order, or sorted; 32 hex digits."""
+    import hashlib
+
+    digests = []
+    for data in contents:
+        size = len(data)
+        if size <= 1 << 20:
+            kept = data
+        else:
+            starts = [round(i * (size - 4096) / 31) for i in range(32)]
+            kept = b"".join(data[s : s + 4096] for s in starts)
+        digests.append(hashlib.sha256(size.to_bytes(8, "little") + kept).digest())
+    if not ordered:
+        digests.sort()
+    return hashlib.sha256(b"".join(digests)).hexdigest()[:32]

@@ -4,6 +4,7 @@ output folder's label maps were made with (a re-run must not keep another model'
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from medseg import batch
 from medseg.errors import InputFileError
+from tests import reference
 
 SETTINGS = {
     "model_sha256": "a" * 64,
@@ -389,3 +391,109 @@ def test_a_folder_of_subfolders_says_how_to_take_their_scans(tmp_path):
         study / "sub-01" / "anat" / "sub-01_T1w.nii.gz",
         study / "sub-02" / "anat" / "sub-02_T1w.nii.gz",
     ]
+
+
+def test_an_inputs_content_id_samples_large_files_and_ignores_names(tmp_path, rng):
+    small = rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    large = rng.integers(0, 256, (3 << 20) + 123, dtype=np.uint8).tobytes()
+    files = []
+    for name, data in (("a.nii", small), ("b.nii", large)):
+        (tmp_path / name).write_bytes(data)
+        files.append(tmp_path / name)
+    for chosen in ([files[0]], [files[1]], files):
+        contents = [p.read_bytes() for p in chosen]
+        for ordered in (True, False):
+            assert batch.source_id(tuple(chosen), ordered) == (
+                reference.sampled_content_id(contents, ordered)
+            )
+    whole = batch.source_id((files[1],))
+    assert batch.source_id(tuple(files)) != batch.source_id(tuple(files[::-1]))
+    assert batch.source_id(tuple(files), False) == batch.source_id(
+        tuple(files[::-1]), False
+    )  # a DICOM series' files, whatever their names
+    (tmp_path / "renamed.nii").write_bytes(large)
+    assert batch.source_id((tmp_path / "renamed.nii",)) == whole
+    start = round(15 * (len(large) - 4096) / 31)  # of the 16th sampled block
+    changed = bytearray(large)
+    changed[start + 4096 + 10] ^= 1  # between two sampled blocks: not seen
+    (tmp_path / "c.nii").write_bytes(bytes(changed))
+    assert batch.source_id((tmp_path / "c.nii",)) == whole
+    changed[start + 7] ^= 1  # within one: seen
+    (tmp_path / "c.nii").write_bytes(bytes(changed))
+    assert batch.source_id((tmp_path / "c.nii",)) != whole
+    (tmp_path / "c.nii").write_bytes(large + b"\0")  # another size: seen
+    assert batch.source_id((tmp_path / "c.nii",)) != whole
+
+
+def test_an_existing_output_of_another_scan_on_the_same_grid_is_not_skipped(
+    tmp_path,
+):
+    from PIL import Image
+
+    from medseg.io import Volume, read_source_id, write_volume
+
+    files = scans(tmp_path / "in", 2)
+    for i in range(2):  # pictures of one size, and a TIFF
+        Image.fromarray(np.full((5, 7), 10 * i, np.uint8)).save(
+            tmp_path / "in" / f"tile_{i}.png"
+        )
+    write_volume(
+        Volume(np.full((5, 7, 1), 3, np.uint16), np.eye(4)), tmp_path / "in" / "t.tif"
+    )
+    files = sorted((tmp_path / "in").iterdir())
+    names = [p.name for p in files]
+
+    def segment(volume):
+        return volume.with_array((volume.array > 0).astype(np.uint8))
+
+    out = tmp_path / "out"
+    assert [r.status for r in batch.segment_all(segment, files, out)] == ["done"] * 5
+    for path in files:  # each label map keeps its input's content id
+        assert read_source_id(out / path.name) == batch.source_id((path,))
+    # another job's scans of the same names and grids, other content
+    changed = {"case_1.nii.gz", "tile_0.png", "t.tif"}
+    nib.save(nib.Nifti1Image(np.full((4, 5, 6), 7, np.float32), np.eye(4)), files[1])
+    Image.fromarray(np.full((5, 7), 99, np.uint8)).save(files[3])
+    write_volume(Volume(np.full((5, 7, 1), 4, np.uint16), np.eye(4)), files[2])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    results = {Path(r.input).name: r for r in batch.segment_all(segment, files, out)}
+    assert {n for n, r in results.items() if r.status == "failed"} == changed
+    assert {n for n, r in results.items() if r.status == "skipped"} == set(names) - (
+        changed
+    )
+    assert results["case_1.nii.gz"].error == (
+        f"{out / 'case_1.nii.gz'}: an existing label map made from other content "
+        f"than {files[1]} (on the same grid): another scan's; --overwrite redoes it, "
+        "or choose another output folder"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a label map that keeps no content id (another tool's) is judged by its grid
+    write_volume(Volume(np.zeros((4, 5, 6, 1), np.uint8), np.eye(4)), out / names[1])
+    assert read_source_id(out / names[1]) is None
+    assert batch.segment_all(segment, files[1:2], out)[0].status == "skipped"
+    redone = batch.segment_all(segment, files, out, overwrite=True)
+    assert [r.status for r in redone] == ["done"] * 5
+    assert read_source_id(out / "case_1.nii.gz") == batch.source_id((files[1],))
+    np.testing.assert_array_equal(np.asanyarray(nib.load(out / names[1]).dataobj), 1)
+
+
+def test_a_label_map_keeps_one_content_id_and_its_scans_other_extensions(tmp_path):
+    from medseg.io import read_source_id, read_volume, write_volume
+
+    image = nib.Nifti1Image(np.ones((3, 4, 5), np.float32), np.eye(4))
+    image.header["descrip"] = b"TE=3.1"
+    image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"site 4"))
+    nib.save(image, tmp_path / "scan.nii.gz")
+    scan = read_volume(tmp_path / "scan.nii.gz")
+    write_volume(scan, tmp_path / "a.nii.gz", is_label=True, source_id="1" * 32)
+    again = read_volume(tmp_path / "a.nii.gz")  # segmented again, say
+    write_volume(again, tmp_path / "b.nii.gz", is_label=True, source_id="2" * 32)
+    written = nib.load(tmp_path / "b.nii.gz").header
+    assert read_source_id(tmp_path / "b.nii.gz") == "2" * 32
+    assert [e.get_content() for e in written.extensions] == [
+        b"site 4",
+        b"medseg-source " + b"2" * 32,
+    ]
+    assert written["descrip"].item() == b"TE=3.1"
+    write_volume(again, tmp_path / "c.nii.gz", is_label=True)  # none given: none kept
+    assert read_source_id(tmp_path / "c.nii.gz") is None

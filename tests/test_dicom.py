@@ -196,6 +196,18 @@ def test_predict_segments_a_dicom_series_as_the_same_scan_in_nifti(bundle, tmp_p
     ]
     np.testing.assert_array_equal(chances[0], chances[1])
     assert chances[0].shape == (*data.shape, 3) and chances[0][..., 1].std() > 0
+    # the series' label map keeps its files' content, whatever their order: a re-run
+    # skips it
+    from medseg.batch import source_id
+    from medseg.io import read_source_id
+
+    files = tuple(sorted((inputs / "subject_1").iterdir(), reverse=True))
+    assert read_source_id(out / "subject_1.nii.gz") == source_id(files, ordered=False)
+    again = medseg(
+        "predict", "--model", bundle, "--input", f"{inputs}/*", "--output", out,
+        "--probabilities",
+    )  # fmt: skip
+    assert "0 segmented, 2 skipped (output existed), 1 failed" in again.stdout
     # one slice's file names its series
     one = next((inputs / "subject_1").iterdir())
     alone = medseg(

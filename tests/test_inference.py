@@ -322,6 +322,20 @@ def test_a_two_channel_model_reads_cases_stored_one_file_per_channel(tmp_path):
         ],
     )
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [p.name for p in cases[:2]]
+    # each label map keeps its case's content, its channel files in order: a re-run
+    # skips them
+    from medseg.batch import source_id
+    from medseg.io import read_source_id
+
+    for path in cases[:2]:
+        case = path.name[: -len(".nii.gz")]
+        files = (tests / f"{case}_0000.nii.gz", tests / f"{case}_0001.nii.gz")
+        assert read_source_id(out / path.name) == source_id(files)
+    again = medseg(
+        "predict", "--model", tmp_path / "run", "--input", tests, "--output", out,
+        "--no-tta",
+    )  # fmt: skip
+    assert "0 segmented, 2 skipped (output existed), 2 failed" in again.stdout
     # the case's label map is the model's on its two channels, in channel order
     segmenter = inference.Segmenter(tmp_path / "run", precision="float32")
     for path in cases[:2]:
