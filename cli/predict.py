@@ -152,6 +152,7 @@ def predict(
     from medseg.dicom import is_series_folder
     from medseg.errors import InputFileError
     from medseg.inference import ensemble_problem
+    from medseg.io import atomic_write_text
 
     ctx = click.get_current_context()
     try:
@@ -290,13 +291,30 @@ def predict(
         "tta": each([list(m.mirror_axes) for m in members]),
         "nonfinite": each([m.preprocessor.nonfinite for m in members]),
     }
-    _finish(results, output_dir, report_path, shard_value, "segmented", settings)
+    sizes = output_dir / (batch.SIZES_FILE + _shard_suffix(shard_value) + ".csv")
+    table = batch.sizes_table(results, sizes, segmenter.values, segmenter.names)
+    if table is not None:
+        atomic_write_text(sizes, table)
+    _finish(
+        results,
+        output_dir,
+        report_path,
+        shard_value,
+        "segmented",
+        settings,
+        sizes if table is not None else None,
+    )
+
+
+def _shard_suffix(shard_value) -> str:
+    return f"-{shard_value[0]}-of-{shard_value[1]}" if shard_value else ""
 
 
 def _finish(
-    results, output_dir, report_path, shard_value, verb: str, settings=None
+    results, output_dir, report_path, shard_value, verb: str, settings=None, sizes=None
 ) -> None:
-    """Writes the run report, prints the counts and the failures; exit 1 on any."""
+    """Writes the run report, prints the counts (and where the label volumes are,
+    ``sizes``) and the failures; exit 1 on any."""
     from medseg import batch
     from medseg.io import atomic_write_text
 
@@ -304,15 +322,15 @@ def _finish(
     if settings:
         summary["settings"] = settings
     if report_path is None:
-        name = "medseg_predict_report"
-        if shard_value:
-            name += f"-{shard_value[0]}-of-{shard_value[1]}"
-        report_path = output_dir / f"{name}.json"
+        report_path = (
+            output_dir / f"medseg_predict_report{_shard_suffix(shard_value)}.json"
+        )
     atomic_write_text(report_path, json.dumps(summary, indent=2) + "\n")
     counts = summary["counts"]
     click.echo(
         f"{counts['done']} {verb}, {counts['skipped']} skipped (output "
         f"existed), {counts['failed']} failed; report: {report_path}"
+        + (f"; label volumes: {sizes}" if sizes else "")
     )
     if counts["failed"]:
         for result in results:

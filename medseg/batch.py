@@ -12,8 +12,10 @@ outputs made otherwise.
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
@@ -58,6 +60,7 @@ class CaseResult:
     spacing_mm: list[float] | None = None
     nonfinite_replaced: int = 0  # NaN/Inf voxels filled (``--nonfinite replace``)
     warnings: list[str] = field(default_factory=list)  # header fixes, field of view
+    sizes: dict | None = None  # per label name: see label_sizes
 
 
 def collect_inputs(path: str | Path) -> list[Path]:
@@ -674,6 +677,14 @@ def segment_all(
                 result.nonfinite_replaced = getattr(prediction, "nonfinite_replaced", 0)
                 result.warnings += getattr(prediction, "notes", ())
                 _write(prediction, target, probabilities, content)
+                if getattr(prediction, "values", ()):
+                    labels = prediction.labels
+                    result.sizes = label_sizes(
+                        labels.array,
+                        labels.spacing,
+                        prediction.values,
+                        prediction.names,
+                    )
             except Exception as exc:  # even a bug met on one scan: that scan only
                 result.status = "failed"
                 result.error = failure_message(path, exc)
@@ -713,6 +724,80 @@ def _write(prediction, target: Path, probabilities: bool, content=None) -> None:
             prediction.names,
         )
     write_volume(labels, target, is_label=True, source_id=content)
+
+
+#: the table of label sizes beside the report: ``medseg_volumes[-K-of-N].csv``
+SIZES_FILE = "medseg_volumes"
+
+
+def label_sizes(labels: np.ndarray, spacing, values, names) -> dict[str, dict]:
+    """Per foreground label (every declared value but the first, the background), by
+    name: its value, its voxels and their volume in ml (``area_mm2`` for 2D label
+    maps, from the pixel spacing, 1 mm where a picture has none)."""
+    labels = np.asarray(labels)
+    unit, scale = ("volume_ml", 1e-3) if len(spacing) == 3 else ("area_mm2", 1.0)
+    voxel = float(np.prod(spacing)) * scale
+    sizes = {}
+    for value, name in zip(values[1:], names[1:], strict=True):
+        count = int(np.count_nonzero(labels == value))
+        sizes[str(name)] = {
+            "label": int(value),
+            "voxels": count,
+            unit: round(count * voxel, 6),
+        }
+    return sizes
+
+
+def sizes_table(
+    results: list[CaseResult], previous: Path | None, values, names
+) -> str | None:
+    """The CSV of every label map of this run (done or skipped), by case name: case,
+    label, name, voxels, volume_ml (or area_mm2). A skipped case's rows are taken from
+    ``previous`` (this table as an earlier run wrote it) when it has them, else
+    measured on its label map, and kept in its result's ``sizes``. ``None`` when no
+    case has a label map."""
+    earlier: dict[str, dict] = {}
+    try:
+        with open(
+            previous, newline="", encoding="utf-8", errors="surrogateescape"
+        ) as handle:
+            for row in csv.DictReader(handle):
+                unit = "volume_ml" if "volume_ml" in row else "area_mm2"
+                earlier.setdefault(row["case"], {})[row["name"]] = {
+                    "label": int(row["label"]),
+                    "voxels": int(row["voxels"]),
+                    unit: float(row[unit]),
+                }
+    except (OSError, TypeError, KeyError, ValueError, csv.Error):
+        earlier = {}
+    rows = []
+    for result in results:
+        if result.status == "failed":
+            continue
+        case = split_suffix(Path(result.output))[0]
+        if result.sizes is None:
+            wanted = [str(n) for n in names[1:]]
+            if sorted(earlier.get(case, {})) == sorted(wanted):
+                result.sizes = earlier[case]
+            else:
+                try:
+                    labels = read_volume(result.output)
+                except InputFileError:
+                    continue
+                result.sizes = label_sizes(labels.array, labels.spacing, values, names)
+        for name, size in result.sizes.items():
+            rows.append({"case": case, "name": name, **size})
+    if not rows:
+        return None
+    rows.sort(key=lambda row: row["case"])  # stable: each case's labels in order
+    unit = "volume_ml" if "volume_ml" in rows[0] else "area_mm2"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(
+        buffer, ["case", "label", "name", "voxels", unit], lineterminator="\n"
+    )
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def report(results: list[CaseResult]) -> dict:

@@ -655,11 +655,13 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Writes a text file atomically (see :func:`atomic_output`)."""
+    """Writes a text file atomically (see :func:`atomic_output`), UTF-8; file names
+    that are not (read into ``text`` with Python's surrogate escapes) keep their
+    bytes."""
     path = Path(path)
     try:
         with atomic_output(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
+            tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
     except OSError as exc:
         raise InputFileError(path, f"cannot write ({exc.strerror or exc})") from None
     return path

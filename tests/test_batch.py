@@ -497,3 +497,66 @@ def test_a_label_map_keeps_one_content_id_and_its_scans_other_extensions(tmp_pat
     assert written["descrip"].item() == b"TE=3.1"
     write_volume(again, tmp_path / "c.nii.gz", is_label=True)  # none given: none kept
     assert read_source_id(tmp_path / "c.nii.gz") is None
+
+
+def test_label_sizes_count_each_declared_labels_voxels_in_ml_or_mm2(rng):
+    labels = rng.choice(np.array([0, 3, 7], np.uint8), size=(4, 5, 6))
+    spacing = (0.5, 0.8, 1.2)
+    sizes = batch.label_sizes(labels, spacing, (0, 3, 7, 9), ("bg", "a", "b", "c"))
+    counted = {3: 0, 7: 0, 9: 0}
+    for index in np.ndindex(labels.shape):  # voxel by voxel
+        if int(labels[index]) in counted:
+            counted[int(labels[index])] += 1
+    assert sizes == {
+        name: {"label": v, "voxels": counted[v], "volume_ml": pytest.approx(
+            counted[v] * 0.5 * 0.8 * 1.2 / 1000)}
+        for v, name in ((3, "a"), (7, "b"), (9, "c"))
+    }  # fmt: skip
+    flat = batch.label_sizes(labels[..., 0], (0.25, 2.0), (0, 3), ("bg", "a"))
+    assert flat == {
+        "a": {
+            "label": 3,
+            "voxels": int((labels[..., 0] == 3).sum()),
+            "area_mm2": pytest.approx(0.5 * int((labels[..., 0] == 3).sum())),
+        }
+    }
+
+
+def test_the_volumes_table_keeps_skipped_cases_from_the_last_one(tmp_path):
+    from medseg.io import Volume, write_volume
+
+    values, names = (0, 1), ("background", "tumour")
+    affine = np.diag([2.0, 1.0, 1.5, 1.0])
+    for name, count in (("a", 5), ("b", 7), ("c", 9)):
+        labels = np.zeros((4, 4, 4, 1), np.uint8)
+        labels.flat[:count] = 1
+        write_volume(Volume(labels, affine), tmp_path / f"{name}.nii.gz")
+
+    def result(name, status, sizes=None):
+        return batch.CaseResult(
+            f"in/{name}.nii.gz", str(tmp_path / f"{name}.nii.gz"), status, sizes=sizes
+        )
+
+    done = {"tumour": {"label": 1, "voxels": 5, "volume_ml": 0.015}}
+    previous = tmp_path / "medseg_volumes.csv"
+    previous.write_text(
+        "case,label,name,voxels,volume_ml\nb,1,tumour,70,0.21\nc,1,other,1,0.003\n"
+    )
+    results = [
+        result("a", "done", done),
+        result("b", "skipped"),  # from the earlier table (even where it is stale)
+        result("c", "skipped"),  # the earlier table's labels differ: measured again
+        result("d", "failed"),
+    ]
+    table = batch.sizes_table(results, previous, values, names)
+    assert table == (
+        "case,label,name,voxels,volume_ml\n"
+        "a,1,tumour,5,0.015\n"
+        "b,1,tumour,70,0.21\n"
+        "c,1,tumour,9,0.027\n"
+    )
+    assert results[2].sizes == {"tumour": {"label": 1, "voxels": 9, "volume_ml": 0.027}}
+    previous.write_text("not, a table\n")
+    results[1].sizes = None
+    assert "b,1,tumour,7,0.021\n" in batch.sizes_table(results, previous, values, names)
+    assert batch.sizes_table([result("d", "failed")], None, values, names) is None

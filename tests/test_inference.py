@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import json
 import math
 import subprocess
@@ -186,10 +187,34 @@ def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
     )
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [p.name for p in good]
-        + ["medseg_predict_report.json", "medseg_predict_settings.json"]
+        + [
+            "medseg_predict_report.json",
+            "medseg_predict_settings.json",
+            "medseg_volumes.csv",
+        ]
     )
     report = json.loads((out / "medseg_predict_report.json").read_text())
     assert report["counts"] == {"done": 2, "skipped": 0, "failed": 5}
+
+    def volumes_written():  # the table, and each label's voxels in each label map
+        with open(out / "medseg_volumes.csv", newline="") as handle:
+            table = list(csv.DictReader(handle))
+        expected = []
+        for path in good:
+            labels = nib.load(out / path.name)
+            voxel_ml = float(np.prod(labels.header.get_zooms()[:3])) / 1000
+            for value, name in ((1, "Anterior"), (2, "Posterior")):
+                count = int((np.asanyarray(labels.dataobj) == value).sum())
+                expected.append((path.name[:-7], str(value), name, count))
+                row = table[len(expected) - 1]
+                assert float(row["volume_ml"]) == pytest.approx(count * voxel_ml)
+        assert [
+            (r["case"], r["label"], r["name"], int(r["voxels"])) for r in table
+        ] == (expected)
+        return table
+
+    first_table = volumes_written()
+    assert "label volumes: " + str(out / "medseg_volumes.csv") in result.stdout
     for path in good:  # labels on the input's own grid, header codes kept
         image, labels = nib.load(path), nib.load(out / path.name)
         assert labels.shape == image.shape
@@ -218,6 +243,7 @@ def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
     stale.write_bytes(b"half a file")
     third = medseg("predict", "--model", bundle, "--input", inputs, "--output", out)
     assert "1 segmented, 1 skipped (output existed), 5 failed" in third.stdout
+    assert volumes_written() == first_table  # the skipped case's rows kept
     assert (
         not stale.exists()
         and nib.load(out / good[0].name).shape == nib.load(good[0]).shape

@@ -74,8 +74,10 @@ def test_a_folder_of_bad_scans_names_each_and_finishes_the_good_ones(bundle, tmp
     assert written == sorted(
         [os.fsencode(n) for n in good]
         + [b"latin1 \xff.nii.gz", b"medseg_predict_report.json"]
-        + [b"medseg_predict_settings.json"]
+        + [b"medseg_predict_settings.json", b"medseg_volumes.csv"]
     )
+    table = (out / "medseg_volumes.csv").read_bytes()  # names as the files' bytes
+    assert b"\nlatin1 \xff,1,Anterior," in table and b"\ncaf\xc3\xa9,2," in table
     for name in written:
         if name.endswith(b".nii.gz"):
             labels = nib.load(os.fsdecode(os.fsencode(out) + b"/" + name))
@@ -193,6 +195,7 @@ def test_a_write_that_fails_midway_leaves_no_partial_file_and_the_rest_finish(
         "earlier.nii.gz",
         "medseg_predict_report.json",
         "medseg_predict_settings.json",
+        "medseg_volumes.csv",
         "small.nii.gz",
     ]  # no partial big.nii, nor its temporary file
     assert (out / "earlier.nii.gz").read_bytes() == b"kept"
