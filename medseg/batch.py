@@ -731,14 +731,15 @@ SIZES_FILE = "medseg_volumes"
 
 
 def label_sizes(labels: np.ndarray, spacing, values, names) -> dict[str, dict]:
-    """Per foreground label (every declared value but the first, the background), by
-    name: its value, its voxels and their volume in ml (``area_mm2`` for 2D label
-    maps, from the pixel spacing, 1 mm where a picture has none)."""
+    """Per declared label, by name: its value, its voxels and their volume in ml
+    (``area_mm2`` for 2D label maps, from the pixel spacing, 1 mm where a picture has
+    none). The first label is left out when it is named background (as nnU-Net names
+    label 0), not otherwise (the membranes' 0 is the membrane)."""
     labels = np.asarray(labels)
     unit, scale = ("volume_ml", 1e-3) if len(spacing) == 3 else ("area_mm2", 1.0)
     voxel = float(np.prod(spacing)) * scale
     sizes = {}
-    for value, name in zip(values[1:], names[1:], strict=True):
+    for value, name in _measured(values, names):
         count = int(np.count_nonzero(labels == value))
         sizes[str(name)] = {
             "label": int(value),
@@ -746,6 +747,12 @@ def label_sizes(labels: np.ndarray, spacing, values, names) -> dict[str, dict]:
             unit: round(count * voxel, 6),
         }
     return sizes
+
+
+def _measured(values, names) -> list[tuple]:
+    """The labels :func:`label_sizes` measures: all but a first one named background."""
+    pairs = list(zip(values, names, strict=True))
+    return pairs[1:] if str(names[0]).lower() == "background" else pairs
 
 
 def sizes_table(
@@ -776,7 +783,7 @@ def sizes_table(
             continue
         case = split_suffix(Path(result.output))[0]
         if result.sizes is None:
-            wanted = [str(n) for n in names[1:]]
+            wanted = [str(name) for _, name in _measured(values, names)]
             if sorted(earlier.get(case, {})) == sorted(wanted):
                 result.sizes = earlier[case]
             else:

@@ -502,8 +502,9 @@ def test_a_label_map_keeps_one_content_id_and_its_scans_other_extensions(tmp_pat
 def test_label_sizes_count_each_declared_labels_voxels_in_ml_or_mm2(rng):
     labels = rng.choice(np.array([0, 3, 7], np.uint8), size=(4, 5, 6))
     spacing = (0.5, 0.8, 1.2)
-    sizes = batch.label_sizes(labels, spacing, (0, 3, 7, 9), ("bg", "a", "b", "c"))
-    counted = {3: 0, 7: 0, 9: 0}
+    names = ("background", "a", "b", "c")
+    sizes = batch.label_sizes(labels, spacing, (0, 3, 7, 9), names)
+    counted = {0: 0, 3: 0, 7: 0, 9: 0}
     for index in np.ndindex(labels.shape):  # voxel by voxel
         if int(labels[index]) in counted:
             counted[int(labels[index])] += 1
@@ -512,13 +513,15 @@ def test_label_sizes_count_each_declared_labels_voxels_in_ml_or_mm2(rng):
             counted[v] * 0.5 * 0.8 * 1.2 / 1000)}
         for v, name in ((3, "a"), (7, "b"), (9, "c"))
     }  # fmt: skip
-    flat = batch.label_sizes(labels[..., 0], (0.25, 2.0), (0, 3), ("bg", "a"))
+    # a first label not named background (the membranes' 0) is measured too
+    flat = batch.label_sizes(labels[..., 0], (0.25, 2.0), (0, 3), ("membrane", "a"))
     assert flat == {
-        "a": {
-            "label": 3,
-            "voxels": int((labels[..., 0] == 3).sum()),
-            "area_mm2": pytest.approx(0.5 * int((labels[..., 0] == 3).sum())),
+        name: {
+            "label": value,
+            "voxels": int((labels[..., 0] == value).sum()),
+            "area_mm2": pytest.approx(0.5 * int((labels[..., 0] == value).sum())),
         }
+        for value, name in ((0, "membrane"), (3, "a"))
     }
 
 
