@@ -1107,6 +1107,17 @@ def test_a_2d_network_trained_on_volumes_segments_them_slice_by_slice(tmp_path):
     )
     assert single.returncode == 0, single.stderr[-3000:]
     assert nib.load(tmp_path / "o" / "one_slice.nii.gz").shape == (*data.shape[:2], 1)
+    # in an ensemble with a 3D network, as nnU-Net ensembles its 2D and 3D models
+    from medseg.bundle import resolve
+
+    members = [
+        inference.Segmenter(bundle, probabilities=True, precision="float32")
+        for bundle in (run, resolve("hippocampus"))
+    ]
+    volume = read_volume(scan)
+    mean = sum(m.predict(volume).probabilities.astype(np.float64) for m in members)
+    both = inference.Ensemble(members, probabilities=True).predict(volume)
+    np.testing.assert_allclose(both.probabilities, mean / 2, atol=2e-3)
 
 
 def _respaced_copy(folder, spacing):
