@@ -53,11 +53,11 @@ MOST_WINDOWS_PER_PASS = 64
 
 
 def windows_per_pass(window: Sequence[int], least: int = LEAST_WINDOWS_PER_PASS) -> int:
-    """Windows per forward pass for windows of shape ``window``: ``least`` for windows
-    of :data:`VOXELS_PER_PASS` / ``least`` voxels and more (the 3D patches and 2D
-    pictures of the shipped models), else as many as fit :data:`VOXELS_PER_PASS`
-    voxels, at most :data:`MOST_WINDOWS_PER_PASS`. Never more memory a pass than
-    ``least`` windows of that larger size."""
+    """How many windows of shape ``window`` one forward pass takes: as many as hold
+    :data:`VOXELS_PER_PASS` voxels, but at least ``least`` (large windows, as the
+    shipped models' 40 x 56 x 40 and 256 x 256, stay at ``least``) and at most
+    :data:`MOST_WINDOWS_PER_PASS`. A pass so holds no more than the larger of
+    ``least`` windows and :data:`VOXELS_PER_PASS` voxels."""
     fit = VOXELS_PER_PASS // max(1, math.prod(int(n) for n in window))
     return int(max(least, min(MOST_WINDOWS_PER_PASS, fit)))
 
