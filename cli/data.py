@@ -132,3 +132,32 @@ def format_fingerprint(fp: dict) -> str:
             f"present in {frac['cases_present']} case(s)"
         )
     return "\n".join(lines)
+
+
+@data.command("sort-dicom")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path))
+def sort_dicom(source: Path, target: Path) -> None:
+    """Sort the DICOM files under SOURCE into one folder per series under TARGET.
+
+    SOURCE is searched at any depth (a PACS export that mixes a study's series in
+    one folder, say). Each series gets TARGET/NNNN_description (series number and
+    description), each file named by its SOPInstanceUID; files are hard-linked where
+    TARGET is on the same file system, else copied, and SOURCE is left as it is. A
+    re-run places only what is missing. Then `medseg predict --input TARGET`
+    segments each series as one scan. Exit status 1 if a file could not be placed.
+    """
+    from medseg.dicom import sort_series
+
+    done = sort_series(source, target)
+    for name, count in sorted(done.series.items()):
+        click.echo(f"{target / name}: {count} file{'s' * (count != 1)}")
+    click.echo(
+        f"{len(done.series)} series; {done.placed} files placed, {done.present} "
+        f"already there, {done.not_dicom} not DICOM (left), {len(done.problems)} "
+        "not placed"
+    )
+    for problem in done.problems:
+        click.echo(f"  NOT PLACED {problem}", err=True)
+    if done.problems:
+        sys.exit(1)

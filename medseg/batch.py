@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.dicom import is_dicom_file, is_series_folder
+from medseg.dicom import dicom_files, is_dicom_file, is_series_folder
 from medseg.errors import InputFileError
 from medseg.io import (
     SCAN_SUFFIXES,
@@ -239,15 +239,11 @@ SAMPLED_BLOCKS, BLOCK_BYTES = 32, 4096
 
 def input_files(path: Path, groups: dict | None = None) -> tuple[Path, ...]:
     """The files an input is read from: a case's channel files (``groups``, see
-    :func:`channel_groups`), the files of a DICOM series folder, or the file."""
+    :func:`channel_groups`), the DICOM files of a series folder, or the file."""
     if groups and path in groups:
         return tuple(groups[path])
     if path.is_dir():
-        return tuple(
-            sorted(
-                p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-            )
-        )
+        return tuple(dicom_files(path))
     return (path,)
 
 

@@ -11,6 +11,11 @@ converters do, with its affine in RAS (LPS with the first two axes negated).
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,8 @@ INSTALL = 'pip install "medseg[dicom]"'
 GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 #: Largest spread of the gaps between neighbouring slices, in mm, read as one spacing.
 GAP_TOLERANCE_MM = 0.01
+#: characters not kept in the names :func:`sort_series` gives
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -138,7 +145,7 @@ def _geometry(folder: Path, slices: list[_Slice]) -> tuple[list[_Slice], np.ndar
         raise InputFileError(
             folder,
             f"holds {len(series)} DICOM series ({'; '.join(counts)}); give each "
-            "series a folder of its own",
+            "series a folder of its own (medseg data sort-dicom does)",
         )
     first = slices[0]
     for s in slices[1:]:
@@ -252,3 +259,129 @@ def read_series(
             if info.min <= volume.min() and volume.max() <= info.max:
                 return volume.astype(dtype), affine
     return volume.astype(np.float32, copy=False), affine
+
+
+# sorting a study's files into one folder per series
+
+
+@dataclass
+class Sorted:
+    """What :func:`sort_series` did: file count per series folder, files placed now and
+    found placed by an earlier run, files that are not DICOM (left where they are),
+    and one line per file that could not be placed."""
+
+    series: dict[str, int] = field(default_factory=dict)
+    placed: int = 0
+    present: int = 0
+    not_dicom: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def series_folder_name(number, description: str, uid: str) -> str:
+    """``NNNN_description`` (the series number, 4 digits; its description with any
+    character but letters, digits, ``.``, ``_`` and ``-`` made ``_``), or
+    ``series_`` and 8 hex digits of the UID's hash where both are missing."""
+    label = _UNSAFE.sub("_", str(description or "")).strip("_.")
+    try:
+        prefix = f"{int(number):04d}"
+    except (TypeError, ValueError):
+        prefix = ""
+    if not prefix and not label:
+        return "series_" + hashlib.sha1(uid.encode()).hexdigest()[:8]
+    return "_".join(part for part in (prefix, label) if part)
+
+
+def sort_series(source: str | Path, target: str | Path) -> Sorted:
+    """Every DICOM file under ``source`` (any depth; a PACS export that mixes the
+    series of a study in one folder, say) placed in a folder of its series under
+    ``target``, named by :func:`series_folder_name` (two series of one name get 8 hex
+    digits of their UID's hash appended), each file as ``SOPInstanceUID.dcm``. Files
+    are hard-linked where ``target`` is on the same file system, else copied under a
+    temporary name and renamed, so an interrupted run leaves no partial file and a
+    re-run places only what is missing. A file already there with other bytes, or
+    without a SeriesInstanceUID or SOPInstanceUID, is a problem named and left.
+
+    Raises:
+        InputFileError: pydicom missing, ``source`` not a folder, or ``target`` inside
+            ``source`` (a re-run would sort the sorted files again).
+    """
+    source, target = Path(source), Path(target)
+    if not source.is_dir():
+        raise InputFileError(source, "not a folder")
+    if target.resolve().is_relative_to(source.resolve()):
+        raise InputFileError(target, f"inside the folder being sorted ({source})")
+    pydicom = _pydicom(source)
+    result = Sorted()
+    found: dict[str, list[tuple[Path, str]]] = {}
+    names: dict[str, str] = {}
+    for path in sorted(source.rglob("*")):
+        hidden = any(p.startswith(".") for p in path.relative_to(source).parts)
+        if hidden or not _candidate(path):
+            continue
+        if not is_dicom_file(path):
+            result.not_dicom += 1
+            continue
+        try:
+            ds = _read(pydicom, path, pixels=False)
+        except InputFileError as exc:
+            result.problems.append(str(exc))
+            continue
+        uid, instance = ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID")
+        if not uid or not instance:
+            result.problems.append(f"{path}: no SeriesInstanceUID or SOPInstanceUID")
+            continue
+        uid = str(uid)
+        if uid not in names:
+            names[uid] = series_folder_name(
+                ds.get("SeriesNumber"), ds.get("SeriesDescription", ""), uid
+            )
+        found.setdefault(uid, []).append((path, _UNSAFE.sub("_", str(instance))))
+    taken = {}
+    for uid, name in names.items():
+        taken.setdefault(name, []).append(uid)
+    for uid, files in found.items():
+        name = names[uid]
+        if len(taken[name]) > 1:
+            name += "_" + hashlib.sha1(uid.encode()).hexdigest()[:8]
+        folder = target / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, instance in files:
+            destination = folder / f"{instance}.dcm"
+            if destination.exists():
+                if destination.samefile(path) or _same_bytes(destination, path):
+                    result.present += 1
+                else:
+                    result.problems.append(
+                        f"{path}: {destination} exists with other bytes (another "
+                        "file of the same SOPInstanceUID)"
+                    )
+                continue
+            _place(path, destination)
+            result.placed += 1
+        result.series[name] = len(files)
+    return result
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as first, open(b, "rb") as second:
+        while True:
+            block = first.read(1 << 20)
+            if block != second.read(1 << 20):
+                return False
+            if not block:
+                return True
+
+
+def _place(path: Path, destination: Path) -> None:
+    """``path`` at ``destination``: a hard link, or a copy renamed into place."""
+    try:
+        os.link(path, destination)
+        return
+    except OSError:
+        pass
+    from medseg.io import atomic_output
+
+    with atomic_output(destination) as tmp:
+        shutil.copyfile(path, tmp)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import sys
 
 import nibabel as nib
@@ -31,6 +32,8 @@ def write_series(
     intercept=0.0,
     series="1.2.826.0.1.3680043.8.498.1",
     names=None,
+    number=None,
+    description=None,
 ):
     """Writes ``planes`` (``(slices, rows, columns)`` stored values) as a DICOM series
     in ``folder``, slice ``k`` at ``origin + k * step * normal``; the files are named
@@ -51,6 +54,10 @@ def write_series(
         ds.SOPClassUID = meta.MediaStorageSOPClassUID
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.SeriesInstanceUID = series
+        if number is not None:
+            ds.SeriesNumber = number
+        if description is not None:
+            ds.SeriesDescription = description
         ds.Modality = "MR"
         position = np.asarray(origin, float) + k * step * normal
         positions.append(position)
@@ -125,7 +132,7 @@ def test_series_that_are_not_one_volume_are_refused_by_name(tmp_path, monkeypatc
             two,
             "holds 2 DICOM series (UID 1.2.3: 1 file; UID "
             "1.2.826.0.1.3680043.8.498.1: 2 files); give each series a folder of "
-            "its own",
+            "its own (medseg data sort-dicom does)",
         ),
         (again, "two slices at one position (a, c)"),
     ]
@@ -203,6 +210,7 @@ def test_predict_segments_a_dicom_series_as_the_same_scan_in_nifti(bundle, tmp_p
 
     files = tuple(sorted((inputs / "subject_1").iterdir(), reverse=True))
     assert read_source_id(out / "subject_1.nii.gz") == source_id(files, ordered=False)
+    (inputs / "subject_1" / "notes.txt").write_text("not a slice: not its content")
     again = medseg(
         "predict", "--model", bundle, "--input", f"{inputs}/*", "--output", out,
         "--probabilities",
@@ -257,3 +265,69 @@ def test_a_folder_of_series_folders_holds_one_scan_per_series(tmp_path):
     assert batch.collect_inputs(patients) == [patients / "p1", patients / "p2"]
     assert batch.collect_inputs(patients / "p1") == [patients / "p1"]
     assert batch.output_for(patients / "p1", tmp_path) == tmp_path / "p1.nii.gz"
+
+
+def test_a_studys_mixed_files_are_sorted_into_one_folder_per_series(tmp_path, rng):
+    from medseg.dicom import series_folder_name, sort_series
+
+    study = tmp_path / "export"
+    planes = {
+        uid: rng.integers(-50, 900, (n, 6, 5)).astype(np.int16)
+        for uid, n in (("1.2.3.1", 4), ("1.2.3.2", 3), ("1.2.3.3", 2))
+    }
+    details = {  # two series of one name, as a repeated acquisition
+        "1.2.3.1": (3, "t1 mprage/sag"),
+        "1.2.3.2": (7, "FLAIR"),
+        "1.2.3.3": (7, "FLAIR"),
+    }
+    for uid, data in planes.items():  # every file in one folder, or one below it
+        number, description = details[uid]
+        write_series(
+            study / ("deeper" if uid.endswith("3") else ""),
+            data,
+            series=uid,
+            number=number,
+            description=description,
+            names=[f"{uid}_{k}" for k in range(len(data))],
+        )
+    (study / "README.txt").write_text("not a scan")
+    (study / ".hidden").mkdir()
+    (study / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
+    expected = {"0003_t1_mprage_sag": "1.2.3.1"}
+    for uid in ("1.2.3.2", "1.2.3.3"):
+        expected[f"0007_FLAIR_{hashlib.sha1(uid.encode()).hexdigest()[:8]}"] = uid
+    out = tmp_path / "series"
+    done = sort_series(study, out)
+    assert done.series == {name: len(planes[uid]) for name, uid in expected.items()}
+    assert (done.placed, done.present, done.not_dicom, done.problems) == (9, 0, 1, [])
+    for name, uid in expected.items():  # each folder reads as its series
+        volume = read_volume(out / name)
+        np.testing.assert_array_equal(
+            volume.array[..., 0], planes[uid].transpose(2, 1, 0)
+        )
+        direct = tmp_path / "direct" / uid
+        write_series(direct, planes[uid], series=uid)
+        np.testing.assert_allclose(volume.affine, read_volume(direct).affine)
+    assert sorted(p.name for p in (study / "deeper").iterdir()) == [
+        "1.2.3.3_0",
+        "1.2.3.3_1",
+    ]  # the source is left as it was
+    again = sort_series(study, out)  # a re-run places nothing twice
+    assert (again.placed, again.present, again.problems) == (0, 9, [])
+    with pytest.raises(InputFileError, match="inside the folder being sorted"):
+        sort_series(study, study / "sorted")
+    assert series_folder_name(None, "", "1.2") == (
+        "series_" + hashlib.sha1(b"1.2").hexdigest()[:8]
+    )
+    assert series_folder_name("12", None, "1.2") == "0012"
+    # from the command line; a file of the same instance with other bytes is named
+    some = next((out / "0003_t1_mprage_sag").iterdir())
+    some.unlink()
+    some.write_bytes(b"other")
+    result = medseg("data", "sort-dicom", study, out)
+    assert result.returncode == 1
+    assert "3 series; 0 files placed, 8 already there, 1 not DICOM (left), 1 not " in (
+        result.stdout
+    )
+    assert f"{some} exists with other bytes" in result.stderr
+    assert f"{out / '0003_t1_mprage_sag'}: 4 files" in result.stdout
