@@ -1,4 +1,5 @@
-"""``medseg data``: dataset integrity checks and fingerprints."""
+"""``medseg data``: dataset integrity checks and fingerprints; DICOM exports sorted
+into one folder per series."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import click
 
 @click.group()
 def data() -> None:
-    """Inspect datasets."""
+    """Inspect datasets; sort DICOM exports into series."""
 
 
 @data.command("check")

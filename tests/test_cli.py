@@ -23,8 +23,9 @@ def run(*args):
     ("args", "summary"),
     [
         ([], "medseg: segment medical scans with Keras."),
-        (["data"], "Inspect datasets."),
+        (["data"], "Inspect datasets; sort DICOM exports into series."),
         (["data", "check"], "Check every case of DATASET and print its fingerprint."),
+        (["data", "sort-dicom"], "Sort the DICOM files under SOURCE into one folder"),
         (["info"], "Describe MODEL_OR_CONFIG: a .keras model, a model bundle"),
         (["train"], "Train a segmentation model; OUTPUT becomes a bundle"),
         (["finetune"], "Fine-tune a pretrained bundle on a new dataset"),
