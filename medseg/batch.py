@@ -754,11 +754,12 @@ def _measured(values, names) -> list[tuple]:
 def sizes_table(
     results: list[CaseResult], previous: Path | None, values, names
 ) -> str | None:
-    """The CSV of every label map of this run (done or skipped), by case name: case,
-    label, name, voxels, volume_ml (or area_mm2). A skipped case's rows are taken from
-    ``previous`` (this table as an earlier run wrote it) when it has them, else
-    measured on its label map, and kept in its result's ``sizes``. ``None`` when no
-    case has a label map."""
+    """The CSV of the label maps in the output folder, by case name: case, label, name,
+    voxels, volume_ml (or area_mm2). This run's (done or skipped) are measured, a
+    skipped case's rows taken from ``previous`` (this table as an earlier run wrote
+    it) when it has them, and kept in its result's ``sizes``; the rows ``previous``
+    has of other cases (earlier runs into the folder, one scan at a time, say) are
+    kept as they are. ``None`` when there is no row."""
     earlier: dict[str, dict] = {}
     try:
         with open(
@@ -773,11 +774,12 @@ def sizes_table(
                 }
     except (OSError, TypeError, KeyError, ValueError, csv.Error):
         earlier = {}
-    rows = []
+    rows, covered = [], set()
     for result in results:
         if result.status == "failed":
             continue
         case = split_suffix(Path(result.output))[0]
+        covered.add(case)
         if result.sizes is None:
             wanted = [str(name) for _, name in _measured(values, names)]
             if sorted(earlier.get(case, {})) == sorted(wanted):
@@ -790,10 +792,16 @@ def sizes_table(
                 result.sizes = label_sizes(labels.array, labels.spacing, values, names)
         for name, size in result.sizes.items():
             rows.append({"case": case, "name": name, **size})
+    for case, sizes in earlier.items():
+        if case not in covered:
+            rows += [
+                {"case": case, "name": name, **size} for name, size in sizes.items()
+            ]
     if not rows:
         return None
-    rows.sort(key=lambda row: row["case"])  # stable: each case's labels in order
     unit = "volume_ml" if "volume_ml" in rows[0] else "area_mm2"
+    rows = [row for row in rows if unit in row]  # not another model's 2D/3D rows
+    rows.sort(key=lambda row: row["case"])  # stable: each case's labels in order
     buffer = io.StringIO()
     writer = csv.DictWriter(
         buffer, ["case", "label", "name", "voxels", unit], lineterminator="\n"

@@ -544,6 +544,7 @@ def test_the_volumes_table_keeps_skipped_cases_from_the_last_one(tmp_path):
     previous = tmp_path / "medseg_volumes.csv"
     previous.write_text(
         "case,label,name,voxels,volume_ml\nb,1,tumour,70,0.21\nc,1,other,1,0.003\n"
+        "e,1,tumour,3,0.009\nd,1,tumour,2,0.006\n"  # cases of earlier runs
     )
     results = [
         result("a", "done", done),
@@ -557,9 +558,14 @@ def test_the_volumes_table_keeps_skipped_cases_from_the_last_one(tmp_path):
         "a,1,tumour,5,0.015\n"
         "b,1,tumour,70,0.21\n"
         "c,1,tumour,9,0.027\n"
+        "d,1,tumour,2,0.006\n"  # failed now: its earlier label map's row stays
+        "e,1,tumour,3,0.009\n"
     )
     assert results[2].sizes == {"tumour": {"label": 1, "voxels": 9, "volume_ml": 0.027}}
     previous.write_text("not, a table\n")
     results[1].sizes = None
     assert "b,1,tumour,7,0.021\n" in batch.sizes_table(results, previous, values, names)
     assert batch.sizes_table([result("d", "failed")], None, values, names) is None
+    previous.write_text("case,label,name,voxels,area_mm2\nf,1,tumour,2,2.0\n")
+    table = batch.sizes_table(results, previous, values, names)  # a 2D model's row
+    assert "area_mm2" not in table and "\nf," not in table
