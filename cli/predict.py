@@ -19,7 +19,8 @@ from medseg_cli._tf import start_tensorflow
     multiple=True,
     help="Model bundle folder (a training run folder), or a shipped model's name. "
     "Given more than once: an ensemble, each scan segmented by the mean of the "
-    "models' class probabilities (the folds of a cross-validation, say).",
+    "models' class probabilities (the folds of a cross-validation, say). A folder "
+    "of bundles (a cross-validation's runs) is the ensemble of them all.",
 )
 @click.option(
     "--input",
@@ -148,7 +149,7 @@ def predict(
     OUTPUT/predictions.csv): case, predicted class, one probability per class.
     """
     from medseg import __version__, batch
-    from medseg.bundle import MODEL_FILE, read_metadata, resolve, sha256
+    from medseg.bundle import MODEL_FILE, bundles_in, read_metadata, resolve, sha256
     from medseg.dicom import is_series_folder
     from medseg.errors import InputFileError
     from medseg.inference import ensemble_problem
@@ -159,7 +160,7 @@ def predict(
         shard_value = batch.parse_shard(shard) if shard else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--shard") from None
-    bundles = [resolve(model) for model in models]
+    bundles = [found for model in models for found in bundles_in(resolve(model))]
     metadatas = [read_metadata(bundle) for bundle in bundles]
     bundle, metadata = bundles[0], metadatas[0]
     if len(bundles) > 1:
@@ -170,6 +171,10 @@ def predict(
         problem = ensemble_problem(bundles, metadatas)
         if problem:
             raise InputFileError(*problem)
+        click.echo(
+            f"an ensemble of {len(bundles)} models: {', '.join(map(str, bundles))}",
+            err=True,
+        )
     if metadata.get("task") == "classification":
         start_tensorflow(ctx.meta.get("medseg.debug", False))
         _classify(

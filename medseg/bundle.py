@@ -63,6 +63,17 @@ def resolve(model: str | Path) -> Path:
     )
 
 
+def bundles_in(folder: Path) -> list[Path]:
+    """``folder`` when it is a bundle; else the bundles among its subfolders (the
+    fold runs of a cross-validation), sorted, when there are any; else ``folder``
+    (which :func:`read_metadata` then names as no bundle)."""
+    folder = Path(folder)
+    if (folder / METADATA_FILE).is_file() or not folder.is_dir():
+        return [folder]
+    inner = sorted(p for p in folder.iterdir() if (p / METADATA_FILE).is_file())
+    return inner or [folder]
+
+
 def sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -1247,3 +1247,17 @@ def test_predict_with_several_models_writes_their_ensembles_labels(tmp_path):
     # the same ensemble again skips the scan
     result = medseg("predict", *args, "--output", out, "--keep-largest")
     assert result.returncode == 0 and "1 skipped" in result.stdout
+    # a folder of bundles (a cross-validation's runs) is the ensemble of them
+    import shutil
+
+    runs = tmp_path / "cv"
+    shutil.copytree(resolve("hippocampus"), runs / "fold_0")
+    respaced.rename(runs / "fold_1")
+    (runs / "notes").mkdir()  # no bundle: left out
+    result = medseg("predict", "--model", runs, "--input", source,
+                    "--output", tmp_path / "by_folder", "--keep-largest")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    folds = f"{runs / 'fold_0'}, {runs / 'fold_1'}"
+    assert f"an ensemble of 2 models: {folds}" in result.stderr
+    by_folder = read_volume(tmp_path / "by_folder" / source.name)
+    np.testing.assert_array_equal(by_folder.array, expected.array)
