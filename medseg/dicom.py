@@ -295,7 +295,8 @@ def sort_series(source: str | Path, target: str | Path) -> Sorted:
     """Every DICOM file under ``source`` (any depth; a PACS export that mixes the
     series of a study in one folder, say) placed in a folder of its series under
     ``target``, named by :func:`series_folder_name` (two series of one name get 8 hex
-    digits of their UID's hash appended), each file as ``SOPInstanceUID.dcm``. Files
+    digits of their UID's hash appended, but for one that an earlier run gave the
+    plain name, which keeps it), each file as ``SOPInstanceUID.dcm``. Files
     are hard-linked where ``target`` is on the same file system, else copied under a
     temporary name and renamed, so an interrupted run leaves no partial file and a
     re-run places only what is missing. A file already there with other bytes, or
@@ -341,7 +342,8 @@ def sort_series(source: str | Path, target: str | Path) -> Sorted:
         taken.setdefault(name, []).append(uid)
     for uid, files in found.items():
         name = names[uid]
-        if len(taken[name]) > 1:
+        owner = _series_of(pydicom, target / name)  # an earlier run's, say
+        if owner != uid and (owner is not None or len(taken[name]) > 1):
             name += "_" + hashlib.sha1(uid.encode()).hexdigest()[:8]
         folder = target / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -360,6 +362,16 @@ def sort_series(source: str | Path, target: str | Path) -> Sorted:
             result.placed += 1
         result.series[name] = len(files)
     return result
+
+
+def _series_of(pydicom, folder: Path) -> str | None:
+    """The SeriesInstanceUID of the first DICOM file in ``folder``, if any."""
+    for path in dicom_files(folder):
+        try:
+            return str(_read(pydicom, path, pixels=False).get("SeriesInstanceUID", ""))
+        except InputFileError:
+            continue
+    return None
 
 
 def _same_bytes(a: Path, b: Path) -> bool:

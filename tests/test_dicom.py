@@ -331,3 +331,13 @@ def test_a_studys_mixed_files_are_sorted_into_one_folder_per_series(tmp_path, rn
     )
     assert f"{some} exists with other bytes" in result.stderr
     assert f"{out / '0003_t1_mprage_sag'}: 4 files" in result.stdout
+    # a later export adds a series of a name already given: the first keeps it
+    later = tmp_path / "later"
+    write_series(later, planes["1.2.3.1"], series="1.2.3.1", number=3,
+                 description="t1 mprage/sag", names=["a", "b", "c", "d"])  # fmt: skip
+    write_series(later / "x", planes["1.2.3.2"], series="1.2.3.4", number=3,
+                 description="t1 mprage/sag")  # fmt: skip
+    more = sort_series(later, out)
+    added = "0003_t1_mprage_sag_" + hashlib.sha1(b"1.2.3.4").hexdigest()[:8]
+    assert more.series == {"0003_t1_mprage_sag": 4, added: 3}
+    assert (more.placed, more.present, more.problems) == (7, 0, [])  # new instances
