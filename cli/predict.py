@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -261,15 +263,21 @@ def predict(
         rename=inputs_named,
         probabilities=probabilities,
     )
-    with click.progressbar(
-        length=len(inputs),
-        label="segmenting",
-        file=sys.stderr,
-        show_pos=True,
-        show_eta=True,
-    ) as bar:
+    finished = []  # every result as it comes, for a report when stopped
+    stopped = None
+    with (
+        _stopped_by_signals() as stop,
+        click.progressbar(
+            length=len(inputs),
+            label="segmenting",
+            file=sys.stderr,
+            show_pos=True,
+            show_eta=True,
+        ) as bar,
+    ):
 
         def progress(result):
+            finished.append(result)
             bar.update(1)
             if result.status == "failed":
                 click.echo(f"\nFAILED {result.error}", err=True)
@@ -280,17 +288,20 @@ def predict(
                     err=True,
                 )
 
-        results = batch.segment_all(
-            segmenter.predict,
-            inputs,
-            output_dir,
-            overwrite=overwrite,
-            progress=progress,
-            rename=inputs_named,
-            probabilities=probabilities,
-            reader=batch.channel_reader(groups, channels),
-            groups=groups,
-        )
+        try:
+            results = batch.segment_all(
+                segmenter.predict,
+                inputs,
+                output_dir,
+                overwrite=overwrite,
+                progress=progress,
+                rename=inputs_named,
+                probabilities=probabilities,
+                reader=batch.channel_reader(groups, channels),
+                groups=groups,
+            )
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler's time limit)
+            results, stopped = finished, stop.signal
     settings = {
         "precision": members[0].precision,
         "tta": each([list(m.mirror_axes) for m in members]),
@@ -300,6 +311,9 @@ def predict(
     table = batch.sizes_table(results, sizes, segmenter.values, segmenter.names)
     if table is not None:
         atomic_write_text(sizes, table)
+    if stopped is not None:
+        settings["stopped_by"] = stopped.name
+        settings["not_done"] = len(inputs) - len(results)
     _finish(
         results,
         output_dir,
@@ -308,7 +322,34 @@ def predict(
         "segmented",
         settings,
         sizes if table is not None else None,
+        stopped,
     )
+
+
+class _Stop:
+    signal = signal.SIGINT
+
+
+@contextmanager
+def _stopped_by_signals():
+    """SIGTERM (a scheduler ending a job) raises KeyboardInterrupt as Ctrl-C does, so
+    the scan in hand is dropped with its temporary files and the run report is
+    written; ``.signal`` says which came. The handlers before are put back after."""
+    stop = _Stop()
+
+    def terminate(number, frame):
+        stop.signal = signal.Signals(number)
+        raise KeyboardInterrupt
+
+    try:
+        earlier = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave SIGTERM as it is
+        earlier = None
+    try:
+        yield stop
+    finally:
+        if earlier is not None:
+            signal.signal(signal.SIGTERM, earlier)
 
 
 def _shard_suffix(shard_value) -> str:
@@ -316,10 +357,18 @@ def _shard_suffix(shard_value) -> str:
 
 
 def _finish(
-    results, output_dir, report_path, shard_value, verb: str, settings=None, sizes=None
+    results,
+    output_dir,
+    report_path,
+    shard_value,
+    verb: str,
+    settings=None,
+    sizes=None,
+    stopped=None,
 ) -> None:
     """Writes the run report, prints the counts (and where the label volumes are,
-    ``sizes``) and the failures; exit 1 on any."""
+    ``sizes``) and the failures; exit 1 on any, or 128 + the signal that ``stopped``
+    the run before its end."""
     from medseg import batch
     from medseg.io import atomic_write_text
 
@@ -341,6 +390,15 @@ def _finish(
         for result in results:
             if result.status == "failed":
                 click.echo(f"  FAILED {result.error}", err=True)
+    if stopped is not None:  # the scan in hand was dropped: no file of it written
+        click.echo(
+            f"stopped by {stopped.name} after {len(results)} scans, "
+            f"{summary['settings']['not_done']} not done; the label maps written "
+            "are complete, and the same command does the rest",
+            err=True,
+        )
+        sys.exit(128 + stopped.value)
+    if counts["failed"]:
         sys.exit(1)
 
 

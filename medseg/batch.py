@@ -12,6 +12,7 @@ outputs made otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
@@ -21,6 +22,8 @@ import logging
 import os
 import re
 import shlex
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -672,24 +675,55 @@ def segment_all(
                 prediction = segment(volume)
                 result.nonfinite_replaced = getattr(prediction, "nonfinite_replaced", 0)
                 result.warnings += getattr(prediction, "notes", ())
-                _write(prediction, target, probabilities, content)
-                if getattr(prediction, "values", ()):
-                    labels = prediction.labels
-                    result.sizes = label_sizes(
-                        labels.array,
-                        labels.spacing,
-                        prediction.values,
-                        prediction.names,
-                    )
             except Exception as exc:  # even a bug met on one scan: that scan only
                 result.status = "failed"
                 result.error = failure_message(path, exc)
                 logger.debug("case %s failed", path, exc_info=True)
-            result.seconds = round(time.perf_counter() - started, 3)
-            results.append(result)
-            if progress:
-                progress(result)
+            with _signals_held():  # a label map written is a result recorded
+                if result.status == "done":
+                    try:
+                        _write(prediction, target, probabilities, content)
+                        if getattr(prediction, "values", ()):
+                            labels = prediction.labels
+                            result.sizes = label_sizes(
+                                labels.array,
+                                labels.spacing,
+                                prediction.values,
+                                prediction.names,
+                            )
+                    except Exception as exc:  # a full disk, say: that scan only
+                        result.status = "failed"
+                        result.error = failure_message(path, exc)
+                        logger.debug("case %s failed", path, exc_info=True)
+                result.seconds = round(time.perf_counter() - started, 3)
+                results.append(result)
+                if progress:
+                    progress(result)
     return results
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM that come while inside are delivered at its end (in the main
+    thread; elsewhere signals are the main thread's anyway), so that a run stopped
+    by one (Ctrl-C, a scheduler's time limit) has recorded every label map it wrote
+    and left none half-written."""
+    held = []
+
+    def hold(number, frame):
+        held.append(number)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    earlier = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in earlier.items():
+            signal.signal(number, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def failure_message(case, exc: Exception) -> str:

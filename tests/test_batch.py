@@ -569,3 +569,31 @@ def test_the_volumes_table_keeps_skipped_cases_from_the_last_one(tmp_path):
     previous.write_text("case,label,name,voxels,area_mm2\nf,1,tumour,2,2.0\n")
     table = batch.sizes_table(results, previous, values, names)  # a 2D model's row
     assert "area_mm2" not in table and "\nf," not in table
+
+
+def test_a_stop_while_a_label_map_is_written_comes_after_it_is_recorded(
+    tmp_path, monkeypatch
+):
+    import os
+    import signal
+
+    files = scans(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    written = batch.write_volume
+
+    def write_then_stop(*args, **kwargs):  # Ctrl-C just as the file is complete
+        path = written(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return path
+
+    monkeypatch.setattr(batch, "write_volume", write_then_stop)
+    seen = []
+
+    def segment(volume):
+        return volume.with_array((volume.array > 0).astype(np.uint8))
+
+    with pytest.raises(KeyboardInterrupt):
+        batch.segment_all(segment, files, out, progress=seen.append)
+    assert [Path(r.output).name for r in seen] == ["case_0.nii.gz"]
+    assert [p.name for p in out.iterdir()] == ["case_0.nii.gz"]  # nothing partial
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -511,6 +511,54 @@ def test_killed_batch_leaves_no_partial_output_and_rerun_does_the_rest(
     assert len(list(out.glob("[0-9]*.nii.gz"))) == 36
 
 
+@pytest.mark.slow
+def test_a_batch_ended_by_sigterm_drops_the_scan_in_hand_and_reports(bundle, tmp_path):
+    import os
+    import signal
+    import time
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sources = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))
+    for copy in range(3):
+        for path in sources:
+            (inputs / f"{copy}_{path.name}").write_bytes(path.read_bytes())
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "medseg_cli", "predict", "--model", str(bundle),
+               "--input", str(inputs), "--output", str(out)]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if out.is_dir() and len(list(out.glob("[0-9]*.nii.gz"))) >= 3:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the batch finished before it could be stopped"
+    os.kill(process.pid, signal.SIGTERM)  # as a scheduler ends a job at its limit
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    finished = sorted(p.name for p in out.glob("[0-9]*.nii.gz"))
+    assert 3 <= len(finished) < 36
+    assert not list(out.glob(".*partial*"))  # the scan in hand left nothing
+    report = json.loads((out / "medseg_predict_report.json").read_text())
+    assert report["counts"] == {"done": len(finished), "skipped": 0, "failed": 0}
+    assert report["settings"]["stopped_by"] == "SIGTERM"
+    assert report["settings"]["not_done"] == 36 - len(finished)
+    assert sorted(Path(c["output"]).name for c in report["cases"]) == finished
+    assert (
+        f"stopped by SIGTERM after {len(finished)} scans, {36 - len(finished)} not "
+        "done; the label maps written are complete, and the same command does the rest"
+    ) in stderr
+    assert "Traceback" not in stderr
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (
+        f"{36 - len(finished)} segmented, {len(finished)} skipped (output existed), "
+        "0 failed"
+    ) in rerun.stdout
+
+
 def test_field_of_view_far_outside_the_training_scans_is_noted():
     from medseg.io import Volume
 
