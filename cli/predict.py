@@ -141,7 +141,9 @@ def predict(
     (re-running a killed job does only what is missing); OUTPUT's
     medseg_predict_settings.json records the model and options, and a run with others
     is refused there unless --overwrite. A scan that cannot be read is named with the
-    reason and the others still finish. Exit status 1 if any failed.
+    reason and the others still finish. Exit status 1 if any failed; 128 + the
+    signal (143, 130) when SIGTERM or Ctrl-C stopped the run, which drops the scan in
+    hand and reports the others. OUTPUT/medseg_volumes.csv lists each label's volume.
 
     Several --model: their ensemble (same labels and inputs; each model keeps its own
     preprocessing, windows and mirroring, and the mean of their class probabilities
