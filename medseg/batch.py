@@ -713,10 +713,14 @@ def _signals_held():
     def hold(number, frame):
         held.append(number)
 
-    if threading.current_thread() is not threading.main_thread():
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or any(
+        signal.getsignal(s) is None
+        for s in numbers  # a handler set outside Python
+    ):
         yield
         return
-    earlier = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    earlier = {s: signal.signal(s, hold) for s in numbers}
     try:
         yield
     finally:
