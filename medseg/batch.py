@@ -769,16 +769,19 @@ def label_sizes(labels: np.ndarray, spacing, values, names) -> dict[str, dict]:
     (``area_mm2`` for 2D label maps, from the pixel spacing, 1 mm where a picture has
     none). The first label is left out when it is named background (as nnU-Net names
     label 0), not otherwise (the membranes' 0 is the membrane)."""
+    from medseg.metrics import volume_ml
+
     labels = np.asarray(labels)
-    unit, scale = ("volume_ml", 1e-3) if len(spacing) == 3 else ("area_mm2", 1.0)
-    voxel = float(np.prod(spacing)) * scale
+    if labels.ndim == len(spacing) + 1:  # a label volume's one channel
+        labels = labels[..., 0]
+    unit, scale = ("volume_ml", 1.0) if len(spacing) == 3 else ("area_mm2", 1000.0)
     sizes = {}
     for value, name in _measured(values, names):
-        count = int(np.count_nonzero(labels == value))
+        mask = labels == value
         sizes[str(name)] = {
             "label": int(value),
-            "voxels": count,
-            unit: round(count * voxel, 6),
+            "voxels": int(np.count_nonzero(mask)),
+            unit: round(volume_ml(mask, spacing) * scale, 6),
         }
     return sizes
 

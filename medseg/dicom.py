@@ -11,6 +11,7 @@ converters do, with its affine in RAS (LPS with the first two axes negated).
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import os
 import re
@@ -350,7 +351,7 @@ def sort_series(source: str | Path, target: str | Path) -> Sorted:
         for path, instance in files:
             destination = folder / f"{instance}.dcm"
             if destination.exists():
-                if destination.samefile(path) or _same_bytes(destination, path):
+                if filecmp.cmp(destination, path, shallow=False):  # a link, or a copy
                     result.present += 1
                 else:
                     result.problems.append(
@@ -372,18 +373,6 @@ def _series_of(pydicom, folder: Path) -> str | None:
         except InputFileError:
             continue
     return None
-
-
-def _same_bytes(a: Path, b: Path) -> bool:
-    if a.stat().st_size != b.stat().st_size:
-        return False
-    with open(a, "rb") as first, open(b, "rb") as second:
-        while True:
-            block = first.read(1 << 20)
-            if block != second.read(1 << 20):
-                return False
-            if not block:
-                return True
 
 
 def _place(path: Path, destination: Path) -> None:

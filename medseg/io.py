@@ -747,10 +747,9 @@ def read_source_id(path: str | Path) -> str | None:
         fmt = scan_format(path)
         if fmt == "nifti":
             for extension in _load_nifti(path).header.extensions:
-                content = extension.get_content()
-                prefix = f"{SOURCE_ID_KEY} ".encode()
-                if extension.get_code() == 6 and bytes(content).startswith(prefix):
-                    return bytes(content)[len(prefix) :].decode("ascii")
+                if _is_source_id(extension):
+                    content = bytes(extension.get_content())
+                    return content[len(SOURCE_ID_KEY) + 1 :].decode("ascii")
             return None
         if fmt == "image2d":
             suffix = split_suffix(path)[1]
@@ -768,6 +767,13 @@ def read_source_id(path: str | Path) -> str | None:
     except (OSError, ValueError, InputFileError, UnicodeDecodeError):
         return None
     return None
+
+
+def _is_source_id(extension) -> bool:
+    """A NIfTI comment extension (code 6) holding a :func:`read_source_id` record."""
+    return extension.get_code() == 6 and bytes(extension.get_content()).startswith(
+        f"{SOURCE_ID_KEY} ".encode()
+    )
 
 
 def _write_nifti(
@@ -801,16 +807,13 @@ def _write_nifti(
     img.set_sform(volume.affine, code=sform_code)
     img.set_qform(volume.affine, code=qform_code)
     extensions = img.header.extensions
-    prefix = f"{SOURCE_ID_KEY} ".encode()
-    for extension in [
-        e
-        for e in extensions
-        if e.get_code() == 6 and bytes(e.get_content()).startswith(prefix)
-    ]:  # a source's own record (a label map segmented again) is not this file's
-        extensions.remove(extension)
+    for extension in [e for e in extensions if _is_source_id(e)]:
+        extensions.remove(extension)  # a label map segmented again: not this file's
     if source_id is not None:
         extensions.append(
-            nib.nifti1.Nifti1Extension("comment", prefix + source_id.encode("ascii"))
+            nib.nifti1.Nifti1Extension(
+                "comment", f"{SOURCE_ID_KEY} {source_id}".encode("ascii")
+            )
         )
     nib.save(img, path)
 
