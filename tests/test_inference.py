@@ -455,12 +455,9 @@ def test_2d_bundle_segments_png_images_into_png_masks(tmp_path, rng):
         assert set(np.unique(mask).tolist()) <= {0, 255}  # declared values, not classes
 
 
-@pytest.mark.slow
-def test_killed_batch_leaves_no_partial_output_and_rerun_does_the_rest(
-    bundle, tmp_path
-):
-    import os
-    import signal
+def _batch_under_way(bundle, tmp_path, **popen):
+    """``medseg predict`` started on 36 copies of the sample scans, once 3 label maps
+    are written: ``(process, output folder, command)``."""
     import time
 
     inputs = tmp_path / "in"
@@ -470,30 +467,32 @@ def test_killed_batch_leaves_no_partial_output_and_rerun_does_the_rest(
         for path in sources:
             (inputs / f"{copy}_{path.name}").write_bytes(path.read_bytes())
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "medseg_cli",
-        "predict",
-        "--model",
-        str(bundle),
-        "--input",
-        str(inputs),
-        "--output",
-        str(out),
-    ]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    command = [sys.executable, "-m", "medseg_cli", "predict", "--model", str(bundle),
+               "--input", str(inputs), "--output", str(out)]  # fmt: skip
+    process = subprocess.Popen(command, **popen)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         if out.is_dir() and len(list(out.glob("[0-9]*.nii.gz"))) >= 3:
             break
         time.sleep(0.05)
-    assert process.poll() is None, "the batch finished before it could be killed"
+    assert process.poll() is None, "the batch finished before it could be stopped"
+    return process, out, command
+
+
+@pytest.mark.slow
+def test_killed_batch_leaves_no_partial_output_and_rerun_does_the_rest(
+    bundle, tmp_path
+):
+    import os
+    import signal
+
+    process, out, command = _batch_under_way(
+        bundle,
+        tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     finished = sorted(p.name for p in out.glob("[0-9]*.nii.gz"))
@@ -515,26 +514,10 @@ def test_killed_batch_leaves_no_partial_output_and_rerun_does_the_rest(
 def test_a_batch_ended_by_sigterm_drops_the_scan_in_hand_and_reports(bundle, tmp_path):
     import os
     import signal
-    import time
 
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    sources = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))
-    for copy in range(3):
-        for path in sources:
-            (inputs / f"{copy}_{path.name}").write_bytes(path.read_bytes())
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "medseg_cli", "predict", "--model", str(bundle),
-               "--input", str(inputs), "--output", str(out)]  # fmt: skip
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    process, out, command = _batch_under_way(
+        bundle, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if out.is_dir() and len(list(out.glob("[0-9]*.nii.gz"))) >= 3:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the batch finished before it could be stopped"
     os.kill(process.pid, signal.SIGTERM)  # as a scheduler ends a job at its limit
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
