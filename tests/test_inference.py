@@ -479,6 +479,16 @@ def _batch_under_way(bundle, tmp_path, **popen):
     return process, out, command
 
 
+def _rerun_does_the_rest(command, finished) -> None:
+    """The same command again segments the 36 scans but ``finished``, skipping those."""
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (
+        f"{36 - len(finished)} segmented, {len(finished)} skipped (output existed), "
+        "0 failed"
+    ) in rerun.stdout
+
+
 @pytest.mark.slow
 def test_killed_batch_leaves_no_partial_output_and_rerun_does_the_rest(
     bundle, tmp_path
@@ -500,12 +510,7 @@ def test_killed_batch_leaves_no_partial_output_and_rerun_does_the_rest(
     for name in finished:  # every file under a final name is complete
         labels = nib.load(out / name)
         assert np.asanyarray(labels.dataobj).shape == labels.shape
-    rerun = subprocess.run(command, capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert (
-        f"{36 - len(finished)} segmented, {len(finished)} skipped (output existed), "
-        "0 failed"
-    ) in rerun.stdout
+    _rerun_does_the_rest(command, finished)
     assert not list(out.glob(".*partial*"))
     assert len(list(out.glob("[0-9]*.nii.gz"))) == 36
 
@@ -534,12 +539,7 @@ def test_a_batch_ended_by_sigterm_drops_the_scan_in_hand_and_reports(bundle, tmp
         "done; the label maps written are complete, and the same command does the rest"
     ) in stderr
     assert "Traceback" not in stderr
-    rerun = subprocess.run(command, capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert (
-        f"{36 - len(finished)} segmented, {len(finished)} skipped (output existed), "
-        "0 failed"
-    ) in rerun.stdout
+    _rerun_does_the_rest(command, finished)
 
 
 def test_field_of_view_far_outside_the_training_scans_is_noted():
