@@ -800,7 +800,8 @@ def sizes_table(
     skipped case's rows taken from ``previous`` (this table as an earlier run wrote
     it) when it has them, and kept in its result's ``sizes``; the rows ``previous``
     has of other cases (earlier runs into the folder, one scan at a time, say) are
-    kept as they are. ``None`` when there is no row."""
+    kept as they are while a label map of that case is still beside it. ``None`` when
+    there is no row."""
     earlier: dict[str, dict] = {}
     try:
         with open(
@@ -833,6 +834,13 @@ def sizes_table(
                 result.sizes = label_sizes(labels.array, labels.spacing, values, names)
         for name, size in result.sizes.items():
             rows.append({"case": case, "name": name, **size})
+    if earlier.keys() - covered:  # kept while their label map is there
+        try:
+            names = [split_suffix(p) for p in previous.parent.iterdir()]
+            present = {stem for stem, suffix in names if suffix}
+        except OSError:
+            present = set()
+        covered |= earlier.keys() - present
     for case, sizes in earlier.items():
         if case not in covered:
             rows += [

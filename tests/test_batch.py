@@ -530,7 +530,7 @@ def test_the_volumes_table_keeps_skipped_cases_from_the_last_one(tmp_path):
 
     values, names = (0, 1), ("background", "tumour")
     affine = np.diag([2.0, 1.0, 1.5, 1.0])
-    for name, count in (("a", 5), ("b", 7), ("c", 9)):
+    for name, count in (("a", 5), ("b", 7), ("c", 9), ("d", 2), ("e", 3)):
         labels = np.zeros((4, 4, 4, 1), np.uint8)
         labels.flat[:count] = 1
         write_volume(Volume(labels, affine), tmp_path / f"{name}.nii.gz")
@@ -545,6 +545,7 @@ def test_the_volumes_table_keeps_skipped_cases_from_the_last_one(tmp_path):
     previous.write_text(
         "case,label,name,voxels,volume_ml\nb,1,tumour,70,0.21\nc,1,other,1,0.003\n"
         "e,1,tumour,3,0.009\nd,1,tumour,2,0.006\n"  # cases of earlier runs
+        "g,1,tumour,4,0.012\n"  # its label map deleted since
     )
     results = [
         result("a", "done", done),
