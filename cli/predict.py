@@ -65,6 +65,14 @@ from medseg_cli._tf import start_tensorflow
     "scan's grid.",
 )
 @click.option(
+    "--dicom-seg",
+    is_flag=True,
+    help="Also write CASE_seg.dcm beside each DICOM series' label map: a DICOM "
+    "Segmentation object of the series (one segment per label but a first named "
+    "background), for PACS and viewers. Every input must be a DICOM series; needs "
+    "highdicom (the dicom extra).",
+)
+@click.option(
     "--keep-largest",
     is_flag=True,
     help="Keep only the largest connected component of each label.",
@@ -123,6 +131,7 @@ def predict(
     overlap: float,
     batch_size: int | None,
     probabilities: bool,
+    dicom_seg: bool,
     keep_largest: bool,
     min_size_mm3: float,
     split: str,
@@ -154,7 +163,7 @@ def predict(
     """
     from medseg import __version__, batch
     from medseg.bundle import MODEL_FILE, bundles_in, read_metadata, resolve, sha256
-    from medseg.dicom import is_series_folder
+    from medseg.dicom import INSTALL, has_seg_writer, is_series_folder
     from medseg.errors import InputFileError
     from medseg.inference import ensemble_problem
     from medseg.io import atomic_write_text
@@ -179,6 +188,10 @@ def predict(
             f"an ensemble of {len(bundles)} models: {', '.join(map(str, bundles))}",
             err=True,
         )
+    if dicom_seg and metadata.get("task") == "classification":
+        raise click.UsageError("--dicom-seg writes label maps; this is a classifier")
+    if dicom_seg and not has_seg_writer():
+        raise click.UsageError(f"--dicom-seg needs highdicom: {INSTALL}")
     if metadata.get("task") == "classification":
         start_tensorflow(ctx.meta.get("medseg.debug", False))
         _classify(
@@ -203,6 +216,14 @@ def predict(
         everything = sorted(groups)
     inputs_named = batch.case_names(everything, grouped=bool(groups))
     inputs = batch.take_shard(everything, shard_value)
+    if dicom_seg:
+        other = next((p for p in everything if not is_series_folder(p)), None)
+        if other is not None:
+            raise InputFileError(
+                other,
+                "not a DICOM series, and --dicom-seg writes a DICOM SEG of each input "
+                "series; segment other scans in a run without it",
+            )
     single = (
         len(inputs) == 1
         and (Path(input_path).is_file() or is_series_folder(Path(input_path)))
@@ -264,6 +285,7 @@ def predict(
         overwrite=overwrite,
         rename=inputs_named,
         probabilities=probabilities,
+        dicom_seg=dicom_seg,
     )
     finished = []  # every result as it comes, for a report when stopped
     stopped = None
@@ -301,6 +323,7 @@ def predict(
                 probabilities=probabilities,
                 reader=batch.channel_reader(groups, channels),
                 groups=groups,
+                dicom_seg="+".join(b.name for b in bundles) if dicom_seg else None,
             )
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler's time limit)
             results, stopped = finished, stop.signal

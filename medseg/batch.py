@@ -291,9 +291,19 @@ def output_for(input_path: Path, output_dir: Path, rename: dict | None = None) -
     return output_dir / (rename or {}).get(input_path, name)
 
 
-def is_done(target: Path, probabilities: bool = False) -> bool:
-    """The label file exists (and its probabilities, when they are asked for)."""
-    return target.exists() and (not probabilities or probabilities_for(target).exists())
+def is_done(target: Path, probabilities: bool = False, dicom_seg: bool = False) -> bool:
+    """The label file exists, and the files asked for beside it (:func:`beside`)."""
+    return target.exists() and all(
+        p.exists() for p in beside(target, probabilities, dicom_seg)
+    )
+
+
+def beside(target: Path, probabilities: bool, dicom_seg: bool) -> list[Path]:
+    """The files written beside the label map ``target`` when asked for: its
+    probabilities, its DICOM Segmentation object."""
+    return [probabilities_for(target)] * probabilities + [
+        segmentation_for(target)
+    ] * dicom_seg
 
 
 def not_its_output(
@@ -337,6 +347,12 @@ def probabilities_for(label_path: Path) -> Path:
     """``case.nii.gz`` -> ``case_probabilities.npz`` beside it."""
     stem = split_suffix(label_path)[0]
     return label_path.with_name(f"{stem}_probabilities.npz")
+
+
+def segmentation_for(label_path: Path) -> Path:
+    """``case.nii.gz`` -> ``case_seg.dcm`` beside it (a DICOM Segmentation object)."""
+    stem = split_suffix(label_path)[0]
+    return label_path.with_name(f"{stem}_seg.dcm")
 
 
 SETTINGS_FILE = "medseg_predict_settings.json"
@@ -453,6 +469,7 @@ def check_folder(
     overwrite: bool = False,
     rename: dict | None = None,
     probabilities: bool = False,
+    dicom_seg: bool = False,
 ) -> None:
     """:func:`check_settings` for a run that writes ``inputs``' outputs (named as
     :func:`segment_all` names them) into ``output_dir``.
@@ -482,7 +499,9 @@ def check_folder(
     check_settings(
         output_dir,
         settings,
-        skipping=0 if overwrite else sum(is_done(t, probabilities) for t in targets),
+        skipping=0
+        if overwrite
+        else sum(is_done(t, probabilities, dicom_seg) for t in targets),
         overwrite=overwrite,
         others=len(set(label_files(output_dir)) - targets),
     )
@@ -594,6 +613,7 @@ def segment_all(
     settings: dict | None = None,
     reader: Callable[[Path], object] = read_volume,
     groups: dict | None = None,
+    dicom_seg: str | None = None,
 ) -> list[CaseResult]:
     """Segments every input into ``output_dir``; never stops at a bad scan.
 
@@ -613,6 +633,9 @@ def segment_all(
             file per channel: see :func:`channel_reader`).
         groups: a case's channel files by its first (:func:`channel_groups`), for the
             :func:`source_id` each label map keeps of its input.
+        dicom_seg: also write ``<case>_seg.dcm``, a DICOM Segmentation object of each
+            input (every one a DICOM series) recording this algorithm name; a case
+            counts as done when both files exist.
 
     Raises:
         InputFileError: the output folder cannot be written, or its record of settings
@@ -627,11 +650,12 @@ def segment_all(
             overwrite=overwrite,
             rename=rename,
             probabilities=probabilities,
+            dicom_seg=dicom_seg is not None,
         )
     todo, results = [], []
     for path in inputs:
         target = output_for(path, output_dir, rename)
-        if is_done(target, probabilities) and not overwrite:
+        if is_done(target, probabilities, dicom_seg is not None) and not overwrite:
             result = CaseResult(str(path), str(target), "skipped")
             problem = not_its_output(target, path, groups)
             if problem:
@@ -655,7 +679,7 @@ def segment_all(
             return None, None, InputFileError(path, f"unreadable ({exc})")
 
     for _, target in todo:  # leftovers of a killed run (each shard cleans its own)
-        for name in (target, probabilities_for(target)):
+        for name in (target, *beside(target, True, True)):
             for stale in name.parent.glob(f".{glob.escape(name.name)}.*.partial*"):
                 stale.unlink(missing_ok=True)
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -682,7 +706,13 @@ def segment_all(
             with _signals_held():  # a label map written is a result recorded
                 if result.status == "done":
                     try:
-                        _write(prediction, target, probabilities, content)
+                        _write(
+                            prediction,
+                            target,
+                            probabilities,
+                            content,
+                            (path, dicom_seg) if dicom_seg is not None else None,
+                        )
                         if getattr(prediction, "values", ()):
                             labels = prediction.labels
                             result.sizes = label_sizes(
@@ -743,10 +773,26 @@ def failure_message(case, exc: Exception) -> str:
     )
 
 
-def _write(prediction, target: Path, probabilities: bool, content=None) -> None:
-    """Writes the probabilities first and the labels last, so an existing label file
-    means the case is complete."""
+def _write(
+    prediction, target: Path, probabilities: bool, content=None, dicom_seg=None
+) -> None:
+    """Writes the probabilities and the DICOM Segmentation (``dicom_seg``: the series
+    folder and the algorithm's name) first and the labels last, so an existing label
+    file means the case is complete."""
     labels = getattr(prediction, "labels", prediction)
+    if dicom_seg is not None:
+        from medseg import __version__
+        from medseg.dicom import write_segmentation
+
+        series, algorithm = dicom_seg
+        write_segmentation(
+            series,
+            labels.array,
+            _measured(prediction.values, prediction.names),
+            segmentation_for(target),
+            algorithm=algorithm,
+            version=__version__,
+        )
     if probabilities:
         from medseg.inference import write_probabilities
 

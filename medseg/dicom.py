@@ -1,5 +1,6 @@
 """DICOM series: a folder holding the slices of one series, read as one volume with
-its geometry (the optional extra ``pip install "medseg[dicom]"``, which brings pydicom).
+its geometry, and its label map written as a DICOM Segmentation object (the optional
+extra ``pip install "medseg[dicom]"``, which brings pydicom and highdicom).
 
 The geometry follows the DICOM standard (PS3.3 C.7.6.2): the pixel in row ``r`` and
 column ``c`` of a slice lies at ``ImagePositionPatient + c * dc * row_cosine + r * dr *
@@ -31,6 +32,23 @@ GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacin
 GAP_TOLERANCE_MM = 0.01
 #: characters not kept in the names :func:`sort_series` gives
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: Patient and study attributes a Segmentation copies from its series. DICOM lets
+#: them be empty (type 2), and anonymised exports often leave them out: written empty.
+_MAY_BE_EMPTY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+#: Attributes without which a Segmentation cannot refer to its series (type 1).
+_NEEDED_FOR_SEG = ("StudyInstanceUID", "FrameOfReferenceUID")
+#: The coding scheme of the segments' property types: a label's value and name.
+SEG_SCHEME = "99MEDSEG"
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -260,6 +278,125 @@ def read_series(
             if info.min <= volume.min() and volume.max() <= info.max:
                 return volume.astype(dtype), affine
     return volume.astype(np.float32, copy=False), affine
+
+
+def has_seg_writer() -> bool:
+    """highdicom, which writes DICOM Segmentation objects, is installed."""
+    try:
+        import highdicom  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_segmentation(
+    folder: str | Path,
+    labels: np.ndarray,
+    segments: list[tuple[int, str]],
+    path: str | Path,
+    *,
+    algorithm: str,
+    version: str,
+) -> None:
+    """Writes the label map of the series in ``folder`` as a DICOM Segmentation
+    object (SEG, binary segments) at ``path``, atomically: one segment per ``(value,
+    name)`` of ``segments``, numbered from 1 in their order, each frame referring to
+    the slice it covers, in the series' study and frame of reference (new series and
+    instance UIDs). Frames empty of every segment are left out, as highdicom does.
+
+    Args:
+        folder: the series (read as :func:`read_series` reads it).
+        labels: its label map on the series' grid, ``(columns, rows, slices)`` (a last
+            axis of one channel allowed).
+        segments: the label values written, with their names (segment labels).
+        path: the ``.dcm`` file to write.
+        algorithm: the model's name, recorded as the segments' algorithm.
+        version: the algorithm's version.
+
+    Raises:
+        InputFileError: the series no longer matches the label map's grid, or lacks
+            what a Segmentation refers to (its study or frame of reference).
+    """
+    import warnings
+
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from medseg.io import atomic_output
+
+    folder = Path(folder)
+    pydicom = _pydicom(folder)
+    ordered, _ = _ordered(folder)
+    labels = np.asarray(labels)
+    if labels.ndim == 4 and labels.shape[-1] == 1:
+        labels = labels[..., 0]
+    rows, columns = ordered[0].shape
+    if labels.shape != (columns, rows, len(ordered)):
+        raise InputFileError(
+            folder,
+            f"the series is {columns} x {rows} x {len(ordered)} now, its label map "
+            f"{' x '.join(map(str, labels.shape))}: changed while it was segmented?",
+        )
+    sources = [_read(pydicom, s.path, pixels=False) for s in ordered]
+    missing = [tag for tag in _NEEDED_FOR_SEG if not sources[0].get(tag)]
+    if missing:
+        raise InputFileError(
+            folder,
+            f"no {', '.join(missing)}: a DICOM SEG cannot refer to this series",
+        )
+    for ds in sources:
+        for tag in _MAY_BE_EMPTY:
+            if tag not in ds:
+                setattr(ds, tag, "")
+    numbers = np.zeros(labels.shape, np.uint8 if len(segments) < 256 else np.uint16)
+    for number, (value, _) in enumerate(segments, start=1):
+        numbers[labels == value] = number
+    identification = hd.AlgorithmIdentificationSequence(
+        name=algorithm[:64],
+        version=version,
+        family=codes.DCM.ArtificialIntelligence,
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=str(name)[:64],
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=hd.sr.CodedConcept(
+                str(value), SEG_SCHEME, str(name)[:64]
+            ),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=identification,
+        )
+        for number, (value, name) in enumerate(segments, start=1)
+    ]
+    try:
+        number = int(sources[0].get("SeriesNumber") or 0)
+    except (TypeError, ValueError):
+        number = 0
+    try:
+        with warnings.catch_warnings():  # highdicom's advice on the source's names
+            warnings.simplefilter("ignore")
+            seg = hd.seg.Segmentation(
+                source_images=sources,
+                pixel_array=numbers.transpose(2, 1, 0),  # (slices, rows, columns)
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions,
+                series_instance_uid=hd.UID(),
+                series_number=1000 + number,
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+                manufacturer="medseg",
+                manufacturer_model_name=algorithm[:64],
+                software_versions=version,
+                device_serial_number="none",
+                series_description=f"medseg {algorithm}"[:64],
+            )
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise InputFileError(
+            folder, f"its headers do not make a DICOM SEG ({exc})"
+        ) from None
+    with atomic_output(path) as tmp:
+        seg.save_as(tmp, enforce_file_format=True)
 
 
 # sorting a study's files into one folder per series

@@ -34,10 +34,13 @@ def write_series(
     names=None,
     number=None,
     description=None,
+    study=None,
 ):
     """Writes ``planes`` (``(slices, rows, columns)`` stored values) as a DICOM series
     in ``folder``, slice ``k`` at ``origin + k * step * normal``; the files are named
-    in another order than their positions. Returns the positions."""
+    in another order than their positions; ``study``: its StudyInstanceUID, also
+    given a frame of reference and a patient (else none of them). Returns the
+    positions."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -58,6 +61,10 @@ def write_series(
             ds.SeriesNumber = number
         if description is not None:
             ds.SeriesDescription = description
+        if study is not None:
+            ds.StudyInstanceUID = study
+            ds.FrameOfReferenceUID = study + ".1"
+            ds.PatientID, ds.PatientName = "sample", "Sample^Case"
         ds.Modality = "MR"
         position = np.asarray(origin, float) + k * step * normal
         positions.append(position)
@@ -157,20 +164,31 @@ def test_series_that_are_not_one_volume_are_refused_by_name(tmp_path, monkeypatc
     )
 
 
-@pytest.mark.slow
-def test_predict_segments_a_dicom_series_as_the_same_scan_in_nifti(bundle, tmp_path):
-    source = nib.load(sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0])
+def series_of_nifti(folder, scan, **options):
+    """Writes the NIfTI ``scan`` (axes along RAS's negated L and P, and S) as a DICOM
+    series of the same voxels and geometry in ``folder``; returns its int16 data and
+    its nibabel image."""
+    source = nib.load(scan)
     data = np.round(np.asanyarray(source.dataobj)).astype(np.int16)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ source.affine
     orientation = np.concatenate([lps[:3, 0], lps[:3, 1]])  # columns along axis 0
-    inputs = tmp_path / "in"
     write_series(
-        inputs / "subject_1",
+        folder,
         data.transpose(2, 1, 0),  # slice k holds rows (axis 1) by columns (axis 0)
         orientation=orientation,
         origin=lps[:3, 3],
         pixel_spacing=(lps[1, 1] * -1, lps[0, 0] * -1),
         step=lps[2, 2],
+        **options,
+    )
+    return data, source
+
+
+@pytest.mark.slow
+def test_predict_segments_a_dicom_series_as_the_same_scan_in_nifti(bundle, tmp_path):
+    inputs = tmp_path / "in"
+    data, source = series_of_nifti(
+        inputs / "subject_1", sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
     )
     nib.save(nib.Nifti1Image(data, source.affine), inputs / "subject_2.nii.gz")
     (inputs / "broken").mkdir()
@@ -251,6 +269,122 @@ def test_predict_segments_a_dicom_series_as_the_same_scan_in_nifti(bundle, tmp_p
         f"Error: {inputs / 'subject_1'}: a DICOM series given as input, and the output "
         "folder would put files among its slices; choose another output folder"
     )
+
+
+def _segments_by_slice(path):
+    """A DICOM SEG read with pydicom alone: ``{(referenced SOPInstanceUID, segment
+    number): frame}`` and the segments' ``{number: (label, property type code)}``."""
+    seg = pydicom.dcmread(path)
+    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    found = {}
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        source = group.DerivationImageSequence[0].SourceImageSequence[0]
+        number = group.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        found[source.ReferencedSOPInstanceUID, int(number)] = frame
+    segments = {
+        int(s.SegmentNumber): (
+            s.SegmentLabel,
+            s.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+        )
+        for s in seg.SegmentSequence
+    }
+    return seg, found, segments
+
+
+@pytest.mark.slow
+def test_predict_writes_a_dicom_seg_of_each_series_frame_by_slice(tmp_path):
+    pytest.importorskip("highdicom")
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    scans = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))
+    series_of_nifti(inputs / "subject_1", scans[0], study="1.2.826.0.1.3680043.8.7")
+    series_of_nifti(inputs / "no_study", scans[1])  # a SEG could not refer to it
+    result = medseg(
+        "predict", "--model", "hippocampus", "--input", inputs, "--output", out,
+        "--dicom-seg",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "1 segmented, 0 skipped (output existed), 1 failed" in result.stdout
+    assert (
+        f"FAILED {inputs / 'no_study'}: no StudyInstanceUID, FrameOfReferenceUID: a "
+        "DICOM SEG cannot refer to this series" in result.stderr
+    )
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("s", "n"))) == [
+        "subject_1.nii.gz",
+        "subject_1_seg.dcm",
+    ]
+    labels = nib.load(out / "subject_1.nii.gz")
+    array = np.asanyarray(labels.dataobj)
+    seg, found, segments = _segments_by_slice(out / "subject_1_seg.dcm")
+    assert segments == {1: ("Anterior", "1"), 2: ("Posterior", "2")}
+    assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    first = pydicom.dcmread(next((inputs / "subject_1").iterdir()))
+    assert seg.StudyInstanceUID == first.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    assert seg.SeriesInstanceUID != first.SeriesInstanceUID
+    # each slice's frame is the label map's plane at that slice's position
+    to_voxels = np.linalg.inv(labels.affine)
+    expected = {}
+    for path in (inputs / "subject_1").iterdir():
+        ds = pydicom.dcmread(path)
+        ras = np.array([-1.0, -1.0, 1.0]) * [float(v) for v in ds.ImagePositionPatient]
+        i, j, k = np.round(to_voxels[:3, :3] @ ras + to_voxels[:3, 3]).astype(int)
+        assert i == j == 0
+        for number in (1, 2):
+            plane = (array[:, :, k] == number).T  # rows by columns
+            if plane.any():
+                expected[ds.SOPInstanceUID, number] = plane
+    assert len(expected) > 10 and sorted(found) == sorted(expected)
+    for key, plane in expected.items():
+        np.testing.assert_array_equal(found[key], plane)
+    # a re-run skips it; a SEG missing (a run without --dicom-seg made the label map)
+    # is made again
+    (out / "subject_1_seg.dcm").unlink()
+    again = medseg(
+        "predict", "--model", "hippocampus", "--input", inputs / "subject_1",
+        "--output", out, "--dicom-seg",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "1 segmented, 0 skipped" in again.stdout
+    assert sorted(_segments_by_slice(out / "subject_1_seg.dcm")[1]) == sorted(expected)
+    # inputs that are not series are refused before any is read
+    nifti = tmp_path / "nifti"
+    nifti.mkdir()
+    (nifti / "scan.nii.gz").symlink_to(scans[0])
+    refused = medseg(
+        "predict", "--model", "hippocampus", "--input", nifti, "--output",
+        tmp_path / "o", "--dicom-seg",
+    )  # fmt: skip
+    assert refused.returncode == 2 and not (tmp_path / "o").exists()
+    assert refused.stderr.strip() == (
+        f"Error: {nifti / 'scan.nii.gz'}: not a DICOM series, and --dicom-seg writes a "
+        "DICOM SEG of each input series; segment other scans in a run without it"
+    )
+
+
+def test_dicom_seg_is_refused_without_highdicom_and_for_a_classifier(
+    tmp_path, monkeypatch
+):
+    from click.testing import CliRunner
+
+    from medseg_cli.main import main
+
+    def run(model):
+        return CliRunner().invoke(
+            main,
+            ["predict", "--model", str(model), "--input", str(tmp_path)]
+            + ["--output", str(tmp_path / "o"), "--dicom-seg"],
+        )
+
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "medseg.json").write_text('{"task": "classification"}')
+    refused = run(tmp_path / "cls")
+    assert refused.exit_code == 2
+    assert "--dicom-seg writes label maps; this is a classifier" in refused.output
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # not installed
+    refused = run("hippocampus")
+    assert refused.exit_code == 2 and not (tmp_path / "o").exists()
+    assert '--dicom-seg needs highdicom: pip install "medseg[dicom]"' in refused.output
 
 
 def test_a_folder_of_series_folders_holds_one_scan_per_series(tmp_path):
