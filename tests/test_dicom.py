@@ -362,6 +362,39 @@ def test_predict_writes_a_dicom_seg_of_each_series_frame_by_slice(tmp_path):
     )
 
 
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_a_dicom_seg_of_a_real_scanners_slice(name, tmp_path):
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from medseg.dicom import read_series, write_segmentation
+
+    pytest.importorskip("highdicom")
+    folder = tmp_path / "series"
+    folder.mkdir()
+    shutil.copy(get_testdata_file(name), folder / name)
+    volume, _ = read_series(folder, max_voxels=10**8)
+    labels = (volume > np.percentile(volume, 70)).astype(np.uint8)
+    labels[:8] = 2  # a second label in the first columns
+    write_segmentation(
+        folder,
+        labels,
+        [(1, "bright"), (2, "edge")],
+        tmp_path / "seg.dcm",
+        algorithm="test",
+        version="0",
+    )
+    seg, found, segments = _segments_by_slice(tmp_path / "seg.dcm")
+    source = pydicom.dcmread(folder / name)
+    assert segments == {1: ("bright", "1"), 2: ("edge", "2")}
+    assert seg.PatientName == source.PatientName
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    for number in (1, 2):
+        frame = found[source.SOPInstanceUID, number]
+        np.testing.assert_array_equal(frame, (labels[:, :, 0] == number).T)
+
+
 def test_dicom_seg_is_refused_without_highdicom_and_for_a_classifier(
     tmp_path, monkeypatch
 ):
