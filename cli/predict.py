@@ -73,6 +73,13 @@ from medseg_cli._tf import start_tensorflow
     "highdicom (the dicom extra).",
 )
 @click.option(
+    "--preview",
+    is_flag=True,
+    help="Also write OUTPUT/previews/CASE.png: the scan with its labels in colour, in "
+    "the axial, coronal and sagittal planes through the most labelled slices (a 2D "
+    "picture as it is), titled with the labels' volumes.",
+)
+@click.option(
     "--keep-largest",
     is_flag=True,
     help="Keep only the largest connected component of each label.",
@@ -132,6 +139,7 @@ def predict(
     batch_size: int | None,
     probabilities: bool,
     dicom_seg: bool,
+    preview: bool,
     keep_largest: bool,
     min_size_mm3: float,
     split: str,
@@ -261,6 +269,11 @@ def predict(
     def each(values):  # one model's setting, or every member's for an ensemble
         return values[0] if len(values) == 1 else values
 
+    beside = batch.Beside(
+        probabilities=probabilities,
+        dicom_seg="+".join(b.name for b in bundles) if dicom_seg else None,
+        preview=preview,
+    )
     if single:
         inputs_named = {inputs[0]: output.name}
     batch.check_unique_outputs(everything, output_dir, inputs_named)  # every shard's
@@ -284,8 +297,7 @@ def predict(
         },
         overwrite=overwrite,
         rename=inputs_named,
-        probabilities=probabilities,
-        dicom_seg=dicom_seg,
+        beside=beside,
     )
     finished = []  # every result as it comes, for a report when stopped
     stopped = None
@@ -320,10 +332,9 @@ def predict(
                 overwrite=overwrite,
                 progress=progress,
                 rename=inputs_named,
-                probabilities=probabilities,
+                beside=beside,
                 reader=batch.channel_reader(groups, channels),
                 groups=groups,
-                dicom_seg="+".join(b.name for b in bundles) if dicom_seg else None,
             )
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler's time limit)
             results, stopped = finished, stop.signal

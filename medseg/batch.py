@@ -291,19 +291,38 @@ def output_for(input_path: Path, output_dir: Path, rename: dict | None = None) -
     return output_dir / (rename or {}).get(input_path, name)
 
 
-def is_done(target: Path, probabilities: bool = False, dicom_seg: bool = False) -> bool:
-    """The label file exists, and the files asked for beside it (:func:`beside`)."""
-    return target.exists() and all(
-        p.exists() for p in beside(target, probabilities, dicom_seg)
-    )
+@dataclass(frozen=True)
+class Beside:
+    """What a run writes beside each label map, when asked for: its probabilities
+    (``CASE_probabilities.npz``), its DICOM Segmentation object (``CASE_seg.dcm``,
+    ``dicom_seg`` being the algorithm's name it records; every input a DICOM series),
+    a picture of it (``previews/CASE.png``). They are written before the label map, so
+    a case is done when its label map and these exist."""
+
+    probabilities: bool = False
+    dicom_seg: str | None = None
+    preview: bool = False
+
+    def files(self, target: Path) -> list[Path]:
+        """Those beside the label map ``target``."""
+        return [
+            name(target)
+            for name, wanted in (
+                (probabilities_for, self.probabilities),
+                (segmentation_for, self.dicom_seg is not None),
+                (preview_for, self.preview),
+            )
+            if wanted
+        ]
 
 
-def beside(target: Path, probabilities: bool, dicom_seg: bool) -> list[Path]:
-    """The files written beside the label map ``target`` when asked for: its
-    probabilities, its DICOM Segmentation object."""
-    return [probabilities_for(target)] * probabilities + [
-        segmentation_for(target)
-    ] * dicom_seg
+#: every file a run may write beside a label map
+EVERYTHING_BESIDE = Beside(probabilities=True, dicom_seg="", preview=True)
+
+
+def is_done(target: Path, beside: Beside = Beside()) -> bool:
+    """The label file exists, and the files asked for beside it."""
+    return target.exists() and all(p.exists() for p in beside.files(target))
 
 
 def not_its_output(
@@ -353,6 +372,17 @@ def segmentation_for(label_path: Path) -> Path:
     """``case.nii.gz`` -> ``case_seg.dcm`` beside it (a DICOM Segmentation object)."""
     stem = split_suffix(label_path)[0]
     return label_path.with_name(f"{stem}_seg.dcm")
+
+
+#: the folder of pictures in an output folder (``medseg predict --preview``)
+PREVIEWS = "previews"
+
+
+def preview_for(label_path: Path) -> Path:
+    """``case.nii.gz`` -> ``previews/case.png`` in its folder (a folder of their own:
+    pictures beside label maps would read as label maps)."""
+    stem = split_suffix(label_path)[0]
+    return label_path.parent / PREVIEWS / f"{stem}.png"
 
 
 SETTINGS_FILE = "medseg_predict_settings.json"
@@ -468,8 +498,7 @@ def check_folder(
     *,
     overwrite: bool = False,
     rename: dict | None = None,
-    probabilities: bool = False,
-    dicom_seg: bool = False,
+    beside: Beside = Beside(),
 ) -> None:
     """:func:`check_settings` for a run that writes ``inputs``' outputs (named as
     :func:`segment_all` names them) into ``output_dir``.
@@ -499,9 +528,7 @@ def check_folder(
     check_settings(
         output_dir,
         settings,
-        skipping=0
-        if overwrite
-        else sum(is_done(t, probabilities, dicom_seg) for t in targets),
+        skipping=0 if overwrite else sum(is_done(t, beside) for t in targets),
         overwrite=overwrite,
         others=len(set(label_files(output_dir)) - targets),
     )
@@ -609,11 +636,10 @@ def segment_all(
     overwrite: bool = False,
     progress: Callable[[CaseResult], None] | None = None,
     rename: dict | None = None,
-    probabilities: bool = False,
+    beside: Beside = Beside(),
     settings: dict | None = None,
     reader: Callable[[Path], object] = read_volume,
     groups: dict | None = None,
-    dicom_seg: str | None = None,
 ) -> list[CaseResult]:
     """Segments every input into ``output_dir``; never stops at a bad scan.
 
@@ -625,17 +651,14 @@ def segment_all(
         overwrite: redo scans whose output exists.
         progress: called with each result.
         rename: output file names for some inputs (by default the input's name).
-        probabilities: also write ``<case>_probabilities.npz`` (the prediction's
-            float16 probabilities); a case counts as done when both files exist.
+        beside: the files to write beside each label map (:class:`Beside`); a
+            case counts as done when they all exist.
         settings: what the label maps depend on (see :func:`check_settings`), checked
             against the folder's record before any scan is read; ``None``: no record.
         reader: reads an input as a :class:`medseg.io.Volume` (one case stored one
             file per channel: see :func:`channel_reader`).
         groups: a case's channel files by its first (:func:`channel_groups`), for the
             :func:`source_id` each label map keeps of its input.
-        dicom_seg: also write ``<case>_seg.dcm``, a DICOM Segmentation object of each
-            input (every one a DICOM series) recording this algorithm name; a case
-            counts as done when both files exist.
 
     Raises:
         InputFileError: the output folder cannot be written, or its record of settings
@@ -649,13 +672,12 @@ def segment_all(
             settings,
             overwrite=overwrite,
             rename=rename,
-            probabilities=probabilities,
-            dicom_seg=dicom_seg is not None,
+            beside=beside,
         )
     todo, results = [], []
     for path in inputs:
         target = output_for(path, output_dir, rename)
-        if is_done(target, probabilities, dicom_seg is not None) and not overwrite:
+        if is_done(target, beside) and not overwrite:
             result = CaseResult(str(path), str(target), "skipped")
             problem = not_its_output(target, path, groups)
             if problem:
@@ -679,7 +701,7 @@ def segment_all(
             return None, None, InputFileError(path, f"unreadable ({exc})")
 
     for _, target in todo:  # leftovers of a killed run (each shard cleans its own)
-        for name in (target, *beside(target, True, True)):
+        for name in (target, *EVERYTHING_BESIDE.files(target)):
             for stale in name.parent.glob(f".{glob.escape(name.name)}.*.partial*"):
                 stale.unlink(missing_ok=True)
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -706,13 +728,6 @@ def segment_all(
             with _signals_held():  # a label map written is a result recorded
                 if result.status == "done":
                     try:
-                        _write(
-                            prediction,
-                            target,
-                            probabilities,
-                            content,
-                            (path, dicom_seg) if dicom_seg is not None else None,
-                        )
                         if getattr(prediction, "values", ()):
                             labels = prediction.labels
                             result.sizes = label_sizes(
@@ -721,8 +736,17 @@ def segment_all(
                                 prediction.values,
                                 prediction.names,
                             )
+                        _write(
+                            prediction,
+                            target,
+                            content,
+                            beside,
+                            path,
+                            volume,
+                            result.sizes,
+                        )
                     except Exception as exc:  # a full disk, say: that scan only
-                        result.status = "failed"
+                        result.status, result.sizes = "failed", None
                         result.error = failure_message(path, exc)
                         logger.debug("case %s failed", path, exc_info=True)
                 result.seconds = round(time.perf_counter() - started, 3)
@@ -774,26 +798,45 @@ def failure_message(case, exc: Exception) -> str:
 
 
 def _write(
-    prediction, target: Path, probabilities: bool, content=None, dicom_seg=None
+    prediction,
+    target: Path,
+    content=None,
+    beside: Beside = Beside(),
+    source: Path | None = None,
+    scan=None,
+    sizes: dict | None = None,
 ) -> None:
-    """Writes the probabilities and the DICOM Segmentation (``dicom_seg``: the series
-    folder and the algorithm's name) first and the labels last, so an existing label
-    file means the case is complete."""
+    """Writes what ``beside`` asks for first and the labels last, so an existing label
+    file means the case is complete; ``source`` is the input (the series folder a DICOM
+    Segmentation refers to), ``scan`` the volume read from it and ``sizes`` its
+    labels' (:func:`label_sizes`), which a preview shows."""
     labels = getattr(prediction, "labels", prediction)
-    if dicom_seg is not None:
+    if beside.dicom_seg is not None:
         from medseg import __version__
         from medseg.dicom import write_segmentation
 
-        series, algorithm = dicom_seg
         write_segmentation(
-            series,
+            source,
             labels.array,
             _measured(prediction.values, prediction.names),
             segmentation_for(target),
-            algorithm=algorithm,
+            algorithm=beside.dicom_seg,
             version=__version__,
         )
-    if probabilities:
+    if beside.preview:
+        from medseg.report import write_preview
+
+        preview_for(target).parent.mkdir(exist_ok=True)
+        shown = _measured(prediction.values, prediction.names)
+        write_preview(
+            preview_for(target),
+            scan,
+            labels,
+            [value for value, _ in shown],
+            [name for _, name in shown],
+            preview_title(split_suffix(target)[0], sizes or {}),
+        )
+    if beside.probabilities:
         from medseg.inference import write_probabilities
 
         write_probabilities(
@@ -830,6 +873,17 @@ def label_sizes(labels: np.ndarray, spacing, values, names) -> dict[str, dict]:
             unit: round(volume_ml(mask, spacing) * scale, 6),
         }
     return sizes
+
+
+def preview_title(case: str, sizes: dict) -> str:
+    """``case: name 1.75 ml, name 1.661 ml`` (mm^2 for 2D label maps)."""
+    parts = []
+    for name, size in sizes.items():
+        if "volume_ml" in size:
+            parts.append(f"{name} {size['volume_ml']:g} ml")
+        else:
+            parts.append(f"{name} {size['area_mm2']:g} mm^2")
+    return f"{case}: {', '.join(parts)}" if parts else case
 
 
 def _measured(values, names) -> list[tuple]:

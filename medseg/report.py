@@ -57,9 +57,9 @@ def pick_slice(foreground: np.ndarray, axis: int) -> int:
 
 
 def _display(volume):
-    """A 2D array ``(rows, cols)`` view for drawing: 3D scans are put in RAS order so
-    that axial slices (last axis) are seen from below, anterior up, as radiologists
-    do."""
+    """A 2D array ``(rows, cols)`` view for drawing: 3D scans are put in RAS order,
+    whose axial slices (last axis) are then drawn as radiologists view them (see
+    ``write_overlay``)."""
     from medseg import geometry
 
     if volume.spatial_dims == 3:
@@ -76,8 +76,10 @@ def write_overlay(
     title: str,
     names: dict[int, str] | None = None,
 ) -> None:
-    """One PNG: the slice with most truth foreground (prediction foreground when the
-    truth is empty), truth contours solid and prediction contours dashed per label,
+    """One PNG: the axial slice with most truth foreground (prediction foreground when
+    the truth is empty), seen from below, anterior up (the patient's right on the
+    left, as radiologists view it), truth contours solid and prediction contours
+    dashed per label,
     over the image when one is given, with the voxels' aspect ratio; the legend names
     the labels where ``names`` gives them."""
     import matplotlib
@@ -98,8 +100,8 @@ def write_overlay(
     if three_d:
         index = pick_slice(foreground, axis=2)
 
-        def cut(a):
-            return a[:, :, index].T  # rows: anterior-posterior, from below
+        def cut(a):  # rows: posterior to anterior; the patient's right on the left
+            return a[:, :, index].T[:, ::-1]
 
         origin, aspect = "lower", spacing[1] / spacing[0]
     else:
@@ -213,3 +215,99 @@ def write_report(
         )
         written.append(target)
     return written
+
+
+# a picture of each prediction (``medseg predict --preview``)
+
+#: the planes of a 3D preview: name, the RAS axis cut across, the axes shown (as
+#: columns, rows)
+PREVIEW_PLANES = (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)), ("sagittal", 0, (1, 2)))
+
+
+def preview_cuts(image, labels, values) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The planes a preview shows, as ``(title, image plane, label plane)`` with rows
+    first: for a 3D scan (both :class:`medseg.io.Volume` on one grid), its axial,
+    coronal and sagittal planes through the slice with the most voxels of ``values``
+    along each axis (the middle one where there are none), as radiologists view them:
+    the first row lowest (anterior, superior and superior at the top), the patient's
+    right on the left (axial, coronal) and anterior on the left (sagittal); a 2D
+    picture as it is (rows first, first row at the top)."""
+    from medseg import geometry
+
+    if labels.spatial_dims != 3:
+        picture = np.asarray(image.array)[..., 0]
+        return [("", picture, np.asarray(labels.array).reshape(picture.shape))]
+    image, _ = geometry.reorient_to_canonical(image)
+    labels, _ = geometry.reorient_to_canonical(labels)
+    scan = np.asarray(image.array)[..., 0]
+    label_map = np.asarray(labels.array).reshape(scan.shape)
+    foreground = np.isin(label_map, values)
+    cuts = []
+    for title, axis, (across, up) in PREVIEW_PLANES:
+        index = pick_slice(foreground, axis)
+        where = [slice(None)] * 3
+        where[axis] = index
+        order = (1, 0) if up > across else (0, 1)  # rows: the upward axis
+        cuts.append(  # columns flipped: RAS axes grow to the right, anterior
+            (
+                f"{title} {index}",
+                scan[tuple(where)].transpose(order)[:, ::-1],
+                label_map[tuple(where)].transpose(order)[:, ::-1],
+            )
+        )
+    return cuts
+
+
+def write_preview(
+    path: Path,
+    image,
+    labels,
+    values: Sequence[int],
+    names: Sequence[str],
+    title: str,
+) -> None:
+    """One PNG of a prediction: the scan in grey (its first channel, 1st to 99th
+    percentile) with each label of ``values`` filled in its colour, in the planes of
+    :func:`preview_cuts`, with the voxels' aspect ratio; the legend names the labels
+    and ``title`` heads it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+    from matplotlib.patches import Patch
+
+    from medseg import geometry
+
+    cuts = preview_cuts(image, labels, values)
+    three_d = labels.spatial_dims == 3
+    spacing = (
+        geometry.reorient_to_canonical(labels)[0].spacing if three_d else labels.spacing
+    )
+    figure, axes = plt.subplots(
+        1, len(cuts), figsize=(4 * len(cuts), 4.4), dpi=100, squeeze=False
+    )
+    for ax, (plane_title, picture, label_plane), (_, _, (across, up)) in zip(
+        axes[0], cuts, PREVIEW_PLANES, strict=False
+    ):
+        if three_d:
+            origin, aspect = "lower", spacing[up] / spacing[across]
+        else:
+            origin, aspect = "upper", spacing[0] / spacing[1]
+        shown = picture.astype(np.float32)
+        low, high = np.percentile(shown, [1, 99]) if shown.size else (0, 1)
+        ax.imshow(shown, cmap="gray", vmin=low, vmax=high, origin=origin, aspect=aspect)
+        overlay = np.zeros((*label_plane.shape, 4), np.float32)
+        for i, value in enumerate(values):
+            overlay[label_plane == value] = to_rgba(COLOURS[i % len(COLOURS)], 0.45)
+        ax.imshow(overlay, origin=origin, aspect=aspect, interpolation="nearest")
+        ax.set_title(plane_title, fontsize=9)
+        ax.set_axis_off()
+    handles = [
+        Patch(color=COLOURS[i % len(COLOURS)], label=f"{value} {name}")
+        for i, (value, name) in enumerate(zip(values, names, strict=True))
+    ]
+    if handles:
+        axes[0][-1].legend(handles=handles, loc="upper right", fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    _save(figure, path)

@@ -104,3 +104,79 @@ def test_evaluate_report_writes_overlays_and_boxplot(tmp_path, rng):
     for colour in report.COLOURS[:2]:
         rgb = np.array([int(colour[k : k + 2], 16) for k in (1, 3, 5)])
         assert (np.abs(best[..., :3].astype(int) - rgb).sum(-1) < 30).sum() > 20
+
+
+def test_preview_planes_are_drawn_as_radiologists_view_them(rng):
+    """A blob on the patient's right, front and top, in a scan stored in another
+    voxel order (LIP, oblique steps): each plane goes through the blob's most
+    labelled slice, with it on the left (right or anterior) and at the top."""
+    from medseg.io import Volume
+
+    shape = (12, 10, 14)  # voxel axes along L, I, P
+    affine = np.zeros((4, 4))
+    affine[0, 0], affine[2, 1], affine[1, 2] = -1.5, -2.0, -1.0  # L, I, P
+    affine[:3, 3] = [8.0, 6.0, 9.0]
+    affine[3, 3] = 1.0
+    world = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), -1)
+    world = world @ affine[:3, :3].T + affine[:3, 3]  # x right, y anterior, z up
+    centre = world.reshape(-1, 3).mean(0)
+    labels = np.zeros(shape, np.uint8)
+    labels[np.all(world > centre + 1, axis=-1)] = 2  # right, anterior, superior
+    labels[np.all(world > centre + 3, axis=-1)] = 5  # its innermost part
+    image = rng.normal(size=shape).astype(np.float32)
+    cuts = report.preview_cuts(
+        Volume(image[..., None], affine), Volume(labels[..., None], affine), (2, 5)
+    )
+    assert [title.split()[0] for title, _, _ in cuts] == [
+        "axial",
+        "coronal",
+        "sagittal",
+    ]
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(labels, affine))
+    ras = np.asarray(canonical.dataobj) > 0  # x right, y anterior, z up
+    counts = [ras.sum((1, 2)), ras.sum((0, 2)), ras.sum((0, 1))]
+    expected_index = {"sagittal": 0, "coronal": 1, "axial": 2}
+    for title, picture, plane in cuts:
+        name, index = title.split()
+        assert int(index) == int(np.argmax(counts[expected_index[name]]))
+        rows, columns = np.nonzero(np.isin(plane, (2, 5)))
+        assert rows.min() >= plane.shape[0] / 2  # drawn from the first row up: top
+        assert columns.max() < plane.shape[1] / 2  # right / anterior on the left
+        assert picture.shape == plane.shape
+    # the image's planes are the same cuts of the image
+    canonical_image = np.asarray(
+        nib.as_closest_canonical(nib.Nifti1Image(image, affine)).dataobj
+    )
+    axial = int(cuts[0][0].split()[1])
+    np.testing.assert_array_equal(cuts[0][1], canonical_image[:, :, axial].T[:, ::-1])
+
+
+def test_predict_preview_pictures_each_label_map(tmp_path):
+    from tests.conftest import SAMPLE, run_medseg
+
+    scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    out = tmp_path / "out"
+    result = run_medseg(
+        "predict", "--model", "hippocampus", "--input", scan, "--output", out,
+        "--preview",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    picture = np.asarray(
+        Image.open(out / "previews" / scan.name.replace(".nii.gz", ".png"))
+    )
+    assert picture.shape[:2] == (440, 1200)
+    for colour in report.COLOURS[:2]:  # both labels filled (over grey, 45 % opaque)
+        rgb = np.array([int(colour[k : k + 2], 16) for k in (1, 3, 5)])
+        assert (np.abs(picture[..., :3].astype(int) - rgb).sum(-1) < 30).sum() > 20
+    # the picture is part of a case's outputs: missing, the case is done again, and
+    # the folder still evaluates (the pictures are not label maps)
+    (out / "previews" / scan.name.replace(".nii.gz", ".png")).unlink()
+    again = run_medseg(
+        "predict", "--model", "hippocampus", "--input", scan, "--output", out,
+        "--preview",
+    )  # fmt: skip
+    assert "1 segmented, 0 skipped" in again.stdout
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "truth" / scan.name).symlink_to(SAMPLE / "labelsTr" / scan.name)
+    scored = run_medseg("evaluate", "--prediction", out, "--truth", tmp_path / "truth")
+    assert scored.returncode == 0, scored.stderr[-2000:]
