@@ -1,5 +1,5 @@
 """``medseg data``: dataset integrity checks and fingerprints; DICOM exports sorted
-into one folder per series."""
+into one folder per series; DICOM Segmentation objects read as NIfTI label maps."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import click
 
 @click.group()
 def data() -> None:
-    """Inspect datasets; sort DICOM exports into series."""
+    """Inspect datasets; sort DICOM exports into series; read DICOM SEG labels."""
 
 
 @data.command("check")
@@ -162,3 +162,37 @@ def sort_dicom(source: Path, target: Path) -> None:
         click.echo(f"  NOT PLACED {problem}", err=True)
     if done.problems:
         sys.exit(1)
+
+
+@data.command("seg-to-nifti")
+@click.argument("seg", type=click.Path(path_type=Path))
+@click.argument("series", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+def seg_to_nifti(seg: Path, series: Path, output: Path) -> None:
+    """Write the DICOM Segmentation object SEG as a NIfTI label map on the grid of
+    the DICOM series in the folder SERIES, as `medseg predict` reads the series.
+
+    Each segment's voxels take its label value: the value `medseg predict
+    --dicom-seg` wrote it from, else its segment number. Binary and fractional
+    segments (from one half up) are read; overlapping segments, frames off the
+    series' grid and a SEG of another series are refused. OUTPUT ends in .nii.gz
+    or .nii; the label maps and series then pair as a dataset's labels and images.
+    """
+    from medseg.dicom import read_segmentation
+    from medseg.errors import InputFileError
+    from medseg.io import NIFTI_SUFFIXES, Volume, split_suffix, write_volume
+
+    if split_suffix(output)[1] not in NIFTI_SUFFIXES:
+        raise InputFileError(
+            output, "the label map is written as NIfTI: .nii.gz or .nii"
+        )
+    read = read_segmentation(seg, series)
+    write_volume(Volume(read.labels[..., None], read.affine), output, is_label=True)
+    shape = " x ".join(map(str, read.labels.shape))
+    described = ", ".join(
+        f"{value} {name} {count:,} voxels" for value, name, count in read.segments
+    )
+    click.echo(
+        f"{output}: {len(read.segments)} segments on {series}'s grid ({shape}): "
+        + described
+    )

@@ -131,6 +131,7 @@ class _Slice:
         if int(ds.get("SamplesPerPixel", 1)) != 1:
             raise InputFileError(path, "a colour DICOM image, not a scan's slice")
         self.path = path
+        self.uid = str(ds.get("SOPInstanceUID", ""))
         self.series = str(ds.get("SeriesInstanceUID", ""))
         self.description = str(ds.get("SeriesDescription", "") or "")
         self.position = _vector(ds, "ImagePositionPatient", path)
@@ -397,6 +398,160 @@ def write_segmentation(
         ) from None
     with atomic_output(path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
+
+
+#: SOP class of a DICOM Segmentation object
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+#: How far a SEG frame's position may lie from its slice's, in mm (decimal strings).
+SEG_POSITION_TOLERANCE_MM = 0.01
+
+
+@dataclass
+class SegLabels:
+    """A DICOM Segmentation object read onto its series' grid: ``labels`` ``(columns,
+    rows, slices)`` (uint8, or uint16 for values over 255), the series' RAS
+    ``affine``, and per segment its label ``value``, ``name`` and voxel count."""
+
+    labels: np.ndarray
+    affine: np.ndarray
+    segments: list[tuple[int, str, int]]
+
+
+def _segment_values(seg, path: Path) -> dict[int, tuple[int, str]]:
+    """Each segment's number -> (label value, name): a segment medseg wrote keeps
+    its label value as its property type's code (scheme ``99MEDSEG``); any other
+    segment's value is its number."""
+    found = {}
+    for segment in seg.get("SegmentSequence", []):
+        number = int(segment.SegmentNumber)
+        value = number
+        codes = segment.get("SegmentedPropertyTypeCodeSequence") or []
+        if codes and codes[0].get("CodingSchemeDesignator") == SEG_SCHEME:
+            try:
+                value = int(codes[0].CodeValue)
+            except (TypeError, ValueError):
+                raise InputFileError(
+                    path, f"segment {number}: code {codes[0].CodeValue!r} is no label"
+                ) from None
+        found[number] = (value, str(segment.get("SegmentLabel", "") or number))
+    if not found:
+        raise InputFileError(path, "a DICOM SEG without segments")
+    values = [value for value, _ in found.values()]
+    if len(set(values)) < len(values) or min(values) < 1 or max(values) > 65535:
+        raise InputFileError(
+            path, f"segment label values {sorted(values)} are not distinct, 1 to 65535"
+        )
+    return found
+
+
+def _frame_item(name: str, group, shared, path: Path, index: int):
+    """A frame's functional group ``name`` (its own, else the shared one)."""
+    for where in (group, shared):
+        if where is not None and name in where:
+            return where[name][0]
+    raise InputFileError(path, f"frame {index + 1}: no {name}")
+
+
+def read_segmentation(path: str | Path, folder: str | Path) -> SegLabels:
+    """Reads a DICOM Segmentation object (binary or fractional segments, fractions
+    from one half up) as the label map of the series in ``folder``, on its grid as
+    :func:`read_series` reads it: each frame is placed at the slice where it lies
+    (its ``ImagePositionPatient``), in the series' orientation and pixel spacing.
+
+    Raises:
+        InputFileError: ``path`` is no DICOM SEG, refers to another series, has a
+            frame off the series' grid, or segments that overlap.
+    """
+    path, folder = Path(path), Path(folder)
+    pydicom = _pydicom(folder)
+    seg = _read(pydicom, path, pixels=True)
+    if str(seg.get("SOPClassUID", "")) != SEG_SOP_CLASS:
+        raise InputFileError(path, "not a DICOM Segmentation object (SEG)")
+    ordered, affine = _ordered(folder)
+    rows, columns = ordered[0].shape
+    first = ordered[0]
+    referenced = {
+        str(item.get("SeriesInstanceUID", ""))
+        for item in seg.get("ReferencedSeriesSequence", [])
+    }
+    if referenced and first.series not in referenced:
+        raise InputFileError(
+            path, f"refers to series {', '.join(sorted(referenced))}, not {folder}'s"
+        )
+    if (int(seg.Rows), int(seg.Columns)) != (rows, columns):
+        raise InputFileError(
+            path,
+            f"frames of {seg.Rows} x {seg.Columns} pixels, the series' slices "
+            f"{rows} x {columns}",
+        )
+    segments = _segment_values(seg, path)
+    shared = seg.get("SharedFunctionalGroupsSequence", [None])[0]
+    try:
+        frames = np.asarray(seg.pixel_array).reshape(-1, rows, columns)
+    except Exception as exc:  # pydicom raises many types for damaged pixel data
+        raise InputFileError(path, f"pixel data not readable ({exc})") from None
+    kind = str(seg.get("SegmentationType", "BINARY"))
+    if kind == "FRACTIONAL":
+        frames = frames >= int(seg.get("MaximumFractionalValue", 255)) / 2
+    positions = np.array([s.position for s in ordered])
+    dtype = np.uint8 if max(v for v, _ in segments.values()) < 256 else np.uint16
+    labels = np.zeros((columns, rows, len(ordered)), dtype)
+    owner = np.zeros(labels.shape, np.uint16)  # the segment number of each voxel
+    groups = seg.get("PerFrameFunctionalGroupsSequence", [])
+    if len(groups) != len(frames):
+        raise InputFileError(
+            path, "frames and their functional groups differ in number"
+        )
+    for index, (frame, group) in enumerate(zip(frames, groups, strict=True)):
+
+        def item(name, group=group, index=index):
+            return _frame_item(name, group, shared, path, index)
+
+        number = int(item("SegmentIdentificationSequence").ReferencedSegmentNumber)
+        if number not in segments:
+            raise InputFileError(path, f"frame {index + 1}: no segment {number}")
+        measures = item("PixelMeasuresSequence")
+        orientation = item("PlaneOrientationSequence").ImageOrientationPatient
+        if not (
+            np.allclose([float(v) for v in orientation], first.orientation, atol=1e-4)
+            and np.allclose(
+                [float(v) for v in measures.PixelSpacing], first.spacing, atol=1e-4
+            )
+        ):
+            raise InputFileError(
+                path,
+                f"frame {index + 1}: orientation or pixel spacing differs from the "
+                "series' (a SEG on another grid)",
+            )
+        position = [
+            float(v) for v in item("PlanePositionSequence").ImagePositionPatient
+        ]
+        distance = np.linalg.norm(positions - position, axis=1)
+        k = int(np.argmin(distance))
+        if distance[k] > SEG_POSITION_TOLERANCE_MM:
+            raise InputFileError(
+                path,
+                f"frame {index + 1} lies at {np.round(position, 3).tolist()} mm, "
+                f"{distance[k]:.3g} mm from the nearest slice of {folder}",
+            )
+        mask = np.asarray(frame).T.astype(bool)  # (columns, rows)
+        if kind == "LABELMAP":  # pixel values are segment numbers
+            mask = np.asarray(frame).T == number
+        clash = mask & (owner[:, :, k] > 0) & (owner[:, :, k] != number)
+        if clash.any():
+            other = int(owner[:, :, k][clash][0])
+            raise InputFileError(
+                path,
+                f"segments {other} and {number} overlap (slice {k + 1}); a label map "
+                "holds one label a voxel",
+            )
+        owner[:, :, k][mask] = number
+        labels[:, :, k][mask] = segments[number][0]
+    counts = [
+        (value, name, int(np.count_nonzero(owner == number)))
+        for number, (value, name) in sorted(segments.items())
+    ]
+    return SegLabels(labels, affine, counts)
 
 
 # sorting a study's files into one folder per series

@@ -395,6 +395,117 @@ def test_a_dicom_seg_of_a_real_scanners_slice(name, tmp_path):
         np.testing.assert_array_equal(frame, (labels[:, :, 0] == number).T)
 
 
+def _highdicom_seg(folder, planes, kind, path):
+    """A SEG of the series in ``folder`` made by highdicom alone: ``planes``
+    ``(slices in position order, rows, columns, segments)``, segment numbers as
+    label values (no medseg codes)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    sources = []
+    for file in folder.iterdir():
+        ds = pydicom.dcmread(file)
+        for tag in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime"):
+            setattr(ds, tag, "")
+        for tag in ("ReferringPhysicianName", "StudyID", "AccessionNumber"):
+            setattr(ds, tag, "")
+        sources.append(ds)
+    normal = np.cross(OBLIQUE[:3], OBLIQUE[3:])
+    sources.sort(key=lambda ds: float(np.dot(ds.ImagePositionPatient, normal)))
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=f"structure {number}",
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )
+        for number in range(1, planes.shape[-1] + 1)
+    ]
+    hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=planes,
+        segmentation_type=kind,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=2,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="a viewer",
+        manufacturer_model_name="manual",
+        software_versions="1",
+        device_serial_number="1",
+        max_fractional_value=100,
+    ).save_as(path)
+
+
+def test_a_dicom_seg_reads_back_as_the_label_map_it_was_written_from(tmp_path, rng):
+    pytest.importorskip("highdicom")
+    from medseg.dicom import read_segmentation, read_series, write_segmentation
+    from medseg_cli.main import main
+
+    folder = tmp_path / "series"
+    write_series(folder, rng.integers(0, 500, (6, 9, 11)), study="1.2.826.0.1.3.4")
+    _, affine = read_series(folder, max_voxels=10**6)
+    labels = rng.choice(np.array([0, 3, 7], np.uint8), (11, 9, 6), p=[0.6, 0.3, 0.1])
+    labels[:, :, 2] = 0  # a slice without labels: its frames are left out
+    write_segmentation(
+        folder, labels, [(3, "three"), (7, "seven")], tmp_path / "seg.dcm",
+        algorithm="test", version="0",
+    )  # fmt: skip
+    read = read_segmentation(tmp_path / "seg.dcm", folder)
+    np.testing.assert_array_equal(read.labels, labels)
+    np.testing.assert_array_equal(read.affine, affine)
+    assert read.segments == [
+        (3, "three", int((labels == 3).sum())),
+        (7, "seven", int((labels == 7).sum())),
+    ]
+    from click.testing import CliRunner
+
+    out = tmp_path / "labels.nii.gz"
+    result = CliRunner().invoke(
+        main, ["data", "seg-to-nifti", str(tmp_path / "seg.dcm"), str(folder), str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(
+        f"{out}: 2 segments on {folder}'s grid (11 x 9 x 6)"
+    )
+    written = nib.load(out)
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), labels)
+    np.testing.assert_allclose(written.affine, affine, atol=1e-6)
+    # a viewer's SEG: fractional, segment numbers as values, from one half up
+    fractions = rng.random((6, 9, 11, 2)) * np.array([1.0, 0.0])  # segment 2 empty
+    fractions[:, :, :, 1] = (fractions[:, :, :, 0] < 0.3) * 0.8
+    _highdicom_seg(folder, fractions, "FRACTIONAL", tmp_path / "viewer.dcm")
+    read = read_segmentation(tmp_path / "viewer.dcm", folder)
+    stored = np.round(fractions * 100) / 100  # as the SEG keeps them, in hundredths
+    expected = np.where(stored[..., 1] >= 0.5, 2, np.where(stored[..., 0] >= 0.5, 1, 0))
+    np.testing.assert_array_equal(read.labels, expected.transpose(2, 1, 0))
+    assert [s[:2] for s in read.segments] == [(1, "structure 1"), (2, "structure 2")]
+    # overlapping segments, a SEG of another series, and a slice are refused
+    both = np.zeros((6, 9, 11, 2), bool)
+    both[1, 2, 3] = True
+    _highdicom_seg(folder, both, "BINARY", tmp_path / "overlap.dcm")
+    other = tmp_path / "other"
+    write_series(other, np.zeros((6, 9, 11)), study="1.2.826.0.1.3.4", series="1.2.3")
+    for seg, series, problem in (
+        (
+            "overlap.dcm",
+            folder,
+            "segments 1 and 2 overlap (slice 2); a label map holds one label a voxel",
+        ),
+        (
+            "seg.dcm",
+            other,
+            f"refers to series 1.2.826.0.1.3680043.8.498.1, not {other}'s",
+        ),
+        (next(folder.iterdir()), folder, "not a DICOM Segmentation object (SEG)"),
+    ):
+        with pytest.raises(InputFileError) as info:
+            read_segmentation(tmp_path / seg, series)
+        assert str(info.value) == f"{tmp_path / seg}: {problem}"
+
+
 def test_dicom_seg_is_refused_without_highdicom_and_for_a_classifier(
     tmp_path, monkeypatch
 ):
