@@ -193,6 +193,6 @@ def seg_to_nifti(seg: Path, series: Path, output: Path) -> None:
         f"{value} {name} {count:,} voxels" for value, name, count in read.segments
     )
     click.echo(
-        f"{output}: {len(read.segments)} segments on {series}'s grid ({shape}): "
-        + described
+        f"{output}: {len(read.segments)} segment{'s' * (len(read.segments) != 1)} on "
+        f"{series}'s grid ({shape}): " + described
     )
