@@ -936,8 +936,8 @@ def sizes_table(
             rows.append({"case": case, "name": name, **size})
     if earlier.keys() - covered:  # kept while their label map is there
         try:
-            names = [split_suffix(p) for p in previous.parent.iterdir()]
-            present = {stem for stem, suffix in names if suffix}
+            files = [split_suffix(p) for p in previous.parent.iterdir()]
+            present = {stem for stem, suffix in files if suffix}
         except OSError:
             present = set()
         covered |= earlier.keys() - present
