@@ -344,7 +344,13 @@ def predict(
         "nonfinite": each([m.preprocessor.nonfinite for m in members]),
     }
     sizes = output_dir / (batch.SIZES_FILE + _shard_suffix(shard_value) + ".csv")
-    table = batch.sizes_table(results, sizes, segmenter.values, segmenter.names)
+    table = batch.sizes_table(
+        results,
+        sizes,
+        segmenter.values,
+        segmenter.names,
+        batch.channel_reader(groups, channels),
+    )
     if table is not None:
         atomic_write_text(sizes, table)
     if stopped is not None:

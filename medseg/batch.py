@@ -735,6 +735,7 @@ def segment_all(
                                 labels.spacing,
                                 prediction.values,
                                 prediction.names,
+                                volume.array,
                             )
                         _write(
                             prediction,
@@ -853,26 +854,60 @@ def _write(
 SIZES_FILE = "medseg_volumes"
 
 
-def label_sizes(labels: np.ndarray, spacing, values, names) -> dict[str, dict]:
+def label_sizes(
+    labels: np.ndarray, spacing, values, names, image: np.ndarray | None = None
+) -> dict[str, dict]:
     """Per declared label, by name: its value, its voxels and their volume in ml
     (``area_mm2`` for 2D label maps, from the pixel spacing, 1 mm where a picture has
-    none). The first label is left out when it is named background (as nnU-Net names
-    label 0), not otherwise (the membranes' 0 is the membrane)."""
+    none), and with ``image`` (the scan, ``(*S, C)`` on the label map's grid) the mean
+    and standard deviation of each channel's values in the label (``intensity_mean``,
+    ``intensity_sd``: lists, ``None`` for an empty label; Hounsfield units for CT),
+    NaN voxels left out. The first label is left out when it is named background (as
+    nnU-Net names label 0), not otherwise (the membranes' 0 is the membrane)."""
     from medseg.metrics import volume_ml
 
     labels = np.asarray(labels)
     if labels.ndim == len(spacing) + 1:  # a label volume's one channel
         labels = labels[..., 0]
+    if image is not None:
+        image = np.asarray(image)
+        image = image[..., None] if image.ndim == labels.ndim else image
     unit, scale = ("volume_ml", 1.0) if len(spacing) == 3 else ("area_mm2", 1000.0)
     sizes = {}
     for value, name in _measured(values, names):
         mask = labels == value
-        sizes[str(name)] = {
+        size = sizes[str(name)] = {
             "label": int(value),
             "voxels": int(np.count_nonzero(mask)),
             unit: round(volume_ml(mask, spacing) * scale, 6),
         }
+        if image is not None:
+            inside = image[mask].astype(np.float64)  # (voxels, channels)
+            size["intensity_mean"], size["intensity_sd"] = [
+                [_rounded(function, channel) for channel in inside.T]
+                for function in (np.nanmean, np.nanstd)
+            ]
     return sizes
+
+
+def _rounded(function, values: np.ndarray) -> float | None:
+    """``function`` of the finite-or-NaN ``values`` to 4 decimals; ``None`` when none
+    is a number."""
+    if not np.count_nonzero(~np.isnan(values)):
+        return None
+    return round(float(function(values)), 4)
+
+
+#: the intensity columns of the volumes table, each a list over channels
+INTENSITIES = ("intensity_mean", "intensity_sd")
+
+
+def _intensity_columns(channels: int) -> list[str]:
+    """``intensity_mean``, ``intensity_sd`` for a one-channel scan, else one of each
+    per channel (``intensity_mean_0``, ...)."""
+    if channels == 1:
+        return list(INTENSITIES)
+    return [f"{key}_{c}" for key in INTENSITIES for c in range(channels)]
 
 
 def preview_title(case: str, sizes: dict) -> str:
@@ -893,29 +928,24 @@ def _measured(values, names) -> list[tuple]:
 
 
 def sizes_table(
-    results: list[CaseResult], previous: Path | None, values, names
+    results: list[CaseResult],
+    previous: Path | None,
+    values,
+    names,
+    reader: Callable[[Path], object] | None = None,
 ) -> str | None:
     """The CSV of the label maps in the output folder, by case name: case, label, name,
-    voxels, volume_ml (or area_mm2). This run's (done or skipped) are measured, a
-    skipped case's rows taken from ``previous`` (this table as an earlier run wrote
-    it) when it has them, and kept in its result's ``sizes``; the rows ``previous``
-    has of other cases (earlier runs into the folder, one scan at a time, say) are
-    kept as they are while a label map of that case is still beside it. ``None`` when
-    there is no row."""
-    earlier: dict[str, dict] = {}
-    try:
-        with open(
-            previous, newline="", encoding="utf-8", errors="surrogateescape"
-        ) as handle:
-            for row in csv.DictReader(handle):
-                unit = "volume_ml" if "volume_ml" in row else "area_mm2"
-                earlier.setdefault(row["case"], {})[row["name"]] = {
-                    "label": int(row["label"]),
-                    "voxels": int(row["voxels"]),
-                    unit: float(row[unit]),
-                }
-    except (OSError, TypeError, KeyError, ValueError, csv.Error):
-        earlier = {}
+    voxels, volume_ml (or area_mm2), and the scan's mean and standard deviation in
+    the label (:func:`label_sizes`; one column of each per channel for scans of
+    several). This run's (done or skipped) are measured, a skipped case's rows taken
+    from ``previous`` (this table as an earlier run wrote it) when it has them, and
+    kept in its result's ``sizes``; the rows ``previous`` has of other cases (earlier
+    runs into the folder, one scan at a time, say) are kept as they are while a label
+    map of that case is still beside it. A skipped case is measured again from its
+    label map and its scan (read by ``reader``; without one, no intensities) when
+    ``previous`` lacks its rows or their intensities. ``None`` when there is no
+    row."""
+    earlier = _read_sizes(previous)
     rows, covered = [], set()
     for result in results:
         if result.status == "failed":
@@ -924,14 +954,23 @@ def sizes_table(
         covered.add(case)
         if result.sizes is None:
             wanted = [str(name) for _, name in _measured(values, names)]
-            if sorted(earlier.get(case, {})) == sorted(wanted):
-                result.sizes = earlier[case]
+            kept = earlier.get(case, {})
+            if sorted(kept) == sorted(wanted) and (
+                reader is None or all(INTENSITIES[0] in size for size in kept.values())
+            ):
+                result.sizes = kept
             else:
                 try:
                     labels = read_volume(result.output)
                 except InputFileError:
                     continue
-                result.sizes = label_sizes(labels.array, labels.spacing, values, names)
+                try:
+                    image = reader(Path(result.input)).array if reader else None
+                except InputFileError:  # the scan is gone: sizes alone
+                    image = None
+                result.sizes = label_sizes(
+                    labels.array, labels.spacing, values, names, image
+                )
         for name, size in result.sizes.items():
             rows.append({"case": case, "name": name, **size})
     if earlier.keys() - covered:  # kept while their label map is there
@@ -951,13 +990,50 @@ def sizes_table(
     unit = "volume_ml" if "volume_ml" in rows[0] else "area_mm2"
     rows = [row for row in rows if unit in row]  # not another model's 2D/3D rows
     rows.sort(key=lambda row: row["case"])  # stable: each case's labels in order
+    channels = max(len(row.get(INTENSITIES[0]) or ()) for row in rows)
+    columns = _intensity_columns(channels) if channels else []
+    for row in rows:  # lists over channels into columns
+        for key in INTENSITIES:
+            per_channel = row.pop(key, None) or ()
+            keys = [key] if channels == 1 else [f"{key}_{c}" for c in range(channels)]
+            row.update(zip(keys, per_channel, strict=False))
     buffer = io.StringIO()
     writer = csv.DictWriter(
-        buffer, ["case", "label", "name", "voxels", unit], lineterminator="\n"
+        buffer,
+        ["case", "label", "name", "voxels", unit, *columns],
+        lineterminator="\n",
+        restval="",
     )
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def _read_sizes(previous: Path | None) -> dict[str, dict]:
+    """The rows of a volumes table as :func:`label_sizes` gives them, by case and
+    label name; empty when it cannot be read."""
+    earlier: dict[str, dict] = {}
+    try:
+        with open(
+            previous, newline="", encoding="utf-8", errors="surrogateescape"
+        ) as handle:
+            reader = csv.DictReader(handle)
+            fields = reader.fieldnames or []
+            for row in reader:
+                unit = "volume_ml" if "volume_ml" in row else "area_mm2"
+                size = {
+                    "label": int(row["label"]),
+                    "voxels": int(row["voxels"]),
+                    unit: float(row[unit]),
+                }
+                for key in INTENSITIES:
+                    found = [f for f in fields if f == key or f.startswith(key + "_")]
+                    if found:
+                        size[key] = [float(row[f]) if row[f] else None for f in found]
+                earlier.setdefault(row["case"], {})[row["name"]] = size
+    except (OSError, TypeError, KeyError, ValueError, csv.Error):
+        earlier = {}
+    return earlier
 
 
 def report(results: list[CaseResult]) -> dict:

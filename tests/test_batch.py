@@ -513,6 +513,34 @@ def test_label_sizes_count_each_declared_labels_voxels_in_ml_or_mm2(rng):
             counted[v] * 0.5 * 0.8 * 1.2 / 1000)}
         for v, name in ((3, "a"), (7, "b"), (9, "c"))
     }  # fmt: skip
+    # with the scan: each channel's mean and standard deviation in each label, NaN
+    # voxels left out, none for an empty label
+    image = rng.normal(50, 20, size=(*labels.shape, 2))
+    image[0, 0, 0, 1] = np.nan
+    measured = batch.label_sizes(labels, spacing, (0, 3, 7, 9), names, image)
+    for value, name in ((3, "a"), (7, "b")):
+        for channel in (0, 1):
+            inside = [  # voxel by voxel
+                image[index][channel]
+                for index in np.ndindex(labels.shape)
+                if labels[index] == value and not np.isnan(image[index][channel])
+            ]
+            mean = sum(inside) / len(inside)
+            sd = (sum((x - mean) ** 2 for x in inside) / len(inside)) ** 0.5
+            assert measured[name]["intensity_mean"][channel] == pytest.approx(
+                mean, abs=1e-4
+            )
+            assert measured[name]["intensity_sd"][channel] == pytest.approx(
+                sd, abs=1e-4
+            )
+    assert (
+        measured["c"]["intensity_mean"]
+        == measured["c"]["intensity_sd"]
+        == [
+            None,
+            None,
+        ]
+    )
     # a first label not named background (the membranes' 0) is measured too
     flat = batch.label_sizes(labels[..., 0], (0.25, 2.0), (0, 3), ("membrane", "a"))
     assert flat == {
@@ -598,3 +626,61 @@ def test_a_stop_while_a_label_map_is_written_comes_after_it_is_recorded(
     assert [Path(r.output).name for r in seen] == ["case_0.nii.gz"]
     assert [p.name for p in out.iterdir()] == ["case_0.nii.gz"]  # nothing partial
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_volumes_table_keeps_intensities_and_measures_them_when_missing(tmp_path):
+    from medseg.io import Volume, write_volume
+
+    values, names = (0, 1), ("background", "tumour")
+    affine = np.diag([2.0, 1.0, 1.5, 1.0])
+    scans = {}
+    for name, count in (("a", 5), ("b", 7), ("c", 9)):
+        labels = np.zeros((4, 4, 4, 1), np.uint8)
+        labels.flat[:count] = 1
+        write_volume(Volume(labels, affine), tmp_path / f"{name}.nii.gz")
+        scans[name] = np.arange(64, dtype=np.float32).reshape(4, 4, 4, 1) * count
+
+    def result(name, status, sizes=None):
+        return batch.CaseResult(
+            f"in/{name}.nii.gz", str(tmp_path / f"{name}.nii.gz"), status, sizes=sizes
+        )
+
+    previous = tmp_path / "medseg_volumes.csv"
+    previous.write_text(
+        "case,label,name,voxels,volume_ml,intensity_mean,intensity_sd\n"
+        "b,1,tumour,7,0.021,-3.5,2.25\n"
+    )
+    done = batch.label_sizes(
+        np.asarray(nib.load(tmp_path / "a.nii.gz").dataobj), (2.0, 1.0, 1.5), values,
+        names, scans["a"],
+    )  # fmt: skip
+    results = [
+        result("a", "done", done),
+        result("b", "skipped"),  # its intensities from the earlier table
+        result("c", "skipped"),  # none there: measured from its label map and scan
+    ]
+    table = batch.sizes_table(
+        results,
+        previous,
+        values,
+        names,
+        lambda path: Volume(scans[path.stem[:1]], affine),
+    )
+    c = scans["c"].ravel()[:9]  # the first 9 voxels in C order are labelled
+    assert table == (
+        "case,label,name,voxels,volume_ml,intensity_mean,intensity_sd\n"
+        f"a,1,tumour,5,0.015,10.0,{np.std(scans['a'].ravel()[:5]):.4f}\n"
+        "b,1,tumour,7,0.021,-3.5,2.25\n"
+        f"c,1,tumour,9,0.027,{float(c.mean())},{round(float(c.std()), 4)}\n"
+    )
+    # several channels: a column of each per channel, read back as the lists
+    results = [result("a", "done", {"tumour": {**done["tumour"]}})]
+    results[0].sizes["tumour"]["intensity_mean"] = [1.5, None]
+    results[0].sizes["tumour"]["intensity_sd"] = [0.5, None]
+    previous.write_text(batch.sizes_table(results, None, values, names))
+    assert previous.read_text().splitlines() == [
+        "case,label,name,voxels,volume_ml,intensity_mean_0,intensity_mean_1,"
+        "intensity_sd_0,intensity_sd_1",
+        "a,1,tumour,5,0.015,1.5,,0.5,",
+    ]
+    assert batch._read_sizes(previous)["a"]["tumour"]["intensity_mean"] == [1.5, None]

@@ -202,12 +202,18 @@ def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
         expected = []
         for path in good:
             labels = nib.load(out / path.name)
+            scan = nib.load(path).get_fdata()
             voxel_ml = float(np.prod(labels.header.get_zooms()[:3])) / 1000
             for value, name in ((1, "Anterior"), (2, "Posterior")):
-                count = int((np.asanyarray(labels.dataobj) == value).sum())
+                inside = np.asanyarray(labels.dataobj) == value
+                count = int(inside.sum())
                 expected.append((path.name[:-7], str(value), name, count))
                 row = table[len(expected) - 1]
                 assert float(row["volume_ml"]) == pytest.approx(count * voxel_ml)
+                for column, function in (("mean", np.mean), ("sd", np.std)):
+                    assert float(row[f"intensity_{column}"]) == pytest.approx(
+                        function(scan[inside]), abs=1e-4
+                    )
         assert [
             (r["case"], r["label"], r["name"], int(r["voxels"])) for r in table
         ] == (expected)
