@@ -12,6 +12,10 @@
   ``imagesTr/``+``labelsTr/``), matched by file name without its suffix; PNG works too.
   An optional ``dataset.json`` there may declare ``labels``.
 
+An image may also be a folder holding one DICOM series (``images/CASE/`` beside
+``labels/CASE.nii.gz``, or such a folder named in a manifest), read as
+``medseg predict`` reads it.
+
 :func:`load_npz_dataset` reads a MedMNIST-style ``.npz`` for classification.
 
 Manifest paths must stay inside the dataset folder: absolute paths and paths that climb
@@ -164,7 +168,7 @@ class _CaseBuilder:
             )
             return None
         resolved = self.root / normal
-        if not resolved.is_file():
+        if not (resolved.is_file() or _is_series(resolved)):
             self.problems.append(CaseProblem(case_id, resolved, "file not found"))
         return resolved
 
@@ -305,12 +309,28 @@ def _strip_channel(name: str, ending: str) -> str:
     return head if head and len(tail) == 4 and tail.isdigit() else stem
 
 
-def _scan_names(folder: Path, ending: str | None = None) -> list[str]:
+def _is_series(path: Path) -> bool:
+    """A folder of one DICOM series (a scan); it holds DICOM files and no others."""
+    from medseg.dicom import is_series_folder
+
+    return path.is_dir() and is_series_folder(path)
+
+
+def _scan_names(
+    folder: Path, ending: str | None = None, series: bool = False
+) -> list[str]:
+    """The scan files in ``folder`` (of ``ending``, else of any scan suffix), and with
+    ``series`` its DICOM series folders."""
     if not folder.is_dir():
         return []
     names = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name.startswith(".") or not entry.is_file():
+        if entry.name.startswith("."):
+            continue
+        if series and ending is None and _is_series(Path(entry.path)):
+            names.append(entry.name)
+            continue
+        if not entry.is_file():
             continue
         if ending is not None and not entry.name.endswith(ending):
             continue
@@ -333,7 +353,7 @@ def _load_folder_pair(root: Path, manifest: dict | None) -> Dataset:
     labels_by_stem = {split_suffix(n)[0]: n for n in _scan_names(root / label_dir)}
     builder = _CaseBuilder(root)
     cases = []
-    for name in _scan_names(root / image_dir):
+    for name in _scan_names(root / image_dir, series=True):
         case_id = split_suffix(name)[0]
         image = builder.resolve(case_id, f"{image_dir}/{name}")
         label_name = labels_by_stem.get(case_id)

@@ -531,6 +531,69 @@ def test_dicom_seg_is_refused_without_highdicom_and_for_a_classifier(
     assert '--dicom-seg needs highdicom: pip install "medseg[dicom]"' in refused.output
 
 
+def test_a_dataset_of_dicom_series_trains_as_its_nifti_copy(tmp_path):
+    """Images as series folders (``images/CASE/`` beside ``labels/CASE.nii.gz``, or
+    named in a manifest): checked, fingerprinted and preprocessed as the same scans in
+    NIfTI are; a slice changed changes the case's cache key."""
+    import json
+    import os
+    import shutil
+
+    from medseg.checks import check_dataset
+    from medseg.datasets import load_dataset
+    from medseg.preprocessing import Preprocessor, ZScoreNormalization
+    from medseg.training.data import _cache_key, prepare_case
+
+    names = [p.name[:-7] for p in sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[:2]]
+    dicom, nifti = tmp_path / "dicom", tmp_path / "nifti"
+    for name in names:
+        series_of_nifti(dicom / "images" / name, SAMPLE / "imagesTr" / f"{name}.nii.gz")
+        for root in (dicom, nifti):
+            (root / "labels").mkdir(parents=True, exist_ok=True)
+            shutil.copy(SAMPLE / "labelsTr" / f"{name}.nii.gz", root / "labels")
+        (nifti / "images").mkdir(exist_ok=True)  # the same voxels, int16, in NIfTI
+        source = nib.load(SAMPLE / "imagesTr" / f"{name}.nii.gz")
+        data = np.round(np.asanyarray(source.dataobj)).astype(np.int16)
+        nib.save(
+            nib.Nifti1Image(data, source.affine), nifti / "images" / f"{name}.nii.gz"
+        )
+    (dicom / "images" / "notes.txt").write_text("not a scan")
+    datasets = [load_dataset(root) for root in (dicom, nifti)]
+    assert [c.case_id for c in datasets[0].cases] == names
+    assert [c.images for c in datasets[0].cases] == [
+        (dicom / "images" / name,) for name in names
+    ]
+    reports = [check_dataset(d) for d in datasets]
+    assert reports[0].problems == [] and reports[1].problems == []
+    assert reports[0].fingerprint["spacing_mm"] == reports[1].fingerprint["spacing_mm"]
+    pre = Preprocessor((ZScoreNormalization(),), target_spacing_mm=(1.0, 1.0, 1.0))
+    for series_case, nifti_case in zip(
+        datasets[0].cases, datasets[1].cases, strict=True
+    ):
+        got = prepare_case(series_case, pre, [0, 1, 2], tmp_path / "cache")
+        want = prepare_case(nifti_case, pre, [0, 1, 2], None)
+        np.testing.assert_array_equal(got.image, want.image)
+        np.testing.assert_array_equal(got.label, want.label)
+    # in a manifest too; and a slice written again is another cache entry
+    (dicom / "dataset.json").write_text(
+        json.dumps(
+            {
+                "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+                "training": [
+                    {"image": f"./images/{n}", "label": f"./labels/{n}.nii.gz"}
+                    for n in names
+                ],
+            }
+        )
+    )
+    case = load_dataset(dicom).cases[0]
+    assert case.images == (dicom / "images" / names[0],)
+    before = _cache_key(pre, case, [0, 1, 2])
+    first = next((dicom / "images" / names[0]).iterdir())
+    os.utime(first, ns=(1, 1))
+    assert _cache_key(pre, case, [0, 1, 2]) != before
+
+
 def test_a_folder_of_series_folders_holds_one_scan_per_series(tmp_path):
     from medseg import batch
 

@@ -80,10 +80,13 @@ def _to_classes(label: np.ndarray, values: list[int], path) -> np.ndarray:
 
 
 def _cache_key(preprocessor: Preprocessor, case: Case, values: list[int]) -> str:
+    from medseg.dicom import dicom_files
+
     parts = {"pre": preprocessor.to_dict(), "values": values, "files": []}
     for path in (*case.images, *([case.label] if case.label and values else [])):
-        stat = Path(path).stat()
-        parts["files"].append([str(path), stat.st_size, stat.st_mtime_ns])
+        for file in dicom_files(Path(path)) or [Path(path)]:  # a series: its files
+            stat = file.stat()
+            parts["files"].append([str(file), stat.st_size, stat.st_mtime_ns])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
