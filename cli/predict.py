@@ -164,7 +164,7 @@ def predict(
 
     Several --model: their ensemble (same labels and inputs; each model keeps its own
     preprocessing, windows and mirroring, and the mean of their class probabilities
-    labels each voxel).
+    labels each voxel, or classifies each image).
 
     Classification models write one CSV (OUTPUT if it ends in .csv, else
     OUTPUT/predictions.csv): case, predicted class, one probability per class.
@@ -183,7 +183,7 @@ def predict(
         raise click.BadParameter(str(exc), param_hint="--shard") from None
     bundles = [found for model in models for found in bundles_in(resolve(model))]
     metadatas = [read_metadata(bundle) for bundle in bundles]
-    bundle, metadata = bundles[0], metadatas[0]
+    metadata = metadatas[0]
     if len(bundles) > 1:
         resolved = [b.resolve() for b in bundles]
         twice = next((b for b in bundles if resolved.count(b.resolve()) > 1), None)
@@ -203,7 +203,7 @@ def predict(
     if metadata.get("task") == "classification":
         start_tensorflow(ctx.meta.get("medseg.debug", False))
         _classify(
-            bundle,
+            bundles,
             metadata,
             input_path,
             output,
@@ -445,7 +445,7 @@ def _finish(
 
 
 def _classify(
-    bundle,
+    bundles,
     metadata,
     input_path,
     output,
@@ -455,10 +455,11 @@ def _classify(
     allowed,
     nonfinite,
 ):
-    """Classification bundles: image files or a .npz split -> one predictions CSV."""
+    """Classification bundles (several: their ensemble): image files or a .npz split
+    -> one predictions CSV."""
     from medseg import batch
     from medseg.datasets import load_npz_images
-    from medseg.inference import Classifier
+    from medseg.inference import Classifier, ClassifierEnsemble
     from medseg.io import atomic_write_text, read_volume, split_suffix
 
     target = output if output.suffix == ".csv" else output / "predictions.csv"
@@ -471,7 +472,11 @@ def _classify(
     else:
         files = batch.take_shard(batch.collect_inputs(input_path), shard_value)
         items = [(split_suffix(p)[0], lambda p=p: read_volume(p).array) for p in files]
-    classifier = Classifier(bundle, allow_modified=allowed, nonfinite=nonfinite)
+    members = [
+        Classifier(bundle, allow_modified=allowed, nonfinite=nonfinite)
+        for bundle in bundles
+    ]
+    classifier = members[0] if len(members) == 1 else ClassifierEnsemble(members)
     with click.progressbar(
         length=len(items), label="classifying", file=sys.stderr, show_pos=True
     ) as bar:

@@ -1068,7 +1068,7 @@ def classify_all(
         if not ready:
             return
         started = time.perf_counter()
-        scores = classifier.probabilities(np.stack([x for _, x in ready]))
+        scores = classifier.probabilities_of([x for _, x in ready])
         share = (time.perf_counter() - started) / len(ready)
         for (result, _), row in zip(ready, scores, strict=True):
             probabilities[result.input] = [float(v) for v in row]

@@ -486,9 +486,9 @@ class Segmenter:
 
 def ensemble_problem(bundles: Sequence, metadatas: Sequence[dict]) -> tuple | None:
     """Why bundles (with their ``medseg.json``) cannot be one ensemble, as ``(bundle,
-    problem)``, or ``None``: each must segment, with the same labels (values and
-    names, in order), the same input channels and scans of the same dimensions as the
-    first. Read before any model is loaded."""
+    problem)``, or ``None``: each must segment (or each classify), with the same
+    labels (values and names, in order), the same input channels and scans of the
+    same dimensions as the first. Read before any model is loaded."""
     from medseg.training.planning import window_of
 
     def task(metadata):
@@ -507,11 +507,18 @@ def ensemble_problem(bundles: Sequence, metadatas: Sequence[dict]) -> tuple | No
     def named(labels):
         return ", ".join(f"{value} {name}" for value, name in labels)
 
+    kind = metadatas[0].get("task")
     for bundle, metadata in zip(bundles, metadatas, strict=True):
-        if metadata.get("task") != "segmentation":
+        if metadata.get("task") not in ("segmentation", "classification"):
             return bundle, (
                 f"a {metadata.get('task')} bundle; an ensemble of models takes "
-                "segmentation bundles"
+                "segmentation or classification bundles"
+            )
+        if metadata.get("task") != kind:
+            return bundle, (
+                f"a {metadata.get('task')} bundle, but the first model "
+                f"({bundles[0]}) is a {kind} bundle; an ensemble's models must do one "
+                "task"
             )
     first = task(metadatas[0])
     for bundle, metadata in zip(bundles[1:], metadatas[1:], strict=True):
@@ -793,3 +800,32 @@ class Classifier:
 
         logits = self.model.predict(images, batch_size=self.batch_size, verbose=0)
         return np.asarray(keras.ops.softmax(logits, axis=-1), dtype=np.float64)
+
+    def probabilities_of(self, prepared: list[np.ndarray]) -> np.ndarray:
+        """:meth:`probabilities` of images each :meth:`prepare` gave."""
+        return self.probabilities(np.stack(prepared))
+
+
+class ClassifierEnsemble:
+    """Classification bundles of one task as one classifier: each image is prepared
+    as each member's training images were, and classified by the mean of the members'
+    softmax probabilities."""
+
+    def __init__(self, members: Sequence[Classifier]):
+        self.members = list(members)
+        self.names = self.members[0].names
+        self.batch_size = min(member.batch_size for member in self.members)
+
+    def prepare(self, image: np.ndarray, source) -> tuple[np.ndarray, ...]:
+        """Each member's input (see :meth:`Classifier.prepare`)."""
+        return tuple(member.prepare(image, source) for member in self.members)
+
+    def probabilities_of(self, prepared: list[tuple]) -> np.ndarray:
+        """The mean of the members' softmax ``(N, K)``."""
+        return np.mean(
+            [
+                member.probabilities(np.stack([inputs[i] for inputs in prepared]))
+                for i, member in enumerate(self.members)
+            ],
+            axis=0,
+        )

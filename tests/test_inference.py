@@ -746,6 +746,43 @@ def classifier_bundle(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_classification_bundles_predict_as_an_ensemble(classifier_bundle, tmp_path):
+    import csv
+
+    import keras
+
+    from medseg.models import load_model
+
+    data = classifier_bundle / "tiny.npz"
+    second = tmp_path / "second"
+    trained = medseg(
+        "train", "--config", classifier_bundle / "cls.yaml", "--data", data,
+        "--output", second, "--seed", "7",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    result = medseg(
+        "predict", "--model", classifier_bundle / "run", "--model", second,
+        "--input", data, "--output", tmp_path / "p.csv",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "an ensemble of 2 models" in result.stderr
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    images = np.load(data)["test_images"].astype(np.float64)
+    inputs = np.stack([reference.zscore(x) for x in images])[..., None]
+    each = [
+        np.asarray(
+            keras.ops.softmax(load_model(run).predict(inputs, verbose=0), axis=-1)
+        )
+        for run in (classifier_bundle / "run", second)
+    ]
+    assert np.abs(each[0] - each[1]).max() > 1e-3  # two different models
+    expected = (each[0] + each[1]) / 2
+    got = np.array([[float(r[f"prob_{k}"]) for k in range(3)] for r in rows])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert [int(r["predicted"]) for r in rows] == expected.argmax(-1).tolist()
+
+
+@pytest.mark.slow
 def test_classification_bundle_predicts_a_npz_split_and_image_files(
     classifier_bundle, tmp_path
 ):
@@ -1229,8 +1266,13 @@ def test_bundles_that_segment_otherwise_are_refused_as_an_ensemble(tmp_path):
     cases.append((other, None))
     other = json.loads(json.dumps(hippocampus))
     other["task"] = "classification"
-    cases.append((other, "a classification bundle; an ensemble of models takes "
-                  "segmentation bundles"))  # fmt: skip
+    cases.append((other, "a classification bundle, but the first model (a) is a "
+                  "segmentation bundle; an ensemble's models must do one "
+                  "task"))  # fmt: skip
+    other = json.loads(json.dumps(hippocampus))
+    other["task"] = "reconstruction"
+    cases.append((other, "a reconstruction bundle; an ensemble of models takes "
+                  "segmentation or classification bundles"))  # fmt: skip
     for metadata, problem in cases:
         found = inference.ensemble_problem(bundles, [hippocampus, metadata])
         if problem is None:
