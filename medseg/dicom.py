@@ -400,8 +400,8 @@ def write_segmentation(
         seg.save_as(tmp, enforce_file_format=True)
 
 
-#: SOP class of a DICOM Segmentation object
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+#: SOP classes of DICOM Segmentation objects: Segmentation, Label Map Segmentation
+SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 #: How far a SEG frame's position may lie from its slice's, in mm (decimal strings).
 SEG_POSITION_TOLERANCE_MM = 0.01
 
@@ -420,10 +420,13 @@ class SegLabels:
 def _segment_values(seg, path: Path) -> dict[int, tuple[int, str]]:
     """Each segment's number -> (label value, name): a segment medseg wrote keeps
     its label value as its property type's code (scheme ``99MEDSEG``); any other
-    segment's value is its number."""
+    segment's value is its number. A label map SEG's segment 0 (its background) is
+    left out."""
     found = {}
     for segment in seg.get("SegmentSequence", []):
         number = int(segment.SegmentNumber)
+        if number == 0:
+            continue
         value = number
         codes = segment.get("SegmentedPropertyTypeCodeSequence") or []
         if codes and codes[0].get("CodingSchemeDesignator") == SEG_SCHEME:
@@ -454,7 +457,8 @@ def _frame_item(name: str, group, shared, path: Path, index: int):
 
 def read_segmentation(path: str | Path, folder: str | Path) -> SegLabels:
     """Reads a DICOM Segmentation object (binary or fractional segments, fractions
-    from one half up) as the label map of the series in ``folder``, on its grid as
+    from one half up, or a label map of segment numbers) as the label map of the
+    series in ``folder``, on its grid as
     :func:`read_series` reads it: each frame is placed at the slice where it lies
     (its ``ImagePositionPatient``), in the series' orientation and pixel spacing.
 
@@ -465,7 +469,7 @@ def read_segmentation(path: str | Path, folder: str | Path) -> SegLabels:
     path, folder = Path(path), Path(folder)
     pydicom = _pydicom(folder)
     seg = _read(pydicom, path, pixels=True)
-    if str(seg.get("SOPClassUID", "")) != SEG_SOP_CLASS:
+    if str(seg.get("SOPClassUID", "")) not in SEG_SOP_CLASSES:
         raise InputFileError(path, "not a DICOM Segmentation object (SEG)")
     ordered, affine = _ordered(folder)
     rows, columns = ordered[0].shape
@@ -507,9 +511,6 @@ def read_segmentation(path: str | Path, folder: str | Path) -> SegLabels:
         def item(name, group=group, index=index):
             return _frame_item(name, group, shared, path, index)
 
-        number = int(item("SegmentIdentificationSequence").ReferencedSegmentNumber)
-        if number not in segments:
-            raise InputFileError(path, f"frame {index + 1}: no segment {number}")
         measures = item("PixelMeasuresSequence")
         orientation = item("PlaneOrientationSequence").ImageOrientationPatient
         if not (
@@ -534,19 +535,30 @@ def read_segmentation(path: str | Path, folder: str | Path) -> SegLabels:
                 f"frame {index + 1} lies at {np.round(position, 3).tolist()} mm, "
                 f"{distance[k]:.3g} mm from the nearest slice of {folder}",
             )
-        mask = np.asarray(frame).T.astype(bool)  # (columns, rows)
-        if kind == "LABELMAP":  # pixel values are segment numbers
-            mask = np.asarray(frame).T == number
-        clash = mask & (owner[:, :, k] > 0) & (owner[:, :, k] != number)
-        if clash.any():
-            other = int(owner[:, :, k][clash][0])
-            raise InputFileError(
-                path,
-                f"segments {other} and {number} overlap (slice {k + 1}); a label map "
-                "holds one label a voxel",
-            )
-        owner[:, :, k][mask] = number
-        labels[:, :, k][mask] = segments[number][0]
+        plane = np.asarray(frame).T  # (columns, rows)
+        if kind == "LABELMAP":  # every segment in one frame, by its number
+            unknown = set(np.unique(plane).tolist()) - set(segments) - {0}
+            if unknown:
+                raise InputFileError(
+                    path, f"frame {index + 1}: no segment {min(unknown)}"
+                )
+            pieces = [(number, plane == number) for number in segments]
+        else:
+            number = int(item("SegmentIdentificationSequence").ReferencedSegmentNumber)
+            if number not in segments:
+                raise InputFileError(path, f"frame {index + 1}: no segment {number}")
+            pieces = [(number, plane.astype(bool))]
+        for number, mask in pieces:
+            clash = mask & (owner[:, :, k] > 0) & (owner[:, :, k] != number)
+            if clash.any():
+                other = int(owner[:, :, k][clash][0])
+                raise InputFileError(
+                    path,
+                    f"segments {other} and {number} overlap (slice {k + 1}); a label "
+                    "map holds one label a voxel",
+                )
+            owner[:, :, k][mask] = number
+            labels[:, :, k][mask] = segments[number][0]
     counts = [
         (value, name, int(np.count_nonzero(owner == number)))
         for number, (value, name) in sorted(segments.items())

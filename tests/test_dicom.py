@@ -395,10 +395,11 @@ def test_a_dicom_seg_of_a_real_scanners_slice(name, tmp_path):
         np.testing.assert_array_equal(frame, (labels[:, :, 0] == number).T)
 
 
-def _highdicom_seg(folder, planes, kind, path):
+def _highdicom_seg(folder, planes, kind, path, segments=None):
     """A SEG of the series in ``folder`` made by highdicom alone: ``planes``
-    ``(slices in position order, rows, columns, segments)``, segment numbers as
-    label values (no medseg codes)."""
+    ``(slices in position order, rows, columns, segments)`` (a label map's: without
+    the last axis, of ``segments`` segments), segment numbers as label values (no
+    medseg codes)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -420,7 +421,7 @@ def _highdicom_seg(folder, planes, kind, path):
             segmented_property_type=codes.SCT.Tissue,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
         )
-        for number in range(1, planes.shape[-1] + 1)
+        for number in range(1, (segments or planes.shape[-1]) + 1)
     ]
     hd.seg.Segmentation(
         source_images=sources,
@@ -482,6 +483,11 @@ def test_a_dicom_seg_reads_back_as_the_label_map_it_was_written_from(tmp_path, r
     expected = np.where(stored[..., 1] >= 0.5, 2, np.where(stored[..., 0] >= 0.5, 1, 0))
     np.testing.assert_array_equal(read.labels, expected.transpose(2, 1, 0))
     assert [s[:2] for s in read.segments] == [(1, "structure 1"), (2, "structure 2")]
+    # a label map SEG: one frame a slice, holding every segment's number
+    numbers = rng.choice(np.array([0, 1, 2], np.uint8), (6, 9, 11))
+    _highdicom_seg(folder, numbers, "LABELMAP", tmp_path / "map.dcm", segments=2)
+    read = read_segmentation(tmp_path / "map.dcm", folder)
+    np.testing.assert_array_equal(read.labels, numbers.transpose(2, 1, 0))
     # overlapping segments, a SEG of another series, and a slice are refused
     both = np.zeros((6, 9, 11, 2), bool)
     both[1, 2, 3] = True
