@@ -54,7 +54,12 @@ from medseg_cli.train import parse_fold, run
 )
 @click.option("--fold", help="Fold to hold out (0..folds-1) or 'all'.")
 @click.option("--seed", type=int, help="Overrides train.seed.")
-@click.option("--resume", is_flag=True, help="Continue the run in --output.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --output from its last checkpoint; without one, start "
+    "it (so a job its scheduler may start again can always pass --resume).",
+)
 def finetune(
     model: str,
     output: Path,

@@ -57,7 +57,12 @@ def parse_fold(text: str | None):
     type=click.FloatRange(min=0.1),
     help="Memory budget for planning (default: the GPU's, 4 GB on CPU).",
 )
-@click.option("--resume", is_flag=True, help="Continue the run in --output.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --output from its last checkpoint; without one, start "
+    "it (so a job its scheduler may start again can always pass --resume).",
+)
 def train(
     config_path: Path,
     output: Path,

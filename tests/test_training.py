@@ -155,9 +155,18 @@ def test_resume_keeps_the_saved_config_and_warns_of_new_epochs(tmp_path, caplog)
     from medseg.training.run_files import prepare_run
 
     config = Config.from_dict({"model": {"name": "unet"}, "train": {"epochs": 10}})
-    with pytest.raises(InputFileError, match="nothing to resume"):
-        prepare_run(tmp_path, config, resume=True)
+    with caplog.at_level("WARNING"):  # nothing to resume yet: a new run
+        assert prepare_run(tmp_path, config, resume=True) is config
+    assert caplog.records[-1].getMessage() == (
+        f"{tmp_path}: no checkpoint to resume from; starting the run from its first "
+        "epoch"
+    )
+    caplog.clear()
     assert prepare_run(tmp_path, config, resume=False) is config
+    (tmp_path / "medseg.json").write_text("{}")  # a bundle, no checkpoint: kept
+    with pytest.raises(InputFileError, match="holds a bundle but no checkpoint"):
+        prepare_run(tmp_path, config, resume=True)
+    (tmp_path / "medseg.json").unlink()
     saved = config.to_dict()
     saved["train"]["learning_rate"] = 0.5
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
@@ -314,8 +323,8 @@ def test_sigkill_then_resume_ends_with_exactly_the_requested_epochs(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_TRAIN.format(epochs=3, steps=6))
     run = tmp_path / "run"
-    process = subprocess.Popen(
-        _train_command(config, run),
+    process = subprocess.Popen(  # --resume from the start, as a requeued job has it
+        _train_command(config, run, "--resume"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -174,13 +174,25 @@ def restore_checkpoint(folder: Path, model) -> tuple[int, float | None]:
 
 
 def prepare_run(folder: Path, config: Config, *, resume: bool) -> Config:
-    """Checks the run folder and returns the config to use (the saved one on resume)."""
+    """Checks the run folder and returns the config to use (the saved one on resume).
+    ``resume`` in a folder without a checkpoint starts the run from its first epoch
+    (with a warning), as a job its scheduler starts again passes it from the start;
+    a folder holding a bundle but no checkpoint is refused (nothing to resume, and a
+    new run would replace the bundle)."""
     has_run = checkpoint_folder(folder) is not None
-    if resume:
-        if not has_run:
+    if resume and not has_run:
+        if (folder / "medseg.json").is_file():
             raise InputFileError(
-                folder, "nothing to resume (no checkpoint in this folder)"
+                folder,
+                "holds a bundle but no checkpoint: nothing to resume, and a new run "
+                "would replace the bundle; choose a new output folder",
             )
+        logger.warning(
+            "%s: no checkpoint to resume from; starting the run from its first epoch",
+            folder,
+        )
+        return config
+    if resume:
         from medseg.config import Config as ConfigClass
         from medseg.config import load_yaml
 

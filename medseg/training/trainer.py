@@ -38,6 +38,7 @@ from medseg.training.planning import Plan, plan_training
 from medseg.training.run_files import (
     append_history,
     checkpoint_epoch,
+    checkpoint_folder,
     plot_progress,
     prepare_run,
     resume_run,
@@ -580,7 +581,7 @@ def train(
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     written = folder / "config.yaml"
-    if resume or written.exists():
+    if (resume and checkpoint_folder(folder) is not None) or written.exists():
         written = None  # not this run's to remove
     try:
         return _train_in(config, folder, strategy, worker, workers, resume, verbose)
@@ -598,6 +599,7 @@ def train(
 def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Path:
     """:func:`train` in its run folder, which exists."""
     config = prepare_run(folder, config, resume=resume)
+    resume = resume and checkpoint_folder(folder) is not None  # else a new run
     done = checkpoint_epoch(folder) if resume else 0
     if done >= config.train.epochs and (folder / "medseg.json").is_file():
         logger.info(
