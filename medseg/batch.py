@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -869,12 +870,14 @@ def label_sizes(
     labels = np.asarray(labels)
     if labels.ndim == len(spacing) + 1:  # a label volume's one channel
         labels = labels[..., 0]
+    measured = _measured(values, names)
     if image is not None:
         image = np.asarray(image)
         image = image[..., None] if image.ndim == labels.ndim else image
+        moments = _moments(labels, image, max(int(v) for v, _ in measured))
     unit, scale = ("volume_ml", 1.0) if len(spacing) == 3 else ("area_mm2", 1000.0)
     sizes = {}
-    for value, name in _measured(values, names):
+    for value, name in measured:
         mask = labels == value
         size = sizes[str(name)] = {
             "label": int(value),
@@ -882,20 +885,44 @@ def label_sizes(
             unit: round(volume_ml(mask, spacing) * scale, 6),
         }
         if image is not None:
-            inside = image[mask].astype(np.float64)  # (voxels, channels)
-            size["intensity_mean"], size["intensity_sd"] = [
-                [_rounded(function, channel) for channel in inside.T]
-                for function in (np.nanmean, np.nanstd)
-            ]
+            count, total, squares = moments[:, int(value)]  # each (channels,)
+            size["intensity_mean"], size["intensity_sd"] = [], []
+            for n, s, q in zip(count, total, squares, strict=True):
+                mean = s / n if n else None
+                sd = math.sqrt(max(q / n - mean**2, 0.0)) if n else None
+                size["intensity_mean"].append(_rounded(mean))
+                size["intensity_sd"].append(_rounded(sd))
     return sizes
 
 
-def _rounded(function, values: np.ndarray) -> float | None:
-    """``function`` of the finite-or-NaN ``values`` to 4 decimals; ``None`` when none
-    is a number."""
-    if not np.count_nonzero(~np.isnan(values)):
-        return None
-    return round(float(function(values)), 4)
+#: voxels a pass when the moments of a scan's values per label are summed
+MOMENT_CHUNK = 1 << 22
+
+
+def _moments(labels: np.ndarray, image: np.ndarray, top: int) -> np.ndarray:
+    """``(3, top + 1, channels)``: per label value and channel, the count, sum and
+    sum of squares of the scan's values that are numbers, summed a chunk at a time
+    (memory: a few float64 copies of a chunk, never of the scan)."""
+    flat = labels.reshape(-1)
+    values = image.reshape(flat.size, -1)
+    moments = np.zeros((3, top + 1, values.shape[1]))
+    for start in range(0, flat.size, MOMENT_CHUNK):
+        which = flat[start : start + MOMENT_CHUNK].astype(np.intp)
+        keep = which <= top
+        for channel in range(values.shape[1]):
+            x = values[start : start + MOMENT_CHUNK, channel].astype(np.float64)
+            ok = keep & ~np.isnan(x)
+            at, x = which[ok], x[ok]
+            for row, weights in enumerate((None, x, x * x)):
+                moments[row, :, channel] += np.bincount(
+                    at, weights=weights, minlength=top + 1
+                )
+    return moments
+
+
+def _rounded(value: float | None) -> float | None:
+    """``value`` to 4 decimals, ``None`` kept."""
+    return None if value is None else round(float(value), 4)
 
 
 #: the intensity columns of the volumes table, each a list over channels
