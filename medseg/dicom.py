@@ -131,7 +131,6 @@ class _Slice:
         if int(ds.get("SamplesPerPixel", 1)) != 1:
             raise InputFileError(path, "a colour DICOM image, not a scan's slice")
         self.path = path
-        self.uid = str(ds.get("SOPInstanceUID", ""))
         self.series = str(ds.get("SeriesInstanceUID", ""))
         self.description = str(ds.get("SeriesDescription", "") or "")
         self.position = _vector(ds, "ImagePositionPatient", path)
@@ -463,10 +462,21 @@ def read_segmentation(path: str | Path, folder: str | Path) -> SegLabels:
     (its ``ImagePositionPatient``), in the series' orientation and pixel spacing.
 
     Raises:
-        InputFileError: ``path`` is no DICOM SEG, refers to another series, has a
-            frame off the series' grid, or segments that overlap.
+        InputFileError: ``path`` is no DICOM SEG (or a malformed one), refers to
+            another series, has a frame off the series' grid, or segments that
+            overlap.
     """
-    path, folder = Path(path), Path(folder)
+    try:
+        return _read_segmentation(Path(path), Path(folder))
+    except InputFileError:
+        raise
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        raise InputFileError(
+            path, f"a malformed DICOM SEG ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _read_segmentation(path: Path, folder: Path) -> SegLabels:
     pydicom = _pydicom(folder)
     seg = _read(pydicom, path, pixels=True)
     if str(seg.get("SOPClassUID", "")) not in SEG_SOP_CLASSES:

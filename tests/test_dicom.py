@@ -494,6 +494,9 @@ def test_a_dicom_seg_reads_back_as_the_label_map_it_was_written_from(tmp_path, r
     _highdicom_seg(folder, both, "BINARY", tmp_path / "overlap.dcm")
     other = tmp_path / "other"
     write_series(other, np.zeros((6, 9, 11)), study="1.2.826.0.1.3.4", series="1.2.3")
+    broken = pydicom.dcmread(tmp_path / "seg.dcm")
+    del broken.SegmentSequence[0].SegmentNumber
+    broken.save_as(tmp_path / "broken.dcm")
     for seg, series, problem in (
         (
             "overlap.dcm",
@@ -506,6 +509,12 @@ def test_a_dicom_seg_reads_back_as_the_label_map_it_was_written_from(tmp_path, r
             f"refers to series 1.2.826.0.1.3680043.8.498.1, not {other}'s",
         ),
         (next(folder.iterdir()), folder, "not a DICOM Segmentation object (SEG)"),
+        (
+            "broken.dcm",
+            folder,
+            "a malformed DICOM SEG (AttributeError: 'Dataset' object has no "
+            "attribute 'SegmentNumber')",
+        ),
     ):
         with pytest.raises(InputFileError) as info:
             read_segmentation(tmp_path / seg, series)
