@@ -174,8 +174,9 @@ def seg_to_nifti(seg: Path, series: Path, output: Path) -> None:
 
     Each segment's voxels take its label value: the value `medseg predict
     --dicom-seg` wrote it from, else its segment number. Binary and fractional
-    segments (from one half up) are read; overlapping segments, frames off the
-    series' grid and a SEG of another series are refused. OUTPUT ends in .nii.gz
+    segments (from one half up) and label map SEGs are read; overlapping segments,
+    frames off the series' grid, a SEG of another series and a malformed one are
+    refused. OUTPUT ends in .nii.gz
     or .nii; the label maps and series then pair as a dataset's labels and images.
     """
     from medseg.dicom import read_segmentation

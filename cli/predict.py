@@ -196,8 +196,10 @@ def predict(
             f"an ensemble of {len(bundles)} models: {', '.join(map(str, bundles))}",
             err=True,
         )
-    if dicom_seg and metadata.get("task") == "classification":
-        raise click.UsageError("--dicom-seg writes label maps; this is a classifier")
+    if (dicom_seg or preview) and metadata.get("task") == "classification":
+        raise click.UsageError(
+            "--dicom-seg and --preview are of label maps; this is a classifier"
+        )
     if dicom_seg and not has_seg_writer():
         raise click.UsageError(f"--dicom-seg needs highdicom: {INSTALL}")
     if metadata.get("task") == "classification":

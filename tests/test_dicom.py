@@ -539,7 +539,9 @@ def test_dicom_seg_is_refused_without_highdicom_and_for_a_classifier(
     (tmp_path / "cls" / "medseg.json").write_text('{"task": "classification"}')
     refused = run(tmp_path / "cls")
     assert refused.exit_code == 2
-    assert "--dicom-seg writes label maps; this is a classifier" in refused.output
+    assert "--dicom-seg and --preview are of label maps; this is a classifier" in (
+        refused.output
+    )
     monkeypatch.setitem(sys.modules, "highdicom", None)  # not installed
     refused = run("hippocampus")
     assert refused.exit_code == 2 and not (tmp_path / "o").exists()
