@@ -211,6 +211,9 @@ def test_predict_a_folder_with_bad_files_keeps_going_and_skips_on_rerun(
                 row = table[len(expected) - 1]
                 assert float(row["volume_ml"]) == pytest.approx(count * voxel_ml)
                 for column, function in (("mean", np.mean), ("sd", np.std)):
+                    if not count:  # a barely trained network may label none
+                        assert row[f"intensity_{column}"] == ""
+                        continue
                     assert float(row[f"intensity_{column}"]) == pytest.approx(
                         function(scan[inside]), abs=1e-4
                     )
