@@ -229,9 +229,10 @@ def preview_cuts(image, labels, values) -> list[tuple[str, np.ndarray, np.ndarra
     first: for a 3D scan (both :class:`medseg.io.Volume` on one grid), its axial,
     coronal and sagittal planes through the slice with the most voxels of ``values``
     along each axis (the middle one where there are none), as radiologists view them:
-    the first row lowest (anterior, superior and superior at the top), the patient's
-    right on the left (axial, coronal) and anterior on the left (sagittal); a 2D
-    picture as it is (rows first, first row at the top)."""
+    the first row lowest (anterior at the top of the axial plane, superior at the top
+    of the others), the patient's right on the left (axial, coronal) and anterior on
+    the left (sagittal); a 2D picture as it is (rows first, first row at the
+    top)."""
     from medseg import geometry
 
     if labels.spatial_dims != 3:
@@ -248,7 +249,7 @@ def preview_cuts(image, labels, values) -> list[tuple[str, np.ndarray, np.ndarra
         where = [slice(None)] * 3
         where[axis] = index
         order = (1, 0) if up > across else (0, 1)  # rows: the upward axis
-        cuts.append(  # columns flipped: RAS axes grow to the right, anterior
+        cuts.append(  # columns flipped: RAS's right and anterior go to the left
             (
                 f"{title} {index}",
                 scan[tuple(where)].transpose(order)[:, ::-1],
