@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.dicom import is_series_folder
 from medseg.errors import InputFileError
 from medseg.io import SCAN_SUFFIXES, split_suffix
 
@@ -168,7 +169,7 @@ class _CaseBuilder:
             )
             return None
         resolved = self.root / normal
-        if not (resolved.is_file() or _is_series(resolved)):
+        if not (resolved.is_file() or is_series_folder(resolved)):
             self.problems.append(CaseProblem(case_id, resolved, "file not found"))
         return resolved
 
@@ -309,13 +310,6 @@ def _strip_channel(name: str, ending: str) -> str:
     return head if head and len(tail) == 4 and tail.isdigit() else stem
 
 
-def _is_series(path: Path) -> bool:
-    """A folder of one DICOM series (a scan); it holds DICOM files and no others."""
-    from medseg.dicom import is_series_folder
-
-    return path.is_dir() and is_series_folder(path)
-
-
 def _scan_names(
     folder: Path, ending: str | None = None, series: bool = False
 ) -> list[str]:
@@ -327,7 +321,7 @@ def _scan_names(
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
-        if series and ending is None and _is_series(Path(entry.path)):
+        if series and ending is None and is_series_folder(Path(entry.path)):
             names.append(entry.name)
             continue
         if not entry.is_file():
