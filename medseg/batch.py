@@ -723,9 +723,7 @@ def segment_all(
                 result.nonfinite_replaced = getattr(prediction, "nonfinite_replaced", 0)
                 result.warnings += getattr(prediction, "notes", ())
             except Exception as exc:  # even a bug met on one scan: that scan only
-                result.status = "failed"
-                result.error = failure_message(path, exc)
-                logger.debug("case %s failed", path, exc_info=True)
+                _fail(result, path, exc)
             with _signals_held():  # a label map written is a result recorded
                 if result.status == "done":
                     try:
@@ -748,9 +746,7 @@ def segment_all(
                             result.sizes,
                         )
                     except Exception as exc:  # a full disk, say: that scan only
-                        result.status, result.sizes = "failed", None
-                        result.error = failure_message(path, exc)
-                        logger.debug("case %s failed", path, exc_info=True)
+                        _fail(result, path, exc)
                 result.seconds = round(time.perf_counter() - started, 3)
                 results.append(result)
                 if progress:
@@ -784,6 +780,14 @@ def _signals_held():
             signal.signal(number, handler)
         if held:
             signal.raise_signal(held[0])
+
+
+def _fail(result: CaseResult, case, exc: Exception) -> None:
+    """Marks ``result`` failed with :func:`failure_message` (no sizes: nothing was
+    written), and logs where (``--debug``)."""
+    result.status, result.sizes = "failed", None
+    result.error = failure_message(case, exc)
+    logger.debug("case %s failed", case, exc_info=True)
 
 
 def failure_message(case, exc: Exception) -> str:
@@ -1113,9 +1117,7 @@ def classify_all(
             result.input_shape = list(image.shape)
             prepared = classifier.prepare(image, case)
         except Exception as exc:
-            result.status = "failed"
-            result.error = failure_message(case, exc)
-            logger.debug("case %s failed", case, exc_info=True)
+            _fail(result, case, exc)
             result.seconds = round(time.perf_counter() - started, 3)
             results.append(result)
             if progress:
