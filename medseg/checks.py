@@ -22,6 +22,7 @@ import numpy as np
 
 from medseg.datasets import ArrayDataset, Case, CaseProblem, Dataset
 from medseg.errors import InputFileError
+from medseg.geometry import in_voxel_order_of
 from medseg.io import DEFAULT_MAX_VOXELS, Volume, read_volume
 from medseg.preprocessing import count_nonfinite
 
@@ -176,6 +177,10 @@ def _check_case(dataset: Dataset, case: Case, max_voxels: int, tolerance: float)
             CaseProblem(case.case_id, case.images[0], f"{bad:,} NaN/Inf voxels")
         )
     if label is not None:
+        # the same voxels stored in another order (LPS beside RAS): read in the image's,
+        # as training's preprocessing reorients both
+        ordered = in_voxel_order_of(label, image, tolerance)
+        label = label if ordered is None else ordered
         problems.extend(_check_label(dataset, case, image, label, tolerance))
     return problems, image, label
 

@@ -107,12 +107,14 @@ def evaluate_pairs(
 
 def _read_pair(pred_path: Path, truth_path: Path):
     """The prediction's and the truth's label arrays and the spacing, checked to be
-    on one grid."""
+    on one grid (a prediction stored in another voxel order is read in the truth's)."""
+    from medseg.geometry import in_voxel_order_of
+
     prediction, truth = read_volume(pred_path), read_volume(truth_path)
-    off = off_grid(prediction, truth, "the truth's")
-    if off:
-        raise InputFileError(pred_path, off)
-    return _label_array(prediction), _label_array(truth), truth.spacing
+    ordered = in_voxel_order_of(prediction, truth)
+    if ordered is None:
+        raise InputFileError(pred_path, off_grid(prediction, truth, "the truth's"))
+    return _label_array(ordered), _label_array(truth), truth.spacing
 
 
 def _label_array(volume) -> np.ndarray:

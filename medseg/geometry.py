@@ -114,6 +114,32 @@ def reorient_to_canonical(volume: Volume) -> tuple[Volume, OrientationRecord]:
     return volume.with_array(array, affine), OrientationRecord(*record_base, transform)
 
 
+def in_voxel_order_of(
+    volume: Volume, reference: Volume, tolerance_mm: float = 1e-3
+) -> Volume | None:
+    """``volume`` on ``reference``'s grid: itself when it is on it already, its voxel
+    axes permuted and flipped into ``reference``'s order when it samples the same points
+    stored in another order (a label map saved LPS beside a scan saved RAS, a DICOM
+    series beside its dcm2niix copy: exact, nothing interpolated), ``None`` when it is
+    on another grid. 2D images are only ever on the grid or not."""
+    from medseg.io import off_grid
+
+    if off_grid(volume, reference, "", tolerance_mm) is None:
+        return volume
+    if volume.spatial_dims != 3 or reference.spatial_dims != 3:
+        return None
+    from nibabel import orientations
+
+    ornt = orientations.ornt_transform(
+        orientations.io_orientation(volume.affine),
+        orientations.io_orientation(reference.affine),
+    )
+    array = orientations.apply_orientation(volume.array, ornt)
+    affine = volume.affine @ orientations.inv_ornt_aff(ornt, volume.spatial_shape)
+    moved = volume.with_array(array, affine)
+    return moved if off_grid(moved, reference, "", tolerance_mm) is None else None
+
+
 # resampling
 
 

@@ -55,6 +55,24 @@ def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) 
     return path
 
 
+def stored_in_another_order(array: np.ndarray, affine, permutation, flips):
+    """The same voxels stored another way: new axis ``a`` is old axis
+    ``permutation[a]``, the new axes in ``flips`` reversed; the affine keeps each voxel
+    where it was in the world. ``array`` is ``(X, Y, Z)`` or ``(X, Y, Z, C)``."""
+    affine = np.asarray(affine, dtype=float)
+    stored = array.transpose(*permutation, *range(3, array.ndim))
+    if flips:
+        stored = np.flip(stored, axis=tuple(flips))
+    new = np.eye(4)
+    new[:3, 3] = affine[:3, 3]
+    for a, old in enumerate(permutation):
+        new[:3, a] = affine[:3, old]
+        if a in flips:  # new index j is old index n - 1 - j
+            new[:3, a] = -affine[:3, old]
+            new[:3, 3] += affine[:3, old] * (array.shape[old] - 1)
+    return np.ascontiguousarray(stored), new
+
+
 @pytest.fixture
 def msd_dataset(tmp_path):
     """A three-case Decathlon-layout dataset with labels 0, 1, 2 in a fresh folder."""

@@ -8,7 +8,12 @@ from PIL import Image
 
 from medseg.datasets import load_dataset, load_npz_dataset, read_label_names
 from medseg.errors import InputFileError
-from tests.conftest import SAMPLE, save_nifti
+from tests.conftest import (
+    OBLIQUE_LPS,
+    SAMPLE,
+    save_nifti,
+    stored_in_another_order,
+)
 
 
 def test_shipped_sample_is_a_decathlon_dataset():
@@ -22,6 +27,44 @@ def test_shipped_sample_is_a_decathlon_dataset():
     assert first.images == (SAMPLE / "imagesTr" / "hippocampus_003.nii.gz",)
     assert first.label == SAMPLE / "labelsTr" / "hippocampus_003.nii.gz"
     assert load_dataset(SAMPLE / "dataset.json").cases == dataset.cases
+
+
+def test_a_label_map_stored_in_another_voxel_order_checks_and_trains_as_its_image(
+    msd_dataset,
+):
+    import shutil
+
+    import nibabel as nib
+
+    from medseg.checks import check_dataset
+    from medseg.preprocessing import Preprocessor, ZScoreNormalization
+    from medseg.training.data import prepare_case
+
+    for path in sorted(msd_dataset.glob("*Tr/*.nii.gz")):  # oblique, not RAS
+        save_nifti(path, np.asanyarray(nib.load(path).dataobj), OBLIQUE_LPS)
+    reordered = msd_dataset.parent / "reordered"
+    shutil.copytree(msd_dataset, reordered)
+    label = msd_dataset / "labelsTr" / "case_1.nii.gz"
+    stored, affine = stored_in_another_order(
+        np.asanyarray(nib.load(label).dataobj), OBLIQUE_LPS, (1, 2, 0), [0, 2]
+    )
+    save_nifti(reordered / "labelsTr" / "case_1.nii.gz", stored, affine)
+    original, moved = (load_dataset(root) for root in (msd_dataset, reordered))
+    reports = [check_dataset(d) for d in (original, moved)]
+    assert reports[1].problems == []
+    assert reports[1].fingerprint == reports[0].fingerprint  # label fractions too
+    pre = Preprocessor((ZScoreNormalization(),), target_spacing_mm=(1.0, 1.0, 2.0))
+    want, got = (
+        prepare_case(d.cases[1], pre, [0, 1, 2], None) for d in (original, moved)
+    )
+    assert (want.label > 0).sum() > 20
+    np.testing.assert_array_equal(got.label, want.label)
+    # another grid in another order is still refused
+    affine[:3, 3] += 0.5 * affine[:3, 0]
+    save_nifti(reordered / "labelsTr" / "case_1.nii.gz", stored, affine)
+    (problem,) = check_dataset(load_dataset(reordered)).problems
+    assert problem.case_id == "case_1"
+    assert problem.problem == "label shape (9, 7, 8) differs from image shape (8, 9, 7)"
 
 
 def test_msd_path_outside_the_folder_is_refused(msd_dataset):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from medseg import geometry
 from medseg.io import Volume
 from tests import reference
-from tests.conftest import OBLIQUE_LPS
+from tests.conftest import OBLIQUE_LPS, stored_in_another_order
 
 PROPERTY = settings(max_examples=40, deadline=None)
 
@@ -87,6 +87,51 @@ def test_2d_volumes_pass_through_reorientation():
     same, record = geometry.reorient_to_canonical(volume)
     assert same is volume and record.transform == ()
     assert record.undo(same).spatial_shape == (4, 5)
+
+
+@PROPERTY
+@given(
+    affine=oblique_affines(),
+    shape=shapes,
+    permutation=st.permutations([0, 1, 2]),
+    flips=st.sets(st.integers(0, 2)),
+)
+def test_a_grid_stored_in_another_voxel_order_is_read_in_the_references(
+    affine, shape, permutation, flips
+):
+    reference_volume = _volume(shape, affine, channels=1)
+    array, stored_affine = stored_in_another_order(
+        reference_volume.array, affine, permutation, sorted(flips)
+    )
+    stored = Volume(array, stored_affine)
+    # the stored file's voxels are where the reference's are, found one by one
+    np.testing.assert_array_equal(
+        reference.world_lookup(array, stored_affine, shape, affine),
+        reference_volume.array,
+    )
+    ordered = geometry.in_voxel_order_of(stored, reference_volume)
+    np.testing.assert_array_equal(ordered.array, reference_volume.array)
+    np.testing.assert_allclose(ordered.affine, affine, atol=1e-9)
+    assert geometry.in_voxel_order_of(reference_volume, reference_volume) is (
+        reference_volume
+    )
+
+
+def test_another_grid_is_not_taken_for_one_in_another_voxel_order():
+    affine = OBLIQUE_LPS
+    volume = _volume((5, 6, 7), affine, channels=1)
+    array, stored_affine = stored_in_another_order(volume.array, affine, (2, 0, 1), [1])
+    shifted = stored_affine.copy()
+    shifted[:3, 3] += 0.5 * stored_affine[:3, 0]  # half a voxel along one axis
+    assert geometry.in_voxel_order_of(Volume(array, shifted), volume) is None
+    finer = stored_affine.copy()
+    finer[:3, 2] *= 0.9  # another spacing
+    assert geometry.in_voxel_order_of(Volume(array, finer), volume) is None
+    assert geometry.in_voxel_order_of(Volume(array[:-1], stored_affine), volume) is None
+    # a 2D picture stored transposed is another picture, not another order
+    picture = Volume(np.arange(12.0).reshape(3, 4, 1), np.eye(4))
+    transposed = Volume(picture.array.transpose(1, 0, 2), np.eye(4))
+    assert geometry.in_voxel_order_of(transposed, picture) is None
 
 
 # cropping

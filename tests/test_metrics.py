@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from medseg import metrics
 from medseg_cli.main import main
 from tests import reference
+from tests.conftest import stored_in_another_order
 
 SPACING = (0.7, 1.3, 2.5)
 
@@ -183,6 +184,33 @@ def test_evaluate_names_missing_pairs_and_scores_the_rest_past_a_grid_mismatch(
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["cases"] == 1 and list(summary["failed"]) == ["b"]
     assert summary["labels"]["1"]["dice"]["n"] == 1
+
+
+def test_evaluate_reads_a_prediction_stored_in_another_voxel_order_in_the_truths(
+    tmp_path, rng
+):
+    a, b = _blobs(rng)
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    affine = np.diag([*SPACING, 1.0])
+    nib.save(
+        nib.Nifti1Image(a.astype(np.uint8), affine), tmp_path / "truth" / "c.nii.gz"
+    )
+    # the prediction as another tool might save it: LPS, slices first
+    stored, stored_affine = stored_in_another_order(
+        b.astype(np.uint8), affine, (2, 0, 1), [1, 2]
+    )
+    assert nib.aff2axcodes(stored_affine) == ("S", "L", "P")
+    nib.save(nib.Nifti1Image(stored, stored_affine), tmp_path / "pred" / "c.nii.gz")
+    result = _evaluate(tmp_path, "--output", str(tmp_path / "m.csv"))
+    assert result.exit_code == 0, result.output
+    row = (tmp_path / "m.csv").read_text().splitlines()[1].split(",")
+    assert float(row[2]) == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
+    d_ab = reference.directed_distances(a, b, SPACING)
+    d_ba = reference.directed_distances(b, a, SPACING)
+    assert float(row[4]) == pytest.approx(
+        max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)), rel=1e-3
+    )
 
 
 def test_evaluate_refuses_files_that_are_not_label_maps_and_reads_whole_floats(
