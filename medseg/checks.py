@@ -23,7 +23,7 @@ import numpy as np
 from medseg.datasets import ArrayDataset, Case, CaseProblem, Dataset
 from medseg.errors import InputFileError
 from medseg.geometry import in_voxel_order_of
-from medseg.io import DEFAULT_MAX_VOXELS, Volume, read_volume
+from medseg.io import DEFAULT_MAX_VOXELS, Volume, read_volume, stack_channels
 from medseg.preprocessing import count_nonfinite
 
 #: Foreground intensities sampled per case for the fingerprint (nnU-Net uses 10,000).
@@ -144,33 +144,12 @@ def _check_case(dataset: Dataset, case: Case, max_voxels: int, tolerance: float)
         label = _read(case, case.label, max_voxels, problems)
     if any(c is None for c in channels) or not channels:
         return problems, None, None
-    first = channels[0]
-    for path, other in zip(case.images[1:], channels[1:], strict=True):
-        if other.spatial_shape != first.spatial_shape:
-            problems.append(
-                CaseProblem(
-                    case.case_id,
-                    path,
-                    f"channel shape "
-                    f"{other.spatial_shape} differs from {first.spatial_shape}",
-                )
-            )
-        elif not _affines_agree(other.affine, first.affine, tolerance):
-            problems.append(
-                CaseProblem(
-                    case.case_id,
-                    path,
-                    f"channel affine differs from {case.images[0].name}",
-                )
-            )
+    try:  # channels on one grid (or in another voxel order of it)
+        image = stack_channels(channels, case.images, tolerance)
+    except InputFileError as exc:
+        problems.append(CaseProblem(case.case_id, exc.path, exc.problem))
     if problems:
         return problems, None, None
-    array = (
-        first.array
-        if len(channels) == 1
-        else np.concatenate([np.asarray(c.array) for c in channels], axis=-1)
-    )
-    image = first.with_array(array)
     bad = count_nonfinite(np.asarray(image.array))
     if bad:
         problems.append(

@@ -30,7 +30,7 @@ import re
 import threading
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,14 +292,35 @@ def read_channels(
             raise InputFileError(
                 path, f"{volume.num_channels} channels in one channel's file"
             )
-        if volumes:
-            off = off_grid(volume, volumes[0], f"{files[0].name}'s", tolerance_mm)
-            if off:
-                raise InputFileError(path, off)
         volumes.append(volume)
+    return stack_channels(volumes, files, tolerance_mm)
+
+
+def stack_channels(
+    volumes: Sequence[Volume], files: Sequence[Path], tolerance_mm: float = 1e-3
+) -> Volume:
+    """The volumes of one case's channel files (in channel order) as one volume on the
+    first's grid, with its header; a file holding the first's voxels stored in another
+    order is read in the first's order (exactly: see
+    :func:`medseg.geometry.in_voxel_order_of`).
+
+    Raises:
+        InputFileError: naming the first file on another grid (shape or affine).
+    """
+    from medseg.geometry import in_voxel_order_of
+
     first = volumes[0]
+    if len(volumes) == 1:
+        return first
+    arrays = [np.asarray(first.array)]
+    for path, volume in zip(files[1:], volumes[1:], strict=True):
+        ordered = in_voxel_order_of(volume, first, tolerance_mm)
+        if ordered is None:
+            whose = f"{Path(files[0]).name}'s"
+            raise InputFileError(path, off_grid(volume, first, whose, tolerance_mm))
+        arrays.append(np.asarray(ordered.array))
     return Volume(
-        np.concatenate([np.asarray(v.array) for v in volumes], axis=-1),
+        np.concatenate(arrays, axis=-1),
         first.affine,
         first.header,
         first.path,

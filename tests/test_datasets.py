@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
@@ -33,8 +34,6 @@ def test_a_label_map_stored_in_another_voxel_order_checks_and_trains_as_its_imag
     msd_dataset,
 ):
     import shutil
-
-    import nibabel as nib
 
     from medseg.checks import check_dataset
     from medseg.preprocessing import Preprocessor, ZScoreNormalization
@@ -120,6 +119,64 @@ def test_nnunet_v2_layout_with_two_channels(tmp_path):
         InputFileError, match="liver_2_0001.nii.gz: case liver_2: file not"
     ):
         load_dataset(root)
+
+
+def test_a_channel_stored_in_another_voxel_order_checks_and_trains_as_the_first(
+    tmp_path, rng
+):
+    import shutil
+
+    from medseg.checks import check_dataset
+    from medseg.preprocessing import Preprocessor, ZScoreNormalization
+    from medseg.training.data import prepare_case
+
+    root = tmp_path / "Dataset002_Two"
+    for case in ("liver_1", "liver_2"):
+        for channel in range(2):
+            save_nifti(
+                root / "imagesTr" / f"{case}_{channel:04d}.nii.gz",
+                rng.normal(size=(6, 5, 4)).astype(np.float32),
+                OBLIQUE_LPS,
+            )
+        label = np.zeros((6, 5, 4), np.uint8)
+        label[1:4, 2:4, 1:3] = 1
+        save_nifti(root / "labelsTr" / f"{case}.nii.gz", label, OBLIQUE_LPS)
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "T1", "1": "FLAIR"},
+                "labels": {"background": 0, "lesion": 1},
+                "numTraining": 2,
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
+    reordered = tmp_path / "reordered"
+    shutil.copytree(root, reordered)
+    flair = nib.load(root / "imagesTr" / "liver_1_0001.nii.gz")
+    stored, affine = stored_in_another_order(
+        np.asanyarray(flair.dataobj), OBLIQUE_LPS, (2, 1, 0), [1]
+    )
+    save_nifti(reordered / "imagesTr" / "liver_1_0001.nii.gz", stored, affine)
+    original, moved = (load_dataset(r) for r in (root, reordered))
+    reports = [check_dataset(d) for d in (original, moved)]
+    assert reports[1].problems == []
+    fingerprints = [{**r.fingerprint, "name": None} for r in reports]
+    assert fingerprints[1] == fingerprints[0]  # FLAIR's intensities too
+    pre = Preprocessor((ZScoreNormalization(),) * 2, target_spacing_mm=None)
+    want, got = (prepare_case(d.cases[0], pre, [0, 1], None) for d in (original, moved))
+    # the same voxels; the z-score's float32 sums run in each array's memory order
+    np.testing.assert_allclose(got.image, want.image, rtol=0, atol=1e-6)
+    assert np.ptp(want.image[..., 1]) > 1
+    # another grid in another order is named
+    affine[:3, 3] += 0.5 * affine[:3, 1]
+    save_nifti(reordered / "imagesTr" / "liver_1_0001.nii.gz", stored, affine)
+    (problem,) = check_dataset(load_dataset(reordered)).problems
+    assert problem.path == reordered / "imagesTr" / "liver_1_0001.nii.gz"
+    assert (
+        problem.problem
+        == "shape (4, 5, 6) differs from liver_1_0000.nii.gz's (6, 5, 4)"
+    )
 
 
 def test_nnunet_region_labels_are_refused(tmp_path):

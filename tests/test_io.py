@@ -18,7 +18,7 @@ from medseg.io import (
     split_suffix,
     write_volume,
 )
-from tests.conftest import OBLIQUE_LPS
+from tests.conftest import OBLIQUE_LPS, stored_in_another_order
 
 # NIfTI
 
@@ -459,6 +459,10 @@ def test_a_case_stored_one_file_per_channel_reads_as_one_volume(tmp_path, rng):
     )
     with pytest.raises(InputFileError, match="_0000, _0001, _0002, but the model "):
         read_channels(files, 2)
+    # a channel stored in another voxel order is read in the first's
+    stored, stored_affine = stored_in_another_order(channels[2], affine, (1, 0, 2), [0])
+    nib.save(nib.Nifti1Image(stored, stored_affine), files[2])
+    np.testing.assert_array_equal(read_channels(files, 3).array, np.stack(channels, -1))
     # a channel on another grid: named
     nib.save(nib.Nifti1Image(channels[1][:4], affine), files[1])
     with pytest.raises(InputFileError) as shape:

@@ -20,7 +20,7 @@ import numpy as np
 
 from medseg.datasets import Case, Dataset
 from medseg.errors import ConfigError
-from medseg.io import read_volume
+from medseg.io import read_volume, stack_channels
 from medseg.preprocessing import Preprocessor
 
 logger = logging.getLogger(__name__)
@@ -108,11 +108,7 @@ def prepare_case(
             with np.load(cached, allow_pickle=False) as stored:
                 return _indexed(case.case_id, stored["image"], stored["label"])
     volumes = [read_volume(path) for path in case.images]
-    image_volume = volumes[0]
-    if len(volumes) > 1:
-        image_volume = image_volume.with_array(
-            np.concatenate([np.asarray(v.array) for v in volumes], axis=-1)
-        )
+    image_volume = stack_channels(volumes, case.images)
     image, records = preprocessor.image(image_volume)
     if values is None or case.label is None:  # reconstruction: images only
         label = np.zeros((*image.shape[:-1], 1), np.uint8)
