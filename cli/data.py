@@ -138,19 +138,26 @@ def format_fingerprint(fp: dict) -> str:
 @data.command("sort-dicom")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("target", type=click.Path(path_type=Path))
-def sort_dicom(source: Path, target: Path) -> None:
+@click.option(
+    "--by-patient",
+    is_flag=True,
+    help="Name each folder PATIENTID_STUDYDATE_NNNN_description: for an export of "
+    "several patients or studies (the names then carry the PatientID).",
+)
+def sort_dicom(source: Path, target: Path, by_patient: bool) -> None:
     """Sort the DICOM files under SOURCE into one folder per series under TARGET.
 
     SOURCE is searched at any depth (a PACS export that mixes a study's series in
     one folder, say). Each series gets TARGET/NNNN_description (series number and
-    description), each file named by its SOPInstanceUID; files are hard-linked where
+    description; --by-patient puts the PatientID and StudyDate before it), each
+    file named by its SOPInstanceUID; files are hard-linked where
     TARGET is on the same file system, else copied, and SOURCE is left as it is. A
     re-run places only what is missing. Then `medseg predict --input TARGET`
     segments each series as one scan. Exit status 1 if a file could not be placed.
     """
     from medseg.dicom import sort_series
 
-    done = sort_series(source, target)
+    done = sort_series(source, target, by_patient=by_patient)
     for name, count in sorted(done.series.items()):
         click.echo(f"{target / name}: {count} file{'s' * (count != 1)}")
     click.echo(

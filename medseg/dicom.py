@@ -592,24 +592,34 @@ class Sorted:
     problems: list[str] = field(default_factory=list)
 
 
-def series_folder_name(number, description: str, uid: str) -> str:
+def series_folder_name(
+    number, description: str, uid: str, patient: str | None = None, date=None
+) -> str:
     """``NNNN_description`` (the series number, 4 digits; its description with any
     character but letters, digits, ``.``, ``_`` and ``-`` made ``_``), or
-    ``series_`` and 8 hex digits of the UID's hash where both are missing."""
+    ``series_`` and 8 hex digits of the UID's hash where both are missing; with
+    ``patient`` (an ID) and ``date`` (the study's), ``PATIENT_DATE_`` before it (each
+    left out where missing)."""
     label = _UNSAFE.sub("_", str(description or "")).strip("_.")
     try:
         prefix = f"{int(number):04d}"
     except (TypeError, ValueError):
         prefix = ""
-    if not prefix and not label:
-        return "series_" + hashlib.sha1(uid.encode()).hexdigest()[:8]
-    return "_".join(part for part in (prefix, label) if part)
+    name = "_".join(part for part in (prefix, label) if part)
+    if not name:
+        name = "series_" + hashlib.sha1(uid.encode()).hexdigest()[:8]
+    study = [_UNSAFE.sub("_", str(part or "")).strip("_.") for part in (patient, date)]
+    return "_".join([*(part for part in study if part), name])
 
 
-def sort_series(source: str | Path, target: str | Path) -> Sorted:
+def sort_series(
+    source: str | Path, target: str | Path, *, by_patient: bool = False
+) -> Sorted:
     """Every DICOM file under ``source`` (any depth; a PACS export that mixes the
     series of a study in one folder, say) placed in a folder of its series under
-    ``target``, named by :func:`series_folder_name` (two series of one name get 8 hex
+    ``target``, named by :func:`series_folder_name` (with ``by_patient``, after the
+    PatientID and StudyDate: a cohort's export, whose patients' series share names and
+    whose names say whose scan it is; two series of one name get 8 hex
     digits of their UID's hash appended, but for one that an earlier run gave the
     plain name, which keeps it), each file as ``SOPInstanceUID.dcm``. Files
     are hard-linked where ``target`` is on the same file system, else copied under a
@@ -649,7 +659,10 @@ def sort_series(source: str | Path, target: str | Path) -> Sorted:
         uid = str(uid)
         if uid not in names:
             names[uid] = series_folder_name(
-                ds.get("SeriesNumber"), ds.get("SeriesDescription", ""), uid
+                ds.get("SeriesNumber"),
+                ds.get("SeriesDescription", ""),
+                uid,
+                *((ds.get("PatientID"), ds.get("StudyDate")) if by_patient else ()),
             )
         found.setdefault(uid, []).append((path, _UNSAFE.sub("_", str(instance))))
     taken = {}

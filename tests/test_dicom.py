@@ -35,12 +35,14 @@ def write_series(
     number=None,
     description=None,
     study=None,
+    patient=None,
+    date=None,
 ):
     """Writes ``planes`` (``(slices, rows, columns)`` stored values) as a DICOM series
     in ``folder``, slice ``k`` at ``origin + k * step * normal``; the files are named
     in another order than their positions; ``study``: its StudyInstanceUID, also
-    given a frame of reference and a patient (else none of them). Returns the
-    positions."""
+    given a frame of reference and a patient (else none of them); ``patient``,
+    ``date``: a PatientID and StudyDate. Returns the positions."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -65,6 +67,10 @@ def write_series(
             ds.StudyInstanceUID = study
             ds.FrameOfReferenceUID = study + ".1"
             ds.PatientID, ds.PatientName = "sample", "Sample^Case"
+        if patient is not None:
+            ds.PatientID = patient
+        if date is not None:
+            ds.StudyDate = date
         ds.Modality = "MR"
         position = np.asarray(origin, float) + k * step * normal
         positions.append(position)
@@ -699,3 +705,38 @@ def test_a_studys_mixed_files_are_sorted_into_one_folder_per_series(tmp_path, rn
     added = "0003_t1_mprage_sag_" + hashlib.sha1(b"1.2.3.4").hexdigest()[:8]
     assert more.series == {"0003_t1_mprage_sag": 4, added: 3}
     assert (more.placed, more.present, more.problems) == (7, 0, [])  # new instances
+
+
+def test_sort_dicom_by_patient_names_each_patients_and_studys_series(tmp_path, rng):
+    from medseg.dicom import series_folder_name
+
+    cohort = tmp_path / "cohort"
+    planes = rng.integers(0, 500, (3, 4, 5)).astype(np.int16)
+    # two patients' T1 of one name; one patient scanned again a year later; one
+    # series without a patient or a date
+    for uid, patient, date in (
+        ("1.5.1", "P-001", "20240131"),
+        ("1.5.2", "P 002/b", "20240202"),
+        ("1.5.3", "P-001", "20250130"),
+        ("1.5.4", None, None),
+    ):
+        write_series(cohort / uid, planes, series=uid, number=2,
+                     description="T1", patient=patient, date=date)  # fmt: skip
+    out = tmp_path / "sorted"
+    result = medseg("data", "sort-dicom", cohort, out, "--by-patient")
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = [
+        "0002_T1",
+        "P-001_20240131_0002_T1",
+        "P-001_20250130_0002_T1",
+        "P_002_b_20240202_0002_T1",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == expected
+    for name in expected:
+        assert f"{out / name}: 3 files" in result.stdout
+    for name, uid in zip(expected, ("1.5.4", "1.5.1", "1.5.3", "1.5.2"), strict=True):
+        ds = pydicom.dcmread(next((out / name).iterdir()))
+        assert ds.SeriesInstanceUID == uid
+    assert series_folder_name(None, "", "1.2", "P1", "") == (
+        "P1_series_" + hashlib.sha1(b"1.2").hexdigest()[:8]
+    )
