@@ -1027,11 +1027,12 @@ def test_cpu_info_reads_the_first_line_of_a_field(tmp_path):
 
 
 def _labels_and_probabilities(model, source, out, precision):
-    """``medseg predict --probabilities`` of one scan: its label map and class
-    probabilities; the report's precision is checked."""
+    """``medseg predict --probabilities`` of one scan, one forward pass (the precision
+    is in question, not the mirroring): its label map and class probabilities; the
+    report's precision is checked."""
     result = medseg(
         "predict", "--model", model, "--input", source, "--output", out,
-        "--precision", precision, "--probabilities",
+        "--precision", precision, "--probabilities", "--no-tta",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "medseg_predict_report.json").read_text())
