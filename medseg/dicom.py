@@ -116,7 +116,7 @@ def _vector(ds, tag: str, path: Path) -> np.ndarray:
 
 
 class _Slice:
-    """One file's geometry, from its header."""
+    """One file's geometry, from its header (kept: a SEG refers to it)."""
 
     def __init__(self, ds, path: Path):
         missing = [tag for tag in (*GEOMETRY_TAGS, "Rows", "Columns") if tag not in ds]
@@ -131,6 +131,7 @@ class _Slice:
         if int(ds.get("SamplesPerPixel", 1)) != 1:
             raise InputFileError(path, "a colour DICOM image, not a scan's slice")
         self.path = path
+        self.header = ds
         self.series = str(ds.get("SeriesInstanceUID", ""))
         self.description = str(ds.get("SeriesDescription", "") or "")
         self.position = _vector(ds, "ImagePositionPatient", path)
@@ -325,7 +326,6 @@ def write_segmentation(
     from medseg.io import atomic_output
 
     folder = Path(folder)
-    pydicom = _pydicom(folder)
     ordered, _ = _ordered(folder)
     labels = np.asarray(labels)
     if labels.ndim == 4 and labels.shape[-1] == 1:
@@ -337,7 +337,7 @@ def write_segmentation(
             f"the series is {columns} x {rows} x {len(ordered)} now, its label map "
             f"{' x '.join(map(str, labels.shape))}: changed while it was segmented?",
         )
-    sources = [_read(pydicom, s.path, pixels=False) for s in ordered]
+    sources = [s.header for s in ordered]
     missing = [tag for tag in _NEEDED_FOR_SEG if not sources[0].get(tag)]
     if missing:
         raise InputFileError(
