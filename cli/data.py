@@ -171,6 +171,56 @@ def sort_dicom(source: Path, target: Path, by_patient: bool) -> None:
         sys.exit(1)
 
 
+@data.command("nifti-to-seg")
+@click.argument("labels", type=click.Path(path_type=Path))
+@click.argument("series", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--label-names",
+    "names_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="dataset.json whose labels name the segments (default: a dataset.json beside "
+    "LABELS or in its parent, when there is one; else 'label N').",
+)
+@click.option(
+    "--algorithm",
+    help="The model that made LABELS: its segments are recorded as automatic, made "
+    "by it (default: manual segments, drawn by hand).",
+)
+def nifti_to_seg(
+    labels: Path, series: Path, output: Path, names_file: Path | None, algorithm
+) -> None:
+    """Write the label map LABELS (a NIfTI, say one corrected in a viewer) as a DICOM
+    Segmentation object OUTPUT of the DICOM series in the folder SERIES, for a PACS.
+
+    One binary segment per label value present (0 is background), each frame
+    referring to its slice. LABELS must be on the series' grid as `medseg predict`
+    reads it, or hold the same voxels stored in another order (a dcm2niix
+    conversion's, say); anything else is refused. OUTPUT ends in .dcm; `medseg data
+    seg-to-nifti` reads it back as LABELS.
+    """
+    from medseg import __version__
+    from medseg.dicom import label_map_to_segmentation
+    from medseg.errors import InputFileError
+    from medseg_cli.evaluate import label_names
+
+    if output.suffix.lower() != ".dcm":
+        raise InputFileError(output, "a DICOM SEG is written as a .dcm file")
+    written = label_map_to_segmentation(
+        labels,
+        series,
+        output,
+        label_names(names_file, labels),
+        algorithm=algorithm,
+        version=__version__,
+    )
+    described = ", ".join(f"{v} {name} {n:,} voxels" for v, name, n in written)
+    click.echo(
+        f"{output}: {len(written)} segment{'s' * (len(written) != 1)} of {series}: "
+        + described
+    )
+
+
 @data.command("seg-to-nifti")
 @click.argument("seg", type=click.Path(path_type=Path))
 @click.argument("series", type=click.Path(path_type=Path))

@@ -118,7 +118,7 @@ def evaluate(
     from medseg.io import atomic_write_text
 
     pairs = pair_files(prediction, truth)
-    names = _label_names(names_file, truth)
+    names = label_names(names_file, truth)
     failures: list[tuple[str, str]] = []
     with click.progressbar(
         length=len(pairs), label="evaluating", file=sys.stderr
@@ -171,10 +171,11 @@ def evaluate(
         sys.exit(1)
 
 
-def _label_names(names_file: Path | None, truth: Path) -> dict[int, str]:
-    """Label names from ``--label-names``, or from a dataset.json beside the truth
-    (MSD and nnU-Net keep it in the parent of labelsTr); one found on its own that
-    cannot be read is passed over with a warning."""
+def label_names(names_file: Path | None, truth: Path) -> dict[int, str]:
+    """Label names from ``--label-names``, or from a dataset.json beside the label
+    maps ``truth`` (a folder or a file; MSD and nnU-Net keep it in the parent of
+    labelsTr); one found on its own that cannot be read is passed over with a
+    warning."""
     from medseg.datasets import read_label_names
     from medseg.errors import InputFileError
 

@@ -296,7 +296,7 @@ def write_segmentation(
     segments: list[tuple[int, str]],
     path: str | Path,
     *,
-    algorithm: str,
+    algorithm: str | None,
     version: str,
 ) -> None:
     """Writes the label map of the series in ``folder`` as a DICOM Segmentation
@@ -311,8 +311,9 @@ def write_segmentation(
             axis of one channel allowed).
         segments: the label values written, with their names (segment labels).
         path: the ``.dcm`` file to write.
-        algorithm: the model's name, recorded as the segments' algorithm.
-        version: the algorithm's version.
+        algorithm: the model's name, recorded as the segments' algorithm (automatic
+            segments); ``None``: segments drawn by hand (manual).
+        version: the writing software's version.
 
     Raises:
         InputFileError: the series no longer matches the label map's grid, or lacks
@@ -351,11 +352,15 @@ def write_segmentation(
     numbers = np.zeros(labels.shape, np.uint8 if len(segments) < 256 else np.uint16)
     for number, (value, _) in enumerate(segments, start=1):
         numbers[labels == value] = number
-    identification = hd.AlgorithmIdentificationSequence(
-        name=algorithm[:64],
-        version=version,
-        family=codes.DCM.ArtificialIntelligence,
-    )
+    automatic = {}
+    if algorithm is not None:
+        automatic["algorithm_identification"] = hd.AlgorithmIdentificationSequence(
+            name=algorithm[:64],
+            version=version,
+            family=codes.DCM.ArtificialIntelligence,
+        )
+    kind = hd.seg.SegmentAlgorithmTypeValues
+    software = "medseg data nifti-to-seg" if algorithm is None else algorithm
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -364,8 +369,8 @@ def write_segmentation(
             segmented_property_type=hd.sr.CodedConcept(
                 str(value), SEG_SCHEME, str(name)[:64]
             ),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=identification,
+            algorithm_type=kind.MANUAL if algorithm is None else kind.AUTOMATIC,
+            **automatic,
         )
         for number, (value, name) in enumerate(segments, start=1)
     ]
@@ -386,10 +391,10 @@ def write_segmentation(
                 sop_instance_uid=hd.UID(),
                 instance_number=1,
                 manufacturer="medseg",
-                manufacturer_model_name=algorithm[:64],
+                manufacturer_model_name=software[:64],
                 software_versions=version,
                 device_serial_number="none",
-                series_description=f"medseg {algorithm}"[:64],
+                series_description=f"medseg {algorithm or 'labels'}"[:64],
             )
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise InputFileError(
@@ -397,6 +402,54 @@ def write_segmentation(
         ) from None
     with atomic_output(path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
+
+
+def label_map_to_segmentation(
+    labels: str | Path,
+    folder: str | Path,
+    path: str | Path,
+    names: dict[int, str],
+    *,
+    algorithm: str | None,
+    version: str,
+) -> list[tuple[int, str, int]]:
+    """The label map in the file ``labels`` (a NIfTI, say, corrected in a viewer)
+    written as a DICOM SEG of the series in ``folder`` at ``path``
+    (:func:`write_segmentation`): one segment per non-zero value present, named from
+    ``names`` (else ``label N``). The label map is on the series' grid as
+    :func:`read_series` reads it, or holds its voxels in another order (a dcm2niix
+    conversion's, say: read in the series' order, exactly).
+
+    Returns:
+        The segments written: ``(value, name, voxels)``.
+
+    Raises:
+        InputFileError: naming the file: not a label map (several channels, values
+            that are not whole numbers, negative ones, none but 0), on another grid
+            than the series, or the series' own problems.
+    """
+    from medseg.evaluation import label_array
+    from medseg.geometry import in_voxel_order_of
+    from medseg.io import off_grid, read_info, read_volume
+
+    series = read_info(folder)
+    volume = read_volume(labels)
+    ordered = in_voxel_order_of(volume, series)
+    if ordered is None:
+        off = off_grid(volume, series, "the series'")
+        raise InputFileError(labels, f"not on the grid of the series {folder}: {off}")
+    array = label_array(ordered)
+    values, counts = np.unique(array, return_counts=True)
+    if values[0] < 0:
+        raise InputFileError(labels, f"negative values ({values[0]}): not a label map")
+    found = [(int(v), int(n)) for v, n in zip(values, counts, strict=True) if v != 0]
+    if not found:
+        raise InputFileError(labels, "no voxel labelled: a DICOM SEG needs a segment")
+    segments = [(v, names.get(v, f"label {v}")) for v, _ in found]
+    write_segmentation(
+        folder, array, segments, path, algorithm=algorithm, version=version
+    )
+    return [(v, name, n) for (v, name), (_, n) in zip(segments, found, strict=True)]
 
 
 #: SOP classes of DICOM Segmentation objects: Segmentation, Label Map Segmentation

@@ -114,10 +114,10 @@ def _read_pair(pred_path: Path, truth_path: Path):
     ordered = in_voxel_order_of(prediction, truth)
     if ordered is None:
         raise InputFileError(pred_path, off_grid(prediction, truth, "the truth's"))
-    return _label_array(ordered), _label_array(truth), truth.spacing
+    return label_array(ordered), label_array(truth), truth.spacing
 
 
-def _label_array(volume) -> np.ndarray:
+def label_array(volume) -> np.ndarray:
     """A label map's values, refused when they cannot be one: several channels (a
     one-hot or probability volume) or values that are not whole numbers (a soft or
     resampled prediction, whose every distinct value would be scored as a label).

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
-from medseg.io import Volume
+from medseg.io import ScanInfo, Volume
 
 #: nnU-Net's threshold: a spacing ratio above this marks an axis as out-of-plane.
 ANISOTROPY_THRESHOLD = 3.0
@@ -115,18 +115,19 @@ def reorient_to_canonical(volume: Volume) -> tuple[Volume, OrientationRecord]:
 
 
 def in_voxel_order_of(
-    volume: Volume, reference: Volume, tolerance_mm: float = 1e-3
+    volume: Volume, reference: Volume | ScanInfo, tolerance_mm: float = 1e-3
 ) -> Volume | None:
     """``volume`` on ``reference``'s grid: itself when it is on it already, its voxel
     axes permuted and flipped into ``reference``'s order when it samples the same points
     stored in another order (a label map saved LPS beside a scan saved RAS, a DICOM
     series beside its dcm2niix copy: exact, nothing interpolated), ``None`` when it is
-    on another grid. 2D images are only ever on the grid or not."""
+    on another grid. 2D images are only ever on the grid or not. ``reference`` may be
+    a header read alone."""
     from medseg.io import off_grid
 
     if off_grid(volume, reference, "", tolerance_mm) is None:
         return volume
-    if volume.spatial_dims != 3 or reference.spatial_dims != 3:
+    if volume.spatial_dims != 3 or len(reference.spatial_shape) != 3:
         return None
     from nibabel import orientations
 

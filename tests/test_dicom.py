@@ -10,7 +10,7 @@ import pytest
 from medseg.errors import InputFileError
 from medseg.io import read_info, read_volume
 from tests import reference
-from tests.conftest import SAMPLE, assert_failures_named
+from tests.conftest import SAMPLE, assert_failures_named, stored_in_another_order
 from tests.conftest import run_medseg as medseg
 
 pydicom = pytest.importorskip("pydicom")
@@ -297,6 +297,24 @@ def _segments_by_slice(path):
     return seg, found, segments
 
 
+def _planes_by_slice(series, labels, affine, numbers):
+    """What each slice's SEG frames should be: ``{(SOPInstanceUID, segment number):
+    the label map's plane at that slice's position}`` (rows by columns), for a
+    label map ``(columns, rows, slices)`` whose value is its segment number."""
+    to_voxels = np.linalg.inv(affine)
+    expected = {}
+    for path in series.iterdir():
+        ds = pydicom.dcmread(path)
+        ras = np.array([-1.0, -1.0, 1.0]) * [float(v) for v in ds.ImagePositionPatient]
+        i, j, k = np.round(to_voxels[:3, :3] @ ras + to_voxels[:3, 3]).astype(int)
+        assert i == j == 0
+        for number in numbers:
+            plane = (labels[:, :, k] == number).T  # rows by columns
+            if plane.any():
+                expected[ds.SOPInstanceUID, number] = plane
+    return expected
+
+
 @pytest.mark.slow
 def test_predict_writes_a_dicom_seg_of_each_series_frame_by_slice(tmp_path):
     pytest.importorskip("highdicom")
@@ -328,18 +346,7 @@ def test_predict_writes_a_dicom_seg_of_each_series_frame_by_slice(tmp_path):
     assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
     assert seg.SeriesInstanceUID != first.SeriesInstanceUID
-    # each slice's frame is the label map's plane at that slice's position
-    to_voxels = np.linalg.inv(labels.affine)
-    expected = {}
-    for path in (inputs / "subject_1").iterdir():
-        ds = pydicom.dcmread(path)
-        ras = np.array([-1.0, -1.0, 1.0]) * [float(v) for v in ds.ImagePositionPatient]
-        i, j, k = np.round(to_voxels[:3, :3] @ ras + to_voxels[:3, 3]).astype(int)
-        assert i == j == 0
-        for number in (1, 2):
-            plane = (array[:, :, k] == number).T  # rows by columns
-            if plane.any():
-                expected[ds.SOPInstanceUID, number] = plane
+    expected = _planes_by_slice(inputs / "subject_1", array, labels.affine, (1, 2))
     assert len(expected) > 10 and sorted(found) == sorted(expected)
     for key, plane in expected.items():
         np.testing.assert_array_equal(found[key], plane)
@@ -366,6 +373,76 @@ def test_predict_writes_a_dicom_seg_of_each_series_frame_by_slice(tmp_path):
         f"Error: {nifti / 'scan.nii.gz'}: not a DICOM series, and --dicom-seg writes a "
         "DICOM SEG of each input series; segment other scans in a run without it"
     )
+
+
+def test_nifti_to_seg_writes_a_label_map_as_its_series_seg_and_reads_back(tmp_path):
+    pytest.importorskip("highdicom")
+    from click.testing import CliRunner
+
+    from medseg.dicom import read_segmentation
+    from medseg_cli.main import main
+
+    name = sorted((SAMPLE / "labelsTr").glob("*.nii.gz"))[2].name
+    series = tmp_path / "series"
+    series_of_nifti(series, SAMPLE / "imagesTr" / name, study="1.2.826.0.1.3680043.8.9")
+    truth = nib.load(SAMPLE / "labelsTr" / name)
+    array = np.asanyarray(truth.dataobj)
+    # the labels as a viewer saved them over a conversion in another voxel order
+    stored, affine = stored_in_another_order(array, truth.affine, (2, 0, 1), [0])
+    (tmp_path / "labels").mkdir()
+    labels = tmp_path / "labels" / name
+    nib.save(nib.Nifti1Image(stored, affine), labels)
+
+    def convert(*options):
+        return CliRunner().invoke(
+            main,
+            ["data", "nifti-to-seg", str(labels), str(series), *map(str, options)],
+        )
+
+    out = tmp_path / "labels.dcm"
+    result = convert(out, "--label-names", SAMPLE / "dataset.json")
+    assert result.exit_code == 0, result.output
+    counts = [int((array == v).sum()) for v in (1, 2)]
+    assert result.output.strip() == (
+        f"{out}: 2 segments of {series}: 1 Anterior {counts[0]:,} voxels, "
+        f"2 Posterior {counts[1]:,} voxels"
+    )
+    seg, found, segments = _segments_by_slice(out)
+    assert segments == {1: ("Anterior", "1"), 2: ("Posterior", "2")}
+    assert [s.SegmentAlgorithmType for s in seg.SegmentSequence] == ["MANUAL"] * 2
+    expected = _planes_by_slice(series, array, truth.affine, (1, 2))
+    assert len(expected) > 10 and sorted(found) == sorted(expected)
+    for key, plane in expected.items():
+        np.testing.assert_array_equal(found[key], plane)
+    back = read_segmentation(out, series)  # what seg-to-nifti writes
+    np.testing.assert_array_equal(back.labels, array)
+    np.testing.assert_allclose(back.affine, truth.affine, atol=1e-4)
+    # a model's labels, no names at hand
+    result = convert(tmp_path / "auto.dcm", "--algorithm", "hippocampus")
+    assert result.exit_code == 0, result.output
+    seg, _, segments = _segments_by_slice(tmp_path / "auto.dcm")
+    assert segments == {1: ("label 1", "1"), 2: ("label 2", "2")}
+    assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == "hippocampus"
+    # refused by name, nothing written: another grid, no label, not .dcm
+    shifted = affine.copy()
+    shifted[:3, 3] += 0.5 * affine[:3, 1]
+    nib.save(nib.Nifti1Image(stored, shifted), labels)
+    result = convert(tmp_path / "off.dcm")
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"Error: {labels}: not on the grid of the series {series}: shape "
+        f"{stored.shape} differs from the series' {array.shape}"
+    )
+    nib.save(nib.Nifti1Image(np.zeros_like(array), truth.affine), labels)
+    result = convert(tmp_path / "empty.dcm")
+    assert result.output.strip() == (
+        f"Error: {labels}: no voxel labelled: a DICOM SEG needs a segment"
+    )
+    result = convert(tmp_path / "labels.nii.gz")
+    assert result.exit_code == 2
+    assert "a DICOM SEG is written as a .dcm file" in result.output
+    assert sorted(p.name for p in tmp_path.glob("*.dcm")) == ["auto.dcm", "labels.dcm"]
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
