@@ -1,5 +1,6 @@
 """``medseg data``: dataset integrity checks and fingerprints; DICOM exports sorted
-into one folder per series; DICOM Segmentation objects read as NIfTI label maps."""
+into one folder per series; DICOM Segmentation objects read as NIfTI label maps, and
+label maps written as them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import click
 
 @click.group()
 def data() -> None:
-    """Inspect datasets; sort DICOM exports into series; read DICOM SEG labels."""
+    """Inspect datasets; sort DICOM exports into series; convert DICOM SEG labels."""
 
 
 @data.command("check")
