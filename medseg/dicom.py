@@ -116,21 +116,30 @@ def _vector(ds, tag: str, path: Path) -> np.ndarray:
 
 
 class _Slice:
-    """One file's geometry, from its header (kept: a SEG refers to it)."""
+    """One file's geometry, from its header (kept: a SEG refers to it), or one frame's
+    of a multi-frame file (``frame``: its index there; ``ds`` its geometry and
+    rescaling gathered from the functional groups, see :func:`_frames`)."""
 
-    def __init__(self, ds, path: Path):
+    def __init__(self, ds, path: Path, frame: int | None = None):
+        self.name = path.name if frame is None else f"{path.name} frame {frame + 1}"
         missing = [tag for tag in (*GEOMETRY_TAGS, "Rows", "Columns") if tag not in ds]
         if missing:
             raise InputFileError(
                 path,
-                f"no {', '.join(missing)}: not a slice of a volume (a localiser, a "
-                "report or a secondary capture?)",
+                f"{'' if frame is None else self.name + ': '}no {', '.join(missing)}: "
+                "not a slice of a volume (a localiser, a report or a secondary "
+                "capture?)",
             )
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise InputFileError(path, "a multi-frame DICOM file, which is not read")
+            raise InputFileError(
+                path,
+                "a multi-frame DICOM file without per-frame geometry (functional "
+                "groups), which is not read",
+            )
         if int(ds.get("SamplesPerPixel", 1)) != 1:
             raise InputFileError(path, "a colour DICOM image, not a scan's slice")
         self.path = path
+        self.frame = frame
         self.header = ds
         self.series = str(ds.get("SeriesInstanceUID", ""))
         self.description = str(ds.get("SeriesDescription", "") or "")
@@ -151,6 +160,54 @@ class _Slice:
     @property
     def normal(self) -> np.ndarray:
         return np.cross(self.orientation[:3], self.orientation[3:])
+
+
+#: Functional groups that hold a frame's geometry and rescaling (PS3.3 C.7.6.16).
+_FRAME_GROUPS = (
+    "PlanePositionSequence",
+    "PlaneOrientationSequence",
+    "PixelMeasuresSequence",
+    "PixelValueTransformationSequence",
+)
+#: What a frame keeps of its file's own attributes.
+_FRAME_KEEPS = (
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "SeriesInstanceUID",
+    "SeriesDescription",
+)
+
+
+def _frames(ds, path: Path) -> list[_Slice]:
+    """The frames of a multi-frame image (an enhanced or legacy-converted enhanced CT
+    or MR: a whole series in one file) as slices, each with the position, orientation,
+    pixel spacing and rescaling of its functional groups (its own over the shared
+    ones)."""
+    from pydicom.dataset import Dataset
+
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != count:
+        raise InputFileError(
+            path,
+            f"{count} frames, {len(per_frame)} per-frame functional groups: a "
+            "multi-frame file whose frames cannot be placed",
+        )
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    slices = []
+    for index, own in enumerate(per_frame):
+        frame = Dataset()
+        for tag in _FRAME_KEEPS:
+            if tag in ds:
+                frame.add(ds[tag])
+        for groups in (shared, own):  # a frame's own groups over the shared ones
+            for name in _FRAME_GROUPS:
+                if groups is not None and groups.get(name):
+                    for element in groups[name][0]:
+                        frame.add(element)
+        slices.append(_Slice(frame, path, frame=index))
+    return slices
 
 
 def _geometry(folder: Path, slices: list[_Slice]) -> tuple[list[_Slice], np.ndarray]:
@@ -176,7 +233,7 @@ def _geometry(folder: Path, slices: list[_Slice]) -> tuple[list[_Slice], np.ndar
         ):
             if not np.allclose(mine, theirs, atol=1e-4):
                 raise InputFileError(
-                    s.path, f"{what} differs from {first.path.name}'s in one series"
+                    s.path, f"{what} differs from {first.name}'s in one series"
                 )
     normal = first.normal
     ordered = sorted(slices, key=lambda s: float(s.position @ normal))
@@ -186,8 +243,7 @@ def _geometry(folder: Path, slices: list[_Slice]) -> tuple[list[_Slice], np.ndar
         i = int(np.argmin(gaps))
         raise InputFileError(
             folder,
-            f"two slices at one position ({ordered[i].path.name}, "
-            f"{ordered[i + 1].path.name})",
+            f"two slices at one position ({ordered[i].name}, {ordered[i + 1].name})",
         )
     if len(gaps) and gaps.max() - gaps.min() > GAP_TOLERANCE_MM:
         raise InputFileError(
@@ -226,9 +282,27 @@ def _ordered(folder: Path) -> tuple[list[_Slice], np.ndarray]:
     files = dicom_files(folder)
     if not files:
         raise InputFileError(folder, "no DICOM files found")
-    return _geometry(
-        folder, [_Slice(_read(pydicom, p, pixels=False), p) for p in files]
-    )
+    slices = []
+    for path in files:
+        ds = _read(pydicom, path, pixels=False)
+        if str(ds.get("SOPClassUID", "")) in SEG_SOP_CLASSES:
+            raise InputFileError(
+                path,
+                "a DICOM Segmentation, not a scan's slice (medseg data seg-to-nifti "
+                "reads it onto its series)",
+            )
+        if ds.get("PerFrameFunctionalGroupsSequence"):  # an enhanced image
+            slices.extend(_frames(ds, path))
+        else:
+            slices.append(_Slice(ds, path))
+    return _geometry(folder, slices)
+
+
+def _pixels(ds, path: Path) -> np.ndarray:
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # a compressed syntax without its decoder, say
+        raise InputFileError(path, f"pixel data not readable ({exc})") from None
 
 
 def read_series(
@@ -252,12 +326,15 @@ def read_series(
     )
     volume = np.empty(shape, np.int32 if whole else np.float32)
     pydicom = _pydicom(folder)
-    for k, s in enumerate(ordered):  # one file's pixels in memory at a time
-        ds = _read(pydicom, s.path, pixels=True)
-        try:
-            pixels = ds.pixel_array
-        except Exception as exc:  # a compressed syntax without its decoder, say
-            raise InputFileError(s.path, f"pixel data not readable ({exc})") from None
+    frames: dict[Path, np.ndarray] = {}  # a multi-frame file's, decoded once
+    for k, s in enumerate(ordered):  # one slice file's pixels in memory at a time
+        if s.frame is None:
+            pixels = _pixels(_read(pydicom, s.path, pixels=True), s.path)
+        else:
+            if s.path not in frames:
+                stack = _pixels(_read(pydicom, s.path, pixels=True), s.path)
+                frames[s.path] = stack.reshape(-1, *stack.shape[-2:])  # one frame too
+            pixels = frames[s.path][s.frame]
         if pixels.shape != s.shape:
             raise InputFileError(
                 s.path, f"pixel data of shape {pixels.shape}, header says {s.shape}"
@@ -338,7 +415,17 @@ def write_segmentation(
             f"the series is {columns} x {rows} x {len(ordered)} now, its label map "
             f"{' x '.join(map(str, labels.shape))}: changed while it was segmented?",
         )
-    sources = [s.header for s in ordered]
+    files = sorted({s.path for s in ordered if s.frame is not None})
+    if len(files) > 1 or (files and any(s.frame is None for s in ordered)):
+        raise InputFileError(
+            folder,
+            "a series of several multi-frame files, or of them and single slices: "
+            "medseg writes a DICOM SEG of one multi-frame image or of single slices",
+        )
+    if files:  # one enhanced image: the SEG refers to its frames
+        sources = [_read(_pydicom(folder), files[0], pixels=False)]
+    else:
+        sources = [s.header for s in ordered]
     missing = [tag for tag in _NEEDED_FOR_SEG if not sources[0].get(tag)]
     if missing:
         raise InputFileError(
@@ -383,7 +470,7 @@ def write_segmentation(
             warnings.simplefilter("ignore")
             seg = hd.seg.Segmentation(
                 source_images=sources,
-                pixel_array=numbers.transpose(2, 1, 0),  # (slices, rows, columns)
+                pixel_array=_by_source_frame(numbers, ordered),
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=descriptions,
                 series_instance_uid=hd.UID(),
@@ -450,6 +537,18 @@ def label_map_to_segmentation(
         folder, array, segments, path, algorithm=algorithm, version=version
     )
     return [(v, name, n) for (v, name), (_, n) in zip(segments, found, strict=True)]
+
+
+def _by_source_frame(numbers: np.ndarray, ordered: list[_Slice]) -> np.ndarray:
+    """A label map ``(columns, rows, slices)`` as SEG frames ``(frames, rows,
+    columns)``, in the order of the source's: slices, or one multi-frame image's
+    frames."""
+    frames = numbers.transpose(2, 1, 0)
+    if ordered[0].frame is None:
+        return frames
+    stored = np.empty_like(frames)
+    stored[[s.frame for s in ordered]] = frames
+    return stored
 
 
 #: SOP classes of DICOM Segmentation objects: Segmentation, Label Map Segmentation

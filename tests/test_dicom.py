@@ -445,6 +445,85 @@ def test_nifti_to_seg_writes_a_label_map_as_its_series_seg_and_reads_back(tmp_pa
     assert sorted(p.name for p in tmp_path.glob("*.dcm")) == ["auto.dcm", "labels.dcm"]
 
 
+def _enhanced(classic, folder):
+    """The series in ``classic`` as one Legacy Converted Enhanced MR Image (highdicom's
+    converter) in ``folder``: every slice a frame, its geometry and rescaling in the
+    functional groups."""
+    import highdicom as hd
+
+    image = hd.legacy.LegacyConvertedEnhancedMRImage(
+        legacy_datasets=[pydicom.dcmread(p) for p in sorted(classic.iterdir())],
+        series_instance_uid=hd.UID(),
+        series_number=5,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+    )
+    folder.mkdir()
+    image.save_as(folder / "mr.dcm")
+    return folder / "mr.dcm"
+
+
+def test_an_enhanced_multiframe_image_reads_as_its_series_and_takes_a_seg(tmp_path):
+    pytest.importorskip("highdicom")
+    from medseg.dicom import read_segmentation, write_segmentation
+
+    planes = np.random.default_rng(2).integers(-100, 900, (6, 7, 9)).astype(np.int16)
+    classic = tmp_path / "classic"
+    write_series(classic, planes, slope=2.0, intercept=-50.0, study="1.2.826.0.1.3")
+    enhanced = _enhanced(classic, tmp_path / "enhanced")
+    source = pydicom.dcmread(enhanced)
+    assert int(source.NumberOfFrames) == 6 and "ImagePositionPatient" not in source
+    want, got = read_volume(classic), read_volume(enhanced.parent)
+    assert got.array.dtype == want.array.dtype == np.int16
+    np.testing.assert_array_equal(got.array, want.array)
+    np.testing.assert_allclose(got.affine, want.affine, atol=1e-6)
+    assert read_info(enhanced.parent).spatial_shape == (9, 7, 6)
+    # its label map as a SEG: each frame refers to the source frame at its position
+    labels = np.zeros((9, 7, 6), np.uint8)
+    labels[2:7, 1:5, 1:5] = 1
+    labels[3:5, 5:7, 2] = 2
+    out = tmp_path / "seg.dcm"
+    write_segmentation(enhanced.parent, labels, [(1, "a"), (2, "b")], out,
+                       algorithm=None, version="1")  # fmt: skip
+    seg = pydicom.dcmread(out)
+    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    where = {  # a source frame's number -> its position
+        n: [float(v) for v in g.PlanePositionSequence[0].ImagePositionPatient]
+        for n, g in enumerate(source.PerFrameFunctionalGroupsSequence, start=1)
+    }
+    to_voxels = np.linalg.inv(got.affine)
+    seen = 0
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        ref = group.DerivationImageSequence[0].SourceImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        lps = where[int(ref.ReferencedFrameNumber)]
+        np.testing.assert_allclose(
+            [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient],
+            lps,
+            atol=1e-4,
+        )
+        ras = np.array([-1.0, -1.0, 1.0]) * lps
+        k = int(np.round(to_voxels[:3, :3] @ ras + to_voxels[:3, 3])[2])
+        value = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        np.testing.assert_array_equal(frame, (labels[:, :, k] == value).T)
+        seen += 1
+    assert seen == 4 + 1  # slices 1-4 hold label 1, slice 2 label 2 too
+    back = read_segmentation(out, enhanced.parent)
+    np.testing.assert_array_equal(back.labels, labels)
+    # a SEG is no scan; a frame without a position is named
+    (tmp_path / "segs").mkdir()
+    out.rename(tmp_path / "segs" / "seg.dcm")
+    with pytest.raises(InputFileError, match="a DICOM Segmentation, not a scan's"):
+        read_volume(tmp_path / "segs")
+    del source.PerFrameFunctionalGroupsSequence[3].PlanePositionSequence
+    source.save_as(enhanced)
+    with pytest.raises(InputFileError) as missing:
+        read_volume(enhanced.parent)
+    assert str(missing.value).startswith(
+        f"{enhanced}: mr.dcm frame 4: no ImagePositionPatient: not a slice"
+    )
+
+
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
 def test_a_dicom_seg_of_a_real_scanners_slice(name, tmp_path):
     import shutil
