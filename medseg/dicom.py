@@ -333,7 +333,14 @@ def read_series(
         else:
             if s.path not in frames:
                 stack = _pixels(_read(pydicom, s.path, pixels=True), s.path)
-                frames[s.path] = stack.reshape(-1, *stack.shape[-2:])  # one frame too
+                count = sum(t.path == s.path for t in ordered)
+                if stack.shape[-2:] != s.shape or stack.size != count * rows * columns:
+                    raise InputFileError(
+                        s.path,
+                        f"pixel data of shape {stack.shape}, header says {count} "
+                        f"frames of {s.shape}",
+                    )
+                frames[s.path] = stack.reshape(count, *s.shape)  # one frame too
             pixels = frames[s.path][s.frame]
         if pixels.shape != s.shape:
             raise InputFileError(
