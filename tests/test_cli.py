@@ -23,10 +23,11 @@ def run(*args):
     ("args", "summary"),
     [
         ([], "medseg: segment medical scans with Keras."),
-        (["data"], "Inspect datasets; sort DICOM exports into series; read DICOM"),
+        (["data"], "Inspect datasets; sort DICOM exports into series; convert DICOM"),
         (["data", "check"], "Check every case of DATASET and print its fingerprint."),
         (["data", "sort-dicom"], "Sort the DICOM files under SOURCE into one folder"),
         (["data", "seg-to-nifti"], "Write the DICOM Segmentation object SEG as a"),
+        (["data", "nifti-to-seg"], "Write the label map LABELS (a NIfTI, say one"),
         (["info"], "Describe MODEL_OR_CONFIG: a .keras model, a model bundle"),
         (["train"], "Train a segmentation model; OUTPUT becomes a bundle"),
         (["finetune"], "Fine-tune a pretrained bundle on a new dataset"),
