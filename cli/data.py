@@ -70,6 +70,8 @@ def check(
                 progress=lambda _case: bar.update(1),
             )
     click.echo(format_fingerprint(report.fingerprint))
+    for note in report.notes:
+        click.echo(f"  NOTE {note}")
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
         click.echo(f"report written to {json_path}")

@@ -22,7 +22,7 @@ import numpy as np
 
 from medseg.datasets import ArrayDataset, Case, CaseProblem, Dataset
 from medseg.errors import InputFileError
-from medseg.geometry import in_voxel_order_of
+from medseg.geometry import in_voxel_order_of, orientation_codes
 from medseg.io import DEFAULT_MAX_VOXELS, Volume, read_volume, stack_channels
 from medseg.preprocessing import count_nonfinite
 
@@ -39,10 +39,13 @@ class CheckReport:
     Attributes:
         problems: one entry per problem found, naming case and file.
         fingerprint: JSON-ready summary of the readable cases.
+        notes: what was read as it was meant but is worth knowing (a file stored in
+            another voxel order than its image), naming case and file.
     """
 
     problems: list[CaseProblem] = field(default_factory=list)
     fingerprint: dict = field(default_factory=dict)
+    notes: list[CaseProblem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -53,16 +56,14 @@ class CheckReport:
         return sorted({p.case_id for p in self.problems})
 
     def to_dict(self) -> dict:
+        def entry(p: CaseProblem) -> dict:
+            path = None if p.path is None else str(p.path)
+            return {"case": p.case_id, "path": path, "problem": p.problem}
+
         return {
             "ok": self.ok,
-            "problems": [
-                {
-                    "case": p.case_id,
-                    "path": None if p.path is None else str(p.path),
-                    "problem": p.problem,
-                }
-                for p in self.problems
-            ],
+            "problems": [entry(p) for p in self.problems],
+            "notes": [entry(p) for p in self.notes],
             "fingerprint": self.fingerprint,
         }
 
@@ -104,7 +105,7 @@ def check_dataset(
     expected_channels = dataset.num_channels  # None: the first readable case decides
     for case in dataset.cases:
         problems, image, label = _check_case(
-            dataset, case, max_voxels, affine_tolerance_mm
+            dataset, case, max_voxels, affine_tolerance_mm, report.notes
         )
         if image is not None and expected_channels is None:
             expected_channels = image.num_channels
@@ -134,7 +135,9 @@ def _read(case: Case, path, max_voxels, problems) -> Volume | None:
     return None
 
 
-def _check_case(dataset: Dataset, case: Case, max_voxels: int, tolerance: float):
+def _check_case(
+    dataset: Dataset, case: Case, max_voxels: int, tolerance: float, notes: list
+):
     problems: list[CaseProblem] = []
     if any(p.case_id == case.case_id for p in dataset.problems):
         return problems, None, None  # already reported (missing or outside the folder)
@@ -150,6 +153,8 @@ def _check_case(dataset: Dataset, case: Case, max_voxels: int, tolerance: float)
         problems.append(CaseProblem(case.case_id, exc.path, exc.problem))
     if problems:
         return problems, None, None
+    for path, channel in zip(case.images[1:], channels[1:], strict=True):
+        notes.extend(_another_order(case, path, channel, channels[0], "the first's"))
     bad = count_nonfinite(np.asarray(image.array))
     if bad:
         problems.append(
@@ -159,9 +164,29 @@ def _check_case(dataset: Dataset, case: Case, max_voxels: int, tolerance: float)
         # the same voxels stored in another order (LPS beside RAS): read in the image's,
         # as training's preprocessing reorients both
         ordered = in_voxel_order_of(label, image, tolerance)
-        label = label if ordered is None else ordered
+        if ordered is not None:
+            notes.extend(_another_order(case, case.label, label, image, "its image's"))
+            label = ordered
         problems.extend(_check_label(dataset, case, image, label, tolerance))
     return problems, image, label
+
+
+def _another_order(case, path, volume, reference, whose: str) -> list[CaseProblem]:
+    """A note when ``volume`` (on ``reference``'s grid) is stored in another voxel
+    order."""
+    stored, wanted = (
+        orientation_codes(volume.affine),
+        orientation_codes(reference.affine),
+    )
+    if stored == wanted:
+        return []
+    return [
+        CaseProblem(
+            case.case_id,
+            path,
+            f"stored in {stored} voxel order, {whose} in {wanted}: read in {whose}",
+        )
+    ]
 
 
 def _affines_agree(a: np.ndarray, b: np.ndarray, tolerance: float) -> bool:

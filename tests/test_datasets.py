@@ -5,10 +5,12 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 from medseg.datasets import load_dataset, load_npz_dataset, read_label_names
 from medseg.errors import InputFileError
+from medseg_cli.main import main
 from tests.conftest import (
     OBLIQUE_LPS,
     SAMPLE,
@@ -50,7 +52,11 @@ def test_a_label_map_stored_in_another_voxel_order_checks_and_trains_as_its_imag
     save_nifti(reordered / "labelsTr" / "case_1.nii.gz", stored, affine)
     original, moved = (load_dataset(root) for root in (msd_dataset, reordered))
     reports = [check_dataset(d) for d in (original, moved)]
-    assert reports[1].problems == []
+    assert reports[1].problems == [] and reports[0].notes == []
+    assert [str(n) for n in reports[1].notes] == [
+        f"case_1: {reordered / 'labelsTr' / 'case_1.nii.gz'}: stored in ASR voxel "
+        "order, its image's in LPS: read in its image's"  # P, S, L: A, S, R flipped
+    ]
     assert reports[1].fingerprint == reports[0].fingerprint  # label fractions too
     pre = Preprocessor((ZScoreNormalization(),), target_spacing_mm=(1.0, 1.0, 2.0))
     want, got = (
@@ -163,6 +169,13 @@ def test_a_channel_stored_in_another_voxel_order_checks_and_trains_as_the_first(
     assert reports[1].problems == []
     fingerprints = [{**r.fingerprint, "name": None} for r in reports]
     assert fingerprints[1] == fingerprints[0]  # FLAIR's intensities too
+    checked = CliRunner().invoke(main, ["data", "check", str(reordered)])
+    assert checked.exit_code == 0, checked.output
+    assert (
+        f"  NOTE liver_1: {reordered / 'imagesTr' / 'liver_1_0001.nii.gz'}: stored in "
+        "SAL voxel order, the first's in LPS: read in the first's\n"  # S, P flipped, L
+    ) in checked.output
+    assert f"OK: no problems found in {reordered}" in checked.output
     pre = Preprocessor((ZScoreNormalization(),) * 2, target_spacing_mm=None)
     want, got = (prepare_case(d.cases[0], pre, [0, 1], None) for d in (original, moved))
     # the same voxels; the z-score's float32 sums run in each array's memory order
