@@ -209,6 +209,8 @@ def nifti_to_seg(
 
     if output.suffix.lower() != ".dcm":
         raise InputFileError(output, "a DICOM SEG is written as a .dcm file")
+    if not output.parent.is_dir():
+        raise InputFileError(output.parent, "output folder does not exist")
     written = label_map_to_segmentation(
         labels,
         series,

@@ -494,8 +494,11 @@ def write_segmentation(
         raise InputFileError(
             folder, f"its headers do not make a DICOM SEG ({exc})"
         ) from None
-    with atomic_output(path) as tmp:
-        seg.save_as(tmp, enforce_file_format=True)
+    try:
+        with atomic_output(path) as tmp:
+            seg.save_as(tmp, enforce_file_format=True)
+    except OSError as exc:
+        raise InputFileError(path, f"cannot write ({exc.strerror or exc})") from None
 
 
 def label_map_to_segmentation(

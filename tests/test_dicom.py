@@ -442,6 +442,11 @@ def test_nifti_to_seg_writes_a_label_map_as_its_series_seg_and_reads_back(tmp_pa
     result = convert(tmp_path / "labels.nii.gz")
     assert result.exit_code == 2
     assert "a DICOM SEG is written as a .dcm file" in result.output
+    result = convert(tmp_path / "nowhere" / "x.dcm")
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"Error: {tmp_path / 'nowhere'}: output folder does not exist"
+    )
     assert sorted(p.name for p in tmp_path.glob("*.dcm")) == ["auto.dcm", "labels.dcm"]
 
 
