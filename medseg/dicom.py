@@ -403,6 +403,16 @@ def write_segmentation(
         InputFileError: the series no longer matches the label map's grid, or lacks
             what a Segmentation refers to (its study or frame of reference).
     """
+    folder = Path(folder)
+    _write_segmentation(
+        folder, _ordered(folder)[0], labels, segments, path, algorithm, version
+    )
+
+
+def _write_segmentation(
+    folder: Path, ordered: list[_Slice], labels, segments, path, algorithm, version
+) -> None:
+    """:func:`write_segmentation` of the series' slices ``ordered`` (headers read)."""
     import warnings
 
     import highdicom as hd
@@ -410,8 +420,6 @@ def write_segmentation(
 
     from medseg.io import atomic_output
 
-    folder = Path(folder)
-    ordered, _ = _ordered(folder)
     labels = np.asarray(labels)
     if labels.ndim == 4 and labels.shape[-1] == 1:
         labels = labels[..., 0]
@@ -527,9 +535,13 @@ def label_map_to_segmentation(
     """
     from medseg.evaluation import label_array
     from medseg.geometry import in_voxel_order_of
-    from medseg.io import off_grid, read_info, read_volume
+    from medseg.io import ScanInfo, off_grid, read_volume
 
-    series = read_info(folder)
+    folder = Path(folder)
+    slices, affine = _ordered(folder)  # the series' headers, read once
+    rows, columns = slices[0].shape
+    shape = (columns, rows, len(slices))
+    series = ScanInfo(folder, "dicom", shape, 1, np.dtype(np.float64), affine)
     volume = read_volume(labels)
     ordered = in_voxel_order_of(volume, series)
     if ordered is None:
@@ -543,9 +555,7 @@ def label_map_to_segmentation(
     if not found:
         raise InputFileError(labels, "no voxel labelled: a DICOM SEG needs a segment")
     segments = [(v, names.get(v, f"label {v}")) for v, _ in found]
-    write_segmentation(
-        folder, array, segments, path, algorithm=algorithm, version=version
-    )
+    _write_segmentation(folder, slices, array, segments, path, algorithm, version)
     return [(v, name, n) for (v, name), (_, n) in zip(segments, found, strict=True)]
 
 
