@@ -271,8 +271,13 @@ def series_geometry(folder: str | Path) -> tuple[tuple[int, int, int], np.ndarra
             one volume (several series, missing geometry, uneven or repeated slices).
     """
     ordered, affine = _ordered(Path(folder))
+    return _shape(ordered), affine
+
+
+def _shape(ordered: list[_Slice]) -> tuple[int, int, int]:
+    """The volume's shape ``(columns, rows, slices)`` of its ordered slices."""
     rows, columns = ordered[0].shape
-    return (columns, rows, len(ordered)), affine
+    return (columns, rows, len(ordered))
 
 
 def _ordered(folder: Path) -> tuple[list[_Slice], np.ndarray]:
@@ -539,9 +544,7 @@ def label_map_to_segmentation(
 
     folder = Path(folder)
     slices, affine = _ordered(folder)  # the series' headers, read once
-    rows, columns = slices[0].shape
-    shape = (columns, rows, len(slices))
-    series = ScanInfo(folder, "dicom", shape, 1, np.dtype(np.float64), affine)
+    series = ScanInfo(folder, "dicom", _shape(slices), 1, np.dtype(np.float64), affine)
     volume = read_volume(labels)
     ordered = in_voxel_order_of(volume, series)
     if ordered is None:
