@@ -127,12 +127,19 @@ def check_dataset(
     return report
 
 
-def _read(case: Case, path, max_voxels, problems) -> Volume | None:
+def _read(case: Case, path, max_voxels, problems, notes) -> Volume | None:
     try:
-        return read_volume(path, max_voxels=max_voxels)
+        volume = read_volume(path, max_voxels=max_voxels)
     except InputFileError as exc:
         problems.append(CaseProblem(case.case_id, exc.path, exc.problem))
-    return None
+        return None
+    # what the reader fixed or chose (a zero voxel size, the sform over the qform)
+    prefix = f"{path}: "
+    notes.extend(
+        CaseProblem(case.case_id, path, note.removeprefix(prefix))
+        for note in volume.notes
+    )
+    return volume
 
 
 def _check_case(
@@ -141,10 +148,10 @@ def _check_case(
     problems: list[CaseProblem] = []
     if any(p.case_id == case.case_id for p in dataset.problems):
         return problems, None, None  # already reported (missing or outside the folder)
-    channels = [_read(case, path, max_voxels, problems) for path in case.images]
+    channels = [_read(case, path, max_voxels, problems, notes) for path in case.images]
     label = None
     if case.label is not None:
-        label = _read(case, case.label, max_voxels, problems)
+        label = _read(case, case.label, max_voxels, problems, notes)
     if any(c is None for c in channels) or not channels:
         return problems, None, None
     try:  # channels on one grid (or in another voxel order of it)

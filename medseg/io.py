@@ -477,6 +477,42 @@ def _nifti_layout(path: Path, shape: tuple[int, ...]) -> tuple[tuple[int, ...], 
     raise InputFileError(path, f"unsupported NIfTI shape {shape} (expected 3D or 4D)")
 
 
+#: sform and qform placing a voxel this far apart (mm) disagree; float32 rounding of
+#: one transform written twice stays far below it
+TRANSFORMS_AGREE_MM = 1e-2
+
+
+def _transforms_disagree(header, spatial: tuple[int, ...]) -> str | None:
+    """What a NIfTI header's sform and qform disagree on, when both are set (codes
+    above 0) and place some voxel of the scan more than :data:`TRANSFORMS_AGREE_MM`
+    apart; else ``None``. nibabel (so medseg), FSL and SPM read the sform; ITK-based
+    tools read the qform when the sform is not a rigid transform, and older ones
+    always: a scan whose two disagree is in two places."""
+    sform, sform_code = header.get_sform(coded=True)
+    qform, qform_code = header.get_qform(coded=True)
+    if not sform_code or not qform_code:
+        return None
+    corners = np.array(
+        [[*c, 1.0] for c in np.ndindex(*(2,) * 3)], dtype=float
+    ) * np.array([*(max(n - 1, 0) for n in spatial), 1.0])
+    apart = float(np.max(np.linalg.norm((corners @ (sform - qform).T)[:, :3], axis=1)))
+    if apart <= TRANSFORMS_AGREE_MM:
+        return None
+    from medseg.geometry import orientation_codes
+
+    orders = ""
+    if orientation_codes(sform) != orientation_codes(qform):
+        orders = (
+            f", voxel order {orientation_codes(sform)} by the sform and "
+            f"{orientation_codes(qform)} by the qform"
+        )
+    return (
+        f"its sform and qform disagree (voxels up to {apart:.3g} mm apart{orders}): "
+        "read by the sform, as nibabel and FSL read it; a tool that reads the qform "
+        "sees the scan elsewhere (outputs keep both)"
+    )
+
+
 def _nifti_is_scaled(img) -> bool:
     slope, inter = img.header.get_slope_inter()
     return (slope is not None and slope != 1.0) or (inter is not None and inter != 0.0)
@@ -518,6 +554,9 @@ def _read_nifti_data(path: Path, max_voxels: int, notes: list[str]) -> Volume:
         raise
     except Exception as exc:
         raise InputFileError(path, _read_problem(exc)) from None
+    disagreement = _transforms_disagree(img.header, spatial)
+    if disagreement:
+        notes.append(f"{path}: {disagreement}")
     return Volume(
         data.reshape(*spatial, channels),
         img.affine,
@@ -812,9 +851,22 @@ def _write_nifti(
     image_class = (
         nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     )
-    img = image_class(data, volume.affine, header=header.copy() if header else None)
+    # on its source's grid (a label map of the scan), the source's sform and qform are
+    # kept as they are (no affine given), so that a reader taking either one
+    # (ITK-based tools may take the qform) lays it where it lays the source
+    own_grid = header is not None and np.allclose(
+        header.get_best_affine(), volume.affine, rtol=0.0, atol=1e-5
+    )
+    img = image_class(
+        data,
+        None if own_grid else volume.affine,
+        header=header.copy() if header else None,
+    )
     img.set_data_dtype(dtype)
     img.header.set_slope_inter(np.nan, np.nan)
+    if own_grid:
+        _write_nifti_image(img, path, source_id)
+        return
     sform_code, qform_code = 1, 1  # scanner-anatomical when there is no source header
     if header is not None:
         sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
@@ -827,6 +879,12 @@ def _write_nifti(
         img.header.set_xyzt_units("mm", "sec")
     img.set_sform(volume.affine, code=sform_code)
     img.set_qform(volume.affine, code=qform_code)
+    _write_nifti_image(img, path, source_id)
+
+
+def _write_nifti_image(img, path: Path, source_id: str | None) -> None:
+    import nibabel as nib
+
     extensions = img.header.extensions
     for extension in [e for e in extensions if _is_source_id(e)]:
         extensions.remove(extension)  # a label map segmented again: not this file's

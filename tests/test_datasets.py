@@ -192,6 +192,31 @@ def test_a_channel_stored_in_another_voxel_order_checks_and_trains_as_the_first(
     )
 
 
+def test_data_check_notes_a_scan_whose_sform_and_qform_disagree(msd_dataset):
+    path = msd_dataset / "imagesTr" / "case_1.nii.gz"
+    img = nib.load(path)
+    moved = np.eye(4)
+    moved[:3, 3] = [2.0, 0.0, 0.0]  # the qform 2 mm along x from the sform
+    img.set_qform(moved, code=1)
+    nib.save(img, path)
+    report = msd_dataset.parent / "check.json"
+    checked = CliRunner().invoke(
+        main, ["data", "check", str(msd_dataset), "--json", str(report)]
+    )
+    assert checked.exit_code == 0, checked.output
+    note = (
+        f"{path}: its sform and qform disagree (voxels up to 2 mm apart): read by the "
+        "sform, as nibabel and FSL read it; a tool that reads the qform sees the scan "
+        "elsewhere (outputs keep both)"
+    )
+    assert f"  NOTE case_1: {note}\n" in checked.output
+    assert f"OK: no problems found in {msd_dataset}" in checked.output
+    notes = json.loads(report.read_text())["notes"]
+    assert [(n["case"], n["path"], n["problem"]) for n in notes] == [
+        ("case_1", str(path), note.removeprefix(f"{path}: "))
+    ]
+
+
 def test_nnunet_region_labels_are_refused(tmp_path):
     (tmp_path / "dataset.json").write_text(
         json.dumps({"channel_names": {"0": "T1"}, "labels": {"bg": 0, "whole": [1, 2]}})

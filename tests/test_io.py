@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -139,6 +140,91 @@ def test_a_header_fixed_on_reading_is_named_once_and_kept_with_the_scan(
     caplog.clear()
     assert read_volume(tmp_path / "sound.nii.gz").notes == ()
     assert caplog.records == []
+
+
+def _two_transforms_nifti(path: Path, data, sform, qform) -> Path:
+    img = nib.Nifti1Image(data, None)
+    img.set_qform(qform, code=1)
+    img.set_sform(sform, code=2)
+    nib.save(img, path)
+    return path
+
+
+def test_a_scan_whose_sform_and_qform_disagree_is_named_and_its_labels_keep_both(
+    tmp_path, rng, caplog
+):
+    # as SPM's coregistration leaves a scan: the sform moved (here flipped, sheared
+    # and shifted: a transform ITK-based tools will not take), the qform the scanner's
+    data = rng.integers(0, 500, size=(6, 5, 4)).astype(np.int16)
+    qform = np.diag([0.9, 1.1, 1.3, 1.0])
+    qform[:3, 3] = [-20.0, 4.0, 7.5]
+    sform = np.array(
+        [
+            [-0.9, 0.2, 0.0, 3.0],
+            [0.0, 1.1, 0.0, 4.0],
+            [0.1, 0.0, 1.3, 7.0],
+            [0, 0, 0, 1],
+        ]
+    )
+    path = _two_transforms_nifti(tmp_path / "moved.nii.gz", data, sform, qform)
+    with caplog.at_level("WARNING"):
+        volume = read_volume(path)
+    header = nib.load(path).header
+    stored_s, stored_q = header.get_sform(), header.get_qform()
+    apart = max(  # every voxel's centre by one transform and by the other
+        np.linalg.norm((stored_s @ [*v, 1.0] - stored_q @ [*v, 1.0])[:3])
+        for v in np.ndindex(data.shape)
+    )
+    assert volume.notes == (
+        f"{path}: its sform and qform disagree (voxels up to {apart:.3g} mm apart, "
+        "voxel order LAS by the sform and RAS by the qform): read by the sform, as "
+        "nibabel and FSL read it; a tool that reads the qform sees the scan elsewhere "
+        "(outputs keep both)",
+    )
+    assert [r.getMessage() for r in caplog.records] == list(volume.notes)
+    np.testing.assert_array_equal(volume.affine, stored_s)
+    # its label map carries the scan's two transforms as they are, so that a viewer
+    # taking either one lays it over the scan
+    labels = volume.with_array((volume.array > 250).astype(np.uint8))
+    written = nib.load(write_volume(labels, tmp_path / "labels.nii.gz", is_label=True))
+    for field in (
+        "sform_code", "qform_code", "srow_x", "srow_y", "srow_z", "quatern_b",
+        "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z", "pixdim",
+    ):  # fmt: skip
+        np.testing.assert_array_equal(written.header[field], header[field], field)
+    np.testing.assert_array_equal(written.get_fdata(), volume.array[..., 0] > 250)
+    assert written.get_data_dtype() == np.uint8
+
+    # one transform written twice, float32 rounding apart (dcm2niix's, an oblique
+    # scan's): nothing to say; nor with the qform unset (code 0)
+    from scipy.spatial.transform import Rotation
+
+    oblique = np.eye(4)
+    oblique[:3, :3] = Rotation.from_euler(
+        "xyz", [17, -31, 52], degrees=True
+    ).as_matrix()
+    oblique[:3, :3] *= [0.7, 0.7, 3.3]
+    oblique[:3, 3] = [90.5, 120.25, -60.0]
+    for name, s, q, qcode in [
+        ("oblique.nii.gz", oblique, oblique, 1),
+        ("almost.nii.gz", qform + np.diag([0, 0, 0.001, 0]), qform, 1),
+        ("unset.nii.gz", sform, qform, 0),
+    ]:
+        img = nib.Nifti1Image(data, None)
+        img.set_qform(q, code=qcode)
+        img.set_sform(s, code=2)
+        nib.save(img, tmp_path / name)
+        assert read_volume(tmp_path / name).notes == (), name
+    # 0.075 mm apart at the far corner is more than rounding; and a sheared sform
+    # (OBLIQUE_LPS) has no qform that equals it
+    shifted = _two_transforms_nifti(
+        tmp_path / "shifted.nii.gz", data, qform + np.diag([0, 0, 0.025, 0]), qform
+    )
+    assert "(voxels up to 0.075 mm apart)" in read_volume(shifted).notes[0]
+    sheared = _two_transforms_nifti(
+        tmp_path / "sheared.nii.gz", data, OBLIQUE_LPS, OBLIQUE_LPS
+    )
+    assert "its sform and qform disagree" in read_volume(sheared).notes[0]
 
 
 def test_header_fixes_of_other_threads_are_left_to_nibabel(tmp_path, rng, caplog):
