@@ -205,7 +205,7 @@ def read_info(path: str | Path, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> Scan
         dtype = np.dtype(img.get_data_dtype())
         if _nifti_is_scaled(img):
             dtype = np.dtype(np.float64)
-        affine = img.affine
+        affine = nifti_affine_mm(img.header)
     elif fmt == "image2d":
         spatial, channels, dtype = _image2d_layout(path)
         affine = np.eye(4)
@@ -477,9 +477,40 @@ def _nifti_layout(path: Path, shape: tuple[int, ...]) -> tuple[tuple[int, ...], 
     raise InputFileError(path, f"unsupported NIfTI shape {shape} (expected 3D or 4D)")
 
 
+#: millimetres per unit of a NIfTI header's spatial units (``xyzt_units``); unknown
+#: units are millimetres by convention, as ITK and nibabel take them
+_MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
+
+
+def _mm_per_unit(header) -> tuple[float, str]:
+    unit = header.get_xyzt_units()[0]
+    return _MM_PER_UNIT.get(unit, 1.0), unit
+
+
+def nifti_affine_mm(header) -> np.ndarray:
+    """A NIfTI header's affine (nibabel's choice: the sform, else the qform, else the
+    voxel sizes) in millimetres: positions and voxel sizes stored in metres or
+    microns (``xyzt_units``) are scaled, as ITK reads them; nibabel does not."""
+    affine = np.array(header.get_best_affine(), dtype=np.float64)
+    factor = _mm_per_unit(header)[0]
+    if factor != 1.0:
+        affine[:3] *= factor
+    return affine
+
+
 #: sform and qform placing a voxel this far apart (mm) disagree; float32 rounding of
 #: one transform written twice stays far below it
 TRANSFORMS_AGREE_MM = 1e-2
+
+
+def _units_note(header) -> str | None:
+    factor, unit = _mm_per_unit(header)
+    if factor == 1.0:
+        return None
+    return (
+        f"positions and voxel sizes stored in {unit}s: read in mm (x {factor:g}), as "
+        "ITK reads them (nibabel-based tools take them for mm)"
+    )
 
 
 def _transforms_disagree(header, spatial: tuple[int, ...]) -> str | None:
@@ -496,6 +527,7 @@ def _transforms_disagree(header, spatial: tuple[int, ...]) -> str | None:
         [[*c, 1.0] for c in np.ndindex(*(2,) * 3)], dtype=float
     ) * np.array([*(max(n - 1, 0) for n in spatial), 1.0])
     apart = float(np.max(np.linalg.norm((corners @ (sform - qform).T)[:, :3], axis=1)))
+    apart *= _mm_per_unit(header)[0]
     if apart <= TRANSFORMS_AGREE_MM:
         return None
     from medseg.geometry import orientation_codes
@@ -554,12 +586,12 @@ def _read_nifti_data(path: Path, max_voxels: int, notes: list[str]) -> Volume:
         raise
     except Exception as exc:
         raise InputFileError(path, _read_problem(exc)) from None
-    disagreement = _transforms_disagree(img.header, spatial)
-    if disagreement:
-        notes.append(f"{path}: {disagreement}")
+    for note in (_units_note(img.header), _transforms_disagree(img.header, spatial)):
+        if note:
+            notes.append(f"{path}: {note}")
     return Volume(
         data.reshape(*spatial, channels),
-        img.affine,
+        nifti_affine_mm(img.header),
         img.header.copy(),
         path,
         tuple(notes),
@@ -855,7 +887,7 @@ def _write_nifti(
     # kept as they are (no affine given), so that a reader taking either one
     # (ITK-based tools may take the qform) lays it where it lays the source
     own_grid = header is not None and np.allclose(
-        header.get_best_affine(), volume.affine, rtol=0.0, atol=1e-5
+        nifti_affine_mm(header), volume.affine, rtol=0.0, atol=1e-5
     )
     img = image_class(
         data,
@@ -875,6 +907,8 @@ def _write_nifti(
             # exact
             if not np.allclose(img.header.get_base_affine(), volume.affine):
                 sform_code = 1
+        if _mm_per_unit(header)[0] != 1.0:  # the affine written is in mm
+            img.header.set_xyzt_units("mm", header.get_xyzt_units()[1])
     else:
         img.header.set_xyzt_units("mm", "sec")
     img.set_sform(volume.affine, code=sform_code)

@@ -424,8 +424,12 @@ def test_same_scan_in_another_voxel_order_gets_the_same_segmentation(bundle, tmp
     permute = np.eye(4)[:, [2, 0, 1, 3]]
     affine = img.affine @ flip @ permute
     nib.save(nib.Nifti1Image(reordered, affine), tmp_path / "reordered.nii.gz")
+    # and stored in metres (xyzt_units): the same scan, as ITK reads it
+    in_metres = nib.Nifti1Image(data, np.diag([1e-3] * 3 + [1.0]) @ img.affine)
+    in_metres.header.set_xyzt_units("meter", "sec")
+    nib.save(in_metres, tmp_path / "metres.nii.gz")
     out = tmp_path / "out"
-    for path in (source, tmp_path / "reordered.nii.gz"):
+    for path in (source, tmp_path / "reordered.nii.gz", tmp_path / "metres.nii.gz"):
         result = medseg("predict", "--model", bundle, "--input", path, "--output", out)
         assert result.returncode == 0, result.stderr[-2000:]
     original = np.asanyarray(nib.load(out / source.name).dataobj)
@@ -433,6 +437,12 @@ def test_same_scan_in_another_voxel_order_gets_the_same_segmentation(bundle, tmp
     np.testing.assert_array_equal(other.affine, affine)  # written on its own grid
     back = np.flip(np.asanyarray(other.dataobj).transpose(1, 2, 0), 0)
     np.testing.assert_array_equal(back, original)
+    metres = nib.load(out / "metres.nii.gz")
+    np.testing.assert_array_equal(np.asanyarray(metres.dataobj), original)
+    np.testing.assert_array_equal(
+        metres.affine, nib.load(tmp_path / "metres.nii.gz").affine
+    )
+    assert metres.header.get_xyzt_units() == ("meter", "sec")
 
 
 @pytest.mark.slow

@@ -227,6 +227,46 @@ def test_a_scan_whose_sform_and_qform_disagree_is_named_and_its_labels_keep_both
     assert "its sform and qform disagree" in read_volume(sheared).notes[0]
 
 
+@pytest.mark.parametrize("unit, mm_per_unit", [("meter", 1000.0), ("micron", 0.001)])
+def test_positions_stored_in_metres_or_microns_are_read_in_mm(
+    unit, mm_per_unit, tmp_path, rng
+):
+    from medseg.geometry import resample_to_spacing
+
+    data = rng.integers(0, 500, size=(6, 5, 4)).astype(np.int16)
+    in_unit = OBLIQUE_LPS.copy()
+    in_unit[:3] /= mm_per_unit  # OBLIQUE_LPS's voxels and positions in that unit
+    img = nib.Nifti1Image(data, in_unit)
+    img.header.set_xyzt_units(unit, "msec")
+    path = tmp_path / f"{unit}.nii.gz"
+    nib.save(img, path)
+    stored = nib.load(path).affine  # float32 in the file
+    want = np.vstack([stored[:3] * mm_per_unit, [0, 0, 0, 1]])
+    volume = read_volume(path)
+    np.testing.assert_allclose(volume.affine, want, rtol=1e-12)
+    np.testing.assert_allclose(volume.affine, OBLIQUE_LPS, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(volume.spacing, np.linalg.norm(want[:3, :3], axis=0))
+    np.testing.assert_array_equal(read_info(path).affine, volume.affine)
+    assert volume.notes == (
+        f"{path}: positions and voxel sizes stored in {unit}s: read in mm "
+        f"(x {mm_per_unit:g}), as ITK reads them (nibabel-based tools take them for "
+        "mm)",
+    )
+    # a label map of it keeps its header as it is; read back, the same grid
+    labels = volume.with_array((volume.array > 250).astype(np.uint8))
+    written = write_volume(labels, tmp_path / "labels.nii.gz", is_label=True)
+    back = nib.load(written)
+    assert back.header.get_xyzt_units() == (unit, "msec")
+    np.testing.assert_array_equal(back.affine, stored)
+    np.testing.assert_array_equal(read_volume(written).affine, volume.affine)
+    # on another grid the affine written is in mm, and the units say so
+    coarse, _ = resample_to_spacing(volume, (1.6, 1.6, 7.0))
+    written = write_volume(coarse, tmp_path / "coarse.nii.gz")
+    assert nib.load(written).header.get_xyzt_units() == ("mm", "msec")
+    np.testing.assert_allclose(nib.load(written).affine, coarse.affine, atol=1e-4)
+    assert read_volume(written).notes == ()
+
+
 def test_header_fixes_of_other_threads_are_left_to_nibabel(tmp_path, rng, caplog):
     import threading
 
