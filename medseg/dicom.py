@@ -252,7 +252,19 @@ def _geometry(folder: Path, slices: list[_Slice]) -> tuple[list[_Slice], np.ndar
             "a slice missing?)",
         )
     if len(ordered) > 1:
+        # the slices' own step: along the normal, or across it under a tilted gantry
         step = (ordered[-1].position - ordered[0].position) / (len(ordered) - 1)
+        positions = np.array([s.position for s in ordered])
+        line = ordered[0].position + np.arange(len(ordered))[:, None] * step
+        off = np.linalg.norm(positions - line, axis=1)
+        if off.max() > GAP_TOLERANCE_MM:
+            i = int(np.argmax(off))
+            raise InputFileError(
+                folder,
+                f"slice positions are not on one line ({ordered[i].name} lies "
+                f"{off[i]:.3g} mm off the line from the first slice to the last): "
+                "not one volume",
+            )
     else:
         step = normal * first.thickness
     lps = np.eye(4)

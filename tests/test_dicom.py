@@ -120,6 +120,48 @@ def test_a_series_reads_as_one_volume_where_the_standard_puts_each_pixel(tmp_pat
         read_volume(folder, max_voxels=300)
 
 
+def _shift_slices(folder, origin, step, normal, shift) -> None:
+    """Moves slice ``k`` of a :func:`write_series` series by ``shift(k)`` (LPS mm)."""
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        position = np.array([float(v) for v in ds.ImagePositionPatient])
+        k = round(float((position - origin) @ normal) / step)
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in position + shift(k)]
+        ds.save_as(path)
+
+
+def test_a_tilted_gantry_series_reads_sheared_and_a_bent_one_is_refused(tmp_path):
+    # a CT under a tilted gantry: each slice also moves within its plane, so the
+    # volume's slice axis is not its normal; every pixel where the standard puts it
+    rng = np.random.default_rng(4)
+    planes = rng.integers(-500, 1500, size=(6, 7, 9)).astype(np.int16)
+    origin = np.array((12.5, -40.0, 7.25))
+    normal = np.cross(OBLIQUE[:3], OBLIQUE[3:])
+    tilt = 2.5 * np.tan(np.radians(20)) * OBLIQUE[3:]  # along the columns, 20 degrees
+    folder = tmp_path / "tilted"
+    write_series(folder, planes, origin=origin)
+    _shift_slices(folder, origin, 2.5, normal, lambda k: k * tilt)
+    volume = read_volume(folder)
+    for k in range(6):
+        np.testing.assert_array_equal(volume.array[:, :, k, 0], planes[k].T)
+        position = origin + k * 2.5 * normal + k * tilt
+        for row, column in [(0, 0), (6, 8), (3, 2)]:
+            lps = reference.dicom_pixel_lps(position, OBLIQUE, (0.8, 0.6), row, column)
+            ras = volume.affine @ [column, row, k, 1]
+            np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-4)
+    # one slice moved within its plane (two stacks in one series, say): no line
+    # through the slices places every pixel, so none is guessed
+    bent = tmp_path / "bent"
+    write_series(bent, planes, origin=origin, names=[f"s{k}" for k in range(6)])
+    _shift_slices(bent, origin, 2.5, normal, lambda k: (k == 3) * 5.0 * OBLIQUE[:3])
+    with pytest.raises(InputFileError) as info:
+        read_volume(bent)
+    assert str(info.value) == (
+        f"{bent}: slice positions are not on one line (s3 lies 5 mm off the line "
+        "from the first slice to the last): not one volume"
+    )
+
+
 def test_a_rescale_to_fractions_reads_as_float32(tmp_path):
     planes = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)
     write_series(tmp_path / "s", planes, slope=0.5)
