@@ -23,7 +23,13 @@ import numpy as np
 from medseg.datasets import ArrayDataset, Case, CaseProblem, Dataset
 from medseg.errors import InputFileError
 from medseg.geometry import in_voxel_order_of, orientation_codes
-from medseg.io import DEFAULT_MAX_VOXELS, Volume, read_volume, stack_channels
+from medseg.io import (
+    DEFAULT_MAX_VOXELS,
+    Volume,
+    off_grid,
+    read_volume,
+    stack_channels,
+)
 from medseg.preprocessing import count_nonfinite
 
 #: Foreground intensities sampled per case for the fingerprint (nnU-Net uses 10,000).
@@ -154,12 +160,15 @@ def _check_case(
         label = _read(case, case.label, max_voxels, problems, notes)
     if any(c is None for c in channels) or not channels:
         return problems, None, None
-    try:  # channels on one grid (or in another voxel order of it)
-        image = stack_channels(channels, case.images, tolerance)
-    except InputFileError as exc:
-        problems.append(CaseProblem(case.case_id, exc.path, exc.problem))
+    whose = f"{case.images[0].name}'s"
+    for path, channel in zip(case.images[1:], channels[1:], strict=True):
+        # each channel file on the first's grid (or in another voxel order of it)
+        if in_voxel_order_of(channel, channels[0], tolerance) is None:
+            problem = off_grid(channel, channels[0], whose, tolerance)
+            problems.append(CaseProblem(case.case_id, path, problem))
     if problems:
         return problems, None, None
+    image = stack_channels(channels, case.images, tolerance)
     for path, channel in zip(case.images[1:], channels[1:], strict=True):
         notes.extend(_another_order(case, path, channel, channels[0], "the first's"))
     bad = count_nonfinite(np.asarray(image.array))

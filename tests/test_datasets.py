@@ -192,6 +192,43 @@ def test_a_channel_stored_in_another_voxel_order_checks_and_trains_as_the_first(
     )
 
 
+def test_data_check_names_every_channel_file_off_the_first_ones_grid(tmp_path, rng):
+    from medseg.checks import check_dataset
+
+    root = tmp_path / "Dataset003_Three"
+    shifted = np.eye(4)
+    shifted[:3, 3] = [0.0, 0.5, 0.0]
+    for channel, (shape, affine) in enumerate(
+        [((6, 5, 4), None), ((6, 5, 3), None), ((6, 5, 4), shifted)]
+    ):
+        image = rng.normal(size=shape).astype(np.float32)
+        save_nifti(root / "imagesTr" / f"a_{channel:04d}.nii.gz", image, affine)
+    save_nifti(root / "labelsTr" / "a.nii.gz", np.zeros((6, 5, 4), np.uint8))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "T1", "1": "T2", "2": "FLAIR"},
+                "labels": {"background": 0, "lesion": 1},
+                "numTraining": 1,
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
+    problems = check_dataset(load_dataset(root)).problems
+    assert [(p.case_id, p.path.name, p.problem) for p in problems] == [
+        (
+            "a",
+            "a_0001.nii.gz",
+            "shape (6, 5, 3) differs from a_0000.nii.gz's (6, 5, 4)",
+        ),
+        (
+            "a",
+            "a_0002.nii.gz",
+            "affine differs from a_0000.nii.gz's (not on the same grid)",
+        ),
+    ]
+
+
 def test_data_check_notes_a_scan_whose_sform_and_qform_disagree(msd_dataset):
     path = msd_dataset / "imagesTr" / "case_1.nii.gz"
     img = nib.load(path)
