@@ -679,6 +679,7 @@ def segment_all(
     for path in inputs:
         target = output_for(path, output_dir, rename)
         if is_done(target, beside) and not overwrite:
+            _in_hand_marker(target).unlink(missing_ok=True)  # done as it was killed
             result = CaseResult(str(path), str(target), "skipped")
             problem = not_its_output(target, path, groups)
             if problem:
@@ -705,53 +706,128 @@ def segment_all(
         for name in (target, *EVERYTHING_BESIDE.files(target)):
             for stale in name.parent.glob(f".{glob.escape(name.name)}.*.partial*"):
                 stale.unlink(missing_ok=True)
+    todo, suspects, refused = _after_a_dead_run(todo)
+    for path, target in refused:  # a scan a run died on, alone: named, not tried
+        result = CaseResult(str(path), str(target), "failed")
+        result.error = (
+            f"{path}: a run died while segmenting it alone (killed for memory, or a "
+            "crash?); not tried again: delete "
+            f"{_in_hand_marker(target)} to try it again"
+        )
+        results.append(result)
+        if progress:
+            progress(result)
+    in_hand: set[Path] = set()  # marked (see _after_a_dead_run), till recorded
+
+    def start(index: int):
+        path, target = todo[index]
+        _mark_in_hand(target, alone=target in suspects)
+        in_hand.add(target)
+        return pool.submit(load, path)
+
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, todo[0][0]) if todo else None
-        for index, (path, target) in enumerate(todo):
-            started = time.perf_counter()
-            volume, content, error = pending.result()
-            if index + 1 < len(todo):  # read the next scan while this one is predicted
-                pending = pool.submit(load, todo[index + 1][0])
-            result = CaseResult(str(path), str(target), "done")
-            try:
-                if error is not None:
-                    raise error
-                result.input_shape = list(volume.array.shape)
-                result.spacing_mm = [round(s, 6) for s in volume.spacing]
-                result.warnings = list(volume.notes)
-                prediction = segment(volume)
-                result.nonfinite_replaced = getattr(prediction, "nonfinite_replaced", 0)
-                result.warnings += getattr(prediction, "notes", ())
-            except Exception as exc:  # even a bug met on one scan: that scan only
-                _fail(result, path, exc)
-            with _signals_held():  # a label map written is a result recorded
-                if result.status == "done":
-                    try:
-                        if getattr(prediction, "values", ()):
-                            labels = prediction.labels
-                            result.sizes = label_sizes(
-                                labels.array,
-                                labels.spacing,
-                                prediction.values,
-                                prediction.names,
-                                volume.array,
+        pending = None
+        try:
+            for index, (path, target) in enumerate(todo):
+                started = time.perf_counter()
+                if pending is None:
+                    pending = start(index)
+                volume, content, error = pending.result()
+                pending = None
+                after = todo[index + 1][1] if index + 1 < len(todo) else None
+                if after is not None and not {target, after} & suspects:
+                    pending = start(index + 1)  # read it while this one is predicted
+                result = CaseResult(str(path), str(target), "done")
+                if target in suspects:
+                    note = (
+                        f"{path}: a run died while it or the scan read beside it was "
+                        "in hand; segmented alone"
+                    )
+                    logger.warning("%s", note)
+                    result.warnings.append(note)
+                try:
+                    if error is not None:
+                        raise error
+                    result.input_shape = list(volume.array.shape)
+                    result.spacing_mm = [round(s, 6) for s in volume.spacing]
+                    result.warnings += volume.notes
+                    prediction = segment(volume)
+                    result.nonfinite_replaced = getattr(
+                        prediction, "nonfinite_replaced", 0
+                    )
+                    result.warnings += getattr(prediction, "notes", ())
+                except Exception as exc:  # even a bug met on one scan: that scan only
+                    _fail(result, path, exc)
+                with _signals_held():  # a label map written is a result recorded
+                    if result.status == "done":
+                        try:
+                            if getattr(prediction, "values", ()):
+                                labels = prediction.labels
+                                result.sizes = label_sizes(
+                                    labels.array,
+                                    labels.spacing,
+                                    prediction.values,
+                                    prediction.names,
+                                    volume.array,
+                                )
+                            _write(
+                                prediction,
+                                target,
+                                content,
+                                beside,
+                                path,
+                                volume,
+                                result.sizes,
                             )
-                        _write(
-                            prediction,
-                            target,
-                            content,
-                            beside,
-                            path,
-                            volume,
-                            result.sizes,
-                        )
-                    except Exception as exc:  # a full disk, say: that scan only
-                        _fail(result, path, exc)
-                result.seconds = round(time.perf_counter() - started, 3)
-                results.append(result)
-                if progress:
-                    progress(result)
+                        except Exception as exc:  # a full disk, say: that scan only
+                            _fail(result, path, exc)
+                    result.seconds = round(time.perf_counter() - started, 3)
+                    results.append(result)
+                    _in_hand_marker(target).unlink(missing_ok=True)
+                    in_hand.discard(target)
+                    if progress:
+                        progress(result)
+        finally:  # stopped (Ctrl-C, SIGTERM) or an error: not the scans' doing
+            for target in in_hand:
+                _in_hand_marker(target).unlink(missing_ok=True)
     return results
+
+
+def _in_hand_marker(target: Path) -> Path:
+    """The hidden file that says a run has the scan of label map ``target`` in hand
+    (reading or segmenting it); a run that dies unannounced (killed for memory, a
+    crash in a reader) leaves it."""
+    return target.with_name(f".{target.name}.in-hand")
+
+
+def _mark_in_hand(target: Path, *, alone: bool) -> None:
+    marker = _in_hand_marker(target)
+    try:
+        marker.write_text(json.dumps({"alone": alone, "pid": os.getpid()}) + "\n")
+    except OSError:  # a full disk, say: the scan is still done, unmarked
+        logger.debug("cannot mark %s in hand", target, exc_info=True)
+
+
+def _after_a_dead_run(
+    todo: list[tuple[Path, Path]],
+) -> tuple[list[tuple[Path, Path]], set[Path], list[tuple[Path, Path]]]:
+    """What a run that died unannounced leaves to do, so that one scan that kills
+    every run (memory, a reader's crash) costs no other: the scans it had in hand go
+    last, each alone (no scan read beside it); one it had in hand alone (so the one
+    it died on) is refused by name. Returns ``(todo in order, the suspects' label
+    maps, (input, label map) refused)``."""
+    fresh, suspects, refused = [], [], []
+    for path, target in todo:
+        marker = _in_hand_marker(target)
+        if not marker.exists():
+            fresh.append((path, target))
+            continue
+        try:
+            alone = json.loads(marker.read_text(encoding="utf-8")).get("alone") is True
+        except (OSError, ValueError, AttributeError):  # cut short as it was written
+            alone = False
+        (refused if alone else suspects).append((path, target))
+    return fresh + suspects, {target for _, target in suspects}, refused
 
 
 @contextlib.contextmanager

@@ -240,6 +240,80 @@ def test_an_unexpected_error_on_one_scan_fails_that_scan_only(tmp_path):
         batch.segment_all(interrupted, files, tmp_path / "again")
 
 
+_DIES_ON = """
+import json, os, signal, sys
+from pathlib import Path
+import numpy as np
+from medseg import batch
+
+def segment(volume):  # killed as the kernel kills a process out of memory
+    if float(volume.array.max()) == float(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return volume.with_array((volume.array >= 0).astype(np.uint8))
+
+inputs = sorted(Path(sys.argv[1]).iterdir())
+results = batch.segment_all(segment, inputs, Path(sys.argv[2]))
+rows = [[Path(r.input).name, r.status, r.error, r.warnings] for r in results]
+print(json.dumps(rows))
+"""
+
+
+def test_a_scan_that_kills_every_run_costs_no_other_scan_and_is_named(tmp_path):
+    import subprocess
+    import sys
+
+    files = scans(tmp_path / "in", 5)  # case_2 kills the process
+    out = tmp_path / "out"
+
+    def run(dies_on=2):
+        done = subprocess.run(
+            [sys.executable, "-c", _DIES_ON, tmp_path / "in", out, str(dies_on)],
+            capture_output=True,
+            text=True,
+        )
+        return done.returncode, json.loads(done.stdout) if done.returncode == 0 else []
+
+    def written():
+        return sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+
+    def marked():
+        return sorted(p.name for p in out.glob(".*.in-hand"))
+
+    assert run()[0] == -9  # killed on case_2, case_3 being read beside it
+    assert written() == ["case_0.nii.gz", "case_1.nii.gz"]
+    assert marked() == [".case_2.nii.gz.in-hand", ".case_3.nii.gz.in-hand"]
+    # again: the scans it had in hand go last, one at a time: case_4 is done, and
+    # the run dies on case_2 alone
+    assert run()[0] == -9
+    assert written() == ["case_0.nii.gz", "case_1.nii.gz", "case_4.nii.gz"]
+    assert marked() == [".case_2.nii.gz.in-hand", ".case_3.nii.gz.in-hand"]
+    # again: case_2, on which a run died alone, is named and not tried; case_3 done
+    marker = out / ".case_2.nii.gz.in-hand"
+    refused = (
+        f"{files[2]}: a run died while segmenting it alone (killed for memory, or a "
+        f"crash?); not tried again: delete {marker} to try it again"
+    )
+    aside = f"{files[3]}: a run died while it or the scan read beside it was in hand"
+    code, results = run()
+    assert code == 0
+    assert results == [
+        ["case_0.nii.gz", "skipped", None, []],
+        ["case_1.nii.gz", "skipped", None, []],
+        ["case_4.nii.gz", "skipped", None, []],
+        ["case_2.nii.gz", "failed", refused, []],
+        ["case_3.nii.gz", "done", None, [f"{aside}; segmented alone"]],
+    ]
+    assert written() == [f"case_{i}.nii.gz" for i in (0, 1, 3, 4)]
+    assert marked() == [".case_2.nii.gz.in-hand"]
+    code, results = run()  # and so on, till the marker goes
+    assert code == 0 and [r[1] for r in results] == ["skipped"] * 4 + ["failed"]
+    assert results[-1][2] == refused
+    marker.unlink()  # tried again (here it no longer kills)
+    code, results = run(dies_on=-1)
+    assert code == 0 and results[-1][:2] == ["case_2.nii.gz", "done"]
+    assert written() == [f"case_{i}.nii.gz" for i in range(5)] and marked() == []
+
+
 def test_the_report_keeps_what_reading_and_segmenting_a_scan_noted(tmp_path):
     from medseg.inference import Prediction
 

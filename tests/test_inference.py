@@ -545,8 +545,12 @@ def test_killed_batch_leaves_no_partial_output_and_rerun_does_the_rest(
     for name in finished:  # every file under a final name is complete
         labels = nib.load(out / name)
         assert np.asanyarray(labels.dataobj).shape == labels.shape
+    # the scans in hand (one predicted, perhaps the next being read) are marked, and
+    # the re-run does them last, alone
+    in_hand = sorted(p.name[1:-8] for p in out.glob(".*.in-hand"))
+    assert 1 <= len(in_hand) <= 2 and not set(in_hand) & set(finished)
     _rerun_does_the_rest(command, finished)
-    assert not list(out.glob(".*partial*"))
+    assert not list(out.glob(".*partial*")) and not list(out.glob(".*.in-hand"))
     assert len(list(out.glob("[0-9]*.nii.gz"))) == 36
 
 
@@ -564,6 +568,7 @@ def test_a_batch_ended_by_sigterm_drops_the_scan_in_hand_and_reports(bundle, tmp
     finished = sorted(p.name for p in out.glob("[0-9]*.nii.gz"))
     assert 3 <= len(finished) < 36
     assert not list(out.glob(".*partial*"))  # the scan in hand left nothing
+    assert not list(out.glob(".*.in-hand"))  # nor a mark: it was not its doing
     report = json.loads((out / "medseg_predict_report.json").read_text())
     assert report["counts"] == {"done": len(finished), "skipped": 0, "failed": 0}
     assert report["settings"]["stopped_by"] == "SIGTERM"
