@@ -77,6 +77,21 @@ def parse_labels(text: str | None):
     "(default: a dataset.json in the truth folder or its parent, when there is one).",
 )
 @click.option(
+    "--lesion-wise",
+    is_flag=True,
+    help="Also score each label's connected components as lesions: counts of truth, "
+    "detected, predicted and false lesions, lesion-wise recall, precision, F1 and "
+    "Dice (a false component counting as a lesion of Dice 0).",
+)
+@click.option(
+    "--min-lesion-mm3",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="With --lesion-wise: leave out components smaller than this (mm^2 in 2D) "
+    "on both sides.",
+)
+@click.option(
     "--split",
     default="test",
     show_default=True,
@@ -92,6 +107,8 @@ def evaluate(
     report_dir: Path | None,
     images: Path | None,
     names_file: Path | None,
+    lesion_wise: bool,
+    min_lesion_mm3: float,
     split: str,
 ) -> None:
     """Score predicted label maps against the truth, per case and label, in mm.
@@ -100,7 +117,8 @@ def evaluate(
     distances), assd_mm (mean of the two directed mean distances), nsd (surface Dice at
     --tolerance-mm), volumes in ml. Distances use each file's voxel spacing. Both masks
     empty: every metric NaN (left out of the means, counted as "both"); one empty: Dice
-    0 and distances inf (counted as "one").
+    0 and distances inf (counted as "one"). --lesion-wise adds lesion counts and
+    lesion-wise scores per case and label.
 
     A predictions CSV from a classification model is scored instead with accuracy,
     balanced accuracy (mean recall per class) and one-vs-rest AUC per class.
@@ -129,6 +147,7 @@ def evaluate(
             tolerance_mm=tolerance_mm,
             progress=lambda _case: bar.update(1),
             failures=failures,
+            lesions=min_lesion_mm3 if lesion_wise else None,
         )
     failed = {case for case, _ in failures}
     pairs = [pair for pair in pairs if pair[0] not in failed]
@@ -148,6 +167,7 @@ def evaluate(
             json.dumps(
                 {
                     "tolerance_mm": tolerance_mm,
+                    **({"min_lesion_mm3": min_lesion_mm3} if lesion_wise else {}),
                     "cases": len(pairs),
                     "failed": {case: message for case, message in failures},
                     "label_names": {str(k): v for k, v in sorted(names.items())},

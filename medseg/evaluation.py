@@ -12,9 +12,15 @@ import numpy as np
 
 from medseg.errors import InputFileError
 from medseg.io import SCAN_SUFFIXES, off_grid, read_volume, split_suffix
-from medseg.metrics import METRIC_COLUMNS, label_metrics
+from medseg.metrics import LESION_COLUMNS, METRIC_COLUMNS, label_metrics
 
 CSV_COLUMNS = ("case", "label", *METRIC_COLUMNS)
+
+
+def _columns(rows: list[dict]) -> tuple[str, ...]:
+    """The metric columns of ``rows``: the lesion-wise ones too when scored."""
+    lesions = bool(rows) and LESION_COLUMNS[0] in rows[0]
+    return (*METRIC_COLUMNS, *(LESION_COLUMNS if lesions else ()))
 
 
 def _scans(folder: Path) -> dict[str, Path]:
@@ -70,10 +76,13 @@ def evaluate_pairs(
     tolerance_mm: float = 1.0,
     progress: Callable[[str], None] | None = None,
     failures: list[tuple[str, str]] | None = None,
+    lesions: float | None = None,
 ) -> list[dict]:
     """One row per case and label (labels default to the non-zero values present).
 
     Args:
+        lesions: also score lesion-wise (:func:`medseg.metrics.lesion_metrics`),
+            leaving out components under this size (mm^3).
         failures: when a list, a case whose files cannot be read or are on different
             grids is appended to it as ``(case, message)`` and the others are scored;
             when ``None`` the first such case raises.
@@ -98,7 +107,7 @@ def evaluate_pairs(
                     (set(np.unique(p).tolist()) | set(np.unique(t).tolist())) - {0}
                 )
             )
-            for row in label_metrics(p, t, chosen, spacing, tolerance_mm):
+            for row in label_metrics(p, t, chosen, spacing, tolerance_mm, lesions):
                 rows.append({"case": case, **row})
         if progress:
             progress(case)
@@ -158,12 +167,15 @@ def label_array(volume) -> np.ndarray:
 
 def summarize(rows: list[dict]) -> dict:
     """Per label and metric: mean, std and median over cases with a finite value, and
-    the counts of NaN (both masks empty) and inf (one mask empty) values."""
+    the counts of NaN (both masks empty) and inf (one mask empty) values; lesion
+    counts also their ``total``, and lesion-wise recall and precision their
+    ``pooled`` value (over every case's lesions together)."""
     summary = {}
+    columns = _columns(rows)
     for label in sorted({r["label"] for r in rows}):
         of_label = [r for r in rows if r["label"] == label]
         summary[str(label)] = {}
-        for metric in METRIC_COLUMNS:
+        for metric in columns:
             values = np.array([r[metric] for r in of_label], dtype=float)
             finite = values[np.isfinite(values)]
             summary[str(label)][metric] = {
@@ -174,6 +186,17 @@ def summarize(rows: list[dict]) -> dict:
                 "n_nan": int(np.isnan(values).sum()),
                 "n_inf": int(np.isinf(values).sum()),
             }
+            if metric.startswith("lesions_"):
+                summary[str(label)][metric]["total"] = int(values.sum())
+        if LESION_COLUMNS[0] in columns:
+            counts = summary[str(label)]
+            for rate, part, whole in (
+                ("lesion_recall", "lesions_detected", "lesions_truth"),
+                ("lesion_precision", "lesions_false", "lesions_pred"),
+            ):
+                n, k = counts[whole]["total"], counts[part]["total"]
+                k = k if rate == "lesion_recall" else n - k
+                counts[rate]["pooled"] = k / n if n else math.nan
     return summary
 
 
@@ -181,7 +204,8 @@ def to_csv(rows: list[dict]) -> str:
     """Long-form CSV text: ``case,label,dice,iou,hd95_mm,assd_mm,nsd,volume_*``;
     NaN written as ``nan`` and infinity as ``inf``."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    columns = ("case", "label", *_columns(rows))
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow(
@@ -216,6 +240,27 @@ def format_summary(summary: dict, names: dict[int, str] | None = None) -> str:
             + "  ".join(f"{c:>15}" for c in cells)
             + f"  {flags}"
         )
+    if any(LESION_COLUMNS[0] in metrics for metrics in summary.values()):
+        lines.append(
+            f"{'lesions':<{width}}  {'truth':>6}  {'found':>6}  {'recall':>6}  "
+            f"{'pred':>6}  {'false':>6}  {'prec.':>6}  {'F1':>15}  "
+            f"{'lesion Dice':>15}"
+        )
+        for label, metrics in summary.items():
+            total = {m: metrics[m]["total"] for m in LESION_COLUMNS[:4]}
+            pooled = [
+                metrics[m]["pooled"] for m in ("lesion_recall", "lesion_precision")
+            ]
+            means = [
+                f"{metrics[m]['mean']:.3f} ({metrics[m]['median']:.3f})"
+                for m in ("lesion_f1", "lesion_dice")
+            ]
+            lines.append(
+                f"{titles[label]:<{width}}  {total['lesions_truth']:>6}  "
+                f"{total['lesions_detected']:>6}  {pooled[0]:>6.3f}  "
+                f"{total['lesions_pred']:>6}  {total['lesions_false']:>6}  "
+                f"{pooled[1]:>6.3f}  {means[0]:>15}  {means[1]:>15}"
+            )
     return "\n".join(lines)
 
 

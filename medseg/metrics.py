@@ -17,6 +17,7 @@ Empty masks (the policy, the same for every function):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -133,6 +134,87 @@ def volume_ml(mask, spacing=None) -> float:
     return float(mask.sum() * np.prod(_spacing(spacing, mask.ndim)) / 1000.0)
 
 
+def lesion_metrics(prediction, truth, spacing=None, min_size_mm3: float = 0.0) -> dict:
+    """Lesion-wise scores of one label: its connected components (fully connected: 26
+    neighbours in 3D, 8 in 2D) are lesions, in the truth and in the prediction.
+
+    A truth lesion is detected when a predicted component overlaps it by a voxel or
+    more; a predicted component that overlaps no truth lesion is a false one. Each
+    truth lesion's Dice is against the predicted components that overlap it (0 when
+    missed); ``lesion_dice`` is their sum over the truth lesions and the false
+    components together (a false component adds a 0), as BraTS' lesion-wise Dice
+    counts them. Components under ``min_size_mm3`` (mm^2 in 2D) are left out on both
+    sides.
+
+    Returns:
+        ``lesions_truth``, ``lesions_pred``, ``lesions_detected`` (truth lesions),
+        ``lesions_false`` (predicted components), ``lesion_recall`` (detected /
+        truth), ``lesion_precision`` (predicted components that overlap a truth
+        lesion / predicted), ``lesion_f1`` and ``lesion_dice``. With no lesion on
+        either side every rate is NaN; with none on one side, F1 and Dice are 0 and
+        the rate that would divide by 0 is NaN.
+    """
+    p, t = _masks(prediction, truth)
+    voxel = float(np.prod(_spacing(spacing, p.ndim)))
+    structure = ndimage.generate_binary_structure(p.ndim, p.ndim)
+    components = []
+    for mask in (t, p):
+        ids, count = ndimage.label(mask, structure)
+        sizes = np.bincount(ids.ravel(), minlength=count + 1)
+        small = sizes * voxel < min_size_mm3
+        small[0] = False
+        if small.any():  # left out: relabel the others 1..n
+            keep = np.cumsum(~small) - 1
+            keep[small] = 0
+            ids = keep[ids]
+            sizes = np.bincount(ids.ravel())
+            count = len(sizes) - 1
+        components.append((ids, count, sizes))
+    (t_ids, n_t, t_sizes), (p_ids, n_p, p_sizes) = components
+    both = (t_ids > 0) & (p_ids > 0)
+    pairs, overlaps = np.unique(
+        t_ids[both].astype(np.int64) * (n_p + 1) + p_ids[both], return_counts=True
+    )
+    pair_t, pair_p = pairs // (n_p + 1), pairs % (n_p + 1)
+    shared = np.bincount(pair_t, weights=overlaps, minlength=n_t + 1)[1:]
+    matched = np.bincount(pair_t, weights=p_sizes[pair_p], minlength=n_t + 1)[1:]
+    dices = 2 * shared / (t_sizes[1:] + matched)  # 0 where missed
+    detected = int(np.count_nonzero(shared))
+    hits = len(np.unique(pair_p))
+    false = n_p - hits
+    recall = detected / n_t if n_t else math.nan
+    precision = hits / n_p if n_p else math.nan
+    if not n_t and not n_p:
+        f1 = lesion_dice = math.nan
+    else:
+        f1 = 0.0
+        if n_t and n_p and recall + precision > 0:
+            f1 = 2 * recall * precision / (recall + precision)
+        lesion_dice = float(dices.sum() / (n_t + false))
+    return {
+        "lesions_truth": int(n_t),
+        "lesions_pred": int(n_p),
+        "lesions_detected": detected,
+        "lesions_false": int(false),
+        "lesion_recall": recall,
+        "lesion_precision": precision,
+        "lesion_f1": f1,
+        "lesion_dice": lesion_dice,
+    }
+
+
+LESION_COLUMNS = (
+    "lesions_truth",
+    "lesions_pred",
+    "lesions_detected",
+    "lesions_false",
+    "lesion_recall",
+    "lesion_precision",
+    "lesion_f1",
+    "lesion_dice",
+)
+
+
 METRIC_COLUMNS = (
     "dice",
     "iou",
@@ -150,8 +232,10 @@ def label_metrics(
     labels: Sequence[int],
     spacing: Sequence[float],
     tolerance_mm: float = 1.0,
+    lesions: float | None = None,
 ) -> list[dict]:
-    """Every metric for each label of two label maps: one dict per label."""
+    """Every metric for each label of two label maps: one dict per label; with
+    ``lesions`` (a minimum lesion size in mm^3) also :func:`lesion_metrics`."""
     rows = []
     for label in labels:
         p, t = prediction == label, truth == label
@@ -167,4 +251,6 @@ def label_metrics(
                 "volume_pred_ml": volume_ml(p, spacing),
             }
         )
+        if lesions is not None:
+            rows[-1].update(lesion_metrics(p, t, spacing, lesions))
     return rows

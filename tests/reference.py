@@ -529,3 +529,45 @@ def sampled_content_id(contents: list[bytes], ordered: bool) -> str:
     if not ordered:
         digests.sort()
     return hashlib.sha256(b"".join(digests)).hexdigest()[:32]
+
+
+def lesion_scores(prediction, truth, voxel_volume: float = 1.0, min_size: float = 0.0):
+    """Lesion-wise counts and scores of two masks, with voxel sets: components
+    (:func:`flood_components`) under ``min_size`` left out; a truth lesion detected
+    when a predicted component shares a voxel with it, its Dice against the union of
+    those; lesion Dice summed over truth lesions and divided by them plus the
+    predicted components sharing no voxel with a truth lesion."""
+    truths = [
+        set(c) for c in flood_components(truth) if len(c) * voxel_volume >= min_size
+    ]
+    preds = [
+        set(c)
+        for c in flood_components(prediction)
+        if len(c) * voxel_volume >= min_size
+    ]
+    detected = sum(1 for t in truths if any(t & p for p in preds))
+    hits = sum(1 for p in preds if any(p & t for t in truths))
+    dices = []
+    for t in truths:
+        union = set().union(*(p for p in preds if p & t))
+        dices.append(2 * len(t & union) / (len(t) + len(union)))
+    nan = float("nan")
+    recall = detected / len(truths) if truths else nan
+    precision = hits / len(preds) if preds else nan
+    if not truths and not preds:
+        f1 = dice = nan
+    else:
+        f1 = 0.0
+        if truths and preds and recall + precision > 0:
+            f1 = 2 * recall * precision / (recall + precision)
+        dice = sum(dices) / (len(truths) + len(preds) - hits)
+    return {
+        "lesions_truth": len(truths),
+        "lesions_pred": len(preds),
+        "lesions_detected": detected,
+        "lesions_false": len(preds) - hits,
+        "lesion_recall": recall,
+        "lesion_precision": precision,
+        "lesion_f1": f1,
+        "lesion_dice": dice,
+    }

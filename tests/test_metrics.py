@@ -106,6 +106,108 @@ def _save(path, data, spacing=SPACING):
     nib.save(nib.Nifti1Image(data.astype(np.uint8), np.diag([*spacing, 1.0])), path)
 
 
+def test_lesion_wise_scores_by_hand_and_on_empty_sides():
+    truth = np.zeros((8, 8, 6), bool)
+    pred = np.zeros_like(truth)
+    truth[1:3, 1:3, 1:3] = True  # lesion A, 8 voxels
+    truth[6, 6, 4] = True  # lesion B, 1 voxel, missed
+    pred[1:3, 1:3, 2:4] = True  # overlaps A by 4 of its 8 voxels: Dice 8 / 16
+    pred[5:7, 0, 0] = True  # a false component, 2 voxels
+    got = metrics.lesion_metrics(pred, truth, (1.0, 1.0, 2.0))
+    assert got == {
+        "lesions_truth": 2,
+        "lesions_pred": 2,
+        "lesions_detected": 1,
+        "lesions_false": 1,
+        "lesion_recall": 0.5,
+        "lesion_precision": 0.5,
+        "lesion_f1": 0.5,
+        "lesion_dice": pytest.approx(0.5 / 3),  # A's 0.5, B's 0, the false one's 0
+    }
+    # components under 3 mm^3 (one voxel of 2 mm^3, B) are left out on both sides
+    fewer = metrics.lesion_metrics(pred, truth, (1.0, 1.0, 2.0), min_size_mm3=3.0)
+    assert (fewer["lesions_truth"], fewer["lesions_pred"]) == (1, 2)
+    assert fewer["lesion_recall"] == 1.0 and fewer["lesion_dice"] == pytest.approx(
+        0.5 / 2
+    )
+    nothing = np.zeros_like(truth)
+    both = metrics.lesion_metrics(nothing, nothing)
+    assert all(np.isnan(both[k]) for k in metrics.LESION_COLUMNS[4:])
+    no_truth = metrics.lesion_metrics(pred, nothing)
+    assert np.isnan(no_truth["lesion_recall"]) and no_truth["lesion_precision"] == 0
+    assert no_truth["lesion_f1"] == 0 and no_truth["lesion_dice"] == 0
+    no_pred = metrics.lesion_metrics(nothing, truth)
+    assert no_pred["lesion_recall"] == 0 and np.isnan(no_pred["lesion_precision"])
+    assert no_pred["lesion_f1"] == 0 and no_pred["lesion_dice"] == 0
+
+
+def test_lesion_wise_scores_match_voxel_sets_on_random_lesions(rng):
+    from scipy import ndimage
+
+    seen = []
+    for trial in range(25):
+        shape = (11, 9, 7) if trial % 2 else (13, 12)
+        seeds = [rng.random(shape) < 0.04 for _ in range(2)]
+        truth, pred = (ndimage.binary_dilation(s, iterations=1) for s in seeds)
+        pred ^= rng.random(shape) < 0.05  # holes and specks
+        spacing = tuple(rng.uniform(0.5, 2.0, len(shape)))
+        voxel = float(np.prod(spacing))
+        min_size = float(rng.choice([0.0, 2.5 * voxel]))
+        got = metrics.lesion_metrics(pred, truth, spacing, min_size)
+        want = reference.lesion_scores(pred, truth, voxel, min_size)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if isinstance(value, float) and np.isnan(value):
+                assert np.isnan(got[key]), (trial, key)
+            else:
+                assert got[key] == pytest.approx(value, rel=1e-12), (trial, key)
+        seen.append(want)
+    # the trials hold lesions found and missed, and false ones
+    total = {k: sum(w[k] for w in seen) for k in metrics.LESION_COLUMNS[:4]}
+    assert total["lesions_truth"] > total["lesions_detected"] > 30
+    assert total["lesions_false"] > 10
+
+
+def test_evaluate_lesion_wise_writes_counts_scores_and_pooled_rates(tmp_path):
+    truth = np.zeros((8, 8, 6), np.uint8)
+    truth[1:3, 1:3, 1:3] = 1
+    truth[6, 6, 4] = 1
+    pred = np.zeros_like(truth)
+    pred[1:3, 1:3, 2:4] = 1
+    pred[5:7, 0, 0] = 1
+    for folder, c1, c2 in (("truth", truth, truth), ("pred", pred, truth)):
+        (tmp_path / folder).mkdir()
+        _save(tmp_path / folder / "c1.nii.gz", c1)
+        _save(tmp_path / folder / "c2.nii.gz", c2)  # c2 predicted exactly
+    result = CliRunner().invoke(
+        main,
+        ["evaluate", "--prediction", str(tmp_path / "pred"), "--truth",
+         str(tmp_path / "truth"), "--lesion-wise", "--output", str(tmp_path / "m.csv"),
+         "--summary", str(tmp_path / "s.json")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "m.csv", newline="") as handle:
+        rows = list(__import__("csv").DictReader(handle))
+    for row, (p, t) in zip(rows, [(pred, truth), (truth, truth)], strict=True):
+        want = metrics.lesion_metrics(p == 1, t == 1, SPACING)
+        for key in metrics.LESION_COLUMNS:
+            assert float(row[key]) == pytest.approx(want[key], rel=1e-5), key
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["min_lesion_mm3"] == 0.0
+    scores = summary["labels"]["1"]
+    assert scores["lesions_truth"]["total"] == 4
+    assert scores["lesions_detected"]["total"] == 3
+    assert scores["lesions_false"]["total"] == 1
+    assert scores["lesion_recall"]["pooled"] == 3 / 4  # per case: 0.5 and 1
+    assert scores["lesion_precision"]["pooled"] == 3 / 4  # 1 of 4 predicted is false
+    assert scores["lesion_dice"]["mean"] == pytest.approx((0.5 / 3 + 1) / 2)
+    assert (
+        "\nlesions   truth   found  recall    pred   false   prec.               F1"
+        "      lesion Dice\n1           4       3   0.750       4       1   0.750    "
+        "0.750 (0.750)    0.583 (0.583)\n"
+    ) in result.output
+
+
 def test_evaluate_command_writes_long_csv_and_summary(tmp_path, rng):
     a, b = _blobs(rng)
     (tmp_path / "pred").mkdir()
