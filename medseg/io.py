@@ -517,8 +517,8 @@ def _transforms_disagree(header, spatial: tuple[int, ...]) -> str | None:
     """What a NIfTI header's sform and qform disagree on, when both are set (codes
     above 0) and place some voxel of the scan more than :data:`TRANSFORMS_AGREE_MM`
     apart; else ``None``. nibabel (so medseg), FSL and SPM read the sform; ITK-based
-    tools read the qform when the sform is not a rigid transform, and older ones
-    always: a scan whose two disagree is in two places."""
+    tools read the qform in some cases (a sform that is not rigid, say; older
+    versions always): a scan whose two disagree is in two places."""
     sform, sform_code = header.get_sform(coded=True)
     qform, qform_code = header.get_qform(coded=True)
     if not sform_code or not qform_code:
