@@ -47,6 +47,7 @@ from medseg.io import (
     split_suffix,
     write_volume,
 )
+from medseg.itkio import DETACHED, data_files
 
 logger = logging.getLogger(__name__)
 
@@ -243,12 +244,13 @@ SAMPLED_BLOCKS, BLOCK_BYTES = 32, 4096
 
 def input_files(path: Path, groups: dict | None = None) -> tuple[Path, ...]:
     """The files an input is read from: a case's channel files (``groups``, see
-    :func:`channel_groups`), the DICOM files of a series folder, or the file."""
+    :func:`channel_groups`), the DICOM files of a series folder, or the file (with
+    the voxels' file of a detached MetaImage or NRRD header)."""
     if groups and path in groups:
         return tuple(groups[path])
     if path.is_dir():
         return tuple(dicom_files(path))
-    return (path,)
+    return (path, *data_files(path))  # a detached header's voxels too
 
 
 def _file_digest(path: Path) -> bytes:
@@ -285,10 +287,15 @@ def _input_id(path: Path, groups: dict | None) -> str:
 
 def output_for(input_path: Path, output_dir: Path, rename: dict | None = None) -> Path:
     """Same file name (and format) as the input in ``output_dir``, unless ``rename``
-    gives the input another name; a DICOM series folder's is its name + ``.nii.gz``."""
+    gives the input another name; a DICOM series folder's is its name + ``.nii.gz``,
+    and a detached-header MetaImage's or NRRD's (``.mhd``, ``.nhdr``) its one-file
+    form's (``.mha``, ``.nrrd``)."""
     name = Path(input_path).name
     if is_series_folder(Path(input_path)):
         name += ".nii.gz"
+    stem, suffix = split_suffix(name)
+    if suffix in DETACHED:  # its voxels in another file: written as one file
+        name = stem + DETACHED[suffix]
     return output_dir / (rename or {}).get(input_path, name)
 
 

@@ -43,7 +43,9 @@ logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 NUMPY_SUFFIXES = (".npy",)
-SCAN_SUFFIXES = NIFTI_SUFFIXES + IMAGE_SUFFIXES + NUMPY_SUFFIXES
+#: MetaImage and NRRD, read and written with SimpleITK (:mod:`medseg.itkio`)
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+SCAN_SUFFIXES = NIFTI_SUFFIXES + IMAGE_SUFFIXES + NUMPY_SUFFIXES + ITK_SUFFIXES
 
 #: Default ceiling on voxels (spatial voxels times channels) a single file may declare.
 #: 2**30 float32 voxels are 4 GiB: more than any CT (512 x 512 x 2000 is 0.5e9).
@@ -65,7 +67,8 @@ def split_suffix(path: str | Path) -> tuple[str, str]:
 
 
 def scan_format(path: str | Path) -> str:
-    """Returns ``"nifti"``, ``"image2d"`` or ``"numpy"`` for a path, from its suffix.
+    """Returns ``"nifti"``, ``"image2d"``, ``"numpy"`` or ``"itk"`` (MetaImage, NRRD)
+    for a path, from its suffix.
 
     Raises:
         InputFileError: the suffix is not one medseg reads.
@@ -77,6 +80,8 @@ def scan_format(path: str | Path) -> str:
         return "image2d"
     if suffix in NUMPY_SUFFIXES:
         return "numpy"
+    if suffix in ITK_SUFFIXES:
+        return "itk"
     raise InputFileError(
         path,
         "unsupported file type; expected one of " + ", ".join(SCAN_SUFFIXES),
@@ -160,8 +165,8 @@ class ScanInfo:
 
     Attributes:
         path: the file.
-        format: ``"nifti"``, ``"image2d"``, ``"numpy"`` or ``"dicom"`` (a series
-            folder).
+        format: ``"nifti"``, ``"image2d"``, ``"numpy"``, ``"itk"`` (MetaImage, NRRD)
+            or ``"dicom"`` (a series folder).
         spatial_shape: voxels along each spatial axis.
         num_channels: size of the channel axis medseg will give it.
         dtype: the on-disk voxel type (after NIfTI scaling, if the header has one).
@@ -209,6 +214,10 @@ def read_info(path: str | Path, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> Scan
     elif fmt == "image2d":
         spatial, channels, dtype = _image2d_layout(path)
         affine = np.eye(4)
+    elif fmt == "itk":
+        from medseg import itkio
+
+        spatial, channels, dtype, affine = itkio.read_info(path)
     else:
         arr = _load_npy(path, mmap=True)
         spatial, channels = _npy_layout(path, arr.shape, None)
@@ -258,6 +267,13 @@ def read_volume(
         _check_size(path, spatial, channels, max_voxels)
         array = _read_image2d(path)
         affine = np.diag([*map(float, pixel_spacing_mm), 1.0, 1.0])
+        return Volume(array, affine, None, path)
+    if fmt == "itk":
+        from medseg import itkio
+
+        spatial, channels, _, _ = itkio.read_info(path)
+        _check_size(path, spatial, channels, max_voxels)
+        array, affine = itkio.read(path)
         return Volume(array, affine, None, path)
     arr = _load_npy(path, mmap=True)
     spatial, channels = _npy_layout(path, arr.shape, spatial_dims)
@@ -818,12 +834,27 @@ def write_volume(
     dtype = np.dtype(dtype)
     if not path.parent.is_dir():
         raise InputFileError(path.parent, "output folder does not exist")
+    if fmt == "itk":
+        from medseg import itkio
+
+        suffix = split_suffix(path)[1]
+        if suffix in itkio.DETACHED:
+            raise InputFileError(
+                path,
+                f"{suffix} keeps its voxels in another file; write "
+                f"{itkio.DETACHED[suffix]}",
+            )
     try:
         with atomic_output(path) as tmp:
             if fmt == "nifti":
                 _write_nifti(volume, tmp, dtype, source_id)
             elif fmt == "image2d":
                 _write_image2d(volume, tmp, dtype, path, source_id)
+            elif fmt == "itk":
+                array = np.asarray(volume.array).astype(dtype, copy=False)
+                if volume.spatial_dims == 2:  # (H, W, C): one slice
+                    array = array[:, :, None, :]
+                itkio.write(array, volume.affine, tmp, source_id)
             else:
                 _write_npy(volume, tmp, dtype)
     except OSError as exc:
@@ -843,6 +874,10 @@ def read_source_id(path: str | Path) -> str | None:
                     content = bytes(extension.get_content())
                     return content[len(SOURCE_ID_KEY) + 1 :].decode("ascii")
             return None
+        if fmt == "itk":
+            from medseg import itkio
+
+            return itkio.read_source_id(path)
         if fmt == "image2d":
             suffix = split_suffix(path)[1]
             if suffix in (".tif", ".tiff"):

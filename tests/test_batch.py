@@ -314,6 +314,18 @@ def test_a_scan_that_kills_every_run_costs_no_other_scan_and_is_named(tmp_path):
     assert written() == [f"case_{i}.nii.gz" for i in range(5)] and marked() == []
 
 
+def test_a_detached_header_and_its_voxels_make_the_inputs_content_id(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    for name in ("one.mhd", "two.nhdr"):
+        path = tmp_path / name
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16)), path)
+        header, before = path.read_bytes(), batch.source_id(batch.input_files(path))
+        assert len(batch.input_files(path)) == 2  # the header and the voxels' file
+        sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 4, 5), np.int16)), path)
+        assert path.read_bytes() == header  # other voxels under the same header
+        assert batch.source_id(batch.input_files(path)) != before
+
+
 def test_the_report_keeps_what_reading_and_segmenting_a_scan_noted(tmp_path):
     from medseg.inference import Prediction
 

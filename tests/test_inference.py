@@ -428,8 +428,20 @@ def test_same_scan_in_another_voxel_order_gets_the_same_segmentation(bundle, tmp
     in_metres = nib.Nifti1Image(data, np.diag([1e-3] * 3 + [1.0]) @ img.affine)
     in_metres.header.set_xyzt_units("meter", "sec")
     nib.save(in_metres, tmp_path / "metres.nii.gz")
+    # and as MetaImage and as NRRD with a detached header, converted by ITK
+    import SimpleITK as sitk
+
+    itk = tmp_path / "itk"
+    itk.mkdir()
+    for name in ("scan.mha", "scan2.nhdr"):
+        sitk.WriteImage(sitk.ReadImage(str(source)), str(itk / name))
     out = tmp_path / "out"
-    for path in (source, tmp_path / "reordered.nii.gz", tmp_path / "metres.nii.gz"):
+    for path in (
+        source,
+        tmp_path / "reordered.nii.gz",
+        tmp_path / "metres.nii.gz",
+        itk,
+    ):
         result = medseg("predict", "--model", bundle, "--input", path, "--output", out)
         assert result.returncode == 0, result.stderr[-2000:]
     original = np.asanyarray(nib.load(out / source.name).dataobj)
@@ -443,6 +455,18 @@ def test_same_scan_in_another_voxel_order_gets_the_same_segmentation(bundle, tmp
         metres.affine, nib.load(tmp_path / "metres.nii.gz").affine
     )
     assert metres.header.get_xyzt_units() == ("meter", "sec")
+    for name, written in (("scan.mha", "scan.mha"), ("scan2.nhdr", "scan2.nrrd")):
+        scan, labels = (
+            sitk.ReadImage(str(itk / name)),
+            sitk.ReadImage(str(out / written)),
+        )
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(labels).transpose(2, 1, 0), original
+        )
+        for what in ("GetOrigin", "GetSpacing", "GetDirection"):
+            np.testing.assert_allclose(
+                getattr(labels, what)(), getattr(scan, what)(), atol=1e-9
+            )
 
 
 @pytest.mark.slow

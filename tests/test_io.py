@@ -14,6 +14,7 @@ from medseg.io import (
     atomic_write_text,
     output_dtype,
     read_info,
+    read_source_id,
     read_volume,
     scan_format,
     split_suffix,
@@ -602,3 +603,96 @@ def test_a_case_stored_one_file_per_channel_reads_as_one_volume(tmp_path, rng):
     nib.save(nib.Nifti1Image(np.stack(channels[:2], -1), affine), files[1])
     with pytest.raises(InputFileError, match="case_0001.nii.gz: 2 channels in one"):
         read_channels(files, 3)
+
+
+# MetaImage and NRRD (SimpleITK)
+
+
+def _rigid_oblique() -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    affine = np.eye(4)
+    affine[:3, :3] = Rotation.from_euler("xyz", [17, -31, 52], degrees=True).as_matrix()
+    affine[:3, :3] *= [0.7, 0.9, 3.3]
+    affine[:3, 3] = [90.5, 120.25, -60.0]
+    return affine
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd", ".mhd", ".nhdr"])
+def test_metaimage_and_nrrd_read_as_the_nifti_itk_converted_them_from(
+    suffix, tmp_path, rng
+):
+    sitk = pytest.importorskip("SimpleITK")
+    # a NIfTI (sform = qform, a rotation: one place for ITK and nibabel alike),
+    # converted by ITK itself; nibabel's reading of the NIfTI is the reference
+    data = rng.integers(-1000, 2000, size=(9, 7, 5)).astype(np.int16)
+    img = nib.Nifti1Image(data, _rigid_oblique())
+    img.set_qform(_rigid_oblique(), code=1)
+    nib.save(img, tmp_path / "scan.nii.gz")
+    path = tmp_path / f"scan{suffix}"
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "scan.nii.gz")), str(path))
+    want = nib.load(tmp_path / "scan.nii.gz").affine
+    volume = read_volume(path)
+    assert volume.array.shape == (9, 7, 5, 1) and volume.array.dtype == np.int16
+    np.testing.assert_array_equal(volume.array[..., 0], data)
+    np.testing.assert_allclose(volume.affine, want, atol=1e-5)
+    info = read_info(path)
+    assert (info.format, info.spatial_shape, info.num_channels) == ("itk", (9, 7, 5), 1)
+    assert info.dtype == np.int16
+    np.testing.assert_array_equal(info.affine, volume.affine)
+    # a label map of it, written as one file, lies where ITK lays the scan
+    out = (
+        tmp_path
+        / f"labels{'.nrrd' if 'nrrd' in suffix or 'nhdr' in suffix else '.mha'}"
+    )
+    labels = volume.with_array((volume.array > 500).astype(np.uint8))
+    write_volume(labels, out, is_label=True, source_id="0123abcd")
+    scan, written = sitk.ReadImage(str(path)), sitk.ReadImage(str(out))
+    for what in ("GetOrigin", "GetSpacing", "GetDirection"):
+        np.testing.assert_allclose(
+            getattr(written, what)(), getattr(scan, what)(), atol=1e-9
+        )
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(written), (sitk.GetArrayFromImage(scan) > 500)
+    )
+    assert sitk.GetArrayFromImage(written).dtype == np.uint8
+    assert read_source_id(out) == "0123abcd"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_metaimage_channels_slices_refusals_and_damage(tmp_path, rng):
+    sitk = pytest.importorskip("SimpleITK")
+    # channels as vector components; a 2D image as one slice of a volume
+    rgb = rng.integers(0, 255, size=(6, 5, 3)).astype(np.uint8)  # (y, x, c)
+    picture = sitk.GetImageFromArray(rgb, isVector=True)
+    picture.SetSpacing((0.5, 0.25))
+    sitk.WriteImage(picture, str(tmp_path / "rgb.mha"))
+    volume = read_volume(tmp_path / "rgb.mha")
+    assert volume.array.shape == (5, 6, 1, 3)
+    np.testing.assert_array_equal(volume.array[:, :, 0, :], rgb.transpose(1, 0, 2))
+    np.testing.assert_allclose(volume.affine, np.diag([-0.5, -0.25, 1.0, 1.0]))
+    assert read_info(tmp_path / "rgb.mha").num_channels == 3
+    # written back with its channels, then read as it was
+    write_volume(volume, tmp_path / "copy.nrrd")
+    again = read_volume(tmp_path / "copy.nrrd")
+    np.testing.assert_array_equal(again.array, volume.array)
+    np.testing.assert_allclose(again.affine, volume.affine)
+    # a detached header is read, not written; a sheared affine is kept as it is
+    with pytest.raises(InputFileError, match=r"\.mhd keeps its voxels in another"):
+        write_volume(volume, tmp_path / "out.mhd")
+    for suffix in (".mha", ".nrrd"):
+        sheared = Volume(np.ones((3, 4, 5, 1), np.uint8), OBLIQUE_LPS)
+        write_volume(sheared, tmp_path / f"sheared{suffix}", is_label=True)
+        back = read_volume(tmp_path / f"sheared{suffix}")
+        np.testing.assert_allclose(back.affine, OBLIQUE_LPS, atol=1e-12)
+    whole = (tmp_path / "copy.nrrd").read_bytes()
+    for name, content, problem in [
+        ("cut.mha", (tmp_path / "rgb.mha").read_bytes()[:-40], "unreadable (damaged"),
+        ("noise.nrrd", bytes(range(256)) * 4, "not a MetaImage or NRRD file"),
+        ("half.nrrd", whole[: len(whole) // 2], "unreadable"),
+    ]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(InputFileError) as info:
+            read_volume(tmp_path / name)
+        assert str(info.value).startswith(f"{tmp_path / name}: {problem}"), info.value
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

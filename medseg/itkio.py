@@ -1,0 +1,189 @@
+"""MetaImage (``.mha``, ``.mhd``) and NRRD (``.nrrd``, ``.nhdr``) scans, read and
+written with SimpleITK (the ``itk`` extra): grand-challenge.org's algorithms take and
+give ``.mha``, and 3D Slicer saves volumes and segmentations as ``.nrrd``.
+
+ITK places voxels in LPS: ``origin + direction @ (spacing * index)``. medseg's affines
+are RAS (NIfTI's world), so the first two rows change sign both ways; the voxel array
+is ITK's ``(z, y, x)`` read back as ``(x, y, z)``, so that voxel ``(i, j, k)`` of the
+array is ITK's index ``(i, j, k)``. A 2D image is read as one slice of a volume, as a
+2D NIfTI is. Files with a detached header (``.mhd``, ``.nhdr``) are read; label maps
+are written as single files (``.mha``, ``.nrrd``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import InputFileError
+
+#: LPS to RAS and back
+_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
+DETACHED = {".mhd": ".mha", ".nhdr": ".nrrd"}
+
+
+def _sitk(path: Path):
+    try:
+        import SimpleITK
+    except ImportError:
+        raise InputFileError(
+            path,
+            "a MetaImage or NRRD file; reading and writing it needs SimpleITK "
+            '(pip install "medseg[itk]")',
+        ) from None
+    SimpleITK.ProcessObject_SetGlobalWarningDisplay(False)  # problems come as errors
+    return SimpleITK
+
+
+def _problem(exc: Exception) -> str:
+    """One line for an ITK reading error (whose own "Reason" is often a stale errno,
+    "No such file or directory" for a truncated file)."""
+    text = str(exc)
+    if "Unable to determine ImageIO reader" in text:
+        return "not a MetaImage or NRRD file that ITK can read"
+    if "File cannot be read" in text:
+        return "unreadable (damaged or truncated)"
+    errors = [line for line in text.splitlines() if "ERROR" in line]
+    detail = errors[-1].split("): ", 1)[-1] if errors else type(exc).__name__
+    return f"unreadable ({detail.strip()[:200]})"
+
+
+def _reader(path: Path):
+    sitk = _sitk(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputFileError(path, _problem(exc)) from None
+    if reader.GetDimension() not in (2, 3):
+        raise InputFileError(
+            path,
+            f"a {reader.GetDimension()}D image (expected 2D or 3D, channels as "
+            "components)",
+        )
+    return reader
+
+
+def _affine(path: Path, origin, spacing, direction, dimension: int) -> np.ndarray:
+    """The RAS affine of ITK geometry, a 2D image's embedded as one slice."""
+    lps = np.eye(4)
+    matrix = np.asarray(direction, float).reshape(dimension, dimension)
+    lps[:dimension, :dimension] = matrix * np.asarray(spacing, float)
+    lps[:dimension, 3] = origin
+    if not np.all(np.isfinite(lps)) or abs(np.linalg.det(lps[:3, :3])) < 1e-12:
+        raise InputFileError(path, "degenerate geometry (spacing or direction)")
+    return _FLIP @ lps
+
+
+def read_info(path: Path) -> tuple[tuple[int, ...], int, np.dtype, np.ndarray]:
+    """``(spatial shape, channels, dtype, affine)`` from the header alone."""
+    reader = _reader(path)
+    dimension = reader.GetDimension()
+    shape = tuple(int(n) for n in reader.GetSize()) + (1,) * (3 - dimension)
+    affine = _affine(
+        path,
+        reader.GetOrigin(),
+        reader.GetSpacing(),
+        reader.GetDirection(),
+        dimension,
+    )
+    sitk = _sitk(path)
+    name = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    dtype = _DTYPES.get(name.replace("vector of ", ""), np.dtype(np.float64))
+    return shape, int(reader.GetNumberOfComponents()), dtype, affine
+
+
+_DTYPES = {
+    "8-bit unsigned integer": np.dtype(np.uint8),
+    "8-bit signed integer": np.dtype(np.int8),
+    "16-bit unsigned integer": np.dtype(np.uint16),
+    "16-bit signed integer": np.dtype(np.int16),
+    "32-bit unsigned integer": np.dtype(np.uint32),
+    "32-bit signed integer": np.dtype(np.int32),
+    "64-bit unsigned integer": np.dtype(np.uint64),
+    "64-bit signed integer": np.dtype(np.int64),
+    "32-bit float": np.dtype(np.float32),
+    "64-bit float": np.dtype(np.float64),
+}
+
+
+def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The voxels ``(X, Y, Z, C)`` and the RAS affine."""
+    sitk = _sitk(path)
+    reader = _reader(path)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputFileError(path, _problem(exc)) from None
+    dimension = image.GetDimension()
+    affine = _affine(
+        path, image.GetOrigin(), image.GetSpacing(), image.GetDirection(), dimension
+    )
+    array = sitk.GetArrayFromImage(image)  # (z, y, x[, c]) or (y, x[, c])
+    if image.GetNumberOfComponentsPerPixel() == 1:
+        array = array[..., None]
+    if array.dtype.kind == "c":
+        raise InputFileError(path, f"unsupported voxel type {array.dtype}")
+    axes = tuple(reversed(range(dimension)))
+    array = np.transpose(array, (*axes, dimension))
+    if dimension == 2:
+        array = array[:, :, None, :]
+    return np.ascontiguousarray(array), affine
+
+
+def write(
+    array: np.ndarray, affine: np.ndarray, path: Path, source_id: str | None
+) -> None:
+    """Writes ``(X, Y, Z, C)`` voxels on the RAS ``affine`` to ``path`` (compressed),
+    keeping ``source_id`` under ``medseg-source`` in the header."""
+    sitk = _sitk(path)
+    channels = array.shape[-1]
+    zyx = np.transpose(array, (2, 1, 0, 3))
+    if channels == 1:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(zyx[..., 0]))
+    else:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(zyx), isVector=True)
+    lps = _FLIP @ np.asarray(affine, float)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetOrigin([float(v) for v in lps[:3, 3]])
+    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
+    if source_id is not None:
+        image.SetMetaData("medseg-source", source_id)
+    writer = sitk.ImageFileWriter()
+    writer.SetFileName(str(path))
+    writer.UseCompressionOn()
+    try:
+        writer.Execute(image)
+    except RuntimeError as exc:
+        raise OSError(_problem(exc)) from None
+
+
+def data_files(path: Path) -> list[Path]:
+    """The file a detached header (``.mhd``, ``.nhdr``) keeps its voxels in, when it
+    names one that exists beside it (not a list or a pattern of files); else none."""
+    if path.suffix.lower() not in DETACHED:
+        return []
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(1 << 16).decode("latin-1")
+    except OSError:
+        return []
+    for line in text.splitlines():
+        key, _, value = line.partition("=" if path.suffix.lower() == ".mhd" else ":")
+        key, value = key.strip().lower(), value.strip()
+        if key in ("elementdatafile", "data file", "datafile"):
+            if value.upper() in ("LOCAL", "LIST") or "%" in value:  # not one file
+                return []
+            data = path.parent / value
+            return [data] if data.is_file() else []
+    return []
+
+
+def read_source_id(path: Path) -> str | None:
+    """The ``medseg-source`` entry of the header, if any."""
+    reader = _reader(path)
+    key = "medseg-source"
+    return reader.GetMetaData(key) if reader.HasMetaDataKey(key) else None
