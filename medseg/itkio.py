@@ -121,8 +121,10 @@ def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     affine = _affine(
         path, image.GetOrigin(), image.GetSpacing(), image.GetDirection(), dimension
     )
-    array = sitk.GetArrayFromImage(image)  # (z, y, x[, c]) or (y, x[, c])
-    if image.GetNumberOfComponentsPerPixel() == 1:
+    components = image.GetNumberOfComponentsPerPixel()
+    array = sitk.GetArrayFromImage(image)  # a copy: (z, y, x[, c]) or (y, x[, c])
+    del image
+    if components == 1:
         array = array[..., None]
     if array.dtype.kind == "c":
         raise InputFileError(path, f"unsupported voxel type {array.dtype}")
@@ -130,7 +132,7 @@ def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     array = np.transpose(array, (*axes, dimension))
     if dimension == 2:
         array = array[:, :, None, :]
-    return np.ascontiguousarray(array), affine
+    return array, affine  # a view in medseg's axis order, as NIfTI's Fortran order
 
 
 def write(
