@@ -685,6 +685,21 @@ def test_metaimage_channels_slices_refusals_and_damage(tmp_path, rng):
         write_volume(sheared, tmp_path / f"sheared{suffix}", is_label=True)
         back = read_volume(tmp_path / f"sheared{suffix}")
         np.testing.assert_allclose(back.affine, OBLIQUE_LPS, atol=1e-12)
+    # a NRRD written by hand in RAS space (ITK's is LPS): voxel (i, j, k) at
+    # (10 + i, 20 + 2 j, 30 + 3 k), x fastest in the data
+    header = (
+        "NRRD0004\ntype: short\ndimension: 3\nspace: right-anterior-superior\n"
+        "sizes: 4 3 2\nspace directions: (1,0,0) (0,2,0) (0,0,3)\n"
+        "kinds: domain domain domain\nendian: little\nencoding: raw\n"
+        "space origin: (10,20,30)\n\n"
+    )
+    values = np.arange(24, dtype="<i2")
+    (tmp_path / "ras.nrrd").write_bytes(header.encode() + values.tobytes())
+    ras = read_volume(tmp_path / "ras.nrrd")
+    want = np.diag([1.0, 2.0, 3.0, 1.0])
+    want[:3, 3] = [10, 20, 30]
+    np.testing.assert_allclose(ras.affine, want)
+    np.testing.assert_array_equal(ras.array[..., 0], values.reshape(2, 3, 4).T)
     whole = (tmp_path / "copy.nrrd").read_bytes()
     for name, content, problem in [
         ("cut.mha", (tmp_path / "rgb.mha").read_bytes()[:-40], "unreadable (damaged"),
