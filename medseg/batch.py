@@ -744,6 +744,8 @@ def segment_all(
                 after = todo[index + 1][1] if index + 1 < len(todo) else None
                 if after is not None and not {target, after} & suspects:
                     pending = start(index + 1)  # read it while this one is predicted
+                elif target not in suspects and in_hand == {target}:
+                    _mark_in_hand(target, alone=True)  # a death now is its doing
                 result = CaseResult(str(path), str(target), "done")
                 if target in suspects:
                     note = (

@@ -265,9 +265,9 @@ def test_a_scan_that_kills_every_run_costs_no_other_scan_and_is_named(tmp_path):
     files = scans(tmp_path / "in", 5)  # case_2 kills the process
     out = tmp_path / "out"
 
-    def run(dies_on=2):
+    def run(dies_on=2, inputs=tmp_path / "in", output=out):
         done = subprocess.run(
-            [sys.executable, "-c", _DIES_ON, tmp_path / "in", out, str(dies_on)],
+            [sys.executable, "-c", _DIES_ON, inputs, output, str(dies_on)],
             capture_output=True,
             text=True,
         )
@@ -312,6 +312,16 @@ def test_a_scan_that_kills_every_run_costs_no_other_scan_and_is_named(tmp_path):
     code, results = run(dies_on=-1)
     assert code == 0 and results[-1][:2] == ["case_2.nii.gz", "done"]
     assert written() == [f"case_{i}.nii.gz" for i in range(5)] and marked() == []
+    # a run of that scan alone (an array job's task, say) names it at once on the
+    # next run: nothing else was in hand when it died
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "case_2.nii.gz").write_bytes(files[2].read_bytes())
+    assert run(inputs=tmp_path / "alone", output=tmp_path / "out2")[0] == -9
+    code, results = run(inputs=tmp_path / "alone", output=tmp_path / "out2")
+    assert code == 0 and [r[1] for r in results] == ["failed"]
+    assert results[0][2].startswith(
+        f"{tmp_path / 'alone' / 'case_2.nii.gz'}: a run died while segmenting it alone"
+    )
 
 
 def test_a_detached_header_and_its_voxels_make_the_inputs_content_id(tmp_path):
