@@ -63,6 +63,9 @@ def _reader(path: Path):
             f"a {reader.GetDimension()}D image (expected 2D or 3D, channels as "
             "components)",
         )
+    kind = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    if "complex" in kind or kind not in _DTYPES and "vector" not in kind:
+        raise InputFileError(path, f"unsupported voxel type ({kind})")
     return reader
 
 
@@ -126,8 +129,6 @@ def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     del image
     if components == 1:
         array = array[..., None]
-    if array.dtype.kind == "c":
-        raise InputFileError(path, f"unsupported voxel type {array.dtype}")
     axes = tuple(reversed(range(dimension)))
     array = np.transpose(array, (*axes, dimension))
     if dimension == 2:

@@ -700,6 +700,11 @@ def test_metaimage_channels_slices_refusals_and_damage(tmp_path, rng):
     want[:3, 3] = [10, 20, 30]
     np.testing.assert_allclose(ras.affine, want)
     np.testing.assert_array_equal(ras.array[..., 0], values.reshape(2, 3, 4).T)
+    # a series of volumes (4D) is no scan
+    volumes = [sitk.GetImageFromArray(np.zeros((3, 4, 5), np.float32))] * 2
+    sitk.WriteImage(sitk.JoinSeries(volumes), str(tmp_path / "series.mha"))
+    with pytest.raises(InputFileError, match=r"series\.mha: a 4D image \(expected"):
+        read_volume(tmp_path / "series.mha")
     whole = (tmp_path / "copy.nrrd").read_bytes()
     for name, content, problem in [
         ("cut.mha", (tmp_path / "rgb.mha").read_bytes()[:-40], "unreadable (damaged"),
