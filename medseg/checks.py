@@ -22,7 +22,7 @@ import numpy as np
 
 from medseg.datasets import ArrayDataset, Case, CaseProblem, Dataset
 from medseg.errors import InputFileError
-from medseg.geometry import in_voxel_order_of, orientation_codes
+from medseg.geometry import in_box_of, in_voxel_order_of, orientation_codes
 from medseg.io import (
     DEFAULT_MAX_VOXELS,
     Volume,
@@ -183,6 +183,19 @@ def _check_case(
         if ordered is not None:
             notes.extend(_another_order(case, case.label, label, image, "its image's"))
             label = ordered
+        else:  # saved on a box of the image's grid (3D Slicer crops to the labels)
+            boxed = in_box_of(label, image, tolerance)
+            if boxed is not None:
+                shape = " x ".join(map(str, label.spatial_shape))
+                notes.append(
+                    CaseProblem(
+                        case.case_id,
+                        case.label,
+                        f"saved on a box of its image's grid ({shape} voxels from "
+                        f"voxel {boxed[1]}): placed in it, background elsewhere",
+                    )
+                )
+                label = boxed[0]
         problems.extend(_check_label(dataset, case, image, label, tolerance))
     return problems, image, label
 

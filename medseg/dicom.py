@@ -552,14 +552,14 @@ def label_map_to_segmentation(
             than the series, or the series' own problems.
     """
     from medseg.evaluation import label_array
-    from medseg.geometry import in_voxel_order_of
+    from medseg.geometry import label_on_grid_of
     from medseg.io import ScanInfo, off_grid, read_volume
 
     folder = Path(folder)
     slices, affine = _ordered(folder)  # the series' headers, read once
     series = ScanInfo(folder, "dicom", _shape(slices), 1, np.dtype(np.float64), affine)
     volume = read_volume(labels)
-    ordered = in_voxel_order_of(volume, series)
+    ordered = label_on_grid_of(volume, series)
     if ordered is None:
         off = off_grid(volume, series, "the series'")
         raise InputFileError(labels, f"not on the grid of the series {folder}: {off}")

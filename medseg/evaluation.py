@@ -116,14 +116,19 @@ def evaluate_pairs(
 
 def _read_pair(pred_path: Path, truth_path: Path):
     """The prediction's and the truth's label arrays and the spacing, checked to be
-    on one grid (a prediction stored in another voxel order is read in the truth's)."""
-    from medseg.geometry import in_voxel_order_of
+    on one grid (a prediction stored in another voxel order is read in the truth's;
+    one saved on a box of the other's grid, as 3D Slicer crops segmentations, is
+    placed in it)."""
+    from medseg.geometry import label_on_grid_of
 
     prediction, truth = read_volume(pred_path), read_volume(truth_path)
-    ordered = in_voxel_order_of(prediction, truth)
-    if ordered is None:
-        raise InputFileError(pred_path, off_grid(prediction, truth, "the truth's"))
-    return label_array(ordered), label_array(truth), truth.spacing
+    placed = label_on_grid_of(prediction, truth)
+    if placed is not None:
+        return label_array(placed), label_array(truth), truth.spacing
+    placed = label_on_grid_of(truth, prediction)  # the truth on a box
+    if placed is not None:
+        return label_array(prediction), label_array(placed), prediction.spacing
+    raise InputFileError(pred_path, off_grid(prediction, truth, "the truth's"))
 
 
 def label_array(volume) -> np.ndarray:

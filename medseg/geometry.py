@@ -141,6 +141,62 @@ def in_voxel_order_of(
     return moved if off_grid(moved, reference, "", tolerance_mm) is None else None
 
 
+def in_box_of(
+    volume: Volume, reference: Volume | ScanInfo, tolerance_mm: float = 1e-3
+) -> tuple[Volume, tuple[int, ...]] | None:
+    """A label map saved on a box of ``reference``'s grid (cropped to its labels, as
+    3D Slicer saves segmentations, or reaching past the grid with background only),
+    in any voxel order, placed on that grid: exactly, zero outside the box. Returns
+    it with the reference voxel of the box's first voxel, or ``None`` when it lies on
+    another grid (other axes or spacing, a shift of a fraction of a voxel) or holds
+    non-zero voxels outside the reference's."""
+    if volume.spatial_dims != 3 or len(reference.spatial_shape) != 3:
+        return None
+    from nibabel import orientations
+
+    ornt = orientations.ornt_transform(
+        orientations.io_orientation(volume.affine),
+        orientations.io_orientation(reference.affine),
+    )
+    array = orientations.apply_orientation(np.asarray(volume.array), ornt)
+    affine = volume.affine @ orientations.inv_ornt_aff(ornt, volume.spatial_shape)
+    matrix = np.asarray(reference.affine, float)
+    if np.max(np.abs(affine[:3, :3] - matrix[:3, :3])) > tolerance_mm:
+        return None
+    shift = np.linalg.solve(matrix[:3, :3], affine[:3, 3] - matrix[:3, 3])
+    offset = np.rint(shift).astype(int)
+    if np.max(np.abs(matrix[:3, :3] @ offset + matrix[:3, 3] - affine[:3, 3])) > (
+        tolerance_mm
+    ):
+        return None
+    shape = tuple(reference.spatial_shape)
+    placed = np.zeros((*shape, array.shape[-1]), array.dtype)
+    source, target = [], []
+    for start, n, total in zip(offset, array.shape[:3], shape, strict=True):
+        first = max(0, -start)
+        last = max(first, min(n, total - start))  # first: no voxel on the grid
+        source.append(slice(first, last))
+        target.append(slice(first + start, last + start))
+    inside = array[tuple(source)]
+    if np.count_nonzero(inside) != np.count_nonzero(array):
+        return None  # labels outside the reference's grid
+    placed[tuple(target)] = inside
+    return volume.with_array(placed, matrix.copy()), tuple(int(v) for v in offset)
+
+
+def label_on_grid_of(
+    volume: Volume, reference: Volume | ScanInfo, tolerance_mm: float = 1e-3
+) -> Volume | None:
+    """A label map on ``reference``'s grid: :func:`in_voxel_order_of`, or else
+    :func:`in_box_of` (a label map saved on a box of the grid); ``None`` when it is
+    on neither."""
+    ordered = in_voxel_order_of(volume, reference, tolerance_mm)
+    if ordered is not None:
+        return ordered
+    boxed = in_box_of(volume, reference, tolerance_mm)
+    return None if boxed is None else boxed[0]
+
+
 # resampling
 
 

@@ -571,3 +571,15 @@ def lesion_scores(prediction, truth, voxel_volume: float = 1.0, min_size: float 
         "lesion_f1": f1,
         "lesion_dice": dice,
     }
+
+
+def world_lookup_or_zero(original: np.ndarray, original_affine, new_shape, new_affine):
+    """:func:`world_lookup` where the original grid has the voxel, 0 elsewhere."""
+    inverse = np.linalg.inv(original_affine)
+    out = np.zeros((*new_shape, original.shape[-1]), dtype=original.dtype)
+    for index in voxel_indices(new_shape):
+        world = np.asarray(new_affine) @ np.array([*index, 1.0])
+        source = np.rint((inverse @ world)[:3]).astype(int)
+        if all(0 <= s < n for s, n in zip(source, original.shape[:3], strict=True)):
+            out[index] = original[tuple(source)]
+    return out

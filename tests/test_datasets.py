@@ -72,6 +72,62 @@ def test_a_label_map_stored_in_another_voxel_order_checks_and_trains_as_its_imag
     assert problem.problem == "label shape (9, 7, 8) differs from image shape (8, 9, 7)"
 
 
+def test_a_label_map_saved_on_a_box_of_its_images_grid_checks_and_trains_as_it(
+    msd_dataset,
+):
+    import shutil
+
+    pytest.importorskip("SimpleITK")
+    from medseg.checks import check_dataset
+    from medseg.io import Volume, write_volume
+    from medseg.preprocessing import Preprocessor, ZScoreNormalization
+    from medseg.training.data import prepare_case
+
+    for path in sorted(msd_dataset.glob("*Tr/*.nii.gz")):  # oblique, not RAS
+        save_nifti(path, np.asanyarray(nib.load(path).dataobj), OBLIQUE_LPS)
+    boxed = msd_dataset.parent / "boxed"
+    shutil.copytree(msd_dataset, boxed)
+    # case 1's labels saved on the box around them, as 3D Slicer saves a .seg.nrrd
+    full = np.asanyarray(nib.load(msd_dataset / "labelsTr" / "case_1.nii.gz").dataobj)
+    start = np.array([1, 2, 1])
+    box_affine = OBLIQUE_LPS.copy()
+    box_affine[:3, 3] += OBLIQUE_LPS[:3, :3] @ start
+    box = full[1:7, 2:7, 1:5, None]
+    assert box.sum() == full.sum()
+    write_volume(
+        Volume(box, box_affine), boxed / "labelsTr" / "case_1.seg.nrrd", is_label=True
+    )
+    (boxed / "labelsTr" / "case_1.nii.gz").unlink()
+    manifest = json.loads((boxed / "dataset.json").read_text())
+    manifest["training"][1]["label"] = "./labelsTr/case_1.seg.nrrd"
+    (boxed / "dataset.json").write_text(json.dumps(manifest))
+    original, moved = (load_dataset(root) for root in (msd_dataset, boxed))
+    reports = [check_dataset(d) for d in (original, moved)]
+    assert reports[1].problems == []
+    assert [str(n) for n in reports[1].notes] == [
+        f"case_1: {boxed / 'labelsTr' / 'case_1.seg.nrrd'}: saved on a box of its "
+        "image's grid (6 x 5 x 4 voxels from voxel (1, 2, 1)): placed in it, "
+        "background elsewhere"
+    ]
+    assert reports[1].fingerprint == reports[0].fingerprint  # label fractions too
+    pre = Preprocessor((ZScoreNormalization(),), target_spacing_mm=(1.0, 1.0, 2.0))
+    want, got = (
+        prepare_case(d.cases[1], pre, [0, 1, 2], None) for d in (original, moved)
+    )
+    assert (want.label > 0).sum() > 20
+    np.testing.assert_array_equal(got.label, want.label)
+    # a box reaching past the image with labels there cannot be placed: refused
+    past = np.zeros((4, 4, 4, 1), np.uint8)
+    past[0, 0, 0] = 1  # at voxel (-1, -1, -1) of the image's grid
+    outside = OBLIQUE_LPS.copy()
+    outside[:3, 3] -= OBLIQUE_LPS[:3, :3] @ [1, 1, 1]
+    write_volume(
+        Volume(past, outside), boxed / "labelsTr" / "case_1.seg.nrrd", is_label=True
+    )
+    (problem,) = check_dataset(load_dataset(boxed)).problems
+    assert problem.problem == "label shape (4, 4, 4) differs from image shape (8, 9, 7)"
+
+
 def test_msd_path_outside_the_folder_is_refused(msd_dataset):
     manifest = json.loads((msd_dataset / "dataset.json").read_text())
     manifest["training"][1]["image"] = "../../etc/passwd.nii.gz"

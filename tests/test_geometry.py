@@ -117,6 +117,56 @@ def test_a_grid_stored_in_another_voxel_order_is_read_in_the_references(
     )
 
 
+@PROPERTY
+@given(
+    affine=oblique_affines(),
+    shape=st.tuples(*(st.integers(2, 7) for _ in range(3))),
+    box=st.tuples(
+        *(st.tuples(st.integers(-2, 6), st.integers(1, 5)) for _ in range(3))
+    ),
+    permutation=st.permutations([0, 1, 2]),
+    flips=st.sets(st.integers(0, 2)),
+)
+def test_a_label_map_saved_on_a_box_of_the_grid_is_placed_in_it(
+    affine, shape, box, permutation, flips
+):
+    # a label map on the box starting at voxel `start` of the reference's grid (maybe
+    # reaching past it), with labels only where the grid is, stored in another order
+    start = np.array([s for s, _ in box])
+    size = tuple(n for _, n in box)
+    rng = np.random.default_rng(sum(shape))
+    labels = rng.integers(0, 3, size=(*size, 1)).astype(np.uint8)
+    for axis in range(3):
+        outside = (np.arange(size[axis]) + start[axis] < 0) | (
+            np.arange(size[axis]) + start[axis] >= shape[axis]
+        )
+        index = [slice(None)] * 3
+        index[axis] = outside
+        labels[tuple(index)] = 0
+    box_affine = affine.copy()
+    box_affine[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
+    array, stored_affine = stored_in_another_order(
+        labels, box_affine, permutation, sorted(flips)
+    )
+    grid = Volume(np.zeros((*shape, 1), np.float32), affine)
+    placed = geometry.label_on_grid_of(Volume(array, stored_affine), grid)
+    want = reference.world_lookup_or_zero(array, stored_affine, shape, affine)
+    np.testing.assert_array_equal(placed.array, want)
+    np.testing.assert_allclose(placed.affine, affine, atol=1e-9)
+    assert int(placed.array.sum()) == int(labels.sum())  # no label lost
+    if size != shape or start.any():
+        assert geometry.in_box_of(Volume(array, stored_affine), grid)[1] == tuple(start)
+    # a label outside the grid cannot be placed; nor a box half a voxel off
+    corner = tuple(0 if s < 0 else n - 1 for s, n in zip(start, size, strict=True))
+    if not all(0 <= c + s < n for c, s, n in zip(corner, start, shape, strict=True)):
+        outside = labels.copy()
+        outside[corner] = 1
+        assert geometry.label_on_grid_of(Volume(outside, box_affine), grid) is None
+    shifted = box_affine.copy()
+    shifted[:3, 3] += 0.5 * affine[:3, 1]
+    assert geometry.label_on_grid_of(Volume(labels, shifted), grid) is None
+
+
 def test_another_grid_is_not_taken_for_one_in_another_voxel_order():
     affine = OBLIQUE_LPS
     volume = _volume((5, 6, 7), affine, channels=1)

@@ -315,6 +315,35 @@ def test_evaluate_reads_a_prediction_stored_in_another_voxel_order_in_the_truths
     )
 
 
+def test_evaluate_places_a_label_map_saved_on_a_box_of_the_others_grid(tmp_path, rng):
+    a, b = _blobs(rng)
+    affine = np.diag([*SPACING, 1.0])
+    lo = np.argwhere(b).min(0)
+    hi = np.argwhere(b).max(0) + 1
+
+    def boxed(mask):  # the box around the prediction's labels, as 3D Slicer saves
+        moved = affine.copy()
+        moved[:3, 3] = affine[:3, :3] @ lo
+        return nib.Nifti1Image(mask[tuple(map(slice, lo, hi))].astype(np.uint8), moved)
+
+    for case, truth, pred in [
+        ("boxed_pred", nib.Nifti1Image(a.astype(np.uint8), affine), boxed(b)),
+        ("boxed_truth", boxed(b), nib.Nifti1Image(a.astype(np.uint8), affine)),
+    ]:
+        for folder, image in (("truth", truth), ("pred", pred)):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            nib.save(image, tmp_path / folder / f"{case}.nii.gz")
+    assert nib.load(tmp_path / "pred" / "boxed_pred.nii.gz").shape != a.shape
+    result = _evaluate(tmp_path, "--output", str(tmp_path / "m.csv"))
+    assert result.exit_code == 0, result.output
+    rows = [line.split(",") for line in (tmp_path / "m.csv").read_text().splitlines()]
+    # scored on the full grid: a against b, either way round
+    assert [r[0] for r in rows[1:]] == ["boxed_pred", "boxed_truth"]
+    assert float(rows[1][2]) == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
+    # the same scores with the roles swapped (the two volumes change places)
+    assert rows[2][2:7] == rows[1][2:7] and rows[2][7:9] == rows[1][8:6:-1]
+
+
 def test_evaluate_refuses_files_that_are_not_label_maps_and_reads_whole_floats(
     tmp_path, rng
 ):

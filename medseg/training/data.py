@@ -20,6 +20,7 @@ import numpy as np
 
 from medseg.datasets import Case, Dataset
 from medseg.errors import ConfigError
+from medseg.geometry import label_on_grid_of
 from medseg.io import read_volume, stack_channels
 from medseg.preprocessing import Preprocessor
 
@@ -113,7 +114,10 @@ def prepare_case(
     if values is None or case.label is None:  # reconstruction: images only
         label = np.zeros((*image.shape[:-1], 1), np.uint8)
     else:
-        label = preprocessor.label(read_volume(case.label), records)
+        label = read_volume(case.label)
+        # in another voxel order, or on a box of the image's grid: placed on it
+        placed = label_on_grid_of(label, image_volume)
+        label = preprocessor.label(label if placed is None else placed, records)
         label = _to_classes(label, values, case.label)
     if cached is not None:
         from medseg.io import atomic_output
