@@ -183,7 +183,7 @@ def _check_case(
         if ordered is not None:
             notes.extend(_another_order(case, case.label, label, image, "its image's"))
             label = ordered
-        else:  # saved on a box of the image's grid (3D Slicer crops to the labels)
+        else:  # saved on a box of the image's grid (3D Slicer may crop to the labels)
             boxed = in_box_of(label, image, tolerance)
             if boxed is not None:
                 shape = " x ".join(map(str, label.spatial_shape))

@@ -117,7 +117,7 @@ def evaluate_pairs(
 def _read_pair(pred_path: Path, truth_path: Path):
     """The prediction's and the truth's label arrays and the spacing, checked to be
     on one grid (a prediction stored in another voxel order is read in the truth's;
-    one saved on a box of the other's grid, as 3D Slicer crops segmentations, is
+    one saved on a box of the other's grid, as 3D Slicer may crop segmentations, is
     placed in it)."""
     from medseg.geometry import label_on_grid_of
 

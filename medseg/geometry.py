@@ -145,7 +145,7 @@ def in_box_of(
     volume: Volume, reference: Volume | ScanInfo, tolerance_mm: float = 1e-3
 ) -> tuple[Volume, tuple[int, ...]] | None:
     """A label map saved on a box of ``reference``'s grid (cropped to its labels, as
-    3D Slicer saves segmentations, or reaching past the grid with background only),
+    3D Slicer may save segmentations, or reaching past the grid with background only),
     in any voxel order, placed on that grid: exactly, zero outside the box. Returns
     it with the reference voxel of the box's first voxel, or ``None`` when it lies on
     another grid (other axes or spacing, a shift of a fraction of a voxel) or holds

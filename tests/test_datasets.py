@@ -87,7 +87,7 @@ def test_a_label_map_saved_on_a_box_of_its_images_grid_checks_and_trains_as_it(
         save_nifti(path, np.asanyarray(nib.load(path).dataobj), OBLIQUE_LPS)
     boxed = msd_dataset.parent / "boxed"
     shutil.copytree(msd_dataset, boxed)
-    # case 1's labels saved on the box around them, as 3D Slicer saves a .seg.nrrd
+    # case 1's labels saved on the box around them, as 3D Slicer may save a .seg.nrrd
     full = np.asanyarray(nib.load(msd_dataset / "labelsTr" / "case_1.nii.gz").dataobj)
     start = np.array([1, 2, 1])
     box_affine = OBLIQUE_LPS.copy()
