@@ -22,7 +22,12 @@ import numpy as np
 
 from medseg.datasets import ArrayDataset, Case, CaseProblem, Dataset
 from medseg.errors import InputFileError
-from medseg.geometry import in_box_of, in_voxel_order_of, orientation_codes
+from medseg.geometry import (
+    declares_a_box,
+    in_box_of,
+    in_voxel_order_of,
+    orientation_codes,
+)
 from medseg.io import (
     DEFAULT_MAX_VOXELS,
     Volume,
@@ -183,7 +188,7 @@ def _check_case(
         if ordered is not None:
             notes.extend(_another_order(case, case.label, label, image, "its image's"))
             label = ordered
-        else:  # saved on a box of the image's grid (3D Slicer may crop to the labels)
+        elif declares_a_box(label):  # a 3D Slicer segmentation cropped to its labels
             boxed = in_box_of(label, image, tolerance)
             if boxed is not None:
                 shape = " x ".join(map(str, label.spatial_shape))

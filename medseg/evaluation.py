@@ -33,9 +33,17 @@ def _scans(folder: Path) -> dict[str, Path]:
     }
 
 
+def case_name(path: str | Path) -> str:
+    """A label file's case: its name without the suffix, and without the ``.seg`` of a
+    3D Slicer segmentation (``CASE.seg.nrrd``)."""
+    stem = split_suffix(path)[0]
+    return stem[:-4] if stem.lower().endswith(".seg") and len(stem) > 4 else stem
+
+
 def pair_files(prediction: Path, truth: Path) -> list[tuple[str, Path, Path]]:
     """``(case, prediction file, truth file)`` for two files, or two folders matched by
-    file name.
+    file name, or else by case (:func:`case_name`: ``CASE.nii.gz`` with
+    ``CASE.seg.nrrd``) where that names one file on each side.
 
     Raises:
         InputFileError: a missing path, or files without a partner (all named).
@@ -45,12 +53,24 @@ def pair_files(prediction: Path, truth: Path) -> list[tuple[str, Path, Path]]:
         if not path.exists():
             raise InputFileError(path, "not found")
     if prediction.is_file() and truth.is_file():
-        return [(split_suffix(truth)[0], prediction, truth)]
+        return [(case_name(truth), prediction, truth)]
     if not (prediction.is_dir() and truth.is_dir()):
         raise InputFileError(prediction, "give two files or two folders")
     predicted, truths = _scans(prediction), _scans(truth)
     missing = sorted(set(truths) - set(predicted))
     extra = sorted(set(predicted) - set(truths))
+    others: dict[str, list[str]] = {}
+    for name in extra:
+        others.setdefault(case_name(name), []).append(name)
+    for name in list(missing):  # the same case in another format
+        partners = others.get(case_name(name), [])
+        if (
+            len(partners) == 1
+            and sum(case_name(m) == case_name(name) for m in missing) == 1
+        ):
+            predicted[name] = predicted.pop(partners[0])
+            missing.remove(name)
+            extra.remove(partners[0])
     if missing or extra:
         parts = []
         if missing:
@@ -66,7 +86,7 @@ def pair_files(prediction: Path, truth: Path) -> list[tuple[str, Path, Path]]:
         raise InputFileError(prediction, "; ".join(parts))
     if not truths:
         raise InputFileError(truth, "no scan files found")
-    return [(split_suffix(name)[0], predicted[name], truths[name]) for name in truths]
+    return [(case_name(name), predicted[name], truths[name]) for name in truths]
 
 
 def evaluate_pairs(

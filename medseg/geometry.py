@@ -184,14 +184,24 @@ def in_box_of(
     return volume.with_array(placed, matrix.copy()), tuple(int(v) for v in offset)
 
 
+def declares_a_box(volume: Volume) -> bool:
+    """Whether the file ``volume`` was read from says that it is saved on a box of
+    its reference image's grid: a 3D Slicer segmentation (``.seg.nrrd``) does. A file
+    that does not say so is not taken for a crop (a label map of fewer slices than
+    its scan may be another scan's)."""
+    from medseg.itkio import SLICER_CROP_KEY
+
+    return isinstance(volume.header, dict) and SLICER_CROP_KEY in volume.header
+
+
 def label_on_grid_of(
     volume: Volume, reference: Volume | ScanInfo, tolerance_mm: float = 1e-3
 ) -> Volume | None:
-    """A label map on ``reference``'s grid: :func:`in_voxel_order_of`, or else
-    :func:`in_box_of` (a label map saved on a box of the grid); ``None`` when it is
-    on neither."""
+    """A label map on ``reference``'s grid: :func:`in_voxel_order_of`, or else, for a
+    file that :func:`declares_a_box`, :func:`in_box_of`; ``None`` when it is on
+    neither."""
     ordered = in_voxel_order_of(volume, reference, tolerance_mm)
-    if ordered is not None:
+    if ordered is not None or not declares_a_box(volume):
         return ordered
     boxed = in_box_of(volume, reference, tolerance_mm)
     return None if boxed is None else boxed[0]

@@ -97,7 +97,8 @@ class Volume:
         affine: 4x4 voxel-to-world matrix (millimetres, NIfTI RAS+ world). For 2D images
             the first two columns carry the pixel spacing of rows and columns.
         header: the source NIfTI header (kept so that writing restores its codes, units
-            and descriptions), or ``None``.
+            and descriptions), a MetaImage's or NRRD's fields
+            (:class:`medseg.itkio.Metadata`), or ``None``.
         path: where it was read from, if anywhere.
         notes: what the reader had to fix or assume to read the file (a NIfTI header
             with a zero voxel size, say), one line each; also logged as warnings.
@@ -273,8 +274,8 @@ def read_volume(
 
         spatial, channels, _, _ = itkio.read_info(path)
         _check_size(path, spatial, channels, max_voxels)
-        array, affine = itkio.read(path)
-        return Volume(array, affine, None, path)
+        array, affine, fields = itkio.read(path)
+        return Volume(array, affine, fields, path)
     arr = _load_npy(path, mmap=True)
     spatial, channels = _npy_layout(path, arr.shape, spatial_dims)
     _check_size(path, spatial, channels, max_voxels)

@@ -21,6 +21,14 @@ from medseg.errors import InputFileError
 #: LPS to RAS and back
 _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 DETACHED = {".mhd": ".mha", ".nhdr": ".nrrd"}
+#: the field by which a 3D Slicer segmentation (``.seg.nrrd``) says that it is saved
+#: on a box of its reference image's grid (cropped to its segments)
+SLICER_CROP_KEY = "Segmentation_ReferenceImageExtentOffset"
+
+
+class Metadata(dict):
+    """A MetaImage or NRRD header's fields (SimpleITK's metadata), kept as a
+    :class:`medseg.io.Volume`'s ``header``."""
 
 
 def _sitk(path: Path):
@@ -112,8 +120,8 @@ _DTYPES = {
 }
 
 
-def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The voxels ``(X, Y, Z, C)`` and the RAS affine."""
+def read(path: Path) -> tuple[np.ndarray, np.ndarray, Metadata]:
+    """The voxels ``(X, Y, Z, C)``, the RAS affine and the header's fields."""
     sitk = _sitk(path)
     reader = _reader(path)
     try:
@@ -125,6 +133,7 @@ def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
         path, image.GetOrigin(), image.GetSpacing(), image.GetDirection(), dimension
     )
     components = image.GetNumberOfComponentsPerPixel()
+    fields = Metadata((key, image.GetMetaData(key)) for key in image.GetMetaDataKeys())
     array = sitk.GetArrayFromImage(image)  # a copy: (z, y, x[, c]) or (y, x[, c])
     del image
     if components == 1:
@@ -133,7 +142,7 @@ def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     array = np.transpose(array, (*axes, dimension))
     if dimension == 2:
         array = array[:, :, None, :]
-    return array, affine  # a view in medseg's axis order, as NIfTI's Fortran order
+    return array, affine, fields  # a view in medseg's axis order (NIfTI's F order)
 
 
 def write(

@@ -77,7 +77,7 @@ def test_a_label_map_saved_on_a_box_of_its_images_grid_checks_and_trains_as_it(
 ):
     import shutil
 
-    pytest.importorskip("SimpleITK")
+    sitk = pytest.importorskip("SimpleITK")
     from medseg.checks import check_dataset
     from medseg.io import Volume, write_volume
     from medseg.preprocessing import Preprocessor, ZScoreNormalization
@@ -94,9 +94,17 @@ def test_a_label_map_saved_on_a_box_of_its_images_grid_checks_and_trains_as_it(
     box_affine[:3, 3] += OBLIQUE_LPS[:3, :3] @ start
     box = full[1:7, 2:7, 1:5, None]
     assert box.sum() == full.sum()
-    write_volume(
-        Volume(box, box_affine), boxed / "labelsTr" / "case_1.seg.nrrd", is_label=True
-    )
+    seg = boxed / "labelsTr" / "case_1.seg.nrrd"
+    write_volume(Volume(box, box_affine), seg, is_label=True)
+    image = sitk.ReadImage(str(seg))  # and saying so, as Slicer's files do
+    image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "1 2 1")
+    sitk.WriteImage(image, str(seg), True)
+    # the same box in a NIfTI, which does not say it is a crop, stays refused
+    cropped = boxed.parent / "cropped"
+    shutil.copytree(boxed, cropped)
+    save_nifti(cropped / "labelsTr" / "case_1.nii.gz", box[..., 0], box_affine)
+    (problem,) = check_dataset(load_dataset(cropped)).problems
+    assert problem.problem == "label shape (6, 5, 4) differs from image shape (8, 9, 7)"
     (boxed / "labelsTr" / "case_1.nii.gz").unlink()
     manifest = json.loads((boxed / "dataset.json").read_text())
     manifest["training"][1]["label"] = "./labelsTr/case_1.seg.nrrd"
@@ -121,9 +129,10 @@ def test_a_label_map_saved_on_a_box_of_its_images_grid_checks_and_trains_as_it(
     past[0, 0, 0] = 1  # at voxel (-1, -1, -1) of the image's grid
     outside = OBLIQUE_LPS.copy()
     outside[:3, 3] -= OBLIQUE_LPS[:3, :3] @ [1, 1, 1]
-    write_volume(
-        Volume(past, outside), boxed / "labelsTr" / "case_1.seg.nrrd", is_label=True
-    )
+    write_volume(Volume(past, outside), seg, is_label=True)
+    image = sitk.ReadImage(str(seg))
+    image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    sitk.WriteImage(image, str(seg), True)
     (problem,) = check_dataset(load_dataset(boxed)).problems
     assert problem.problem == "label shape (4, 4, 4) differs from image shape (8, 9, 7)"
 

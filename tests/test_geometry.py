@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from medseg import geometry
 from medseg.io import Volume
+from medseg.itkio import SLICER_CROP_KEY
 from tests import reference
 from tests.conftest import OBLIQUE_LPS, stored_in_another_order
 
@@ -149,22 +150,27 @@ def test_a_label_map_saved_on_a_box_of_the_grid_is_placed_in_it(
         labels, box_affine, permutation, sorted(flips)
     )
     grid = Volume(np.zeros((*shape, 1), np.float32), affine)
-    placed = geometry.label_on_grid_of(Volume(array, stored_affine), grid)
+    placed, offset = geometry.in_box_of(Volume(array, stored_affine), grid)
     want = reference.world_lookup_or_zero(array, stored_affine, shape, affine)
     np.testing.assert_array_equal(placed.array, want)
     np.testing.assert_allclose(placed.affine, affine, atol=1e-9)
     assert int(placed.array.sum()) == int(labels.sum())  # no label lost
+    assert offset == tuple(start)
+    # taken for a crop only from a file that says it is one (a 3D Slicer .seg.nrrd)
+    declared = {SLICER_CROP_KEY: " ".join(map(str, start))}
+    slicer = geometry.label_on_grid_of(Volume(array, stored_affine, declared), grid)
+    np.testing.assert_array_equal(slicer.array, want)
     if size != shape or start.any():
-        assert geometry.in_box_of(Volume(array, stored_affine), grid)[1] == tuple(start)
+        assert geometry.label_on_grid_of(Volume(array, stored_affine), grid) is None
     # a label outside the grid cannot be placed; nor a box half a voxel off
     corner = tuple(0 if s < 0 else n - 1 for s, n in zip(start, size, strict=True))
     if not all(0 <= c + s < n for c, s, n in zip(corner, start, shape, strict=True)):
         outside = labels.copy()
         outside[corner] = 1
-        assert geometry.label_on_grid_of(Volume(outside, box_affine), grid) is None
+        assert geometry.in_box_of(Volume(outside, box_affine), grid) is None
     shifted = box_affine.copy()
     shifted[:3, 3] += 0.5 * affine[:3, 1]
-    assert geometry.label_on_grid_of(Volume(labels, shifted), grid) is None
+    assert geometry.in_box_of(Volume(labels, shifted), grid) is None
 
 
 def test_another_grid_is_not_taken_for_one_in_another_voxel_order():

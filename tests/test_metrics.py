@@ -315,25 +315,32 @@ def test_evaluate_reads_a_prediction_stored_in_another_voxel_order_in_the_truths
     )
 
 
-def test_evaluate_places_a_label_map_saved_on_a_box_of_the_others_grid(tmp_path, rng):
+def test_evaluate_places_a_slicer_segmentation_saved_on_a_box_of_the_others_grid(
+    tmp_path, rng
+):
+    sitk = pytest.importorskip("SimpleITK")
+    from medseg.io import Volume, write_volume
+
     a, b = _blobs(rng)
     affine = np.diag([*SPACING, 1.0])
     lo = np.argwhere(b).min(0)
     hi = np.argwhere(b).max(0) + 1
 
-    def boxed(mask):  # the box around the prediction's labels, as 3D Slicer saves
+    def slicer(mask, path):  # the box around the labels, as 3D Slicer may save it
         moved = affine.copy()
         moved[:3, 3] = affine[:3, :3] @ lo
-        return nib.Nifti1Image(mask[tuple(map(slice, lo, hi))].astype(np.uint8), moved)
+        box = mask[tuple(map(slice, lo, hi))].astype(np.uint8)[..., None]
+        write_volume(Volume(box, moved), path, is_label=True)
+        image = sitk.ReadImage(str(path))
+        image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+        sitk.WriteImage(image, str(path), True)
 
-    for case, truth, pred in [
-        ("boxed_pred", nib.Nifti1Image(a.astype(np.uint8), affine), boxed(b)),
-        ("boxed_truth", boxed(b), nib.Nifti1Image(a.astype(np.uint8), affine)),
-    ]:
-        for folder, image in (("truth", truth), ("pred", pred)):
-            (tmp_path / folder).mkdir(exist_ok=True)
-            nib.save(image, tmp_path / folder / f"{case}.nii.gz")
-    assert nib.load(tmp_path / "pred" / "boxed_pred.nii.gz").shape != a.shape
+    for folder in ("truth", "pred"):
+        (tmp_path / folder).mkdir()
+    _save(tmp_path / "truth" / "boxed_pred.nii.gz", a)
+    slicer(b, tmp_path / "pred" / "boxed_pred.seg.nrrd")
+    slicer(b, tmp_path / "truth" / "boxed_truth.seg.nrrd")
+    _save(tmp_path / "pred" / "boxed_truth.nii.gz", a)
     result = _evaluate(tmp_path, "--output", str(tmp_path / "m.csv"))
     assert result.exit_code == 0, result.output
     rows = [line.split(",") for line in (tmp_path / "m.csv").read_text().splitlines()]
@@ -342,6 +349,33 @@ def test_evaluate_places_a_label_map_saved_on_a_box_of_the_others_grid(tmp_path,
     assert float(rows[1][2]) == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
     # the same scores with the roles swapped (the two volumes change places)
     assert rows[2][2:7] == rows[1][2:7] and rows[2][7:9] == rows[1][8:6:-1]
+
+
+def test_label_files_pair_by_name_else_by_case_when_that_names_one_on_each_side(
+    tmp_path,
+):
+    from medseg.errors import InputFileError
+    from medseg.evaluation import pair_files
+
+    for folder, names in (
+        ("truth", ["a.nii.gz", "b.seg.nrrd", "c.nii.gz"]),
+        ("pred", ["a.nii.gz", "b.nii.gz", "c.seg.nrrd", "c.mha"]),
+    ):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).touch()
+    with pytest.raises(InputFileError) as info:  # c: two predictions of one case
+        pair_files(tmp_path / "pred", tmp_path / "truth")
+    assert str(info.value).endswith(
+        "no prediction for c.nii.gz; no truth for c.mha, c.seg.nrrd"
+    )
+    (tmp_path / "pred" / "c.mha").unlink()
+    pairs = pair_files(tmp_path / "pred", tmp_path / "truth")
+    assert [(c, p.name, t.name) for c, p, t in pairs] == [
+        ("a", "a.nii.gz", "a.nii.gz"),
+        ("b", "b.nii.gz", "b.seg.nrrd"),
+        ("c", "c.seg.nrrd", "c.nii.gz"),
+    ]
 
 
 def test_evaluate_refuses_files_that_are_not_label_maps_and_reads_whole_floats(
