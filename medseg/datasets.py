@@ -35,7 +35,7 @@ import numpy as np
 
 from medseg.dicom import is_series_folder
 from medseg.errors import InputFileError
-from medseg.io import SCAN_SUFFIXES, split_suffix
+from medseg.io import SCAN_SUFFIXES, case_name, split_suffix
 
 FOLDER_PAIRS = (("images", "labels"), ("image", "label"), ("imagesTr", "labelsTr"))
 
@@ -344,7 +344,10 @@ def _load_folder_pair(root: Path, manifest: dict | None) -> Dataset:
             "no dataset found: expected dataset.json (MSD or nnU-Net v2) or an "
             "images/ + labels/ folder pair",
         )
-    labels_by_stem = {split_suffix(n)[0]: n for n in _scan_names(root / label_dir)}
+    label_names = _scan_names(root / label_dir)
+    labels_by_stem = {split_suffix(n)[0]: n for n in label_names}
+    for name in label_names:  # CASE.seg.nrrd, a 3D Slicer segmentation
+        labels_by_stem.setdefault(case_name(name), name)
     builder = _CaseBuilder(root)
     cases = []
     for name in _scan_names(root / image_dir, series=True):

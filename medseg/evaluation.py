@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputFileError
-from medseg.io import SCAN_SUFFIXES, off_grid, read_volume, split_suffix
+from medseg.io import SCAN_SUFFIXES, case_name, off_grid, read_volume, split_suffix
 from medseg.metrics import LESION_COLUMNS, METRIC_COLUMNS, label_metrics
 
 CSV_COLUMNS = ("case", "label", *METRIC_COLUMNS)
@@ -31,13 +31,6 @@ def _scans(folder: Path) -> dict[str, Path]:
         and not p.name.startswith(".")
         and split_suffix(p)[1] in SCAN_SUFFIXES
     }
-
-
-def case_name(path: str | Path) -> str:
-    """A label file's case: its name without the suffix, and without the ``.seg`` of a
-    3D Slicer segmentation (``CASE.seg.nrrd``)."""
-    stem = split_suffix(path)[0]
-    return stem[:-4] if stem.lower().endswith(".seg") and len(stem) > 4 else stem
 
 
 def pair_files(prediction: Path, truth: Path) -> list[tuple[str, Path, Path]]:

@@ -66,6 +66,13 @@ def split_suffix(path: str | Path) -> tuple[str, str]:
     return name, ""
 
 
+def case_name(path: str | Path) -> str:
+    """A label file's case: its name without the suffix, and without the ``.seg`` of a
+    3D Slicer segmentation (``CASE.seg.nrrd``)."""
+    stem = split_suffix(path)[0]
+    return stem[:-4] if stem.lower().endswith(".seg") and len(stem) > 4 else stem
+
+
 def scan_format(path: str | Path) -> str:
     """Returns ``"nifti"``, ``"image2d"``, ``"numpy"`` or ``"itk"`` (MetaImage, NRRD)
     for a path, from its suffix.

@@ -137,6 +137,21 @@ def test_a_label_map_saved_on_a_box_of_its_images_grid_checks_and_trains_as_it(
     assert problem.problem == "label shape (4, 4, 4) differs from image shape (8, 9, 7)"
 
 
+def test_a_folder_pair_takes_a_slicer_segmentation_as_its_cases_label(tmp_path):
+    for folder, names in (
+        ("images", ["a.nii.gz", "b.nii.gz"]),
+        ("labels", ["a.seg.nrrd", "b.nii.gz", "b.seg.nrrd"]),
+    ):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).touch()
+    cases = load_dataset(tmp_path).cases
+    assert [(c.case_id, c.label.name) for c in cases] == [
+        ("a", "a.seg.nrrd"),
+        ("b", "b.nii.gz"),  # the name that matches wins
+    ]
+
+
 def test_msd_path_outside_the_folder_is_refused(msd_dataset):
     manifest = json.loads((msd_dataset / "dataset.json").read_text())
     manifest["training"][1]["image"] = "../../etc/passwd.nii.gz"
