@@ -32,14 +32,27 @@ def test_shipped_sample_is_a_decathlon_dataset():
     assert load_dataset(SAMPLE / "dataset.json").cases == dataset.cases
 
 
+def _trains_alike(reports, original, moved) -> None:
+    """The two datasets' check reports fingerprint them alike, and case 1 of each is
+    prepared for training with the same label."""
+    from medseg.preprocessing import Preprocessor, ZScoreNormalization
+    from medseg.training.data import prepare_case
+
+    assert reports[1].fingerprint == reports[0].fingerprint  # label fractions too
+    pre = Preprocessor((ZScoreNormalization(),), target_spacing_mm=(1.0, 1.0, 2.0))
+    want, got = (
+        prepare_case(d.cases[1], pre, [0, 1, 2], None) for d in (original, moved)
+    )
+    assert (want.label > 0).sum() > 20
+    np.testing.assert_array_equal(got.label, want.label)
+
+
 def test_a_label_map_stored_in_another_voxel_order_checks_and_trains_as_its_image(
     msd_dataset,
 ):
     import shutil
 
     from medseg.checks import check_dataset
-    from medseg.preprocessing import Preprocessor, ZScoreNormalization
-    from medseg.training.data import prepare_case
 
     for path in sorted(msd_dataset.glob("*Tr/*.nii.gz")):  # oblique, not RAS
         save_nifti(path, np.asanyarray(nib.load(path).dataobj), OBLIQUE_LPS)
@@ -57,13 +70,7 @@ def test_a_label_map_stored_in_another_voxel_order_checks_and_trains_as_its_imag
         f"case_1: {reordered / 'labelsTr' / 'case_1.nii.gz'}: stored in ASR voxel "
         "order, its image's in LPS: read in its image's"  # P, S, L: A, S, R flipped
     ]
-    assert reports[1].fingerprint == reports[0].fingerprint  # label fractions too
-    pre = Preprocessor((ZScoreNormalization(),), target_spacing_mm=(1.0, 1.0, 2.0))
-    want, got = (
-        prepare_case(d.cases[1], pre, [0, 1, 2], None) for d in (original, moved)
-    )
-    assert (want.label > 0).sum() > 20
-    np.testing.assert_array_equal(got.label, want.label)
+    _trains_alike(reports, original, moved)
     # another grid in another order is still refused
     affine[:3, 3] += 0.5 * affine[:3, 0]
     save_nifti(reordered / "labelsTr" / "case_1.nii.gz", stored, affine)
@@ -80,8 +87,6 @@ def test_a_label_map_saved_on_a_box_of_its_images_grid_checks_and_trains_as_it(
     sitk = pytest.importorskip("SimpleITK")
     from medseg.checks import check_dataset
     from medseg.io import Volume, write_volume
-    from medseg.preprocessing import Preprocessor, ZScoreNormalization
-    from medseg.training.data import prepare_case
 
     for path in sorted(msd_dataset.glob("*Tr/*.nii.gz")):  # oblique, not RAS
         save_nifti(path, np.asanyarray(nib.load(path).dataobj), OBLIQUE_LPS)
@@ -117,13 +122,7 @@ def test_a_label_map_saved_on_a_box_of_its_images_grid_checks_and_trains_as_it(
         "image's grid (6 x 5 x 4 voxels from voxel (1, 2, 1)): placed in it, "
         "background elsewhere"
     ]
-    assert reports[1].fingerprint == reports[0].fingerprint  # label fractions too
-    pre = Preprocessor((ZScoreNormalization(),), target_spacing_mm=(1.0, 1.0, 2.0))
-    want, got = (
-        prepare_case(d.cases[1], pre, [0, 1, 2], None) for d in (original, moved)
-    )
-    assert (want.label > 0).sum() > 20
-    np.testing.assert_array_equal(got.label, want.label)
+    _trains_alike(reports, original, moved)
     # a box reaching past the image with labels there cannot be placed: refused
     past = np.zeros((4, 4, 4, 1), np.uint8)
     past[0, 0, 0] = 1  # at voxel (-1, -1, -1) of the image's grid
