@@ -207,14 +207,12 @@ def summarize(rows: list[dict]) -> dict:
             if metric.startswith("lesions_"):
                 summary[str(label)][metric]["total"] = int(values.sum())
         if LESION_COLUMNS[0] in columns:
-            counts = summary[str(label)]
-            for rate, part, whole in (
-                ("lesion_recall", "lesions_detected", "lesions_truth"),
-                ("lesion_precision", "lesions_false", "lesions_pred"),
-            ):
-                n, k = counts[whole]["total"], counts[part]["total"]
-                k = k if rate == "lesion_recall" else n - k
-                counts[rate]["pooled"] = k / n if n else math.nan
+            scores = summary[str(label)]
+            truth, pred, found, false = (scores[m]["total"] for m in LESION_COLUMNS[:4])
+            scores["lesion_recall"]["pooled"] = found / truth if truth else math.nan
+            scores["lesion_precision"]["pooled"] = (
+                (pred - false) / pred if pred else math.nan
+            )
     return summary
 
 
