@@ -169,8 +169,10 @@ def write(
     writer.UseCompressionOn()
     try:
         writer.Execute(image)
-    except RuntimeError as exc:
-        raise OSError(_problem(exc)) from None
+    except RuntimeError as exc:  # a full disk, say; the caller names the file
+        errors = [line for line in str(exc).splitlines() if "ERROR" in line]
+        detail = errors[-1].split("): ", 1)[-1] if errors else "ITK's writer failed"
+        raise OSError(detail.strip()[:200]) from None
 
 
 def data_files(path: Path) -> list[Path]:
