@@ -660,7 +660,7 @@ def test_metaimage_and_nrrd_read_as_the_nifti_itk_converted_them_from(
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_metaimage_channels_slices_refusals_and_damage(tmp_path, rng):
+def test_metaimage_channels_slices_refusals_and_damage(tmp_path, rng, monkeypatch):
     sitk = pytest.importorskip("SimpleITK")
     # channels as vector components; a 2D image as one slice of a volume
     rgb = rng.integers(0, 255, size=(6, 5, 3)).astype(np.uint8)  # (y, x, c)
@@ -716,3 +716,10 @@ def test_metaimage_channels_slices_refusals_and_damage(tmp_path, rng):
             read_volume(tmp_path / name)
         assert str(info.value).startswith(f"{tmp_path / name}: {problem}"), info.value
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    monkeypatch.setitem(__import__("sys").modules, "SimpleITK", None)
+    with pytest.raises(InputFileError) as info:  # without the itk extra
+        read_volume(tmp_path / "rgb.mha")
+    assert str(info.value) == (
+        f"{tmp_path / 'rgb.mha'}: a MetaImage or NRRD file; reading and writing it "
+        'needs SimpleITK (pip install "medseg[itk]")'
+    )
