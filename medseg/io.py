@@ -279,9 +279,9 @@ def read_volume(
     if fmt == "itk":
         from medseg import itkio
 
-        spatial, channels, _, _ = itkio.read_info(path)
-        _check_size(path, spatial, channels, max_voxels)
-        array, affine, fields = itkio.read(path)
+        array, affine, fields = itkio.read(
+            path, lambda shape, channels: _check_size(path, shape, channels, max_voxels)
+        )
         return Volume(array, affine, fields, path)
     arr = _load_npy(path, mmap=True)
     spatial, channels = _npy_layout(path, arr.shape, spatial_dims)

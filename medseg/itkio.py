@@ -88,11 +88,18 @@ def _affine(path: Path, origin, spacing, direction, dimension: int) -> np.ndarra
     return _FLIP @ lps
 
 
+def _layout(reader) -> tuple[tuple[int, ...], int]:
+    """``(spatial shape, channels)`` from a header, a 2D image's as one slice."""
+    shape = tuple(int(n) for n in reader.GetSize())
+    return shape + (1,) * (3 - len(shape)), int(reader.GetNumberOfComponents())
+
+
 def read_info(path: Path) -> tuple[tuple[int, ...], int, np.dtype, np.ndarray]:
     """``(spatial shape, channels, dtype, affine)`` from the header alone."""
+    sitk = _sitk(path)
     reader = _reader(path)
     dimension = reader.GetDimension()
-    shape = tuple(int(n) for n in reader.GetSize()) + (1,) * (3 - dimension)
+    shape, channels = _layout(reader)
     affine = _affine(
         path,
         reader.GetOrigin(),
@@ -100,10 +107,9 @@ def read_info(path: Path) -> tuple[tuple[int, ...], int, np.dtype, np.ndarray]:
         reader.GetDirection(),
         dimension,
     )
-    sitk = _sitk(path)
     name = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     dtype = _DTYPES.get(name.replace("vector of ", ""), np.dtype(np.float64))
-    return shape, int(reader.GetNumberOfComponents()), dtype, affine
+    return shape, channels, dtype, affine
 
 
 _DTYPES = {
@@ -120,10 +126,13 @@ _DTYPES = {
 }
 
 
-def read(path: Path) -> tuple[np.ndarray, np.ndarray, Metadata]:
-    """The voxels ``(X, Y, Z, C)``, the RAS affine and the header's fields."""
+def read(path: Path, check=None) -> tuple[np.ndarray, np.ndarray, Metadata]:
+    """The voxels ``(X, Y, Z, C)``, the RAS affine and the header's fields;
+    ``check(spatial shape, channels)`` first sees the header (a size limit)."""
     sitk = _sitk(path)
     reader = _reader(path)
+    if check is not None:
+        check(*_layout(reader))
     try:
         image = reader.Execute()
     except RuntimeError as exc:

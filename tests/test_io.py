@@ -672,6 +672,8 @@ def test_metaimage_channels_slices_refusals_and_damage(tmp_path, rng, monkeypatc
     np.testing.assert_array_equal(volume.array[:, :, 0, :], rgb.transpose(1, 0, 2))
     np.testing.assert_allclose(volume.affine, np.diag([-0.5, -0.25, 1.0, 1.0]))
     assert read_info(tmp_path / "rgb.mha").num_channels == 3
+    with pytest.raises(InputFileError, match=r"rgb\.mha: declares 90 voxels"):
+        read_volume(tmp_path / "rgb.mha", max_voxels=89)  # 5 x 6 x 1 x 3
     # written back with its channels, then read as it was
     write_volume(volume, tmp_path / "copy.nrrd")
     again = read_volume(tmp_path / "copy.nrrd")
