@@ -569,6 +569,24 @@ def _transforms_disagree(header, spatial: tuple[int, ...]) -> str | None:
     )
 
 
+def _orientation_unknown(header) -> str | None:
+    """What to say of a NIfTI header that stores no orientation (sform and qform
+    codes both 0, as ``nib.Nifti1Image(data, None)`` and some converters write): its
+    voxels are placed by their sizes alone, and tools place them differently
+    (nibabel: voxel order LAS centred on the scan; ITK: LPS from the origin), so its
+    left-right and front-back are not known."""
+    if int(header["sform_code"]) or int(header["qform_code"]):
+        return None
+    from medseg.geometry import orientation_codes
+
+    order = orientation_codes(header.get_best_affine())
+    return (
+        "stores no orientation (sform and qform codes 0): placed by its voxel sizes "
+        f"alone, voxel order {order} as nibabel reads it (ITK-based tools read LPS); "
+        "its left-right and front-back are not known"
+    )
+
+
 def _nifti_is_scaled(img) -> bool:
     slope, inter = img.header.get_slope_inter()
     return (slope is not None and slope != 1.0) or (inter is not None and inter != 0.0)
@@ -610,7 +628,11 @@ def _read_nifti_data(path: Path, max_voxels: int, notes: list[str]) -> Volume:
         raise
     except Exception as exc:
         raise InputFileError(path, _read_problem(exc)) from None
-    for note in (_units_note(img.header), _transforms_disagree(img.header, spatial)):
+    for note in (
+        _units_note(img.header),
+        _transforms_disagree(img.header, spatial),
+        _orientation_unknown(img.header),
+    ):
         if note:
             notes.append(f"{path}: {note}")
     return Volume(

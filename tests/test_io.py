@@ -126,21 +126,59 @@ def test_a_header_fixed_on_reading_is_named_once_and_kept_with_the_scan(
     # keeps the line for reports
     assert volume.spacing == (read_as, 2.0, 3.0)
     np.testing.assert_array_equal(volume.array[..., 0], data)
-    assert len(volume.notes) == 1
+    assert len(volume.notes) == 2  # the second: no orientation stored (below)
     assert volume.notes[0].startswith(f"{path}: header fixed on reading: pixdim")
+    assert "stores no orientation" in volume.notes[1]
     assert [r.getMessage() for r in caplog.records] == list(volume.notes)
-    assert [r.name for r in caplog.records] == ["medseg.io"]
+    assert {r.name for r in caplog.records} == {"medseg.io"}
     assert "pixdim" not in capfd.readouterr().err  # nibabel's own handler was quiet
     assert volume.with_array(volume.array[..., :1]).notes == volume.notes
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert read_info(path).spacing == (read_as, 2.0, 3.0)
-    assert [r.getMessage() for r in caplog.records] == list(volume.notes)
+    assert [r.getMessage() for r in caplog.records] == list(volume.notes[:1])
     # a sound header: nothing to say
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "sound.nii.gz")
     caplog.clear()
     assert read_volume(tmp_path / "sound.nii.gz").notes == ()
     assert caplog.records == []
+
+
+def test_a_scan_that_stores_no_orientation_is_named(tmp_path, rng, caplog):
+    # sform and qform codes 0: nibabel places the voxels by their sizes alone, x
+    # flipped (LAS); ITK reads the same file as LPS, so its directions are not known
+    sitk = pytest.importorskip("SimpleITK")
+    data = rng.integers(0, 9, size=(4, 5, 6)).astype(np.int16)
+    img = nib.Nifti1Image(data, None)
+    img.header.set_zooms((1.0, 2.0, 3.0))
+    path = tmp_path / "bare.nii.gz"
+    nib.save(img, path)
+    header = nib.load(path).header
+    assert (int(header["sform_code"]), int(header["qform_code"])) == (0, 0)
+    with caplog.at_level("WARNING"):
+        volume = read_volume(path)
+    assert volume.notes == (
+        f"{path}: stores no orientation (sform and qform codes 0): placed by its voxel "
+        "sizes alone, voxel order LAS as nibabel reads it (ITK-based tools read LPS); "
+        "its left-right and front-back are not known",
+    )
+    assert [r.getMessage() for r in caplog.records] == list(volume.notes)
+    np.testing.assert_array_equal(volume.affine, nib.load(path).affine)
+    assert nib.aff2axcodes(volume.affine) == ("L", "A", "S")
+    direction = np.reshape(sitk.ReadImage(str(path)).GetDirection(), (3, 3))
+    np.testing.assert_array_equal(direction, np.eye(3))  # LPS in ITK's frame
+    # its label map stores none either, so that both lie alike in any viewer
+    labels = volume.with_array((volume.array > 4).astype(np.uint8))
+    written = nib.load(write_volume(labels, tmp_path / "labels.nii.gz", is_label=True))
+    assert (int(written.header["sform_code"]), int(written.header["qform_code"])) == (
+        0,
+        0,
+    )
+    np.testing.assert_array_equal(written.affine, volume.affine)
+    # a qform alone (code 1) stores one
+    img.set_qform(np.diag([1.0, 2.0, 3.0, 1.0]), code=1)
+    nib.save(img, tmp_path / "qform.nii.gz")
+    assert read_volume(tmp_path / "qform.nii.gz").notes == ()
 
 
 def _two_transforms_nifti(path: Path, data, sform, qform) -> Path:
