@@ -3,8 +3,9 @@
 Like nnU-Net's ``--verify_dataset_integrity``, every file is read and each case is
 checked:
 readable files; channel files that agree with each other; a label with the image's shape
-and (within a tolerance) affine; integer label values among the declared labels; the
-same channel count in every case; no NaN/Inf voxels. Every problem is reported with its
+and (within a tolerance) affine; integer label values among the declared labels (and
+a 3D Slicer segment named as a declared label holding that label's value); the same
+channel count in every case; no NaN/Inf voxels. Every problem is reported with its
 case and file, and the check goes on to the next case.
 
 The fingerprint summarises what training will plan from: counts, spacing and shape
@@ -14,6 +15,7 @@ channel, and the fraction of voxels each label occupies.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from medseg.io import (
     read_volume,
     stack_channels,
 )
+from medseg.itkio import overlapping_segments, slicer_segments
 from medseg.preprocessing import count_nonfinite
 
 #: Foreground intensities sampled per case for the fingerprint (nnU-Net uses 10,000).
@@ -242,11 +245,13 @@ def _check_label(
             )
         ]
     if label.num_channels != 1:
+        overlap = overlapping_segments(np.asarray(label.array), label.header)
         out.append(
             CaseProblem(
                 case.case_id,
                 path,
-                f"label has {label.num_channels} channels; expected one label map",
+                overlap
+                or f"label has {label.num_channels} channels; expected one label map",
             )
         )
     if not _affines_agree(label.affine, image.affine, tolerance):
@@ -270,6 +275,10 @@ def _check_label(
             )
             return out
     found = set(np.unique(values).astype(np.int64).tolist())
+    out.extend(
+        CaseProblem(case.case_id, path, problem)
+        for problem in _segments_against_labels(label, dataset.labels)
+    )
     if dataset.labels is not None:
         undeclared = sorted(found - set(dataset.labels))
         if undeclared:
@@ -282,6 +291,28 @@ def _check_label(
                 )
             )
     return out
+
+
+def _name_key(name: str) -> str:
+    return re.sub(r"[\s_-]+", "", name).casefold()
+
+
+def _segments_against_labels(label: Volume, labels: dict[int, str] | None) -> list[str]:
+    """A 3D Slicer segment named as one of the dataset's labels but holding another
+    label's value (segments made in another order in one case's file): its voxels
+    would be trained as the other label."""
+    if not labels:
+        return []
+    values = {_name_key(name): value for value, name in labels.items()}
+    problems = []
+    for segment in slicer_segments(label.header):
+        declared = values.get(_name_key(segment.name))
+        if declared is not None and declared != segment.value:
+            problems.append(
+                f"segment {segment.name!r} holds label value {segment.value}, but the "
+                f"dataset's labels give {labels[declared]!r} the value {declared}"
+            )
+    return problems
 
 
 def _accumulate(acc: _Accumulator, image: Volume, label: Volume | None, declared, rng):

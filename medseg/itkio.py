@@ -8,10 +8,17 @@ is ITK's ``(z, y, x)`` read back as ``(x, y, z)``, so that voxel ``(i, j, k)`` o
 array is ITK's index ``(i, j, k)``. A 2D image is read as one slice of a volume, as a
 2D NIfTI is. Files with a detached header (``.mhd``, ``.nhdr``) are read; label maps
 are written as single files (``.mha``, ``.nrrd``).
+
+A 3D Slicer segmentation (``.seg.nrrd``) names its segments in its header
+(``SegmentN_Name``, ``SegmentN_LabelValue``, ``SegmentN_Layer``); segments that overlap
+are saved in layers (a list axis, read as channels). Layers no voxel of which is
+labelled in two are read as the one label map they are.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +36,87 @@ SLICER_CROP_KEY = "Segmentation_ReferenceImageExtentOffset"
 class Metadata(dict):
     """A MetaImage or NRRD header's fields (SimpleITK's metadata), kept as a
     :class:`medseg.io.Volume`'s ``header``."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment of a 3D Slicer segmentation: its name, the value its voxels hold and
+    the layer (channel) they are in."""
+
+    name: str
+    value: int
+    layer: int
+
+
+_SEGMENT_NAME = re.compile(r"Segment(\d+)_Name")
+
+
+def slicer_segments(header) -> list[Segment]:
+    """The segments a 3D Slicer segmentation's header declares with their label
+    values, in the file's order; none for another file (or an older Slicer file that
+    stores no label values)."""
+    if not isinstance(header, dict):
+        return []
+    found = []
+    for key, name in header.items():
+        match = _SEGMENT_NAME.fullmatch(key)
+        if match is None:
+            continue
+        number = match.group(1)
+        try:
+            value = int(header[f"Segment{number}_LabelValue"])
+            layer = int(header.get(f"Segment{number}_Layer", "0"))
+        except (KeyError, ValueError):
+            continue
+        found.append((int(number), Segment(str(name).strip(), value, layer)))
+    return [segment for _, segment in sorted(found, key=lambda pair: pair[0])]
+
+
+def _labelled_twice(array: np.ndarray) -> np.ndarray:
+    """Voxels labelled in more than one layer (channel) of ``array``."""
+    return np.count_nonzero(array, axis=-1) > 1
+
+
+def _one_label_map(array: np.ndarray, fields: Metadata) -> np.ndarray | None:
+    """A Slicer segmentation's layers ``(X, Y, Z, L)`` as one label map
+    ``(X, Y, Z, 1)`` when its header declares segments in those layers and no voxel
+    is labelled in two; else ``None``."""
+    layers = array.shape[-1]
+    segments = slicer_segments(fields)
+    if layers < 2 or not segments:
+        return None
+    if any(not 0 <= s.layer < layers for s in segments) or _labelled_twice(array).any():
+        return None
+    return array.sum(axis=-1, keepdims=True, dtype=array.dtype)
+
+
+def overlapping_segments(array: np.ndarray, header) -> str | None:
+    """Which segments of a layered Slicer segmentation share voxels (the first two
+    found, and in how many voxels), in words; ``None`` when none do or the file is
+    not one."""
+    segments = slicer_segments(header)
+    if array.shape[-1] < 2 or not segments:
+        return None
+    twice = _labelled_twice(array)
+    if not twice.any():
+        return None
+    names = {(s.layer, s.value): s.name for s in segments}
+    at = np.argwhere(twice)[0]
+    shared = [
+        (layer, int(value))
+        for layer, value in enumerate(array[tuple(at)])
+        if value != 0
+    ][:2]
+    count = int(
+        np.count_nonzero(
+            np.logical_and.reduce([array[..., layer] == v for layer, v in shared])
+        )
+    )
+    first, second = (names.get(key, f"value {key[1]}") for key in shared)
+    return (
+        f"segments {first!r} and {second!r} overlap in {count:,} voxels (saved in "
+        f"{array.shape[-1]} layers); a label map holds one label a voxel"
+    )
 
 
 def _sitk(path: Path):
@@ -95,7 +183,8 @@ def _layout(reader) -> tuple[tuple[int, ...], int]:
 
 
 def read_info(path: Path) -> tuple[tuple[int, ...], int, np.dtype, np.ndarray]:
-    """``(spatial shape, channels, dtype, affine)`` from the header alone."""
+    """``(spatial shape, channels, dtype, affine)`` from the header alone (a Slicer
+    segmentation's layers counted as channels, which :func:`read` may merge)."""
     sitk = _sitk(path)
     reader = _reader(path)
     dimension = reader.GetDimension()
@@ -151,6 +240,9 @@ def read(path: Path, check=None) -> tuple[np.ndarray, np.ndarray, Metadata]:
     array = np.transpose(array, (*axes, dimension))
     if dimension == 2:
         array = array[:, :, None, :]
+    merged = _one_label_map(array, fields)
+    if merged is not None:  # a Slicer segmentation's layers that do not overlap
+        array = merged
     return array, affine, fields  # a view in medseg's axis order (NIfTI's F order)
 
 

@@ -55,6 +55,45 @@ def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) 
     return path
 
 
+def save_slicer_segmentation(
+    path: Path, layers: np.ndarray, segments, affine: np.ndarray | None = None
+) -> Path:
+    """Writes a 3D Slicer segmentation (``.seg.nrrd``) by hand, as Slicer lays it out:
+    ``layers`` ``(X, Y, Z)`` or ``(X, Y, Z, L)`` of uint8 on the RAS ``affine``
+    (identity by default), a list axis first where there are layers, and
+    ``segments`` ``[(name, label value, layer), ...]`` as ``SegmentN_`` fields."""
+    layers = np.asarray(layers, np.uint8)
+    affine = np.eye(4) if affine is None else np.asarray(affine, float)
+    spatial = layers.shape[:3]
+    list_axis = layers.ndim == 4
+    vectors = " ".join(
+        "(" + ",".join(f"{v:.17g}" for v in affine[:3, axis]) + ")" for axis in range(3)
+    )
+    lines = [
+        "NRRD0004",
+        "type: unsigned char",
+        f"dimension: {3 + list_axis}",
+        "space: right-anterior-superior",
+        "sizes: " + " ".join(map(str, (layers.shape[3:] + spatial))),
+        "space directions: " + ("none " if list_axis else "") + vectors,
+        "kinds: " + ("list " if list_axis else "") + "domain domain domain",
+        "encoding: raw",
+        "space origin: (" + ",".join(f"{v:.17g}" for v in affine[:3, 3]) + ")",
+    ]
+    for number, (name, value, layer) in enumerate(segments):
+        lines += [
+            f"Segment{number}_ID:=Segment_{number + 1}",
+            f"Segment{number}_Name:={name}",
+            f"Segment{number}_LabelValue:={value}",
+            f"Segment{number}_Layer:={layer}",
+        ]
+    # the fastest axis first in the file: the list axis, then x, y, z
+    data = np.transpose(layers, (2, 1, 0, 3)[: layers.ndim]).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(("\n".join(lines) + "\n\n").encode() + data)
+    return path
+
+
 def stored_in_another_order(array: np.ndarray, affine, permutation, flips):
     """The same voxels stored another way: new axis ``a`` is old axis
     ``permutation[a]``, the new axes in ``flips`` reversed; the affine keeps each voxel

@@ -15,6 +15,7 @@ from tests.conftest import (
     OBLIQUE_LPS,
     SAMPLE,
     save_nifti,
+    save_slicer_segmentation,
     stored_in_another_order,
 )
 
@@ -450,3 +451,50 @@ def test_bad_npz_files(tmp_path, rng):
     )
     with pytest.raises(InputFileError, match="pickled"):
         load_npz_dataset(tmp_path / "d.npz")
+
+
+def test_slicer_segments_named_as_the_datasets_labels_must_hold_their_values(
+    msd_dataset,
+):
+    pytest.importorskip("SimpleITK")
+    from medseg.checks import check_dataset
+
+    original = check_dataset(load_dataset(msd_dataset))
+    nifti = msd_dataset / "labelsTr" / "case_1.nii.gz"
+    label = np.asanyarray(nib.load(nifti).dataobj)
+    nifti.unlink()
+    manifest = json.loads((msd_dataset / "dataset.json").read_text())
+    manifest["training"][1]["label"] = "./labelsTr/case_1.seg.nrrd"
+    (msd_dataset / "dataset.json").write_text(json.dumps(manifest))
+    seg = msd_dataset / "labelsTr" / "case_1.seg.nrrd"
+    # named as the dataset names its labels (case aside): as the NIfTI was
+    save_slicer_segmentation(seg, label, [("A", 1, 0), ("b", 2, 0)])
+    report = check_dataset(load_dataset(msd_dataset))
+    assert report.ok and report.notes == []
+    assert report.fingerprint == original.fingerprint
+    # the same voxels, but 'b' made first in this case's file: their values swapped
+    swapped = np.choose(label, [0, 2, 1]).astype(np.uint8)
+    save_slicer_segmentation(seg, swapped, [("b", 1, 0), ("a", 2, 0)])
+    result = CliRunner().invoke(main, ["data", "check", str(msd_dataset)])
+    assert result.exit_code == 2
+    for line in (
+        f"case_1: {seg}: segment 'b' holds label value 1, but the dataset's labels "
+        "give 'b' the value 2",
+        f"case_1: {seg}: segment 'a' holds label value 2, but the dataset's labels "
+        "give 'a' the value 1",
+    ):
+        assert line in result.output
+    # segments that do not name a label are not compared
+    save_slicer_segmentation(seg, swapped, [("Segment_1", 1, 0), ("Segment_2", 2, 0)])
+    assert check_dataset(load_dataset(msd_dataset)).ok
+    # in two layers: one label map where they do not overlap, refused where they do
+    layers = np.stack([np.where(label == 1, 1, 0), np.where(label == 2, 2, 0)], -1)
+    save_slicer_segmentation(seg, layers, [("a", 1, 0), ("b", 2, 1)])
+    assert check_dataset(load_dataset(msd_dataset)).fingerprint == original.fingerprint
+    layers[4, 3:6, 2:4, 1] = 2  # b's first slab drawn over a's last
+    save_slicer_segmentation(seg, layers, [("a", 1, 0), ("b", 2, 1)])
+    (problem,) = check_dataset(load_dataset(msd_dataset)).problems
+    assert problem.problem == (
+        "segments 'a' and 'b' overlap in 6 voxels (saved in 2 layers); a label map "
+        "holds one label a voxel"
+    )

@@ -20,7 +20,11 @@ from medseg.io import (
     split_suffix,
     write_volume,
 )
-from tests.conftest import OBLIQUE_LPS, stored_in_another_order
+from tests.conftest import (
+    OBLIQUE_LPS,
+    save_slicer_segmentation,
+    stored_in_another_order,
+)
 
 # NIfTI
 
@@ -763,3 +767,49 @@ def test_metaimage_channels_slices_refusals_and_damage(tmp_path, rng, monkeypatc
         f"{tmp_path / 'rgb.mha'}: a MetaImage or NRRD file; reading and writing it "
         'needs SimpleITK (pip install "medseg[itk]")'
     )
+
+
+def test_a_slicer_segmentation_in_layers_reads_as_one_label_map_unless_they_overlap(
+    tmp_path,
+):
+    pytest.importorskip("SimpleITK")
+    from medseg.itkio import Segment, overlapping_segments, slicer_segments
+
+    affine = np.diag([0.5, 0.7, 2.0, 1.0])
+    affine[:3, 3] = [-5.0, 3.0, 10.0]
+    truth = np.zeros((6, 5, 4), np.uint8)
+    truth[1:3, 1:4, 1:3] = 1
+    truth[3:5, 1:4, 1:3] = 2
+    truth[0, 0, 3] = 3
+    # as Slicer saves segments that once overlapped: liver and spleen sharing layer 0,
+    # the tumour in layer 1
+    layers = np.zeros((6, 5, 4, 2), np.uint8)
+    layers[..., 0] = np.where(truth < 3, truth, 0)
+    layers[..., 1] = np.where(truth == 3, 3, 0)
+    segments = [("liver", 1, 0), ("spleen", 2, 0), ("tumour", 3, 1)]
+    path = save_slicer_segmentation(
+        tmp_path / "organs.seg.nrrd", layers, segments, affine
+    )
+    volume = read_volume(path)
+    assert volume.array.shape == (6, 5, 4, 1)
+    np.testing.assert_array_equal(volume.array[..., 0], truth)
+    np.testing.assert_allclose(volume.affine, affine, atol=1e-12)
+    assert slicer_segments(volume.header) == [Segment(*s) for s in segments]
+    # the tumour drawn inside the liver (2 x 2 voxels): the layers are kept, and say why
+    layers[1:3, 1:3, 1, 1] = 3
+    overlap = read_volume(
+        save_slicer_segmentation(
+            tmp_path / "overlap.seg.nrrd", layers, segments, affine
+        )
+    )
+    np.testing.assert_array_equal(overlap.array, layers)
+    assert overlapping_segments(np.asarray(overlap.array), overlap.header) == (
+        "segments 'liver' and 'tumour' overlap in 4 voxels (saved in 2 layers); a "
+        "label map holds one label a voxel"
+    )
+    # an image of two components that declares no segments is read as two channels
+    layers[1:3, 1:3, 1, 1] = 0
+    plain = read_volume(save_slicer_segmentation(tmp_path / "two.nrrd", layers, []))
+    np.testing.assert_array_equal(plain.array, layers)
+    assert slicer_segments(plain.header) == []
+    assert overlapping_segments(np.asarray(plain.array), plain.header) is None
