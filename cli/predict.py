@@ -303,6 +303,9 @@ def predict(
     )
     finished = []  # every result as it comes, for a report when stopped
     stopped = None
+    # a bar where a person watches; a line a scan in a batch job's log, which a bar
+    # leaves empty until the end
+    logged = not sys.stderr.isatty()
     with (
         _stopped_by_signals() as stop,
         click.progressbar(
@@ -317,8 +320,17 @@ def predict(
         def progress(result):
             finished.append(result)
             bar.update(1)
+            if (
+                logged and result.status == "done"
+            ):  # skipped ones are counted at the end
+                click.echo(
+                    f"[{len(finished)}/{len(inputs)}] {result.input}: segmented "
+                    f"in {result.seconds:.1f} s",
+                    err=True,
+                )
             if result.status == "failed":
-                click.echo(f"\nFAILED {result.error}", err=True)
+                prefix = f"[{len(finished)}/{len(inputs)}] " if logged else "\n"
+                click.echo(f"{prefix}FAILED {result.error}", err=True)
             elif result.nonfinite_replaced:
                 click.echo(
                     f"\n{result.input}: {result.nonfinite_replaced:,} NaN/Inf voxels "

@@ -4,6 +4,7 @@ cross-validation, and segmenting real inputs."""
 from __future__ import annotations
 
 import math
+import re
 import shutil
 
 import nibabel as nib
@@ -145,6 +146,23 @@ def test_greyscale_pictures_stored_as_colour_are_segmented_as_their_grey(tmp_pat
         tmp_path / "in",
         [("colour.png", "2D scan with 3 channel(s) (a colour picture: its channels")],
     )
+    # stderr not a terminal (a batch job's log): a line a scan as each finishes
+    logged = re.findall(r"^\[(\d)/5\] (.*)$", result.stderr, re.MULTILINE)
+    assert [int(count) for count, _ in logged] == [1, 2, 3, 4, 5]
+    segmented = sorted(
+        re.fullmatch(r"(.*): segmented in \d+\.\d s", line).group(1)
+        for _, line in logged
+        if "FAILED" not in line
+    )
+    assert segmented == [
+        str(tmp_path / "in" / f"{name}.png")
+        for name in ("grey", "grey_alpha", "rgb", "rgba")
+    ]
+    assert [line for _, line in logged if "FAILED" in line] == [
+        f"FAILED {tmp_path / 'in' / 'colour.png'}: 2D scan with 3 channel(s) (a colour "
+        "picture: its channels differ), but the model segments 2D scans with 1 "
+        "channel(s)"
+    ]
     expected = io.imread(tmp_path / "out" / "grey.png")
     assert expected.shape == grey.shape and set(np.unique(expected)) == {0, 255}
     for name in ("grey_alpha", "rgb", "rgba"):
