@@ -148,6 +148,7 @@ def evaluate(
             progress=lambda _case: bar.update(1),
             failures=failures,
             lesions=min_lesion_mm3 if lesion_wise else None,
+            names=names,
         )
     failed = {case for case, _ in failures}
     pairs = [pair for pair in pairs if pair[0] not in failed]

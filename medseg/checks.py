@@ -15,7 +15,6 @@ channel, and the fraction of voxels each label occupies.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from medseg.io import (
     read_volume,
     stack_channels,
 )
-from medseg.itkio import overlapping_segments, slicer_segments
+from medseg.itkio import overlapping_segments, segments_against_labels
 from medseg.preprocessing import count_nonfinite
 
 #: Foreground intensities sampled per case for the fingerprint (nnU-Net uses 10,000).
@@ -277,7 +276,7 @@ def _check_label(
     found = set(np.unique(values).astype(np.int64).tolist())
     out.extend(
         CaseProblem(case.case_id, path, problem)
-        for problem in _segments_against_labels(label, dataset.labels)
+        for problem in segments_against_labels(label.header, dataset.labels)
     )
     if dataset.labels is not None:
         undeclared = sorted(found - set(dataset.labels))
@@ -291,28 +290,6 @@ def _check_label(
                 )
             )
     return out
-
-
-def _name_key(name: str) -> str:
-    return re.sub(r"[\s_-]+", "", name).casefold()
-
-
-def _segments_against_labels(label: Volume, labels: dict[int, str] | None) -> list[str]:
-    """A 3D Slicer segment named as one of the dataset's labels but holding another
-    label's value (segments made in another order in one case's file): its voxels
-    would be trained as the other label."""
-    if not labels:
-        return []
-    values = {_name_key(name): value for value, name in labels.items()}
-    problems = []
-    for segment in slicer_segments(label.header):
-        declared = values.get(_name_key(segment.name))
-        if declared is not None and declared != segment.value:
-            problems.append(
-                f"segment {segment.name!r} holds label value {segment.value}, but the "
-                f"dataset's labels give {labels[declared]!r} the value {declared}"
-            )
-    return problems
 
 
 def _accumulate(acc: _Accumulator, image: Volume, label: Volume | None, declared, rng):

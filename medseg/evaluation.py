@@ -90,12 +90,15 @@ def evaluate_pairs(
     progress: Callable[[str], None] | None = None,
     failures: list[tuple[str, str]] | None = None,
     lesions: float | None = None,
+    names: dict[int, str] | None = None,
 ) -> list[dict]:
     """One row per case and label (labels default to the non-zero values present).
 
     Args:
         lesions: also score lesion-wise (:func:`medseg.metrics.lesion_metrics`),
             leaving out components under this size (mm^3).
+        names: label names (value -> name); a 3D Slicer segmentation whose segment
+            named as one holds another value is refused.
         failures: when a list, a case whose files cannot be read or are on different
             grids is appended to it as ``(case, message)`` and the others are scored;
             when ``None`` the first such case raises.
@@ -107,7 +110,7 @@ def evaluate_pairs(
     rows = []
     for case, pred_path, truth_path in pairs:
         try:
-            p, t, spacing = _read_pair(pred_path, truth_path)
+            p, t, spacing = _read_pair(pred_path, truth_path, names)
         except InputFileError as exc:
             if failures is None:
                 raise
@@ -127,14 +130,20 @@ def evaluate_pairs(
     return rows
 
 
-def _read_pair(pred_path: Path, truth_path: Path):
+def _read_pair(pred_path: Path, truth_path: Path, names=None):
     """The prediction's and the truth's label arrays and the spacing, checked to be
     on one grid (a prediction stored in another voxel order is read in the truth's;
     one saved on a box of the other's grid, as 3D Slicer may crop segmentations, is
-    placed in it)."""
+    placed in it) and, for 3D Slicer segmentations, to hold each label ``names``
+    names at its value."""
     from medseg.geometry import label_on_grid_of
+    from medseg.itkio import segments_against_labels
 
     prediction, truth = read_volume(pred_path), read_volume(truth_path)
+    for volume in (prediction, truth):
+        problems = segments_against_labels(volume.header, names)
+        if problems:
+            raise InputFileError(volume.path, "; ".join(problems))
     placed = label_on_grid_of(prediction, truth)
     if placed is not None:
         return label_array(placed), label_array(truth), truth.spacing
@@ -161,9 +170,12 @@ def label_array(volume) -> np.ndarray:
             )
         array = grey
     if array.shape[-1] != 1:
+        from medseg.itkio import overlapping_segments
+
         raise InputFileError(
             volume.path,
-            f"{array.shape[-1]} channels: a label map has one value per voxel",
+            overlapping_segments(array, volume.header)
+            or f"{array.shape[-1]} channels: a label map has one value per voxel",
         )
     array = array[..., 0]
     if array.dtype.kind == "f":

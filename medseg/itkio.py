@@ -72,6 +72,29 @@ def slicer_segments(header) -> list[Segment]:
     return [segment for _, segment in sorted(found, key=lambda pair: pair[0])]
 
 
+def _name_key(name: str) -> str:
+    return re.sub(r"[\s_-]+", "", name).casefold()
+
+
+def segments_against_labels(header, labels: dict[int, str] | None) -> list[str]:
+    """Each 3D Slicer segment of ``header`` named as one of ``labels`` (value -> name;
+    case, spaces, ``_`` and ``-`` aside) but holding another value, in words: Slicer
+    numbers segments in the order they were made, so one file may hold a label at
+    another's value, and its voxels would be read as the other label."""
+    if not labels:
+        return []
+    values = {_name_key(name): value for value, name in labels.items()}
+    problems = []
+    for segment in slicer_segments(header):
+        declared = values.get(_name_key(segment.name))
+        if declared is not None and declared != segment.value:
+            problems.append(
+                f"segment {segment.name!r} holds label value {segment.value}, but the "
+                f"dataset's labels give {labels[declared]!r} the value {declared}"
+            )
+    return problems
+
+
 def _labelled_twice(array: np.ndarray) -> np.ndarray:
     """Voxels labelled in more than one layer (channel) of ``array``."""
     return np.count_nonzero(array, axis=-1) > 1

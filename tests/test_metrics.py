@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from medseg import metrics
 from medseg_cli.main import main
 from tests import reference
-from tests.conftest import stored_in_another_order
+from tests.conftest import save_slicer_segmentation, stored_in_another_order
 
 SPACING = (0.7, 1.3, 2.5)
 
@@ -349,6 +349,61 @@ def test_evaluate_places_a_slicer_segmentation_saved_on_a_box_of_the_others_grid
     assert float(rows[1][2]) == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
     # the same scores with the roles swapped (the two volumes change places)
     assert rows[2][2:7] == rows[1][2:7] and rows[2][7:9] == rows[1][8:6:-1]
+
+
+def test_evaluate_refuses_a_slicer_truth_whose_segments_contradict_the_label_names(
+    tmp_path, rng
+):
+    pytest.importorskip("SimpleITK")
+    a, b = _blobs(rng)
+    two = a.astype(np.uint8) + 2 * (b & ~a)  # labels 1 and 2
+    affine = np.diag([*SPACING, 1.0])
+    for folder in ("truth", "pred"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "truth" / "dataset.json").write_text(
+        json.dumps({"labels": {"0": "background", "1": "anterior", "2": "posterior"}})
+    )
+    swapped = np.choose(two, [0, 2, 1]).astype(np.uint8)
+    for case, voxels, segments in [
+        ("named", two, [("Anterior", 1, 0), ("Posterior", 2, 0)]),
+        ("swapped", swapped, [("posterior", 1, 0), ("anterior", 2, 0)]),
+    ]:
+        save_slicer_segmentation(
+            tmp_path / "truth" / f"{case}.seg.nrrd", voxels, segments, affine
+        )
+        _save(tmp_path / "pred" / f"{case}.nii.gz", two)
+    # overlapping segments in two layers: no label map
+    layers = np.stack([np.where(two == 1, 1, 0), np.where(b, 2, 0)], -1)
+    save_slicer_segmentation(
+        tmp_path / "truth" / "layers.seg.nrrd",
+        layers,
+        [("anterior", 1, 0), ("posterior", 2, 1)],
+        affine,
+    )
+    _save(tmp_path / "pred" / "layers.nii.gz", two)
+    result = _evaluate(tmp_path, "--output", str(tmp_path / "m.csv"))
+    assert result.exit_code == 1, result.output
+    truth = tmp_path / "truth"
+    assert sorted(set(_failed(result.output))) == [
+        f"FAILED {truth / 'layers.seg.nrrd'}: segments 'anterior' and "
+        f"'posterior' overlap in {int((a & b).sum()):,} voxels (saved in 2 layers); a "
+        "label map holds one label a voxel",
+        f"FAILED {truth / 'swapped.seg.nrrd'}: segment 'posterior' holds "
+        "label value 1, but the dataset's labels give 'posterior' the value 2; "
+        "segment 'anterior' holds label value 2, but the dataset's labels give "
+        "'anterior' the value 1",
+    ]
+    rows = (tmp_path / "m.csv").read_text().splitlines()
+    assert [row.split(",")[:3] for row in rows[1:]] == [
+        ["named", "1", "1"],
+        ["named", "2", "1"],
+    ]
+    # without label names there is nothing to hold the segments to
+    (truth / "dataset.json").unlink()
+    result = _evaluate(tmp_path, "--output", str(tmp_path / "m.csv"))
+    assert {line.split(": ")[0] for line in _failed(result.output)} == {
+        f"FAILED {truth / 'layers.seg.nrrd'}"
+    }
 
 
 def test_label_files_pair_by_name_else_by_case_when_that_names_one_on_each_side(
