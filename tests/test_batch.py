@@ -353,9 +353,10 @@ def test_the_report_keeps_what_reading_and_segmenting_a_scan_noted(tmp_path):
     results = batch.segment_all(segment, files, tmp_path / "out")
     assert [r.status for r in results] == ["done", "done"]
     assert results[0].warnings == [f"{files[0]}: a note"]
-    assert len(results[1].warnings) == 2
+    assert len(results[1].warnings) == 3
     assert results[1].warnings[0].startswith(f"{files[1]}: header fixed on reading:")
-    assert results[1].warnings[1] == f"{files[1]}: a note"
+    assert results[1].warnings[1].startswith(f"{files[1]}: stores no orientation")
+    assert results[1].warnings[2] == f"{files[1]}: a note"
     assert results[1].spacing_mm == [1.0, 1.0, 1.0]
     cases = batch.report(results)["cases"]
     assert [c["warnings"] for c in cases] == [results[0].warnings, results[1].warnings]
@@ -780,3 +781,67 @@ def test_the_volumes_table_keeps_intensities_and_measures_them_when_missing(tmp_
         "a,1,tumour,5,0.015,1.5,,0.5,",
     ]
     assert batch._read_sizes(previous)["a"]["tumour"]["intensity_mean"] == [1.5, None]
+
+
+def test_a_second_run_into_a_folder_is_refused_while_the_first_lives(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, SAMPLE, run_medseg
+
+    out = tmp_path / "out"
+    out.mkdir()
+    me = f"pid {os.getpid()} on {socket.gethostname()}, started "
+    whole = batch.hold_folder(out)
+    for shard in (None, (1, 2)):
+        with pytest.raises(InputFileError) as info:
+            batch.hold_folder(out, shard)
+        assert str(info.value).startswith(
+            f"{out}: another medseg predict run is writing this folder ({me}"
+        )
+        assert str(info.value).endswith(
+            "); wait for it to end, or give each run its own --shard K/N"
+        )
+    for handle in whole:
+        handle.close()
+    # shards share the folder; one shard twice, or a run of all scans, is refused
+    first, second = batch.hold_folder(out, (1, 2)), batch.hold_folder(out, (2, 2))
+    with pytest.raises(InputFileError, match=r"writing shard 1/2 of this folder \(pid"):
+        batch.hold_folder(out, (1, 2))
+    with pytest.raises(InputFileError, match=r"this folder \(runs of shards, --shard"):
+        batch.hold_folder(out)
+    for handle in first + second:
+        handle.close()
+    # a run in another process: `medseg predict` is refused before reading a scan,
+    # and a run killed with SIGKILL holds nothing
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from medseg import batch; "
+            f"h = batch.hold_folder(Path({str(out)!r})); print('held', flush=True); "
+            "time.sleep(600)",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = run_medseg(
+            "predict", "--model", "hippocampus", "--input", SAMPLE / "imagesTr",
+            "--output", out,
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert (
+            f"{out}: another medseg predict run is writing this folder "
+            f"(pid {holder.pid} on {socket.gethostname()}, started "
+        ) in result.stderr
+        assert [p.name for p in out.iterdir() if p.suffix != ".lock"] == []
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert batch.hold_folder(out) is not None
