@@ -295,8 +295,10 @@ def write(
         writer.Execute(image)
     except RuntimeError as exc:  # a full disk, say; the caller names the file
         errors = [line for line in str(exc).splitlines() if "ERROR" in line]
-        detail = errors[-1].split("): ", 1)[-1] if errors else "ITK's writer failed"
-        raise OSError(detail.strip()[:200]) from None
+        detail = errors[-1].split("): ", 1)[-1] if errors else ""
+        # ITK names the file it wrote (a temporary one); the caller names the output
+        detail = detail.replace(str(path), "").strip(" :")
+        raise OSError(f"ITK's writer failed: {detail}"[:200].rstrip(": ")) from None
 
 
 def data_files(path: Path) -> list[Path]:

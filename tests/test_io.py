@@ -813,3 +813,44 @@ def test_a_slicer_segmentation_in_layers_reads_as_one_label_map_unless_they_over
     np.testing.assert_array_equal(plain.array, layers)
     assert slicer_segments(plain.header) == []
     assert overlapping_segments(np.asarray(plain.array), plain.header) is None
+
+
+def test_a_label_map_that_cannot_be_written_whole_is_named_and_leaves_nothing(
+    tmp_path,
+):
+    # a full disk, simulated by a 2 kB file-size limit in a child process: each
+    # format's write fails naming the output (not a temporary file) and leaves no file
+    import subprocess
+    import sys
+
+    pytest.importorskip("SimpleITK")
+    names = [tmp_path / name for name in ("a.mha", "a.nrrd", "a.nii.gz", "a.nii")]
+    script = (
+        "import resource, signal, sys\n"
+        "import numpy as np\n"
+        "from medseg.io import Volume, write_volume\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))\n"
+        "rng = np.random.default_rng(0)\n"
+        "labels = rng.integers(0, 3, (40, 40, 40, 1)).astype(np.uint8)\n"
+        "for name in sys.argv[1:]:\n"
+        "    try:\n"
+        "        write_volume(Volume(labels, np.eye(4)), name, is_label=True)\n"
+        "    except Exception as exc:\n"
+        "        print(type(exc).__name__, exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, names)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.stdout.splitlines() == [
+        f"InputFileError {names[0]}: cannot write (ITK's writer failed: File cannot "
+        "be written)",
+        f"InputFileError {names[1]}: cannot write (ITK's writer failed: Write: Error "
+        "writing)",
+        f"InputFileError {names[2]}: cannot write (File too large)",
+        f"InputFileError {names[3]}: cannot write (File too large)",
+    ]
+    assert list(tmp_path.iterdir()) == []
