@@ -241,8 +241,7 @@ def predict(
     )
     batch.check_outside_series(inputs, output.parent if single else output)
     output_dir = batch.make_output_dir(output.parent if single else output)
-    held = batch.hold_folder(output_dir, shard_value) or []
-    ctx.call_on_close(lambda: [handle.close() for handle in held])  # at the end
+    ctx.call_on_close(batch.hold_folder(output_dir, shard_value).release)
     start_tensorflow(ctx.meta.get("medseg.debug", False))
     from medseg.inference import Ensemble, Segmenter, bundle_mirror_axes
 

@@ -38,6 +38,8 @@ from medseg.dicom import dicom_files, is_dicom_file, is_series_folder
 from medseg.errors import InputFileError
 from medseg.io import (
     SCAN_SUFFIXES,
+    FolderLock,
+    HeldFolder,
     atomic_write_text,
     off_grid,
     read_channels,
@@ -47,6 +49,7 @@ from medseg.io import (
     split_suffix,
     write_volume,
 )
+from medseg.io import hold_folder as _hold_folder
 from medseg.itkio import DETACHED, data_files
 
 logger = logging.getLogger(__name__)
@@ -806,65 +809,35 @@ def segment_all(
 FOLDER_LOCK = ".medseg_predict.lock"
 
 
-def hold_folder(output_dir: Path, shard: tuple[int, int] | None = None):
-    """Locks ``output_dir`` for this run till the process ends (keep the returned
-    handle open), so that a second run into it is refused while this one lives: two
-    runs would do the same scans and clear each other's files in hand. Runs of
-    different shards (``--shard K/N``) share the folder; a run of all its scans
-    excludes every other. The locks are the operating system's (``flock``): a run
-    that dies, however (SIGKILL, the out-of-memory killer), holds none, and runs on
-    other hosts see them where the shared file system keeps locks (NFSv4 does).
-    ``None`` where there are none (another system, a file system without locks).
+def hold_folder(output_dir: Path, shard: tuple[int, int] | None = None) -> HeldFolder:
+    """Locks ``output_dir`` for this run (:func:`medseg.io.hold_folder`), so that a
+    second run into it is refused while this one lives: two runs would do the same
+    scans and clear each other's files in hand. Runs of different shards
+    (``--shard K/N``) share the folder; a run of all its scans excludes every other.
 
     Raises:
         InputFileError: another living run holds the folder (or this shard of it).
     """
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system
-        return None
-    import socket
-
-    holder = (
-        f"pid {os.getpid()} on {socket.gethostname()}, started "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}"
-    )
-    handles = []
-    locks = [(output_dir / FOLDER_LOCK, fcntl.LOCK_SH if shard else fcntl.LOCK_EX)]
+    locks = [
+        FolderLock(
+            FOLDER_LOCK,
+            exclusive=shard is None,
+            shared_by="runs of shards, --shard K/N",
+        )
+    ]
     if shard:
-        name = f".medseg_predict-{shard[0]}-of-{shard[1]}.lock"
-        locks.append((output_dir / name, fcntl.LOCK_EX))
-    for path, mode in locks:
-        try:
-            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open)
-        except OSError:  # an unwritable folder is named when a label map is written
-            break
-        try:
-            fcntl.flock(handle, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            other = handle.read().strip() or "runs of shards, --shard K/N"
-            handle.close()
-            for held in handles:
-                held.close()
-            part = f"shard {shard[0]}/{shard[1]} of " if handles else ""
-            raise InputFileError(
-                output_dir,
-                f"another medseg predict run is writing {part}this folder ({other}); "
-                "wait for it to end, or give each run its own --shard K/N",
-            ) from None
-        except OSError:  # a file system without locks
-            handle.close()
-            break
-        # who holds it, for a run refused: a run of all scans, or this shard; the
-        # shards sharing the folder's lock leave it empty
-        handle.seek(0)
-        handle.truncate()
-        if mode == fcntl.LOCK_EX:
-            handle.write(holder + "\n")
-        handle.flush()
-        handles.append(handle)
-    return handles or None
+        locks.append(
+            FolderLock(
+                f".medseg_predict-{shard[0]}-of-{shard[1]}.lock",
+                covers=f"shard {shard[0]}/{shard[1]} of this folder",
+            )
+        )
+    return _hold_folder(
+        output_dir,
+        locks,
+        what="medseg predict run",
+        advice="wait for it to end, or give each run its own --shard K/N",
+    )
 
 
 def _in_hand_marker(target: Path) -> Path:

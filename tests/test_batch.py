@@ -805,16 +805,17 @@ def test_a_second_run_into_a_folder_is_refused_while_the_first_lives(tmp_path):
         assert str(info.value).endswith(
             "); wait for it to end, or give each run its own --shard K/N"
         )
-    for handle in whole:
-        handle.close()
+    whole.release()
+    assert list(out.iterdir()) == []  # an exclusive lock's file goes with it
     # shards share the folder; one shard twice, or a run of all scans, is refused
     first, second = batch.hold_folder(out, (1, 2)), batch.hold_folder(out, (2, 2))
     with pytest.raises(InputFileError, match=r"writing shard 1/2 of this folder \(pid"):
         batch.hold_folder(out, (1, 2))
     with pytest.raises(InputFileError, match=r"this folder \(runs of shards, --shard"):
         batch.hold_folder(out)
-    for handle in first + second:
-        handle.close()
+    first.release()
+    second.release()
+    assert [p.name for p in out.iterdir()] == [batch.FOLDER_LOCK]  # shared: kept
     # a run in another process: `medseg predict` is refused before reading a scan,
     # and a run killed with SIGKILL holds nothing
     holder = subprocess.Popen(
@@ -844,4 +845,4 @@ def test_a_second_run_into_a_folder_is_refused_while_the_first_lives(tmp_path):
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
-    assert batch.hold_folder(out) is not None
+    assert batch.hold_folder(out).held

@@ -296,6 +296,7 @@ def test_train_on_the_sample_writes_a_bundle_that_predicts(tmp_path):
         rows[0]
     )
     assert (run / "progress.png").stat().st_size > 0
+    assert not (run / ".medseg_train.lock").exists()  # the run's lock went with it
     metadata = bundle.verify(run)
     assert metadata["labels"] == {
         "0": {"value": 0, "name": "background"},
@@ -755,6 +756,46 @@ def test_a_run_refused_before_it_writes_anything_leaves_no_folder(tmp_path):
     with pytest.raises(ConfigError, match="matches no layer"):
         trainer.train(frozen, existing, verbose=0)
     assert [p.name for p in existing.iterdir()] == ["config.yaml"]
+
+
+def test_a_second_training_run_in_a_run_folder_is_refused_while_the_first_lives(
+    tmp_path,
+):
+    import os
+    import socket
+
+    from medseg.errors import InputFileError
+    from medseg.io import FolderLock, hold_folder
+    from medseg.training import trainer
+
+    config = Config.from_dict(
+        {
+            "model": {"name": "unet", "filters": [4, 8]},
+            "data": {"dataset": str(SAMPLE)},
+            "train": {"epochs": 1, "steps_per_epoch": 1},
+        }
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "history.csv").write_text("epoch\n")  # the first run's files, untouched
+    first = hold_folder(
+        run, [FolderLock(trainer.TRAIN_LOCK)], what="first", advice="none"
+    )  # a run in this folder, as a job started twice by its scheduler has one
+    for resume in (True, False):
+        with pytest.raises(InputFileError) as info:
+            trainer.train(config, run, resume=resume, verbose=0)
+        assert str(info.value) == (
+            f"{run}: another medseg train run is writing this folder (pid "
+            f"{os.getpid()} on {socket.gethostname()}, started "
+            f"{(run / trainer.TRAIN_LOCK).read_text().split('started ')[1].strip()}); "
+            "wait for it to end, or train into another --output"
+        )
+    assert sorted(p.name for p in run.iterdir()) == [
+        trainer.TRAIN_LOCK,
+        "history.csv",
+    ]
+    first.release()
+    assert [p.name for p in run.iterdir()] == ["history.csv"]
 
 
 def test_pictures_for_a_3d_network_are_refused_by_name(tmp_path):

@@ -23,7 +23,7 @@ from medseg.bundle import write_bundle
 from medseg.config import Config
 from medseg.datasets import load_dataset
 from medseg.errors import ConfigError, InputFileError
-from medseg.io import atomic_write_text
+from medseg.io import FolderLock, atomic_write_text, hold_folder
 from medseg.losses import LOSSES, ArgmaxDice, deep_supervision_weights
 from medseg.models import main_output
 from medseg.preprocessing import (
@@ -47,6 +47,9 @@ from medseg.training.run_files import (
 from medseg.training.validation import validate
 
 logger = logging.getLogger(__name__)
+
+#: the lock file a training run holds in its run folder while it lives
+TRAIN_LOCK = ".medseg_train.lock"
 
 
 @keras.saving.register_keras_serializable(package="medseg")
@@ -580,12 +583,21 @@ def train(
         folder = folder / f".worker-{worker}"
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    # one run in a run folder at a time: a job started again by its scheduler while
+    # the first still runs would write the same checkpoints
+    held = hold_folder(
+        folder,
+        [FolderLock(TRAIN_LOCK)],
+        what="medseg train run",
+        advice="wait for it to end, or train into another --output",
+    )
     written = folder / "config.yaml"
     if (resume and checkpoint_folder(folder) is not None) or written.exists():
         written = None  # not this run's to remove
     try:
         return _train_in(config, folder, strategy, worker, workers, resume, verbose)
     except BaseException:
+        held.release()
         # refused before training started (a freeze pattern that matches no layer,
         # say): leave neither an empty run folder nor one holding only its config
         if written is not None and folder.is_dir():
@@ -594,6 +606,8 @@ def train(
         if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
         raise
+    finally:
+        held.release()
 
 
 def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Path:
