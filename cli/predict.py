@@ -241,7 +241,6 @@ def predict(
     )
     batch.check_outside_series(inputs, output.parent if single else output)
     output_dir = batch.make_output_dir(output.parent if single else output)
-    ctx.call_on_close(batch.hold_folder(output_dir, shard_value).release)
     start_tensorflow(ctx.meta.get("medseg.debug", False))
     from medseg.inference import Ensemble, Segmenter, bundle_mirror_axes
 
@@ -438,9 +437,14 @@ def _finish(
         )
     atomic_write_text(report_path, json.dumps(summary, indent=2) + "\n")
     counts = summary["counts"]
+    elsewhere = sum(
+        r.status == "skipped" and any(batch.IN_HAND_ELSEWHERE in w for w in r.warnings)
+        for r in results
+    )
     click.echo(
-        f"{counts['done']} {verb}, {counts['skipped']} skipped (output "
-        f"existed), {counts['failed']} failed; report: {report_path}"
+        f"{counts['done']} {verb}, {counts['skipped']} skipped (output existed"
+        + (f"; {elsewhere} in hand by another run, left to it" if elsewhere else "")
+        + f"), {counts['failed']} failed; report: {report_path}"
         + (f"; label volumes: {sizes}" if sizes else "")
     )
     if counts["failed"]:

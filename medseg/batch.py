@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -38,8 +39,6 @@ from medseg.dicom import dicom_files, is_dicom_file, is_series_folder
 from medseg.errors import InputFileError
 from medseg.io import (
     SCAN_SUFFIXES,
-    FolderLock,
-    HeldFolder,
     atomic_write_text,
     off_grid,
     read_channels,
@@ -49,7 +48,6 @@ from medseg.io import (
     split_suffix,
     write_volume,
 )
-from medseg.io import hold_folder as _hold_folder
 from medseg.itkio import DETACHED, data_files
 
 logger = logging.getLogger(__name__)
@@ -651,6 +649,7 @@ def segment_all(
     settings: dict | None = None,
     reader: Callable[[Path], object] = read_volume,
     groups: dict | None = None,
+    wait_for_others: bool = True,
 ) -> list[CaseResult]:
     """Segments every input into ``output_dir``; never stops at a bad scan.
 
@@ -670,6 +669,11 @@ def segment_all(
             file per channel: see :func:`channel_reader`).
         groups: a case's channel files by its first (:func:`channel_groups`), for the
             :func:`source_id` each label map keeps of its input.
+        wait_for_others: a scan another living run has in hand (a run started
+            again while the first still runs) is left to it till the others are
+            done, then waited for: skipped when that run wrote it, else done here
+            (see :func:`_after_a_dead_run`). ``False``: left to it, skipped with a
+            warning.
 
     Raises:
         InputFileError: the output folder cannot be written, or its record of settings
@@ -712,6 +716,25 @@ def segment_all(
         except Exception as exc:  # a reader's bug must not end the batch
             return None, None, InputFileError(path, f"unreadable ({exc})")
 
+    free, busy = [], []
+    for path, target in todo:  # another living run has it in hand: its to do
+        holder = _held_elsewhere(target)
+        if holder is None:
+            free.append((path, target))
+            continue
+        note = f"{path}: {IN_HAND_ELSEWHERE} ({holder}); " + (
+            "waited for after the others" if wait_for_others else "left to it"
+        )
+        logger.warning("%s", note)
+        if wait_for_others:
+            busy.append(path)
+            continue
+        result = CaseResult(str(path), str(target), "skipped")
+        result.warnings.append(note)
+        results.append(result)
+        if progress:
+            progress(result)
+    todo = free
     for _, target in todo:  # leftovers of a killed run (each shard cleans its own)
         for name in (target, *EVERYTHING_BESIDE.files(target)):
             for stale in name.parent.glob(f".{glob.escape(name.name)}.*.partial*"):
@@ -728,10 +751,11 @@ def segment_all(
         if progress:
             progress(result)
     in_hand: set[Path] = set()  # marked (see _after_a_dead_run), till recorded
+    marks = _Marks()
 
     def start(index: int):
         path, target = todo[index]
-        _mark_in_hand(target, alone=target in suspects)
+        marks.mark(target, alone=target in suspects)
         in_hand.add(target)
         return pool.submit(load, path)
 
@@ -748,7 +772,7 @@ def segment_all(
                 if after is not None and not {target, after} & suspects:
                     pending = start(index + 1)  # read it while this one is predicted
                 elif target not in suspects and in_hand == {target}:
-                    _mark_in_hand(target, alone=True)  # a death now is its doing
+                    marks.mark(target, alone=True)  # a death now is its doing
                 result = CaseResult(str(path), str(target), "done")
                 if target in suspects:
                     note = (
@@ -795,49 +819,28 @@ def segment_all(
                             _fail(result, path, exc)
                     result.seconds = round(time.perf_counter() - started, 3)
                     results.append(result)
-                    _in_hand_marker(target).unlink(missing_ok=True)
+                    marks.unmark(target)
                     in_hand.discard(target)
                     if progress:
                         progress(result)
         finally:  # stopped (Ctrl-C, SIGTERM) or an error: not the scans' doing
             for target in in_hand:
-                _in_hand_marker(target).unlink(missing_ok=True)
+                marks.unmark(target)
+    if busy:  # the other run's: when it lets them go, done by it, or dead on them
+        for path in busy:
+            _wait_for_mark(output_for(path, output_dir, rename))
+        results += segment_all(
+            segment,
+            busy,
+            output_dir,
+            progress=progress,
+            rename=rename,
+            beside=beside,
+            reader=reader,
+            groups=groups,
+            wait_for_others=False,
+        )
     return results
-
-
-#: the lock file a run into an output folder holds (:func:`hold_folder`)
-FOLDER_LOCK = ".medseg_predict.lock"
-
-
-def hold_folder(output_dir: Path, shard: tuple[int, int] | None = None) -> HeldFolder:
-    """Locks ``output_dir`` for this run (:func:`medseg.io.hold_folder`), so that a
-    second run into it is refused while this one lives: two runs would do the same
-    scans and clear each other's files in hand. Runs of different shards
-    (``--shard K/N``) share the folder; a run of all its scans excludes every other.
-
-    Raises:
-        InputFileError: another living run holds the folder (or this shard of it).
-    """
-    locks = [
-        FolderLock(
-            FOLDER_LOCK,
-            exclusive=shard is None,
-            shared_by="runs of shards, --shard K/N",
-        )
-    ]
-    if shard:
-        locks.append(
-            FolderLock(
-                f".medseg_predict-{shard[0]}-of-{shard[1]}.lock",
-                covers=f"shard {shard[0]}/{shard[1]} of this folder",
-            )
-        )
-    return _hold_folder(
-        output_dir,
-        locks,
-        what="medseg predict run",
-        advice="wait for it to end, or give each run its own --shard K/N",
-    )
 
 
 def _in_hand_marker(target: Path) -> Path:
@@ -847,12 +850,103 @@ def _in_hand_marker(target: Path) -> Path:
     return target.with_name(f".{target.name}.in-hand")
 
 
-def _mark_in_hand(target: Path, *, alone: bool) -> None:
-    marker = _in_hand_marker(target)
+#: the warning of a scan left to another run that has it in hand
+IN_HAND_ELSEWHERE = "in hand by another living run"
+
+
+def _lock(handle) -> bool | None:
+    """Locks an open file for this process (``flock``, without waiting): ``True``;
+    ``False`` where another living process holds it; ``None`` where there are no
+    locks (another system, a file system without them)."""
     try:
-        marker.write_text(json.dumps({"alone": alone, "pid": os.getpid()}) + "\n")
-    except OSError:  # a full disk, say: the scan is still done, unmarked
-        logger.debug("cannot mark %s in hand", target, exc_info=True)
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+class _Marks:
+    """The in-hand marks of this run (:func:`_in_hand_marker`), each file locked while
+    its scan is in hand, so that another run tells a living run's marks (whose scans
+    it leaves to it: :func:`_held_elsewhere`) from a dead one's, whatever killed
+    it."""
+
+    def __init__(self) -> None:
+        self.handles: dict[Path, object] = {}
+
+    def mark(self, target: Path, *, alone: bool) -> None:
+        """Marks ``target``'s scan in hand (``alone``: nothing else in hand)."""
+        marker = _in_hand_marker(target)
+        host = socket.gethostname()
+        text = json.dumps({"alone": alone, "pid": os.getpid(), "host": host}) + "\n"
+        try:
+            if target not in self.handles:
+                handle = open(marker, "a+", encoding="utf-8")  # noqa: SIM115 (held)
+                locked = _lock(handle)
+                if not locked:
+                    handle.close()
+                if locked is False:  # another run took it meanwhile: its mark
+                    return
+                self.handles[target] = handle if locked else None
+            handle = self.handles[target]
+            if handle is None:  # no locks here: a plain mark
+                marker.write_text(text, encoding="utf-8")
+            else:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(text)
+                handle.flush()
+        except OSError:  # a full disk, say: the scan is still done, unmarked
+            logger.debug("cannot mark %s in hand", target, exc_info=True)
+
+    def unmark(self, target: Path) -> None:
+        """Removes this run's mark of ``target`` (while still locked)."""
+        if target not in self.handles:
+            return
+        _in_hand_marker(target).unlink(missing_ok=True)
+        handle = self.handles.pop(target)
+        if handle is not None:
+            handle.close()
+
+
+def _wait_for_mark(target: Path) -> None:
+    """Returns when no living run has ``target``'s scan in hand."""
+    try:
+        import fcntl
+
+        handle = open(_in_hand_marker(target), encoding="utf-8")  # noqa: SIM115
+    except (ImportError, OSError):  # no locks, or no mark
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # Ctrl-C and SIGTERM end the wait
+        except OSError:
+            pass
+
+
+def _held_elsewhere(target: Path) -> str | None:
+    """Who has the scan of ``target`` in hand (``"pid N on HOST"``) when its mark is
+    locked by another living run; else ``None`` (no mark, or a dead run's)."""
+    try:
+        handle = open(  # noqa: SIM115
+            _in_hand_marker(target), encoding="utf-8", errors="replace"
+        )
+    except OSError:
+        return None
+    with handle:
+        if _lock(handle) is not False:
+            return None
+        try:
+            holder = json.loads(handle.read())
+            return f"pid {holder['pid']} on {holder['host']}"
+        except (ValueError, KeyError, TypeError):
+            return "a run"
 
 
 def _after_a_dead_run(

@@ -783,66 +783,88 @@ def test_the_volumes_table_keeps_intensities_and_measures_them_when_missing(tmp_
     assert batch._read_sizes(previous)["a"]["tumour"]["intensity_mean"] == [1.5, None]
 
 
-def test_a_second_run_into_a_folder_is_refused_while_the_first_lives(tmp_path):
-    import os
-    import signal
-    import socket
+def _other_run(files, out, then: str):
+    """Another run into ``out`` in its own process: it segments ``files`` (marking
+    each in hand), says so, and then runs ``then`` in place of returning labels."""
     import subprocess
     import sys
 
-    from tests.conftest import REPO, SAMPLE, run_medseg
+    from tests.conftest import REPO
 
+    script = (
+        "import os, signal, time\n"
+        "from pathlib import Path\n"
+        "import numpy as np\n"
+        "from medseg import batch\n"
+        "def segment(volume):\n"
+        "    print('segmenting', flush=True)\n"
+        f"    {then}\n"
+        "    return volume.with_array((volume.array > 0).astype(np.uint8))\n"
+        f"files = [Path(f) for f in {[str(f) for f in files]!r}]\n"
+        f"batch.segment_all(segment, files, Path({str(out)!r}))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "segmenting"
+    return process
+
+
+def test_a_scan_another_living_run_has_in_hand_is_waited_for_or_left_to_it(tmp_path):
+    # two runs into one folder at once over some of the same scans (a job submitted
+    # again while the first still runs): the second leaves the first's scan in hand
+    # to it, files and all, and waits for it at its end
+    import os
+    import signal
+    import socket
+
+    files = scans(tmp_path / "in", 3)
     out = tmp_path / "out"
     out.mkdir()
-    me = f"pid {os.getpid()} on {socket.gethostname()}, started "
-    whole = batch.hold_folder(out)
-    for shard in (None, (1, 2)):
-        with pytest.raises(InputFileError) as info:
-            batch.hold_folder(out, shard)
-        assert str(info.value).startswith(
-            f"{out}: another medseg predict run is writing this folder ({me}"
-        )
-        assert str(info.value).endswith(
-            "); wait for it to end, or give each run its own --shard K/N"
-        )
-    whole.release()
-    assert list(out.iterdir()) == []  # an exclusive lock's file goes with it
-    # shards share the folder; one shard twice, or a run of all scans, is refused
-    first, second = batch.hold_folder(out, (1, 2)), batch.hold_folder(out, (2, 2))
-    with pytest.raises(InputFileError, match=r"writing shard 1/2 of this folder \(pid"):
-        batch.hold_folder(out, (1, 2))
-    with pytest.raises(InputFileError, match=r"this folder \(runs of shards, --shard"):
-        batch.hold_folder(out)
-    first.release()
-    second.release()
-    assert [p.name for p in out.iterdir()] == [batch.FOLDER_LOCK]  # shared: kept
-    # a run in another process: `medseg predict` is refused before reading a scan,
-    # and a run killed with SIGKILL holds nothing
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pathlib import Path; from medseg import batch; "
-            f"h = batch.hold_folder(Path({str(out)!r})); print('held', flush=True); "
-            "time.sleep(600)",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    busy = out / files[1].name
+    partial = out / f".{files[1].name}.0123abcd.partial.nii.gz"
+    calls = []
+
+    def segment(volume):
+        calls.append(volume.path)
+        return volume.with_array((volume.array > 0).astype(np.uint8))
+
+    # left to the other run (not waited for)
+    other = _other_run([files[1]], out, "time.sleep(600)")
     try:
-        assert holder.stdout.readline().strip() == "held"
-        result = run_medseg(
-            "predict", "--model", "hippocampus", "--input", SAMPLE / "imagesTr",
-            "--output", out,
-        )  # fmt: skip
-        assert result.returncode == 2
-        assert (
-            f"{out}: another medseg predict run is writing this folder "
-            f"(pid {holder.pid} on {socket.gethostname()}, started "
-        ) in result.stderr
-        assert [p.name for p in out.iterdir() if p.suffix != ".lock"] == []
+        partial.write_bytes(b"being written by the other run")
+        results = batch.segment_all(segment, files, out, wait_for_others=False)
+        assert [(r.input, r.status) for r in results] == [
+            (str(files[1]), "skipped"),
+            (str(files[0]), "done"),
+            (str(files[2]), "done"),
+        ]
+        assert results[0].warnings == [
+            f"{files[1]}: in hand by another living run (pid {other.pid} on "
+            f"{socket.gethostname()}); left to it"
+        ]
+        assert partial.exists() and not busy.exists()  # the other run's, untouched
     finally:
-        os.kill(holder.pid, signal.SIGKILL)
-        holder.wait()
-    assert batch.hold_folder(out).held
+        os.kill(other.pid, signal.SIGKILL)
+        other.wait()
+    partial.unlink()
+    batch._in_hand_marker(busy).unlink()
+    # waited for: the other run writes it, and this one counts it done
+    calls.clear()
+    other = _other_run([files[1]], out, "time.sleep(1.5)")
+    results = batch.segment_all(segment, files, out)
+    assert other.wait() == 0 and busy.exists()
+    assert calls == []
+    assert [(r.input, r.status) for r in results] == [
+        (str(files[0]), "skipped"),
+        (str(files[2]), "skipped"),
+        (str(files[1]), "skipped"),
+    ]
+    # waited for, and the other run killed on it (alone): named, as a dead run's
+    busy.unlink()
+    other = _other_run([files[1]], out, "time.sleep(1); os.kill(os.getpid(), 9)")
+    (result,) = batch.segment_all(segment, files, out)[2:]
+    assert other.wait() == -signal.SIGKILL
+    assert (result.input, result.status) == (str(files[1]), "failed")
+    assert result.error.startswith(f"{files[1]}: a run died while segmenting it alone")
+    assert calls == [] and not busy.exists()
