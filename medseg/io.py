@@ -792,32 +792,23 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-@dataclass(frozen=True)
-class FolderLock:
-    """A lock file of a folder (:func:`hold_folder`): its name, whether a holder
-    excludes every other (else holders share it, and exclude an exclusive one), what
-    it covers and who holds a shared one, in words."""
-
-    name: str
-    exclusive: bool = True
-    covers: str = "this folder"
-    shared_by: str = "others"
-
-
 @dataclass
 class HeldFolder:
-    """The locks :func:`hold_folder` holds; :meth:`release` (or leaving a ``with``
-    block) lets them go and removes the exclusive ones' files."""
+    """A folder's lock held by :func:`hold_folder`; :meth:`release` (or leaving a
+    ``with`` block) lets it go and removes its file."""
 
-    held: list
+    path: Path | None
+    handle: object = None
 
     def release(self) -> None:
-        for path, handle, exclusive in reversed(self.held):
-            if exclusive:  # while still held: no run is left holding a removed file
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            handle.close()
-        self.held = []
+        if self.handle is None:
+            return
+        with contextlib.suppress(
+            OSError
+        ):  # while still held: no one holds a removed file
+            self.path.unlink()
+        self.handle.close()
+        self.handle = None
 
     def __enter__(self) -> HeldFolder:
         return self
@@ -826,70 +817,60 @@ class HeldFolder:
         self.release()
 
 
-def hold_folder(
-    folder: Path, locks: Sequence[FolderLock], *, what: str, advice: str
-) -> HeldFolder:
-    """Takes ``locks`` in ``folder`` for this process (the operating system's
-    ``flock``, without waiting), so that another run refused while this one lives
-    says who holds them: the holder's pid, host and start are written in an
-    exclusive lock's file. A process that dies, however (SIGKILL, the out-of-memory
-    killer), holds none; processes on other hosts see them where the shared file
-    system keeps ``flock`` locks (NFSv4 does). Where there are none (another system, a
-    file system without locks, a folder that cannot be written: named when written)
-    nothing is held.
+def hold_folder(folder: Path, name: str, *, what: str, advice: str) -> HeldFolder:
+    """Takes the lock file ``name`` in ``folder`` for this process (the operating
+    system's ``flock``, without waiting) and writes the holder's pid, host and start
+    in it, so that another run refused while this one lives says who holds it. A
+    process that dies, however (SIGKILL, the out-of-memory killer), holds nothing;
+    processes on other hosts see it where the shared file system keeps ``flock``
+    locks (NFSv4 does). Where there are none (another system, a file system without
+    locks, a folder that cannot be written: named when written) nothing is held.
 
     Raises:
-        InputFileError: another living process holds one (``what`` is it, ``advice``
-            what to do).
+        InputFileError: another living process holds it (``what`` is that process,
+            ``advice`` what to do).
     """
     try:
         import fcntl
     except ImportError:  # not a POSIX system
-        return HeldFolder([])
+        return HeldFolder(None)
     import socket
     import time
 
-    holder = (
-        f"pid {os.getpid()} on {socket.gethostname()}, started "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}"
-    )
-    held = HeldFolder([])
-    for lock in locks:
-        path = folder / lock.name
-        mode = fcntl.LOCK_EX if lock.exclusive else fcntl.LOCK_SH
-        for _attempt in range(3):  # the file may be removed by a holder that ends
-            try:
-                handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held)
-            except OSError:
-                return held
-            try:
-                fcntl.flock(handle, mode | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                other = handle.read().strip() or lock.shared_by
-                handle.close()
-                held.release()
-                problem = f"another {what} is writing {lock.covers} ({other})"
-                raise InputFileError(folder, f"{problem}; {advice}") from None
-            except OSError:  # a file system without locks
-                handle.close()
-                return held
-            try:
-                same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
-            except OSError:  # removed meanwhile
-                same = False
-            if same:
-                break
+    path = folder / name
+    for _attempt in range(3):  # the file may be removed by a holder that ends
+        try:
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held)
+        except OSError:
+            return HeldFolder(None)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            other = handle.read().strip() or "another process"
             handle.close()
-        else:
-            return held
-        handle.seek(0)
-        handle.truncate()
-        if lock.exclusive:  # who holds it, for a run refused
-            handle.write(holder + "\n")
-        handle.flush()
-        held.held.append((path, handle, lock.exclusive))
-    return held
+            problem = f"another {what} is writing this folder ({other})"
+            raise InputFileError(folder, f"{problem}; {advice}") from None
+        except OSError:  # a file system without locks
+            handle.close()
+            return HeldFolder(None)
+        try:
+            same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+        except OSError:  # removed meanwhile
+            same = False
+        if same:
+            break
+        handle.close()
+    else:
+        return HeldFolder(None)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(
+        f"pid {os.getpid()} on {socket.gethostname()}, started "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+    )
+    handle.flush()
+    return HeldFolder(path, handle)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -17,7 +17,7 @@ from medseg.errors import InputFileError
 from medseg.preprocessing import Preprocessor, ZScoreNormalization
 from medseg.training import data as training_data
 from tests import reference
-from tests.conftest import SAMPLE
+from tests.conftest import REPO, SAMPLE
 
 TINY_TRAIN = """\
 model:
@@ -761,11 +761,10 @@ def test_a_run_refused_before_it_writes_anything_leaves_no_folder(tmp_path):
 def test_a_second_training_run_in_a_run_folder_is_refused_while_the_first_lives(
     tmp_path,
 ):
-    import os
     import socket
 
     from medseg.errors import InputFileError
-    from medseg.io import FolderLock, hold_folder
+    from medseg.io import hold_folder
     from medseg.training import trainer
 
     config = Config.from_dict(
@@ -778,23 +777,39 @@ def test_a_second_training_run_in_a_run_folder_is_refused_while_the_first_lives(
     run = tmp_path / "run"
     run.mkdir()
     (run / "history.csv").write_text("epoch\n")  # the first run's files, untouched
-    first = hold_folder(
-        run, [FolderLock(trainer.TRAIN_LOCK)], what="first", advice="none"
-    )  # a run in this folder, as a job started twice by its scheduler has one
-    for resume in (True, False):
-        with pytest.raises(InputFileError) as info:
-            trainer.train(config, run, resume=resume, verbose=0)
-        assert str(info.value) == (
-            f"{run}: another medseg train run is writing this folder (pid "
-            f"{os.getpid()} on {socket.gethostname()}, started "
-            f"{(run / trainer.TRAIN_LOCK).read_text().split('started ')[1].strip()}); "
-            "wait for it to end, or train into another --output"
-        )
-    assert sorted(p.name for p in run.iterdir()) == [
-        trainer.TRAIN_LOCK,
-        "history.csv",
-    ]
-    first.release()
+    lock = run / trainer.TRAIN_LOCK
+    # the first run, in its own process (as a job its scheduler started twice)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from pathlib import Path; from medseg.io import hold_folder; "
+            f"held = hold_folder(Path({str(run)!r}), {trainer.TRAIN_LOCK!r}, "
+            "what='run', advice='wait'); print('held', flush=True); time.sleep(600)",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first.stdout.readline().strip() == "held"
+        started = lock.read_text().split("started ")[1].strip()
+        for resume in (True, False):
+            with pytest.raises(InputFileError) as info:
+                trainer.train(config, run, resume=resume, verbose=0)
+            assert str(info.value) == (
+                f"{run}: another medseg train run is writing this folder (pid "
+                f"{first.pid} on {socket.gethostname()}, started {started}); wait "
+                "for it to end, or train into another --output"
+            )
+        assert sorted(p.name for p in run.iterdir()) == [lock.name, "history.csv"]
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    # killed, it holds nothing; a lock released goes with its file
+    held = hold_folder(run, trainer.TRAIN_LOCK, what="run", advice="wait")
+    assert lock.read_text().startswith(f"pid {os.getpid()} on ")
+    held.release()
     assert [p.name for p in run.iterdir()] == ["history.csv"]
 
 

@@ -23,7 +23,7 @@ from medseg.bundle import write_bundle
 from medseg.config import Config
 from medseg.datasets import load_dataset
 from medseg.errors import ConfigError, InputFileError
-from medseg.io import FolderLock, atomic_write_text, hold_folder
+from medseg.io import atomic_write_text, hold_folder
 from medseg.losses import LOSSES, ArgmaxDice, deep_supervision_weights
 from medseg.models import main_output
 from medseg.preprocessing import (
@@ -587,7 +587,7 @@ def train(
     # the first still runs would write the same checkpoints
     held = hold_folder(
         folder,
-        [FolderLock(TRAIN_LOCK)],
+        TRAIN_LOCK,
         what="medseg train run",
         advice="wait for it to end, or train into another --output",
     )
