@@ -694,10 +694,7 @@ def segment_all(
         target = output_for(path, output_dir, rename)
         if is_done(target, beside) and not overwrite:
             _in_hand_marker(target).unlink(missing_ok=True)  # done as it was killed
-            result = CaseResult(str(path), str(target), "skipped")
-            problem = not_its_output(target, path, groups)
-            if problem:
-                result.status, result.error = "failed", problem
+            result = _found_done(path, target, groups)
             results.append(result)
             if progress:
                 progress(result)
@@ -773,6 +770,15 @@ def segment_all(
                     pending = start(index + 1)  # read it while this one is predicted
                 elif target not in suspects and in_hand == {target}:
                     marks.mark(target, alone=True)  # a death now is its doing
+                if not overwrite and is_done(target, beside):
+                    # written meanwhile by another run into the folder
+                    result = _found_done(path, target, groups)
+                    results.append(result)
+                    marks.unmark(target)
+                    in_hand.discard(target)
+                    if progress:
+                        progress(result)
+                    continue
                 result = CaseResult(str(path), str(target), "done")
                 if target in suspects:
                     note = (
@@ -841,6 +847,16 @@ def segment_all(
             wait_for_others=False,
         )
     return results
+
+
+def _found_done(path: Path, target: Path, groups) -> CaseResult:
+    """The result of a scan whose label map ``target`` exists: skipped, or failed
+    when that label map is another input's."""
+    result = CaseResult(str(path), str(target), "skipped")
+    problem = not_its_output(target, path, groups)
+    if problem:
+        result.status, result.error = "failed", problem
+    return result
 
 
 def _in_hand_marker(target: Path) -> Path:

@@ -868,3 +868,28 @@ def test_a_scan_another_living_run_has_in_hand_is_waited_for_or_left_to_it(tmp_p
     assert (result.input, result.status) == (str(files[1]), "failed")
     assert result.error.startswith(f"{files[1]}: a run died while segmenting it alone")
     assert calls == [] and not busy.exists()
+
+
+def test_a_scan_another_run_wrote_meanwhile_is_not_segmented_again(tmp_path):
+    files = scans(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    calls = []
+
+    def plain(volume):
+        return volume.with_array((volume.array > 0).astype(np.uint8))
+
+    def segment(volume):
+        calls.append(volume.path)
+        if volume.path == files[0]:  # meanwhile another run writes the third
+            (written,) = batch.segment_all(plain, [files[2]], out)
+            assert written.status == "done"
+        return plain(volume)
+
+    results = batch.segment_all(segment, files, out)
+    assert calls == [files[0], files[1]]
+    assert [(r.input, r.status) for r in results] == [
+        (str(files[0]), "done"),
+        (str(files[1]), "done"),
+        (str(files[2]), "skipped"),
+    ]
+    assert sorted(p.name for p in out.iterdir()) == [f.name for f in files]
