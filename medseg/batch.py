@@ -749,10 +749,12 @@ def segment_all(
             progress(result)
     in_hand: set[Path] = set()  # marked (see _after_a_dead_run), till recorded
     marks = _Marks()
+    theirs: set[Path] = set()  # taken by another run since planned
 
     def start(index: int):
         path, target = todo[index]
-        marks.mark(target, alone=target in suspects)
+        if not marks.mark(target, alone=target in suspects):
+            theirs.add(target)
         in_hand.add(target)
         return pool.submit(load, path)
 
@@ -770,6 +772,17 @@ def segment_all(
                     pending = start(index + 1)  # read it while this one is predicted
                 elif target not in suspects and in_hand == {target}:
                     marks.mark(target, alone=True)  # a death now is its doing
+                if target in theirs:  # another run took it since: its to do
+                    in_hand.discard(target)
+                    if wait_for_others:  # at the end
+                        busy.append(path)
+                        continue
+                    result = CaseResult(str(path), str(target), "skipped")
+                    result.warnings.append(f"{path}: {IN_HAND_ELSEWHERE}; left to it")
+                    results.append(result)
+                    if progress:
+                        progress(result)
+                    continue
                 if not overwrite and is_done(target, beside):
                     # written meanwhile by another run into the folder
                     result = _found_done(path, target, groups)
@@ -896,8 +909,10 @@ class _Marks:
     def __init__(self) -> None:
         self.handles: dict[Path, object] = {}
 
-    def mark(self, target: Path, *, alone: bool) -> None:
-        """Marks ``target``'s scan in hand (``alone``: nothing else in hand)."""
+    def mark(self, target: Path, *, alone: bool) -> bool:
+        """Marks ``target``'s scan in hand (``alone``: nothing else in hand);
+        ``False`` when another living run has it in hand (it took it since this run
+        planned)."""
         marker = _in_hand_marker(target)
         host = socket.gethostname()
         text = json.dumps({"alone": alone, "pid": os.getpid(), "host": host}) + "\n"
@@ -908,7 +923,7 @@ class _Marks:
                 if not locked:
                     handle.close()
                 if locked is False:  # another run took it meanwhile: its mark
-                    return
+                    return False
                 self.handles[target] = handle if locked else None
             handle = self.handles[target]
             if handle is None:  # no locks here: a plain mark
@@ -920,6 +935,7 @@ class _Marks:
                 handle.flush()
         except OSError:  # a full disk, say: the scan is still done, unmarked
             logger.debug("cannot mark %s in hand", target, exc_info=True)
+        return True
 
     def unmark(self, target: Path) -> None:
         """Removes this run's mark of ``target`` (while still locked)."""

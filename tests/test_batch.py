@@ -893,3 +893,25 @@ def test_a_scan_another_run_wrote_meanwhile_is_not_segmented_again(tmp_path):
         (str(files[2]), "skipped"),
     ]
     assert sorted(p.name for p in out.iterdir()) == [f.name for f in files]
+
+
+def test_a_scan_another_run_takes_after_this_one_planned_is_waited_for(tmp_path):
+    files = scans(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    calls, others = [], []
+
+    def segment(volume):
+        calls.append(volume.path)
+        if volume.path == files[0]:  # meanwhile another run takes the third
+            others.append(_other_run([files[2]], out, "time.sleep(1.5)"))
+        return volume.with_array((volume.array > 0).astype(np.uint8))
+
+    results = batch.segment_all(segment, files, out)
+    assert others[0].wait() == 0
+    assert calls == [files[0], files[1]]  # the third was the other run's to do
+    assert [(r.input, r.status) for r in results] == [
+        (str(files[0]), "done"),
+        (str(files[1]), "done"),
+        (str(files[2]), "skipped"),
+    ]
+    assert sorted(p.name for p in out.iterdir()) == [f.name for f in files]
