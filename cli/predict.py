@@ -320,9 +320,7 @@ def predict(
         def progress(result):
             finished.append(result)
             bar.update(1)
-            if (
-                logged and result.status == "done"
-            ):  # skipped ones are counted at the end
+            if logged and result.status == "done":  # skipped: counted at the end
                 click.echo(
                     f"[{len(finished)}/{len(inputs)}] {result.input}: segmented "
                     f"in {result.seconds:.1f} s",

@@ -130,7 +130,7 @@ def evaluate_pairs(
     return rows
 
 
-def _read_pair(pred_path: Path, truth_path: Path, names=None):
+def _read_pair(pred_path: Path, truth_path: Path, names: dict[int, str] | None = None):
     """The prediction's and the truth's label arrays and the spacing, checked to be
     on one grid (a prediction stored in another voxel order is read in the truth's;
     one saved on a box of the other's grid, as 3D Slicer may crop segmentations, is

@@ -794,8 +794,9 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
 @dataclass
 class HeldFolder:
-    """A folder's lock held by :func:`hold_folder`; :meth:`release` (or leaving a
-    ``with`` block) lets it go and removes its file."""
+    """A folder's lock held by :func:`hold_folder`; :meth:`release` lets it go and
+    removes its file (first, while still held: no one is left holding a removed
+    file)."""
 
     path: Path | None
     handle: object = None
@@ -803,18 +804,10 @@ class HeldFolder:
     def release(self) -> None:
         if self.handle is None:
             return
-        with contextlib.suppress(
-            OSError
-        ):  # while still held: no one holds a removed file
+        with contextlib.suppress(OSError):
             self.path.unlink()
         self.handle.close()
         self.handle = None
-
-    def __enter__(self) -> HeldFolder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def hold_folder(folder: Path, name: str, *, what: str, advice: str) -> HeldFolder:
