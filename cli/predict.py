@@ -80,6 +80,13 @@ from medseg_cli._tf import start_tensorflow
     "picture as it is), titled with the labels' volumes.",
 )
 @click.option(
+    "--seg-nrrd",
+    is_flag=True,
+    help="Also write OUTPUT/slicer/CASE.seg.nrrd: the label map as a 3D Slicer "
+    "segmentation, one segment per label but a first named background, with the "
+    "labels' names and the previews' colours; needs SimpleITK (the itk extra).",
+)
+@click.option(
     "--keep-largest",
     is_flag=True,
     help="Keep only the largest connected component of each label.",
@@ -140,6 +147,7 @@ def predict(
     probabilities: bool,
     dicom_seg: bool,
     preview: bool,
+    seg_nrrd: bool,
     keep_largest: bool,
     min_size_mm3: float,
     split: str,
@@ -169,7 +177,7 @@ def predict(
     Classification models write one CSV (OUTPUT if it ends in .csv, else
     OUTPUT/predictions.csv): case, predicted class, one probability per class.
     """
-    from medseg import __version__, batch
+    from medseg import __version__, batch, itkio
     from medseg.bundle import MODEL_FILE, bundles_in, read_metadata, resolve, sha256
     from medseg.dicom import INSTALL, has_seg_writer, is_series_folder
     from medseg.errors import InputFileError
@@ -196,10 +204,13 @@ def predict(
             f"an ensemble of {len(bundles)} models: {', '.join(map(str, bundles))}",
             err=True,
         )
-    if (dicom_seg or preview) and metadata.get("task") == "classification":
+    if (dicom_seg or preview or seg_nrrd) and metadata.get("task") == "classification":
         raise click.UsageError(
-            "--dicom-seg and --preview are of label maps; this is a classifier"
+            "--dicom-seg, --preview and --seg-nrrd are of label maps; this is a "
+            "classifier"
         )
+    if seg_nrrd and not itkio.available():
+        raise click.UsageError('--seg-nrrd needs SimpleITK: pip install "medseg[itk]"')
     if dicom_seg and not has_seg_writer():
         raise click.UsageError(f"--dicom-seg needs highdicom: {INSTALL}")
     if metadata.get("task") == "classification":
@@ -275,6 +286,7 @@ def predict(
         probabilities=probabilities,
         dicom_seg="+".join(b.name for b in bundles) if dicom_seg else None,
         preview=preview,
+        seg_nrrd=seg_nrrd,
     )
     if single:
         inputs_named = {inputs[0]: output.name}

@@ -39,6 +39,7 @@ from medseg.dicom import dicom_files, is_dicom_file, is_series_folder
 from medseg.errors import InputFileError
 from medseg.io import (
     SCAN_SUFFIXES,
+    atomic_output,
     atomic_write_text,
     off_grid,
     read_channels,
@@ -305,12 +306,14 @@ class Beside:
     """What a run writes beside each label map, when asked for: its probabilities
     (``CASE_probabilities.npz``), its DICOM Segmentation object (``CASE_seg.dcm``,
     ``dicom_seg`` being the algorithm's name it records; every input a DICOM series),
-    a picture of it (``previews/CASE.png``). They are written before the label map, so
-    a case is done when its label map and these exist."""
+    a picture of it (``previews/CASE.png``), a 3D Slicer segmentation of it
+    (``slicer/CASE.seg.nrrd``). They are written before the label map, so a case is
+    done when its label map and these exist."""
 
     probabilities: bool = False
     dicom_seg: str | None = None
     preview: bool = False
+    seg_nrrd: bool = False
 
     def files(self, target: Path) -> list[Path]:
         """Those beside the label map ``target``."""
@@ -320,13 +323,16 @@ class Beside:
                 (probabilities_for, self.probabilities),
                 (segmentation_for, self.dicom_seg is not None),
                 (preview_for, self.preview),
+                (slicer_for, self.seg_nrrd),
             )
             if wanted
         ]
 
 
 #: every file a run may write beside a label map
-EVERYTHING_BESIDE = Beside(probabilities=True, dicom_seg="", preview=True)
+EVERYTHING_BESIDE = Beside(
+    probabilities=True, dicom_seg="", preview=True, seg_nrrd=True
+)
 
 
 def is_done(target: Path, beside: Beside = Beside()) -> bool:
@@ -385,6 +391,17 @@ def segmentation_for(label_path: Path) -> Path:
 
 #: the folder of pictures in an output folder (``medseg predict --preview``)
 PREVIEWS = "previews"
+
+
+#: the folder of 3D Slicer segmentations in an output folder (``--seg-nrrd``)
+SLICER = "slicer"
+
+
+def slicer_for(label_path: Path) -> Path:
+    """``case.nii.gz`` -> ``slicer/case.seg.nrrd`` in its folder (a folder of their
+    own: beside the label maps, ``medseg evaluate`` would take them for more)."""
+    stem = split_suffix(label_path)[0]
+    return label_path.parent / SLICER / f"{stem}.seg.nrrd"
 
 
 def preview_for(label_path: Path) -> Path:
@@ -1091,6 +1108,8 @@ def _write(
             [name for _, name in shown],
             preview_title(split_suffix(target)[0], sizes or {}),
         )
+    if beside.seg_nrrd:
+        _write_slicer(labels, slicer_for(target), prediction, content)
     if beside.probabilities:
         from medseg.inference import write_probabilities
 
@@ -1102,6 +1121,37 @@ def _write(
             prediction.names,
         )
     write_volume(labels, target, is_label=True, source_id=content)
+
+
+def _write_slicer(labels, path: Path, prediction, content) -> None:
+    """The label map as a 3D Slicer segmentation, one segment a label (but a first
+    named background) in the colours of the previews."""
+    from matplotlib.colors import to_rgb
+
+    from medseg import itkio
+    from medseg.report import COLOURS
+
+    shown = _measured(prediction.values, prediction.names)
+    segments = [
+        (value, name, to_rgb(COLOURS[i % len(COLOURS)]))
+        for i, (value, name) in enumerate(shown)
+    ]
+    array = np.asarray(labels.array)
+    if array.ndim == 3:  # a 2D label map (H, W, 1): one slice
+        array = array[:, :, None, :]
+    array = array.astype(np.uint16 if array.max(initial=0) > 255 else np.uint8)
+    path.parent.mkdir(exist_ok=True)
+    try:
+        with atomic_output(path) as tmp:
+            itkio.write(
+                array,
+                labels.affine,
+                tmp,
+                content,
+                itkio.slicer_fields(array[..., 0], segments),
+            )
+    except OSError as exc:
+        raise InputFileError(path, f"cannot write ({exc.strerror or exc})") from None
 
 
 #: the table of label sizes beside the report: ``medseg_volumes[-K-of-N].csv``

@@ -915,3 +915,68 @@ def test_a_scan_another_run_takes_after_this_one_planned_is_waited_for(tmp_path)
         (str(files[2]), "skipped"),
     ]
     assert sorted(p.name for p in out.iterdir()) == [f.name for f in files]
+
+
+def test_a_label_map_is_also_written_as_a_slicer_segmentation_when_asked(tmp_path):
+    pytest.importorskip("SimpleITK")
+    from matplotlib.colors import to_rgb
+
+    from medseg.evaluation import pair_files
+    from medseg.inference import Prediction
+    from medseg.io import read_volume
+    from medseg.itkio import Segment, segments_against_labels, slicer_segments
+    from medseg.report import COLOURS
+
+    affine = np.diag([0.8, 1.1, 2.5, 1.0])
+    affine[:3, 3] = [-7.0, 3.0, 11.0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    scan = np.zeros((9, 8, 7), np.float32)
+    scan[1:4, 2:6, 1:3] = 1  # label 1 in this box
+    scan[5:9, 0:2, 4:7] = 2  # label 2 in that one
+    nib.save(nib.Nifti1Image(scan, affine), inputs / "case.nii.gz")
+    nib.save(nib.Nifti1Image(scan, affine), inputs / "empty.nii.gz")
+
+    def segment(volume):
+        labels = volume.array.astype(np.uint8)
+        if volume.path.name == "empty.nii.gz":
+            labels[labels == 2] = 0  # no label 2 found here
+        return Prediction(
+            volume.with_array(labels),
+            values=(0, 1, 2),
+            names=("background", "anterior", "posterior"),
+        )
+
+    out = tmp_path / "out"
+    beside = batch.Beside(seg_nrrd=True)
+    files = sorted(inputs.iterdir())
+    batch.segment_all(segment, files, out, beside=beside)
+    seg = read_volume(out / "slicer" / "case.seg.nrrd")
+    np.testing.assert_array_equal(seg.array[..., 0], scan)
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-9)
+    assert slicer_segments(seg.header) == [
+        Segment("anterior", 1, 0),
+        Segment("posterior", 2, 0),
+    ]
+    for number, value in enumerate((1, 2)):  # each segment's box, Slicer's extent
+        voxels = np.argwhere(scan == value)
+        low, high = voxels.min(0), voxels.max(0)
+        assert seg.header[f"Segment{number}_Extent"] == " ".join(
+            f"{a} {b}" for a, b in zip(low, high, strict=True)
+        )
+        assert seg.header[f"Segment{number}_ID"] == f"Segment_{value}"
+        colour = [float(c) for c in seg.header[f"Segment{number}_Color"].split()]
+        np.testing.assert_allclose(colour, to_rgb(COLOURS[number]), atol=1e-6)
+    empty = read_volume(out / "slicer" / "empty.seg.nrrd")
+    assert empty.header["Segment1_Extent"] == "0 -1 0 -1 0 -1"  # Slicer's empty one
+    # it checks against the labels it was named from; the label maps still pair alone
+    assert segments_against_labels(seg.header, {1: "Anterior", 2: "Posterior"}) == []
+    assert [case for case, _, _ in pair_files(out, inputs)] == ["case", "empty"]
+    # a case is done when its segmentation is there too
+    (out / "slicer" / "case.seg.nrrd").unlink()
+    results = batch.segment_all(segment, files, out, beside=beside)
+    assert [(Path(r.input).name, r.status) for r in results] == [
+        ("empty.nii.gz", "skipped"),
+        ("case.nii.gz", "done"),
+    ]
+    assert (out / "slicer" / "case.seg.nrrd").exists()

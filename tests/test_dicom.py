@@ -730,7 +730,7 @@ def test_a_dicom_seg_reads_back_as_the_label_map_it_was_written_from(tmp_path, r
         assert str(info.value) == f"{tmp_path / seg}: {problem}"
 
 
-def test_dicom_seg_is_refused_without_highdicom_and_for_a_classifier(
+def test_dicom_seg_and_seg_nrrd_are_refused_without_their_package_or_for_a_classifier(
     tmp_path, monkeypatch
 ):
     from click.testing import CliRunner
@@ -748,13 +748,21 @@ def test_dicom_seg_is_refused_without_highdicom_and_for_a_classifier(
     (tmp_path / "cls" / "medseg.json").write_text('{"task": "classification"}')
     refused = run(tmp_path / "cls")
     assert refused.exit_code == 2
-    assert "--dicom-seg and --preview are of label maps; this is a classifier" in (
-        refused.output
-    )
+    assert (
+        "--dicom-seg, --preview and --seg-nrrd are of label maps; this is a classifier"
+    ) in refused.output
     monkeypatch.setitem(sys.modules, "highdicom", None)  # not installed
     refused = run("hippocampus")
     assert refused.exit_code == 2 and not (tmp_path / "o").exists()
     assert '--dicom-seg needs highdicom: pip install "medseg[dicom]"' in refused.output
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)  # nor SimpleITK
+    refused = CliRunner().invoke(
+        main,
+        ["predict", "--model", "hippocampus", "--input", str(tmp_path)]
+        + ["--output", str(tmp_path / "o"), "--seg-nrrd"],
+    )
+    assert refused.exit_code == 2 and not (tmp_path / "o").exists()
+    assert '--seg-nrrd needs SimpleITK: pip install "medseg[itk]"' in refused.output
 
 
 def test_a_dataset_of_dicom_series_trains_as_its_nifti_copy(tmp_path):

@@ -158,9 +158,21 @@ def test_predict_preview_pictures_each_label_map(tmp_path):
     out = tmp_path / "out"
     result = run_medseg(
         "predict", "--model", "hippocampus", "--input", scan, "--output", out,
-        "--preview",
+        "--preview", "--seg-nrrd",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
+    # and the label map as a 3D Slicer segmentation named as the model names them
+    from medseg.io import read_volume
+    from medseg.itkio import Segment, slicer_segments
+
+    labels = read_volume(out / scan.name)
+    seg = read_volume(out / "slicer" / scan.name.replace(".nii.gz", ".seg.nrrd"))
+    np.testing.assert_array_equal(seg.array, labels.array)
+    np.testing.assert_allclose(seg.affine, labels.affine, atol=1e-6)
+    assert slicer_segments(seg.header) == [
+        Segment("Anterior", 1, 0),
+        Segment("Posterior", 2, 0),
+    ]
     picture = np.asarray(
         Image.open(out / "previews" / scan.name.replace(".nii.gz", ".png"))
     )
@@ -176,7 +188,7 @@ def test_predict_preview_pictures_each_label_map(tmp_path):
     (out / "previews" / scan.name.replace(".nii.gz", ".png")).unlink()
     again = run_medseg(
         "predict", "--model", "hippocampus", "--input", scan, "--output", out,
-        "--preview",
+        "--preview", "--seg-nrrd",
     )  # fmt: skip
     assert "1 segmented, 0 skipped" in again.stdout
     (tmp_path / "truth").mkdir()
