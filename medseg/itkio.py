@@ -333,7 +333,9 @@ def slicer_fields(
         SLICER_CROP_KEY: "0 0 0",
     }
     values = np.asarray(labels)
-    boxes = ndimage.find_objects(np.where(values > 0, values, 0).astype(np.int64))
+    if values.dtype.kind != "u":  # label maps are unsigned; find_objects skips 0
+        values = np.clip(values, 0, None).astype(np.int64)
+    boxes = ndimage.find_objects(values)
     for number, (value, name, colour) in enumerate(segments):
         box = boxes[value - 1] if 0 < value <= len(boxes) else None
         extent = (
