@@ -969,7 +969,9 @@ def _wait_for_mark(target: Path) -> None:
     try:
         import fcntl
 
-        handle = open(_in_hand_marker(target), encoding="utf-8")  # noqa: SIM115
+        # for writing: NFS emulates flock with POSIX locks, whose exclusive kind
+        # needs it
+        handle = open(_in_hand_marker(target), "r+", encoding="utf-8")  # noqa: SIM115
     except (ImportError, OSError):  # no locks, or no mark
         return
     with handle:
@@ -983,8 +985,8 @@ def _held_elsewhere(target: Path) -> str | None:
     """Who has the scan of ``target`` in hand (``"pid N on HOST"``) when its mark is
     locked by another living run; else ``None`` (no mark, or a dead run's)."""
     try:
-        handle = open(  # noqa: SIM115
-            _in_hand_marker(target), encoding="utf-8", errors="replace"
+        handle = open(  # noqa: SIM115 (for writing, as _wait_for_mark says why)
+            _in_hand_marker(target), "r+", encoding="utf-8", errors="replace"
         )
     except OSError:
         return None
