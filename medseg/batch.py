@@ -1127,7 +1127,8 @@ def _write(
 
 def _write_slicer(labels, path: Path, prediction, content) -> None:
     """The label map as a 3D Slicer segmentation, one segment a label (but a first
-    named background) in the colours of the previews."""
+    named background) in the colours of the previews; a label of value 0 is none, as
+    Slicer reads 0 as no segment."""
     from matplotlib.colors import to_rgb
 
     from medseg import itkio
@@ -1137,6 +1138,7 @@ def _write_slicer(labels, path: Path, prediction, content) -> None:
     segments = [
         (value, name, to_rgb(COLOURS[i % len(COLOURS)]))
         for i, (value, name) in enumerate(shown)
+        if value != 0
     ]
     array = np.asarray(labels.array)
     if array.ndim == 3:  # a 2D label map (H, W, 1): one slice

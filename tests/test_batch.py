@@ -980,3 +980,16 @@ def test_a_label_map_is_also_written_as_a_slicer_segmentation_when_asked(tmp_pat
         ("case.nii.gz", "done"),
     ]
     assert (out / "slicer" / "case.seg.nrrd").exists()
+    # a label of value 0 that is not background (the membrane model's membrane) is no
+    # segment: Slicer reads 0 as none
+
+    def membrane(volume):
+        cells = np.where(volume.array > 0, 255, 0).astype(np.uint8)
+        return Prediction(
+            volume.with_array(cells), values=(0, 255), names=("membrane", "cell")
+        )
+
+    batch.segment_all(membrane, files[:1], tmp_path / "em", beside=beside)
+    em = read_volume(tmp_path / "em" / "slicer" / "case.seg.nrrd")
+    assert slicer_segments(em.header) == [Segment("cell", 255, 0)]
+    assert em.header["Segment0_ID"] == "Segment_255"
