@@ -870,45 +870,30 @@ def test_a_scan_another_living_run_has_in_hand_is_waited_for_or_left_to_it(tmp_p
     assert calls == [] and not busy.exists()
 
 
-def test_a_scan_another_run_wrote_meanwhile_is_not_segmented_again(tmp_path):
+@pytest.mark.parametrize("other", ["writes", "takes"])
+def test_a_scan_another_run_writes_or_takes_meanwhile_is_not_segmented_twice(
+    tmp_path, other
+):
     files = scans(tmp_path / "in", 3)
     out = tmp_path / "out"
-    calls = []
+    calls, others = [], []
 
     def plain(volume):
         return volume.with_array((volume.array > 0).astype(np.uint8))
 
     def segment(volume):
         calls.append(volume.path)
-        if volume.path == files[0]:  # meanwhile another run writes the third
-            (written,) = batch.segment_all(plain, [files[2]], out)
-            assert written.status == "done"
+        if volume.path == files[0]:  # meanwhile another run does the third
+            if other == "writes":  # all of it, now
+                (written,) = batch.segment_all(plain, [files[2]], out)
+                assert written.status == "done"
+            else:  # takes it in hand, and writes it 1.5 s later: waited for
+                others.append(_other_run([files[2]], out, "time.sleep(1.5)"))
         return plain(volume)
 
     results = batch.segment_all(segment, files, out)
-    assert calls == [files[0], files[1]]
-    assert [(r.input, r.status) for r in results] == [
-        (str(files[0]), "done"),
-        (str(files[1]), "done"),
-        (str(files[2]), "skipped"),
-    ]
-    assert sorted(p.name for p in out.iterdir()) == [f.name for f in files]
-
-
-def test_a_scan_another_run_takes_after_this_one_planned_is_waited_for(tmp_path):
-    files = scans(tmp_path / "in", 3)
-    out = tmp_path / "out"
-    calls, others = [], []
-
-    def segment(volume):
-        calls.append(volume.path)
-        if volume.path == files[0]:  # meanwhile another run takes the third
-            others.append(_other_run([files[2]], out, "time.sleep(1.5)"))
-        return volume.with_array((volume.array > 0).astype(np.uint8))
-
-    results = batch.segment_all(segment, files, out)
-    assert others[0].wait() == 0
-    assert calls == [files[0], files[1]]  # the third was the other run's to do
+    assert [process.wait() for process in others] == [0] * len(others)
+    assert calls == [files[0], files[1]]  # the third was the other run's
     assert [(r.input, r.status) for r in results] == [
         (str(files[0]), "done"),
         (str(files[1]), "done"),
