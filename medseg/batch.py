@@ -736,18 +736,18 @@ def segment_all(
         if holder is None:
             free.append((path, target))
             continue
-        note = f"{path}: {IN_HAND_ELSEWHERE} ({holder}); " + (
-            "waited for after the others" if wait_for_others else "left to it"
-        )
-        logger.warning("%s", note)
         if wait_for_others:
+            logger.warning(
+                "%s: %s (%s); waited for after the others",
+                path,
+                IN_HAND_ELSEWHERE,
+                holder,
+            )
             busy.append(path)
             continue
-        result = CaseResult(str(path), str(target), "skipped")
-        result.warnings.append(note)
-        results.append(result)
+        results.append(_left_to_another_run(path, target, holder))
         if progress:
-            progress(result)
+            progress(results[-1])
     todo = free
     for _, target in todo:  # leftovers of a killed run (each shard cleans its own)
         for name in (target, *EVERYTHING_BESIDE.files(target)):
@@ -794,11 +794,10 @@ def segment_all(
                     if wait_for_others:  # at the end
                         busy.append(path)
                         continue
-                    result = CaseResult(str(path), str(target), "skipped")
-                    result.warnings.append(f"{path}: {IN_HAND_ELSEWHERE}; left to it")
-                    results.append(result)
+                    holder = _held_elsewhere(target) or "a run"
+                    results.append(_left_to_another_run(path, target, holder))
                     if progress:
-                        progress(result)
+                        progress(results[-1])
                     continue
                 if not overwrite and is_done(target, beside):
                     # written meanwhile by another run into the folder
@@ -877,6 +876,16 @@ def segment_all(
             wait_for_others=False,
         )
     return results
+
+
+def _left_to_another_run(path: Path, target: Path, holder: str) -> CaseResult:
+    """The result of a scan another living run (``holder``) has in hand: skipped,
+    with a warning."""
+    note = f"{path}: {IN_HAND_ELSEWHERE} ({holder}); left to it"
+    logger.warning("%s", note)
+    result = CaseResult(str(path), str(target), "skipped")
+    result.warnings.append(note)
+    return result
 
 
 def _found_done(path: Path, target: Path, groups) -> CaseResult:
