@@ -182,7 +182,6 @@ def predict(
     from medseg.dicom import INSTALL, has_seg_writer, is_series_folder
     from medseg.errors import InputFileError
     from medseg.inference import ensemble_problem
-    from medseg.io import atomic_write_text
 
     ctx = click.get_current_context()
     try:
@@ -368,15 +367,13 @@ def predict(
         "nonfinite": each([m.preprocessor.nonfinite for m in members]),
     }
     sizes = output_dir / (batch.SIZES_FILE + _shard_suffix(shard_value) + ".csv")
-    table = batch.sizes_table(
+    sizes = batch.write_sizes(
         results,
         sizes,
         segmenter.values,
         segmenter.names,
         batch.channel_reader(groups, channels),
     )
-    if table is not None:
-        atomic_write_text(sizes, table)
     if stopped is not None:
         settings["stopped_by"] = stopped.name
         settings["not_done"] = len(inputs) - len(results)
@@ -387,7 +384,7 @@ def predict(
         shard_value,
         "segmented",
         settings,
-        sizes if table is not None else None,
+        sizes,
         stopped,
     )
 

@@ -41,6 +41,7 @@ from medseg.io import (
     SCAN_SUFFIXES,
     atomic_output,
     atomic_write_text,
+    hold_folder,
     off_grid,
     read_channels,
     read_info,
@@ -1350,6 +1351,28 @@ def sizes_table(
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def write_sizes(
+    results: list[CaseResult],
+    path: Path,
+    values,
+    names,
+    reader: Callable[[Path], object] | None = None,
+) -> Path | None:
+    """Writes the volumes table ``path`` of :func:`sizes_table` (the table there before
+    as ``previous``), atomically, and returns it; ``None`` when there is no row. Two
+    runs into one folder that end together take turns (a lock file beside it, held
+    while it is read, measured and written), so neither writes over the other's rows
+    with a table read before the other wrote it."""
+    held = hold_folder(path.parent, f".{path.name}.lock", wait=True)
+    try:
+        table = sizes_table(results, path, values, names, reader)
+        if table is not None:
+            atomic_write_text(path, table)
+    finally:
+        held.release()
+    return None if table is None else path
 
 
 def _read_sizes(previous: Path | None) -> dict[str, dict]:

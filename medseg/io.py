@@ -810,9 +810,12 @@ class HeldFolder:
         self.handle = None
 
 
-def hold_folder(folder: Path, name: str, *, what: str, advice: str) -> HeldFolder:
+def hold_folder(
+    folder: Path, name: str, *, what: str = "", advice: str = "", wait: bool = False
+) -> HeldFolder:
     """Takes the lock file ``name`` in ``folder`` for this process (the operating
-    system's ``flock``, without waiting) and writes the holder's pid, host and start
+    system's ``flock``; with ``wait``, once the process holding it lets it go: Ctrl-C
+    and SIGTERM end the wait) and writes the holder's pid, host and start
     in it, so that another run refused while this one lives says who holds it. A
     process that dies, however (SIGKILL, the out-of-memory killer), holds nothing;
     processes on other hosts see it where the shared file system keeps ``flock``
@@ -820,8 +823,8 @@ def hold_folder(folder: Path, name: str, *, what: str, advice: str) -> HeldFolde
     locks, a folder that cannot be written: named when written) nothing is held.
 
     Raises:
-        InputFileError: another living process holds it (``what`` is that process,
-            ``advice`` what to do).
+        InputFileError: without ``wait``, another living process holds it (``what``
+            is that process, ``advice`` what to do).
     """
     try:
         import fcntl
@@ -831,13 +834,14 @@ def hold_folder(folder: Path, name: str, *, what: str, advice: str) -> HeldFolde
     import time
 
     path = folder / name
-    for _attempt in range(3):  # the file may be removed by a holder that ends
+    # the file may be removed by a holder that ends (while several wait, each time)
+    for _attempt in range(100 if wait else 3):
         try:
             handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held)
         except OSError:
             return HeldFolder(None)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             handle.seek(0)
             other = handle.read().strip() or "another process"
@@ -847,6 +851,9 @@ def hold_folder(folder: Path, name: str, *, what: str, advice: str) -> HeldFolde
         except OSError:  # a file system without locks
             handle.close()
             return HeldFolder(None)
+        except BaseException:  # Ctrl-C or SIGTERM while waiting
+            handle.close()
+            raise
         try:
             same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
         except OSError:  # removed meanwhile

@@ -697,6 +697,58 @@ def test_the_volumes_table_keeps_skipped_cases_from_the_last_one(tmp_path):
     assert "area_mm2" not in table and "\nf," not in table
 
 
+def test_two_runs_ending_together_write_the_volumes_table_in_turn(tmp_path):
+    # two runs into one folder: the one that writes last must not write over the
+    # other's rows with the table it read before the other wrote it
+    import subprocess
+    import sys
+
+    from medseg.io import Volume, write_volume
+    from tests.conftest import REPO
+
+    values, names = (0, 1), ("background", "tumour")
+    for name, count in (("a", 5), ("b", 7)):
+        labels = np.zeros((4, 4, 4, 1), np.uint8)
+        labels.flat[:count] = 1
+        write_volume(Volume(labels, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    table = tmp_path / "medseg_volumes.csv"
+
+    def result(name, count):
+        sizes = {"tumour": {"label": 1, "voxels": count, "volume_ml": count / 1000}}
+        return batch.CaseResult(
+            f"in/{name}.nii.gz", str(tmp_path / f"{name}.nii.gz"), "done", sizes=sizes
+        )
+
+    script = (  # the other run: slow between reading the table and writing it
+        "import time\n"
+        "from pathlib import Path\n"
+        "from medseg import batch\n"
+        "measure = batch.sizes_table\n"
+        "def slowly(*args):\n"
+        "    text = measure(*args)\n"
+        "    print('measured', flush=True)\n"
+        "    time.sleep(1.5)\n"
+        "    return text\n"
+        "batch.sizes_table = slowly\n"
+        f"result = batch.CaseResult('in/b.nii.gz', {str(tmp_path / 'b.nii.gz')!r}, "
+        "'done', sizes={'tumour': {'label': 1, 'voxels': 7, 'volume_ml': 0.007}})\n"
+        f"batch.write_sizes([result], Path({str(table)!r}), {values}, {names})\n"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert other.stdout.readline().strip() == "measured"
+    assert batch.write_sizes([result("a", 5)], table, values, names) == table
+    assert other.wait(timeout=60) == 0
+    other.stdout.close()
+    assert table.read_text() == (
+        "case,label,name,voxels,volume_ml\na,1,tumour,5,0.005\nb,1,tumour,7,0.007\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.nii.gz", "b.nii.gz", "medseg_volumes.csv"  # no lock file left
+    ]  # fmt: skip
+
+
 def test_a_stop_while_a_label_map_is_written_comes_after_it_is_recorded(
     tmp_path, monkeypatch
 ):
