@@ -173,6 +173,11 @@ def _problem(exc: Exception) -> str:
         return "not a MetaImage or NRRD file that ITK can read"
     if "File cannot be read" in text:
         return "unreadable (damaged or truncated)"
+    teem = [line.split(": ", 1)[-1] for line in text.splitlines() if "[nrrd]" in line]
+    if teem:  # NRRD's own reader says what went wrong last
+        short = any(w in teem[-1] for w in ("got only", "but received", "expected"))
+        kind = "damaged or truncated: " if short else ""
+        return f"unreadable ({kind}{teem[-1].strip()[:200]})"
     errors = [line for line in text.splitlines() if "ERROR" in line]
     detail = errors[-1].split("): ", 1)[-1] if errors else type(exc).__name__
     return f"unreadable ({detail.strip()[:200]})"
@@ -255,6 +260,9 @@ def read(path: Path, check=None) -> tuple[np.ndarray, np.ndarray, Metadata]:
     reader = _reader(path)
     if check is not None:
         check(*_layout(reader))
+    short = _short_metaimage(path)
+    if short is not None:  # found before MetaIO's reader prints it on stderr
+        raise InputFileError(path, short)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -355,6 +363,64 @@ def slicer_fields(
             key + "Extent": extent,
         }
     return fields
+
+
+#: bytes a voxel value of each MetaImage element type takes
+_MET_BYTES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+    "MET_UINT": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}  # fmt: skip
+
+
+def _short_metaimage(path: Path) -> str | None:
+    """The problem of a MetaImage (``.mha``, ``.mhd``) whose voxel data is shorter than
+    its header says (a copy cut short) or whose data file is missing; ``None`` when it
+    is not short, or the header is one this does not size (a header size given, a list
+    or pattern of data files, compressed data of no stated size)."""
+    if path.suffix.lower() not in (".mha", ".mhd"):
+        return None
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16)
+        size = path.stat().st_size
+    except OSError:
+        return None
+    fields, offset = {}, None
+    for line in head.splitlines(keepends=True):
+        key, _, value = line.decode("latin-1").partition("=")
+        key, value = key.strip().lower(), value.strip()
+        fields[key] = value
+        if key == "elementdatafile":
+            offset = head.index(line) + len(line)
+            break
+    try:
+        if offset is None or int(fields.get("headersize", 0) or 0):
+            return None
+        if fields.get("compresseddata", "").lower() == "true":
+            expected = int(fields["compresseddatasize"])
+        else:
+            values = int(np.prod([int(n) for n in fields["dimsize"].split()]))
+            channels = int(fields.get("elementnumberofchannels", 1))
+            expected = values * channels * _MET_BYTES[fields["elementtype"].upper()]
+    except (KeyError, ValueError):
+        return None
+    source = fields["elementdatafile"]
+    if source.upper() == "LOCAL":
+        found = size - offset
+    elif source.upper() == "LIST" or "%" in source or " " in source:
+        return None
+    else:
+        try:
+            found = (path.parent / source).stat().st_size
+        except OSError:
+            return f"its voxel data file {source} is missing"
+    if found >= expected:
+        return None
+    return (
+        f"unreadable (damaged or truncated: its voxel data is {found:,} of the "
+        f"{expected:,} bytes its header gives)"
+    )
 
 
 def data_files(path: Path) -> list[Path]:

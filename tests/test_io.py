@@ -769,6 +769,54 @@ def test_metaimage_channels_slices_refusals_and_damage(tmp_path, rng, monkeypatc
     )
 
 
+def test_a_cut_metaimage_or_nrrd_is_named_in_one_line_with_what_is_missing(
+    tmp_path, capfd, rng
+):
+    # a copy cut short: named with the bytes found and expected, and nothing of
+    # ITK's own readers on stderr (MetaIO prints its own lines there when it reads one)
+    sitk = pytest.importorskip("SimpleITK")
+    image = sitk.GetImageFromArray(rng.random((5, 6, 7), np.float32))  # 840 bytes
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    for name, compressed in [
+        ("raw.mha", False), ("gz.mha", True), ("raw.nrrd", False), ("gz.nrrd", True),
+        ("cut.mhd", False), ("gone.mhd", False), ("gone.nhdr", False),
+    ]:  # fmt: skip
+        sitk.WriteImage(image, str(whole / name), useCompression=compressed)
+    for name in ("raw.mha", "gz.mha", "raw.nrrd", "gz.nrrd"):
+        data = (whole / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:-100])
+    header = (whole / "cut.mhd").read_text()
+    (tmp_path / "cut.mhd").write_text(header)
+    (tmp_path / "cut.raw").write_bytes((whole / "cut.raw").read_bytes()[:800])
+    (tmp_path / "gone.mhd").write_text((whole / "gone.mhd").read_text())
+    (tmp_path / "gone.nhdr").write_text((whole / "gone.nhdr").read_text())
+    gz = (whole / "gz.mha").read_text(encoding="latin-1")
+    stored = int(gz.split("CompressedDataSize = ")[1].split()[0])
+    raw = "unreadable (damaged or truncated: "
+    want = {
+        "raw.mha": f"{raw}its voxel data is 740 of the 840 bytes its header gives)",
+        "gz.mha": f"{raw}its voxel data is {stored - 100:,} of the {stored:,} bytes "
+        "its header gives)",
+        "raw.nrrd": f"{raw}fread got only 185 4-sized things, not 210 (88.0952% of "
+        "expected))",
+        "gz.nrrd": f"{raw}expected 840 bytes but received ",
+        "cut.mhd": f"{raw}its voxel data is 800 of the 840 bytes its header gives)",
+        "gone.mhd": "its voxel data file gone.raw is missing",
+        "gone.nhdr": f'unreadable (couldn\'t open "{tmp_path / "gone.raw"}" (data file '
+        "1 of 1) for reading)",
+    }
+    capfd.readouterr()
+    for name, problem in want.items():
+        with pytest.raises(InputFileError) as info:
+            read_volume(tmp_path / name)
+        assert str(info.value).startswith(f"{tmp_path / name}: {problem}"), info.value
+        assert "\n" not in str(info.value)
+    assert capfd.readouterr().err == ""
+    for name in want:  # the whole files are read
+        assert read_volume(whole / name).array.shape == (7, 6, 5, 1)
+
+
 def test_a_slicer_segmentation_in_layers_reads_as_one_label_map_unless_they_overlap(
     tmp_path,
 ):
