@@ -218,7 +218,7 @@ def read_info(path: str | Path, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> Scan
         dtype = np.dtype(img.get_data_dtype())
         if _nifti_is_scaled(img):
             dtype = np.dtype(np.float64)
-        affine = nifti_affine_mm(img.header)
+        affine = _nifti_affine(path, img.header)
     elif fmt == "image2d":
         spatial, channels, dtype = _image2d_layout(path)
         affine = np.eye(4)
@@ -522,6 +522,31 @@ def nifti_affine_mm(header) -> np.ndarray:
     return affine
 
 
+def _nifti_affine(path: Path, header) -> np.ndarray:
+    """:func:`nifti_affine_mm`, refused when it places no scan: values that are not
+    numbers, or a singular matrix (a voxel size of 0 in the sform, two voxel axes
+    alike), which would otherwise fail far from here, or silently, later."""
+    affine = nifti_affine_mm(header)
+    if np.all(np.isfinite(affine)) and abs(np.linalg.det(affine[:3, :3])) > 1e-12:
+        return affine
+    if header.get_sform(coded=True)[1]:
+        which = "sform"
+    elif header.get_qform(coded=True)[1]:
+        which = "qform and voxel sizes"
+    else:
+        which = "voxel sizes"
+    if not np.all(np.isfinite(affine)):
+        problem = (
+            f"values that are not numbers (NaN or infinite) in the header's {which}"
+        )
+    else:
+        problem = (
+            f"a singular affine from the header's {which} (a voxel axis of length 0, "
+            "or two voxel axes alike)"
+        )
+    raise InputFileError(path, f"degenerate geometry: {problem}")
+
+
 #: sform and qform placing a voxel this far apart (mm) disagree; float32 rounding of
 #: one transform written twice stays far below it
 TRANSFORMS_AGREE_MM = 1e-2
@@ -628,6 +653,7 @@ def _read_nifti_data(path: Path, max_voxels: int, notes: list[str]) -> Volume:
         raise
     except Exception as exc:
         raise InputFileError(path, _read_problem(exc)) from None
+    affine = _nifti_affine(path, img.header)  # before the notes, which use it
     for note in (
         _units_note(img.header),
         _transforms_disagree(img.header, spatial),
@@ -637,7 +663,7 @@ def _read_nifti_data(path: Path, max_voxels: int, notes: list[str]) -> Volume:
             notes.append(f"{path}: {note}")
     return Volume(
         data.reshape(*spatial, channels),
-        nifti_affine_mm(img.header),
+        affine,
         img.header.copy(),
         path,
         tuple(notes),

@@ -477,6 +477,49 @@ def test_missing_file(tmp_path):
         read_volume(tmp_path / "nope.nii.gz")
 
 
+@pytest.mark.parametrize(
+    ("field", "row", "problem"),
+    [
+        (
+            "srow_x",
+            [np.nan, 0, 0, 0],
+            "values that are not numbers (NaN or infinite) in the header's sform",
+        ),
+        ("srow_x", [np.inf, 0, 0, 0], "values that are not numbers"),
+        ("srow_x", [0, 0, 0, 0], "a singular affine from the header's sform"),
+        ("srow_y", [1, 0, 0, 0], "a singular affine"),  # two voxel axes alike
+        (
+            "pixdim",
+            np.nan,
+            "values that are not numbers (NaN or infinite) in the "
+            "header's qform and voxel sizes",
+        ),
+    ],
+)
+def test_a_nifti_whose_affine_places_no_scan_is_refused_by_name(
+    tmp_path, field, row, problem
+):
+    # before: a many-line message with the matrix, or an OrientationError from deep
+    # in resampling
+    header = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)).header
+    path = tmp_path / "bad.nii"
+    if field == "pixdim":  # nibabel writes no such header: the voxel size patched in
+        header.set_sform(None, code=0)
+        header.set_qform(np.eye(4), code=1)
+        nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.float32), None, header), path)
+        with open(path, "r+b") as handle:
+            handle.seek(80)  # pixdim[1], the first voxel size
+            handle.write(np.float32(row).tobytes())
+    else:
+        header[field] = row
+        nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.float32), None, header), path)
+    for read in (read_volume, read_info):
+        with pytest.raises(InputFileError) as info:
+            read(path)
+        assert str(info.value).startswith(f"{path}: degenerate geometry: {problem}")
+        assert "\n" not in str(info.value)
+
+
 def test_truncated_gzip_is_reported_as_truncated(tmp_path):
     whole = _nifti_bytes(tmp_path)
     path = tmp_path / "cut.nii.gz"
