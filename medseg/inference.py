@@ -118,6 +118,7 @@ def sliding_window_predict(
     blend: str = "gaussian",
     batch_size: int = 2,
     mirror_axes: Sequence[int] = (),
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Predicts a whole channels-last image window by window and blends the outputs.
 
@@ -137,6 +138,8 @@ def sliding_window_predict(
         mirror_axes: test-time augmentation: each window is also predicted mirrored
             along every non-empty subset of these spatial axes, mirrored back and
             averaged (as nnU-Net does, per window).
+        progress: called after each forward pass (with its mirrored ones) with the
+            windows done and the windows in all.
 
     Returns:
         ``(*S, K)`` float32: the weighted mean of the window outputs at each voxel.
@@ -186,6 +189,8 @@ def sliding_window_predict(
             accumulator = np.zeros((*padded_shape, outputs.shape[-1]), np.float32)
         for box, output in zip(boxes, outputs, strict=True):
             accumulator[box] += output * weights
+        if progress is not None:
+            progress(first + len(chunk), len(windows))
     # the weight sum at voxel (i, j, ...) is sum_0[i] * sum_1[j] * ...
     sums = []
     for n, p, axis_starts, w in zip(
@@ -410,6 +415,9 @@ class Segmenter:
         self.min_size_mm3 = min_size_mm3
         self.want_probabilities = probabilities
         self._forward = None
+        #: called as windows are predicted with the scan's name, the windows done and
+        #: the windows in all (see :class:`WindowCount`); ``None``: not called
+        self.on_windows: Callable[[str, int, int], None] | None = None
 
     def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
         import keras
@@ -425,8 +433,9 @@ class Segmenter:
             self._forward = forward
         return np.asarray(self._forward(batch), dtype=np.float32)
 
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """Class probabilities ``(*S, K)`` of a preprocessed image, mirroring TTA."""
+    def probabilities(self, image: np.ndarray, progress=None) -> np.ndarray:
+        """Class probabilities ``(*S, K)`` of a preprocessed image, mirroring TTA;
+        ``progress`` as :func:`sliding_window_predict` takes it."""
         return sliding_window_predict(
             image,
             slicewise(self._predict_batch, self.slice_axis),
@@ -434,6 +443,7 @@ class Segmenter:
             overlap=self.overlap,
             batch_size=self.batch_size,
             mirror_axes=self._window_mirror,
+            progress=progress,
         )
 
     def check(self, volume: Volume) -> Volume:
@@ -475,7 +485,9 @@ class Segmenter:
         volume = self.check(volume)
         notes = _scan_notes(volume, [self])
         image, records = self.preprocessor.image(volume)
-        scores = self.probabilities(image)
+        scores = self.probabilities(
+            image, WindowCount(self.on_windows, volume).member()
+        )
         del image
         return _on_scan_grid(volume, [(scores, records, 1.0)], self, notes)
 
@@ -577,6 +589,8 @@ class Ensemble:
         self.keep_largest = keep_largest
         self.min_size_mm3 = min_size_mm3
         self.want_probabilities = probabilities
+        #: as :attr:`Segmenter.on_windows`, the windows of all members counted
+        self.on_windows: Callable[[str, int, int], None] | None = None
         self._groups: list[tuple] = []  # (preprocessor, members)
         for member in self.members:
             for preprocessor, alike in self._groups:
@@ -591,11 +605,12 @@ class Ensemble:
         volume = self.members[0].check(volume)
         notes = _scan_notes(volume, self.members)
         parts = []
+        windows = WindowCount(self.on_windows, volume, len(self.members))
         for preprocessor, alike in self._groups:
             image, records = preprocessor.image(volume)
             mean = None
             for member in alike:
-                scores = member.probabilities(image)
+                scores = member.probabilities(image, windows.member())
                 if mean is None:
                     mean = scores
                 else:
@@ -608,6 +623,32 @@ class Ensemble:
     def segment(self, volume: Volume) -> Volume:
         """Label map (declared label values) on ``volume``'s own grid and header."""
         return self.predict(volume).labels
+
+
+class WindowCount:
+    """The windows done on one scan by ``members`` networks in turn (an ensemble's),
+    told to ``on_windows`` (``None``: not told) with the scan's name: those of the
+    members done, and of the one in hand; in all, theirs and as many as the one in
+    hand has for each member still to come (members that resample otherwise have
+    other counts)."""
+
+    def __init__(self, on_windows, volume: Volume, members: int = 1):
+        self.on_windows, self.name = on_windows, str(volume.path or "input")
+        self.counted, self.left = 0, members
+
+    def member(self) -> Callable[[int, int], None] | None:
+        """The ``progress`` of :func:`sliding_window_predict` for the next member."""
+        if self.on_windows is None:
+            return None
+
+        def progress(done: int, total: int) -> None:
+            self.on_windows(
+                self.name, self.counted + done, self.counted + total * self.left
+            )
+            if done == total:
+                self.counted, self.left = self.counted + total, self.left - 1
+
+        return progress
 
 
 def _scan_notes(volume: Volume, members: Sequence[Segmenter]) -> tuple[tuple, int]:

@@ -353,3 +353,32 @@ def test_every_package_folder_is_installed():
         for p in (root / "medseg").rglob("__init__.py")
     }
     assert found <= listed, f"not installed by `pip install .`: {found - listed}"
+
+
+def test_a_long_scan_gets_a_line_a_minute_with_the_time_left_at_its_pace():
+    from medseg_cli.predict import PACE_EVERY_S, _Pace
+
+    now, said = [0.0], []
+    pace = _Pace(said.append, clock=lambda: now[0])
+    for at, scan, done in [
+        (5.0, "a.nii.gz", 10),  # the first pass (after tracing and reading): timed
+        (30.0, "a.nii.gz", 60),
+        (5 + PACE_EVERY_S, "a.nii.gz", 130),  # 120 windows in 60 s: 2 a second
+        (90.0, "a.nii.gz", 190),
+        (5 + 2 * PACE_EVERY_S, "a.nii.gz", 250),  # a minute since the last line
+        (5 + 3 * PACE_EVERY_S, "a.nii.gz", 4000),  # all done: no line
+        (200.0, "b.nii.gz", 4),  # another scan: its own clock
+        (200 + PACE_EVERY_S, "b.nii.gz", 9),  # 5 in 60 s, 3991 left
+    ]:
+        now[0] = at
+        pace(scan, done, 4000)
+    assert said == [
+        "a.nii.gz: 130 of 4,000 windows, about 32 min left",  # 3870 / 2 s
+        "a.nii.gz: 250 of 4,000 windows, about 31 min left",  # 3750 / 2 s
+        "b.nii.gz: 9 of 4,000 windows, about 13 h 18 min left",  # 3991 * 12 s
+    ]
+    pace = _Pace(said.append, clock=lambda: now[0])
+    for at, done in [(0.0, 2), (PACE_EVERY_S, 30)]:
+        now[0] = at
+        pace("c.nii.gz", done, 40)  # 28 in 60 s, 10 left
+    assert said[-1] == "c.nii.gz: 30 of 40 windows, about 21 s left"

@@ -39,6 +39,23 @@ def test_plus_one_predictor_returns_input_plus_one(blend, shape, rng):
     np.testing.assert_allclose(out, image + 1, rtol=1e-6)
 
 
+def test_sliding_window_progress_counts_each_forward_pass(rng):
+    # 10 x 12 in windows of 4 at overlap 0.5: starts 0, 2, 4, 6 and 0, 2, ..., 8:
+    # 4 x 5 = 20 windows, 3 a pass (and its mirrored passes)
+    calls, seen = [], []
+
+    def predict(batch):
+        calls.append(len(batch))
+        return batch
+
+    inference.sliding_window_predict(
+        rng.random((10, 12, 1)).astype(np.float32), predict, patch_size=(4, 4),
+        batch_size=3, mirror_axes=(0,),
+        progress=lambda done, total: seen.append((done, total, len(calls))),
+    )  # fmt: skip
+    assert seen == [(min(3 * k, 20), 20, 2 * k) for k in range(1, 8)]
+
+
 def test_blending_matches_voxel_by_voxel_reference(rng):
     image = rng.random((13, 10, 1)).astype(np.float32)
     patch = (8, 6)
@@ -706,6 +723,35 @@ def test_way_back_class_by_class_equals_resampling_all_classes_at_once():
 
 
 @pytest.mark.slow
+def test_a_batch_log_tells_the_windows_of_a_scan_in_hand(bundle, tmp_path, monkeypatch):
+    # stderr not a terminal: a line a minute while a scan takes long (here a line a
+    # forward pass), numbered as the scan's own line will be
+    import re
+
+    from click.testing import CliRunner
+
+    import medseg_cli.predict
+    from medseg_cli.main import main
+
+    monkeypatch.setattr(medseg_cli.predict, "PACE_EVERY_S", 0.0)
+    source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[2]
+    result = CliRunner().invoke(
+        main,
+        ["predict", "--model", str(bundle), "--input", str(source), "--output",
+         str(tmp_path / "out"), "--batch-size", "1", "--no-tta"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    told = re.findall(
+        r"^\[1/1\] (.*): (\d+) of (\d+) windows, about \d+ (?:s|min) left$",
+        result.stderr,
+        re.MULTILINE,
+    )
+    windows = int(told[0][2])
+    # one a pass but the first (the pace is timed from its end) and the last
+    assert told == [(str(source), str(k), str(windows)) for k in range(2, windows)]
+    assert f"[1/1] {source}: segmented in " in result.stderr
+
+
 def test_probabilities_and_post_processing_from_the_command_line(bundle, tmp_path):
     from scipy import ndimage
 
@@ -1300,6 +1346,51 @@ def test_an_ensemble_labels_each_voxel_by_its_members_mean_probabilities(tmp_pat
     # post-processing applies to the mean
     cleaned = inference.Ensemble(members, min_size_mm3=1e9).predict(volume)
     assert not cleaned.labels.array.any()
+
+
+def test_segmenters_and_ensembles_tell_the_windows_done_as_they_go(tmp_path):
+    from medseg.bundle import resolve
+    from medseg.io import read_volume
+
+    scan = read_volume(sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[1])
+    # a scan larger than a window: the sample scan twice over along each axis
+    volume = scan.with_array(np.pad(scan.array, [(0, n) for n in scan.array.shape[:3]]
+                                    + [(0, 0)], mode="reflect"))  # fmt: skip
+    members = [
+        inference.Segmenter(bundle, batch_size=2, precision="float32")
+        for bundle in (
+            resolve("hippocampus"),
+            resolve("hippocampus"),
+            _respaced_copy(tmp_path / "respaced", (1.5, 1.5, 1.5)),
+        )
+    ]
+    told, alone = [], []
+    for member in members:  # the ensemble's members do not tell: the ensemble does
+        member.on_windows = lambda *args: alone.append(args)
+    ensemble = inference.Ensemble(members)
+    ensemble.on_windows = lambda *args: told.append(args)
+    ensemble.predict(volume)
+    assert alone == []
+    counts = []
+    for member in members:  # alone, each tells its own windows, two a pass
+        member.predict(volume)
+        windows = alone[-1][2]
+        assert alone == [
+            (str(volume.path), min(2 * k, windows), windows)
+            for k in range(1, (windows + 1) // 2 + 1)
+        ]
+        counts.append(windows)
+        alone.clear()
+    assert counts[0] == counts[1] > counts[2] > 1  # the respaced one has fewer
+    # the ensemble: the windows done of the three together as each pass ends; in
+    # all, the members' done and the one in hand's for each to come
+    assert {scan for scan, _, _ in told} == {str(volume.path)}
+    done = [done for _, done, _ in told]
+    assert done == sorted(set(done)) and done[-1] == sum(counts)
+    third = [d > 2 * counts[0] for d in done]  # the respaced member's passes
+    assert [total for _, _, total in told] == [
+        2 * counts[0] + counts[2] if last else 3 * counts[0] for last in third
+    ]
 
 
 def test_bundles_that_segment_otherwise_are_refused_as_an_ensemble(tmp_path):
