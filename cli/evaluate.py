@@ -130,13 +130,22 @@ def evaluate(
         evaluate_pairs,
         format_summary,
         pair_files,
+        segment_names,
         summarize,
         to_csv,
     )
     from medseg.io import atomic_write_text
 
     pairs = pair_files(prediction, truth)
-    names = label_names(names_file, truth)
+    names, names_from = label_names(names_file, truth), "the dataset's labels"
+    if not names:  # 3D Slicer segmentations as the truth name their segments
+        names = segment_names([truth_path for _, _, truth_path in pairs])
+        names_from = "the other truth files"
+        if names:
+            click.echo(
+                "label names from the truth's 3D Slicer segments: "
+                + ", ".join(f"{value} {name}" for value, name in names.items())
+            )
     failures: list[tuple[str, str]] = []
     with click.progressbar(
         length=len(pairs), label="evaluating", file=sys.stderr
@@ -149,6 +158,7 @@ def evaluate(
             failures=failures,
             lesions=min_lesion_mm3 if lesion_wise else None,
             names=names,
+            names_from=names_from,
         )
     failed = {case for case, _ in failures}
     pairs = [pair for pair in pairs if pair[0] not in failed]

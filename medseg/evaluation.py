@@ -91,6 +91,7 @@ def evaluate_pairs(
     failures: list[tuple[str, str]] | None = None,
     lesions: float | None = None,
     names: dict[int, str] | None = None,
+    names_from: str = "the dataset's labels",
 ) -> list[dict]:
     """One row per case and label (labels default to the non-zero values present).
 
@@ -98,7 +99,8 @@ def evaluate_pairs(
         lesions: also score lesion-wise (:func:`medseg.metrics.lesion_metrics`),
             leaving out components under this size (mm^3).
         names: label names (value -> name); a 3D Slicer segmentation whose segment
-            named as one holds another value is refused.
+            named as one holds another value is refused, saying they come from
+            ``names_from``.
         failures: when a list, a case whose files cannot be read or are on different
             grids is appended to it as ``(case, message)`` and the others are scored;
             when ``None`` the first such case raises.
@@ -110,7 +112,7 @@ def evaluate_pairs(
     rows = []
     for case, pred_path, truth_path in pairs:
         try:
-            p, t, spacing = _read_pair(pred_path, truth_path, names)
+            p, t, spacing = _read_pair(pred_path, truth_path, names, names_from)
         except InputFileError as exc:
             if failures is None:
                 raise
@@ -130,7 +132,12 @@ def evaluate_pairs(
     return rows
 
 
-def _read_pair(pred_path: Path, truth_path: Path, names: dict[int, str] | None = None):
+def _read_pair(
+    pred_path: Path,
+    truth_path: Path,
+    names: dict[int, str] | None = None,
+    names_from: str = "the dataset's labels",
+):
     """The prediction's and the truth's label arrays and the spacing, checked to be
     on one grid (a prediction stored in another voxel order is read in the truth's;
     one saved on a box of the other's grid, as 3D Slicer may crop segmentations, is
@@ -141,7 +148,7 @@ def _read_pair(pred_path: Path, truth_path: Path, names: dict[int, str] | None =
 
     prediction, truth = read_volume(pred_path), read_volume(truth_path)
     for volume in (prediction, truth):
-        problems = segments_against_labels(volume.header, names)
+        problems = segments_against_labels(volume.header, names, names_from)
         if problems:
             raise InputFileError(volume.path, "; ".join(problems))
     placed = label_on_grid_of(prediction, truth)
@@ -151,6 +158,36 @@ def _read_pair(pred_path: Path, truth_path: Path, names: dict[int, str] | None =
     if placed is not None:
         return label_array(prediction), label_array(placed), prediction.spacing
     raise InputFileError(pred_path, off_grid(prediction, truth, "the truth's"))
+
+
+def segment_names(paths) -> dict[int, str]:
+    """Label names (value -> name) from the 3D Slicer segmentations among ``paths``
+    (their headers), each name at the value most of them hold it at, so that one
+    whose segments are numbered otherwise (Slicer numbers them in the order they
+    were made) is refused by :func:`evaluate_pairs` given these names rather than
+    scored as other labels; empty when none names its segments. Files that cannot be
+    read are passed over here (named when their pair is read)."""
+    from collections import Counter
+
+    from medseg.itkio import name_key, read_fields, slicer_segments
+
+    votes, shown = Counter(), {}
+    for path in paths:
+        if split_suffix(Path(path))[1] not in (".nrrd", ".nhdr"):
+            continue
+        try:
+            fields = read_fields(Path(path))
+        except InputFileError:
+            continue
+        for segment in slicer_segments(fields):
+            key = name_key(segment.name)
+            votes[key, segment.value] += 1
+            shown.setdefault(key, segment.name)
+    names: dict[int, str] = {}
+    for key, value in (pair for pair, _ in votes.most_common()):
+        if value not in names and key not in map(name_key, names.values()):
+            names[value] = shown[key]
+    return dict(sorted(names.items()))
 
 
 def label_array(volume) -> np.ndarray:

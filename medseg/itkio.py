@@ -72,25 +72,29 @@ def slicer_segments(header) -> list[Segment]:
     return [segment for _, segment in sorted(found, key=lambda pair: pair[0])]
 
 
-def _name_key(name: str) -> str:
+def name_key(name: str) -> str:
+    """A label name as names are compared: case, spaces, ``_`` and ``-`` aside."""
     return re.sub(r"[\s_-]+", "", name).casefold()
 
 
-def segments_against_labels(header, labels: dict[int, str] | None) -> list[str]:
+def segments_against_labels(
+    header, labels: dict[int, str] | None, source: str = "the dataset's labels"
+) -> list[str]:
     """Each 3D Slicer segment of ``header`` named as one of ``labels`` (value -> name;
-    case, spaces, ``_`` and ``-`` aside) but holding another value, in words: Slicer
-    numbers segments in the order they were made, so one file may hold a label at
-    another's value, and its voxels would be read as the other label."""
+    case, spaces, ``_`` and ``-`` aside) but holding another value, in words
+    (``source`` is where ``labels`` come from): Slicer numbers segments in the order
+    they were made, so one file may hold a label at another's value, and its voxels
+    would be read as the other label."""
     if not labels:
         return []
-    values = {_name_key(name): value for value, name in labels.items()}
+    values = {name_key(name): value for value, name in labels.items()}
     problems = []
     for segment in slicer_segments(header):
-        declared = values.get(_name_key(segment.name))
+        declared = values.get(name_key(segment.name))
         if declared is not None and declared != segment.value:
             problems.append(
-                f"segment {segment.name!r} holds label value {segment.value}, but the "
-                f"dataset's labels give {labels[declared]!r} the value {declared}"
+                f"segment {segment.name!r} holds label value {segment.value}, but "
+                f"{source} give {labels[declared]!r} the value {declared}"
             )
     return problems
 
@@ -218,6 +222,13 @@ def _layout(reader) -> tuple[tuple[int, ...], int]:
     """``(spatial shape, channels)`` from a header, a 2D image's as one slice."""
     shape = tuple(int(n) for n in reader.GetSize())
     return shape + (1,) * (3 - len(shape)), int(reader.GetNumberOfComponents())
+
+
+def read_fields(path: Path) -> Metadata:
+    """The header's fields (a 3D Slicer segmentation's segments among them), from the
+    header alone."""
+    reader = _reader(path)
+    return Metadata((key, reader.GetMetaData(key)) for key in reader.GetMetaDataKeys())
 
 
 def read_info(path: Path) -> tuple[tuple[int, ...], int, np.dtype, np.ndarray]:

@@ -398,12 +398,56 @@ def test_evaluate_refuses_a_slicer_truth_whose_segments_contradict_the_label_nam
         ["named", "1", "1"],
         ["named", "2", "1"],
     ]
-    # without label names there is nothing to hold the segments to
+    # without a dataset.json, the truth's segments name the labels: each name at
+    # the value most files hold it at, and the file numbered otherwise is refused
     (truth / "dataset.json").unlink()
     result = _evaluate(tmp_path, "--output", str(tmp_path / "m.csv"))
-    assert {line.split(": ")[0] for line in _failed(result.output)} == {
-        f"FAILED {truth / 'layers.seg.nrrd'}"
+    assert result.exit_code == 1, result.output
+    assert (
+        "label names from the truth's 3D Slicer segments: 1 anterior, 2 posterior\n"
+        in result.output
+    )
+    assert sorted(set(_failed(result.output)))[1] == (
+        f"FAILED {truth / 'swapped.seg.nrrd'}: segment 'posterior' holds "
+        "label value 1, but the other truth files give 'posterior' the value 2; "
+        "segment 'anterior' holds label value 2, but the other truth files give "
+        "'anterior' the value 1"
+    )
+    rows = (tmp_path / "m.csv").read_text().splitlines()
+    assert [row.split(",")[:3] for row in rows[1:]] == [
+        ["named", "1", "1"],
+        ["named", "2", "1"],
+    ]
+    table = result.output.splitlines()
+    header = next(i for i, line in enumerate(table) if line.split()[1:2] == ["dice"])
+    assert [line.split()[:2] for line in table[header + 1 : header + 3]] == [
+        ["1", "anterior"],
+        ["2", "posterior"],
+    ]
+
+
+def test_label_names_from_slicer_segments_follow_most_files(tmp_path):
+    pytest.importorskip("SimpleITK")
+    from medseg.evaluation import segment_names
+
+    voxels = np.zeros((3, 3, 3), np.uint8)
+    files = [
+        save_slicer_segmentation(tmp_path / f"{case}.seg.nrrd", voxels, segments)
+        for case, segments in [
+            ("a", [("Left lung", 1, 0), ("right_lung", 2, 0)]),
+            ("b", [("right lung", 1, 0), ("left lung", 2, 0)]),  # numbered otherwise
+            ("c", [("left-lung", 1, 0), ("Right Lung", 2, 0), ("Tumour", 3, 0)]),
+        ]
+    ]
+    _save(tmp_path / "d.nii.gz", voxels)  # no segments: passed over
+    (tmp_path / "e.seg.nrrd").write_bytes(b"NRRD0004\ncut")  # named when read
+    assert segment_names([*files, tmp_path / "d.nii.gz", tmp_path / "e.seg.nrrd"]) == {
+        1: "Left lung",  # as the first file that holds it there spells it
+        2: "right_lung",
+        3: "Tumour",
     }
+    assert segment_names([files[1], files[0]]) == {1: "right lung", 2: "left lung"}
+    assert segment_names([tmp_path / "d.nii.gz"]) == {}
 
 
 def test_label_files_pair_by_name_else_by_case_when_that_names_one_on_each_side(
