@@ -130,11 +130,11 @@ def evaluate(
         evaluate_pairs,
         format_summary,
         pair_files,
-        segment_names,
         summarize,
         to_csv,
     )
     from medseg.io import atomic_write_text
+    from medseg.itkio import segment_names
 
     pairs = pair_files(prediction, truth)
     names, names_from = label_names(names_file, truth), "the dataset's labels"

@@ -276,7 +276,9 @@ def _check_label(
     found = set(np.unique(values).astype(np.int64).tolist())
     out.extend(
         CaseProblem(case.case_id, path, problem)
-        for problem in segments_against_labels(label.header, dataset.labels)
+        for problem in segments_against_labels(
+            label.header, dataset.labels, dataset.labels_from
+        )
     )
     if dataset.labels is not None:
         undeclared = sorted(found - set(dataset.labels))

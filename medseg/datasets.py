@@ -73,6 +73,7 @@ class Dataset:
         cases: every case found, in manifest (or sorted file-name) order.
         labels: declared label values and names (``{0: "background", ...}``), or
             ``None`` when the layout declares none.
+        labels_from: where ``labels`` come from, in words.
         channel_names: declared channel names, or ``None``.
         name: the dataset's name.
         problems: manifest-level problems (paths outside the folder, missing files).
@@ -85,6 +86,7 @@ class Dataset:
     channel_names: tuple[str, ...] | None = None
     name: str = ""
     problems: tuple[CaseProblem, ...] = field(default=())
+    labels_from: str = "the dataset's labels"
 
     @property
     def num_channels(self) -> int | None:
@@ -364,9 +366,15 @@ def _load_folder_pair(root: Path, manifest: dict | None) -> Dataset:
         cases.append(Case(case_id, (image,), label))
     if not cases:
         raise InputFileError(root / image_dir, "no scan files found")
-    labels = None
+    labels, labels_from = None, "the dataset's labels"
     if manifest is not None and isinstance(manifest.get("labels"), dict):
         labels = _labels_from_msd(manifest["labels"], root / "dataset.json")
+    else:  # 3D Slicer segmentations as the labels name their segments
+        from medseg.itkio import segment_names
+
+        named = segment_names([case.label for case in cases if case.label])
+        if named:
+            labels, labels_from = {0: "background", **named}, "the other label files"
     return Dataset(
         root,
         "folder",
@@ -374,6 +382,7 @@ def _load_folder_pair(root: Path, manifest: dict | None) -> Dataset:
         labels=labels,
         name=root.name,
         problems=tuple(builder.problems),
+        labels_from=labels_from,
     )
 
 

@@ -160,36 +160,6 @@ def _read_pair(
     raise InputFileError(pred_path, off_grid(prediction, truth, "the truth's"))
 
 
-def segment_names(paths) -> dict[int, str]:
-    """Label names (value -> name) from the 3D Slicer segmentations among ``paths``
-    (their headers), each name at the value most of them hold it at, so that one
-    whose segments are numbered otherwise (Slicer numbers them in the order they
-    were made) is refused by :func:`evaluate_pairs` given these names rather than
-    scored as other labels; empty when none names its segments. Files that cannot be
-    read are passed over here (named when their pair is read)."""
-    from collections import Counter
-
-    from medseg.itkio import name_key, read_fields, slicer_segments
-
-    votes, shown = Counter(), {}
-    for path in paths:
-        if split_suffix(Path(path))[1] not in (".nrrd", ".nhdr"):
-            continue
-        try:
-            fields = read_fields(Path(path))
-        except InputFileError:
-            continue
-        for segment in slicer_segments(fields):
-            key = name_key(segment.name)
-            votes[key, segment.value] += 1
-            shown.setdefault(key, segment.name)
-    names: dict[int, str] = {}
-    for key, value in (pair for pair, _ in votes.most_common()):
-        if value not in names and key not in map(name_key, names.values()):
-            names[value] = shown[key]
-    return dict(sorted(names.items()))
-
-
 def label_array(volume) -> np.ndarray:
     """A label map's values, refused when they cannot be one: several channels (a
     one-hot or probability volume) or values that are not whole numbers (a soft or

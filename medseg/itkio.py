@@ -99,6 +99,35 @@ def segments_against_labels(
     return problems
 
 
+def segment_names(paths) -> dict[int, str]:
+    """Label names (value -> name) from the 3D Slicer segmentations among ``paths``
+    (their headers), each name at the value most of them hold it at (the first
+    file's in a tie), so that one whose segments are numbered otherwise (Slicer
+    numbers them in the order they were made) is refused by
+    :func:`segments_against_labels` given these names, rather than read as other
+    labels; empty when none names its segments. Files that cannot be read are
+    passed over here (named when they are read)."""
+    from collections import Counter
+
+    votes, shown = Counter(), {}
+    for path in paths:
+        if not str(path).lower().endswith((".nrrd", ".nhdr")):
+            continue
+        try:
+            fields = read_fields(Path(path))
+        except InputFileError:
+            continue
+        for segment in slicer_segments(fields):
+            key = name_key(segment.name)
+            votes[key, segment.value] += 1
+            shown.setdefault(key, segment.name)
+    names: dict[int, str] = {}
+    for key, value in (pair for pair, _ in votes.most_common()):
+        if value not in names and key not in map(name_key, names.values()):
+            names[value] = shown[key]
+    return dict(sorted(names.items()))
+
+
 def _labelled_twice(array: np.ndarray) -> np.ndarray:
     """Voxels labelled in more than one layer (channel) of ``array``."""
     return np.count_nonzero(array, axis=-1) > 1

@@ -152,6 +152,50 @@ def test_a_folder_pair_takes_a_slicer_segmentation_as_its_cases_label(tmp_path):
     ]
 
 
+def test_slicer_label_files_without_a_dataset_json_name_the_labels_by_most_files(
+    msd_dataset,
+):
+    # a folder pair of scans and 3D Slicer segmentations, no dataset.json: the
+    # segments name the labels, so a file Slicer numbered otherwise is refused
+    pytest.importorskip("SimpleITK")
+    from medseg.checks import check_dataset
+
+    (msd_dataset / "dataset.json").unlink()
+    labels = msd_dataset / "labelsTr"
+    for i, segments in enumerate(
+        [[("Anterior", 1, 0), ("Posterior", 2, 0)], [("posterior", 1, 0),
+         ("anterior", 2, 0)], [("anterior", 1, 0), ("posterior", 2, 0)]]
+    ):  # fmt: skip
+        label = np.asanyarray(nib.load(labels / f"case_{i}.nii.gz").dataobj)
+        (labels / f"case_{i}.nii.gz").unlink()
+        if i == 1:  # the same voxels, posterior made first: the values swapped
+            label = np.choose(label, [0, 2, 1]).astype(np.uint8)
+        save_slicer_segmentation(labels / f"case_{i}.seg.nrrd", label, segments)
+    dataset = load_dataset(msd_dataset)
+    assert (dataset.layout, dataset.labels) == (
+        "folder",
+        {0: "background", 1: "Anterior", 2: "Posterior"},
+    )
+    result = CliRunner().invoke(main, ["data", "check", str(msd_dataset)])
+    assert result.exit_code == 2, result.output
+    seg = labels / "case_1.seg.nrrd"
+    for line in (
+        f"case_1: {seg}: segment 'posterior' holds label value 1, but the other label "
+        "files give 'Posterior' the value 2",
+        f"case_1: {seg}: segment 'anterior' holds label value 2, but the other label "
+        "files give 'Anterior' the value 1",
+    ):
+        assert line in result.output
+    assert [p.case_id for p in check_dataset(dataset).problems] == ["case_1", "case_1"]
+    # numbered alike: no problem, and the names go with the labels
+    save_slicer_segmentation(
+        seg,
+        np.asanyarray(nib.load(msd_dataset / "imagesTr" / "case_1.nii.gz").dataobj) * 0,
+        [("anterior", 1, 0), ("posterior", 2, 0)],
+    )
+    assert check_dataset(load_dataset(msd_dataset)).problems == []
+
+
 def test_msd_path_outside_the_folder_is_refused(msd_dataset):
     manifest = json.loads((msd_dataset / "dataset.json").read_text())
     manifest["training"][1]["image"] = "../../etc/passwd.nii.gz"

@@ -428,7 +428,7 @@ def test_evaluate_refuses_a_slicer_truth_whose_segments_contradict_the_label_nam
 
 def test_label_names_from_slicer_segments_follow_most_files(tmp_path):
     pytest.importorskip("SimpleITK")
-    from medseg.evaluation import segment_names
+    from medseg.itkio import segment_names
 
     voxels = np.zeros((3, 3, 3), np.uint8)
     files = [
