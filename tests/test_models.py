@@ -342,6 +342,15 @@ def test_load_model_refuses_lambda_layers_and_bad_files(tmp_path):
     (tmp_path / "junk.keras").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="junk.keras: cannot load model"):
         load_model(tmp_path / "junk.keras")
+    # a copy cut short: Keras itself says "File not found"
+    whole = (tmp_path / "lambda.keras").read_bytes()
+    (tmp_path / "cut.keras").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError) as info:
+        load_model(tmp_path / "cut.keras")
+    assert str(info.value) == (
+        f"{tmp_path / 'cut.keras'}: cannot load model (damaged or truncated: not a "
+        "whole .keras archive)"
+    )
     with pytest.raises(ValueError, match="model file not found"):
         load_model(tmp_path / "missing")
 

@@ -94,6 +94,12 @@ def load_model(path: str | Path):
         path = path / "model.keras"
     if not path.is_file():
         raise InputFileError(path, "model file not found")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # Keras would say "File not found"
+        raise InputFileError(
+            path, "cannot load model (damaged or truncated: not a whole .keras archive)"
+        )
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:
