@@ -62,6 +62,60 @@ def test_weights_are_copied_adapted_or_initialised_by_fit():
     np.testing.assert_allclose(first(ones1), second(ones2), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("new", "sources", "section"),
+    [
+        # the same labels in another order: each keeps what it learnt
+        (["background", "Posterior", "Anterior"], [0, 2, 1], "adapted"),
+        # one label of the pretrained set, one new: the new one starts afresh
+        (["Background", "tumour", "anterior"], [0, None, 1], "adapted"),
+        (["background", "posterior"], [0, 2], "adapted"),  # fewer classes
+        (["liver", "spleen", "kidney"], [None, None, None], "initialised"),
+    ],
+)
+def test_output_classes_take_the_pretrained_output_of_their_name(new, sources, section):
+    old = ["background", "Anterior", "Posterior"]
+
+    def unet(classes):
+        return build_unet(
+            spatial_dims=2,
+            in_channels=1,
+            num_classes=classes,
+            filters=(4, 8, 16),
+            deep_supervision=1,
+        )
+
+    source, target = unet(3), unet(len(new))
+    heads = ("logits", "logits_ds1")
+    fresh = {n: [w.copy() for w in target.get_layer(n).get_weights()] for n in heads}
+    report = adapt_weights(source, target, classes=(old, new))
+    for name in heads:
+        assert name in report[section] and name not in report["copied"]
+        pretrained = source.get_layer(name).get_weights()  # kernel, bias
+        for k, j in enumerate(sources):
+            for got, was, start in zip(
+                target.get_layer(name).get_weights(), pretrained, fresh[name],
+                strict=True,
+            ):  # fmt: skip
+                np.testing.assert_array_equal(
+                    got[..., k], start[..., k] if j is None else was[..., j]
+                )
+    if section == "adapted":
+        kept = [n for n, j in zip(new, sources, strict=True) if j is not None]
+        assert report["adapted"]["logits"].startswith(
+            f"classes by name from the pretrained ones: {', '.join(kept)}"
+        )
+    # one label set in one order: copied as any layer (names compared loosely)
+    same = _unet(1, 3, seed=3)
+    report = adapt_weights(source, same, classes=(old, ["Background", "anterior",
+                                                          "posterior"]))  # fmt: skip
+    assert "logits" in report["copied"]
+    np.testing.assert_array_equal(
+        same.get_layer("logits").get_weights()[0],
+        source.get_layer("logits").get_weights()[0],
+    )
+
+
 def test_encoder_only_from_an_autoencoder_and_glob_freezing():
     autoencoder = build_autoencoder(spatial_dims=2, in_channels=1, filters=(4, 8))
     unet = _unet(1, 2)
@@ -151,8 +205,11 @@ def test_finetune_to_one_label_keeps_frozen_encoder_bit_identical(
     assert metadata["patch_size"] == pretrained_meta["patch_size"]
     origin = metadata["finetuned_from"]
     assert origin["model_sha256"] == pretrained_meta["model_sha256"]
-    assert origin["weights"]["initialised"] == {
-        "logits": origin["weights"]["initialised"]["logits"]
+    # the output layer rebuilt for the new labels: background kept, as named
+    assert origin["weights"]["initialised"] == {}
+    assert origin["weights"]["adapted"] == {
+        "logits": "classes by name from the pretrained ones: background; initialised "
+        "afresh: hippocampus"
     }
     assert metadata["config"]["train"]["freeze"] == ["enc*"]
     import io

@@ -479,9 +479,17 @@ def _compile(model, config: Config) -> list:
     return metrics[0] if weights else metrics
 
 
-def _model_for_run(config: Config, plan: Plan, folder: Path, strategy, resume: bool):
+def _model_for_run(
+    config: Config,
+    plan: Plan,
+    folder: Path,
+    strategy,
+    resume: bool,
+    names: list[str] | None = None,
+):
     """The compiled model of a run, frozen as the epoch it starts from needs, with the
-    pretrained weights of a new fine-tuning run or the checkpoint of a resumed one.
+    pretrained weights of a new fine-tuning run (its output classes matched to
+    ``names``, the run's label names, by name) or the checkpoint of a resumed one.
 
     Returns:
         ``(model, metrics, origin, start_epoch, best)``; ``origin`` describes the
@@ -493,7 +501,7 @@ def _model_for_run(config: Config, plan: Plan, folder: Path, strategy, resume: b
             model, metrics = _compiled_model(
                 config, plan, frozen=_is_frozen(config, first_epoch)
             )
-    origin = None if resume else _start_from(config, model)
+    origin = None if resume else _start_from(config, model, names)
     start_epoch, best = resume_run(folder, model) if resume else (0, None)
     return model, metrics, origin, start_epoch, best
 
@@ -515,8 +523,9 @@ def _record_origin(metadata: dict, folder: Path, origin: dict | None) -> None:
         metadata["finetuned_from"] = origin
 
 
-def _start_from(config: Config, model) -> dict | None:
-    """Loads ``train.init_from``'s weights into a new run's model; what was done."""
+def _start_from(config: Config, model, names: list[str] | None = None) -> dict | None:
+    """Loads ``train.init_from``'s weights into a new run's model, a segmentation
+    network's output classes by their label ``names``; what was done."""
     if not config.train.init_from:
         return None
     from medseg import bundle as bundles
@@ -526,8 +535,15 @@ def _start_from(config: Config, model) -> dict | None:
     metadata = bundles.verify(config.train.init_from)
     source = load_model(config.train.init_from)
     encoder_only = metadata.get("task") == "reconstruction"
+    labels = metadata.get("labels") or {}
+    classes = None
+    if names is not None and metadata.get("task") == "segmentation" and labels:
+        classes = ([labels[str(k)]["name"] for k in range(len(labels))], names)
     report = adapt_weights(
-        source, model, prefixes=("enc", "bottleneck") if encoder_only else None
+        source,
+        model,
+        prefixes=("enc", "bottleneck") if encoder_only else None,
+        classes=classes,
     )
     if not report["copied"] and not report["adapted"]:
         raise ConfigError(
@@ -682,7 +698,12 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
     if workers > 1 and config.train.unfreeze_after:
         raise ConfigError("train.unfreeze_after is not available with several workers")
     model, metrics, origin, start_epoch, best = _model_for_run(
-        config, plan, folder, strategy, resume
+        config,
+        plan,
+        folder,
+        strategy,
+        resume,
+        [dataset.labels[v] for v in values] if segmentation else None,
     )
     if start_epoch >= config.train.epochs:
         return folder
