@@ -426,16 +426,15 @@ def _short_metaimage(path: Path) -> str | None:
         size = path.stat().st_size
     except OSError:
         return None
-    fields, offset = {}, None
-    for line in head.splitlines(keepends=True):
+    fields, offset = {}, 0
+    for line in head.splitlines(keepends=True):  # the voxels follow the last line
         key, _, value = line.decode("latin-1").partition("=")
         key, value = key.strip().lower(), value.strip()
-        fields[key] = value
+        fields[key], offset = value, offset + len(line)
         if key == "elementdatafile":
-            offset = head.index(line) + len(line)
             break
     try:
-        if offset is None or int(fields.get("headersize", 0) or 0):
+        if "elementdatafile" not in fields or int(fields.get("headersize", 0) or 0):
             return None
         if fields.get("compresseddata", "").lower() == "true":
             expected = int(fields["compresseddatasize"])
