@@ -6,6 +6,7 @@ import json
 import signal
 import sys
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import click
@@ -317,12 +318,6 @@ def predict(
     # a bar where a person watches; a line a scan in a batch job's log, which a bar
     # leaves empty until the end
     logged = not sys.stderr.isatty()
-    if logged:  # and a line a minute while one scan takes long
-        segmenter.on_windows = _Pace(
-            lambda line: click.echo(
-                f"[{len(finished) + 1}/{len(inputs)}] {line}", err=True
-            )
-        )
     with (
         _stopped_by_signals() as stop,
         click.progressbar(
@@ -331,12 +326,24 @@ def predict(
             file=sys.stderr,
             show_pos=True,
             show_eta=True,
+            item_show_func=lambda line: line,
         ) as bar,
     ):
+        if logged:  # and a line a minute while one scan takes long
+            segmenter.on_windows = _Pace(
+                lambda line: click.echo(
+                    f"[{len(finished) + 1}/{len(inputs)}] {line}", err=True
+                )
+            )
+        else:  # the scan in hand's windows beside the bar, every second
+            pace = _Pace(partial(_beside, bar), every=TERMINAL_EVERY_S)
+            segmenter.on_windows = lambda scan, done, total: pace(
+                Path(scan).name, done, total
+            )
 
         def progress(result):
             finished.append(result)
-            bar.update(1)
+            bar.update(1, "")  # the windows of the scan done no longer
             if logged and result.status == "done":  # skipped: counted at the end
                 click.echo(
                     f"[{len(finished)}/{len(inputs)}] {result.input}: segmented "
@@ -395,21 +402,31 @@ def predict(
     )
 
 
+def _beside(bar, line: str) -> None:
+    """Shows ``line`` beside a progress bar (``update(0)`` would not draw it)."""
+    bar.current_item = line
+    bar.render_progress()
+
+
 #: seconds between the lines of a scan in hand in a batch job's log
 PACE_EVERY_S = 60.0
+#: ... and between its updates beside a terminal's progress bar
+TERMINAL_EVERY_S = 1.0
 
 
 class _Pace:
     """Lines in a batch job's log while one scan takes long (a whole-body CT given to
     a model of one organ takes hours on a CPU): every :data:`PACE_EVERY_S` seconds
     of one scan's windows, those done and the time left for the rest at the pace
-    so far (``in/ct.nii.gz: 1,200 of 4,640 windows, about 3 min left``). Called as
-    :attr:`medseg.inference.Segmenter.on_windows`; ``say`` writes a line."""
+    so far (``in/ct.nii.gz: 1,200 of 4,640 windows, about 3 min left``); ``every``
+    other seconds where given. Called as :attr:`medseg.inference.Segmenter.on_windows`;
+    ``say`` writes a line."""
 
-    def __init__(self, say, clock=None):
+    def __init__(self, say, clock=None, every: float | None = None):
         import time
 
         self.say, self.clock = say, clock or time.monotonic
+        self.every = every
         self.scan = None
 
     def __call__(self, scan: str, done: int, total: int) -> None:
@@ -417,7 +434,8 @@ class _Pace:
         if scan != self.scan:  # its first forward pass: the pace is timed from here
             self.scan, self.first, self.since, self.said = scan, done, now, now
             return
-        if now - self.said < PACE_EVERY_S or done <= self.first or done >= total:
+        every = PACE_EVERY_S if self.every is None else self.every
+        if now - self.said < every or done <= self.first or done >= total:
             return
         left = (total - done) * (now - self.since) / (done - self.first)
         self.said = now

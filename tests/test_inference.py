@@ -752,6 +752,52 @@ def test_a_batch_log_tells_the_windows_of_a_scan_in_hand(bundle, tmp_path, monke
     assert f"[1/1] {source}: segmented in " in result.stderr
 
 
+def test_a_terminal_shows_the_windows_of_the_scan_in_hand_beside_the_bar(tmp_path):
+    # a person at a terminal sees the scan in hand's windows and the time left
+    # beside the bar (once a second), cleared when it is done
+    import os
+    import pty
+    import re
+    import sys
+
+    from medseg.io import read_volume, write_volume
+
+    scan = read_volume(sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[1])
+    big = tmp_path / "big.nii.gz"  # the sample scan twice over along each axis
+    pads = [(0, n) for n in scan.array.shape[:3]] + [(0, 0)]
+    write_volume(scan.with_array(np.pad(scan.array, pads, mode="reflect")), big)
+    main, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "medseg_cli", "predict", "--model", "hippocampus",
+         "--input", big, "--output", tmp_path / "out", "--batch-size", "1",
+         "--no-tta"],
+        stdin=terminal, stdout=terminal, stderr=terminal, close_fds=True,
+    )  # fmt: skip
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(main, 1 << 16)
+        except OSError:  # the terminal closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(main)
+    assert process.wait(timeout=60) == 0, shown[-2000:]
+    frames = shown.decode(errors="replace").split("\r")
+    told = [
+        re.search(r" 0/1  big\.nii\.gz: (\d+) of (\d+) windows, about \d+ s left", f)
+        for f in frames
+    ]
+    told = [(int(m.group(1)), int(m.group(2))) for m in told if m]
+    assert told, shown[-2000:]
+    assert all(done < total for done, total in told)
+    assert [done for done, _ in told] == sorted({done for done, _ in told})
+    last = next(f for f in reversed(frames) if "segmenting" in f)
+    assert "1/1" in last and "windows" not in last
+
+
 def test_probabilities_and_post_processing_from_the_command_line(bundle, tmp_path):
     from scipy import ndimage
 
