@@ -63,15 +63,21 @@ def check(
     problem. Exit status 0 when the dataset is clean, 2 when it is not.
     """
     from medseg.checks import check_array_dataset, check_dataset
-    from medseg.datasets import load_dataset, load_npz_dataset
+    from medseg.datasets import LABELS_FROM_SEGMENTS, load_dataset, load_npz_dataset
     from medseg.io import DEFAULT_MAX_VOXELS, atomic_write_text
 
+    notes = []
     if dataset.suffix.lower() == ".npz":
         report = check_array_dataset(load_npz_dataset(dataset))
         total = len(report.fingerprint["splits"])
     else:
         loaded = load_dataset(dataset, strict=False)
         total = len(loaded.cases)
+        if loaded.labels_from == LABELS_FROM_SEGMENTS:
+            notes.append(
+                "labels named by the label files' 3D Slicer segments (each name at "
+                "the value most files hold it at)"
+            )
         with (
             _read_notes_as_notes(),
             click.progressbar(
@@ -89,7 +95,7 @@ def check(
                 progress=lambda _case: bar.update(1),
             )
     click.echo(format_fingerprint(report.fingerprint))
-    for note in report.notes:
+    for note in notes + list(report.notes):
         click.echo(f"  NOTE {note}")
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")

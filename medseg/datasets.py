@@ -37,6 +37,9 @@ from medseg.dicom import is_series_folder
 from medseg.errors import InputFileError
 from medseg.io import SCAN_SUFFIXES, case_name, split_suffix
 
+#: :attr:`Dataset.labels_from` of labels named by 3D Slicer segmentations' segments
+LABELS_FROM_SEGMENTS = "the other label files"
+
 FOLDER_PAIRS = (("images", "labels"), ("image", "label"), ("imagesTr", "labelsTr"))
 
 
@@ -374,7 +377,7 @@ def _load_folder_pair(root: Path, manifest: dict | None) -> Dataset:
 
         named = segment_names([case.label for case in cases if case.label])
         if named:
-            labels, labels_from = {0: "background", **named}, "the other label files"
+            labels, labels_from = {0: "background", **named}, LABELS_FROM_SEGMENTS
     return Dataset(
         root,
         "folder",

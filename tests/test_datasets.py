@@ -178,6 +178,11 @@ def test_slicer_label_files_without_a_dataset_json_name_the_labels_by_most_files
     )
     result = CliRunner().invoke(main, ["data", "check", str(msd_dataset)])
     assert result.exit_code == 2, result.output
+    assert "labels: 0=background, 1=Anterior, 2=Posterior\n" in result.output
+    assert (
+        "  NOTE labels named by the label files' 3D Slicer segments (each name at the "
+        "value most files hold it at)\n" in result.output
+    )
     seg = labels / "case_1.seg.nrrd"
     for line in (
         f"case_1: {seg}: segment 'posterior' holds label value 1, but the other label "
