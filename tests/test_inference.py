@@ -1399,9 +1399,9 @@ def test_segmenters_and_ensembles_tell_the_windows_done_as_they_go(tmp_path):
     from medseg.io import read_volume
 
     scan = read_volume(sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[1])
-    # a scan larger than a window: the sample scan twice over along each axis
-    volume = scan.with_array(np.pad(scan.array, [(0, n) for n in scan.array.shape[:3]]
-                                    + [(0, 0)], mode="reflect"))  # fmt: skip
+    # a scan larger than a window: the sample scan twice over along two axes
+    pads = [(0, scan.array.shape[0]), (0, scan.array.shape[1]), (0, 0), (0, 0)]
+    volume = scan.with_array(np.pad(scan.array, pads, mode="reflect"))
     members = [
         inference.Segmenter(bundle, batch_size=2, precision="float32")
         for bundle in (
