@@ -273,9 +273,11 @@ def read_volume(
     if fmt == "image2d":
         spatial, channels, _ = _image2d_layout(path)
         _check_size(path, spatial, channels, max_voxels)
-        array = _read_image2d(path)
+        array, notes = _read_image2d(path)
+        for note in notes:
+            logger.warning("%s", note)
         affine = np.diag([*map(float, pixel_spacing_mm), 1.0, 1.0])
-        return Volume(array, affine, None, path)
+        return Volume(array, affine, None, path, notes)
     if fmt == "itk":
         from medseg import itkio
 
@@ -716,7 +718,9 @@ def _image_shape_layout(
     )
 
 
-def _read_image2d(path: Path) -> np.ndarray:
+def _read_image2d(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The picture ``(H, W, C)`` and notes about it (:func:`_palette_note`)."""
+    notes = ()
     try:
         if split_suffix(path)[1] in (".tif", ".tiff"):
             import skimage.io
@@ -730,10 +734,36 @@ def _read_image2d(path: Path) -> np.ndarray:
                 # palette images keep their indices (label masks), not the palette
                 # colours
                 array = np.array(im)
+                if im.mode == "P":
+                    notes = _palette_note(path, array, im.getpalette() or [])
     except Exception as exc:
         raise InputFileError(path, _read_problem(exc)) from None
     spatial, channels = _image_shape_layout(path, array.shape)
-    return array.reshape(*spatial, channels)
+    return array.reshape(*spatial, channels), notes
+
+
+def _palette_note(path: Path, indices: np.ndarray, palette: list[int]) -> tuple:
+    """A note when a palette picture's indices, which are read, differ from the greys
+    its palette shows them as (a greyscale picture saved with a palette, or a mask of
+    0 and 1 shown as black and white): read as indices, a mask's values are right and
+    a scan's intensities wrong. None for a palette of colours (label masks drawn in
+    colours) or one whose greys are the indices."""
+    used = np.unique(indices).tolist()
+    colours = [tuple(palette[3 * i : 3 * i + 3]) for i in used]
+    if any(len(c) != 3 or len(set(c)) != 1 for c in colours):
+        return ()
+    greys = [c[0] for c in colours]
+    if greys == used:
+        return ()
+
+    def listed(values):
+        return ", ".join(map(str, values[:4])) + (", ..." if len(values) > 4 else "")
+
+    return (
+        f"{path}: a palette picture, read as its palette indices ({listed(used)}), "
+        f"which it shows as the greys {listed(greys)}: a mask's values, but not a "
+        "scan's intensities (save scans as greyscale pictures)",
+    )
 
 
 # NumPy

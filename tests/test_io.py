@@ -366,6 +366,26 @@ def test_palette_png_reads_indices_not_colours(tmp_path):
     volume = read_volume(tmp_path / "mask.png")
     assert volume.array.shape == (4, 5, 1)
     np.testing.assert_array_equal(volume.array[..., 0], indices)
+    assert volume.notes == ()  # colours: a mask drawn in colours
+    # greys other than the indices: named (a mask of 0 and 1 shown black and white,
+    # or a greyscale picture saved with a palette, which would be segmented as its
+    # indices); greys that are the indices: nothing to say
+    for greys, note in [
+        ([0, 255, 128], "(0, 1, 2), which it shows as the greys 0, 255, 128: a mask's"),
+        ([0, 1, 2], None),
+    ]:
+        image.putpalette([g for grey in greys for g in (grey,) * 3] + [0] * 759)
+        image.save(tmp_path / "grey.png")
+        volume = read_volume(tmp_path / "grey.png")
+        np.testing.assert_array_equal(volume.array[..., 0], indices)
+        if note is None:
+            assert volume.notes == ()
+        else:
+            assert volume.notes == (
+                f"{tmp_path / 'grey.png'}: a palette picture, read as its palette "
+                f"indices {note} values, but not a scan's intensities (save scans as "
+                "greyscale pictures)",
+            )
 
 
 def test_uint16_png_and_float_tiff_round_trip(tmp_path, rng):
