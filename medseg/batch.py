@@ -156,6 +156,12 @@ def make_output_dir(folder: Path) -> Path:
         InputFileError: it cannot be created or written to.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputFileError(
+            folder,
+            "a file is there, not a folder: the output must be a folder (or, for one "
+            "scan, a file name ending in a scan suffix such as .nii.gz)",
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

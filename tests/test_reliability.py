@@ -213,6 +213,16 @@ def test_an_output_that_cannot_be_a_folder_is_one_line_and_exit_2(bundle, tmp_pa
     assert "Traceback" not in result.stderr
     assert f"{blocker / 'out'}: cannot create the output folder" in result.stderr
     assert blocker.read_text() == "a file where the output folder should go"
+    # the output a file already (a name without a scan suffix for one scan): said so
+    result = medseg(
+        "predict", "--model", bundle, "--input", source, "--output", blocker
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: {blocker}: a file is there, not a folder: the output must be a folder "
+        "(or, for one scan, a file name ending in a scan suffix such as .nii.gz)"
+    )
+    assert blocker.read_text() == "a file where the output folder should go"
 
 
 def test_an_output_folder_that_is_not_writable_keeps_what_it_has(
