@@ -123,6 +123,13 @@ def evaluate(
     A predictions CSV from a classification model is scored instead with accuracy,
     balanced accuracy (mean recall per class) and one-vs-rest AUC per class.
     """
+    from medseg.batch import make_output_dir
+
+    for folder in (  # before any work, which a folder that cannot be made would lose
+        *(path.parent for path in (output, summary) if path is not None),
+        *([report_dir] if report_dir is not None else []),
+    ):
+        make_output_dir(folder)
     if prediction.suffix == ".csv":
         _evaluate_classification(prediction, truth, split, summary)
         return

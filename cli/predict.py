@@ -245,13 +245,17 @@ def predict(
                 "not a DICOM series, and --dicom-seg writes a DICOM SEG of each input "
                 "series; segment other scans in a run without it",
             )
-    single = (
-        len(inputs) == 1
-        and (Path(input_path).is_file() or is_series_folder(Path(input_path)))
-        and (output.suffix and not output.is_dir())
+    one = len(inputs) == 1 and (
+        Path(input_path).is_file() or is_series_folder(Path(input_path))
     )
+    single = one and output.suffix and not output.is_dir()
     batch.check_outside_series(inputs, output.parent if single else output)
-    output_dir = batch.make_output_dir(output.parent if single else output)
+    output_dir = batch.make_output_dir(
+        output.parent if single else output,
+        " (for one scan, give a file name with a scan suffix such as .nii.gz)"
+        if one and not single
+        else "",
+    )
     start_tensorflow(ctx.meta.get("medseg.debug", False))
     from medseg.inference import Ensemble, Segmenter, bundle_mirror_axes
 

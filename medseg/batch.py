@@ -149,18 +149,17 @@ def take_shard(files: list[Path], shard: tuple[int, int] | None) -> list[Path]:
     return files[k - 1 :: n]
 
 
-def make_output_dir(folder: Path) -> Path:
+def make_output_dir(folder: Path, hint: str = "") -> Path:
     """Creates the output folder (and parents).
 
     Raises:
-        InputFileError: it cannot be created or written to.
+        InputFileError: it cannot be created or written to (a file there: ``hint``
+            follows the problem).
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputFileError(
-            folder,
-            "a file is there, not a folder: the output must be a folder (or, for one "
-            "scan, a file name ending in a scan suffix such as .nii.gz)",
+            folder, "a file is there, where the output folder should be" + hint
         )
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -540,3 +540,29 @@ def test_evaluate_reads_a_grey_mask_saved_in_colour_and_refuses_a_colour_one(tmp
     expected = reference.hard_dice(truth, pred, 255)  # 5 of 6 rows overlap: 5/6
     assert expected == pytest.approx(5 / 6)
     assert float(rows[0].split(",")[2]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_evaluate_makes_its_output_folders_before_the_work_or_names_a_file_there(
+    tmp_path,
+):
+    # a summary into a folder not there yet: made (the scores would be lost at the
+    # end); a file where a folder should be: one line before any case is read
+    labels = np.zeros((6, 6, 4), np.uint8)
+    labels[1:4, 1:4, 1:3] = 1
+    for folder in ("pred", "truth"):
+        (tmp_path / folder).mkdir()
+        _save(tmp_path / folder / "a.nii.gz", labels)
+    summary = tmp_path / "new" / "sub" / "s.json"
+    result = _evaluate(tmp_path, "--summary", str(summary), "--output",
+                       str(tmp_path / "other" / "m.csv"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(summary.read_text())["labels"]["1"]["dice"]["mean"] == 1.0
+    assert (tmp_path / "other" / "m.csv").read_text().startswith("case,label,")
+    (tmp_path / "taken").write_text("kept")
+    result = _evaluate(tmp_path, "--summary", str(tmp_path / "taken" / "s.json"))
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"Error: {tmp_path / 'taken'}: a file is there, where the output folder should "
+        "be"
+    ]
+    assert (tmp_path / "taken").read_text() == "kept"

@@ -219,8 +219,8 @@ def test_an_output_that_cannot_be_a_folder_is_one_line_and_exit_2(bundle, tmp_pa
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        f"Error: {blocker}: a file is there, not a folder: the output must be a folder "
-        "(or, for one scan, a file name ending in a scan suffix such as .nii.gz)"
+        f"Error: {blocker}: a file is there, where the output folder should be (for "
+        "one scan, give a file name with a scan suffix such as .nii.gz)"
     )
     assert blocker.read_text() == "a file where the output folder should go"
 
