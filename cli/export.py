@@ -39,7 +39,8 @@ def export(model: str, fmt: str, output: Path) -> None:
     the ONNX file's metadata_props under "medseg.json". Either way the bundle's
     medseg.json (preprocessing, labels, patch size) is written into OUTPUT so the
     preprocessing travels with the model. The export is compared with the bundle on a
-    random input and refused if they differ by more than 1e-4.
+    random input and refused if their class probabilities (an autoencoder's outputs,
+    to their scale) differ by more than 1e-4.
     """
     from medseg.bundle import resolve
     from medseg.export import export_bundle
@@ -48,6 +49,6 @@ def export(model: str, fmt: str, output: Path) -> None:
     start_tensorflow(click.get_current_context().meta.get("medseg.debug", False))
     result = export_bundle(bundle, output, fmt)
     click.echo(
-        f"{fmt} written to {output}; outputs match the bundle within "
+        f"{fmt} written to {output}; {result['compared']} match the bundle's within "
         f"{result['max_abs_difference']:.2g} on a {result['input_shape']} input"
     )
