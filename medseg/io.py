@@ -746,7 +746,7 @@ def _palette_note(path: Path, indices: np.ndarray, palette: list[int]) -> tuple:
     """A note when a palette picture's indices, which are read, differ from the greys
     its palette shows them as (a greyscale picture saved with a palette, or a mask of
     0 and 1 shown as black and white): read as indices, a mask's values are right and
-    a scan's intensities wrong. None for a palette of colours (label masks drawn in
+    a scan's intensities wrong. Nothing for a palette of colours (label masks drawn in
     colours) or one whose greys are the indices."""
     used = np.unique(indices).tolist()
     colours = [tuple(palette[3 * i : 3 * i + 3]) for i in used]
