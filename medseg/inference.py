@@ -231,30 +231,35 @@ FIELD_OF_VIEW_FACTOR = 2.0
 
 def field_of_view_note(volume: Volume, fingerprint: dict | None) -> str | None:
     """A warning when the scan's longest side (in mm) is over twice the longest a
-    training scan can have had, or under half the shortest longest side, from the
-    bundle's dataset fingerprint (per-axis shape and spacing ranges); ``None`` when it
-    is within that range, the bundle records none, or the scan is 2D (pictures carry no
-    spacing, and a larger one is only more of the same texture, as electron microscopy
-    tiles are). A network trained on crops around one organ labels a whole-body scan
-    (or a sliver) without complaint, and wrongly."""
+    training scan can have had, or under half the shortest longest side, or its
+    shortest side under half the shortest any training scan had (a slab of a few
+    slices), from the bundle's dataset fingerprint (per-axis shape and spacing
+    ranges); ``None`` when it is within those, the bundle records none, or the scan is
+    2D (pictures carry no spacing, and a larger one is only more of the same texture,
+    as electron microscopy tiles are). A network trained on crops around one organ
+    labels a whole-body scan (or a sliver, or a slab) without complaint, and
+    wrongly."""
     if volume.spatial_dims != 3:
         return None
     try:
         shape, spacing = fingerprint["shape"], fingerprint["spacing_mm"]
+        smallest = [n * s for n, s in zip(shape["min"], spacing["min"], strict=True)]
         most = max(n * s for n, s in zip(shape["max"], spacing["max"], strict=True))
-        least = max(n * s for n, s in zip(shape["min"], spacing["min"], strict=True))
+        least, thinnest = max(smallest), min(smallest)
     except (KeyError, TypeError, ValueError):
         return None
     extent = [n * s for n, s in zip(volume.spatial_shape, volume.spacing, strict=True)]
     if most < max(extent) / FIELD_OF_VIEW_FACTOR:
-        bound = f"at most {most:.0f} mm"
+        side, bound = "longest", f"at most {most:.0f} mm"
     elif max(extent) * FIELD_OF_VIEW_FACTOR < least:
-        bound = f"at least {least:.0f} mm"
+        side, bound = "longest", f"at least {least:.0f} mm"
+    elif min(extent) * FIELD_OF_VIEW_FACTOR < thinnest:
+        side, bound = "shortest", f"at least {thinnest:.0f} mm"
     else:
         return None
     return (
         f"{volume.path or 'input'}: field of view "
-        f"{' x '.join(f'{e:.0f}' for e in extent)} mm, while the longest side of the "
+        f"{' x '.join(f'{e:.0f}' for e in extent)} mm, while the {side} side of the "
         f"model's training scans was {bound}: it has not seen scans like this one; "
         "check its labels"
     )

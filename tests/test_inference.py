@@ -626,7 +626,8 @@ def test_a_batch_ended_by_sigterm_drops_the_scan_in_hand_and_reports(bundle, tmp
 def test_field_of_view_far_outside_the_training_scans_is_noted():
     from medseg.io import Volume
 
-    # training scans 31..43 x 40..58 x 24..47 voxels of 1 mm: longest side 40..58 mm
+    # training scans 31..43 x 40..58 x 24..47 voxels of 1 mm: longest side 40..58 mm,
+    # shortest at least 24 mm
     fingerprint = {
         "shape": {"min": [31, 40, 24], "max": [43, 58, 47]},
         "spacing_mm": {"min": [1.0, 1.0, 1.0], "max": [1.0, 1.0, 1.0]},
@@ -646,6 +647,14 @@ def test_field_of_view_far_outside_the_training_scans_is_noted():
     )
     assert "at most 58 mm" in note((20, 20, 30), (1, 1, 4))  # 120 mm along z
     assert "at least 40 mm" in note((19, 10, 10), (1, 1, 1))
+    assert note((40, 50, 12), (1, 1, 1)) is None  # half of 24 mm: still within
+    assert note((40, 50, 3), (1, 1, 1)) == (  # a slab of three slices
+        "s.nii: field of view 40 x 50 x 3 mm, while the shortest side of the "
+        "model's training scans was at least 24 mm: it has not seen scans like this "
+        "one; check its labels"
+    )
+    assert note((6, 50, 40), (2, 1, 1)) is None  # 12 mm along x
+    assert "x 50 x 40 mm, while the shortest side" in note((6, 50, 40), (1.9, 1, 1))
     picture = Volume(np.zeros((2000, 2000, 1)), np.eye(4), path="tile.png")
     assert (
         inference.field_of_view_note(
