@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -263,6 +264,29 @@ def field_of_view_note(volume: Volume, fingerprint: dict | None) -> str | None:
         f"model's training scans was {bound}: it has not seen scans like this one; "
         "check its labels"
     )
+
+
+def blank_note(volume: Volume) -> str | None:
+    """A warning when a channel of the scan holds one value in every (finite) voxel: a
+    blank export, or a file written before its data was; a network labels it
+    anyway (as all background, or not), and that label map says nothing of the
+    patient. ``None`` otherwise."""
+    array = np.asarray(volume.array)
+    blank = []
+    for c in range(array.shape[-1]):
+        with warnings.catch_warnings():  # all NaN: nan, and a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            low, high = np.nanmin(array[..., c]), np.nanmax(array[..., c])
+        if low == high:  # (NaN is never equal)
+            blank.append((c, low))
+    if not blank:
+        return None
+    which = (
+        f"every voxel is {blank[0][1]:g}"
+        if array.shape[-1] == 1
+        else "; ".join(f"every voxel of channel {c} is {v:g}" for c, v in blank)
+    )
+    return f"{volume.path or 'input'}: {which}, a blank scan: its labels mean nothing"
 
 
 def bundle_mirror_axes(metadata: dict) -> tuple[int, ...]:
@@ -657,9 +681,12 @@ class WindowCount:
 
 
 def _scan_notes(volume: Volume, members: Sequence[Segmenter]) -> tuple[tuple, int]:
-    """Warnings about ``volume`` from the members' fingerprints (logged), and the
-    count of NaN/Inf voxels a member's preprocessing replaces."""
-    notes = []
+    """Warnings about ``volume`` (logged): a blank channel, and those from the
+    members' fingerprints; and the count of NaN/Inf voxels a member's preprocessing
+    replaces."""
+    notes = [note] if (note := blank_note(volume)) else []
+    if note:
+        logger.warning("%s", note)
     for member in members:
         note = field_of_view_note(volume, member.metadata.get("fingerprint"))
         if note and note not in notes:

@@ -672,6 +672,28 @@ def test_field_of_view_far_outside_the_training_scans_is_noted():
     )
 
 
+def test_a_blank_channel_is_noted():
+    from medseg.io import Volume
+
+    def note(array):
+        return inference.blank_note(Volume(array, np.eye(4), path="s.nii"))
+
+    rng = np.random.default_rng(0)
+    scan = rng.normal(size=(4, 5, 6, 2)).astype(np.float32)
+    assert note(scan) is None
+    assert note(np.zeros((4, 5, 6, 1), np.int16)) == (
+        "s.nii: every voxel is 0, a blank scan: its labels mean nothing"
+    )
+    scan[..., 1] = -1024.0
+    scan[0, 0, 0, 1] = np.nan  # NaN aside (filled, or refused, elsewhere)
+    assert note(scan) == (
+        "s.nii: every voxel of channel 1 is -1024, a blank scan: its labels mean "
+        "nothing"
+    )
+    scan[1, 1, 1, 1] = -1000.0
+    assert note(scan) is None
+
+
 @pytest.mark.slow
 def test_shipped_model_notes_a_scan_unlike_its_training_scans(caplog):
     from medseg.bundle import resolve
@@ -693,6 +715,10 @@ def test_shipped_model_notes_a_scan_unlike_its_training_scans(caplog):
     )
     said = [r.getMessage() for r in caplog.records if r.name.startswith("medseg")]
     assert said == list(notes)
+    blank = volume.with_array(np.zeros_like(volume.array))
+    assert segmenter.predict(blank).notes == (
+        f"{volume.path}: every voxel is 0, a blank scan: its labels mean nothing",
+    )
 
 
 @pytest.mark.slow
