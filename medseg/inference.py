@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -21,6 +20,7 @@ from medseg import geometry
 from medseg.errors import InputFileError
 from medseg.io import Volume, atomic_output
 from medseg.postprocessing import clean_labels
+from medseg.preprocessing import blank_note
 
 logger = logging.getLogger(__name__)
 
@@ -264,29 +264,6 @@ def field_of_view_note(volume: Volume, fingerprint: dict | None) -> str | None:
         f"model's training scans was {bound}: it has not seen scans like this one; "
         "check its labels"
     )
-
-
-def blank_note(volume: Volume) -> str | None:
-    """A warning when a channel of the scan holds one value in every (finite) voxel: a
-    blank export, or a file written before its data was; a network labels it
-    anyway (as all background, or not), and that label map says nothing of the
-    patient. ``None`` otherwise."""
-    array = np.asarray(volume.array)
-    blank = []
-    for c in range(array.shape[-1]):
-        with warnings.catch_warnings():  # all NaN: nan, and a warning
-            warnings.simplefilter("ignore", RuntimeWarning)
-            low, high = np.nanmin(array[..., c]), np.nanmax(array[..., c])
-        if low == high:  # (NaN is never equal)
-            blank.append((c, low))
-    if not blank:
-        return None
-    which = (
-        f"every voxel is {blank[0][1]:g}"
-        if array.shape[-1] == 1
-        else "; ".join(f"every voxel of channel {c} is {v:g}" for c, v in blank)
-    )
-    return f"{volume.path or 'input'}: {which}, a blank scan: its labels mean nothing"
 
 
 def bundle_mirror_axes(metadata: dict) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ so a constant image normalises to zeros rather than NaN.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -273,6 +274,29 @@ def handle_nonfinite(
             "channel minimum)",
         )
     return replace_nonfinite(array, fill)
+
+
+def blank_note(volume) -> str | None:
+    """A warning when a channel of the scan holds one value in every (finite) voxel: a
+    blank export, or a file written before its data was; a network labels it
+    anyway (as all background, or not), and that label map says nothing of the
+    patient. ``None`` otherwise."""
+    array = np.asarray(volume.array)
+    blank = []
+    for c in range(array.shape[-1]):
+        with warnings.catch_warnings():  # all NaN: nan, and a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            low, high = np.nanmin(array[..., c]), np.nanmax(array[..., c])
+        if low == high:  # (NaN is never equal)
+            blank.append((c, low))
+    if not blank:
+        return None
+    which = (
+        f"every voxel is {blank[0][1]:g}"
+        if array.shape[-1] == 1
+        else "; ".join(f"every voxel of channel {c} is {v:g}" for c, v in blank)
+    )
+    return f"{volume.path or 'input'}: {which}, a blank scan: its labels mean nothing"
 
 
 # the whole per-case chain

@@ -674,9 +674,10 @@ def test_field_of_view_far_outside_the_training_scans_is_noted():
 
 def test_a_blank_channel_is_noted():
     from medseg.io import Volume
+    from medseg.preprocessing import blank_note
 
     def note(array):
-        return inference.blank_note(Volume(array, np.eye(4), path="s.nii"))
+        return blank_note(Volume(array, np.eye(4), path="s.nii"))
 
     rng = np.random.default_rng(0)
     scan = rng.normal(size=(4, 5, 6, 2)).astype(np.float32)
@@ -806,8 +807,8 @@ def test_a_terminal_shows_the_windows_of_the_scan_in_hand_beside_the_bar(tmp_pat
     process = subprocess.Popen(
         [sys.executable, "-c", "import medseg_cli.predict as p; "
          "p.TERMINAL_EVERY_S = 0.0; from medseg_cli.main import main; main()",
-         "predict", "--model", "hippocampus", "--input", big, "--output", tmp_path / "out", "--batch-size", "1",
-         "--no-tta"],
+         "predict", "--model", "hippocampus", "--input", big, "--output",
+         tmp_path / "out", "--batch-size", "1", "--no-tta"],
         stdin=terminal, stdout=terminal, stderr=terminal, close_fds=True,
     )  # fmt: skip
     os.close(terminal)
