@@ -1,4 +1,5 @@
-"""``medseg info``: layers, parameters, receptive field, FLOPs and memory of a model."""
+"""``medseg info``: layers, parameters, receptive field, FLOPs and memory of a model;
+or the grid, orientation and values of a scan."""
 
 from __future__ import annotations
 
@@ -74,9 +75,19 @@ def info(
     the receptive field, FLOPs per sample and the training memory estimate
     (parameters, gradients, optimizer state, activations) at --batch-size, so you can
     see whether a patch and batch size fit your GPU before training.
+
+    Given a scan instead (a NIfTI, picture, NumPy, MetaImage or NRRD file, or a
+    DICOM series folder), prints it as every command reads it: shape, spacing, field
+    of view, orientation and obliquity, affine, voxel type, the range of its values
+    (and each value's count where there are few whole ones: a label map), and what
+    the reader had to fix or assume.
     """
     from medseg.errors import InputFileError
+    from medseg.scan_report import is_scan_path
 
+    if is_scan_path(model_or_config):
+        _scan(model_or_config, input_shape, mixed_precision, json_path)
+        return
     shape = parse_shape(input_shape)
     if not model_or_config.exists():
         from medseg.bundle import shipped_models
@@ -120,6 +131,22 @@ def info(
         )
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(summary.to_dict(), indent=2) + "\n")
+        click.echo(f"summary written to {json_path}")
+
+
+def _scan(path: Path, input_shape, mixed_precision: bool, json_path) -> None:
+    """``medseg info SCAN``."""
+    from medseg.io import atomic_write_text
+    from medseg.scan_report import describe_scan, format_scan
+
+    if input_shape is not None or mixed_precision:
+        raise click.UsageError(
+            f"{path} is a scan; --input-shape and --mixed-precision describe models"
+        )
+    summary = describe_scan(path)
+    click.echo(format_scan(summary))
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(summary, indent=2) + "\n")
         click.echo(f"summary written to {json_path}")
 
 

@@ -114,8 +114,11 @@ def load_dataset(path: str | Path, *, strict: bool = True) -> Dataset:
     if not path.exists():
         raise InputFileError(path, "dataset folder not found")
     if not path.is_dir():
+        scan = split_suffix(path)[1] in SCAN_SUFFIXES
         raise InputFileError(
-            path, "not a dataset folder (expected a folder or dataset.json)"
+            path,
+            "not a dataset folder (expected a folder or dataset.json"
+            + ("; medseg info SCAN describes one scan)" if scan else ")"),
         )
     manifest = _read_manifest(path / "dataset.json")
     if manifest is not None and "channel_names" in manifest:

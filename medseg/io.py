@@ -89,10 +89,28 @@ def scan_format(path: str | Path) -> str:
         return "numpy"
     if suffix in ITK_SUFFIXES:
         return "itk"
+    if is_dicom_file(path):
+        raise InputFileError(
+            path,
+            "one DICOM file: medseg reads a DICOM series as the folder that holds "
+            "its files, and only those (medseg data sort-dicom sorts an export into "
+            "one folder per series)",
+        )
     raise InputFileError(
         path,
         "unsupported file type; expected one of " + ", ".join(SCAN_SUFFIXES),
     )
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """A ``.dcm`` file, or a file with DICOM's ``DICM`` mark after its preamble."""
+    if Path(path).suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 @dataclass(eq=False)

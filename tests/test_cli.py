@@ -337,6 +337,88 @@ def test_info_bad_inputs_exit_2_with_one_line(tmp_path):
     )
 
 
+def test_info_on_a_scan_gives_its_grid_orientation_and_values(tmp_path):
+    from skimage.io import imsave
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice([0, 0, 0, 3, 7], size=(6, 5, 4)).astype(np.int16)
+    # voxels 0.5 x 2 x 3 mm: x to the left, y rotated 30 degrees about x from
+    # posterior toward superior, z likewise from superior toward anterior
+    turn = np.radians(30)
+    axes = np.array(
+        [
+            [-1, 0, 0],
+            [0, -np.cos(turn), np.sin(turn)],
+            [0, np.sin(turn), np.cos(turn)],
+        ]
+    ).T * [0.5, 2.0, 3.0]
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = axes, [10.0, -20.0, 5.5]
+    path = save_nifti(tmp_path / "lab.nii.gz", labels, affine)
+    result = run("info", str(path), "--json", str(tmp_path / "s.json"))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["shape"] == [6, 5, 4] and summary["channels"] == 1
+    np.testing.assert_allclose(summary["spacing_mm"], [0.5, 2.0, 3.0])
+    np.testing.assert_allclose(summary["field_of_view_mm"], [3.0, 10.0, 12.0])
+    np.testing.assert_allclose(summary["affine"], affine, atol=1e-6)
+    np.testing.assert_allclose(summary["origin_mm"], [10.0, -20.0, 5.5])
+    assert summary["orientation"] == "LPS"  # each axis toward the nearest direction
+    assert summary["oblique_deg"] == pytest.approx(30.0, abs=1e-4)
+    assert summary["dtype"] == "int16"
+    values = summary["values"][0]
+    assert values["min"] == 0 and values["max"] == 7 and values["nonfinite"] == 0
+    assert values["mean"] == pytest.approx(labels.mean())
+    assert values["sd"] == pytest.approx(labels.std())
+    found, counts = np.unique(labels, return_counts=True)
+    assert values["counts"] == {str(v): int(n) for v, n in zip(found, counts)}
+    assert f"{path}: NIfTI, 3D, 1 channel" in result.output
+    assert "LPS (the voxel axes point left, posterior, superior)" in result.output
+    assert "oblique: an axis 30 degrees off the world axis nearest it" in result.output
+    counted = ", ".join(f"{v}: {n:,}" for v, n in zip(found, counts)) + " voxels"
+    assert counted in result.output
+
+    # a scan with NaN and many values: no counts, the NaN counted and left out
+    scan = rng.normal(100, 10, size=(4, 4, 3)).astype(np.float32)
+    scan[0, 0, 0] = np.nan
+    path = save_nifti(tmp_path / "s.nii", scan)
+    assert run("info", str(path), "--json", str(tmp_path / "t.json")).exit_code == 0
+    summary = json.loads((tmp_path / "t.json").read_text())
+    values = summary["values"][0]
+    assert values["nonfinite"] == 1 and values["counts"] is None
+    assert values["mean"] == pytest.approx(np.nanmean(scan), rel=1e-6)
+    assert values["max"] == pytest.approx(float(np.nanmax(scan)))
+    assert summary["oblique_deg"] == 0.0 and summary["orientation"] == "RAS"
+
+    # a picture: pixels, and the spacing it does not store
+    picture = np.zeros((8, 9), np.uint8)
+    picture[2:4] = 255
+    imsave(tmp_path / "p.png", picture, check_contrast=False)
+    result = run("info", str(tmp_path / "p.png"))
+    assert result.exit_code == 0, result.output
+    assert "8 x 9 pixels" in result.output
+    assert "0: 54, 255: 18 pixels" in result.output
+    assert "a picture stores no spacing or orientation; 1 x 1 mm pixels are" in (
+        result.output
+    )
+    assert "orientation:" not in result.output
+
+    # a single DICOM file, a scan with model options, a scan to data check: one line
+    (tmp_path / "IM1").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "IM1")])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"Error: {tmp_path / 'IM1'}: one DICOM file: medseg reads a DICOM series as "
+        "the folder that holds its files, and only those (medseg data sort-dicom "
+        "sorts an export into one folder per series)\n"
+    )
+    result = CliRunner().invoke(main, ["info", str(path), "--input-shape", "8,8,8"])
+    assert result.exit_code == 2 and "is a scan; --input-shape" in result.output
+    result = CliRunner().invoke(main, ["data", "check", str(path)])
+    assert result.exit_code == 2
+    assert "medseg info SCAN describes one scan" in result.output
+
+
 def test_every_package_folder_is_installed():
     from pathlib import Path
 

@@ -1,0 +1,233 @@
+"""What medseg reads in one scan (``medseg info SCAN``): its grid, orientation,
+voxel type and values, and what the reader had to fix or assume.
+
+The geometry is the one every command uses (the affine :func:`medseg.io.read_volume`
+gives, in RAS millimetres), so a scan that is segmented or scored unexpectedly can be
+looked at as medseg sees it, not as another viewer does.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from medseg.geometry import orientation_codes
+from medseg.io import SCAN_SUFFIXES, is_dicom_file, read_info, read_volume, split_suffix
+from medseg.preprocessing import blank_note, count_nonfinite
+
+#: integer-valued channels with at most this many distinct values list them (label
+#: maps, masks)
+MOST_VALUES_LISTED = 16
+
+_FORMATS = {
+    "nifti": "NIfTI",
+    "image2d": "picture",
+    "numpy": "NumPy array",
+    "itk": "ITK (MetaImage or NRRD)",
+    "dicom": "DICOM series",
+}
+_TOWARD = {
+    "R": "right",
+    "L": "left",
+    "A": "anterior",
+    "P": "posterior",
+    "S": "superior",
+    "I": "inferior",
+}
+
+
+def is_scan_path(path: str | Path) -> bool:
+    """A file with a scan's suffix, a DICOM file, or a DICOM series folder (not a
+    model bundle)."""
+    path = Path(path)
+    if path.is_dir():
+        from medseg.dicom import is_series_folder
+
+        return not (path / "medseg.json").is_file() and is_series_folder(path)
+    return split_suffix(path)[1] in SCAN_SUFFIXES or (
+        path.is_file() and is_dicom_file(path)
+    )
+
+
+def describe_scan(path: str | Path) -> dict:
+    """The scan at ``path`` as medseg reads it, as plain JSON-ready values.
+
+    Keys: ``path``, ``format``, ``spatial_dims``, ``channels``, ``shape``,
+    ``spacing_mm``, ``field_of_view_mm``, ``orientation`` (axis codes, the direction
+    each voxel axis points to, as nibabel's ``aff2axcodes``; ``None`` for pictures
+    and arrays, which carry no orientation), ``origin_mm`` (the world position of the
+    first voxel's centre), ``oblique_deg`` (the largest angle between a voxel axis
+    and the world axis nearest it; 0 for a scan on the world axes), ``affine``, ``dtype`` (on disk; float64 where a NIfTI
+    header scales the values), ``nifti_codes`` (sform and qform codes, NIfTI only),
+    ``values`` (per channel: ``min``, ``max``, ``mean``, ``sd`` over finite voxels,
+    ``nonfinite``, and ``counts`` of each value where the channel holds whole numbers
+    of at most :data:`MOST_VALUES_LISTED` kinds, else ``None``) and ``notes``.
+
+    Raises:
+        InputFileError: the file cannot be read as a scan (the reason named).
+    """
+    info = read_info(path)
+    volume = read_volume(path)
+    array = np.asarray(volume.array)
+    dims = volume.spatial_dims
+    spacing = [float(s) for s in volume.spacing]
+    geometric = info.format in ("nifti", "itk", "dicom")
+    notes = list(volume.notes)
+    if not geometric:
+        notes.append(
+            f"{path}: a {_FORMATS[info.format]} stores no spacing or orientation; "
+            f"{' x '.join(f'{s:g}' for s in spacing)} mm "
+            f"{'pixels' if dims == 2 else 'voxels'} are assumed"
+        )
+    if note := blank_note(volume):
+        notes.append(note)
+    header = volume.header
+    codes = None
+    if info.format == "nifti" and header is not None:
+        codes = {
+            "sform": int(header["sform_code"]),
+            "qform": int(header["qform_code"]),
+        }
+    return {
+        "path": str(path),
+        "format": info.format,
+        "spatial_dims": dims,
+        "channels": int(array.shape[-1]),
+        "shape": [int(n) for n in volume.spatial_shape],
+        "spacing_mm": spacing,
+        "field_of_view_mm": [
+            n * s for n, s in zip(volume.spatial_shape, spacing, strict=True)
+        ],
+        "orientation": orientation_codes(volume.affine) if geometric else None,
+        "origin_mm": [float(v) for v in np.asarray(volume.affine)[:3, 3]],
+        "oblique_deg": _oblique_deg(volume.affine, dims) if geometric else 0.0,
+        "affine": np.asarray(volume.affine, float).tolist(),
+        "dtype": str(info.dtype),
+        "nifti_codes": codes,
+        "values": [_channel_values(array[..., c]) for c in range(array.shape[-1])],
+        "notes": notes,
+    }
+
+
+def _oblique_deg(affine, spatial_dims: int) -> float:
+    """The largest angle (degrees) between a voxel axis and its nearest world axis."""
+    axes = np.asarray(affine, float)[:3, :spatial_dims]
+    cosines = np.abs(axes).max(axis=0) / np.linalg.norm(axes, axis=0)
+    return float(np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0))).max())
+
+
+def _channel_values(values: np.ndarray) -> dict:
+    """Range, mean and spread of one channel's finite voxels, its NaN/Inf count, and
+    the count of each value where there are few whole ones."""
+    bad = count_nonfinite(values)
+    with warnings.catch_warnings():  # all NaN: nan, and a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    finite = bool(np.isfinite(low) and np.isfinite(high))
+    if bad:
+        values = values[np.isfinite(values)]
+    mean = float(np.mean(values, dtype=np.float64)) if values.size else None
+    sd = float(np.std(values, dtype=np.float64)) if values.size else None
+    counts = None
+    if finite and high - low < 2**16 and _whole(values):
+        bins = np.bincount((values.astype(np.int64) - int(low)).ravel())
+        present = np.flatnonzero(bins)
+        if len(present) <= MOST_VALUES_LISTED:
+            counts = {_number(low + v): int(bins[v]) for v in present}
+    return {
+        "min": _number(low) if finite else None,
+        "max": _number(high) if finite else None,
+        "mean": mean,
+        "sd": sd,
+        "nonfinite": bad,
+        "counts": counts,
+    }
+
+
+def _whole(values: np.ndarray) -> bool:
+    if values.dtype.kind in "iub":
+        return True
+    return bool(np.all(np.mod(values, 1) == 0))
+
+
+def _number(value) -> int | float:
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
+def format_scan(summary: dict) -> str:
+    """The text ``medseg info SCAN`` prints for :func:`describe_scan`'s summary."""
+    channels = summary["channels"]
+    lines = [
+        f"{summary['path']}: {_FORMATS[summary['format']]}, "
+        f"{summary['spatial_dims']}D, {channels} channel{'s' * (channels != 1)}"
+    ]
+
+    def row(name: str, text: str) -> None:
+        lines.append(f"  {name + ':' if name else '':<15} {text}")
+
+    unit = " pixels" if summary["spatial_dims"] == 2 else " voxels"
+    row("shape", " x ".join(str(n) for n in summary["shape"]) + unit)
+    row("spacing", " x ".join(f"{s:.4g}" for s in summary["spacing_mm"]) + " mm")
+    row(
+        "field of view",
+        " x ".join(f"{e:.4g}" for e in summary["field_of_view_mm"]) + " mm",
+    )
+    codes = summary["orientation"]
+    if codes is not None:
+        row(
+            "orientation",
+            f"{codes} (the voxel axes point "
+            + ", ".join(_TOWARD.get(c, c) for c in codes)
+            + ")",
+        )
+        if summary["oblique_deg"] > 0.01:
+            row(
+                "",
+                f"oblique: an axis {summary['oblique_deg']:.3g} degrees off the world "
+                "axis nearest it",
+            )
+        row(
+            "first voxel",
+            "at (" + ", ".join(f"{v:.4g}" for v in summary["origin_mm"]) + ") mm "
+            "(x toward the right, y anterior, z superior)",
+        )
+        for k, values in enumerate(np.asarray(summary["affine"])[:3]):
+            row("affine" if k == 0 else "", "  ".join(f"{v:10.4g}" for v in values))
+    if summary["nifti_codes"] is not None:
+        import nibabel as nib
+
+        label = nib.nifti1.xform_codes.label
+        row(
+            "NIfTI codes",
+            ", ".join(
+                f"{name} {code} ({label[code]})"
+                for name, code in summary["nifti_codes"].items()
+            ),
+        )
+    row("voxel type", summary["dtype"])
+    for c, values in enumerate(summary["values"]):
+        name = "values" if channels == 1 else f"channel {c}"
+        if values["min"] is None:
+            row(name, "no finite value")
+        else:
+            row(
+                name,
+                f"{values['min']:g} to {values['max']:g}, mean {values['mean']:.4g}, "
+                f"sd {values['sd']:.4g}",
+            )
+        if values["nonfinite"]:
+            row("", f"{values['nonfinite']:,} NaN/Inf voxels")
+        if values["counts"] is not None:
+            row(
+                "",
+                ", ".join(
+                    f"{value:g}: {count:,}" for value, count in values["counts"].items()
+                )
+                + unit,
+            )
+    for note in summary["notes"]:
+        row("note", note)
+    return "\n".join(lines)
