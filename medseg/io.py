@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.dicom import is_dicom_file
 from medseg.errors import InputFileError
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def scan_format(path: str | Path) -> str:
         return "numpy"
     if suffix in ITK_SUFFIXES:
         return "itk"
-    if is_dicom_file(path):
+    if Path(path).suffix.lower() == ".dcm" or is_dicom_file(Path(path)):
         raise InputFileError(
             path,
             "one DICOM file: medseg reads a DICOM series as the folder that holds "
@@ -100,17 +101,6 @@ def scan_format(path: str | Path) -> str:
         path,
         "unsupported file type; expected one of " + ", ".join(SCAN_SUFFIXES),
     )
-
-
-def is_dicom_file(path: str | Path) -> bool:
-    """A ``.dcm`` file, or a file with DICOM's ``DICM`` mark after its preamble."""
-    if Path(path).suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
 
 
 @dataclass(eq=False)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.dicom import is_dicom_file, is_series_folder
 from medseg.geometry import orientation_codes
-from medseg.io import SCAN_SUFFIXES, is_dicom_file, read_info, read_volume, split_suffix
+from medseg.io import SCAN_SUFFIXES, read_info, read_volume, split_suffix
 from medseg.preprocessing import blank_note, count_nonfinite
 
 #: integer-valued channels with at most this many distinct values list them (label
@@ -43,10 +44,9 @@ def is_scan_path(path: str | Path) -> bool:
     model bundle)."""
     path = Path(path)
     if path.is_dir():
-        from medseg.dicom import is_series_folder
-
         return not (path / "medseg.json").is_file() and is_series_folder(path)
-    return split_suffix(path)[1] in SCAN_SUFFIXES or (
+    suffix = split_suffix(path)[1] or path.suffix.lower()
+    return suffix in (*SCAN_SUFFIXES, ".dcm") or (
         path.is_file() and is_dicom_file(path)
     )
 
