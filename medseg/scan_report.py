@@ -56,14 +56,15 @@ def describe_scan(path: str | Path) -> dict:
 
     Keys: ``path``, ``format``, ``spatial_dims``, ``channels``, ``shape``,
     ``spacing_mm``, ``field_of_view_mm``, ``orientation`` (axis codes, the direction
-    each voxel axis points to, as nibabel's ``aff2axcodes``; ``None`` for pictures
-    and arrays, which carry no orientation), ``origin_mm`` (the world position of the
-    first voxel's centre), ``oblique_deg`` (the largest angle between a voxel axis
-    and the world axis nearest it; 0 for a scan on the world axes), ``affine``, ``dtype`` (on disk; float64 where a NIfTI
-    header scales the values), ``nifti_codes`` (sform and qform codes, NIfTI only),
-    ``values`` (per channel: ``min``, ``max``, ``mean``, ``sd`` over finite voxels,
-    ``nonfinite``, and ``counts`` of each value where the channel holds whole numbers
-    of at most :data:`MOST_VALUES_LISTED` kinds, else ``None``) and ``notes``.
+    each voxel axis points to, as nibabel's ``aff2axcodes``; ``None`` for pictures and
+    arrays, which carry no orientation), ``origin_mm`` (the world position of the first
+    voxel's centre), ``oblique_deg`` (the largest angle between a voxel axis and the
+    world axis nearest it; 0 for a scan on the world axes), ``affine``, ``dtype`` (on
+    disk; float64 where a NIfTI header scales the values), ``nifti_codes`` (sform and
+    qform codes, NIfTI only), ``values`` (per channel: ``min``, ``max``, ``mean``,
+    ``sd`` over finite voxels, ``nonfinite``, and ``counts`` of each value where the
+    channel holds whole numbers of at most :data:`MOST_VALUES_LISTED` kinds, else
+    ``None``) and ``notes``.
 
     Raises:
         InputFileError: the file cannot be read as a scan (the reason named).

@@ -371,11 +371,15 @@ def test_info_on_a_scan_gives_its_grid_orientation_and_values(tmp_path):
     assert values["mean"] == pytest.approx(labels.mean())
     assert values["sd"] == pytest.approx(labels.std())
     found, counts = np.unique(labels, return_counts=True)
-    assert values["counts"] == {str(v): int(n) for v, n in zip(found, counts)}
+    assert values["counts"] == {
+        str(v): int(n) for v, n in zip(found, counts, strict=True)
+    }
     assert f"{path}: NIfTI, 3D, 1 channel" in result.output
     assert "LPS (the voxel axes point left, posterior, superior)" in result.output
     assert "oblique: an axis 30 degrees off the world axis nearest it" in result.output
-    counted = ", ".join(f"{v}: {n:,}" for v, n in zip(found, counts)) + " voxels"
+    counted = (
+        ", ".join(f"{v}: {n:,}" for v, n in zip(found, counts, strict=True)) + " voxels"
+    )
     assert counted in result.output
 
     # a scan with NaN and many values: no counts, the NaN counted and left out
