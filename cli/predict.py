@@ -504,13 +504,17 @@ def _finish(
     from medseg import batch
     from medseg.io import atomic_write_text
 
-    summary = batch.report(results)
-    if settings:
-        summary["settings"] = settings
     if report_path is None:
         report_path = (
             output_dir / f"medseg_predict_report{_shard_suffix(shard_value)}.json"
         )
+    if verb == "segmented":  # a re-run's skipped scans: what the first run found
+        batch.carry_earlier_records(
+            results, {*output_dir.glob(batch.REPORT_PATTERN), report_path}
+        )
+    summary = batch.report(results)
+    if settings:
+        summary["settings"] = settings
     atomic_write_text(report_path, json.dumps(summary, indent=2) + "\n")
     counts = summary["counts"]
     elsewhere = sum(

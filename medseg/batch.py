@@ -69,6 +69,7 @@ class CaseResult:
     nonfinite_replaced: int = 0  # NaN/Inf voxels filled (``--nonfinite replace``)
     warnings: list[str] = field(default_factory=list)  # header fixes, field of view
     sizes: dict | None = None  # per label name: see label_sizes
+    earlier_run: bool = False  # skipped: the details are an earlier run's report's
 
 
 def collect_inputs(path: str | Path) -> list[Path]:
@@ -1405,6 +1406,66 @@ def _read_sizes(previous: Path | None) -> dict[str, dict]:
     except (OSError, TypeError, KeyError, ValueError, csv.Error):
         earlier = {}
     return earlier
+
+
+#: the reports ``medseg predict`` writes into its output folder (one a shard)
+REPORT_PATTERN = "medseg_predict_report*.json"
+
+
+def carry_earlier_records(results: list[CaseResult], reports) -> int:
+    """Gives each case skipped because its label map exists the details that the
+    report of the run that made it has of it: its warnings (a header fixed, a field
+    of view unlike the training scans', a blank scan), the NaN/Inf voxels replaced,
+    its shape, spacing and seconds, and ``earlier_run``; so that the report of a job
+    run again after it was stopped still says what the first run found in each scan.
+
+    Args:
+        results: this run's; changed in place.
+        reports: earlier reports' paths (a later one's record of a case counts over
+            an earlier's); unreadable ones are passed over.
+
+    Returns:
+        How many cases were given an earlier record.
+    """
+    records = {}
+    for path in sorted(reports, key=_modified):
+        try:
+            cases = json.loads(Path(path).read_text(encoding="utf-8"))["cases"]
+            for case in cases:
+                if case["status"] == "done" or case.get("earlier_run"):
+                    records[_case_key(case["input"], case["output"])] = case
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    given = 0
+    for result in results:
+        case = records.get(_case_key(result.input, result.output))
+        if result.status != "skipped" or case is None:
+            continue
+        try:
+            result.seconds = float(case["seconds"])
+            result.input_shape = case["input_shape"]
+            result.spacing_mm = case["spacing_mm"]
+            result.nonfinite_replaced = int(case["nonfinite_replaced"])
+            earlier = [w for w in case["warnings"] if w not in result.warnings]
+        except (KeyError, TypeError, ValueError):
+            continue
+        result.warnings[:0] = earlier
+        result.earlier_run = True
+        given += 1
+    return given
+
+
+def _modified(path) -> float:
+    try:
+        return Path(path).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _case_key(source: str, target: str) -> tuple[str, str]:
+    """A case in reports of runs started from other folders: its input's and
+    label map's names."""
+    return Path(source).name, Path(target).name
 
 
 def report(results: list[CaseResult]) -> dict:

@@ -362,6 +362,51 @@ def test_the_report_keeps_what_reading_and_segmenting_a_scan_noted(tmp_path):
     assert [c["warnings"] for c in cases] == [results[0].warnings, results[1].warnings]
 
 
+def test_a_rerun_reports_what_the_run_that_made_a_label_map_noted(tmp_path):
+    from medseg.inference import Prediction
+
+    files = scans(tmp_path / "in", 3)
+    out = tmp_path / "out"
+
+    def segment(volume):
+        labels = volume.with_array((volume.array > 0).astype(np.uint8))
+        return Prediction(labels, nonfinite_replaced=2, notes=(f"{volume.path}: seen",))
+
+    def write(results, name):
+        path = out / name
+        path.write_text(json.dumps(batch.report(results)))
+        return path
+
+    first = batch.segment_all(segment, files[:1], out)  # stopped after one scan
+    reports = [write(first, "medseg_predict_report.json")]
+    (out / "medseg_predict_report-2-of-2.json").write_text("{not json")
+    reports.append(out / "medseg_predict_report-2-of-2.json")
+    second = batch.segment_all(segment, files[:2], out)
+    assert batch.carry_earlier_records(second, reports) == 1
+    assert [(r.status, r.earlier_run) for r in second] == [
+        ("skipped", True),
+        ("done", False),
+    ]
+    for field in ("seconds", "input_shape", "spacing_mm", "warnings"):
+        assert getattr(second[0], field) == getattr(first[0], field), field
+    assert second[0].nonfinite_replaced == 2
+    assert second[0].warnings == [f"{files[0]}: seen"]
+    # the next run, from another folder and with one more scan: both records carried
+    moved = tmp_path / "moved"
+    (tmp_path / "in").rename(moved)
+    third = batch.segment_all(segment, sorted(moved.glob("*.nii.gz")), out)
+    reports.append(write(second, "medseg_predict_report.json"))
+    assert batch.carry_earlier_records(third, reports) == 2
+    assert [(r.status, r.earlier_run) for r in third] == [
+        ("skipped", True),
+        ("skipped", True),
+        ("done", False),
+    ]
+    assert third[0].warnings == [f"{files[0]}: seen"]
+    assert third[1].warnings == [f"{files[1]}: seen"]
+    assert third[2].warnings == [f"{moved / files[2].name}: seen"]
+
+
 def test_outputs_drop_nnunet_channel_suffix_only_when_every_input_has_it(tmp_path):
     files = [tmp_path / "a_0000.nii.gz", tmp_path / "b_0000.png"]
     assert batch.case_names(files) == {files[0]: "a.nii.gz", files[1]: "b.png"}

@@ -141,6 +141,37 @@ def test_scans_refused_for_nan_are_segmented_on_a_rerun_with_nonfinite_replace(
     assert set(np.unique(expected)) == {0, 1, 2}  # a real segmentation to compare
 
 
+@pytest.mark.slow
+def test_a_rerun_report_keeps_the_warning_of_a_scan_the_first_run_did(tmp_path):
+    # a job stopped after a scan it warned about, and run again: the second
+    # report still warns about that scan, whose label map it only skipped
+    sources = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    img = nib.load(sources[0])  # the same voxels said to be 0.25 mm: a sliver
+    sliver = nib.Nifti1Image(
+        np.asanyarray(img.dataobj), img.affine @ np.diag([0.25, 0.25, 0.25, 1])
+    )
+    nib.save(sliver, inputs / "a_sliver.nii.gz")
+    common = ("--model", "hippocampus", "--no-tta", "--precision", "float32")
+    first = medseg("predict", *common, "--input", inputs, "--output", out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    warned = json.loads((out / "medseg_predict_report.json").read_text())["cases"]
+    assert "field of view" in warned[0]["warnings"][0]  # the test can fail
+    shutil.copy(sources[1], inputs / "b.nii.gz")
+    rerun = medseg("predict", *common, "--input", inputs, "--output", out)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "1 segmented, 1 skipped (output existed), 0 failed" in rerun.stdout
+    cases = json.loads((out / "medseg_predict_report.json").read_text())["cases"]
+    assert [(c["status"], c["earlier_run"]) for c in cases] == [
+        ("skipped", True),
+        ("done", False),
+    ]
+    for key in ("warnings", "seconds", "input_shape", "spacing_mm"):
+        assert cases[0][key] == warned[0][key], key
+    assert cases[1]["warnings"] == []
+
+
 def _limit_file_size(limit):
     def apply():  # in the child: writes past `limit` bytes fail with EFBIG
         import resource
