@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -349,6 +350,73 @@ def test_sigkill_then_resume_ends_with_exactly_the_requested_epochs(tmp_path):
     assert [r["epoch"] for r in _history(run / "history.csv")] == ["1", "2", "3"]
     assert json.loads(state.read_text())["epoch"] == 3
     assert not (run / ".checkpoint.partial").exists()
+
+
+@pytest.mark.slow
+def test_a_run_is_not_resumed_on_a_dataset_changed_since_it_started(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE, data)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_TRAIN.format(epochs=1, steps=1))
+    run = tmp_path / "run"
+
+    def train(*extra):
+        return subprocess.run(
+            [sys.executable, "-m", "medseg_cli", "train", "--config", str(config),
+             "--data", str(data), "--output", str(run), *extra],
+            capture_output=True, text=True,
+        )  # fmt: skip
+
+    assert train().returncode == 0
+    resumed = train("--resume", "--epochs", "2")  # the same dataset: resumed
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after epoch 1" in resumed.stderr
+    manifest = json.loads((data / "dataset.json").read_text())
+    gone = manifest["training"].pop(0)  # a case taken out, another put in
+    for key in ("image", "label"):
+        shutil.copy(data / gone[key], data / gone[key].replace("_003", "_903"))
+    manifest["training"].append({k: v.replace("_003", "_903") for k, v in gone.items()})
+    (data / "dataset.json").write_text(json.dumps(manifest))
+    refused = train("--resume", "--epochs", "3")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"Error: {run}: cannot resume: the dataset has changed since this run started "
+        "(cases added since: hippocampus_903; gone since: hippocampus_003), so fold 0 "
+        "would train and validate on other cases; restore the dataset as it was, or "
+        "start a new run in another folder"
+    )
+    assert [r["epoch"] for r in _history(run / "history.csv")] == ["1", "2"]
+
+
+def test_resuming_refuses_scans_planned_otherwise_since_and_old_checkpoints_pass(
+    tmp_path,
+):
+    from medseg.training.run_files import PLANNED_FILE, check_resumable
+
+    metadata = {
+        "split": {"fold": 1, "folds": 5, "train": ["a", "b"], "validation": ["c"]},
+        "plan": {"patch_size": [16, 16, 16], "target_spacing_mm": [1.0, 1.0, 1.0]},
+        "preprocessing": {"normalizers": [{"kind": "ct", "clip": [-100.0, 300.5]}]},
+        "labels": {"0": "background"},  # not a planned key: free to differ
+    }
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "state.json").write_text('{"epoch": 3, "best": null}')
+    check_resumable(tmp_path, metadata)  # a checkpoint of an older medseg: passes
+    planned = {k: metadata[k] for k in ("split", "plan", "preprocessing")}
+    (checkpoint / PLANNED_FILE).write_text(json.dumps(planned))
+    check_resumable(tmp_path, {**metadata, "labels": {}})
+    clipped = {"normalizers": [{"kind": "ct", "clip": [-100.0, 300.25]}]}
+    with pytest.raises(InputFileError) as caught:
+        check_resumable(tmp_path, {**metadata, "preprocessing": clipped})
+    assert str(caught.value) == (
+        f"{tmp_path}: cannot resume: the dataset's scans have changed since this run "
+        "started (its preprocessing would now differ); restore the dataset as it "
+        "was, or start a new run in another folder"
+    )
+    moved = {**metadata["split"], "train": ["a", "c"], "validation": ["b"]}
+    with pytest.raises(InputFileError, match=r"changed since this run started, so "):
+        check_resumable(tmp_path, {**metadata, "split": moved})
 
 
 def _free_ports(count):

@@ -24,6 +24,10 @@ from medseg.io import atomic_output
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
+#: the checkpoint's record of what the run was planned on, checked on resume
+PLANNED_FILE = "planned.json"
+#: ... its bundle metadata's keys: the cases of each part, the plan, preprocessing
+PLANNED = ("split", "plan", "preprocessing", "dataset")
 
 
 def append_history(path: Path, epoch: int, logs: dict) -> None:
@@ -95,8 +99,12 @@ def plot_progress(folder: Path) -> None:
     plt.close(figure)
 
 
-def save_checkpoint(folder: Path, model, epoch: int, best: float | None) -> None:
-    """Saves weights, optimizer state and epoch; the new copy replaces the old whole."""
+def save_checkpoint(
+    folder: Path, model, epoch: int, best: float | None, metadata: dict | None = None
+) -> None:
+    """Saves weights, optimizer state and epoch, and what the run was planned on (the
+    :data:`PLANNED` keys of its bundle ``metadata``, for :func:`check_resumable`); the
+    new copy replaces the old whole."""
     target = folder / CHECKPOINT
     tmp = folder / f".{CHECKPOINT}.partial"
     if tmp.exists():
@@ -109,6 +117,9 @@ def save_checkpoint(folder: Path, model, epoch: int, best: float | None) -> None
     seeds = [keras.ops.convert_to_numpy(v) for v in _seed_states(model)]
     with open(tmp / "seeds.npz", "wb") as handle:  # dropout's random state
         np.savez(handle, *seeds)
+    if metadata is not None:
+        planned = {k: metadata[k] for k in PLANNED if k in metadata}
+        (tmp / PLANNED_FILE).write_text(json.dumps(planned, sort_keys=True))
     (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "best": best}))
     old = folder / f".{CHECKPOINT}.old"
     if target.exists():
@@ -124,6 +135,60 @@ def _seed_states(model) -> list:
     """The random-number state of layers such as dropout, which Keras' weight files
     leave out."""
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+def check_resumable(folder: Path, metadata: dict) -> None:
+    """Refuses to resume a run whose dataset has changed since its checkpoint: its
+    cases (a fold would train and validate on others: cases seen in validation would
+    be trained on), or its scans (planned or normalised otherwise), from the bundle
+    ``metadata`` the run would have now. A checkpoint without the record (an older
+    medseg's) is not checked.
+
+    Raises:
+        InputFileError: what changed, and what to do.
+    """
+    source = checkpoint_folder(folder)
+    if source is None or not (source / PLANNED_FILE).is_file():
+        return
+    try:
+        saved = json.loads((source / PLANNED_FILE).read_text())
+    except (OSError, ValueError):
+        return  # the checkpoint's weights are whole (swapped in whole); no record
+
+    def text(value) -> str:
+        return json.dumps(value, sort_keys=True)
+
+    changed = [k for k in saved if text(saved[k]) != text(metadata.get(k))]
+    if not changed:
+        return
+    fix = "restore the dataset as it was, or start a new run in another folder"
+    if "split" in changed:
+        before, now = saved["split"], metadata.get("split") or {}
+        had = set(before.get("train", []) + before.get("validation", []))
+        has = set(now.get("train", []) + now.get("validation", []))
+        what = "; ".join(
+            f"{name} since: {_some(cases)}"
+            for name, cases in (("added", has - had), ("gone", had - has))
+            if cases
+        )
+        raise InputFileError(
+            folder,
+            "cannot resume: the dataset has changed since this run started"
+            + (f" (cases {what})" if what else "")
+            + f", so fold {before.get('fold')} would train and validate on other "
+            f"cases; {fix}",
+        )
+    raise InputFileError(
+        folder,
+        "cannot resume: the dataset's scans have changed since this run started "
+        f"(its {' and '.join(changed)} would now differ); {fix}",
+    )
+
+
+def _some(names, most: int = 5) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def checkpoint_folder(folder: Path) -> Path | None:

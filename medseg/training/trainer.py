@@ -37,6 +37,7 @@ from medseg.training.augment import Augmenter
 from medseg.training.planning import Plan, plan_training
 from medseg.training.run_files import (
     append_history,
+    check_resumable,
     checkpoint_epoch,
     checkpoint_folder,
     plot_progress,
@@ -269,7 +270,7 @@ class _EpochEnd(keras.callbacks.Callback):
                     "validation": metrics,
                 },
             )
-        save_checkpoint(run.folder, self.model, number, run.best)
+        save_checkpoint(run.folder, self.model, number, run.best, run.metadata)
 
 
 def _optimizer(config: Config, total_steps: int):
@@ -689,6 +690,11 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
             len(split[1]),
             config.train.fold,
         )
+    metadata = _metadata(
+        config, dataset, values, plan, preprocessor, fingerprint, split
+    )
+    if resume:  # before the cases are prepared: a changed dataset is refused first
+        check_resumable(folder, metadata)
     cache = Path(config.data.cache_dir) if config.data.cache_dir else None
     by_id = {c.case_id: c for c in dataset.cases}
     prepared = {
@@ -728,9 +734,6 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
             deep_supervision=levels,
         )
 
-    metadata = _metadata(
-        config, dataset, values, plan, preprocessor, fingerprint, split
-    )
     _record_origin(metadata, folder, origin)
     run = _Run(
         folder,
@@ -894,6 +897,8 @@ def _train_classification(
             "splits": {k: int(len(v[0])) for k, v in dataset.splits.items()},
         },
     }
+    if resume:
+        check_resumable(folder, metadata)
     _record_origin(metadata, folder, origin)
     run = _Run(
         folder,
