@@ -417,6 +417,17 @@ def test_resuming_refuses_scans_planned_otherwise_since_and_old_checkpoints_pass
     moved = {**metadata["split"], "train": ["a", "c"], "validation": ["b"]}
     with pytest.raises(InputFileError, match=r"changed since this run started, so "):
         check_resumable(tmp_path, {**metadata, "split": moved})
+    # a classification run's dataset: its splits' sizes, wherever it is now
+    planned["dataset"] = {"path": "/old/x.npz", "splits": {"train": 9, "val": 3}}
+    (checkpoint / PLANNED_FILE).write_text(json.dumps(planned))
+    moved = {
+        **metadata,
+        "dataset": {"path": "/new/x.npz", "splits": {"train": 9, "val": 3}},
+    }
+    check_resumable(tmp_path, moved)
+    moved["dataset"]["splits"]["val"] = 4
+    with pytest.raises(InputFileError, match=r"\(its dataset would now differ\)"):
+        check_resumable(tmp_path, moved)
 
 
 def _free_ports(count):

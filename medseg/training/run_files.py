@@ -118,8 +118,7 @@ def save_checkpoint(
     with open(tmp / "seeds.npz", "wb") as handle:  # dropout's random state
         np.savez(handle, *seeds)
     if metadata is not None:
-        planned = {k: metadata[k] for k in PLANNED if k in metadata}
-        (tmp / PLANNED_FILE).write_text(json.dumps(planned, sort_keys=True))
+        (tmp / PLANNED_FILE).write_text(json.dumps(_planned(metadata), sort_keys=True))
     (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "best": best}))
     old = folder / f".{CHECKPOINT}.old"
     if target.exists():
@@ -151,21 +150,22 @@ def check_resumable(folder: Path, metadata: dict) -> None:
     if source is None or not (source / PLANNED_FILE).is_file():
         return
     try:
-        saved = json.loads((source / PLANNED_FILE).read_text())
-    except (OSError, ValueError):
+        saved = _planned(json.loads((source / PLANNED_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
         return  # the checkpoint's weights are whole (swapped in whole); no record
 
     def text(value) -> str:
         return json.dumps(value, sort_keys=True)
 
-    changed = [k for k in saved if text(saved[k]) != text(metadata.get(k))]
+    now = _planned(metadata)
+    changed = [k for k in saved if text(saved[k]) != text(now.get(k))]
     if not changed:
         return
     fix = "restore the dataset as it was, or start a new run in another folder"
     if "split" in changed:
-        before, now = saved["split"], metadata.get("split") or {}
+        before, after = saved["split"], now.get("split") or {}
         had = set(before.get("train", []) + before.get("validation", []))
-        has = set(now.get("train", []) + now.get("validation", []))
+        has = set(after.get("train", []) + after.get("validation", []))
         what = "; ".join(
             f"{name} since: {_some(cases)}"
             for name, cases in (("added", has - had), ("gone", had - has))
@@ -183,6 +183,17 @@ def check_resumable(folder: Path, metadata: dict) -> None:
         "cannot resume: the dataset's scans have changed since this run started "
         f"(its {' and '.join(changed)} would now differ); {fix}",
     )
+
+
+def _planned(metadata: dict) -> dict:
+    """The :data:`PLANNED` keys of bundle metadata; a dataset's path left out (a
+    dataset moved elsewhere is the same)."""
+    planned = {k: metadata[k] for k in PLANNED if k in metadata}
+    if isinstance(planned.get("dataset"), dict):
+        planned["dataset"] = {
+            k: v for k, v in planned["dataset"].items() if k != "path"
+        }
+    return planned
 
 
 def _some(names, most: int = 5) -> str:
