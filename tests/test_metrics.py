@@ -59,6 +59,62 @@ def test_surface_metrics_match_brute_force_on_anisotropic_voxels(rng):
     )
 
 
+def _expected_rows(prediction, truth, labels, spacing, tolerance):
+    """label_metrics by brute force on the whole maps, label by label."""
+    rows = []
+    for label in labels:
+        p, t = prediction == label, truth == label
+        voxel = float(np.prod(spacing)) / 1000
+        row = {
+            "label": label,
+            "volume_truth_ml": t.sum() * voxel,
+            "volume_pred_ml": p.sum() * voxel,
+        }
+        if not p.any() and not t.any():
+            row.update(dice=np.nan, iou=np.nan, hd95_mm=np.nan, assd_mm=np.nan)
+            row["nsd"] = np.nan
+        elif not p.any() or not t.any():
+            row.update(dice=0.0, iou=0.0, hd95_mm=np.inf, assd_mm=np.inf, nsd=0.0)
+        else:
+            a = reference.directed_distances(p, t, spacing)
+            b = reference.directed_distances(t, p, spacing)
+            row.update(
+                dice=2 * (p & t).sum() / (p.sum() + t.sum()),
+                iou=(p & t).sum() / (p | t).sum(),
+                hd95_mm=max(np.percentile(a, 95), np.percentile(b, 95)),
+                assd_mm=(a.mean() + b.mean()) / 2,
+                nsd=((a <= tolerance).sum() + (b <= tolerance).sum())
+                / (a.size + b.size),
+            )
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["uint8", "int64", "negative", "float"])
+def test_label_metrics_on_boxes_equal_the_whole_maps_label_by_label(rng, kind):
+    shape = (12, 10, 7)
+    truth = np.zeros(shape, np.int64)
+    truth[2:7, 3:8, 1:5] = 1
+    truth[0:3, 0:4, 4:7] = 3  # against the border
+    truth[8:11, 6:10, 2:4] = 4  # in the truth only
+    prediction = np.roll(truth, (1, -1, 0), axis=(0, 1, 2))
+    prediction[prediction == 4] = 0
+    prediction[9:12, 0:3, 0:2] = 5  # in the prediction only
+    prediction[rng.random(shape) < 0.05] = 1  # scattered voxels
+    labels = [0, 1, 3, 4, 5, 9]  # 9 in neither
+    if kind == "negative":  # values find_objects cannot box: label by label
+        truth, prediction = truth - 1, prediction - 1
+        labels = [v - 1 for v in labels]
+    elif kind != "int64":
+        truth, prediction = truth.astype(kind), prediction.astype(kind)
+    rows = metrics.label_metrics(prediction, truth, labels, SPACING, 1.31)
+    expected = _expected_rows(prediction, truth, labels, SPACING, 1.31)
+    assert [r["label"] for r in rows] == labels
+    for row, want in zip(rows, expected, strict=True):
+        for key, value in want.items():
+            assert row[key] == pytest.approx(value, nan_ok=True), (row["label"], key)
+
+
 def test_boundary_counts_the_image_border_as_outside():
     full = np.ones((4, 5), bool)
     assert set(zip(*np.nonzero(metrics.boundary(full)), strict=True)) == set(
