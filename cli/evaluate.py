@@ -97,6 +97,14 @@ def parse_labels(text: str | None):
     show_default=True,
     help="Split of a .npz truth (classification).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Cases scored at once, each in a process of its own (each holds its two "
+    "label maps and their distance maps in memory).",
+)
 def evaluate(
     prediction: Path,
     truth: Path,
@@ -110,6 +118,7 @@ def evaluate(
     lesion_wise: bool,
     min_lesion_mm3: float,
     split: str,
+    workers: int,
 ) -> None:
     """Score predicted label maps against the truth, per case and label, in mm.
 
@@ -166,6 +175,7 @@ def evaluate(
             lesions=min_lesion_mm3 if lesion_wise else None,
             names=names,
             names_from=names_from,
+            workers=workers,
         )
     failed = {case for case, _ in failures}
     pairs = [pair for pair in pairs if pair[0] not in failed]

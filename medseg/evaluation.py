@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -92,10 +94,13 @@ def evaluate_pairs(
     lesions: float | None = None,
     names: dict[int, str] | None = None,
     names_from: str = "the dataset's labels",
+    workers: int = 1,
 ) -> list[dict]:
     """One row per case and label (labels default to the non-zero values present).
 
     Args:
+        workers: cases scored at once, each in a process of its own (rows and
+            failures come in the cases' order all the same).
         lesions: also score lesion-wise (:func:`medseg.metrics.lesion_metrics`),
             leaving out components under this size (mm^3).
         names: label names (value -> name); a 3D Slicer segmentation whose segment
@@ -109,27 +114,53 @@ def evaluate_pairs(
         InputFileError: unreadable file, or prediction and truth on different grids
             (only when ``failures`` is ``None``).
     """
+    score = partial(
+        _score_case,
+        labels=labels,
+        tolerance_mm=tolerance_mm,
+        lesions=lesions,
+        names=names,
+        names_from=names_from,
+    )
     rows = []
-    for case, pred_path, truth_path in pairs:
-        try:
-            p, t, spacing = _read_pair(pred_path, truth_path, names, names_from)
-        except InputFileError as exc:
-            if failures is None:
-                raise
-            failures.append((case, str(exc)))
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(pairs) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            pool = stack.enter_context(ProcessPoolExecutor(min(workers, len(pairs))))
+            stack.callback(pool.shutdown, cancel_futures=True)  # a failure stops all
+            scored = (f.result() for f in [pool.submit(score, *p) for p in pairs])
         else:
-            chosen = (
-                labels
-                if labels is not None
-                else sorted(
-                    (set(np.unique(p).tolist()) | set(np.unique(t).tolist())) - {0}
-                )
-            )
-            for row in label_metrics(p, t, chosen, spacing, tolerance_mm, lesions):
-                rows.append({"case": case, **row})
-        if progress:
-            progress(case)
+            scored = (score(*pair) for pair in pairs)
+        for (case, _, _), (case_rows, error) in zip(pairs, scored, strict=True):
+            if error is not None:
+                if failures is None:
+                    raise error
+                failures.append((case, str(error)))
+            rows += case_rows
+            if progress:
+                progress(case)
     return rows
+
+
+def _score_case(
+    case, pred_path, truth_path, *, labels, tolerance_mm, lesions, names, names_from
+) -> tuple[list[dict], InputFileError | None]:
+    """One case's rows of :func:`evaluate_pairs`, or the reason it cannot be
+    scored."""
+    try:
+        p, t, spacing = _read_pair(pred_path, truth_path, names, names_from)
+    except InputFileError as exc:
+        return [], exc
+    chosen = (
+        labels
+        if labels is not None
+        else sorted((set(np.unique(p).tolist()) | set(np.unique(t).tolist())) - {0})
+    )
+    return [
+        {"case": case, **row}
+        for row in label_metrics(p, t, chosen, spacing, tolerance_mm, lesions)
+    ], None
 
 
 def _read_pair(

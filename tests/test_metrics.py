@@ -306,6 +306,41 @@ def test_evaluate_command_writes_long_csv_and_summary(tmp_path, rng):
     assert "0 both, 1 one" in result.output
 
 
+def test_evaluate_workers_give_the_rows_and_failures_of_one_in_the_cases_order(
+    tmp_path, rng
+):
+    from medseg.errors import InputFileError
+    from medseg.evaluation import evaluate_pairs, pair_files
+
+    a, b = _blobs(rng)
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "pred").mkdir()
+    for k in range(5):
+        truth = (a * (1 + k % 2)).astype(np.uint8)
+        _save(tmp_path / "truth" / f"c{k}.nii.gz", truth)
+        pred = np.roll(b, k, axis=0).astype(np.uint8) * (1 + k % 2)
+        _save(tmp_path / "pred" / f"c{k}.nii.gz", pred)
+    (tmp_path / "pred" / "c2.nii.gz").write_bytes(b"not a scan")  # fails, mid-way
+    pairs = pair_files(tmp_path / "pred", tmp_path / "truth")
+    answers = []
+    for workers in (1, 3):
+        failures, done = [], []
+        rows = evaluate_pairs(
+            pairs, failures=failures, progress=done.append, workers=workers
+        )
+        answers.append((rows, failures, done))
+    assert answers[0] == answers[1]
+    rows, failures, done = answers[1]
+    assert done == ["c0", "c1", "c2", "c3", "c4"]
+    assert [c for c, _ in failures] == ["c2"]
+    assert [(r["case"], r["label"]) for r in rows] == [
+        ("c0", 1), ("c1", 2), ("c3", 2), ("c4", 1)
+    ]  # fmt: skip
+    assert rows[1]["dice"] == pytest.approx(metrics.dice(np.roll(b, 1, axis=0), a))
+    with pytest.raises(InputFileError, match="c2.nii.gz"):  # no list: the first raises
+        evaluate_pairs(pairs, workers=3)
+
+
 def test_evaluate_names_missing_pairs_and_scores_the_rest_past_a_grid_mismatch(
     tmp_path,
 ):
