@@ -415,8 +415,16 @@ def test_resuming_refuses_scans_planned_otherwise_since_and_old_checkpoints_pass
         "was, or start a new run in another folder"
     )
     moved = {**metadata["split"], "train": ["a", "c"], "validation": ["b"]}
-    with pytest.raises(InputFileError, match=r"changed since this run started, so "):
+    with pytest.raises(InputFileError, match=r"started, so fold 1 would train and "):
         check_resumable(tmp_path, {**metadata, "split": moved})
+    every = {"fold": "all", "folds": 5, "train": ["a", "b", "c"], "validation": []}
+    (checkpoint / PLANNED_FILE).write_text(json.dumps({**planned, "split": every}))
+    more = {**every, "train": ["a", "b", "c", "d"]}
+    with pytest.raises(InputFileError) as caught:
+        check_resumable(tmp_path, {**metadata, "split": more})
+    assert "(cases added since: d), so it would train on other cases;" in str(
+        caught.value
+    )
     # a classification run's dataset: its splits' sizes, wherever it is now
     planned["dataset"] = {"path": "/old/x.npz", "splits": {"train": 9, "val": 3}}
     (checkpoint / PLANNED_FILE).write_text(json.dumps(planned))

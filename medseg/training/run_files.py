@@ -171,12 +171,17 @@ def check_resumable(folder: Path, metadata: dict) -> None:
             for name, cases in (("added", has - had), ("gone", had - has))
             if cases
         )
+        fold = before.get("fold")
+        would = (
+            f"fold {fold} would train and validate on other cases"
+            if fold not in (None, "all")
+            else "it would train on other cases"
+        )
         raise InputFileError(
             folder,
             "cannot resume: the dataset has changed since this run started"
             + (f" (cases {what})" if what else "")
-            + f", so fold {before.get('fold')} would train and validate on other "
-            f"cases; {fix}",
+            + f", so {would}; {fix}",
         )
     raise InputFileError(
         folder,
