@@ -123,15 +123,11 @@ def evaluate_pairs(
         names_from=names_from,
     )
     rows = []
-    with contextlib.ExitStack() as stack:
-        if workers > 1 and len(pairs) > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
-            pool = stack.enter_context(ProcessPoolExecutor(min(workers, len(pairs))))
-            stack.callback(pool.shutdown, cancel_futures=True)  # a failure stops all
-            scored = (f.result() for f in [pool.submit(score, *p) for p in pairs])
-        else:
-            scored = (score(*pair) for pair in pairs)
+    if workers > 1 and len(pairs) > 1:
+        scored = in_processes(score, pairs, workers)
+    else:
+        scored = (score(*pair) for pair in pairs)
+    with contextlib.closing(scored):  # an error stops the processes' other work
         for (case, _, _), (case_rows, error) in zip(pairs, scored, strict=True):
             if error is not None:
                 if failures is None:
@@ -141,6 +137,48 @@ def evaluate_pairs(
             if progress:
                 progress(case)
     return rows
+
+
+def in_processes(score: Callable, pairs: Sequence[tuple], workers: int):
+    """``score(*pair)`` for each pair, in order, from ``workers`` processes at once. A
+    pair whose process dies (killed for memory, say: the pool loses the work of the
+    others too) is scored again alone in a process of its own, and if that one dies
+    too it gives ``([], InputFileError)`` naming its last path; the pairs after it
+    go on in a new pool."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    start = 0
+    while start < len(pairs):
+        pool = ProcessPoolExecutor(min(workers, len(pairs) - start))
+        try:
+            futures = [pool.submit(score, *pair) for pair in pairs[start:]]
+            for future in futures:
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    break
+                yield result
+                start += 1
+            else:
+                return
+        finally:
+            pool.shutdown(cancel_futures=True)
+        alone = ProcessPoolExecutor(1)
+        try:
+            yield alone.submit(score, *pairs[start]).result()
+        except BrokenProcessPool:
+            yield (
+                [],
+                InputFileError(
+                    pairs[start][-1],
+                    "the process scoring it died (killed for lack of memory?), also "
+                    "when scored alone",
+                ),
+            )
+        finally:
+            alone.shutdown(cancel_futures=True)
+        start += 1
 
 
 def _score_case(

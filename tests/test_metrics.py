@@ -341,6 +341,33 @@ def test_evaluate_workers_give_the_rows_and_failures_of_one_in_the_cases_order(
         evaluate_pairs(pairs, workers=3)
 
 
+def _dies_on(name, path):
+    """A scorer for in_processes whose process dies on "dies", and on "once" the
+    first time only."""
+    import os
+
+    seen = path.with_suffix(".seen")
+    if name == "dies" or (name == "once" and not seen.exists()):
+        seen.touch()
+        os._exit(9)
+    return [name], None
+
+
+def test_a_case_whose_process_dies_is_scored_alone_and_fails_only_if_it_dies_again(
+    tmp_path,
+):
+    from medseg.evaluation import in_processes
+
+    names = ["a", "once", "b", "dies", "c", "d"]
+    pairs = [(name, tmp_path / f"{name}.nii.gz") for name in names]
+    scored = list(in_processes(_dies_on, pairs, workers=2))
+    assert [rows for rows, _ in scored] == [["a"], ["once"], ["b"], [], ["c"], ["d"]]
+    assert [str(error) for _, error in scored if error is not None] == [
+        f"{tmp_path / 'dies.nii.gz'}: the process scoring it died (killed for lack of "
+        "memory?), also when scored alone"
+    ]
+
+
 def test_evaluate_names_missing_pairs_and_scores_the_rest_past_a_grid_mismatch(
     tmp_path,
 ):
