@@ -143,6 +143,10 @@ def _scan(path: Path, input_shape, mixed_precision: bool, json_path) -> None:
         raise click.UsageError(
             f"{path} is a scan; --input-shape and --mixed-precision describe models"
         )
+    from medseg.dicom import is_dicom_file, is_series_folder
+
+    if path.is_file() and is_dicom_file(path) and is_series_folder(path.parent):
+        path = path.parent  # one slice names its series, as for medseg predict
     summary = describe_scan(path)
     click.echo(format_scan(summary))
     if json_path is not None:

@@ -422,6 +422,16 @@ def test_info_on_a_scan_gives_its_grid_orientation_and_values(tmp_path):
     assert result.exit_code == 2
     assert "medseg info SCAN describes one scan" in result.output
 
+    # a slice in its series' folder names the series, as for medseg predict
+    data = pytest.importorskip("pydicom.data")
+    series = tmp_path / "series"
+    series.mkdir()
+    shutil.copy(data.get_testdata_file("CT_small.dcm"), series / "IM1")
+    result = run("info", str(series / "IM1"))
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{series}: DICOM series, 3D, 1 channel")
+    assert "  shape:          128 x 128 x 1 voxels" in result.output
+
 
 def test_every_package_folder_is_installed():
     from pathlib import Path
