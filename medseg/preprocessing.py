@@ -279,8 +279,9 @@ def handle_nonfinite(
 def blank_note(volume) -> str | None:
     """A warning when a channel of the scan holds one value in every (finite) voxel: a
     blank export, or a file written before its data was; a network labels it
-    anyway (as all background, or not), and that label map says nothing of the
-    patient. ``None`` otherwise."""
+    anyway (as all background, or not), and a blank scan's label map says nothing of
+    the patient (one blank channel of several: the labels stand on the others).
+    ``None`` otherwise."""
     array = np.asarray(volume.array)
     blank = []
     for c in range(array.shape[-1]):
@@ -296,7 +297,12 @@ def blank_note(volume) -> str | None:
         if array.shape[-1] == 1
         else "; ".join(f"every voxel of channel {c} is {v:g}" for c, v in blank)
     )
-    return f"{volume.path or 'input'}: {which}, a blank scan: its labels mean nothing"
+    what = (
+        "a blank scan: its labels mean nothing"
+        if len(blank) == array.shape[-1]
+        else "a blank channel: check its file"
+    )
+    return f"{volume.path or 'input'}: {which}, {what}"
 
 
 # the whole per-case chain

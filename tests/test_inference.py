@@ -688,8 +688,11 @@ def test_a_blank_channel_is_noted():
     scan[..., 1] = -1024.0
     scan[0, 0, 0, 1] = np.nan  # NaN aside (filled, or refused, elsewhere)
     assert note(scan) == (
-        "s.nii: every voxel of channel 1 is -1024, a blank scan: its labels mean "
-        "nothing"
+        "s.nii: every voxel of channel 1 is -1024, a blank channel: check its file"
+    )
+    assert note(np.ones((3, 3, 3, 2))) == (
+        "s.nii: every voxel of channel 0 is 1; every voxel of channel 1 is 1, a "
+        "blank scan: its labels mean nothing"
     )
     scan[1, 1, 1, 1] = -1000.0
     assert note(scan) is None
