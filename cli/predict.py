@@ -29,7 +29,8 @@ from medseg_cli._tf import start_tensorflow
     "--input",
     "input_path",
     required=True,
-    help="A scan, a folder, a glob pattern (quote it) or a dataset.json; for "
+    help="A scan, a folder, a glob pattern (quote it), a dataset.json or a .txt "
+    "list of scans (a path a line, relative to the list's folder); for "
     "classification models also a MedMNIST-style .npz.",
 )
 @click.option(

@@ -74,8 +74,10 @@ class CaseResult:
 
 def collect_inputs(path: str | Path) -> list[Path]:
     """Scans named by ``path``: a file, a folder (its scan files, else its DICOM series
-    folders), a DICOM series folder, a glob pattern, or a ``dataset.json`` (its
-    ``test`` list, else its training images). Sorted.
+    folders), a DICOM series folder, a glob pattern, a ``dataset.json`` (its ``test``
+    list, else its training images), or a list of scans (:data:`LIST_SUFFIXES`: a
+    path a line, relative to the list's folder, blank lines and ``#`` comments
+    aside; a path not there is kept, to fail by name). Sorted.
 
     Raises:
         InputFileError: nothing matches.
@@ -95,6 +97,8 @@ def collect_inputs(path: str | Path) -> list[Path]:
         else:  # every channel file of a case stored one file per channel
             cases = load_dataset(path, strict=False).cases
             files = [image for case in cases for image in case.images]
+    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        files = _listed(path)
     elif path.is_file() and is_dicom_file(path) and is_series_folder(path.parent):
         files = [path.parent]  # one slice names its series
     elif path.is_file():
@@ -129,6 +133,25 @@ def collect_inputs(path: str | Path) -> list[Path]:
     if not files:
         raise InputFileError(path, "no scan files found")
     return sorted(files)
+
+
+#: the suffixes of a text file that lists scans, a path a line
+LIST_SUFFIXES = (".txt", ".list", ".lst")
+
+
+def _listed(path: Path) -> list[Path]:
+    """The scans a list file names (see :func:`collect_inputs`), each once."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(path, f"cannot read the list ({exc})") from None
+    files = {}  # by where they are, however written
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            listed = path.parent / Path(line).expanduser()
+            files.setdefault(os.path.abspath(listed), listed)
+    return list(files.values())
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -535,6 +535,28 @@ def test_a_folder_of_subfolders_says_how_to_take_their_scans(tmp_path):
     ]
 
 
+def test_a_list_file_names_scans_relative_to_its_folder_each_once(tmp_path):
+    files = scans(tmp_path / "in", 3)
+    listing = tmp_path / "scans.txt"
+    listing.write_text(
+        "# the scans of this job\n"
+        "in/case_2.nii.gz\n"
+        "\n"
+        f"  {files[0]}  \n"  # absolute, with spaces around
+        "in/missing.nii.gz\n"
+        "in/../in/case_2.nii.gz\n"  # the same scan again
+    )
+    assert batch.collect_inputs(listing) == sorted(
+        [tmp_path / "in/case_2.nii.gz", files[0], tmp_path / "in/missing.nii.gz"]
+    )
+    listing.write_text("# nothing\n")
+    with pytest.raises(InputFileError, match="no scan files found"):
+        batch.collect_inputs(listing)
+    listing.write_bytes(b"\xff\xfe\x00 not text")
+    with pytest.raises(InputFileError, match="cannot read the list"):
+        batch.collect_inputs(listing)
+
+
 def test_an_inputs_content_id_samples_large_files_and_ignores_names(tmp_path, rng):
     small = rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()
     large = rng.integers(0, 256, (3 << 20) + 123, dtype=np.uint8).tobytes()

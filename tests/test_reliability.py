@@ -172,6 +172,25 @@ def test_a_rerun_report_keeps_the_warning_of_a_scan_the_first_run_did(tmp_path):
     assert cases[1]["warnings"] == []
 
 
+@pytest.mark.slow
+def test_a_list_of_scans_is_segmented_and_a_line_naming_no_file_fails_alone(tmp_path):
+    sources = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "scans.txt").write_text(
+        f"# two scans and a typo\n{sources[0]}\n{sources[1]}\nmissing.nii.gz\n"
+    )
+    out = tmp_path / "out"
+    result = medseg(
+        "predict", "--model", "hippocampus", "--no-tta", "--input", job / "scans.txt",
+        "--output", out,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "2 segmented, 0 skipped (output existed), 1 failed" in result.stdout
+    assert_failures_named(result.stderr, job, [("missing.nii.gz", "file not found")])
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [s.name for s in sources[:2]]
+
+
 def _limit_file_size(limit):
     def apply():  # in the child: writes past `limit` bytes fail with EFBIG
         import resource
