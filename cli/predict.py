@@ -89,6 +89,13 @@ from medseg_cli._tf import start_tensorflow
     "labels' names and the previews' colours; needs SimpleITK (the itk extra).",
 )
 @click.option(
+    "--masks",
+    is_flag=True,
+    help="Also write OUTPUT/masks/CASE/NAME.nii.gz (the label map's format): a 0/1 "
+    "mask of each label but a first named background, named after the label, for "
+    "tools that take one structure a file.",
+)
+@click.option(
     "--keep-largest",
     is_flag=True,
     help="Keep only the largest connected component of each label.",
@@ -150,6 +157,7 @@ def predict(
     dicom_seg: bool,
     preview: bool,
     seg_nrrd: bool,
+    masks: bool,
     keep_largest: bool,
     min_size_mm3: float,
     split: str,
@@ -205,10 +213,12 @@ def predict(
             f"an ensemble of {len(bundles)} models: {', '.join(map(str, bundles))}",
             err=True,
         )
-    if (dicom_seg or preview or seg_nrrd) and metadata.get("task") == "classification":
+    if (dicom_seg or preview or seg_nrrd or masks) and metadata.get(
+        "task"
+    ) == "classification":
         raise click.UsageError(
-            "--dicom-seg, --preview and --seg-nrrd are of label maps; this is a "
-            "classifier"
+            "--dicom-seg, --preview, --seg-nrrd and --masks are of label maps; this is "
+            "a classifier"
         )
     if seg_nrrd and not itkio.available():
         raise click.UsageError('--seg-nrrd needs SimpleITK: pip install "medseg[itk]"')
@@ -292,6 +302,7 @@ def predict(
         dicom_seg="+".join(b.name for b in bundles) if dicom_seg else None,
         preview=preview,
         seg_nrrd=seg_nrrd,
+        masks=batch.mask_names(segmenter.values, segmenter.names) if masks else (),
     )
     if single:
         inputs_named = {inputs[0]: output.name}

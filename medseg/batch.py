@@ -337,13 +337,15 @@ class Beside:
     (``CASE_probabilities.npz``), its DICOM Segmentation object (``CASE_seg.dcm``,
     ``dicom_seg`` being the algorithm's name it records; every input a DICOM series),
     a picture of it (``previews/CASE.png``), a 3D Slicer segmentation of it
-    (``slicer/CASE.seg.nrrd``). They are written before the label map, so a case is
-    done when its label map and these exist."""
+    (``slicer/CASE.seg.nrrd``), one mask a label (``masks/CASE/NAME.nii.gz``, the
+    names :func:`mask_names` gives). They are written before the label map, so a case
+    is done when its label map and these exist."""
 
     probabilities: bool = False
     dicom_seg: str | None = None
     preview: bool = False
     seg_nrrd: bool = False
+    masks: tuple[tuple[int, str], ...] = ()  # (label value, file name) each
 
     def files(self, target: Path) -> list[Path]:
         """Those beside the label map ``target``."""
@@ -356,7 +358,7 @@ class Beside:
                 (slicer_for, self.seg_nrrd),
             )
             if wanted
-        ]
+        ] + [mask_for(target, name) for _, name in self.masks]
 
 
 #: every file a run may write beside a label map
@@ -432,6 +434,34 @@ def slicer_for(label_path: Path) -> Path:
     own: beside the label maps, ``medseg evaluate`` would take them for more)."""
     stem = split_suffix(label_path)[0]
     return label_path.parent / SLICER / f"{stem}.seg.nrrd"
+
+
+#: the folder of one-label masks in an output folder (``--masks``)
+MASKS = "masks"
+
+
+def masks_folder(label_path: Path) -> Path:
+    """``case.nii.gz`` -> ``masks/case/`` in its folder."""
+    return label_path.parent / MASKS / split_suffix(label_path)[0]
+
+
+def mask_for(label_path: Path, name: str) -> Path:
+    """``case.nii.gz`` and a file name -> ``masks/case/NAME.nii.gz`` (the label map's
+    format)."""
+    return masks_folder(label_path) / f"{name}{split_suffix(label_path)[1]}"
+
+
+def mask_names(values, names) -> tuple[tuple[int, str], ...]:
+    """``(label value, file name)`` of each label a mask is written of (all but a first
+    one named background): the label's name with characters other than letters,
+    digits, ``.``, ``_`` and ``-`` as ``_``; a name that two labels would share, or
+    none, gets the value before it (``2_left``)."""
+    pairs = _measured(values, names)
+    safe = [re.sub(r"[^\w.-]", "_", str(name)).strip("._") for _, name in pairs]
+    return tuple(
+        (int(value), name if name and safe.count(name) == 1 else f"{value}_{name}")
+        for (value, _), name in zip(pairs, safe, strict=True)
+    )
 
 
 def preview_for(label_path: Path) -> Path:
@@ -783,6 +813,8 @@ def segment_all(
         for name in (target, *EVERYTHING_BESIDE.files(target)):
             for stale in name.parent.glob(f".{glob.escape(name.name)}.*.partial*"):
                 stale.unlink(missing_ok=True)
+        for stale in masks_folder(target).glob(".*.partial*"):
+            stale.unlink(missing_ok=True)
     todo, suspects, refused = _after_a_dead_run(todo)
     for path, target in refused:  # a scan a run died on, alone: named, not tried
         result = CaseResult(str(path), str(target), "failed")
@@ -1151,6 +1183,12 @@ def _write(
         )
     if beside.seg_nrrd:
         _write_slicer(labels, slicer_for(target), prediction, content)
+    if beside.masks:
+        masks_folder(target).mkdir(parents=True, exist_ok=True)
+        array = np.asarray(labels.array)
+        for value, name in beside.masks:
+            mask = labels.with_array((array == value).astype(np.uint8))
+            write_volume(mask, mask_for(target, name), is_label=True)
     if beside.probabilities:
         from medseg.inference import write_probabilities
 

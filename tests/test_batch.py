@@ -1097,3 +1097,64 @@ def test_a_label_map_is_also_written_as_a_slicer_segmentation_when_asked(tmp_pat
     em = read_volume(tmp_path / "em" / "slicer" / "case.seg.nrrd")
     assert slicer_segments(em.header) == [Segment("cell", 255, 0)]
     assert em.header["Segment0_ID"] == "Segment_255"
+
+
+def test_mask_names_are_the_labels_made_safe_for_file_names():
+    assert batch.mask_names((0, 1, 2), ("background", "Anterior", "Posterior")) == (
+        (1, "Anterior"),
+        (2, "Posterior"),
+    )
+    assert batch.mask_names((0, 255), ("membrane", "cell")) == (
+        (0, "membrane"),
+        (255, "cell"),
+    )
+    assert batch.mask_names(
+        (0, 1, 2, 3, 4), ("Background", "left kidney", "left/kidney", "a*b", "..")
+    ) == ((1, "1_left_kidney"), (2, "2_left_kidney"), (3, "a_b"), (4, "4_"))
+
+
+def test_masks_of_each_label_are_written_with_the_label_map_and_count_for_done(
+    tmp_path,
+):
+    from medseg.inference import Prediction
+
+    affine = np.diag([0.8, 1.1, 2.5, 1.0])
+    affine[:3, 3] = [-7.0, 3.0, 11.0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    scan = np.zeros((9, 8, 7), np.float32)
+    scan[1:4, 2:6, 1:3] = 1
+    scan[5:9, 0:2, 4:7] = 2
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(scan, affine), inputs / f"{name}.nii.gz")
+
+    def segment(volume):
+        return Prediction(
+            volume.with_array(volume.array.astype(np.uint8)),
+            values=(0, 1, 2),
+            names=names,
+        )
+
+    out = tmp_path / "out"
+    names = ("background", "left lobe", "right")
+    beside = batch.Beside(masks=batch.mask_names((0, 1, 2), names))
+    files = sorted(inputs.iterdir())
+    batch.segment_all(segment, files, out, beside=beside)
+    for case in ("a", "b"):
+        labels = nib.load(out / f"{case}.nii.gz")
+        for value, name in ((1, "left_lobe"), (2, "right")):
+            mask = nib.load(out / "masks" / case / f"{name}.nii.gz")
+            np.testing.assert_array_equal(np.asarray(mask.dataobj), scan == value)
+            np.testing.assert_allclose(mask.affine, labels.affine)
+            assert mask.get_data_dtype() == np.uint8
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["a", "b"]
+    # a case is done when its masks are there too; a killed run's partial mask goes
+    (out / "masks" / "b" / "right.nii.gz").unlink()
+    stale = out / "masks" / "b" / ".right.nii.gz.1234.partial"
+    stale.write_bytes(b"half")
+    results = batch.segment_all(segment, files, out, beside=beside)
+    assert [(Path(r.input).name, r.status) for r in results] == [
+        ("a.nii.gz", "skipped"),
+        ("b.nii.gz", "done"),
+    ]
+    assert (out / "masks" / "b" / "right.nii.gz").exists() and not stale.exists()
