@@ -4,6 +4,7 @@ or the grid, orientation and values of a scan."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -28,7 +29,9 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 @click.command("info")
-@click.argument("model_or_config", type=click.Path(path_type=Path))
+@click.argument(
+    "model_or_config", nargs=-1, required=True, type=click.Path(path_type=Path)
+)
 @click.option(
     "--input-shape",
     help="Spatial input size, e.g. 64,64,64 (needed for "
@@ -60,7 +63,7 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     help="Also write the summary as JSON.",
 )
 def info(
-    model_or_config: Path,
+    model_or_config: tuple[Path, ...],
     input_shape: str | None,
     batch_size: int,
     optimizer: str,
@@ -76,18 +79,20 @@ def info(
     (parameters, gradients, optimizer state, activations) at --batch-size, so you can
     see whether a patch and batch size fit your GPU before training.
 
-    Given a scan instead (a NIfTI, picture, NumPy, MetaImage or NRRD file, or a
-    DICOM series folder), prints it as every command reads it: shape, spacing, field
-    of view, orientation and obliquity, affine, voxel type, the range of its values
-    (and each value's count where there are few whole ones: a label map), and what
-    the reader had to fix or assume.
+    Given scans instead (NIfTI, picture, NumPy, MetaImage or NRRD files, or DICOM
+    series folders; one or more), prints each as every command reads it: shape,
+    spacing, field of view, orientation and obliquity, affine, voxel type, the range
+    of its values (and each value's count where there are few whole ones: a label
+    map), and what the reader had to fix or assume. Of several, one that cannot be
+    read is named and the others described (exit 1).
     """
     from medseg.errors import InputFileError
     from medseg.scan_report import is_scan_path
 
-    if is_scan_path(model_or_config):
-        _scan(model_or_config, input_shape, mixed_precision, json_path)
+    if len(model_or_config) > 1 or is_scan_path(model_or_config[0]):
+        _scans(model_or_config, input_shape, mixed_precision, json_path)
         return
+    (model_or_config,) = model_or_config
     shape = parse_shape(input_shape)
     if not model_or_config.exists():
         from medseg.bundle import shipped_models
@@ -134,24 +139,44 @@ def info(
         click.echo(f"summary written to {json_path}")
 
 
-def _scan(path: Path, input_shape, mixed_precision: bool, json_path) -> None:
-    """``medseg info SCAN``."""
+def _scans(paths, input_shape, mixed_precision: bool, json_path) -> None:
+    """``medseg info SCAN...``: one scan's summary (a JSON object), or several's (a
+    JSON list, each failure as its path and error)."""
+    from medseg.dicom import is_dicom_file, is_series_folder
+    from medseg.errors import InputFileError
     from medseg.io import atomic_write_text
-    from medseg.scan_report import describe_scan, format_scan
+    from medseg.scan_report import describe_scan, format_scan, is_scan_path
 
+    others = [str(p) for p in paths if not is_scan_path(p)]
+    if others:
+        raise click.UsageError(
+            f"{', '.join(others)}: not a scan; give one model or config, or scans"
+        )
     if input_shape is not None or mixed_precision:
         raise click.UsageError(
-            f"{path} is a scan; --input-shape and --mixed-precision describe models"
+            f"{paths[0]} is a scan; --input-shape and --mixed-precision describe models"
         )
-    from medseg.dicom import is_dicom_file, is_series_folder
-
-    if path.is_file() and is_dicom_file(path) and is_series_folder(path.parent):
-        path = path.parent  # one slice names its series, as for medseg predict
-    summary = describe_scan(path)
-    click.echo(format_scan(summary))
+    summaries, failed = [], 0
+    for k, path in enumerate(paths):
+        if path.is_file() and is_dicom_file(path) and is_series_folder(path.parent):
+            path = path.parent  # one slice names its series, as for medseg predict
+        try:
+            summary = describe_scan(path)
+        except InputFileError as exc:
+            if len(paths) == 1:
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            summaries.append({"path": str(path), "error": str(exc)})
+            failed += 1
+            continue
+        click.echo(("\n" if k else "") + format_scan(summary))
+        summaries.append(summary)
     if json_path is not None:
-        atomic_write_text(json_path, json.dumps(summary, indent=2) + "\n")
+        record = summaries[0] if len(paths) == 1 else summaries
+        atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
         click.echo(f"summary written to {json_path}")
+    if failed:
+        sys.exit(1)
 
 
 def _with_classes(config, path: Path):

@@ -421,6 +421,21 @@ def test_info_on_a_scan_gives_its_grid_orientation_and_values(tmp_path):
     result = CliRunner().invoke(main, ["data", "check", str(path)])
     assert result.exit_code == 2
     assert "medseg info SCAN describes one scan" in result.output
+    # several scans, one not there: the others described, that one named, exit 1
+    several = [str(tmp_path / "lab.nii.gz"), str(tmp_path / "gone.nii"), str(path)]
+    result = CliRunner().invoke(main, ["info", *several, "--json", str(tmp_path / "m")])
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {tmp_path / 'gone.nii'}: file not found\n"
+    assert result.stdout.count(": NIfTI, 3D, 1 channel") == 2
+    described = json.loads((tmp_path / "m").read_text())
+    assert [d["path"] for d in described] == several
+    assert described[1]["error"].endswith("file not found")
+    assert described[0]["shape"] == [6, 5, 4]
+    result = CliRunner().invoke(main, ["info", "hippocampus", str(path)])
+    assert result.exit_code == 2
+    assert "hippocampus: not a scan; give one model or config, or scans" in (
+        result.output
+    )
 
     # a slice in its series' folder names the series, as for medseg predict
     data = pytest.importorskip("pydicom.data")
