@@ -122,7 +122,7 @@ def evaluate_pairs(
         names=names,
         names_from=names_from,
     )
-    rows = []
+    rows, pairs = [], list(pairs)
     if workers > 1 and len(pairs) > 1:
         scored = in_processes(score, pairs, workers)
     else:
