@@ -1500,8 +1500,12 @@ def carry_earlier_records(results: list[CaseResult], reports) -> int:
     given = 0
     for result in results:
         case = records.get(_case_key(result.input, result.output))
-        if result.status != "skipped" or case is None:
-            continue
+        if (
+            result.status != "skipped"
+            or case is None
+            or not is_done(Path(result.output))
+        ):
+            continue  # (skipped, its label map not there: left to another run)
         try:
             result.seconds = float(case["seconds"])
             result.input_shape = case["input_shape"]

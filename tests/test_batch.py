@@ -405,6 +405,12 @@ def test_a_rerun_reports_what_the_run_that_made_a_label_map_noted(tmp_path):
     assert third[0].warnings == [f"{files[0]}: seen"]
     assert third[1].warnings == [f"{files[1]}: seen"]
     assert third[2].warnings == [f"{moved / files[2].name}: seen"]
+    # skipped with no label map there (left to another run that has it in hand): its
+    # record is not the old one's
+    (out / files[0].name).unlink()
+    left = batch.CaseResult(str(files[0]), str(out / files[0].name), "skipped")
+    assert batch.carry_earlier_records([left], reports) == 0
+    assert not left.earlier_run and left.warnings == []
 
 
 def test_outputs_drop_nnunet_channel_suffix_only_when_every_input_has_it(tmp_path):
