@@ -24,6 +24,13 @@ class InputFileError(ValueError):
         return (type(self), (self.path, self.problem))
 
 
+def some_of(names, most: int = 5) -> str:
+    """``a, b, c`` of a list in a message, the first ``most`` and how many more."""
+    names = [str(n) for n in names]
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
 class ConfigError(ValueError):
     """A setting that cannot work with this data or model (the command line names the
     config file with it)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import InputFileError
+from medseg.errors import InputFileError, some_of
 from medseg.io import SCAN_SUFFIXES, case_name, off_grid, read_volume, split_suffix
 from medseg.metrics import LESION_COLUMNS, METRIC_COLUMNS, label_metrics
 
@@ -69,15 +69,9 @@ def pair_files(prediction: Path, truth: Path) -> list[tuple[str, Path, Path]]:
     if missing or extra:
         parts = []
         if missing:
-            parts.append(
-                f"no prediction for {', '.join(missing[:5])}"
-                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            )
+            parts.append(f"no prediction for {some_of(missing)}")
         if extra:
-            parts.append(
-                f"no truth for {', '.join(extra[:5])}"
-                + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-            )
+            parts.append(f"no truth for {some_of(extra)}")
         raise InputFileError(prediction, "; ".join(parts))
     if not truths:
         raise InputFileError(truth, "no scan files found")

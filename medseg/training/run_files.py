@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from medseg.config import Config
-from medseg.errors import InputFileError
+from medseg.errors import InputFileError, some_of
 from medseg.io import atomic_output
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def check_resumable(folder: Path, metadata: dict) -> None:
         had = set(before.get("train", []) + before.get("validation", []))
         has = set(after.get("train", []) + after.get("validation", []))
         what = "; ".join(
-            f"{name} since: {_some(cases)}"
+            f"{name} since: {some_of(sorted(cases))}"
             for name, cases in (("added", has - had), ("gone", had - has))
             if cases
         )
@@ -199,12 +199,6 @@ def _planned(metadata: dict) -> dict:
             k: v for k, v in planned["dataset"].items() if k != "path"
         }
     return planned
-
-
-def _some(names, most: int = 5) -> str:
-    names = sorted(names)
-    more = f" and {len(names) - most} more" if len(names) > most else ""
-    return ", ".join(names[:most]) + more
 
 
 def checkpoint_folder(folder: Path) -> Path | None:
