@@ -142,7 +142,7 @@ def info(
 def _scans(paths, input_shape, mixed_precision: bool, json_path) -> None:
     """``medseg info SCAN...``: one scan's summary (a JSON object), or several's (a
     JSON list, each failure as its path and error)."""
-    from medseg.dicom import is_dicom_file, is_series_folder
+    from medseg.dicom import named_scan
     from medseg.errors import InputFileError
     from medseg.io import atomic_write_text
     from medseg.scan_report import describe_scan, format_scan, is_scan_path
@@ -158,8 +158,7 @@ def _scans(paths, input_shape, mixed_precision: bool, json_path) -> None:
         )
     summaries, failed = [], 0
     for k, path in enumerate(paths):
-        if path.is_file() and is_dicom_file(path) and is_series_folder(path.parent):
-            path = path.parent  # one slice names its series, as for medseg predict
+        path = named_scan(path)  # one slice names its series, as for medseg predict
         try:
             summary = describe_scan(path)
         except InputFileError as exc:

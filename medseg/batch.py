@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.dicom import dicom_files, is_dicom_file, is_series_folder
+from medseg.dicom import dicom_files, is_series_folder, named_scan
 from medseg.errors import InputFileError
 from medseg.io import (
     SCAN_SUFFIXES,
@@ -99,8 +99,8 @@ def collect_inputs(path: str | Path) -> list[Path]:
             files = [image for case in cases for image in case.images]
     elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         files = _listed(path)
-    elif path.is_file() and is_dicom_file(path) and is_series_folder(path.parent):
-        files = [path.parent]  # one slice names its series
+    elif named_scan(path) != path:
+        files = [named_scan(path)]  # one slice names its series
     elif path.is_file():
         files = [path]
     elif is_series_folder(path):  # one DICOM series: one scan

@@ -61,6 +61,15 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
+def named_scan(path: Path) -> Path:
+    """The scan ``path`` names: a DICOM slice in a folder of its series' files names
+    the series (that folder); any other path itself."""
+    path = Path(path)
+    if path.is_file() and is_dicom_file(path) and is_series_folder(path.parent):
+        return path.parent
+    return path
+
+
 def _candidate(path: Path) -> bool:
     """A file that may be a slice: not hidden, not a media directory (DICOMDIR)."""
     return (
