@@ -57,6 +57,27 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     help="Count activations at 2 bytes (float16/bfloat16) instead of 4.",
 )
 @click.option(
+    "--model",
+    "scan_model",
+    help="With scans: also show what medseg predict would do with each scan and "
+    "this segmentation bundle (or shipped model): refused or not, the grid it is "
+    "resampled to, the windows and forward passes, the probabilities' memory, and "
+    "its warnings; the network is not run.",
+)
+@click.option(
+    "--overlap",
+    type=click.FloatRange(0, 0.95),
+    default=0.5,
+    show_default=True,
+    help="With --model: the sliding-window overlap predict would use.",
+)
+@click.option(
+    "--tta/--no-tta",
+    default=True,
+    show_default=True,
+    help="With --model: count test-time mirroring as predict does by default.",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -68,6 +89,9 @@ def info(
     batch_size: int,
     optimizer: str,
     mixed_precision: bool,
+    scan_model: str | None,
+    overlap: float,
+    tta: bool,
     json_path: Path | None,
 ) -> None:
     """Describe MODEL_OR_CONFIG: a .keras model, a model bundle folder (or the name of
@@ -84,14 +108,30 @@ def info(
     spacing, field of view, orientation and obliquity, affine, voxel type, the range
     of its values (and each value's count where there are few whole ones: a label
     map), and what the reader had to fix or assume. Of several, one that cannot be
-    read is named and the others described (exit 1).
+    read is named and the others described (exit 1). With --model, also what medseg
+    predict would do with each scan and that bundle, without running the network.
     """
     from medseg.errors import InputFileError
     from medseg.scan_report import is_scan_path
 
     if len(model_or_config) > 1 or is_scan_path(model_or_config[0]):
-        _scans(model_or_config, input_shape, mixed_precision, json_path)
+        model = _scan_model(scan_model) if scan_model is not None else None
+        _scans(
+            model_or_config,
+            input_shape,
+            mixed_precision,
+            json_path,
+            model,
+            overlap=overlap,
+            tta=tta,
+        )
         return
+    given = click.get_current_context().get_parameter_source
+    for name, option in [("scan_model", "--model"), ("overlap", "--overlap")]:
+        if given(name) == click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError(
+                f"{model_or_config[0]} is not a scan; {option} describes scans"
+            )
     (model_or_config,) = model_or_config
     shape = parse_shape(input_shape)
     if not model_or_config.exists():
@@ -139,7 +179,24 @@ def info(
         click.echo(f"summary written to {json_path}")
 
 
-def _scans(paths, input_shape, mixed_precision: bool, json_path) -> None:
+def _scan_model(model: str) -> tuple[str, dict]:
+    """``--model``'s name and ``medseg.json``, a segmentation bundle's."""
+    from medseg.bundle import read_metadata, resolve
+    from medseg.errors import InputFileError
+
+    folder = resolve(model)
+    metadata = read_metadata(folder)
+    if metadata.get("task") != "segmentation":
+        raise InputFileError(
+            folder,
+            f"a {metadata.get('task')} bundle; --model takes a segmentation bundle",
+        )
+    return model, metadata
+
+
+def _scans(
+    paths, input_shape, mixed_precision: bool, json_path, model=None, **options
+) -> None:
     """``medseg info SCAN...``: one scan's summary (a JSON object), or several's (a
     JSON list, each failure as its path and error)."""
     from medseg.dicom import named_scan
@@ -152,6 +209,8 @@ def _scans(paths, input_shape, mixed_precision: bool, json_path) -> None:
         raise click.UsageError(
             f"{', '.join(others)}: not a scan; give one model or config, or scans"
         )
+    if model is None and (options["overlap"] != 0.5 or not options["tta"]):
+        raise click.UsageError("--overlap and --no-tta describe scans with --model")
     if input_shape is not None or mixed_precision:
         raise click.UsageError(
             f"{paths[0]} is a scan; --input-shape and --mixed-precision describe models"
@@ -160,7 +219,7 @@ def _scans(paths, input_shape, mixed_precision: bool, json_path) -> None:
     for k, path in enumerate(paths):
         path = named_scan(path)  # one slice names its series, as for medseg predict
         try:
-            summary = describe_scan(path)
+            summary = describe_scan(path, model, **options)
         except InputFileError as exc:
             if len(paths) == 1:
                 raise

@@ -460,26 +460,7 @@ class Segmenter:
             InputFileError: the scan has other spatial dimensions or channels than the
                 model segments, or is a single slice given to a 3D network.
         """
-        dims, channels = len(self.window), self.metadata["in_channels"]
-        volume = volume.with_array(
-            _one_grey(volume.array, volume.spatial_dims, channels)
-        )
-        if volume.spatial_dims != dims or volume.num_channels != channels:
-            raise InputFileError(
-                volume.path or "input",
-                f"{volume.spatial_dims}D scan with {volume.num_channels} channel(s)"
-                f"{_colour_note(volume.array, volume.spatial_dims, channels)}, "
-                f"but the model segments {dims}D scans with {channels} channel(s)",
-            )
-        if dims == 3 and 1 in volume.spatial_shape and min(self.window) > 1:
-            # a 2D NIfTI, or one slice saved as 3D: a 3D network would see it between
-            # zero slices and return a label map that looks valid but means nothing
-            raise InputFileError(
-                volume.path or "input",
-                f"a single slice (shape {' x '.join(map(str, volume.spatial_shape))}), "
-                "but the model segments 3D volumes",
-            )
-        return volume
+        return check_scan(volume, self.window, self.metadata["in_channels"])
 
     def predict(self, volume: Volume) -> Prediction:
         """Labels (and probabilities) on ``volume``'s own grid and header.
@@ -500,6 +481,86 @@ class Segmenter:
     def segment(self, volume: Volume) -> Volume:
         """Label map (declared label values) on ``volume``'s own grid and header."""
         return self.predict(volume).labels
+
+
+def check_scan(volume: Volume, window: Sequence[int], channels: int) -> Volume:
+    """``volume`` as a network of ``window`` (its sliding window on the scan) and
+    ``channels`` input channels takes it: see :meth:`Segmenter.check`."""
+    dims = len(window)
+    volume = volume.with_array(_one_grey(volume.array, volume.spatial_dims, channels))
+    if volume.spatial_dims != dims or volume.num_channels != channels:
+        raise InputFileError(
+            volume.path or "input",
+            f"{volume.spatial_dims}D scan with {volume.num_channels} channel(s)"
+            f"{_colour_note(volume.array, volume.spatial_dims, channels)}, "
+            f"but the model segments {dims}D scans with {channels} channel(s)",
+        )
+    if dims == 3 and 1 in volume.spatial_shape and min(window) > 1:
+        # a 2D NIfTI, or one slice saved as 3D: a 3D network would see it between
+        # zero slices and return a label map that looks valid but means nothing
+        raise InputFileError(
+            volume.path or "input",
+            f"a single slice (shape {' x '.join(map(str, volume.spatial_shape))}), "
+            "but the model segments 3D volumes",
+        )
+    return volume
+
+
+def scan_plan(
+    volume: Volume, metadata: dict, *, overlap: float = 0.5, tta: bool = True
+) -> dict:
+    """What ``medseg predict`` would do with ``volume`` and the segmentation bundle of
+    ``metadata`` (its ``medseg.json``), found without the network or resampling.
+
+    Keys: ``refused`` (why predict would refuse the scan, else ``None``; the other
+    keys but ``warnings`` are then ``None``), ``grid_shape`` and ``grid_spacing_mm``
+    (the preprocessed scan: RAS order, cropped, resampled), ``window`` (the sliding
+    window on that grid; a 2D network on volumes: one slice of it), ``overlap``,
+    ``windows`` (in all), ``mirrored`` (predictions of each window: 1, or
+    ``2 ** len(mirror axes)`` with test-time augmentation), ``forward_passes`` (of
+    ``batch_size`` windows, the mirrored ones in passes of their own),
+    ``batch_size``, ``probabilities_mib`` (the float32 class probabilities held on the
+    padded grid while windows are blended) and ``warnings`` (those predict gives a
+    scan it segments).
+    """
+    from medseg.preprocessing import Preprocessor
+    from medseg.training.planning import window_of
+
+    slice_axis = (metadata.get("plan") or {}).get("slice_axis")
+    window = window_of(metadata["patch_size"], slice_axis)
+    mirror = bundle_mirror_axes(metadata) if tta else ()
+    batch = windows_per_pass(window)
+    plan = dict.fromkeys(
+        ["refused", "grid_shape", "grid_spacing_mm", "window", "overlap", "windows"]
+        + ["mirrored", "forward_passes", "batch_size", "probabilities_mib"]
+    )
+    preprocessor = Preprocessor.from_dict(metadata["preprocessing"])
+    try:
+        volume = check_scan(volume, window, metadata["in_channels"])
+        shape, spacing = preprocessor.grid(volume)
+    except InputFileError as exc:
+        return {**plan, "refused": exc.problem, "warnings": []}
+    warnings = [note] if (note := blank_note(volume)) else []
+    if note := field_of_view_note(volume, metadata.get("fingerprint")):
+        warnings.append(note)
+    padded = [max(n, p) for n, p in zip(shape, window, strict=True)]
+    windows = math.prod(
+        len(window_starts(n, p, overlap)) for n, p in zip(padded, window, strict=True)
+    )
+    classes = len(metadata["labels"])
+    return {
+        **plan,
+        "grid_shape": list(shape),
+        "grid_spacing_mm": list(spacing),
+        "window": list(window),
+        "overlap": overlap,
+        "windows": windows,
+        "mirrored": 2 ** len(mirror),
+        "forward_passes": math.ceil(windows / batch) * 2 ** len(mirror),
+        "batch_size": batch,
+        "probabilities_mib": math.prod(padded) * classes * 4 / 2**20,
+        "warnings": warnings,
+    }
 
 
 def ensemble_problem(bundles: Sequence, metadatas: Sequence[dict]) -> tuple | None:

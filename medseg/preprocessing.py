@@ -359,6 +359,28 @@ class Preprocessor:
             records.append(record)
         return normalize(np.asarray(volume.array), self.normalizers), records
 
+    def grid(self, volume) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """The spatial shape and spacing (mm) :meth:`image` gives ``volume``, found
+        without resampling or normalising it.
+
+        Raises:
+            InputFileError: NaN/Inf voxels under the ``"error"`` policy.
+        """
+        from medseg import geometry
+
+        path = volume.path or "image"
+        array = handle_nonfinite(np.asarray(volume.array), path, self.nonfinite)
+        volume, _ = geometry.reorient_to_canonical(volume.with_array(array))
+        if self.crop_nonzero:
+            volume, _ = geometry.crop_to_nonzero(volume)
+        shape, spacing = volume.spatial_shape, volume.spacing
+        if self.target_spacing_mm is None:
+            return tuple(int(n) for n in shape), tuple(float(s) for s in spacing)
+        resampled = geometry.resampled_shape(shape, spacing, self.target_spacing_mm)
+        return resampled, tuple(
+            float(n * s / m) for n, s, m in zip(shape, spacing, resampled, strict=True)
+        )
+
     def label(self, volume, records) -> np.ndarray:
         """The label map of the same case, moved onto the preprocessed image's grid."""
         from medseg import geometry

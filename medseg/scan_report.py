@@ -51,7 +51,13 @@ def is_scan_path(path: str | Path) -> bool:
     )
 
 
-def describe_scan(path: str | Path) -> dict:
+def describe_scan(
+    path: str | Path,
+    model: tuple[str, dict] | None = None,
+    *,
+    overlap: float = 0.5,
+    tta: bool = True,
+) -> dict:
     """The scan at ``path`` as medseg reads it, as plain JSON-ready values.
 
     Keys: ``path``, ``format``, ``spatial_dims``, ``channels``, ``shape``,
@@ -64,7 +70,9 @@ def describe_scan(path: str | Path) -> dict:
     qform codes, NIfTI only), ``values`` (per channel: ``min``, ``max``, ``mean``,
     ``sd`` over finite voxels, ``nonfinite``, and ``counts`` of each value where the
     channel holds whole numbers of at most :data:`MOST_VALUES_LISTED` kinds, else
-    ``None``) and ``notes``.
+    ``None``) and ``notes``. With ``model`` (a segmentation bundle's name and its
+    ``medseg.json``), also ``model``: its ``name`` and what ``medseg predict`` would
+    do with the scan at ``overlap`` and ``tta`` (:func:`medseg.inference.scan_plan`).
 
     Raises:
         InputFileError: the file cannot be read as a scan (the reason named).
@@ -91,7 +99,7 @@ def describe_scan(path: str | Path) -> dict:
             "sform": int(header["sform_code"]),
             "qform": int(header["qform_code"]),
         }
-    return {
+    summary = {
         "path": str(path),
         "format": info.format,
         "spatial_dims": dims,
@@ -110,6 +118,13 @@ def describe_scan(path: str | Path) -> dict:
         "values": [_channel_values(array[..., c]) for c in range(array.shape[-1])],
         "notes": notes,
     }
+    if model is not None:
+        from medseg.inference import scan_plan
+
+        name, metadata = model
+        plan = scan_plan(volume, metadata, overlap=overlap, tta=tta)
+        summary["model"] = {"name": name, **plan}
+    return summary
 
 
 def _oblique_deg(affine, spatial_dims: int) -> float:
@@ -231,4 +246,43 @@ def format_scan(summary: dict) -> str:
             )
     for note in summary["notes"]:
         row("note", note)
+    if "model" in summary:
+        _format_plan(summary["model"], summary["notes"], row)
     return "\n".join(lines)
+
+
+def _format_plan(plan: dict, notes, row) -> None:
+    """The rows of ``medseg info SCAN --model``."""
+
+    def sizes(values, digits: str = "d") -> str:
+        return " x ".join(f"{v:{digits}}" for v in values)
+
+    if plan["refused"] is not None:
+        row("model", f"{plan['name']} would refuse it: {plan['refused']}")
+    else:
+        row("model", f"{plan['name']}, as medseg predict would segment it")
+        row(
+            "model grid",
+            f"{sizes(plan['grid_shape'])} at {sizes(plan['grid_spacing_mm'], '.4g')} "
+            "mm (reoriented, cropped and resampled as in training)",
+        )
+        windows = plan["windows"]
+        mirrored = plan["mirrored"]
+        row(
+            "windows",
+            f"{windows:,} of {sizes(plan['window'])} (overlap {plan['overlap']:g})"
+            + (
+                f", each also mirrored: {windows * mirrored:,} predicted"
+                if mirrored > 1
+                else ""
+            )
+            + f"; {plan['forward_passes']:,} forward passes of up to "
+            f"{plan['batch_size']} windows",
+        )
+        row(
+            "probabilities",
+            f"{plan['probabilities_mib']:.3g} MiB (float32, while windows are blended)",
+        )
+    for warning in plan["warnings"]:
+        if warning not in notes:
+            row("warning", warning)

@@ -448,6 +448,77 @@ def test_info_on_a_scan_gives_its_grid_orientation_and_values(tmp_path):
     assert "  shape:          128 x 128 x 1 voxels" in result.output
 
 
+def test_info_on_scans_with_a_model_says_what_predict_would_do(tmp_path):
+    from skimage.io import imsave
+
+    from medseg.bundle import read_metadata, resolve
+    from medseg.io import read_volume
+    from medseg.preprocessing import Preprocessor
+
+    scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    # the sample scan at 0.5 mm along its first axis, cropped tighter by a zero margin
+    array = np.asanyarray(nib.load(scan).dataobj).astype(np.float32)
+    array = np.pad(array, [(4, 0), (0, 3), (0, 0)])
+    fine = save_nifti(tmp_path / "fine.nii.gz", array, np.diag([0.5, 1, 1, 1]))
+    picture = tmp_path / "p.png"
+    imsave(picture, np.zeros((8, 9), np.uint8), check_contrast=False)
+    result = CliRunner().invoke(
+        main,
+        ["info", str(fine), str(picture), "--model", "hippocampus"]
+        + ["--json", str(tmp_path / "s.json")],
+    )
+    assert result.exit_code == 0, result.output
+    metadata = read_metadata(resolve("hippocampus"))
+    image, _ = Preprocessor.from_dict(metadata["preprocessing"]).image(
+        read_volume(fine)
+    )
+    shape = list(image.shape[:-1])  # the real preprocessing's grid
+    assert shape[0] < array.shape[0] * 0.5 + 1 and shape[1] == array.shape[1] - 3
+    described, pictured = json.loads((tmp_path / "s.json").read_text())
+    plan = described["model"]
+    assert plan["name"] == "hippocampus" and plan["refused"] is None
+    assert plan["grid_shape"] == shape and plan["grid_spacing_mm"] == [1.0, 1.0, 1.0]
+    # each side under the 40 x 56 x 40 window: one window, mirrored on two axes
+    assert plan["window"] == [40, 56, 40] and plan["windows"] == 1
+    assert plan["mirrored"] == 4 and plan["forward_passes"] == 4
+    assert plan["probabilities_mib"] == pytest.approx(40 * 56 * 40 * 3 * 4 / 2**20)
+    assert pictured["model"]["refused"] == (
+        "2D scan with 1 channel(s), but the model segments 3D scans with 1 channel(s)"
+    )
+    size = " x ".join(map(str, shape))
+    assert f"  model grid:     {size} at 1 x 1 x 1 mm" in result.output
+    assert (
+        "  windows:        1 of 40 x 56 x 40 (overlap 0.5), each also mirrored: 4 "
+        "predicted; 4 forward passes of up to 4 windows"
+    ) in result.output
+    assert "  model:          hippocampus would refuse it: 2D scan" in result.output
+
+    # wider overlap and no mirroring; a scan far larger than the training scans
+    big = save_nifti(tmp_path / "big.nii", np.ones((130, 60, 40), np.float32))
+    result = run("info", str(big), "--model", "hippocampus", "--no-tta")
+    assert result.exit_code == 0, result.output
+    # 130 along a 40 window at overlap 0.5: ceil(90 / 20) + 1 = 6; 60 along 56: 2
+    assert "  windows:        12 of 40 x 56 x 40 (overlap 0.5); 3 forward" in (
+        result.output
+    )
+    assert "  warning:        " in result.output
+    assert "field of view 130 x 60 x 40 mm, while the longest side" in result.output
+    result = run("info", str(big), "--model", "hippocampus", "--overlap", "0")
+    # at no overlap: ceil(90 / 40) + 1 = 4 along the first axis
+    assert "  windows:        8 of 40 x 56 x 40 (overlap 0), each also" in (
+        result.output
+    )
+    # the options without a scan or without --model, a folder that is no bundle
+    for args, error in [
+        (["hippocampus", "--model", "hippocampus"], "hippocampus is not a scan; "),
+        ([str(big), "--overlap", "0.2"], "--overlap and --no-tta describe scans with"),
+        ([str(big), "--model", str(tmp_path)], f"{tmp_path}: "),
+    ]:
+        result = CliRunner().invoke(main, ["info", *args])
+        assert result.exit_code == 2, result.output
+        assert result.output.splitlines()[-1].startswith(f"Error: {error}")
+
+
 def test_every_package_folder_is_installed():
     from pathlib import Path
 

@@ -1578,3 +1578,115 @@ def test_predict_with_several_models_writes_their_ensembles_labels(tmp_path):
     assert f"an ensemble of 2 models: {folds}" in result.stderr
     by_folder = read_volume(tmp_path / "by_folder" / source.name)
     np.testing.assert_array_equal(by_folder.array, expected.array)
+
+
+def _plan_metadata(patch, *, slice_axis=None, spacing=(1.0, 1.0, 1.0), channels=1):
+    """A segmentation bundle's medseg.json as scan_plan reads it (no network)."""
+    return {
+        "task": "segmentation",
+        "patch_size": list(patch),
+        "plan": {"slice_axis": slice_axis},
+        "in_channels": channels,
+        "labels": {str(k): {"value": k, "name": f"c{k}"} for k in range(3)},
+        "preprocessing": {
+            "normalizers": [{"scheme": "zscore"}] * channels,
+            "target_spacing_mm": list(spacing),
+            "crop_nonzero": True,
+            "nonfinite": "error",
+        },
+        "config": {"train": {"augment": {"mirror_axes": [0, 1]}}},
+        "fingerprint": {
+            "shape": {"min": [20, 20, 20], "max": [30, 30, 30]},
+            "spacing_mm": {"min": [1.0, 1.0, 1.0], "max": [1.0, 1.0, 1.0]},
+        },
+    }
+
+
+@pytest.mark.parametrize("slice_axis", [None, 2])
+def test_scan_plan_is_what_prediction_does(slice_axis, rng):
+    """The grid, windows and forward passes scan_plan finds without resampling or a
+    network are those of the real preprocessing and sliding-window prediction."""
+    from medseg.io import Volume
+    from medseg.preprocessing import Preprocessor
+    from medseg.training.planning import window_of
+
+    # an LPS oblique scan of 0.8 x 1.5 x 2.5 mm voxels, zero around its content
+    array = np.zeros((50, 31, 17, 1), np.float32)
+    array[3:47, 2:30, 1:16] = rng.normal(100, 10, (44, 28, 15, 1))
+    turn = np.radians(10)
+    rotation = np.array(
+        [[-1, 0, 0], [0, -np.cos(turn), np.sin(turn)], [0, np.sin(turn), np.cos(turn)]]
+    )
+    affine = np.eye(4)
+    affine[:3, :3] = rotation.T * [0.8, 1.5, 2.5]
+    volume = Volume(array, affine, path="scan.nii.gz")
+    patch = (24, 16) if slice_axis is not None else (24, 16, 8)
+    metadata = _plan_metadata(patch, slice_axis=slice_axis, spacing=(1.1, 1.2, 1.3))
+    for overlap, tta in [(0.5, True), (0.25, False)]:
+        plan = inference.scan_plan(volume, metadata, overlap=overlap, tta=tta)
+        image, records = Preprocessor.from_dict(metadata["preprocessing"]).image(volume)
+        resampled = geometry_spacing(records, image.shape[:-1])
+        assert plan["refused"] is None and plan["warnings"] == []
+        assert plan["grid_shape"] == list(image.shape[:-1])
+        np.testing.assert_allclose(plan["grid_spacing_mm"], resampled, rtol=1e-9)
+        window = window_of(patch, slice_axis)
+        assert plan["window"] == list(window)
+        calls = []
+
+        def count(batch, calls=calls):
+            calls.append(len(batch))
+            return np.zeros((*batch.shape[:-1], 3), np.float32)
+
+        in_plane = [a for a in range(3) if a != slice_axis]
+        mirror = [in_plane[a] for a in (0, 1)] if tta else []
+        inference.sliding_window_predict(
+            image,
+            inference.slicewise(count, slice_axis),
+            patch_size=window,
+            overlap=overlap,
+            batch_size=plan["batch_size"],
+            mirror_axes=mirror,
+        )
+        assert plan["forward_passes"] == len(calls)
+        assert plan["mirrored"] == (4 if tta else 1)
+        assert plan["windows"] * plan["mirrored"] == sum(calls)
+        padded = [max(n, p) for n, p in zip(image.shape[:-1], window, strict=True)]
+        assert plan["probabilities_mib"] == pytest.approx(
+            np.prod(padded) * 3 * 4 / 2**20
+        )
+
+
+def geometry_spacing(records, shape) -> list[float]:
+    """The spacing of a preprocessed image from its resampling record: the cropped
+    extent (in mm, from the record's affine) over the resampled voxel counts."""
+    from medseg.geometry import ResampleRecord
+
+    (record,) = [r for r in records if isinstance(r, ResampleRecord)]
+    axes = np.linalg.norm(np.asarray(record.original_affine)[:3, :3], axis=0)
+    return list(np.asarray(record.original_shape) * axes / np.asarray(shape))
+
+
+def test_scan_plan_refuses_and_warns_as_prediction_does():
+    from medseg.io import Volume
+
+    metadata = _plan_metadata((8, 8, 8))
+    volume = Volume(np.ones((40, 40, 40, 2), np.float32), np.eye(4), path="two.nii")
+    plan = inference.scan_plan(volume, metadata)
+    assert plan["refused"] == (
+        "3D scan with 2 channel(s), but the model segments 3D scans with 1 channel(s)"
+    )
+    assert plan["windows"] is None and plan["warnings"] == []
+    array = np.ones((40, 40, 40, 1), np.float32)
+    array[1, 2, 3] = np.nan
+    plan = inference.scan_plan(Volume(array, np.eye(4), path="nan.nii"), metadata)
+    assert plan["refused"].startswith("1 NaN/Inf voxel")
+    # 120 mm across, where the training scans were at most 30 mm, and blank: the
+    # warnings predict gives
+    volume = Volume(np.ones((120, 30, 30, 1), np.float32), np.eye(4), path="big.nii")
+    plan = inference.scan_plan(volume, metadata)
+    assert plan["refused"] is None
+    assert plan["warnings"] == [
+        "big.nii: every voxel is 1, a blank scan: its labels mean nothing",
+        inference.field_of_view_note(volume, metadata["fingerprint"]),
+    ]
+    assert "field of view 120 x 30 x 30 mm" in plan["warnings"][1]
