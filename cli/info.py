@@ -108,13 +108,19 @@ def info(
     spacing, field of view, orientation and obliquity, affine, voxel type, the range
     of its values (and each value's count where there are few whole ones: a label
     map), and what the reader had to fix or assume. Of several, one that cannot be
-    read is named and the others described (exit 1). With --model, also what medseg
-    predict would do with each scan and that bundle, without running the network.
+    read is named and the others described (exit 1). A folder, a list of scans
+    (.txt), a dataset.json or a quoted glob pattern names its scans, as for medseg
+    predict.
+
+    With --model, also what medseg predict would do with each scan and that bundle,
+    without running the network: refused or not (and why), the grid it is resampled
+    to, the windows and forward passes, the memory of the class probabilities and
+    its warnings; several scans close with totals. Exit 1 when a scan cannot be read
+    or would be refused.
     """
     from medseg.errors import InputFileError
-    from medseg.scan_report import is_scan_path
 
-    if len(model_or_config) > 1 or is_scan_path(model_or_config[0]):
+    if len(model_or_config) > 1 or _names_scans(model_or_config[0]):
         model = _scan_model(scan_model) if scan_model is not None else None
         _scans(
             model_or_config,
@@ -194,17 +200,65 @@ def _scan_model(model: str) -> tuple[str, dict]:
     return model, metadata
 
 
+def _names_scans(path: Path) -> bool:
+    """Whether ``path`` names scans as medseg predict's --input does (a scan, a
+    folder of them, a list, a dataset.json, a glob pattern) rather than a model."""
+    from medseg.batch import LIST_SUFFIXES
+    from medseg.scan_report import is_scan_path
+
+    if is_scan_path(path):
+        return True
+    if path.is_file():
+        return path.name == "dataset.json" or path.suffix.lower() in LIST_SUFFIXES
+    if path.is_dir():
+        return not (path / "medseg.json").is_file() and _holds_scans(path)
+    return _pattern(path)
+
+
+def _pattern(path: Path) -> bool:
+    """A glob pattern (no file has the name)."""
+    return not path.exists() and any(c in str(path) for c in "*?[")
+
+
+def _holds_scans(folder: Path) -> bool:
+    from medseg.batch import collect_inputs
+    from medseg.errors import InputFileError
+
+    try:
+        return bool(collect_inputs(folder))
+    except (InputFileError, OSError):
+        return False
+
+
+def _expanded(path: Path, channels: int) -> tuple[list[Path], object]:
+    """The scans ``path`` names for a model of ``channels`` input channels, and the
+    reader of each, as medseg predict takes its --input: a case stored one file per
+    channel is one scan, read from all its files."""
+    from medseg import batch
+    from medseg.dicom import named_scan
+    from medseg.scan_report import is_scan_path
+
+    if is_scan_path(path) and not path.is_dir() and not _pattern(path):
+        files = [named_scan(path)]  # as given, to fail by name; a slice: its series
+    else:
+        files = batch.collect_inputs(path)
+    if path.is_file():  # one channel's file names its whole case
+        files = batch.with_sibling_channels(files, channels)
+    groups = batch.channel_groups(files, channels)
+    return (sorted(groups) if groups else files), batch.channel_reader(groups, channels)
+
+
 def _scans(
     paths, input_shape, mixed_precision: bool, json_path, model=None, **options
 ) -> None:
     """``medseg info SCAN...``: one scan's summary (a JSON object), or several's (a
-    JSON list, each failure as its path and error)."""
-    from medseg.dicom import named_scan
+    JSON list, each failure as its path and error); with ``model``, a closing line of
+    totals over several."""
     from medseg.errors import InputFileError
     from medseg.io import atomic_write_text
     from medseg.scan_report import describe_scan, format_scan, is_scan_path
 
-    others = [str(p) for p in paths if not is_scan_path(p)]
+    others = [str(p) for p in paths if not _names_scans(p)]
     if others:
         raise click.UsageError(
             f"{', '.join(others)}: not a scan; give one model or config, or scans"
@@ -215,26 +269,70 @@ def _scans(
         raise click.UsageError(
             f"{paths[0]} is a scan; --input-shape and --mixed-precision describe models"
         )
+    one = len(paths) == 1 and is_scan_path(paths[0])
+    channels = int(model[1].get("in_channels") or 1) if model else 1
     summaries, failed = [], 0
-    for k, path in enumerate(paths):
-        path = named_scan(path)  # one slice names its series, as for medseg predict
-        try:
-            summary = describe_scan(path, model, **options)
+
+    def fail(path, exc: InputFileError) -> None:
+        nonlocal failed
+        if one:
+            raise exc
+        click.echo(f"Error: {exc}", err=True)
+        summaries.append({"path": str(path), "error": str(exc)})
+        failed += 1
+
+    for given in paths:
+        try:  # a folder, a list, a pattern: its scans; one slice: its series
+            scans, read = _expanded(given, channels)
         except InputFileError as exc:
-            if len(paths) == 1:
-                raise
-            click.echo(f"Error: {exc}", err=True)
-            summaries.append({"path": str(path), "error": str(exc)})
-            failed += 1
+            fail(given, exc)
             continue
-        click.echo(("\n" if k else "") + format_scan(summary))
-        summaries.append(summary)
+        for path in scans:
+            try:
+                summary = describe_scan(path, model, read=read, **options)
+            except InputFileError as exc:
+                fail(path, exc)
+                continue
+            click.echo(("\n" if summaries else "") + format_scan(summary))
+            summaries.append(summary)
+    if model is not None and len(summaries) > 1:
+        click.echo("\n" + totals_line(summaries))
     if json_path is not None:
-        record = summaries[0] if len(paths) == 1 else summaries
+        record = summaries[0] if one else summaries
         atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
         click.echo(f"summary written to {json_path}")
-    if failed:
+    refused = any((s.get("model") or {}).get("refused") for s in summaries)
+    if failed or refused:
         sys.exit(1)
+
+
+def totals_line(summaries: list[dict]) -> str:
+    """What ``medseg info SCAN... --model`` closes with: how many scans the model
+    would segment (those with warnings named), refuse or could not read (named), and
+    the windows and forward passes."""
+    from medseg.errors import some_of
+
+    def count(kind: str, paths: list[str]) -> str:
+        return f"{len(paths)} {kind}" + (f" ({some_of(paths)})" if paths else "")
+
+    plans = [s["model"] for s in summaries if "model" in s]
+    taken = [p for p in plans if p["refused"] is None]
+    warned = [s["path"] for s in summaries if "model" in s and s["model"]["warnings"]]
+    parts = [
+        f"{len(taken)} would be segmented"
+        + (f", {count('with warnings', warned)}" if warned else ""),
+        count(
+            "refused",
+            [s["path"] for s in summaries if (s.get("model") or {}).get("refused")],
+        ),
+        count("unreadable", [s["path"] for s in summaries if "error" in s]),
+    ]
+    windows = sum(p["windows"] * p["mirrored"] for p in taken)
+    passes = sum(p["forward_passes"] for p in taken)
+    return (
+        f"{len(summaries)} scans: {'; '.join(parts)}; {windows:,} window predictions "
+        f"in {passes:,} forward passes"
+    )
 
 
 def _with_classes(config, path: Path):

@@ -57,6 +57,7 @@ def describe_scan(
     *,
     overlap: float = 0.5,
     tta: bool = True,
+    read=None,
 ) -> dict:
     """The scan at ``path`` as medseg reads it, as plain JSON-ready values.
 
@@ -73,12 +74,14 @@ def describe_scan(
     ``None``) and ``notes``. With ``model`` (a segmentation bundle's name and its
     ``medseg.json``), also ``model``: its ``name`` and what ``medseg predict`` would
     do with the scan at ``overlap`` and ``tta`` (:func:`medseg.inference.scan_plan`).
+    ``read``: how the scan is read from ``path`` (a case's channel files, say; default
+    :func:`medseg.io.read_volume`).
 
     Raises:
         InputFileError: the file cannot be read as a scan (the reason named).
     """
     info = read_info(path)
-    volume = read_volume(path)
+    volume = (read or read_volume)(path)
     array = np.asarray(volume.array)
     dims = volume.spatial_dims
     spacing = [float(s) for s in volume.spacing]

@@ -320,8 +320,8 @@ def test_info_counts_classes_from_the_labels_or_the_dataset(tmp_path):
 
 
 def test_info_bad_inputs_exit_2_with_one_line(tmp_path):
-    (tmp_path / "notes.txt").write_text("x")
-    result = CliRunner().invoke(main, ["info", str(tmp_path / "notes.txt")])
+    (tmp_path / "notes.md").write_text("x")
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "notes.md")])
     assert result.exit_code == 2
     assert (
         "expected a .keras model, a bundle folder, a shipped model's name or a .yaml "
@@ -467,7 +467,7 @@ def test_info_on_scans_with_a_model_says_what_predict_would_do(tmp_path):
         ["info", str(fine), str(picture), "--model", "hippocampus"]
         + ["--json", str(tmp_path / "s.json")],
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # the picture would be refused
     metadata = read_metadata(resolve("hippocampus"))
     image, _ = Preprocessor.from_dict(metadata["preprocessing"]).image(
         read_volume(fine)
@@ -508,6 +508,54 @@ def test_info_on_scans_with_a_model_says_what_predict_would_do(tmp_path):
     assert "  windows:        8 of 40 x 56 x 40 (overlap 0), each also" in (
         result.output
     )
+    # a folder: each scan, and totals that name the scans with warnings, refused and
+    # unreadable; exit 1
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for path in (fine, big, picture):
+        shutil.copy(path, folder)
+    (folder / "broken.nii.gz").write_bytes(b"bad")
+    result = CliRunner().invoke(main, ["info", str(folder), "--model", "hippocampus"])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: {folder / 'broken.nii.gz'}: not gzip-compressed data (corrupt, or "
+        "misnamed file)\n"
+    )
+    # fine: 1 window, 4 with its mirrored copies, in 4 passes; big: 12 windows, 48
+    # predictions, 3 passes of 4 windows and 9 of their mirrored copies
+    assert result.stdout.splitlines()[-1] == (
+        f"4 scans: 2 would be segmented, 1 with warnings ({folder / 'big.nii'}); 1 "
+        f"refused ({folder / 'p.png'}); 1 unreadable ({folder / 'broken.nii.gz'}); "
+        "52 window predictions in 16 forward passes"
+    )
+
+    # a list naming a case stored one file per channel, for a two-channel model: one
+    # scan of two channels, as predict reads it; so is one of its files alone
+    two = tmp_path / "two"
+    two.mkdir()
+    metadata["in_channels"] = 2
+    metadata["preprocessing"]["normalizers"] *= 2
+    (two / "medseg.json").write_text(json.dumps(metadata))
+    cases = tmp_path / "cases"
+    for c in range(2):
+        save_nifti(cases / f"case_{c:04d}.nii.gz", array + c)
+    (tmp_path / "scans.txt").write_text(
+        "cases/case_0000.nii.gz\ncases/case_0001.nii.gz\n"
+    )
+    for given in [tmp_path / "scans.txt", cases / "case_0001.nii.gz"]:
+        result = run(
+            "info", str(given), "--model", str(two), "--json", str(tmp_path / "c")
+        )
+        assert result.exit_code == 0, result.output
+        described = json.loads((tmp_path / "c").read_text())
+        described = described if isinstance(described, list) else [described]
+        assert [d["channels"] for d in described] == [2]
+        assert described[0]["model"]["refused"] is None
+    result = CliRunner().invoke(
+        main, ["info", str(cases / "case_0001.nii.gz"), "--model", "hippocampus"]
+    )
+    assert result.exit_code == 0, result.output  # one channel: each file itself
+
     # the options without a scan or without --model, a folder that is no bundle
     for args, error in [
         (["hippocampus", "--model", "hippocampus"], "hippocampus is not a scan; "),
