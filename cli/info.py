@@ -42,7 +42,9 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     type=click.IntRange(min=1),
     default=2,
     show_default=True,
-    help="Batch size for the training memory estimate.",
+    help="Batch size for the training memory estimate; with scans and --model, "
+    "the windows per forward pass, as medseg predict's --batch-size (default: "
+    "predict's).",
 )
 @click.option(
     "--optimizer",
@@ -120,8 +122,17 @@ def info(
     """
     from medseg.errors import InputFileError
 
+    given = click.get_current_context().get_parameter_source
     if len(model_or_config) > 1 or _names_scans(model_or_config[0]):
         model = _scan_model(scan_model) if scan_model is not None else None
+        if given("batch_size") == click.core.ParameterSource.COMMANDLINE:
+            if model is None:
+                raise click.UsageError(
+                    "--batch-size describes a model, or scans with --model"
+                )
+            windows = batch_size
+        else:
+            windows = None
         _scans(
             model_or_config,
             input_shape,
@@ -130,9 +141,9 @@ def info(
             model,
             overlap=overlap,
             tta=tta,
+            batch_size=windows,
         )
         return
-    given = click.get_current_context().get_parameter_source
     for name, option in [("scan_model", "--model"), ("overlap", "--overlap")]:
         if given(name) == click.core.ParameterSource.COMMANDLINE:
             raise click.UsageError(

@@ -507,7 +507,12 @@ def check_scan(volume: Volume, window: Sequence[int], channels: int) -> Volume:
 
 
 def scan_plan(
-    volume: Volume, metadata: dict, *, overlap: float = 0.5, tta: bool = True
+    volume: Volume,
+    metadata: dict,
+    *,
+    overlap: float = 0.5,
+    tta: bool = True,
+    batch_size: int | None = None,
 ) -> dict:
     """What ``medseg predict`` would do with ``volume`` and the segmentation bundle of
     ``metadata`` (its ``medseg.json``), found without the network or resampling.
@@ -519,9 +524,10 @@ def scan_plan(
     ``windows`` (in all), ``mirrored`` (predictions of each window: 1, or
     ``2 ** len(mirror axes)`` with test-time augmentation), ``forward_passes`` (of
     ``batch_size`` windows, the mirrored ones in passes of their own),
-    ``batch_size``, ``probabilities_mib`` (the float32 class probabilities held on the
-    padded grid while windows are blended) and ``warnings`` (those predict gives a
-    scan it segments).
+    ``batch_size`` (windows per pass; ``None``: :func:`windows_per_pass`, as
+    :class:`Segmenter`), ``probabilities_mib`` (the float32 class probabilities
+    held on the padded grid while windows are blended) and ``warnings`` (those
+    predict gives a scan it segments).
     """
     from medseg.preprocessing import Preprocessor
     from medseg.training.planning import window_of
@@ -529,7 +535,7 @@ def scan_plan(
     slice_axis = (metadata.get("plan") or {}).get("slice_axis")
     window = window_of(metadata["patch_size"], slice_axis)
     mirror = bundle_mirror_axes(metadata) if tta else ()
-    batch = windows_per_pass(window)
+    batch = batch_size or windows_per_pass(window)
     plan = dict.fromkeys(
         ["refused", "grid_shape", "grid_spacing_mm", "window", "overlap", "windows"]
         + ["mirrored", "forward_passes", "batch_size", "probabilities_mib"]

@@ -57,6 +57,7 @@ def describe_scan(
     *,
     overlap: float = 0.5,
     tta: bool = True,
+    batch_size: int | None = None,
     read=None,
 ) -> dict:
     """The scan at ``path`` as medseg reads it, as plain JSON-ready values.
@@ -73,7 +74,8 @@ def describe_scan(
     channel holds whole numbers of at most :data:`MOST_VALUES_LISTED` kinds, else
     ``None``) and ``notes``. With ``model`` (a segmentation bundle's name and its
     ``medseg.json``), also ``model``: its ``name`` and what ``medseg predict`` would
-    do with the scan at ``overlap`` and ``tta`` (:func:`medseg.inference.scan_plan`).
+    do with the scan at ``overlap``, ``tta`` and ``batch_size``
+    (:func:`medseg.inference.scan_plan`).
     ``read``: how the scan is read from ``path`` (a case's channel files, say; default
     :func:`medseg.io.read_volume`).
 
@@ -125,7 +127,9 @@ def describe_scan(
         from medseg.inference import scan_plan
 
         name, metadata = model
-        plan = scan_plan(volume, metadata, overlap=overlap, tta=tta)
+        plan = scan_plan(
+            volume, metadata, overlap=overlap, tta=tta, batch_size=batch_size
+        )
         summary["model"] = {"name": name, **plan}
     return summary
 

@@ -508,6 +508,10 @@ def test_info_on_scans_with_a_model_says_what_predict_would_do(tmp_path):
     assert "  windows:        8 of 40 x 56 x 40 (overlap 0), each also" in (
         result.output
     )
+    # predict's --batch-size: 12 windows in passes of 5 windows: 3, and 3 for each of
+    # the three mirrored copies
+    result = run("info", str(big), "--model", "hippocampus", "--batch-size", "5")
+    assert "48 predicted; 12 forward passes of up to 5 windows" in result.output
     # a folder: each scan, and totals that name the scans with warnings, refused and
     # unreadable; exit 1
     folder = tmp_path / "batch"
@@ -560,6 +564,7 @@ def test_info_on_scans_with_a_model_says_what_predict_would_do(tmp_path):
     for args, error in [
         (["hippocampus", "--model", "hippocampus"], "hippocampus is not a scan; "),
         ([str(big), "--overlap", "0.2"], "--overlap and --no-tta describe scans with"),
+        ([str(big), "--batch-size", "8"], "--batch-size describes a model, or scans"),
         ([str(big), "--model", str(tmp_path)], f"{tmp_path}: "),
     ]:
         result = CliRunner().invoke(main, ["info", *args])
