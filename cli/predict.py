@@ -402,6 +402,9 @@ def predict(
         segmenter.values,
         segmenter.names,
         batch.channel_reader(groups, channels),
+        # a skipped case's rows from any table in the folder (a shard's), so that a
+        # run over a sharded job's whole input measures no scan again
+        [t for t in output_dir.glob(batch.SIZES_PATTERN) if t != sizes],
     )
     if stopped is not None:
         settings["stopped_by"] = stopped.name

@@ -1237,6 +1237,8 @@ def _write_slicer(labels, path: Path, prediction, content) -> None:
 
 #: the table of label sizes beside the report: ``medseg_volumes[-K-of-N].csv``
 SIZES_FILE = "medseg_volumes"
+#: every such table in a folder (a shard's too)
+SIZES_PATTERN = SIZES_FILE + "*.csv"
 
 
 def label_sizes(
@@ -1344,19 +1346,25 @@ def sizes_table(
     values,
     names,
     reader: Callable[[Path], object] | None = None,
+    others=(),
 ) -> str | None:
     """The CSV of the label maps in the output folder, by case name: case, label, name,
     voxels, volume_ml (or area_mm2), and the scan's mean and standard deviation in
     the label (:func:`label_sizes`; one column of each per channel for scans of
     several). This run's (done or skipped) are measured, a skipped case's rows taken
-    from ``previous`` (this table as an earlier run wrote it) when it has them, and
-    kept in its result's ``sizes``; the rows ``previous`` has of other cases (earlier
-    runs into the folder, one scan at a time, say) are kept as they are while a label
-    map of that case is still beside it. A skipped case is measured again from its
-    label map and its scan (read by ``reader``; without one, no intensities) when
-    ``previous`` lacks its rows or their intensities. ``None`` when there is no
-    row."""
+    from ``previous`` (this table as an earlier run wrote it) or from ``others``
+    (other tables in the folder: the shards', say; the most recently written table
+    that has the case counts) when they have them, and kept in its result's
+    ``sizes``; the rows ``previous`` has of other cases (earlier runs into the
+    folder, one scan at a time, say) are kept as they are while a label map of that
+    case is still beside it. A skipped case is measured again from its label map and
+    its scan (read by ``reader``; without one, no intensities) when no table has its
+    rows or their intensities. ``None`` when there is no row."""
     earlier = _read_sizes(previous)
+    known: dict[str, dict] = {}
+    tables = [t for t in (*others, previous) if t is not None]
+    for table in sorted(tables, key=_modified):
+        known.update(earlier if table == previous else _read_sizes(table))
     rows, covered = [], set()
     for result in results:
         if result.status == "failed":
@@ -1365,7 +1373,7 @@ def sizes_table(
         covered.add(case)
         if result.sizes is None:
             wanted = [str(name) for _, name in _measured(values, names)]
-            kept = earlier.get(case, {})
+            kept = known.get(case, {})
             if sorted(kept) == sorted(wanted) and (
                 reader is None or all(INTENSITIES[0] in size for size in kept.values())
             ):
@@ -1426,15 +1434,17 @@ def write_sizes(
     values,
     names,
     reader: Callable[[Path], object] | None = None,
+    others=(),
 ) -> Path | None:
     """Writes the volumes table ``path`` of :func:`sizes_table` (the table there before
-    as ``previous``), atomically, and returns it; ``None`` when there is no row. Two
+    as ``previous``; ``others`` as it takes them), atomically, and returns it; ``None``
+    when there is no row. Two
     runs into one folder that end together take turns (a lock file beside it, held
     while it is read, measured and written), so neither writes over the other's rows
     with a table read before the other wrote it."""
     held = hold_folder(path.parent, f".{path.name}.lock", wait=True)
     try:
-        table = sizes_table(results, path, values, names, reader)
+        table = sizes_table(results, path, values, names, reader, others)
         if table is not None:
             atomic_write_text(path, table)
     finally:

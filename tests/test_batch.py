@@ -770,6 +770,43 @@ def test_the_volumes_table_keeps_skipped_cases_from_the_last_one(tmp_path):
     assert "area_mm2" not in table and "\nf," not in table
 
 
+def test_skipped_cases_take_their_rows_from_the_newest_table_that_has_them(tmp_path):
+    import os
+
+    from medseg.io import Volume, write_volume
+
+    values, names = (0, 1), ("background", "tumour")
+    for name in "abz":
+        labels = np.zeros((4, 4, 4, 1), np.uint8)
+        labels.flat[:3] = 1
+        write_volume(Volume(labels, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    header = "case,label,name,voxels,volume_ml\n"
+    shards = [tmp_path / f"medseg_volumes-{k}-of-2.csv" for k in (1, 2)]
+    shards[0].write_text(header + "a,1,tumour,11,0.011\nb,1,tumour,21,0.021\n")
+    shards[1].write_text(header + "b,1,tumour,22,0.022\nz,1,tumour,5,0.005\n")
+    os.utime(shards[0], (1000, 1000))
+    os.utime(shards[1], (2000, 2000))  # the newer: its row of b counts
+    results = [
+        batch.CaseResult(f"in/{n}.nii.gz", str(tmp_path / f"{n}.nii.gz"), "skipped")
+        for n in "ab"
+    ]
+    whole = tmp_path / "medseg_volumes.csv"
+    table = batch.sizes_table(results, whole, values, names, others=shards)
+    # (z is no case of this run: a shard's other rows are not carried)
+    assert table == header + "a,1,tumour,11,0.011\nb,1,tumour,22,0.022\n"
+    os.utime(shards[0], (3000, 3000))
+    results[1].sizes = None
+    table = batch.sizes_table(results, whole, values, names, others=shards)
+    assert "b,1,tumour,21,0.021\n" in table
+    # without them, each skipped case is measured from its label map
+    results = [
+        batch.CaseResult(f"in/{n}.nii.gz", str(tmp_path / f"{n}.nii.gz"), "skipped")
+        for n in "ab"
+    ]
+    table = batch.sizes_table(results, whole, values, names)
+    assert table == header + "a,1,tumour,3,0.003\nb,1,tumour,3,0.003\n"
+
+
 def test_two_runs_ending_together_write_the_volumes_table_in_turn(tmp_path):
     # two runs into one folder: the one that writes last must not write over the
     # other's rows with the table it read before the other wrote it

@@ -315,6 +315,24 @@ def test_nnunet_named_scans_get_case_named_outputs_that_evaluate_pairs(
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [p.name for p in cases]
+    # a run over the whole input after the shards: one table of every case, its rows
+    # taken from the shards' tables (a row marked in one is carried as it is), no
+    # scan measured again
+    tables = [out / f"medseg_volumes-{k}-of-2.csv" for k in (1, 2)]
+    rows = [t.read_text().splitlines() for t in tables]
+    marked = rows[0][1].split(",")
+    marked[3] = "123456"  # voxels
+    rows[0][1] = ",".join(marked)
+    tables[0].write_text("\n".join(rows[0]) + "\n")
+    result = medseg(
+        "predict", "--model", bundle, "--input", images, "--output", out, "--no-tta"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "0 segmented, 2 skipped" in result.stdout
+    whole = (out / "medseg_volumes.csv").read_text().splitlines()
+    assert whole[0] == rows[0][0] == rows[1][0]
+    assert sorted(whole[1:]) == sorted(rows[0][1:] + rows[1][1:])
+    assert any(",123456," in row for row in whole)
     scored = CliRunner().invoke(
         main, ["evaluate", "--prediction", str(out), "--truth", str(truth)]
     )
