@@ -341,17 +341,25 @@ class Preprocessor:
                 tuple(float(s) for s in self.target_spacing_mm),
             )
 
-    def image(self, volume):
-        """Returns ``(float32 array (*S', C), geometry records)`` for a scan volume."""
+    def _placed(self, volume):
+        """``volume`` with NaN/Inf handled, reoriented and cropped, and the records of
+        those steps: what :meth:`image` and :meth:`grid` start from."""
         from medseg import geometry
 
         path = volume.path or "image"
         array = handle_nonfinite(np.asarray(volume.array), path, self.nonfinite)
-        volume, records = geometry.reorient_to_canonical(volume.with_array(array))
-        records = [records]
+        volume, record = geometry.reorient_to_canonical(volume.with_array(array))
+        records = [record]
         if self.crop_nonzero:
             volume, record = geometry.crop_to_nonzero(volume)
             records.append(record)
+        return volume, records
+
+    def image(self, volume):
+        """Returns ``(float32 array (*S', C), geometry records)`` for a scan volume."""
+        from medseg import geometry
+
+        volume, records = self._placed(volume)
         if self.target_spacing_mm is not None:
             volume, record = geometry.resample_to_spacing(
                 volume, self.target_spacing_mm
@@ -368,11 +376,7 @@ class Preprocessor:
         """
         from medseg import geometry
 
-        path = volume.path or "image"
-        array = handle_nonfinite(np.asarray(volume.array), path, self.nonfinite)
-        volume, _ = geometry.reorient_to_canonical(volume.with_array(array))
-        if self.crop_nonzero:
-            volume, _ = geometry.crop_to_nonzero(volume)
+        volume, _ = self._placed(volume)
         shape, spacing = volume.spatial_shape, volume.spacing
         if self.target_spacing_mm is None:
             return tuple(int(n) for n in shape), tuple(float(s) for s in spacing)
