@@ -123,7 +123,8 @@ def info(
     from medseg.errors import InputFileError
 
     given = click.get_current_context().get_parameter_source
-    if len(model_or_config) > 1 or _names_scans(model_or_config[0]):
+    meant = scan_model is not None  # scans, whatever a folder holds
+    if len(model_or_config) > 1 or _names_scans(model_or_config[0], meant):
         model = _scan_model(scan_model) if scan_model is not None else None
         if given("batch_size") == click.core.ParameterSource.COMMANDLINE:
             if model is None:
@@ -211,9 +212,11 @@ def _scan_model(model: str) -> tuple[str, dict]:
     return model, metadata
 
 
-def _names_scans(path: Path) -> bool:
+def _names_scans(path: Path, meant: bool = False) -> bool:
     """Whether ``path`` names scans as medseg predict's --input does (a scan, a
-    folder of them, a list, a dataset.json, a glob pattern) rather than a model."""
+    folder of them, a list, a dataset.json, a glob pattern) rather than a model;
+    ``meant`` (scans were asked for): any folder but a bundle, to be searched and
+    named if it holds none."""
     from medseg.batch import LIST_SUFFIXES
     from medseg.scan_report import is_scan_path
 
@@ -222,7 +225,7 @@ def _names_scans(path: Path) -> bool:
     if path.is_file():
         return path.name == "dataset.json" or path.suffix.lower() in LIST_SUFFIXES
     if path.is_dir():
-        return not (path / "medseg.json").is_file() and _holds_scans(path)
+        return not (path / "medseg.json").is_file() and (meant or _holds_scans(path))
     return _pattern(path)
 
 
@@ -269,7 +272,7 @@ def _scans(
     from medseg.io import atomic_write_text
     from medseg.scan_report import describe_scan, format_scan, is_scan_path
 
-    others = [str(p) for p in paths if not _names_scans(p)]
+    others = [str(p) for p in paths if not _names_scans(p, model is not None)]
     if others:
         raise click.UsageError(
             f"{', '.join(others)}: not a scan; give one model or config, or scans"
@@ -296,6 +299,8 @@ def _scans(
         try:  # a folder, a list, a pattern: its scans; one slice: its series
             scans, read = _expanded(given, channels)
         except InputFileError as exc:
+            if len(paths) == 1:  # names nothing: an input error, as for predict
+                raise
             fail(given, exc)
             continue
         for path in scans:

@@ -560,12 +560,17 @@ def test_info_on_scans_with_a_model_says_what_predict_would_do(tmp_path):
     )
     assert result.exit_code == 0, result.output  # one channel: each file itself
 
-    # the options without a scan or without --model, a folder that is no bundle
+    # the options without a scan or without --model, a folder that is no bundle, one
+    # that holds no scan but a folder
+    nothing = tmp_path / "empty" / "sub"
+    nothing.mkdir(parents=True)
     for args, error in [
         (["hippocampus", "--model", "hippocampus"], "hippocampus is not a scan; "),
         ([str(big), "--overlap", "0.2"], "--overlap and --no-tta describe scans with"),
         ([str(big), "--batch-size", "8"], "--batch-size describes a model, or scans"),
         ([str(big), "--model", str(tmp_path)], f"{tmp_path}: "),
+        ([str(two), "--model", "hippocampus"], f"{two} is not a scan; --model"),
+        ([str(nothing.parent), "--model", "hippocampus"], f"{nothing.parent}: no scan"),
     ]:
         result = CliRunner().invoke(main, ["info", *args])
         assert result.exit_code == 2, result.output
