@@ -125,7 +125,8 @@ from medseg_cli._tf import start_tensorflow
     default="auto",
     show_default=True,
     help="Forward-pass precision. auto: bfloat16 on a CPU with AMX bfloat16 units "
-    "and no GPU (about 2x faster there), float32 otherwise.",
+    "and no GPU (about 2x faster there), float32 otherwise; the environment "
+    "variable MEDSEG_AUTO_PRECISION=float32|bfloat16 sets what auto means.",
 )
 @click.option(
     "--nonfinite",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -321,17 +322,30 @@ SLOW_BFLOAT16 = (
 )
 
 
+#: Names the precision that ``auto`` resolves to, whatever the machine.
+AUTO_PRECISION_VARIABLE = "MEDSEG_AUTO_PRECISION"
+
+
 def inference_precision(requested: str = "auto") -> str:
     """The precision a forward pass runs in: ``"float32"`` or ``"bfloat16"``.
 
     ``"auto"`` picks bfloat16 only where it is both fast and measured: a CPU with AMX
     bfloat16 units (Intel Sapphire Rapids and later) and no GPU, where it halves the
-    time of a 3D U-Net's forward pass; float32 anywhere else.
+    time of a 3D U-Net's forward pass; float32 anywhere else. The environment variable
+    ``MEDSEG_AUTO_PRECISION`` (``float32`` or ``bfloat16``) overrides what ``"auto"``
+    resolves to, so that one machine can run, and test, what another would.
     """
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
     if requested != "auto":
         return requested
+    forced = os.environ.get(AUTO_PRECISION_VARIABLE)
+    if forced:
+        if forced not in ("float32", "bfloat16"):
+            raise ValueError(
+                f"{AUTO_PRECISION_VARIABLE} must be float32 or bfloat16, got {forced!r}"
+            )
+        return forced
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU") or not cpu_has_amx_bf16():

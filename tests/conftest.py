@@ -146,6 +146,10 @@ def msd_dataset(tmp_path):
 def pytest_configure(config):
     # quieten TensorFlow's C++ start-up logging in test output
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # precision "auto" is bfloat16 on a CPU with AMX and float32 elsewhere: the suite
+    # pins it so that no result depends on the CPU it runs on (a test of the bfloat16
+    # route says so); MEDSEG_AUTO_PRECISION=bfloat16 runs it as an AMX CPU would
+    os.environ.setdefault("MEDSEG_AUTO_PRECISION", "float32")
     import medseg  # noqa: F401  (its TensorFlow defaults, before any test imports TF)
 
 

@@ -388,9 +388,9 @@ def test_a_two_channel_model_reads_cases_stored_one_file_per_channel(tmp_path):
     (tests / "apart_0000.nii.gz").write_bytes(train_images[4].read_bytes())
     (tests / "apart_0001.nii.gz").write_bytes(train_images[7].read_bytes())
     out = tmp_path / "out"
-    result = medseg(
+    result = medseg(  # float32, as the Segmenter it is compared with below
         "predict", "--model", tmp_path / "run", "--input", tests, "--output", out,
-        "--no-tta",
+        "--no-tta", "--precision", "float32",
     )  # fmt: skip
     assert result.returncode == 1
     assert "2 segmented, 0 skipped (output existed), 2 failed" in result.stdout
@@ -419,7 +419,7 @@ def test_a_two_channel_model_reads_cases_stored_one_file_per_channel(tmp_path):
         assert read_source_id(out / path.name) == source_id(files)
     again = medseg(
         "predict", "--model", tmp_path / "run", "--input", tests, "--output", out,
-        "--no-tta",
+        "--no-tta", "--precision", "float32",
     )  # fmt: skip
     assert "0 segmented, 2 skipped (output existed), 2 failed" in again.stdout
     # the case's label map is the model's on its two channels, in channel order
@@ -439,6 +439,7 @@ def test_a_two_channel_model_reads_cases_stored_one_file_per_channel(tmp_path):
     alone = medseg(
         "predict", "--model", tmp_path / "run", "--input",
         tests / f"{case}_0001.nii.gz", "--output", tmp_path / "one.nii.gz", "--no-tta",
+        "--precision", "float32",
     )  # fmt: skip
     assert alone.returncode == 0, alone.stderr[-2000:]
     np.testing.assert_array_equal(
@@ -1182,6 +1183,7 @@ def test_modified_model_file_is_refused_unless_allowed(bundle, tmp_path):
 
 
 def test_precision_auto_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch):
+    monkeypatch.delenv(inference.AUTO_PRECISION_VARIABLE, raising=False)
     assert inference.inference_precision("float32") == "float32"
     assert inference.inference_precision("bfloat16") == "bfloat16"
     with pytest.raises(ValueError, match="precision must be one of"):
@@ -1190,6 +1192,43 @@ def test_precision_auto_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch):
     assert inference.inference_precision("auto") == "float32"
     monkeypatch.setattr(inference, "cpu_has_amx_bf16", lambda: True)
     assert inference.inference_precision("auto") == "bfloat16"  # no GPU here
+
+
+def test_the_environment_sets_what_auto_precision_means_on_any_cpu(monkeypatch):
+    variable = inference.AUTO_PRECISION_VARIABLE
+    for amx in (False, True):
+        monkeypatch.setattr(inference, "cpu_has_amx_bf16", lambda amx=amx: amx)
+        for forced in ("float32", "bfloat16"):
+            monkeypatch.setenv(variable, forced)
+            assert inference.inference_precision("auto") == forced
+            assert inference.inference_precision("float32") == "float32"
+    monkeypatch.setenv(variable, "float16")
+    with pytest.raises(ValueError, match="MEDSEG_AUTO_PRECISION must be float32 or"):
+        inference.inference_precision("auto")
+
+
+@pytest.mark.slow
+def test_predicts_auto_route_is_bfloat16_where_the_environment_says_so(
+    tmp_path, monkeypatch
+):
+    """The bfloat16 route of ``medseg predict`` (``auto`` on an AMX CPU), run on
+    any CPU: its labels are those of a bfloat16 Segmenter here."""
+    from medseg.bundle import resolve
+    from medseg.io import read_volume
+
+    monkeypatch.setenv(inference.AUTO_PRECISION_VARIABLE, "bfloat16")
+    source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[4]
+    out = tmp_path / "out"
+    result = medseg("predict", "--model", "hippocampus", "--input", source,
+                    "--output", out, "--no-tta")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "medseg_predict_report.json").read_text())
+    assert report["settings"]["precision"] == "bfloat16"
+    segmenter = inference.Segmenter(
+        resolve("hippocampus"), mirror_axes=(), precision="bfloat16"
+    )
+    expected = segmenter.segment(read_volume(source))
+    np.testing.assert_array_equal(read_volume(out / source.name).array, expected.array)
 
 
 def test_bfloat16_is_slow_on_a_cpu_without_avx512(monkeypatch, caplog):
@@ -1338,7 +1377,10 @@ def test_a_2d_network_trained_on_volumes_segments_them_slice_by_slice(tmp_path):
     )
     scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
     out = tmp_path / "out.nii.gz"
-    result = medseg("predict", "--model", run, "--input", scan, "--output", out)
+    result = medseg(  # float32, as the Segmenter it is compared with below
+        "predict", "--model", run, "--input", scan, "--output", out,
+        "--precision", "float32",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     written, source = nib.load(out), nib.load(scan)
     assert written.shape == source.shape
@@ -1556,6 +1598,7 @@ def test_predict_with_several_models_writes_their_ensembles_labels(tmp_path):
     source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
     out = tmp_path / "out"
     args = ("--model", "hippocampus", "--model", respaced, "--input", source)
+    args += ("--precision", "float32")  # as the members it is compared with below
     result = medseg("predict", *args, "--output", out, "--keep-largest")
     assert result.returncode == 0, result.stderr[-2000:]
     members = [  # the bundles' own mirroring, as the command's --tta
@@ -1576,7 +1619,7 @@ def test_predict_with_several_models_writes_their_ensembles_labels(tmp_path):
     assert settings["tta"] == [[0, 2], [0, 2]]
     # the folder's label maps are the ensemble's: one model alone may not add to them
     result = medseg("predict", "--model", "hippocampus", "--input", source,
-                    "--output", out)  # fmt: skip
+                    "--output", out, "--precision", "float32")  # fmt: skip
     assert result.returncode == 2
     assert "made with other settings (model_sha256" in result.stderr
     # the same ensemble again skips the scan
@@ -1590,7 +1633,8 @@ def test_predict_with_several_models_writes_their_ensembles_labels(tmp_path):
     respaced.rename(runs / "fold_1")
     (runs / "notes").mkdir()  # no bundle: left out
     result = medseg("predict", "--model", runs, "--input", source,
-                    "--output", tmp_path / "by_folder", "--keep-largest")  # fmt: skip
+                    "--output", tmp_path / "by_folder", "--keep-largest",
+                    "--precision", "float32")  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     folds = f"{runs / 'fold_0'}, {runs / 'fold_1'}"
     assert f"an ensemble of 2 models: {folds}" in result.stderr
