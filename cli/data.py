@@ -62,9 +62,14 @@ def check(
     images/ and labels/, or a MedMNIST-style .npz. Each broken case is named with its
     problem. Exit status 0 when the dataset is clean, 2 when it is not.
     """
-    from medseg.checks import check_array_dataset, check_dataset
-    from medseg.datasets import LABELS_FROM_SEGMENTS, load_dataset, load_npz_dataset
-    from medseg.io import DEFAULT_MAX_VOXELS, atomic_write_text
+    from medseg.datasets.checks import check_array_dataset, check_dataset
+    from medseg.datasets.layouts import (
+        LABELS_FROM_SEGMENTS,
+        load_dataset,
+        load_npz_dataset,
+    )
+    from medseg.io import atomic_write_text
+    from medseg.io.volume import DEFAULT_MAX_VOXELS
 
     notes = []
     if dataset.suffix.lower() == ".npz":
@@ -183,7 +188,7 @@ def sort_dicom(source: Path, target: Path, by_patient: bool) -> None:
     re-run places only what is missing. Then `medseg predict --input TARGET`
     segments each series as one scan. Exit status 1 if a file could not be placed.
     """
-    from medseg.dicom import sort_series
+    from medseg.io.dicom import sort_series
 
     done = sort_series(source, target, by_patient=by_patient)
     for name, count in sorted(done.series.items()):
@@ -228,8 +233,8 @@ def nifti_to_seg(
     seg-to-nifti` reads it back as LABELS.
     """
     from medseg import __version__
-    from medseg.dicom import label_map_to_segmentation
     from medseg.errors import InputFileError
+    from medseg.io.dicom_seg import label_map_to_segmentation
     from medseg_cli.evaluate import label_names
 
     if output.suffix.lower() != ".dcm":
@@ -266,9 +271,10 @@ def seg_to_nifti(seg: Path, series: Path, output: Path) -> None:
     refused. OUTPUT ends in .nii.gz
     or .nii; the label maps and series then pair as a dataset's labels and images.
     """
-    from medseg.dicom import read_segmentation
     from medseg.errors import InputFileError
-    from medseg.io import NIFTI_SUFFIXES, Volume, split_suffix, write_volume
+    from medseg.io import write_volume
+    from medseg.io.dicom_seg import read_segmentation
+    from medseg.io.volume import NIFTI_SUFFIXES, Volume, split_suffix
 
     if split_suffix(output)[1] not in NIFTI_SUFFIXES:
         raise InputFileError(

@@ -132,7 +132,7 @@ def evaluate(
     A predictions CSV from a classification model is scored instead with accuracy,
     balanced accuracy (mean recall per class) and one-vs-rest AUC per class.
     """
-    from medseg.batch import make_output_dir
+    from medseg.inference.jobs.outputs import make_output_dir
 
     for folder in (  # before any work, which a folder that cannot be made would lose
         *(path.parent for path in (output, summary) if path is not None),
@@ -142,7 +142,7 @@ def evaluate(
     if prediction.suffix == ".csv":
         _evaluate_classification(prediction, truth, split, summary)
         return
-    from medseg.evaluation import (
+    from medseg.evaluation.scoring import (
         evaluate_pairs,
         format_summary,
         pair_files,
@@ -150,7 +150,7 @@ def evaluate(
         to_csv,
     )
     from medseg.io import atomic_write_text
-    from medseg.itkio import segment_names
+    from medseg.io.itk import segment_names
 
     pairs = pair_files(prediction, truth)
     names, names_from = label_names(names_file, truth), "the dataset's labels"
@@ -207,7 +207,7 @@ def evaluate(
         )
         click.echo(f"summary written to {summary}")
     if report_dir is not None:
-        from medseg.report import write_report
+        from medseg.figures import write_report
 
         written = write_report(
             report_dir, rows, pairs, _image_files(images, pairs), names
@@ -224,7 +224,7 @@ def label_names(names_file: Path | None, truth: Path) -> dict[int, str]:
     maps ``truth`` (a folder or a file; MSD and nnU-Net keep it in the parent of
     labelsTr); one found on its own that cannot be read is passed over with a
     warning."""
-    from medseg.datasets import read_label_names
+    from medseg.datasets.layouts import read_label_names
     from medseg.errors import InputFileError
 
     if names_file is not None:
@@ -259,7 +259,7 @@ def _image_files(images: Path | None, pairs) -> dict[str, Path]:
 
 
 def _evaluate_classification(prediction, truth, split, summary) -> None:
-    from medseg.evaluation import evaluate_classification
+    from medseg.evaluation.scoring import evaluate_classification
     from medseg.io import atomic_write_text
 
     result = evaluate_classification(prediction, truth, split=split)

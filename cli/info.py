@@ -217,8 +217,8 @@ def _names_scans(path: Path, meant: bool = False) -> bool:
     folder of them, a list, a dataset.json, a glob pattern) rather than a model;
     ``meant`` (scans were asked for): any folder but a bundle, to be searched and
     named if it holds none."""
-    from medseg.batch import LIST_SUFFIXES
-    from medseg.scan_report import is_scan_path
+    from medseg.describe import is_scan_path
+    from medseg.inference.jobs.inputs import LIST_SUFFIXES
 
     if is_scan_path(path):
         return True
@@ -235,8 +235,8 @@ def _pattern(path: Path) -> bool:
 
 
 def _holds_scans(folder: Path) -> bool:
-    from medseg.batch import collect_inputs
     from medseg.errors import InputFileError
+    from medseg.inference.jobs.inputs import collect_inputs
 
     try:
         return bool(collect_inputs(folder))
@@ -248,18 +248,20 @@ def _expanded(path: Path, channels: int) -> tuple[list[Path], object]:
     """The scans ``path`` names for a model of ``channels`` input channels, and the
     reader of each, as medseg predict takes its --input: a case stored one file per
     channel is one scan, read from all its files."""
-    from medseg import batch
-    from medseg.dicom import named_scan
-    from medseg.scan_report import is_scan_path
+    from medseg.describe import is_scan_path
+    from medseg.inference.jobs import inputs as job_inputs
+    from medseg.io.dicom import named_scan
 
     if is_scan_path(path) and not path.is_dir() and not _pattern(path):
         files = [named_scan(path)]  # as given, to fail by name; a slice: its series
     else:
-        files = batch.collect_inputs(path)
+        files = job_inputs.collect_inputs(path)
     if path.is_file():  # one channel's file names its whole case
-        files = batch.with_sibling_channels(files, channels)
-    groups = batch.channel_groups(files, channels)
-    return (sorted(groups) if groups else files), batch.channel_reader(groups, channels)
+        files = job_inputs.with_sibling_channels(files, channels)
+    groups = job_inputs.channel_groups(files, channels)
+    return (sorted(groups) if groups else files), job_inputs.channel_reader(
+        groups, channels
+    )
 
 
 def _scans(
@@ -268,9 +270,9 @@ def _scans(
     """``medseg info SCAN...``: one scan's summary (a JSON object), or several's (a
     JSON list, each failure as its path and error); with ``model``, a closing line of
     totals over several."""
+    from medseg.describe import describe_scan, format_scan, is_scan_path
     from medseg.errors import InputFileError
     from medseg.io import atomic_write_text
-    from medseg.scan_report import describe_scan, format_scan, is_scan_path
 
     others = [str(p) for p in paths if not _names_scans(p, model is not None)]
     if others:
@@ -369,7 +371,7 @@ def _with_classes(config, path: Path):
         raise InputFileError(
             path, "model.num_classes is not set and there is no data.dataset to count"
         )
-    from medseg.datasets import load_dataset, load_npz_dataset
+    from medseg.datasets.layouts import load_dataset, load_npz_dataset
 
     try:
         if data.task == "classification":

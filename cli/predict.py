@@ -188,15 +188,22 @@ def predict(
     Classification models write one CSV (OUTPUT if it ends in .csv, else
     OUTPUT/predictions.csv): case, predicted class, one probability per class.
     """
-    from medseg import __version__, batch, itkio
+    from medseg import __version__
     from medseg.bundle import MODEL_FILE, bundles_in, read_metadata, resolve, sha256
-    from medseg.dicom import INSTALL, has_seg_writer, is_series_folder
     from medseg.errors import InputFileError
     from medseg.inference import ensemble_problem
+    from medseg.inference.jobs import inputs as job_inputs
+    from medseg.inference.jobs import outputs as job_outputs
+    from medseg.inference.jobs import run as jobs
+    from medseg.inference.jobs import settings as job_settings
+    from medseg.inference.jobs import tables
+    from medseg.io import itk as itkio
+    from medseg.io.dicom import INSTALL, is_series_folder
+    from medseg.io.dicom_seg import has_seg_writer
 
     ctx = click.get_current_context()
     try:
-        shard_value = batch.parse_shard(shard) if shard else None
+        shard_value = job_inputs.parse_shard(shard) if shard else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--shard") from None
     bundles = [found for model in models for found in bundles_in(resolve(model))]
@@ -240,15 +247,15 @@ def predict(
         )
         return
     channels = int(metadata.get("in_channels") or 1)
-    everything = batch.collect_inputs(input_path)
+    everything = job_inputs.collect_inputs(input_path)
     if Path(input_path).is_file():  # one channel's file names its whole case
-        everything = batch.with_sibling_channels(everything, channels)
+        everything = job_inputs.with_sibling_channels(everything, channels)
     # on every input, before sharding, so that every shard groups and names alike
-    groups = batch.channel_groups(everything, channels)
+    groups = job_inputs.channel_groups(everything, channels)
     if groups:  # nnU-Net's one file per channel: a case is read from all of them
         everything = sorted(groups)
-    inputs_named = batch.case_names(everything, grouped=bool(groups))
-    inputs = batch.take_shard(everything, shard_value)
+    inputs_named = job_inputs.case_names(everything, grouped=bool(groups))
+    inputs = job_inputs.take_shard(everything, shard_value)
     if dicom_seg:
         other = next((p for p in everything if not is_series_folder(p)), None)
         if other is not None:
@@ -261,8 +268,8 @@ def predict(
         Path(input_path).is_file() or is_series_folder(Path(input_path))
     )
     single = one and output.suffix and not output.is_dir()
-    batch.check_outside_series(inputs, output.parent if single else output)
-    output_dir = batch.make_output_dir(
+    job_outputs.check_outside_series(inputs, output.parent if single else output)
+    output_dir = job_outputs.make_output_dir(
         output.parent if single else output,
         " (for one scan, give a file name with a scan suffix such as .nii.gz)"
         if one and not single
@@ -298,17 +305,21 @@ def predict(
     def each(values):  # one model's setting, or every member's for an ensemble
         return values[0] if len(values) == 1 else values
 
-    beside = batch.Beside(
+    beside = job_outputs.Beside(
         probabilities=probabilities,
         dicom_seg="+".join(b.name for b in bundles) if dicom_seg else None,
         preview=preview,
         seg_nrrd=seg_nrrd,
-        masks=batch.mask_names(segmenter.values, segmenter.names) if masks else (),
+        masks=job_outputs.mask_names(segmenter.values, segmenter.names)
+        if masks
+        else (),
     )
     if single:
         inputs_named = {inputs[0]: output.name}
-    batch.check_unique_outputs(everything, output_dir, inputs_named)  # every shard's
-    batch.check_folder(  # before any scan is read
+    job_outputs.check_unique_outputs(
+        everything, output_dir, inputs_named
+    )  # every shard's
+    job_settings.check_folder(  # before any scan is read
         inputs,
         output_dir,
         {
@@ -378,7 +389,7 @@ def predict(
                 )
 
         try:
-            results = batch.segment_all(
+            results = jobs.segment_all(
                 segmenter.predict,
                 inputs,
                 output_dir,
@@ -386,7 +397,7 @@ def predict(
                 progress=progress,
                 rename=inputs_named,
                 beside=beside,
-                reader=batch.channel_reader(groups, channels),
+                reader=job_inputs.channel_reader(groups, channels),
                 groups=groups,
             )
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler's time limit)
@@ -396,16 +407,16 @@ def predict(
         "tta": each([list(m.mirror_axes) for m in members]),
         "nonfinite": each([m.preprocessor.nonfinite for m in members]),
     }
-    sizes = output_dir / (batch.SIZES_FILE + _shard_suffix(shard_value) + ".csv")
-    sizes = batch.write_sizes(
+    sizes = output_dir / (tables.SIZES_FILE + _shard_suffix(shard_value) + ".csv")
+    sizes = tables.write_sizes(
         results,
         sizes,
         segmenter.values,
         segmenter.names,
-        batch.channel_reader(groups, channels),
+        job_inputs.channel_reader(groups, channels),
         # a skipped case's rows from any table in the folder (a shard's), so that a
         # run over a sharded job's whole input measures no scan again
-        [t for t in output_dir.glob(batch.SIZES_PATTERN) if t != sizes],
+        [t for t in output_dir.glob(tables.SIZES_PATTERN) if t != sizes],
     )
     if stopped is not None:
         settings["stopped_by"] = stopped.name
@@ -517,7 +528,7 @@ def _finish(
     """Writes the run report, prints the counts (and where the label volumes are,
     ``sizes``) and the failures; exit 1 on any, or 128 + the signal that ``stopped``
     the run before its end."""
-    from medseg import batch
+    from medseg.inference.jobs import claims, tables
     from medseg.io import atomic_write_text
 
     if report_path is None:
@@ -525,16 +536,16 @@ def _finish(
             output_dir / f"medseg_predict_report{_shard_suffix(shard_value)}.json"
         )
     if verb == "segmented":  # a re-run's skipped scans: what the first run found
-        batch.carry_earlier_records(
-            results, {*output_dir.glob(batch.REPORT_PATTERN), report_path}
+        tables.carry_earlier_records(
+            results, {*output_dir.glob(tables.REPORT_PATTERN), report_path}
         )
-    summary = batch.report(results)
+    summary = tables.report(results)
     if settings:
         summary["settings"] = settings
     atomic_write_text(report_path, json.dumps(summary, indent=2) + "\n")
     counts = summary["counts"]
     elsewhere = sum(
-        r.status == "skipped" and any(batch.IN_HAND_ELSEWHERE in w for w in r.warnings)
+        r.status == "skipped" and any(claims.IN_HAND_ELSEWHERE in w for w in r.warnings)
         for r in results
     )
     click.echo(
@@ -572,20 +583,24 @@ def _classify(
 ):
     """Classification bundles (several: their ensemble): image files or a .npz split
     -> one predictions CSV."""
-    from medseg import batch
-    from medseg.datasets import load_npz_images
+    from medseg.datasets.layouts import load_npz_images
     from medseg.inference import Classifier, ClassifierEnsemble
+    from medseg.inference.jobs import inputs as job_inputs
+    from medseg.inference.jobs import outputs as job_outputs
+    from medseg.inference.jobs import run as jobs
     from medseg.io import atomic_write_text, read_volume, split_suffix
 
     target = output if output.suffix == ".csv" else output / "predictions.csv"
-    batch.make_output_dir(target.parent)  # before any work
+    job_outputs.make_output_dir(target.parent)  # before any work
     source = Path(input_path)
     if source.suffix == ".npz":
         images, _ = load_npz_images(source, split, metadata["spatial_dims"])
-        indices = batch.take_shard(list(range(len(images))), shard_value)
+        indices = job_inputs.take_shard(list(range(len(images))), shard_value)
         items = [(f"{split}_{i}", lambda i=i: images[i]) for i in indices]
     else:
-        files = batch.take_shard(batch.collect_inputs(input_path), shard_value)
+        files = job_inputs.take_shard(
+            job_inputs.collect_inputs(input_path), shard_value
+        )
         items = [(split_suffix(p)[0], lambda p=p: read_volume(p).array) for p in files]
     members = [
         Classifier(bundle, allow_modified=allowed, nonfinite=nonfinite)
@@ -595,11 +610,11 @@ def _classify(
     with click.progressbar(
         length=len(items), label="classifying", file=sys.stderr, show_pos=True
     ) as bar:
-        results, scores = batch.classify_all(
+        results, scores = jobs.classify_all(
             classifier, items, progress=lambda _result: bar.update(1)
         )
     for result in results:
         result.output = str(target)
-    atomic_write_text(target, batch.classification_csv(scores, classifier.names))
+    atomic_write_text(target, jobs.classification_csv(scores, classifier.names))
     click.echo(f"predictions written to {target}")
     _finish(results, target.parent, report_path, shard_value, "classified")

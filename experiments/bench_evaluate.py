@@ -82,8 +82,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from medseg.evaluation import label_array
     from medseg.io import read_volume
+    from medseg.io.grid import label_array
     from medseg.metrics import label_metrics
 
     volume = read_volume(args.truth)

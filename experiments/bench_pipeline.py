@@ -53,9 +53,9 @@ def main() -> None:
     import tensorflow as tf
     from fit_timing import fit_seconds
 
-    from medseg.checks import check_dataset
     from medseg.config import AugmentConfig
-    from medseg.datasets import load_dataset
+    from medseg.datasets.checks import check_dataset
+    from medseg.datasets.layouts import load_dataset
     from medseg.losses import DiceCELoss
     from medseg.models import build_unet
     from medseg.preprocessing import Preprocessor, ZScoreNormalization

@@ -146,7 +146,7 @@ def score_runs(
     import numpy as np
 
     from medseg.bundle import verify
-    from medseg.datasets import load_dataset
+    from medseg.datasets.layouts import load_dataset
     from medseg.io import read_volume
 
     records = [verify(run) for run in runs]

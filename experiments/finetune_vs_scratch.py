@@ -91,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from medseg.bundle import read_metadata, resolve
-    from medseg.datasets import load_dataset
+    from medseg.datasets.layouts import load_dataset
 
     bundle = resolve(args.model).resolve()
     metadata = read_metadata(bundle)

@@ -58,7 +58,7 @@ def history(run: Path) -> list[dict]:
 
 
 def score_predictions(path: Path, labels: np.ndarray) -> dict:
-    from medseg.training.classification import classification_scores
+    from medseg.evaluation.classification import classification_scores
 
     with open(path, newline="") as file:
         rows = list(csv.DictReader(file))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from medseg import __version__
 from medseg.errors import InputFileError
-from medseg.io import atomic_output, atomic_write_text
+from medseg.io.files import atomic_output, atomic_write_text
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"

@@ -88,15 +88,16 @@ def mean_dice(rows: list[dict], cases=None) -> dict[int, float]:
 def _segment_and_score(bundle, cases, folder: Path, metrics_csv: Path, echo):
     """Segments ``cases`` with ``bundle`` into ``folder`` (named as their label files)
     and scores them; returns the evaluation rows and the file pairs."""
-    from medseg import batch
     from medseg.bundle import read_metadata
-    from medseg.evaluation import evaluate_pairs, to_csv
-    from medseg.inference import Segmenter, bundle_mirror_axes
-    from medseg.io import atomic_write_text
+    from medseg.evaluation.scoring import evaluate_pairs, to_csv
+    from medseg.inference.jobs import run as jobs
+    from medseg.inference.scan_plan import bundle_mirror_axes
+    from medseg.inference.segmenter import Segmenter
+    from medseg.io.files import atomic_write_text
 
     segmenter = Segmenter(bundle, mirror_axes=bundle_mirror_axes(read_metadata(bundle)))
     rename = {case.images[0]: case.label.name for case in cases}
-    results = batch.segment_all(
+    results = jobs.segment_all(
         segmenter.predict,
         [case.images[0] for case in cases],
         folder,
@@ -116,7 +117,7 @@ def _segment_and_score(bundle, cases, folder: Path, metrics_csv: Path, echo):
 def _training_copy(dataset, cases, folder: Path) -> Path:
     """A Decathlon-layout copy of ``cases`` in ``folder`` (a dataset may only name
     files inside itself)."""
-    from medseg.io import atomic_write_text
+    from medseg.io.files import atomic_write_text
 
     if folder.exists():
         shutil.rmtree(folder)
@@ -167,15 +168,15 @@ def run_demo(
         InputFileError: no such bundle or dataset, a dataset without labelled
             single-file cases, or a case that could not be segmented.
     """
-    from medseg import batch
     from medseg.bundle import read_metadata, resolve
-    from medseg.datasets import load_dataset
-    from medseg.evaluation import summarize
-    from medseg.io import atomic_write_text
-    from medseg.report import write_report
+    from medseg.datasets.layouts import load_dataset
+    from medseg.evaluation.scoring import summarize
+    from medseg.figures import write_report
+    from medseg.inference.jobs import outputs as job_outputs
+    from medseg.io.files import atomic_write_text
 
     started = time.perf_counter()
-    output = batch.make_output_dir(Path(output))
+    output = job_outputs.make_output_dir(Path(output))
     data = Path(data) if data is not None else sample_dir()
     dataset = load_dataset(data)
     cases = [c for c in dataset.cases if c.label is not None and len(c.images) == 1]

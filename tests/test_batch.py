@@ -10,8 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg import batch
 from medseg.errors import InputFileError
+from medseg.inference.jobs import claims, tables
+from medseg.inference.jobs import inputs as job_inputs
+from medseg.inference.jobs import outputs as job_outputs
+from medseg.inference.jobs import run as jobs
+from medseg.inference.jobs import settings as job_settings
 from tests import reference
 
 SETTINGS = {
@@ -32,31 +36,31 @@ SETTINGS = {
 @pytest.mark.parametrize("shards", [1, 3, 8])
 def test_shards_are_disjoint_and_cover_every_file_in_order(files, shards):
     names = [f"case_{i:02d}" for i in range(files)]
-    taken = [batch.take_shard(names, (k, shards)) for k in range(1, shards + 1)]
+    taken = [job_inputs.take_shard(names, (k, shards)) for k in range(1, shards + 1)]
     assert sorted(sum(taken, [])) == names
     for k, part in enumerate(taken):  # every shards-th name from the k-th
         assert part == [n for i, n in enumerate(names) if i % shards == k]
-    assert batch.take_shard(names, None) == names
+    assert job_inputs.take_shard(names, None) == names
 
 
 def test_shard_text_is_k_of_n():
-    assert batch.parse_shard("2/8") == (2, 8)
+    assert job_inputs.parse_shard("2/8") == (2, 8)
     for bad in ("0/3", "4/3", "2", "a/b", "1/2/3"):
         with pytest.raises(ValueError, match=repr(bad)):
-            batch.parse_shard(bad)
+            job_inputs.parse_shard(bad)
 
 
 def test_a_folder_records_its_settings_and_refuses_others(tmp_path):
-    record = tmp_path / batch.SETTINGS_FILE
-    batch.check_settings(tmp_path, SETTINGS, skipping=0, overwrite=False)
+    record = tmp_path / job_settings.SETTINGS_FILE
+    job_settings.check_settings(tmp_path, SETTINGS, skipping=0, overwrite=False)
     assert json.loads(record.read_text()) == SETTINGS
     # the same settings again, from another path to the bundle: outputs may be kept
     moved = {**SETTINGS, "model": "/elsewhere/hippocampus"}
-    batch.check_settings(tmp_path, moved, skipping=3, overwrite=False)
+    job_settings.check_settings(tmp_path, moved, skipping=3, overwrite=False)
     assert json.loads(record.read_text()) == moved
     other = {**moved, "model_sha256": "b" * 64, "keep_largest": True}
     with pytest.raises(InputFileError) as error:
-        batch.check_settings(tmp_path, other, skipping=0, overwrite=False)
+        job_settings.check_settings(tmp_path, other, skipping=0, overwrite=False)
     assert str(error.value) == (
         f"{record}: the label maps here were made with other settings (model_sha256 "
         f'"{"a" * 64}", now "{"b" * 64}"; keep_largest false, now true); '
@@ -66,22 +70,26 @@ def test_a_folder_records_its_settings_and_refuses_others(tmp_path):
     # the same network with other preprocessing (an edited medseg.json) is refused too
     spacing = {**moved, "preprocessing": {"target_spacing_mm": [1.5, 1.5, 1.5]}}
     with pytest.raises(InputFileError, match=r"\(preprocessing \{.*, now \{"):
-        batch.check_settings(tmp_path, spacing, skipping=0, overwrite=False)
-    batch.check_settings(tmp_path, other, skipping=3, overwrite=True)
+        job_settings.check_settings(tmp_path, spacing, skipping=0, overwrite=False)
+    job_settings.check_settings(tmp_path, other, skipping=3, overwrite=True)
     assert json.loads(record.read_text()) == other
 
 
 def test_outputs_without_a_record_are_not_kept_unchecked(tmp_path):
-    batch.check_settings(tmp_path, SETTINGS, skipping=0, overwrite=False)  # no outputs
-    (tmp_path / batch.SETTINGS_FILE).unlink()
+    job_settings.check_settings(
+        tmp_path, SETTINGS, skipping=0, overwrite=False
+    )  # no outputs
+    (tmp_path / job_settings.SETTINGS_FILE).unlink()
     with pytest.raises(InputFileError, match="2 of this run's outputs exist, but no"):
-        batch.check_settings(tmp_path, SETTINGS, skipping=2, overwrite=False)
-    assert not (tmp_path / batch.SETTINGS_FILE).exists()
-    (tmp_path / batch.SETTINGS_FILE).write_text('{"model_sha256": "a')  # cut short
+        job_settings.check_settings(tmp_path, SETTINGS, skipping=2, overwrite=False)
+    assert not (tmp_path / job_settings.SETTINGS_FILE).exists()
+    (tmp_path / job_settings.SETTINGS_FILE).write_text(
+        '{"model_sha256": "a'
+    )  # cut short
     with pytest.raises(InputFileError, match="unreadable record"):
-        batch.check_settings(tmp_path, SETTINGS, skipping=0, overwrite=False)
-    batch.check_settings(tmp_path, SETTINGS, skipping=2, overwrite=True)
-    assert json.loads((tmp_path / batch.SETTINGS_FILE).read_text()) == SETTINGS
+        job_settings.check_settings(tmp_path, SETTINGS, skipping=0, overwrite=False)
+    job_settings.check_settings(tmp_path, SETTINGS, skipping=2, overwrite=True)
+    assert json.loads((tmp_path / job_settings.SETTINGS_FILE).read_text()) == SETTINGS
 
 
 def scans(folder, count):
@@ -103,7 +111,7 @@ def test_segment_all_refuses_other_settings_before_touching_a_scan(tmp_path):
         return volume.with_array((volume.array > 0).astype(np.uint8))
 
     def run(settings, overwrite=False, files=files):
-        return batch.segment_all(
+        return jobs.segment_all(
             segment, files, out, settings=settings, overwrite=overwrite
         )
 
@@ -118,28 +126,30 @@ def test_segment_all_refuses_other_settings_before_touching_a_scan(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
     assert [r.status for r in run(other, overwrite=True)] == ["done"] * 3
     assert len(calls) == 6
-    assert json.loads((out / batch.SETTINGS_FILE).read_text())["overlap"] == 0.25
+    assert json.loads((out / job_settings.SETTINGS_FILE).read_text())["overlap"] == 0.25
     labels = nib.load(out / "case_2.nii.gz")
     np.testing.assert_array_equal(np.asanyarray(labels.dataobj), 1)
 
 
 def test_jobs_starting_together_agree_on_one_record(tmp_path, monkeypatch):
-    record = tmp_path / batch.SETTINGS_FILE
-    assert batch._create_once(record, "first\n")
-    assert not batch._create_once(record, "second\n")
+    record = tmp_path / job_settings.SETTINGS_FILE
+    assert job_settings._create_once(record, "first\n")
+    assert not job_settings._create_once(record, "second\n")
     assert record.read_text() == "first\n"
-    assert [p.name for p in tmp_path.iterdir()] == [batch.SETTINGS_FILE]  # no temp
+    assert [p.name for p in tmp_path.iterdir()] == [
+        job_settings.SETTINGS_FILE
+    ]  # no temp
     record.unlink()
     other = {**SETTINGS, "precision": "bfloat16"}
-    real = batch._create_once
+    real = job_settings._create_once
 
     def another_job_first(path, text):  # its record lands between check and write
         assert real(path, json.dumps(other))
         return real(path, text)
 
-    monkeypatch.setattr(batch, "_create_once", another_job_first)
+    monkeypatch.setattr(job_settings, "_create_once", another_job_first)
     with pytest.raises(InputFileError, match='precision "bfloat16", now "float32"'):
-        batch.check_settings(tmp_path, SETTINGS, skipping=0, overwrite=False)
+        job_settings.check_settings(tmp_path, SETTINGS, skipping=0, overwrite=False)
     assert json.loads(record.read_text()) == other
 
 
@@ -148,7 +158,7 @@ def test_label_maps_an_overwrite_run_left_behind_stop_later_skipping(tmp_path):
     out = tmp_path / "out"
 
     def run(settings, files, overwrite=False):
-        results = batch.segment_all(
+        results = jobs.segment_all(
             lambda v: v.with_array((v.array > 0).astype(np.uint8)),
             files,
             out,
@@ -158,7 +168,9 @@ def test_label_maps_an_overwrite_run_left_behind_stop_later_skipping(tmp_path):
         return [r.status for r in results]
 
     def kept():
-        return json.loads((out / batch.SETTINGS_FILE).read_text()).get(batch.KEPT)
+        return json.loads((out / job_settings.SETTINGS_FILE).read_text()).get(
+            job_settings.KEPT
+        )
 
     other = {**SETTINGS, "model_sha256": "b" * 64}
     assert run(SETTINGS, files[:2]) == ["done"] * 2
@@ -189,7 +201,7 @@ def test_no_label_map_is_written_over_its_own_scan(tmp_path):
         return volume.with_array((volume.array > 0).astype(np.uint8))
 
     def run(output_dir, inputs=files, rename=None):
-        return batch.segment_all(
+        return jobs.segment_all(
             segment, inputs, output_dir, settings=SETTINGS, overwrite=True,
             rename=rename,
         )  # fmt: skip
@@ -222,7 +234,7 @@ def test_an_unexpected_error_on_one_scan_fails_that_scan_only(tmp_path):
             raise IndexError("index 7 is out of bounds for axis 0 with size 7")
         return volume.with_array((volume.array > 0).astype(np.uint8))
 
-    results = batch.segment_all(segment, files, tmp_path / "out")
+    results = jobs.segment_all(segment, files, tmp_path / "out")
     assert [r.status for r in results] == ["done", "failed", "done"]
     assert results[1].error == (
         f"{files[1]}: unexpected error (IndexError: index 7 is out of bounds for "
@@ -237,14 +249,14 @@ def test_an_unexpected_error_on_one_scan_fails_that_scan_only(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        batch.segment_all(interrupted, files, tmp_path / "again")
+        jobs.segment_all(interrupted, files, tmp_path / "again")
 
 
 _DIES_ON = """
 import json, os, signal, sys
 from pathlib import Path
 import numpy as np
-from medseg import batch
+from medseg.inference.jobs.run import segment_all
 
 def segment(volume):  # killed as the kernel kills a process out of memory
     if float(volume.array.max()) == float(sys.argv[3]):
@@ -252,7 +264,7 @@ def segment(volume):  # killed as the kernel kills a process out of memory
     return volume.with_array((volume.array >= 0).astype(np.uint8))
 
 inputs = sorted(Path(sys.argv[1]).iterdir())
-results = batch.segment_all(segment, inputs, Path(sys.argv[2]))
+results = segment_all(segment, inputs, Path(sys.argv[2]))
 rows = [[Path(r.input).name, r.status, r.error, r.warnings] for r in results]
 print(json.dumps(rows))
 """
@@ -329,11 +341,14 @@ def test_a_detached_header_and_its_voxels_make_the_inputs_content_id(tmp_path):
     for name in ("one.mhd", "two.nhdr"):
         path = tmp_path / name
         sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16)), path)
-        header, before = path.read_bytes(), batch.source_id(batch.input_files(path))
-        assert len(batch.input_files(path)) == 2  # the header and the voxels' file
+        header, before = (
+            path.read_bytes(),
+            job_inputs.source_id(job_inputs.input_files(path)),
+        )
+        assert len(job_inputs.input_files(path)) == 2  # the header and the voxels' file
         sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 4, 5), np.int16)), path)
         assert path.read_bytes() == header  # other voxels under the same header
-        assert batch.source_id(batch.input_files(path)) != before
+        assert job_inputs.source_id(job_inputs.input_files(path)) != before
 
 
 def test_the_report_keeps_what_reading_and_segmenting_a_scan_noted(tmp_path):
@@ -350,7 +365,7 @@ def test_the_report_keeps_what_reading_and_segmenting_a_scan_noted(tmp_path):
         labels = volume.with_array((volume.array > 0).astype(np.uint8))
         return Prediction(labels, notes=(f"{volume.path}: a note",))
 
-    results = batch.segment_all(segment, files, tmp_path / "out")
+    results = jobs.segment_all(segment, files, tmp_path / "out")
     assert [r.status for r in results] == ["done", "done"]
     assert results[0].warnings == [f"{files[0]}: a note"]
     assert len(results[1].warnings) == 3
@@ -358,7 +373,7 @@ def test_the_report_keeps_what_reading_and_segmenting_a_scan_noted(tmp_path):
     assert results[1].warnings[1].startswith(f"{files[1]}: stores no orientation")
     assert results[1].warnings[2] == f"{files[1]}: a note"
     assert results[1].spacing_mm == [1.0, 1.0, 1.0]
-    cases = batch.report(results)["cases"]
+    cases = tables.report(results)["cases"]
     assert [c["warnings"] for c in cases] == [results[0].warnings, results[1].warnings]
 
 
@@ -374,15 +389,15 @@ def test_a_rerun_reports_what_the_run_that_made_a_label_map_noted(tmp_path):
 
     def write(results, name):
         path = out / name
-        path.write_text(json.dumps(batch.report(results)))
+        path.write_text(json.dumps(tables.report(results)))
         return path
 
-    first = batch.segment_all(segment, files[:1], out)  # stopped after one scan
+    first = jobs.segment_all(segment, files[:1], out)  # stopped after one scan
     reports = [write(first, "medseg_predict_report.json")]
     (out / "medseg_predict_report-2-of-2.json").write_text("{not json")
     reports.append(out / "medseg_predict_report-2-of-2.json")
-    second = batch.segment_all(segment, files[:2], out)
-    assert batch.carry_earlier_records(second, reports) == 1
+    second = jobs.segment_all(segment, files[:2], out)
+    assert tables.carry_earlier_records(second, reports) == 1
     assert [(r.status, r.earlier_run) for r in second] == [
         ("skipped", True),
         ("done", False),
@@ -394,9 +409,9 @@ def test_a_rerun_reports_what_the_run_that_made_a_label_map_noted(tmp_path):
     # the next run, from another folder and with one more scan: both records carried
     moved = tmp_path / "moved"
     (tmp_path / "in").rename(moved)
-    third = batch.segment_all(segment, sorted(moved.glob("*.nii.gz")), out)
+    third = jobs.segment_all(segment, sorted(moved.glob("*.nii.gz")), out)
     reports.append(write(second, "medseg_predict_report.json"))
-    assert batch.carry_earlier_records(third, reports) == 2
+    assert tables.carry_earlier_records(third, reports) == 2
     assert [(r.status, r.earlier_run) for r in third] == [
         ("skipped", True),
         ("skipped", True),
@@ -408,26 +423,26 @@ def test_a_rerun_reports_what_the_run_that_made_a_label_map_noted(tmp_path):
     # skipped with no label map there (left to another run that has it in hand): its
     # record is not the old one's
     (out / files[0].name).unlink()
-    left = batch.CaseResult(str(files[0]), str(out / files[0].name), "skipped")
-    assert batch.carry_earlier_records([left], reports) == 0
+    left = tables.CaseResult(str(files[0]), str(out / files[0].name), "skipped")
+    assert tables.carry_earlier_records([left], reports) == 0
     assert not left.earlier_run and left.warnings == []
 
 
 def test_outputs_drop_nnunet_channel_suffix_only_when_every_input_has_it(tmp_path):
     files = [tmp_path / "a_0000.nii.gz", tmp_path / "b_0000.png"]
-    assert batch.case_names(files) == {files[0]: "a.nii.gz", files[1]: "b.png"}
+    assert job_inputs.case_names(files) == {files[0]: "a.nii.gz", files[1]: "b.png"}
     mixed = [*files, tmp_path / "scan.nii.gz"]
-    assert batch.case_names(mixed) == {}
-    assert batch.case_names([*files, tmp_path / "c_0001.nii.gz"]) == {}
-    assert batch.case_names([]) == {}
+    assert job_inputs.case_names(mixed) == {}
+    assert job_inputs.case_names([*files, tmp_path / "c_0001.nii.gz"]) == {}
+    assert job_inputs.case_names([]) == {}
     # each case's first file when a case is one file per channel: any channel
     firsts = [tmp_path / "a_0000.nii.gz", tmp_path / "b_0001.nii.gz"]
-    assert batch.case_names(firsts, grouped=True) == {
+    assert job_inputs.case_names(firsts, grouped=True) == {
         firsts[0]: "a.nii.gz",
         firsts[1]: "b.nii.gz",
     }
     out = tmp_path / "out"
-    assert batch.output_for(files[0], out, batch.case_names(files)) == (
+    assert job_outputs.output_for(files[0], out, job_inputs.case_names(files)) == (
         out / "a.nii.gz"
     )
 
@@ -440,18 +455,20 @@ def test_channel_files_are_grouped_into_cases_and_one_name_one_output(tmp_path):
             nib.Nifti1Image(np.zeros((3, 3, 3), np.float32), np.eye(4)),
             folder / f"{name}.nii.gz",
         )
-    files = batch.collect_inputs(folder)
-    groups = batch.channel_groups(files, 2)
+    files = job_inputs.collect_inputs(folder)
+    groups = job_inputs.channel_groups(files, 2)
     f = {p.name[: -len(".nii.gz")]: p for p in files}
     assert groups == {
         f["a_0000"]: (f["a_0000"], f["a_0001"]),
         f["b_0000"]: (f["b_0000"], f["b_0001"]),
         f["c_0001"]: (f["c_0001"],),  # incomplete: refused when read, by name
     }
-    assert batch.channel_groups(files, 1) == {}  # a one-channel model: file by file
+    assert (
+        job_inputs.channel_groups(files, 1) == {}
+    )  # a one-channel model: file by file
     other = folder / "notes.nii.gz"
     other.write_bytes(f["a_0000"].read_bytes())
-    assert batch.channel_groups(batch.collect_inputs(folder), 2) == {}
+    assert job_inputs.channel_groups(job_inputs.collect_inputs(folder), 2) == {}
     other.unlink()
     # a multi-channel file per case, named like a channel file: not grouped
     four_d = tmp_path / "four_d"
@@ -461,16 +478,19 @@ def test_channel_files_are_grouped_into_cases_and_one_name_one_output(tmp_path):
             nib.Nifti1Image(np.zeros((3, 3, 3, 2), np.float32), np.eye(4)),
             four_d / f"{name}.nii.gz",
         )
-    assert batch.channel_groups(batch.collect_inputs(four_d), 2) == {}
+    assert job_inputs.channel_groups(job_inputs.collect_inputs(four_d), 2) == {}
     # one channel's file given alone names its whole case
-    assert batch.with_sibling_channels([f["b_0001"]], 2) == [f["b_0000"], f["b_0001"]]
-    assert batch.with_sibling_channels([f["b_0001"]], 1) == [f["b_0001"]]
-    assert batch.with_sibling_channels([f["a_0000"], f["b_0000"]], 2) == [
+    assert job_inputs.with_sibling_channels([f["b_0001"]], 2) == [
+        f["b_0000"],
+        f["b_0001"],
+    ]
+    assert job_inputs.with_sibling_channels([f["b_0001"]], 1) == [f["b_0001"]]
+    assert job_inputs.with_sibling_channels([f["a_0000"], f["b_0000"]], 2) == [
         f["a_0000"],
         f["b_0000"],
     ]
     # reading: a grouped case from all its files, any other file by itself
-    read = batch.channel_reader(groups, 2)
+    read = job_inputs.channel_reader(groups, 2)
     assert read(f["a_0000"]).array.shape == (3, 3, 3, 2)
     with pytest.raises(InputFileError, match="channel files _0001, but the model"):
         read(f["c_0001"])
@@ -478,13 +498,13 @@ def test_channel_files_are_grouped_into_cases_and_one_name_one_output(tmp_path):
     # scans of one name in two folders would have one output: refused by name
     twins = [folder / "a_0000.nii.gz", four_d / "a_0000.nii.gz"]
     with pytest.raises(InputFileError) as clash:
-        batch.check_unique_outputs(twins, tmp_path / "out")
+        job_outputs.check_unique_outputs(twins, tmp_path / "out")
     assert str(clash.value) == (
         f"{tmp_path / 'out' / 'a_0000.nii.gz'}: the label map of both {twins[0]} and "
         f"{twins[1]}; segment scans of one name into separate output folders"
     )
     with pytest.raises(InputFileError, match="the label map of both"):
-        batch.check_folder(twins, tmp_path / "out", SETTINGS)
+        job_settings.check_folder(twins, tmp_path / "out", SETTINGS)
 
 
 def test_an_existing_output_on_another_grid_is_not_skipped_as_done(tmp_path):
@@ -494,14 +514,14 @@ def test_an_existing_output_on_another_grid_is_not_skipped_as_done(tmp_path):
         return volume.with_array((volume.array > 0).astype(np.uint8))
 
     out = tmp_path / "out"
-    assert [r.status for r in batch.segment_all(segment, files, out)] == ["done"] * 3
+    assert [r.status for r in jobs.segment_all(segment, files, out)] == ["done"] * 3
     # another job's scans of the same names: one of another shape, one moved in space
     nib.save(nib.Nifti1Image(np.ones((4, 5, 7), np.float32), np.eye(4)), files[1])
     moved = np.eye(4)
     moved[:3, 3] = [10.0, 0.0, 0.0]
     nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.float32), moved), files[2])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    results = batch.segment_all(segment, files, out)
+    results = jobs.segment_all(segment, files, out)
     assert [r.status for r in results] == ["skipped", "failed", "failed"]
     assert results[1].error == (
         f"{out / 'case_1.nii.gz'}: an existing label map on another grid than "
@@ -513,10 +533,10 @@ def test_an_existing_output_on_another_grid_is_not_skipped_as_done(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # an unreadable output is not taken as done either
     (out / "case_0.nii.gz").write_bytes(b"not a scan")
-    results = batch.segment_all(segment, files[:1], out)
+    results = jobs.segment_all(segment, files[:1], out)
     assert results[0].status == "failed"
     assert results[0].error.startswith(f"{out / 'case_0.nii.gz'}: not gzip-compressed")
-    redone = batch.segment_all(segment, files, out, overwrite=True)
+    redone = jobs.segment_all(segment, files, out, overwrite=True)
     assert [r.status for r in redone] == ["done"] * 3
     assert nib.load(out / "case_1.nii.gz").shape == (4, 5, 7)
 
@@ -530,12 +550,12 @@ def test_a_folder_of_subfolders_says_how_to_take_their_scans(tmp_path):
             study / subject / "anat" / f"{subject}_T1w.nii.gz",
         )
     with pytest.raises(InputFileError) as info:
-        batch.collect_inputs(study)
+        job_inputs.collect_inputs(study)
     assert str(info.value) == (
         f"{study}: no scan files found (its subfolders are not searched; a pattern "
         f"such as '{study}/**/*.nii.gz' takes the scans in every subfolder)"
     )
-    assert batch.collect_inputs(study / "**" / "*.nii.gz") == [
+    assert job_inputs.collect_inputs(study / "**" / "*.nii.gz") == [
         study / "sub-01" / "anat" / "sub-01_T1w.nii.gz",
         study / "sub-02" / "anat" / "sub-02_T1w.nii.gz",
     ]
@@ -552,15 +572,15 @@ def test_a_list_file_names_scans_relative_to_its_folder_each_once(tmp_path):
         "in/missing.nii.gz\n"
         "in/../in/case_2.nii.gz\n"  # the same scan again
     )
-    assert batch.collect_inputs(listing) == sorted(
+    assert job_inputs.collect_inputs(listing) == sorted(
         [tmp_path / "in/case_2.nii.gz", files[0], tmp_path / "in/missing.nii.gz"]
     )
     listing.write_text("# nothing\n")
     with pytest.raises(InputFileError, match="no scan files found"):
-        batch.collect_inputs(listing)
+        job_inputs.collect_inputs(listing)
     listing.write_bytes(b"\xff\xfe\x00 not text")
     with pytest.raises(InputFileError, match="cannot read the list"):
-        batch.collect_inputs(listing)
+        job_inputs.collect_inputs(listing)
 
 
 def test_an_inputs_content_id_samples_large_files_and_ignores_names(tmp_path, rng):
@@ -573,26 +593,28 @@ def test_an_inputs_content_id_samples_large_files_and_ignores_names(tmp_path, rn
     for chosen in ([files[0]], [files[1]], files):
         contents = [p.read_bytes() for p in chosen]
         for ordered in (True, False):
-            assert batch.source_id(tuple(chosen), ordered) == (
+            assert job_inputs.source_id(tuple(chosen), ordered) == (
                 reference.sampled_content_id(contents, ordered)
             )
-    whole = batch.source_id((files[1],))
-    assert batch.source_id(tuple(files)) != batch.source_id(tuple(files[::-1]))
-    assert batch.source_id(tuple(files), False) == batch.source_id(
+    whole = job_inputs.source_id((files[1],))
+    assert job_inputs.source_id(tuple(files)) != job_inputs.source_id(
+        tuple(files[::-1])
+    )
+    assert job_inputs.source_id(tuple(files), False) == job_inputs.source_id(
         tuple(files[::-1]), False
     )  # a DICOM series' files, whatever their names
     (tmp_path / "renamed.nii").write_bytes(large)
-    assert batch.source_id((tmp_path / "renamed.nii",)) == whole
+    assert job_inputs.source_id((tmp_path / "renamed.nii",)) == whole
     start = round(15 * (len(large) - 4096) / 31)  # of the 16th sampled block
     changed = bytearray(large)
     changed[start + 4096 + 10] ^= 1  # between two sampled blocks: not seen
     (tmp_path / "c.nii").write_bytes(bytes(changed))
-    assert batch.source_id((tmp_path / "c.nii",)) == whole
+    assert job_inputs.source_id((tmp_path / "c.nii",)) == whole
     changed[start + 7] ^= 1  # within one: seen
     (tmp_path / "c.nii").write_bytes(bytes(changed))
-    assert batch.source_id((tmp_path / "c.nii",)) != whole
+    assert job_inputs.source_id((tmp_path / "c.nii",)) != whole
     (tmp_path / "c.nii").write_bytes(large + b"\0")  # another size: seen
-    assert batch.source_id((tmp_path / "c.nii",)) != whole
+    assert job_inputs.source_id((tmp_path / "c.nii",)) != whole
 
 
 def test_an_existing_output_of_another_scan_on_the_same_grid_is_not_skipped(
@@ -617,16 +639,16 @@ def test_an_existing_output_of_another_scan_on_the_same_grid_is_not_skipped(
         return volume.with_array((volume.array > 0).astype(np.uint8))
 
     out = tmp_path / "out"
-    assert [r.status for r in batch.segment_all(segment, files, out)] == ["done"] * 5
+    assert [r.status for r in jobs.segment_all(segment, files, out)] == ["done"] * 5
     for path in files:  # each label map keeps its input's content id
-        assert read_source_id(out / path.name) == batch.source_id((path,))
+        assert read_source_id(out / path.name) == job_inputs.source_id((path,))
     # another job's scans of the same names and grids, other content
     changed = {"case_1.nii.gz", "tile_0.png", "t.tif"}
     nib.save(nib.Nifti1Image(np.full((4, 5, 6), 7, np.float32), np.eye(4)), files[1])
     Image.fromarray(np.full((5, 7), 99, np.uint8)).save(files[3])
     write_volume(Volume(np.full((5, 7, 1), 4, np.uint16), np.eye(4)), files[2])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    results = {Path(r.input).name: r for r in batch.segment_all(segment, files, out)}
+    results = {Path(r.input).name: r for r in jobs.segment_all(segment, files, out)}
     assert {n for n, r in results.items() if r.status == "failed"} == changed
     assert {n for n, r in results.items() if r.status == "skipped"} == set(names) - (
         changed
@@ -640,10 +662,10 @@ def test_an_existing_output_of_another_scan_on_the_same_grid_is_not_skipped(
     # a label map that keeps no content id (another tool's) is judged by its grid
     write_volume(Volume(np.zeros((4, 5, 6, 1), np.uint8), np.eye(4)), out / names[1])
     assert read_source_id(out / names[1]) is None
-    assert batch.segment_all(segment, files[1:2], out)[0].status == "skipped"
-    redone = batch.segment_all(segment, files, out, overwrite=True)
+    assert jobs.segment_all(segment, files[1:2], out)[0].status == "skipped"
+    redone = jobs.segment_all(segment, files, out, overwrite=True)
     assert [r.status for r in redone] == ["done"] * 5
-    assert read_source_id(out / "case_1.nii.gz") == batch.source_id((files[1],))
+    assert read_source_id(out / "case_1.nii.gz") == job_inputs.source_id((files[1],))
     np.testing.assert_array_equal(np.asanyarray(nib.load(out / names[1]).dataobj), 1)
 
 
@@ -673,7 +695,7 @@ def test_label_sizes_count_each_declared_labels_voxels_in_ml_or_mm2(rng):
     labels = rng.choice(np.array([0, 3, 7], np.uint8), size=(4, 5, 6))
     spacing = (0.5, 0.8, 1.2)
     names = ("background", "a", "b", "c")
-    sizes = batch.label_sizes(labels, spacing, (0, 3, 7, 9), names)
+    sizes = tables.label_sizes(labels, spacing, (0, 3, 7, 9), names)
     counted = {0: 0, 3: 0, 7: 0, 9: 0}
     for index in np.ndindex(labels.shape):  # voxel by voxel
         if int(labels[index]) in counted:
@@ -687,7 +709,7 @@ def test_label_sizes_count_each_declared_labels_voxels_in_ml_or_mm2(rng):
     # voxels left out, none for an empty label
     image = rng.normal(50, 20, size=(*labels.shape, 2))
     image[0, 0, 0, 1] = np.nan
-    measured = batch.label_sizes(labels, spacing, (0, 3, 7, 9), names, image)
+    measured = tables.label_sizes(labels, spacing, (0, 3, 7, 9), names, image)
     for value, name in ((3, "a"), (7, "b")):
         for channel in (0, 1):
             inside = [  # voxel by voxel
@@ -712,7 +734,7 @@ def test_label_sizes_count_each_declared_labels_voxels_in_ml_or_mm2(rng):
         ]
     )
     # a first label not named background (the membranes' 0) is measured too
-    flat = batch.label_sizes(labels[..., 0], (0.25, 2.0), (0, 3), ("membrane", "a"))
+    flat = tables.label_sizes(labels[..., 0], (0.25, 2.0), (0, 3), ("membrane", "a"))
     assert flat == {
         name: {
             "label": value,
@@ -734,7 +756,7 @@ def test_the_volumes_table_keeps_skipped_cases_from_the_last_one(tmp_path):
         write_volume(Volume(labels, affine), tmp_path / f"{name}.nii.gz")
 
     def result(name, status, sizes=None):
-        return batch.CaseResult(
+        return tables.CaseResult(
             f"in/{name}.nii.gz", str(tmp_path / f"{name}.nii.gz"), status, sizes=sizes
         )
 
@@ -751,7 +773,7 @@ def test_the_volumes_table_keeps_skipped_cases_from_the_last_one(tmp_path):
         result("c", "skipped"),  # the earlier table's labels differ: measured again
         result("d", "failed"),
     ]
-    table = batch.sizes_table(results, previous, values, names)
+    table = tables.sizes_table(results, previous, values, names)
     assert table == (
         "case,label,name,voxels,volume_ml\n"
         "a,1,tumour,5,0.015\n"
@@ -763,10 +785,12 @@ def test_the_volumes_table_keeps_skipped_cases_from_the_last_one(tmp_path):
     assert results[2].sizes == {"tumour": {"label": 1, "voxels": 9, "volume_ml": 0.027}}
     previous.write_text("not, a table\n")
     results[1].sizes = None
-    assert "b,1,tumour,7,0.021\n" in batch.sizes_table(results, previous, values, names)
-    assert batch.sizes_table([result("d", "failed")], None, values, names) is None
+    assert "b,1,tumour,7,0.021\n" in tables.sizes_table(
+        results, previous, values, names
+    )
+    assert tables.sizes_table([result("d", "failed")], None, values, names) is None
     previous.write_text("case,label,name,voxels,area_mm2\nf,1,tumour,2,2.0\n")
-    table = batch.sizes_table(results, previous, values, names)  # a 2D model's row
+    table = tables.sizes_table(results, previous, values, names)  # a 2D model's row
     assert "area_mm2" not in table and "\nf," not in table
 
 
@@ -787,23 +811,23 @@ def test_skipped_cases_take_their_rows_from_the_newest_table_that_has_them(tmp_p
     os.utime(shards[0], (1000, 1000))
     os.utime(shards[1], (2000, 2000))  # the newer: its row of b counts
     results = [
-        batch.CaseResult(f"in/{n}.nii.gz", str(tmp_path / f"{n}.nii.gz"), "skipped")
+        tables.CaseResult(f"in/{n}.nii.gz", str(tmp_path / f"{n}.nii.gz"), "skipped")
         for n in "ab"
     ]
     whole = tmp_path / "medseg_volumes.csv"
-    table = batch.sizes_table(results, whole, values, names, others=shards)
+    table = tables.sizes_table(results, whole, values, names, others=shards)
     # (z is no case of this run: a shard's other rows are not carried)
     assert table == header + "a,1,tumour,11,0.011\nb,1,tumour,22,0.022\n"
     os.utime(shards[0], (3000, 3000))
     results[1].sizes = None
-    table = batch.sizes_table(results, whole, values, names, others=shards)
+    table = tables.sizes_table(results, whole, values, names, others=shards)
     assert "b,1,tumour,21,0.021\n" in table
     # without them, each skipped case is measured from its label map
     results = [
-        batch.CaseResult(f"in/{n}.nii.gz", str(tmp_path / f"{n}.nii.gz"), "skipped")
+        tables.CaseResult(f"in/{n}.nii.gz", str(tmp_path / f"{n}.nii.gz"), "skipped")
         for n in "ab"
     ]
-    table = batch.sizes_table(results, whole, values, names)
+    table = tables.sizes_table(results, whole, values, names)
     assert table == header + "a,1,tumour,3,0.003\nb,1,tumour,3,0.003\n"
 
 
@@ -825,14 +849,14 @@ def test_two_runs_ending_together_write_the_volumes_table_in_turn(tmp_path):
 
     def result(name, count):
         sizes = {"tumour": {"label": 1, "voxels": count, "volume_ml": count / 1000}}
-        return batch.CaseResult(
+        return tables.CaseResult(
             f"in/{name}.nii.gz", str(tmp_path / f"{name}.nii.gz"), "done", sizes=sizes
         )
 
     script = (  # the other run: slow between reading the table and writing it
         "import time\n"
         "from pathlib import Path\n"
-        "from medseg import batch\n"
+        "from medseg.inference.jobs import tables as batch\n"
         "measure = batch.sizes_table\n"
         "def slowly(*args):\n"
         "    text = measure(*args)\n"
@@ -848,7 +872,7 @@ def test_two_runs_ending_together_write_the_volumes_table_in_turn(tmp_path):
         [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
     )
     assert other.stdout.readline().strip() == "measured"
-    assert batch.write_sizes([result("a", 5)], table, values, names) == table
+    assert tables.write_sizes([result("a", 5)], table, values, names) == table
     assert other.wait(timeout=60) == 0
     other.stdout.close()
     assert table.read_text() == (
@@ -867,21 +891,21 @@ def test_a_stop_while_a_label_map_is_written_comes_after_it_is_recorded(
 
     files = scans(tmp_path / "in", 3)
     out = tmp_path / "out"
-    written = batch.write_volume
+    written = job_outputs.write_volume
 
     def write_then_stop(*args, **kwargs):  # Ctrl-C just as the file is complete
         path = written(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGINT)
         return path
 
-    monkeypatch.setattr(batch, "write_volume", write_then_stop)
+    monkeypatch.setattr(job_outputs, "write_volume", write_then_stop)
     seen = []
 
     def segment(volume):
         return volume.with_array((volume.array > 0).astype(np.uint8))
 
     with pytest.raises(KeyboardInterrupt):
-        batch.segment_all(segment, files, out, progress=seen.append)
+        jobs.segment_all(segment, files, out, progress=seen.append)
     assert [Path(r.output).name for r in seen] == ["case_0.nii.gz"]
     assert [p.name for p in out.iterdir()] == ["case_0.nii.gz"]  # nothing partial
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -900,7 +924,7 @@ def test_the_volumes_table_keeps_intensities_and_measures_them_when_missing(tmp_
         scans[name] = np.arange(64, dtype=np.float32).reshape(4, 4, 4, 1) * count
 
     def result(name, status, sizes=None):
-        return batch.CaseResult(
+        return tables.CaseResult(
             f"in/{name}.nii.gz", str(tmp_path / f"{name}.nii.gz"), status, sizes=sizes
         )
 
@@ -909,7 +933,7 @@ def test_the_volumes_table_keeps_intensities_and_measures_them_when_missing(tmp_
         "case,label,name,voxels,volume_ml,intensity_mean,intensity_sd\n"
         "b,1,tumour,7,0.021,-3.5,2.25\n"
     )
-    done = batch.label_sizes(
+    done = tables.label_sizes(
         np.asarray(nib.load(tmp_path / "a.nii.gz").dataobj), (2.0, 1.0, 1.5), values,
         names, scans["a"],
     )  # fmt: skip
@@ -918,7 +942,7 @@ def test_the_volumes_table_keeps_intensities_and_measures_them_when_missing(tmp_
         result("b", "skipped"),  # its intensities from the earlier table
         result("c", "skipped"),  # none there: measured from its label map and scan
     ]
-    table = batch.sizes_table(
+    table = tables.sizes_table(
         results,
         previous,
         values,
@@ -936,13 +960,13 @@ def test_the_volumes_table_keeps_intensities_and_measures_them_when_missing(tmp_
     results = [result("a", "done", {"tumour": {**done["tumour"]}})]
     results[0].sizes["tumour"]["intensity_mean"] = [1.5, None]
     results[0].sizes["tumour"]["intensity_sd"] = [0.5, None]
-    previous.write_text(batch.sizes_table(results, None, values, names))
+    previous.write_text(tables.sizes_table(results, None, values, names))
     assert previous.read_text().splitlines() == [
         "case,label,name,voxels,volume_ml,intensity_mean_0,intensity_mean_1,"
         "intensity_sd_0,intensity_sd_1",
         "a,1,tumour,5,0.015,1.5,,0.5,",
     ]
-    assert batch._read_sizes(previous)["a"]["tumour"]["intensity_mean"] == [1.5, None]
+    assert tables._read_sizes(previous)["a"]["tumour"]["intensity_mean"] == [1.5, None]
 
 
 def _other_run(files, out, then: str):
@@ -957,7 +981,7 @@ def _other_run(files, out, then: str):
         "import os, signal, time\n"
         "from pathlib import Path\n"
         "import numpy as np\n"
-        "from medseg import batch\n"
+        "from medseg.inference.jobs import run as batch\n"
         "def segment(volume):\n"
         "    print('segmenting', flush=True)\n"
         f"    {then}\n"
@@ -995,7 +1019,7 @@ def test_a_scan_another_living_run_has_in_hand_is_waited_for_or_left_to_it(tmp_p
     other = _other_run([files[1]], out, "time.sleep(600)")
     try:
         partial.write_bytes(b"being written by the other run")
-        results = batch.segment_all(segment, files, out, wait_for_others=False)
+        results = jobs.segment_all(segment, files, out, wait_for_others=False)
         assert [(r.input, r.status) for r in results] == [
             (str(files[1]), "skipped"),
             (str(files[0]), "done"),
@@ -1010,11 +1034,11 @@ def test_a_scan_another_living_run_has_in_hand_is_waited_for_or_left_to_it(tmp_p
         os.kill(other.pid, signal.SIGKILL)
         other.wait()
     partial.unlink()
-    batch._in_hand_marker(busy).unlink()
+    claims._in_hand_marker(busy).unlink()
     # waited for: the other run writes it, and this one counts it done
     calls.clear()
     other = _other_run([files[1]], out, "time.sleep(1.5)")
-    results = batch.segment_all(segment, files, out)
+    results = jobs.segment_all(segment, files, out)
     assert other.wait() == 0 and busy.exists()
     assert calls == []
     assert [(r.input, r.status) for r in results] == [
@@ -1025,7 +1049,7 @@ def test_a_scan_another_living_run_has_in_hand_is_waited_for_or_left_to_it(tmp_p
     # waited for, and the other run killed on it (alone): named, as a dead run's
     busy.unlink()
     other = _other_run([files[1]], out, "time.sleep(1); os.kill(os.getpid(), 9)")
-    (result,) = batch.segment_all(segment, files, out)[2:]
+    (result,) = jobs.segment_all(segment, files, out)[2:]
     assert other.wait() == -signal.SIGKILL
     assert (result.input, result.status) == (str(files[1]), "failed")
     assert result.error.startswith(f"{files[1]}: a run died while segmenting it alone")
@@ -1047,13 +1071,13 @@ def test_a_scan_another_run_writes_or_takes_meanwhile_is_not_segmented_twice(
         calls.append(volume.path)
         if volume.path == files[0]:  # meanwhile another run does the third
             if other == "writes":  # all of it, now
-                (written,) = batch.segment_all(plain, [files[2]], out)
+                (written,) = jobs.segment_all(plain, [files[2]], out)
                 assert written.status == "done"
             else:  # takes it in hand, and writes it 1.5 s later: waited for
                 others.append(_other_run([files[2]], out, "time.sleep(1.5)"))
         return plain(volume)
 
-    results = batch.segment_all(segment, files, out)
+    results = jobs.segment_all(segment, files, out)
     assert [process.wait() for process in others] == [0] * len(others)
     assert calls == [files[0], files[1]]  # the third was the other run's
     assert [(r.input, r.status) for r in results] == [
@@ -1068,11 +1092,11 @@ def test_a_label_map_is_also_written_as_a_slicer_segmentation_when_asked(tmp_pat
     pytest.importorskip("SimpleITK")
     from matplotlib.colors import to_rgb
 
-    from medseg.evaluation import pair_files
+    from medseg.evaluation.scoring import pair_files
+    from medseg.figures import COLOURS
     from medseg.inference import Prediction
     from medseg.io import read_volume
-    from medseg.itkio import Segment, segments_against_labels, slicer_segments
-    from medseg.report import COLOURS
+    from medseg.io.itk import Segment, segments_against_labels, slicer_segments
 
     affine = np.diag([0.8, 1.1, 2.5, 1.0])
     affine[:3, 3] = [-7.0, 3.0, 11.0]
@@ -1095,9 +1119,9 @@ def test_a_label_map_is_also_written_as_a_slicer_segmentation_when_asked(tmp_pat
         )
 
     out = tmp_path / "out"
-    beside = batch.Beside(seg_nrrd=True)
+    beside = job_outputs.Beside(seg_nrrd=True)
     files = sorted(inputs.iterdir())
-    batch.segment_all(segment, files, out, beside=beside)
+    jobs.segment_all(segment, files, out, beside=beside)
     seg = read_volume(out / "slicer" / "case.seg.nrrd")
     np.testing.assert_array_equal(seg.array[..., 0], scan)
     np.testing.assert_allclose(seg.affine, affine, atol=1e-9)
@@ -1121,7 +1145,7 @@ def test_a_label_map_is_also_written_as_a_slicer_segmentation_when_asked(tmp_pat
     assert [case for case, _, _ in pair_files(out, inputs)] == ["case", "empty"]
     # a case is done when its segmentation is there too
     (out / "slicer" / "case.seg.nrrd").unlink()
-    results = batch.segment_all(segment, files, out, beside=beside)
+    results = jobs.segment_all(segment, files, out, beside=beside)
     assert [(Path(r.input).name, r.status) for r in results] == [
         ("empty.nii.gz", "skipped"),
         ("case.nii.gz", "done"),
@@ -1136,22 +1160,24 @@ def test_a_label_map_is_also_written_as_a_slicer_segmentation_when_asked(tmp_pat
             volume.with_array(cells), values=(0, 255), names=("membrane", "cell")
         )
 
-    batch.segment_all(membrane, files[:1], tmp_path / "em", beside=beside)
+    jobs.segment_all(membrane, files[:1], tmp_path / "em", beside=beside)
     em = read_volume(tmp_path / "em" / "slicer" / "case.seg.nrrd")
     assert slicer_segments(em.header) == [Segment("cell", 255, 0)]
     assert em.header["Segment0_ID"] == "Segment_255"
 
 
 def test_mask_names_are_the_labels_made_safe_for_file_names():
-    assert batch.mask_names((0, 1, 2), ("background", "Anterior", "Posterior")) == (
+    assert job_outputs.mask_names(
+        (0, 1, 2), ("background", "Anterior", "Posterior")
+    ) == (
         (1, "Anterior"),
         (2, "Posterior"),
     )
-    assert batch.mask_names((0, 255), ("membrane", "cell")) == (
+    assert job_outputs.mask_names((0, 255), ("membrane", "cell")) == (
         (0, "membrane"),
         (255, "cell"),
     )
-    assert batch.mask_names(
+    assert job_outputs.mask_names(
         (0, 1, 2, 3, 4), ("Background", "left kidney", "left/kidney", "a*b", "..")
     ) == ((1, "1_left_kidney"), (2, "2_left_kidney"), (3, "a_b"), (4, "4_"))
 
@@ -1180,9 +1206,9 @@ def test_masks_of_each_label_are_written_with_the_label_map_and_count_for_done(
 
     out = tmp_path / "out"
     names = ("background", "left lobe", "right")
-    beside = batch.Beside(masks=batch.mask_names((0, 1, 2), names))
+    beside = job_outputs.Beside(masks=job_outputs.mask_names((0, 1, 2), names))
     files = sorted(inputs.iterdir())
-    batch.segment_all(segment, files, out, beside=beside)
+    jobs.segment_all(segment, files, out, beside=beside)
     for case in ("a", "b"):
         labels = nib.load(out / f"{case}.nii.gz")
         for value, name in ((1, "left_lobe"), (2, "right")):
@@ -1195,7 +1221,7 @@ def test_masks_of_each_label_are_written_with_the_label_map_and_count_for_done(
     (out / "masks" / "b" / "right.nii.gz").unlink()
     stale = out / "masks" / "b" / ".right.nii.gz.1234.partial"
     stale.write_bytes(b"half")
-    results = batch.segment_all(segment, files, out, beside=beside)
+    results = jobs.segment_all(segment, files, out, beside=beside)
     assert [(Path(r.input).name, r.status) for r in results] == [
         ("a.nii.gz", "skipped"),
         ("b.nii.gz", "done"),

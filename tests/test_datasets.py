@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from medseg.datasets import load_dataset, load_npz_dataset, read_label_names
+from medseg.datasets.layouts import load_dataset, load_npz_dataset, read_label_names
 from medseg.errors import InputFileError
 from medseg_cli.main import main
 from tests.conftest import (
@@ -53,7 +53,7 @@ def test_a_label_map_stored_in_another_voxel_order_checks_and_trains_as_its_imag
 ):
     import shutil
 
-    from medseg.checks import check_dataset
+    from medseg.datasets.checks import check_dataset
 
     for path in sorted(msd_dataset.glob("*Tr/*.nii.gz")):  # oblique, not RAS
         save_nifti(path, np.asanyarray(nib.load(path).dataobj), OBLIQUE_LPS)
@@ -86,7 +86,7 @@ def test_a_label_map_saved_on_a_box_of_its_images_grid_checks_and_trains_as_it(
     import shutil
 
     sitk = pytest.importorskip("SimpleITK")
-    from medseg.checks import check_dataset
+    from medseg.datasets.checks import check_dataset
     from medseg.io import Volume, write_volume
 
     for path in sorted(msd_dataset.glob("*Tr/*.nii.gz")):  # oblique, not RAS
@@ -158,7 +158,7 @@ def test_slicer_label_files_without_a_dataset_json_name_the_labels_by_most_files
     # a folder pair of scans and 3D Slicer segmentations, no dataset.json: the
     # segments name the labels, so a file Slicer numbered otherwise is refused
     pytest.importorskip("SimpleITK")
-    from medseg.checks import check_dataset
+    from medseg.datasets.checks import check_dataset
 
     (msd_dataset / "dataset.json").unlink()
     labels = msd_dataset / "labelsTr"
@@ -261,7 +261,7 @@ def test_a_channel_stored_in_another_voxel_order_checks_and_trains_as_the_first(
 ):
     import shutil
 
-    from medseg.checks import check_dataset
+    from medseg.datasets.checks import check_dataset
     from medseg.preprocessing import Preprocessor, ZScoreNormalization
     from medseg.training.data import prepare_case
 
@@ -322,7 +322,7 @@ def test_a_channel_stored_in_another_voxel_order_checks_and_trains_as_the_first(
 
 
 def test_data_check_names_every_channel_file_off_the_first_ones_grid(tmp_path, rng):
-    from medseg.checks import check_dataset
+    from medseg.datasets.checks import check_dataset
 
     root = tmp_path / "Dataset003_Three"
     shifted = np.eye(4)
@@ -506,7 +506,7 @@ def test_slicer_segments_named_as_the_datasets_labels_must_hold_their_values(
     msd_dataset,
 ):
     pytest.importorskip("SimpleITK")
-    from medseg.checks import check_dataset
+    from medseg.datasets.checks import check_dataset
 
     original = check_dataset(load_dataset(msd_dataset))
     nifti = msd_dataset / "labelsTr" / "case_1.nii.gz"

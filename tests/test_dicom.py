@@ -271,7 +271,7 @@ def test_predict_segments_a_dicom_series_as_the_same_scan_in_nifti(bundle, tmp_p
     assert chances[0].shape == (*data.shape, 3) and chances[0][..., 1].std() > 0
     # the series' label map keeps its files' content, whatever their order: a re-run
     # skips it
-    from medseg.batch import source_id
+    from medseg.inference.jobs.inputs import source_id
     from medseg.io import read_source_id
 
     files = tuple(sorted((inputs / "subject_1").iterdir(), reverse=True))
@@ -421,7 +421,7 @@ def test_nifti_to_seg_writes_a_label_map_as_its_series_seg_and_reads_back(tmp_pa
     pytest.importorskip("highdicom")
     from click.testing import CliRunner
 
-    from medseg.dicom import read_segmentation
+    from medseg.io.dicom_seg import read_segmentation
     from medseg_cli.main import main
 
     name = sorted((SAMPLE / "labelsTr").glob("*.nii.gz"))[2].name
@@ -512,7 +512,7 @@ def _enhanced(classic, folder):
 
 def test_an_enhanced_multiframe_image_reads_as_its_series_and_takes_a_seg(tmp_path):
     pytest.importorskip("highdicom")
-    from medseg.dicom import read_segmentation, write_segmentation
+    from medseg.io.dicom_seg import read_segmentation, write_segmentation
 
     planes = np.random.default_rng(2).integers(-100, 900, (6, 7, 9)).astype(np.int16)
     classic = tmp_path / "classic"
@@ -577,7 +577,8 @@ def test_a_dicom_seg_of_a_real_scanners_slice(name, tmp_path):
 
     from pydicom.data import get_testdata_file
 
-    from medseg.dicom import read_series, write_segmentation
+    from medseg.io.dicom import read_series
+    from medseg.io.dicom_seg import write_segmentation
 
     pytest.importorskip("highdicom")
     folder = tmp_path / "series"
@@ -651,7 +652,8 @@ def _highdicom_seg(folder, planes, kind, path, segments=None):
 
 def test_a_dicom_seg_reads_back_as_the_label_map_it_was_written_from(tmp_path, rng):
     pytest.importorskip("highdicom")
-    from medseg.dicom import read_segmentation, read_series, write_segmentation
+    from medseg.io.dicom import read_series
+    from medseg.io.dicom_seg import read_segmentation, write_segmentation
     from medseg_cli.main import main
 
     folder = tmp_path / "series"
@@ -774,8 +776,8 @@ def test_a_dataset_of_dicom_series_trains_as_its_nifti_copy(tmp_path):
     import os
     import shutil
 
-    from medseg.checks import check_dataset
-    from medseg.datasets import load_dataset
+    from medseg.datasets.checks import check_dataset
+    from medseg.datasets.layouts import load_dataset
     from medseg.preprocessing import Preprocessor, ZScoreNormalization
     from medseg.training.data import _cache_key, prepare_case
 
@@ -830,7 +832,8 @@ def test_a_dataset_of_dicom_series_trains_as_its_nifti_copy(tmp_path):
 
 
 def test_a_folder_of_series_folders_holds_one_scan_per_series(tmp_path):
-    from medseg import batch
+    from medseg.inference.jobs import inputs as job_inputs
+    from medseg.inference.jobs import outputs as job_outputs
 
     patients = tmp_path / "patients"
     planes = np.zeros((2, 3, 3), np.int16)
@@ -838,13 +841,13 @@ def test_a_folder_of_series_folders_holds_one_scan_per_series(tmp_path):
         write_series(patients / name, planes)
     (patients / "notes").mkdir()
     (patients / "notes" / "readme.txt").write_text("not a scan")
-    assert batch.collect_inputs(patients) == [patients / "p1", patients / "p2"]
-    assert batch.collect_inputs(patients / "p1") == [patients / "p1"]
-    assert batch.output_for(patients / "p1", tmp_path) == tmp_path / "p1.nii.gz"
+    assert job_inputs.collect_inputs(patients) == [patients / "p1", patients / "p2"]
+    assert job_inputs.collect_inputs(patients / "p1") == [patients / "p1"]
+    assert job_outputs.output_for(patients / "p1", tmp_path) == tmp_path / "p1.nii.gz"
 
 
 def test_a_studys_mixed_files_are_sorted_into_one_folder_per_series(tmp_path, rng):
-    from medseg.dicom import series_folder_name, sort_series
+    from medseg.io.dicom import series_folder_name, sort_series
 
     study = tmp_path / "export"
     planes = {
@@ -920,7 +923,7 @@ def test_a_studys_mixed_files_are_sorted_into_one_folder_per_series(tmp_path, rn
 
 
 def test_sort_dicom_by_patient_names_each_patients_and_studys_series(tmp_path, rng):
-    from medseg.dicom import series_folder_name
+    from medseg.io.dicom import series_folder_name
 
     cohort = tmp_path / "cohort"
     planes = rng.integers(0, 500, (3, 4, 5)).astype(np.int16)

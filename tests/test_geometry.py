@@ -7,9 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medseg import geometry
 from medseg.io import Volume
-from medseg.itkio import SLICER_CROP_KEY
+from medseg.io import grid as grids
+from medseg.io.itk import SLICER_CROP_KEY
+from medseg.io.volume import orientation_codes
+from medseg.preprocessing import geometry
 from tests import reference
 from tests.conftest import OBLIQUE_LPS, stored_in_another_order
 
@@ -55,7 +57,7 @@ def _volume(shape, affine, channels=2, seed=0):
 def test_reorient_then_undo_is_identity(affine, shape):
     volume = _volume(shape, affine)
     canonical, record = geometry.reorient_to_canonical(volume)
-    assert geometry.orientation_codes(canonical.affine) == "RAS"
+    assert orientation_codes(canonical.affine) == "RAS"
     back = record.undo(canonical)
     assert back.spatial_shape == volume.spatial_shape
     np.testing.assert_array_equal(back.affine, affine)
@@ -110,10 +112,10 @@ def test_a_grid_stored_in_another_voxel_order_is_read_in_the_references(
         reference.world_lookup(array, stored_affine, shape, affine),
         reference_volume.array,
     )
-    ordered = geometry.in_voxel_order_of(stored, reference_volume)
+    ordered = grids.in_voxel_order_of(stored, reference_volume)
     np.testing.assert_array_equal(ordered.array, reference_volume.array)
     np.testing.assert_allclose(ordered.affine, affine, atol=1e-9)
-    assert geometry.in_voxel_order_of(reference_volume, reference_volume) is (
+    assert grids.in_voxel_order_of(reference_volume, reference_volume) is (
         reference_volume
     )
 
@@ -150,7 +152,7 @@ def test_a_label_map_saved_on_a_box_of_the_grid_is_placed_in_it(
         labels, box_affine, permutation, sorted(flips)
     )
     grid = Volume(np.zeros((*shape, 1), np.float32), affine)
-    placed, offset = geometry.in_box_of(Volume(array, stored_affine), grid)
+    placed, offset = grids.in_box_of(Volume(array, stored_affine), grid)
     want = reference.world_lookup_or_zero(array, stored_affine, shape, affine)
     np.testing.assert_array_equal(placed.array, want)
     np.testing.assert_allclose(placed.affine, affine, atol=1e-9)
@@ -158,19 +160,19 @@ def test_a_label_map_saved_on_a_box_of_the_grid_is_placed_in_it(
     assert offset == tuple(start)
     # taken for a crop only from a file that says it is one (a 3D Slicer .seg.nrrd)
     declared = {SLICER_CROP_KEY: " ".join(map(str, start))}
-    slicer = geometry.label_on_grid_of(Volume(array, stored_affine, declared), grid)
+    slicer = grids.label_on_grid_of(Volume(array, stored_affine, declared), grid)
     np.testing.assert_array_equal(slicer.array, want)
     if size != shape or start.any():
-        assert geometry.label_on_grid_of(Volume(array, stored_affine), grid) is None
+        assert grids.label_on_grid_of(Volume(array, stored_affine), grid) is None
     # a label outside the grid cannot be placed; nor a box half a voxel off
     corner = tuple(0 if s < 0 else n - 1 for s, n in zip(start, size, strict=True))
     if not all(0 <= c + s < n for c, s, n in zip(corner, start, shape, strict=True)):
         outside = labels.copy()
         outside[corner] = 1
-        assert geometry.in_box_of(Volume(outside, box_affine), grid) is None
+        assert grids.in_box_of(Volume(outside, box_affine), grid) is None
     shifted = box_affine.copy()
     shifted[:3, 3] += 0.5 * affine[:3, 1]
-    assert geometry.in_box_of(Volume(labels, shifted), grid) is None
+    assert grids.in_box_of(Volume(labels, shifted), grid) is None
 
 
 def test_another_grid_is_not_taken_for_one_in_another_voxel_order():
@@ -179,15 +181,15 @@ def test_another_grid_is_not_taken_for_one_in_another_voxel_order():
     array, stored_affine = stored_in_another_order(volume.array, affine, (2, 0, 1), [1])
     shifted = stored_affine.copy()
     shifted[:3, 3] += 0.5 * stored_affine[:3, 0]  # half a voxel along one axis
-    assert geometry.in_voxel_order_of(Volume(array, shifted), volume) is None
+    assert grids.in_voxel_order_of(Volume(array, shifted), volume) is None
     finer = stored_affine.copy()
     finer[:3, 2] *= 0.9  # another spacing
-    assert geometry.in_voxel_order_of(Volume(array, finer), volume) is None
-    assert geometry.in_voxel_order_of(Volume(array[:-1], stored_affine), volume) is None
+    assert grids.in_voxel_order_of(Volume(array, finer), volume) is None
+    assert grids.in_voxel_order_of(Volume(array[:-1], stored_affine), volume) is None
     # a 2D picture stored transposed is another picture, not another order
     picture = Volume(np.arange(12.0).reshape(3, 4, 1), np.eye(4))
     transposed = Volume(picture.array.transpose(1, 0, 2), np.eye(4))
-    assert geometry.in_voxel_order_of(transposed, picture) is None
+    assert grids.in_voxel_order_of(transposed, picture) is None
 
 
 # cropping

@@ -109,7 +109,7 @@ def test_a_window_one_voxel_deep_visits_each_slice_once():
 
 @pytest.mark.parametrize("slice_axis", [0, 1, 2])
 def test_a_2d_network_segments_a_volume_slice_by_slice(slice_axis, rng):
-    from medseg.training.planning import window_of
+    from medseg.inference import window_of
 
     image = rng.random((18, 20, 17, 1)).astype(np.float32)
     patch = (16, 16)
@@ -410,7 +410,7 @@ def test_a_two_channel_model_reads_cases_stored_one_file_per_channel(tmp_path):
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [p.name for p in cases[:2]]
     # each label map keeps its case's content, its channel files in order: a re-run
     # skips them
-    from medseg.batch import source_id
+    from medseg.inference.jobs.inputs import source_id
     from medseg.io import read_source_id
 
     for path in cases[:2]:
@@ -693,7 +693,7 @@ def test_field_of_view_far_outside_the_training_scans_is_noted():
 
 def test_a_blank_channel_is_noted():
     from medseg.io import Volume
-    from medseg.preprocessing import blank_note
+    from medseg.preprocessing.intensity import blank_note
 
     def note(array):
         return blank_note(Volume(array, np.eye(4), path="s.nii"))
@@ -746,9 +746,9 @@ def test_shipped_model_notes_a_scan_unlike_its_training_scans(caplog):
 
 @pytest.mark.slow
 def test_way_back_class_by_class_equals_resampling_all_classes_at_once():
-    from medseg import geometry
     from medseg.bundle import resolve
     from medseg.io import read_volume
+    from medseg.preprocessing import geometry
 
     # the shipped model, which finds both labels (a barely trained test bundle may
     # give background everywhere, and then the comparison would prove little)
@@ -1188,16 +1188,18 @@ def test_precision_auto_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch):
     assert inference.inference_precision("bfloat16") == "bfloat16"
     with pytest.raises(ValueError, match="precision must be one of"):
         inference.inference_precision("float16")
-    monkeypatch.setattr(inference, "cpu_has_amx_bf16", lambda: False)
+    monkeypatch.setattr("medseg.inference.precision.cpu_has_amx_bf16", lambda: False)
     assert inference.inference_precision("auto") == "float32"
-    monkeypatch.setattr(inference, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr("medseg.inference.precision.cpu_has_amx_bf16", lambda: True)
     assert inference.inference_precision("auto") == "bfloat16"  # no GPU here
 
 
 def test_the_environment_sets_what_auto_precision_means_on_any_cpu(monkeypatch):
     variable = inference.AUTO_PRECISION_VARIABLE
     for amx in (False, True):
-        monkeypatch.setattr(inference, "cpu_has_amx_bf16", lambda amx=amx: amx)
+        monkeypatch.setattr(
+            "medseg.inference.precision.cpu_has_amx_bf16", lambda amx=amx: amx
+        )
         for forced in ("float32", "bfloat16"):
             monkeypatch.setenv(variable, forced)
             assert inference.inference_precision("auto") == forced
@@ -1233,7 +1235,9 @@ def test_predicts_auto_route_is_bfloat16_where_the_environment_says_so(
 
 def test_bfloat16_is_slow_on_a_cpu_without_avx512(monkeypatch, caplog):
     flags = {"flags": "fpu avx2 fma"}
-    monkeypatch.setattr(inference, "cpu_info", lambda field: flags.get(field))
+    monkeypatch.setattr(
+        "medseg.inference.precision.cpu_info", lambda field: flags.get(field)
+    )
     assert inference.cpu_lacks_onednn_bfloat16()
     flags["flags"] = "fpu avx2 avx512f avx512bw"
     assert not inference.cpu_lacks_onednn_bfloat16()
@@ -1247,7 +1251,9 @@ def test_bfloat16_is_slow_on_a_cpu_without_avx512(monkeypatch, caplog):
     shipped = resolve("hippocampus")
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
     for lacks, warned in ((True, True), (False, False)):
-        monkeypatch.setattr(inference, "cpu_lacks_onednn_bfloat16", lambda x=lacks: x)
+        monkeypatch.setattr(
+            "medseg.inference.precision.cpu_lacks_onednn_bfloat16", lambda x=lacks: x
+        )
         caplog.clear()
         with caplog.at_level("WARNING", logger="medseg"):
             segmenter = inference.Segmenter(shipped, precision="bfloat16")
@@ -1668,9 +1674,9 @@ def _plan_metadata(patch, *, slice_axis=None, spacing=(1.0, 1.0, 1.0), channels=
 def test_scan_plan_is_what_prediction_does(slice_axis, rng):
     """The grid, windows and forward passes scan_plan finds without resampling or a
     network are those of the real preprocessing and sliding-window prediction."""
+    from medseg.inference import window_of
     from medseg.io import Volume
     from medseg.preprocessing import Preprocessor
-    from medseg.training.planning import window_of
 
     # an LPS oblique scan of 0.8 x 1.5 x 2.5 mm voxels, zero around its content
     array = np.zeros((50, 31, 17, 1), np.float32)
@@ -1721,7 +1727,7 @@ def test_scan_plan_is_what_prediction_does(slice_axis, rng):
 def geometry_spacing(records, shape) -> list[float]:
     """The spacing of a preprocessed image from its resampling record: the cropped
     extent (in mm, from the record's affine) over the resampled voxel counts."""
-    from medseg.geometry import ResampleRecord
+    from medseg.preprocessing.geometry import ResampleRecord
 
     (record,) = [r for r in records if isinstance(r, ResampleRecord)]
     axes = np.linalg.norm(np.asarray(record.original_affine)[:3, :3], axis=0)

@@ -10,16 +10,14 @@ from PIL import Image
 
 from medseg.errors import InputFileError
 from medseg.io import (
-    Volume,
     atomic_write_text,
-    output_dtype,
     read_info,
     read_source_id,
     read_volume,
-    scan_format,
-    split_suffix,
     write_volume,
 )
+from medseg.io.formats import scan_format
+from medseg.io.volume import Volume, output_dtype, split_suffix
 from tests.conftest import (
     OBLIQUE_LPS,
     save_slicer_segmentation,
@@ -134,7 +132,7 @@ def test_a_header_fixed_on_reading_is_named_once_and_kept_with_the_scan(
     assert volume.notes[0].startswith(f"{path}: header fixed on reading: pixdim")
     assert "stores no orientation" in volume.notes[1]
     assert [r.getMessage() for r in caplog.records] == list(volume.notes)
-    assert {r.name for r in caplog.records} == {"medseg.io"}
+    assert {r.name for r in caplog.records} == {"medseg.io.nifti"}  # under medseg.io
     assert "pixdim" not in capfd.readouterr().err  # nibabel's own handler was quiet
     assert volume.with_array(volume.array[..., :1]).notes == volume.notes
     caplog.clear()
@@ -274,7 +272,7 @@ def test_a_scan_whose_sform_and_qform_disagree_is_named_and_its_labels_keep_both
 def test_positions_stored_in_metres_or_microns_are_read_in_mm(
     unit, mm_per_unit, tmp_path, rng
 ):
-    from medseg.geometry import resample_to_spacing
+    from medseg.preprocessing.geometry import resample_to_spacing
 
     data = rng.integers(0, 500, size=(6, 5, 4)).astype(np.int16)
     in_unit = OBLIQUE_LPS.copy()
@@ -313,10 +311,10 @@ def test_positions_stored_in_metres_or_microns_are_read_in_mm(
 def test_header_fixes_of_other_threads_are_left_to_nibabel(tmp_path, rng, caplog):
     import threading
 
-    from medseg import io
+    from medseg.io import nifti
 
     nibabel_logger = __import__("logging").getLogger("nibabel.global")
-    with caplog.at_level("WARNING"), io._header_fixes(tmp_path / "a.nii") as lines:
+    with caplog.at_level("WARNING"), nifti._header_fixes(tmp_path / "a.nii") as lines:
         other = threading.Thread(target=nibabel_logger.warning, args=("elsewhere",))
         other.start()
         other.join()
@@ -324,7 +322,7 @@ def test_header_fixes_of_other_threads_are_left_to_nibabel(tmp_path, rng, caplog
     assert lines == [f"{tmp_path / 'a.nii'}: header fixed on reading: here"]
     assert [(r.name, r.getMessage()) for r in caplog.records] == [
         ("nibabel.global", "elsewhere"),
-        ("medseg.io", lines[0]),
+        ("medseg.io.nifti", lines[0]),
     ]
 
 
@@ -884,7 +882,7 @@ def test_a_slicer_segmentation_in_layers_reads_as_one_label_map_unless_they_over
     tmp_path,
 ):
     pytest.importorskip("SimpleITK")
-    from medseg.itkio import Segment, overlapping_segments, slicer_segments
+    from medseg.io.itk import Segment, overlapping_segments, slicer_segments
 
     affine = np.diag([0.5, 0.7, 2.0, 1.0])
     affine[:3, 3] = [-5.0, 3.0, 10.0]

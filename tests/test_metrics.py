@@ -310,7 +310,7 @@ def test_evaluate_workers_give_the_rows_and_failures_of_one_in_the_cases_order(
     tmp_path, rng
 ):
     from medseg.errors import InputFileError
-    from medseg.evaluation import evaluate_pairs, pair_files
+    from medseg.evaluation.scoring import evaluate_pairs, pair_files
 
     a, b = _blobs(rng)
     (tmp_path / "truth").mkdir()
@@ -356,7 +356,7 @@ def _dies_on(name, path):
 def test_a_case_whose_process_dies_is_scored_alone_and_fails_only_if_it_dies_again(
     tmp_path,
 ):
-    from medseg.evaluation import in_processes
+    from medseg.evaluation.scoring import in_processes
 
     names = ["a", "once", "b", "dies", "c", "d"]
     pairs = [(name, tmp_path / f"{name}.nii.gz") for name in names]
@@ -546,7 +546,7 @@ def test_evaluate_refuses_a_slicer_truth_whose_segments_contradict_the_label_nam
 
 def test_label_names_from_slicer_segments_follow_most_files(tmp_path):
     pytest.importorskip("SimpleITK")
-    from medseg.itkio import segment_names
+    from medseg.io.itk import segment_names
 
     voxels = np.zeros((3, 3, 3), np.uint8)
     files = [
@@ -572,7 +572,7 @@ def test_label_files_pair_by_name_else_by_case_when_that_names_one_on_each_side(
     tmp_path,
 ):
     from medseg.errors import InputFileError
-    from medseg.evaluation import pair_files
+    from medseg.evaluation.scoring import pair_files
 
     for folder, names in (
         ("truth", ["a.nii.gz", "b.seg.nrrd", "c.nii.gz"]),

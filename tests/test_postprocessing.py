@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg.postprocessing import clean_labels
+from medseg.inference.postprocessing import clean_labels
 from tests import reference
 
 

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from medseg.errors import InputFileError
-from medseg.preprocessing import (
+from medseg.io.pictures import grey_channel
+from medseg.preprocessing.intensity import (
     CTNormalization,
     PercentileNormalization,
     WindowNormalization,
     ZScoreNormalization,
     count_nonfinite,
-    grey_channel,
     handle_nonfinite,
     normalize,
     normalizer_from_dict,

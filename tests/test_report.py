@@ -8,7 +8,7 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from medseg import report
+from medseg import figures
 from medseg_cli.main import main
 
 
@@ -25,10 +25,10 @@ def test_best_median_worst_by_mean_dice_with_undefined_cases_left_out():
         {"case": "e", "label": 1, "dice": 0.7},
         {"case": "e", "label": 2, "dice": 0.7},  # ties with a: a first
     ]
-    scores = report.case_scores(rows)
+    scores = figures.case_scores(rows)
     assert scores["b"] == 0.8 and math.isnan(scores["d"])
-    assert report.pick_cases(scores) == {"best": "b", "median": "a", "worst": "c"}
-    assert report.pick_cases({"x": math.nan}) == {}
+    assert figures.pick_cases(scores) == {"best": "b", "median": "a", "worst": "c"}
+    assert figures.pick_cases({"x": math.nan}) == {}
 
 
 def test_slice_with_most_foreground(rng):
@@ -37,15 +37,15 @@ def test_slice_with_most_foreground(rng):
         counts = [
             int(np.take(mask, i, axis=axis).sum()) for i in range(mask.shape[axis])
         ]
-        assert report.pick_slice(mask, axis) == counts.index(max(counts))
-    assert report.pick_slice(np.zeros((4, 4, 8), bool), 2) == 4
+        assert figures.pick_slice(mask, axis) == counts.index(max(counts))
+    assert figures.pick_slice(np.zeros((4, 4, 8), bool), 2) == 4
 
 
 def test_label_titles_name_the_labels_that_have_names():
     names = {1: "anterior"}
-    assert report.label_title(1, names) == "1 anterior"
-    assert report.label_title(2, names) == "2"
-    assert report.label_title(3, None) == "3"
+    assert figures.label_title(1, names) == "1 anterior"
+    assert figures.label_title(2, names) == "2"
+    assert figures.label_title(3, None) == "3"
 
 
 def test_evaluate_report_writes_overlays_and_boxplot(tmp_path, rng):
@@ -101,7 +101,7 @@ def test_evaluate_report_writes_overlays_and_boxplot(tmp_path, rng):
     best = np.asarray(Image.open(tmp_path / "report" / "overlay_best_c0.png"))
     assert best.shape[:2] == (500, 500)
     # contours drawn in both label colours over a grey image
-    for colour in report.COLOURS[:2]:
+    for colour in figures.COLOURS[:2]:
         rgb = np.array([int(colour[k : k + 2], 16) for k in (1, 3, 5)])
         assert (np.abs(best[..., :3].astype(int) - rgb).sum(-1) < 30).sum() > 20
 
@@ -124,7 +124,7 @@ def test_preview_planes_are_drawn_as_radiologists_view_them(rng):
     labels[np.all(world > centre + 1, axis=-1)] = 2  # right, anterior, superior
     labels[np.all(world > centre + 3, axis=-1)] = 5  # its innermost part
     image = rng.normal(size=shape).astype(np.float32)
-    cuts = report.preview_cuts(
+    cuts = figures.preview_cuts(
         Volume(image[..., None], affine), Volume(labels[..., None], affine), (2, 5)
     )
     assert [title.split()[0] for title, _, _ in cuts] == [
@@ -163,7 +163,7 @@ def test_predict_preview_pictures_each_label_map(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     # and the label map as a 3D Slicer segmentation named as the model names them
     from medseg.io import read_volume
-    from medseg.itkio import Segment, slicer_segments
+    from medseg.io.itk import Segment, slicer_segments
 
     labels = read_volume(out / scan.name)
     seg = read_volume(out / "slicer" / scan.name.replace(".nii.gz", ".seg.nrrd"))
@@ -178,7 +178,7 @@ def test_predict_preview_pictures_each_label_map(tmp_path):
     )
     assert picture.shape[:2] == (440, 1200)
     pixels = picture[..., :3].astype(float)
-    for colour in report.COLOURS[:2]:  # both labels filled: 45 % of it over grey
+    for colour in figures.COLOURS[:2]:  # both labels filled: 45 % of it over grey
         rgb = np.array([int(colour[k : k + 2], 16) for k in (1, 3, 5)])
         under = pixels - 0.45 * rgb  # the grey beneath, where this label is drawn
         blended = (np.ptp(under, axis=-1) < 6) & (np.ptp(pixels, axis=-1) > 20)

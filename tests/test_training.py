@@ -139,7 +139,7 @@ def test_a_2d_network_on_volumes_is_fed_whole_slices_of_them(slice_axis, rng):
 
 
 def test_poly_schedule_values():
-    from medseg.training.trainer import PolyDecay
+    from medseg.training.runtime import PolyDecay
 
     schedule = PolyDecay(0.01, 100, 0.9)
     assert float(schedule(0)) == pytest.approx(0.01)
@@ -518,7 +518,7 @@ def test_reconstruction_training_writes_an_autoencoder_bundle(tmp_path):
 
 
 def test_auc_matches_pairwise_reference(rng):
-    from medseg.training.classification import binary_auc
+    from medseg.evaluation.classification import binary_auc
     from tests import reference
 
     scores = np.round(rng.random(60), 1)  # rounding makes ties
@@ -530,7 +530,7 @@ def test_auc_matches_pairwise_reference(rng):
 
 
 def test_classification_scores_by_hand():
-    from medseg.training.classification import classification_scores
+    from medseg.evaluation.classification import classification_scores
 
     probabilities = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
     labels = np.array([0, 1, 1, 1])
@@ -726,7 +726,7 @@ def test_the_bundle_is_the_best_or_the_last_validated_epoch(
     from medseg import bundle
     from medseg.config import load_config
     from medseg.models import load_model
-    from medseg.training import trainer
+    from medseg.training import fitting, trainer
 
     scores = iter([0.5, 0.7, 0.6, 0.4])  # validation Dice of epochs 1 to 4
 
@@ -734,7 +734,7 @@ def test_the_bundle_is_the_best_or_the_last_validated_epoch(
         score = next(scores)
         return {"val_dice_1": score, "val_dice_2": score, "val_dice_mean": score}
 
-    monkeypatch.setattr(trainer, "validate", scripted)
+    monkeypatch.setattr(fitting, "validate", scripted)
     path = tmp_path / "tiny.yaml"
     path.write_text(
         TINY_TRAIN.format(epochs=4, steps=1)
@@ -771,8 +771,7 @@ def test_the_bundle_is_the_best_or_the_last_validated_epoch(
 def test_precision_on_a_cpu_trains_float16_as_float32_and_warns_of_slow_bfloat16(
     monkeypatch, caplog
 ):
-    from medseg import inference
-    from medseg.training.trainer import _precision
+    from medseg.training.runtime import precision_policy
 
     def config(precision):
         return Config.from_dict(
@@ -780,24 +779,28 @@ def test_precision_on_a_cpu_trains_float16_as_float32_and_warns_of_slow_bfloat16
         )
 
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
-    monkeypatch.setattr(inference, "cpu_lacks_onednn_bfloat16", lambda: True)
-    assert _precision(config("auto")) == "float32"
-    assert _precision(config("float32")) == "float32"
+    monkeypatch.setattr(
+        "medseg.inference.precision.cpu_lacks_onednn_bfloat16", lambda: True
+    )
+    assert precision_policy(config("auto")) == "float32"
+    assert precision_policy(config("float32")) == "float32"
     with caplog.at_level("WARNING", logger="medseg"):
-        assert _precision(config("mixed_float16")) == "float32"
+        assert precision_policy(config("mixed_float16")) == "float32"
     assert "mixed_float16 is for GPUs" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="medseg"):
-        assert _precision(config("mixed_bfloat16")) == "mixed_bfloat16"
+        assert precision_policy(config("mixed_bfloat16")) == "mixed_bfloat16"
     assert "no AVX-512" in caplog.text
     caplog.clear()
-    monkeypatch.setattr(inference, "cpu_lacks_onednn_bfloat16", lambda: False)
+    monkeypatch.setattr(
+        "medseg.inference.precision.cpu_lacks_onednn_bfloat16", lambda: False
+    )
     with caplog.at_level("WARNING", logger="medseg"):
-        assert _precision(config("mixed_bfloat16")) == "mixed_bfloat16"
+        assert precision_policy(config("mixed_bfloat16")) == "mixed_bfloat16"
     assert caplog.text == ""
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["gpu"])
-    assert _precision(config("auto")) == "mixed_float16"
-    assert _precision(config("mixed_float16")) == "mixed_float16"
+    assert precision_policy(config("auto")) == "mixed_float16"
+    assert precision_policy(config("mixed_float16")) == "mixed_float16"
 
 
 def test_a_run_refused_before_it_writes_anything_leaves_no_folder(tmp_path):

@@ -84,7 +84,7 @@ def class_sources(old: Sequence[str], new: Sequence[str]) -> list[int | None] | 
     """For each new class, the pretrained class of its name (case, spaces, ``_`` and
     ``-`` aside), or ``None`` for a name the pretrained model has not; ``None`` in
     all when the two label sets are one, in one order."""
-    from medseg.itkio import name_key
+    from medseg.io.itk import name_key
 
     if [name_key(n) for n in old] == [name_key(n) for n in new]:
         return None

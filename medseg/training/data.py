@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.datasets import Case, Dataset
+from medseg.datasets.layouts import Case, Dataset
 from medseg.errors import ConfigError
-from medseg.geometry import label_on_grid_of
-from medseg.io import read_volume, stack_channels
-from medseg.preprocessing import Preprocessor
+from medseg.io.formats import read_volume, stack_channels
+from medseg.io.grid import label_on_grid_of
+from medseg.preprocessing.preprocessor import Preprocessor
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _to_classes(label: np.ndarray, values: list[int], path) -> np.ndarray:
 
 
 def _cache_key(preprocessor: Preprocessor, case: Case, values: list[int]) -> str:
-    from medseg.dicom import dicom_files
+    from medseg.io.dicom import dicom_files
 
     parts = {"pre": preprocessor.to_dict(), "values": values, "files": []}
     for path in (*case.images, *([case.label] if case.label and values else [])):
@@ -120,7 +120,7 @@ def prepare_case(
         label = preprocessor.label(label if placed is None else placed, records)
         label = _to_classes(label, values, case.label)
     if cached is not None:
-        from medseg.io import atomic_output
+        from medseg.io.files import atomic_output
 
         cached.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(cached) as tmp, open(tmp, "wb") as handle:
@@ -155,7 +155,7 @@ class PatchSampler:
         samples_per_epoch: int,
         slice_axis: int | None = None,
     ):
-        from medseg.training.planning import window_of
+        from medseg.inference.sliding_window import window_of
 
         if not cases:
             raise ConfigError("no training cases")

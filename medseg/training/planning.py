@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from medseg.config import Config
+from medseg.inference.sliding_window import window_of
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +68,6 @@ class Plan:
             f"estimated training memory {self.estimated_memory_gb:.2f} GB of "
             f"{self.memory_gb:.1f} GB"
         )
-
-
-def window_of(patch_size, slice_axis: int | None) -> tuple[int, ...]:
-    """``patch_size`` with a 1 inserted at ``slice_axis`` (unchanged for ``None``)."""
-    patch = [int(p) for p in patch_size]
-    if slice_axis is not None:
-        patch.insert(slice_axis, 1)
-    return tuple(patch)
 
 
 def slice_axis_for(spacing) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 
 from medseg.config import Config
 from medseg.errors import InputFileError, some_of
-from medseg.io import atomic_output
+from medseg.io.files import atomic_output
 
 logger = logging.getLogger(__name__)
 

@@ -8,17 +8,21 @@ from typing import TYPE_CHECKING
 import keras
 import numpy as np
 
-from medseg.inference import slicewise, sliding_window_predict, windows_per_pass
+from medseg.inference.sliding_window import (
+    slicewise,
+    sliding_window_predict,
+    windows_per_pass,
+)
 
 if TYPE_CHECKING:
-    from medseg.training.trainer import _Run
+    from medseg.training.trainer import Run
 
 #: Windows per forward pass during validation (inference needs no gradients); more of
 #: small windows (:func:`medseg.inference.windows_per_pass`).
 VALIDATION_BATCH = 8
 
 
-def predictor(model, run: _Run):
+def predictor(model, run: Run):
     """A NumPy-in, NumPy-out forward pass, traced once per batch shape and kept on the
     run, so validating every epoch does not trace it again."""
     import tensorflow as tf
@@ -40,7 +44,7 @@ def predictor(model, run: _Run):
     return predict
 
 
-def validate(model, run: _Run) -> dict[str, float]:
+def validate(model, run: Run) -> dict[str, float]:
     """Segmentation: Dice per foreground class over the held-out cases, on whole cases.
     Reconstruction: mean squared error of the whole reconstructed cases."""
     if run.task == "reconstruction":
@@ -79,7 +83,7 @@ def validate(model, run: _Run) -> dict[str, float]:
     return dice
 
 
-def _validate_reconstruction(model, run: _Run) -> dict[str, float]:
+def _validate_reconstruction(model, run: Run) -> dict[str, float]:
     predict = slicewise(predictor(model, run), run.plan.slice_axis)
     squared, count = 0.0, 0
     for case in run.val_cases:
@@ -95,8 +99,8 @@ def _validate_reconstruction(model, run: _Run) -> dict[str, float]:
     return {"val_mse": squared / count}
 
 
-def _validate_classification(model, run: _Run) -> dict[str, float]:
-    from medseg.training.classification import classification_scores
+def _validate_classification(model, run: Run) -> dict[str, float]:
+    from medseg.evaluation.classification import classification_scores
 
     images, labels = run.val_cases
     predict = predictor(model, run)

@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputFileError, some_of
-from medseg.io import SCAN_SUFFIXES, case_name, off_grid, read_volume, split_suffix
+from medseg.figures import label_title
+from medseg.io.formats import read_volume
+from medseg.io.grid import label_array
+from medseg.io.volume import SCAN_SUFFIXES, Volume, case_name, off_grid, split_suffix
 from medseg.metrics import LESION_COLUMNS, METRIC_COLUMNS, label_metrics
 
 CSV_COLUMNS = ("case", "label", *METRIC_COLUMNS)
@@ -206,10 +209,27 @@ def _read_pair(
     one saved on a box of the other's grid, as 3D Slicer may crop segmentations, is
     placed in it) and, for 3D Slicer segmentations, to hold each label ``names``
     names at its value."""
-    from medseg.geometry import label_on_grid_of
-    from medseg.itkio import segments_against_labels
+    return label_arrays(
+        read_volume(pred_path), read_volume(truth_path), names, names_from
+    )
 
-    prediction, truth = read_volume(pred_path), read_volume(truth_path)
+
+def label_arrays(
+    prediction: Volume,
+    truth: Volume,
+    names: dict[int, str] | None = None,
+    names_from: str = "the dataset's labels",
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """The label arrays of a prediction and its truth on one grid, and its spacing:
+    see :func:`_read_pair`.
+
+    Raises:
+        InputFileError: naming the prediction when the two are on different grids, or
+            either file when it is not a label map.
+    """
+    from medseg.io.grid import label_on_grid_of
+    from medseg.io.itk import segments_against_labels
+
     for volume in (prediction, truth):
         problems = segments_against_labels(volume.header, names, names_from)
         if problems:
@@ -220,49 +240,7 @@ def _read_pair(
     placed = label_on_grid_of(truth, prediction)  # the truth on a box
     if placed is not None:
         return label_array(prediction), label_array(placed), prediction.spacing
-    raise InputFileError(pred_path, off_grid(prediction, truth, "the truth's"))
-
-
-def label_array(volume) -> np.ndarray:
-    """A label map's values, refused when they cannot be one: several channels (a
-    one-hot or probability volume) or values that are not whole numbers (a soft or
-    resampled prediction, whose every distinct value would be scored as a label).
-    Whole numbers stored as floats are read as integers, and a 2D mask saved as a
-    greyscale picture with colour or alpha channels as its grey."""
-    array = np.asarray(volume.array)
-    if volume.spatial_dims == 2 and volume.num_channels > 1:
-        from medseg.preprocessing import grey_channel
-
-        grey = grey_channel(array)
-        if grey is None:
-            raise InputFileError(
-                volume.path, "a colour picture (its channels differ): not a label map"
-            )
-        array = grey
-    if array.shape[-1] != 1:
-        from medseg.itkio import overlapping_segments
-
-        raise InputFileError(
-            volume.path,
-            overlapping_segments(array, volume.header)
-            or f"{array.shape[-1]} channels: a label map has one value per voxel",
-        )
-    array = array[..., 0]
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)):
-            raise InputFileError(volume.path, "NaN or Inf values: not a label map")
-        whole = np.round(array)
-        if not np.array_equal(whole, array):
-            odd = array[array != whole]
-            raise InputFileError(
-                volume.path,
-                f"{odd.size:,} voxels hold values that are not whole numbers (such as "
-                f"{odd.flat[0]:g}): not a label map",
-            )
-        array = whole.astype(np.int64)
-    elif array.dtype.kind not in "iub":
-        raise InputFileError(volume.path, f"{array.dtype} values: not a label map")
-    return array
+    raise InputFileError(prediction.path, off_grid(prediction, truth, "the truth's"))
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -310,12 +288,6 @@ def to_csv(rows: list[dict]) -> str:
             {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
         )
     return buffer.getvalue()
-
-
-def label_title(value, names: dict[int, str] | None) -> str:
-    """``"1 anterior"`` where the label has a name, else ``"1"``."""
-    name = (names or {}).get(int(value))
-    return f"{value} {name}" if name else str(value)
 
 
 def format_summary(summary: dict, names: dict[int, str] | None = None) -> str:
@@ -390,7 +362,7 @@ def read_class_truth(
     (cases named ``<split>_<index>``, as ``medseg predict`` names them)."""
     path = Path(path)
     if path.suffix == ".npz":
-        from medseg.datasets import read_npz_arrays
+        from medseg.datasets.layouts import read_npz_arrays
 
         arrays = read_npz_arrays(path)
         if f"{split}_labels" not in arrays:
@@ -432,7 +404,7 @@ def evaluate_classification(
         InputFileError: cases on one side only (named), or classes outside the
             predicted columns.
     """
-    from medseg.training.classification import binary_auc, classification_scores
+    from medseg.evaluation.classification import binary_auc, classification_scores
 
     cases, scores = read_prediction_csv(prediction)
     classes = read_class_truth(truth, split)

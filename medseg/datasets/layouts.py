@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.dicom import is_series_folder
 from medseg.errors import InputFileError
-from medseg.io import SCAN_SUFFIXES, case_name, split_suffix
+from medseg.io.dicom import is_series_folder
+from medseg.io.volume import SCAN_SUFFIXES, case_name, split_suffix
 
 #: :attr:`Dataset.labels_from` of labels named by 3D Slicer segmentations' segments
 LABELS_FROM_SEGMENTS = "the other label files"
@@ -376,7 +376,7 @@ def _load_folder_pair(root: Path, manifest: dict | None) -> Dataset:
     if manifest is not None and isinstance(manifest.get("labels"), dict):
         labels = _labels_from_msd(manifest["labels"], root / "dataset.json")
     else:  # 3D Slicer segmentations as the labels name their segments
-        from medseg.itkio import segment_names
+        from medseg.io.itk import segment_names
 
         named = segment_names([case.label for case in cases if case.label])
         if named:

@@ -21,23 +21,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medseg.datasets import ArrayDataset, Case, CaseProblem, Dataset
+from medseg.datasets.layouts import ArrayDataset, Case, CaseProblem, Dataset
 from medseg.errors import InputFileError
-from medseg.geometry import (
+from medseg.io.formats import read_volume, stack_channels
+from medseg.io.grid import (
     declares_a_box,
     in_box_of,
     in_voxel_order_of,
-    orientation_codes,
 )
-from medseg.io import (
-    DEFAULT_MAX_VOXELS,
-    Volume,
-    off_grid,
-    read_volume,
-    stack_channels,
-)
-from medseg.itkio import overlapping_segments, segments_against_labels
-from medseg.preprocessing import count_nonfinite
+from medseg.io.itk import overlapping_segments, segments_against_labels
+from medseg.io.volume import DEFAULT_MAX_VOXELS, Volume, off_grid, orientation_codes
+from medseg.preprocessing.intensity import count_nonfinite
 
 #: Foreground intensities sampled per case for the fingerprint (nnU-Net uses 10,000).
 FOREGROUND_SAMPLES_PER_CASE = 10_000
@@ -295,7 +289,7 @@ def _check_label(
 
 
 def _accumulate(acc: _Accumulator, image: Volume, label: Volume | None, declared, rng):
-    from medseg.geometry import orientation_codes
+    from medseg.io.volume import orientation_codes
 
     acc.spacings.append(image.spacing)
     acc.shapes.append(image.spatial_shape)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.dicom import is_dicom_file, is_series_folder
-from medseg.geometry import orientation_codes
-from medseg.io import SCAN_SUFFIXES, read_info, read_volume, split_suffix
-from medseg.preprocessing import blank_note, count_nonfinite
+from medseg.io.dicom import is_dicom_file, is_series_folder
+from medseg.io.formats import read_info, read_volume
+from medseg.io.volume import SCAN_SUFFIXES, orientation_codes, split_suffix
+from medseg.preprocessing.intensity import blank_note, count_nonfinite
 
 #: integer-valued channels with at most this many distinct values list them (label
 #: maps, masks)
@@ -124,7 +124,7 @@ def describe_scan(
         "notes": notes,
     }
     if model is not None:
-        from medseg.inference import scan_plan
+        from medseg.inference.scan_plan import scan_plan
 
         name, metadata = model
         plan = scan_plan(

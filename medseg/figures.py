@@ -9,11 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.evaluation import label_title
-from medseg.io import atomic_output, read_volume
+from medseg.io.files import atomic_output
+from medseg.io.formats import read_volume
 
 #: Contour colours per label, cycled (truth solid, prediction dashed).
 COLOURS = ("#2ca02c", "#d62728", "#1f77b4", "#ff7f0e", "#9467bd", "#17becf")
+
+
+def label_title(value, names: dict[int, str] | None) -> str:
+    """``"1 anterior"`` where the label has a name, else ``"1"``."""
+    name = (names or {}).get(int(value))
+    return f"{value} {name}" if name else str(value)
 
 
 def case_scores(rows: list[dict]) -> dict[str, float]:
@@ -60,7 +66,7 @@ def _display(volume):
     """A 2D array ``(rows, cols)`` view for drawing: 3D scans are put in RAS order,
     whose axial slices (last axis) are then drawn as radiologists view them (see
     ``write_overlay``)."""
-    from medseg import geometry
+    from medseg.preprocessing import geometry
 
     if volume.spatial_dims == 3:
         volume, _ = geometry.reorient_to_canonical(volume)
@@ -233,7 +239,7 @@ def preview_cuts(image, labels, values) -> list[tuple[str, np.ndarray, np.ndarra
     of the others), the patient's right on the left (axial, coronal) and anterior on
     the left (sagittal); a 2D picture as it is (rows first, first row at the
     top)."""
-    from medseg import geometry
+    from medseg.preprocessing import geometry
 
     if labels.spatial_dims != 3:
         picture = np.asarray(image.array)[..., 0]
@@ -278,7 +284,7 @@ def write_preview(
     from matplotlib.colors import to_rgba
     from matplotlib.patches import Patch
 
-    from medseg import geometry
+    from medseg.preprocessing import geometry
 
     cuts = preview_cuts(image, labels, values)
     three_d = labels.spatial_dims == 3

@@ -1,0 +1,143 @@
+"""Several segmentation bundles as one: their probabilities averaged on each scan's
+grid."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from medseg.errors import InputFileError
+from medseg.inference.scan_plan import WindowCount, _scan_notes
+from medseg.inference.segmenter import Prediction, Segmenter, _on_scan_grid
+from medseg.io.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+
+def ensemble_problem(bundles: Sequence, metadatas: Sequence[dict]) -> tuple | None:
+    """Why bundles (with their ``medseg.json``) cannot be one ensemble, as ``(bundle,
+    problem)``, or ``None``: each must segment (or each classify), with the same
+    labels (values and names, in order), the same input channels and scans of the
+    same dimensions as the first. Read before any model is loaded."""
+    from medseg.inference.sliding_window import window_of
+
+    def task(metadata):
+        labels = metadata.get("labels") or {}
+        classes = [labels[str(k)] for k in range(len(labels))]
+        window = window_of(
+            tuple(metadata.get("patch_size") or ()),
+            (metadata.get("plan") or {}).get("slice_axis"),
+        )
+        return (
+            [(int(c["value"]), str(c.get("name", c["value"]))) for c in classes],
+            int(metadata.get("in_channels") or 1),
+            len(window),
+        )
+
+    def named(labels):
+        return ", ".join(f"{value} {name}" for value, name in labels)
+
+    kind = metadatas[0].get("task")
+    for bundle, metadata in zip(bundles, metadatas, strict=True):
+        if metadata.get("task") not in ("segmentation", "classification"):
+            return bundle, (
+                f"a {metadata.get('task')} bundle; an ensemble of models takes "
+                "segmentation or classification bundles"
+            )
+        if metadata.get("task") != kind:
+            return bundle, (
+                f"a {metadata.get('task')} bundle, but the first model "
+                f"({bundles[0]}) is a {kind} bundle; an ensemble's models must do one "
+                "task"
+            )
+    first = task(metadatas[0])
+    for bundle, metadata in zip(bundles[1:], metadatas[1:], strict=True):
+        labels, channels, dims = task(metadata)
+        if labels != first[0]:
+            return bundle, (
+                f"labels {named(labels)}, but the first model ({bundles[0]}) has "
+                f"{named(first[0])}; an ensemble's models must segment alike"
+            )
+        if (channels, dims) != first[1:]:
+            return bundle, (
+                f"segments {dims}D scans with {channels} channel(s), but the first "
+                f"model ({bundles[0]}) {first[2]}D scans with {first[1]} channel(s)"
+            )
+    return None
+
+
+class Ensemble:
+    """Segmentation bundles of one task as one model: each scan is segmented by the
+    mean of their class probabilities (nnU-Net's ensemble of cross-validation folds).
+
+    Members that preprocess alike (the same :class:`~medseg.preprocessing.Preprocessor`,
+    as folds of one dataset with per-scan normalisation) share one preprocessed scan
+    and average there, before one way back to the scan's grid; the others' means are
+    taken on the scan's grid (linear interpolation, one class at a time). Each member
+    keeps its own patch, overlap, mirroring, batch size and precision; post-processing
+    and probabilities are the ensemble's (the members' own are not used).
+
+    Args:
+        members: :class:`Segmenter` of each bundle.
+        keep_largest, min_size_mm3, probabilities: as :class:`Segmenter`'s, applied to
+            the mean.
+
+    Raises:
+        InputFileError: the bundles cannot be one ensemble (:func:`ensemble_problem`),
+            naming the bundle that differs from the first.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[Segmenter],
+        *,
+        keep_largest: bool = False,
+        min_size_mm3: float = 0.0,
+        probabilities: bool = False,
+    ):
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        problem = ensemble_problem(
+            [m.bundle for m in members], [m.metadata for m in members]
+        )
+        if problem:
+            raise InputFileError(*problem)
+        self.members = tuple(members)
+        self.values, self.names = members[0].values, members[0].names
+        self.keep_largest = keep_largest
+        self.min_size_mm3 = min_size_mm3
+        self.want_probabilities = probabilities
+        #: as :attr:`Segmenter.on_windows`, the windows of all members counted
+        self.on_windows: Callable[[str, int, int], None] | None = None
+        self._groups: list[tuple] = []  # (preprocessor, members)
+        for member in self.members:
+            for preprocessor, alike in self._groups:
+                if preprocessor == member.preprocessor:
+                    alike.append(member)
+                    break
+            else:
+                self._groups.append((member.preprocessor, [member]))
+
+    def predict(self, volume: Volume) -> Prediction:
+        """Labels (and probabilities) of the mean, on ``volume``'s own grid."""
+        volume = self.members[0].check(volume)
+        notes = _scan_notes(volume, self.members)
+        parts = []
+        windows = WindowCount(self.on_windows, volume, len(self.members))
+        for preprocessor, alike in self._groups:
+            image, records = preprocessor.image(volume)
+            mean = None
+            for member in alike:
+                scores = member.probabilities(image, windows.member())
+                if mean is None:
+                    mean = scores
+                else:
+                    mean += scores
+            del image
+            mean /= len(alike)
+            parts.append((mean, records, len(alike) / len(self.members)))
+        return _on_scan_grid(volume, parts, self, notes)
+
+    def segment(self, volume: Volume) -> Volume:
+        """Label map (declared label values) on ``volume``'s own grid and header."""
+        return self.predict(volume).labels

@@ -1,0 +1,267 @@
+"""A segmentation bundle ready to segment scans: the training-time preprocessing,
+sliding-window prediction, and the way back to each scan's own grid."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from medseg.errors import InputFileError
+from medseg.inference.postprocessing import clean_labels
+from medseg.inference.precision import (
+    SLOW_BFLOAT16,
+    bfloat16_is_slow_here,
+    inference_precision,
+)
+from medseg.inference.scan_plan import WindowCount, _scan_notes, check_scan
+from medseg.inference.sliding_window import (
+    slicewise,
+    sliding_window_predict,
+    windows_per_pass,
+)
+from medseg.io.files import atomic_output
+from medseg.io.volume import Volume
+from medseg.preprocessing import geometry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    """A segmentation on the scan's own grid: ``labels`` (declared label values) and,
+    when asked for, ``probabilities`` ``(*S, K)`` float16 in the order of ``values``
+    (the label value of each class) and ``names``."""
+
+    labels: Volume
+    probabilities: np.ndarray | None = None
+    values: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
+    nonfinite_replaced: int = 0
+    notes: tuple[str, ...] = ()  # warnings about the scan (see field_of_view_note)
+
+
+class Segmenter:
+    """A segmentation bundle ready to segment scans: the training-time preprocessing,
+    sliding-window prediction, and the way back to each scan's own grid.
+
+    Args:
+        bundle: bundle folder (``model.keras`` + ``medseg.json``).
+        overlap: sliding-window overlap.
+        mirror_axes: test-time augmentation: also predict each window mirrored along
+            these axes of the RAS-reoriented scan and average; ``()`` for none. A 2D
+            network trained on slices of volumes (the plan's ``slice_axis``) segments a
+            volume slice by slice, and its axes are the slice's (the volume's other
+            two, in order).
+        batch_size: windows per forward pass; ``None``: :func:`windows_per_pass` of
+            the bundle's window.
+        keep_largest: keep only the largest component of each label.
+        min_size_mm3: remove components of a label smaller than this.
+        probabilities: also return the class probabilities on the scan's grid.
+        allow_modified: accept a model file whose sha256 differs from the bundle's
+            record (see :func:`medseg.bundle.verify`).
+        precision: ``"float32"``, ``"bfloat16"`` (convolutions in bfloat16, logits
+            and blending in float32), or ``"auto"``: bfloat16 on a CPU with AMX
+            bfloat16 units and no GPU, float32 otherwise (see
+            :func:`inference_precision`).
+        nonfinite: ``"error"`` or ``"replace"`` NaN/Inf voxels in place of the
+            bundle's policy (see :func:`medseg.preprocessing.intensity.handle_nonfinite`);
+            ``None`` keeps the bundle's. ``Prediction.nonfinite_replaced`` counts
+            the voxels replaced.
+    """
+
+    def __init__(
+        self,
+        bundle,
+        *,
+        overlap: float = 0.5,
+        mirror_axes=(),
+        batch_size: int | None = None,
+        keep_largest: bool = False,
+        min_size_mm3: float = 0.0,
+        probabilities: bool = False,
+        allow_modified: bool = False,
+        precision: str = "auto",
+        nonfinite: str | None = None,
+    ):
+        from medseg import bundle as bundles
+        from medseg.models import load_model, with_precision
+        from medseg.preprocessing.preprocessor import Preprocessor
+
+        self.bundle = bundle
+        self.metadata = bundles.verify(bundle, allow_modified=allow_modified)
+        if self.metadata.get("task") != "segmentation":
+            raise InputFileError(
+                bundle,
+                f"a {self.metadata.get('task')} bundle, not a segmentation bundle",
+            )
+        self.precision = inference_precision(precision)
+        if self.precision == "bfloat16" and bfloat16_is_slow_here():
+            logger.warning("--precision bfloat16: %s; use auto", SLOW_BFLOAT16)
+        self.model = with_precision(
+            load_model(bundle),
+            "mixed_bfloat16" if self.precision == "bfloat16" else "float32",
+        )
+        self.preprocessor = Preprocessor.from_dict(self.metadata["preprocessing"])
+        if nonfinite is not None:
+            self.preprocessor = replace(self.preprocessor, nonfinite=nonfinite)
+        from medseg.inference.sliding_window import window_of
+
+        self.patch_size = tuple(self.metadata["patch_size"])
+        self.slice_axis = (self.metadata.get("plan") or {}).get("slice_axis")
+        self.window = window_of(self.patch_size, self.slice_axis)
+        in_plane = [a for a in range(len(self.window)) if a != self.slice_axis]
+        self._window_mirror = tuple(in_plane[a] for a in mirror_axes)
+        labels = self.metadata["labels"]
+        values = [int(labels[str(k)]["value"]) for k in range(len(labels))]
+        self.names = [str(labels[str(k)].get("name", v)) for k, v in enumerate(values)]
+        self.values = np.array(values, dtype=np.min_scalar_type(max(values)))
+        self.overlap = overlap
+        self.mirror_axes = tuple(mirror_axes)
+        self.batch_size = batch_size or windows_per_pass(self.window)
+        self.keep_largest = keep_largest
+        self.min_size_mm3 = min_size_mm3
+        self.want_probabilities = probabilities
+        self._forward = None
+        #: called as windows are predicted with the scan's name, the windows done and
+        #: the windows in all (see :class:`WindowCount`); ``None``: not called
+        self.on_windows: Callable[[str, int, int], None] | None = None
+
+    def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        import keras
+        import tensorflow as tf
+
+        if self._forward is None:
+            model = self.model
+
+            @tf.function(reduce_retracing=True)
+            def forward(x):
+                return keras.ops.softmax(model(x, training=False), axis=-1)
+
+            self._forward = forward
+        return np.asarray(self._forward(batch), dtype=np.float32)
+
+    def probabilities(self, image: np.ndarray, progress=None) -> np.ndarray:
+        """Class probabilities ``(*S, K)`` of a preprocessed image, mirroring TTA;
+        ``progress`` as :func:`sliding_window_predict` takes it."""
+        return sliding_window_predict(
+            image,
+            slicewise(self._predict_batch, self.slice_axis),
+            patch_size=self.window,
+            overlap=self.overlap,
+            batch_size=self.batch_size,
+            mirror_axes=self._window_mirror,
+            progress=progress,
+        )
+
+    def check(self, volume: Volume) -> Volume:
+        """``volume`` as the network takes it (a greyscale picture stored with colour
+        channels: its one grey channel).
+
+        Raises:
+            InputFileError: the scan has other spatial dimensions or channels than the
+                model segments, or is a single slice given to a 3D network.
+        """
+        return check_scan(volume, self.window, self.metadata["in_channels"])
+
+    def predict(self, volume: Volume) -> Prediction:
+        """Labels (and probabilities) on ``volume``'s own grid and header.
+
+        The probabilities go back to the scan's grid one class at a time (linear
+        interpolation where the bundle resamples), with a running argmax, so no
+        multi-class volume is resampled at once.
+        """
+        volume = self.check(volume)
+        notes = _scan_notes(volume, [self])
+        image, records = self.preprocessor.image(volume)
+        scores = self.probabilities(
+            image, WindowCount(self.on_windows, volume).member()
+        )
+        del image
+        return _on_scan_grid(volume, [(scores, records, 1.0)], self, notes)
+
+    def segment(self, volume: Volume) -> Volume:
+        """Label map (declared label values) on ``volume``'s own grid and header."""
+        return self.predict(volume).labels
+
+
+def _on_scan_grid(volume: Volume, parts, options, notes) -> Prediction:
+    """The prediction on ``volume``'s grid from class probabilities on preprocessed
+    grids: ``parts`` of ``(scores (*P, K), records, weight)`` (weights summing to 1)
+    are taken back one class at a time and summed, with a running argmax;
+    ``options`` (a :class:`Segmenter` or :class:`Ensemble`) gives the label values
+    and names and the post-processing."""
+    notes, replaced = notes
+    shape = volume.spatial_shape
+    count = parts[0][0].shape[-1]
+    best = classes = probabilities = None
+    for k in range(count):
+        score = None
+        for scores, records, weight in parts:
+            part = _to_scan_grid(
+                volume.with_array(scores[..., k : k + 1]), records, 1.0 if k == 0 else 0
+            )
+            if part.shape != shape:  # a bundle whose records do not fit the scan
+                raise ValueError(f"prediction on grid {part.shape}, scan is {shape}")
+            if weight != 1.0:
+                part = part * np.float32(weight)
+            score = part if score is None else score + part
+        if best is None:
+            best = np.array(score, dtype=np.float32)
+            classes = np.zeros(shape, np.min_scalar_type(count - 1))
+        else:
+            better = score > best
+            classes[better] = k
+            np.maximum(best, score, out=best)
+        if options.want_probabilities:
+            if probabilities is None:
+                probabilities = np.empty((*shape, count), np.float16)
+            probabilities[..., k] = score
+    del parts, best
+    labels = options.values[classes]
+    if options.keep_largest or options.min_size_mm3 > 0:
+        labels = clean_labels(
+            labels,
+            volume.spacing,
+            background=options.values[0],
+            keep_largest=options.keep_largest,
+            min_size_mm3=options.min_size_mm3,
+        )
+    return Prediction(
+        volume.with_array(labels[..., None]),
+        probabilities,
+        tuple(int(v) for v in options.values),
+        tuple(options.names),
+        replaced,
+        notes,
+    )
+
+
+def _to_scan_grid(channel: Volume, records, fill: float) -> np.ndarray:
+    """One channel on the preprocessed grid -> ``(*S)`` on the scan's grid, undoing the
+    preprocessing records last first (resampling linearly, padding crops with
+    ``fill``)."""
+    for record in reversed(records):
+        if isinstance(record, geometry.ResampleRecord):
+            channel = record.undo(channel, order=1)
+        else:
+            channel = record.undo(channel, fill=fill)
+    return np.asarray(channel.array)[..., 0]
+
+
+def write_probabilities(path, probabilities: np.ndarray, affine, values, names) -> None:
+    """Writes ``probabilities`` (float16 ``(*S, K)``) with the scan's affine and the
+    label values and names to a compressed ``.npz``, atomically.
+
+    Load with ``numpy.load(path)["probabilities"]``.
+    """
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(
+            handle,
+            probabilities=probabilities,
+            affine=np.asarray(affine, np.float64),
+            label_values=np.asarray(values),
+            label_names=np.asarray(names, dtype=str),
+        )

@@ -1,0 +1,209 @@
+"""Sliding-window prediction over a whole scan: windows, Gaussian blending, mirroring,
+and 2D networks over a volume's slices."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+BLENDS = ("gaussian", "constant")
+
+
+def window_starts(size: int, patch: int, overlap: float = 0.5) -> list[int]:
+    """Start positions of windows of ``patch`` covering ``size`` with at least
+    ``overlap`` between neighbours, spread evenly, first at 0 and last at the end.
+
+    Example: size 110, patch 64, overlap 0.5: step at most 32, so ceil(46 / 32) + 1 = 3
+    windows spread over 46 voxels: starts 0, 23, 46.
+    """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if patch >= size:
+        return [0]
+    target_step = max(patch * (1 - overlap), 1)  # a window one voxel deep: every voxel
+    count = math.ceil((size - patch) / target_step) + 1
+    step = (size - patch) / (count - 1)
+    return [int(round(i * step)) for i in range(count)]
+
+
+#: windows per forward pass when none is asked for: at least this many ...
+LEAST_WINDOWS_PER_PASS = 4
+
+
+#: ... and more of small windows (a 2D network's slices of volumes), up to about this
+#: many voxels a pass ...
+VOXELS_PER_PASS = 2**18
+
+
+#: ... and at most this many windows
+MOST_WINDOWS_PER_PASS = 64
+
+
+def window_of(patch_size, slice_axis: int | None) -> tuple[int, ...]:
+    """``patch_size`` with a 1 inserted at ``slice_axis`` (unchanged for ``None``)."""
+    patch = [int(p) for p in patch_size]
+    if slice_axis is not None:
+        patch.insert(slice_axis, 1)
+    return tuple(patch)
+
+
+def windows_per_pass(window: Sequence[int], least: int = LEAST_WINDOWS_PER_PASS) -> int:
+    """How many windows of shape ``window`` one forward pass takes: as many as hold
+    :data:`VOXELS_PER_PASS` voxels, but at least ``least`` (large windows, as the
+    shipped models' 40 x 56 x 40 and 256 x 256, stay at ``least``) and at most
+    :data:`MOST_WINDOWS_PER_PASS`. A pass so holds no more than the larger of
+    ``least`` windows and :data:`VOXELS_PER_PASS` voxels."""
+    fit = VOXELS_PER_PASS // max(1, math.prod(int(n) for n in window))
+    return int(max(least, min(MOST_WINDOWS_PER_PASS, fit)))
+
+
+def slicewise(predict_fn: Callable, slice_axis: int | None) -> Callable:
+    """A 2D network's batch function as one over 3D windows one voxel deep across
+    ``slice_axis`` (``(B, *window, C)``, the axis squeezed for the network and put back
+    on its output), so :func:`sliding_window_predict` runs it slice by slice on a
+    volume. ``predict_fn`` itself for ``None``."""
+    if slice_axis is None:
+        return predict_fn
+    axis = slice_axis + 1
+
+    def predict(batch):
+        return np.expand_dims(np.asarray(predict_fn(np.squeeze(batch, axis))), axis)
+
+    return predict
+
+
+def _gaussian_1d(n: int, sigma_scale: float) -> np.ndarray:
+    x = np.arange(n) - (n - 1) / 2
+    weights = np.exp(-0.5 * (x / (sigma_scale * n)) ** 2)
+    return (weights / weights.max()).astype(np.float32)
+
+
+def _outer(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    out = vectors[0]
+    for v in vectors[1:]:
+        out = np.multiply.outer(out, v)
+    return out
+
+
+def gaussian_importance(
+    patch_size: Sequence[int], sigma_scale: float = 1 / 8
+) -> np.ndarray:
+    """Gaussian weights peaking (at 1) at the patch centre, sigma = ``sigma_scale`` x
+    size per axis. A product of one Gaussian per axis, so never zero: the corner of a
+    128^3 patch weighs about 4e-11."""
+    return _outer([_gaussian_1d(int(n), sigma_scale) for n in patch_size])
+
+
+def _flip_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every non-empty subset of ``axes`` (mirror test-time augmentation)."""
+    axes = tuple(axes)
+    return [
+        combo
+        for r in range(1, len(axes) + 1)
+        for combo in itertools.combinations(axes, r)
+    ]
+
+
+def sliding_window_predict(
+    image: np.ndarray,
+    predict_fn: Callable[[np.ndarray], np.ndarray],
+    *,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    batch_size: int = 2,
+    mirror_axes: Sequence[int] = (),
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Predicts a whole channels-last image window by window and blends the outputs.
+
+    Memory: one float32 accumulator of the output (``K`` channels over the image) plus
+    the windows of one batch. The blending weights are a product of one weight per axis
+    over a product grid of windows, so their sum at each voxel is a product of per-axis
+    sums and is never stored as a volume.
+
+    Args:
+        image: ``(*S, C)``.
+        predict_fn: maps a batch ``(B, *patch_size, C)`` to ``(B, *patch_size, K)``.
+        patch_size: window size; images smaller than it are zero-padded, and the
+            output cropped back.
+        overlap: fraction of a window shared with its neighbour (0 to <1).
+        blend: ``"gaussian"`` or ``"constant"`` weighting of overlapping outputs.
+        batch_size: windows per ``predict_fn`` call.
+        mirror_axes: test-time augmentation: each window is also predicted mirrored
+            along every non-empty subset of these spatial axes, mirrored back and
+            averaged (as nnU-Net does, per window).
+        progress: called after each forward pass (with its mirrored ones) with the
+            windows done and the windows in all.
+
+    Returns:
+        ``(*S, K)`` float32: the weighted mean of the window outputs at each voxel.
+    """
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+    patch_size = tuple(int(p) for p in patch_size)
+    spatial = image.shape[:-1]
+    if len(patch_size) != len(spatial):
+        raise ValueError(
+            f"patch_size {patch_size} does not match image shape {image.shape}"
+        )
+    if any(not 0 <= a < len(spatial) for a in mirror_axes):
+        raise ValueError(f"mirror_axes {tuple(mirror_axes)} outside {len(spatial)}D")
+    padded_shape = tuple(max(s, p) for s, p in zip(spatial, patch_size, strict=True))
+    pads = [
+        ((p - s) // 2, p - s - (p - s) // 2)
+        for s, p in zip(spatial, padded_shape, strict=True)
+    ]
+    padded = np.pad(image, [*pads, (0, 0)]) if any(sum(p) for p in pads) else image
+    axis_weights = [
+        _gaussian_1d(p, 1 / 8) if blend == "gaussian" else np.ones(p, np.float32)
+        for p in patch_size
+    ]
+    weights = _outer(axis_weights)[..., None]
+    starts = [
+        window_starts(n, p, overlap)
+        for n, p in zip(padded_shape, patch_size, strict=True)
+    ]
+    flips = [tuple(a + 1 for a in combo) for combo in _flip_combinations(mirror_axes)]
+    windows = list(itertools.product(*starts))
+    accumulator = None
+    for first in range(0, len(windows), batch_size):
+        chunk = windows[first : first + batch_size]
+        boxes = [
+            tuple(slice(s, s + p) for s, p in zip(w, patch_size, strict=True))
+            for w in chunk
+        ]
+        batch = np.stack([padded[box] for box in boxes]).astype(np.float32)
+        outputs = np.array(predict_fn(batch), dtype=np.float32)  # writable copy
+        for axes in flips:
+            mirrored = predict_fn(np.ascontiguousarray(np.flip(batch, axes)))
+            outputs += np.flip(np.asarray(mirrored, dtype=np.float32), axes)
+        if flips:
+            outputs /= 1 + len(flips)
+        if accumulator is None:
+            accumulator = np.zeros((*padded_shape, outputs.shape[-1]), np.float32)
+        for box, output in zip(boxes, outputs, strict=True):
+            accumulator[box] += output * weights
+        if progress is not None:
+            progress(first + len(chunk), len(windows))
+    # the weight sum at voxel (i, j, ...) is sum_0[i] * sum_1[j] * ...
+    sums = []
+    for n, p, axis_starts, w in zip(
+        padded_shape, patch_size, starts, axis_weights, strict=True
+    ):
+        total = np.zeros(n, np.float32)
+        for s in axis_starts:
+            total[s : s + p] += w
+        sums.append(total)
+    rest = _outer(sums[1:])[..., None] if len(sums) > 1 else np.float32(1)
+    for i in range(padded_shape[0]):  # in place, one slab at a time
+        accumulator[i] /= sums[0][i] * rest
+    crop = tuple(slice(a, a + s) for (a, _), s in zip(pads, spatial, strict=True))
+    return accumulator[crop]

@@ -1,0 +1,255 @@
+"""The fit loop: epochs, validation, checkpoints and the history, on one worker or
+several."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import keras
+
+from medseg.bundle import write_bundle
+from medseg.config import Config
+from medseg.models import main_output
+from medseg.training.network import compile_model, is_frozen
+from medseg.training.planning import Plan
+from medseg.training.run_files import (
+    append_history,
+    plot_progress,
+    save_checkpoint,
+)
+from medseg.training.runtime import has_tensorboard
+from medseg.training.validation import validate
+
+logger = logging.getLogger(__name__)
+
+
+class Run:
+    """State shared by the callbacks of one run."""
+
+    def __init__(
+        self,
+        folder: Path,
+        config: Config,
+        plan: Plan,
+        preprocessor,
+        val_cases,
+        metadata: dict,
+        total_epochs: int,
+        best: float | None,
+    ):
+        self.folder = folder
+        self.config = config
+        self.plan = plan
+        self.preprocessor = preprocessor
+        self.val_cases = val_cases
+        self.metadata = metadata
+        self.total_epochs = total_epochs
+        self.best = best
+        self.task = config.data.task
+
+    @property
+    def score_key(self) -> str:
+        """The validation number that picks the best model."""
+        return {"segmentation": "val_dice_mean", "classification": "val_auc"}.get(
+            self.task, "val_mse"
+        )
+
+    def improves(self, score) -> bool:
+        if score is None or math.isnan(score):
+            return False
+        if self.best is None:
+            return True
+        if self.task == "reconstruction":
+            return score < self.best
+        return score > self.best
+
+
+class EpochEnd(keras.callbacks.Callback):
+    """Validation, history.csv, progress.png, bundle of the best model, checkpoint."""
+
+    def __init__(self, run: Run):
+        super().__init__()
+        self.run = run
+        self.started = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        run = self.run
+        # a deep-supervised model's metrics are its first output's: logits_dice_1 is
+        # dice_1 (the losses of the outputs keep their names, logits_ds1_loss, ...)
+        logs = {
+            k.removeprefix("logits_") if k.startswith("logits_dice_") else k: v
+            for k, v in (logs or {}).items()
+        }
+        number = epoch + 1
+        validated = run.val_cases and (
+            number % run.config.train.val_interval == 0 or number == run.total_epochs
+        )
+        if validated:
+            logs.update(validate(self.model, run))
+            logger.info(
+                "epoch %d validation: %s",
+                number,
+                {k: round(v, 4) for k, v in logs.items() if k.startswith("val_")},
+            )
+        logs["lr"] = float(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        )
+        logs["seconds"] = round(time.time() - self.started, 3)
+        append_history(run.folder / "history.csv", number, logs)
+        plot_progress(run.folder)
+        score = logs.get(run.score_key)
+        improved = bool(validated) and run.improves(score)
+        if improved:
+            run.best = score
+        keep_last = run.config.train.keep == "last"
+        if (
+            (improved and not keep_last)
+            or (validated and keep_last)
+            or not run.val_cases
+        ):
+            metrics = {k: v for k, v in logs.items() if k.startswith("val_")}
+            write_bundle(
+                run.folder,
+                main_output(self.model),
+                {
+                    **run.metadata,
+                    "epoch": number,
+                    "validation": metrics,
+                },
+            )
+        save_checkpoint(run.folder, self.model, number, run.best, run.metadata)
+
+
+def fit_multi_worker(
+    model,
+    metrics,
+    stream,
+    strategy,
+    run: Run,
+    start_epoch: int,
+    *,
+    global_batch: int,
+    verbose: int,
+) -> None:
+    """The training loop for several workers, written out with ``strategy.run``.
+
+    Keras 3's ``fit`` fails under ``MultiWorkerMirroredStrategy`` (it tries to reduce
+    the per-replica input batch; keras-team/keras#20585), so the step is spelled out:
+    per-sample losses averaged over the global batch, gradients all-reduced by the
+    optimizer, the same end-of-epoch work as ``fit``'s callback.
+    """
+    import tensorflow as tf
+
+    loss_fn = model.loss
+    optimizer = model.optimizer
+    iterator = iter(strategy.experimental_distribute_dataset(stream))
+
+    @tf.function
+    def train_step():
+        def step(images, labels):
+            with tf.GradientTape() as tape:
+                logits = model(images, training=True)
+                loss = tf.nn.compute_average_loss(
+                    loss_fn.call(labels, logits), global_batch_size=global_batch
+                )
+                scaled = optimizer.scale_loss(loss)
+            grads = tape.gradient(scaled, model.trainable_variables)
+            optimizer.apply_gradients(
+                zip(grads, model.trainable_variables, strict=True)
+            )
+            for metric in metrics:
+                metric.update_state(labels, logits)
+            return loss
+
+        per_replica = strategy.run(step, args=next(iterator))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    callback = EpochEnd(run)
+    callback.set_model(model)
+    steps = run.config.train.steps_per_epoch
+    for epoch in range(start_epoch, run.total_epochs):
+        callback.on_epoch_begin(epoch)
+        for metric in metrics:
+            metric.reset_state()
+        bar = keras.utils.Progbar(steps, verbose=verbose)
+        total = 0.0
+        for index in range(steps):
+            loss = float(train_step())
+            total += loss
+            bar.update(index + 1, [("loss", loss)])
+        logs = {"loss": total / steps}
+        logs.update({m.name: float(m.result()) for m in metrics})
+        callback.on_epoch_end(epoch, logs)
+
+
+def fit_run(
+    model,
+    metrics,
+    stream,
+    strategy,
+    run: Run,
+    start_epoch: int,
+    *,
+    global_batch: int,
+    workers: int,
+    verbose: int,
+) -> None:
+    """Keras ``fit`` on one machine; the explicit loop across several workers.
+
+    ``stream(epoch)`` gives the training batches from that epoch on. With
+    ``train.unfreeze_after`` the frozen layers are unfrozen at that epoch: the model is
+    recompiled with a fresh optimizer whose step count (and so its learning-rate
+    schedule) continues where the first one stopped.
+    """
+    if workers > 1:
+        fit_multi_worker(
+            model,
+            metrics,
+            stream(start_epoch),
+            strategy,
+            run,
+            start_epoch,
+            global_batch=global_batch,
+            verbose=verbose,
+        )
+        return
+    callbacks = [EpochEnd(run)]
+    if has_tensorboard():
+        callbacks.append(
+            keras.callbacks.TensorBoard(run.folder / "tensorboard", write_graph=False)
+        )
+    else:
+        logger.info(
+            "tensorboard is not installed: no TensorBoard logs "
+            "(pip install 'medseg[tensorboard]')"
+        )
+    train = run.config.train
+    phases = [(start_epoch, run.total_epochs)]
+    if is_frozen(run.config, start_epoch) and train.unfreeze_after is not None:
+        if train.unfreeze_after < run.total_epochs:
+            phases = [(start_epoch, train.unfreeze_after)]
+            phases.append((train.unfreeze_after, run.total_epochs))
+    for number, (first, last) in enumerate(phases):
+        if number:
+            with strategy.scope():
+                for layer in model.layers:
+                    layer.trainable = True
+                compile_model(model, run.config)
+                model.optimizer.build(model.trainable_variables)
+                model.optimizer.iterations.assign(first * train.steps_per_epoch)
+            logger.info("epoch %d: every layer trainable from here on", first)
+        model.fit(
+            stream(first),
+            epochs=last,
+            initial_epoch=first,
+            steps_per_epoch=train.steps_per_epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,
+        )  # the stream is already random
