@@ -88,11 +88,11 @@ def finetune(
 
     bundle = resolve(model).resolve()
     metadata = read_metadata(bundle)
-    if metadata.get("task") not in ("segmentation", "reconstruction"):
+    if metadata.task not in ("segmentation", "reconstruction"):
         raise InputFileError(
             bundle,
             f"fine-tuning takes a segmentation or reconstruction bundle, not "
-            f"{metadata.get('task')!r}",
+            f"{metadata.task!r}",
         )
     blame = config_path or bundle / "medseg.json"
     try:
@@ -103,7 +103,7 @@ def finetune(
         model_section = replace(
             saved.model,
             num_classes=None,
-            patch_size=tuple(metadata["patch_size"]),
+            patch_size=metadata.patch_size,
         )
         spacing = preprocessing.get("target_spacing_mm")
         data_section = replace(

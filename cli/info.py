@@ -161,11 +161,10 @@ def info(
         from medseg.bundle import read_metadata
 
         metadata = read_metadata(model_or_config)
-        slice_axis = (metadata.get("plan") or {}).get("slice_axis")
-        patch = metadata.get("patch_size")
-        if shape is None and patch:
+        slice_axis = metadata.slice_axis
+        if shape is None:
             # a bundle: its training patch, so that FLOPs and memory can be counted
-            shape = tuple(int(n) for n in patch)
+            shape = metadata.patch_size
     suffix = model_or_config.suffix.lower()
     if not (model_or_config.is_dir() or suffix in (".keras", ".yaml", ".yml")):
         raise InputFileError(
@@ -204,7 +203,7 @@ def _scan_model(model: str) -> tuple[str, dict]:
 
     folder = resolve(model)
     metadata = read_metadata(folder)
-    if metadata.get("task") != "segmentation":
+    if metadata.task != "segmentation":
         raise InputFileError(
             folder,
             f"a {metadata.get('task')} bundle; --model takes a segmentation bundle",

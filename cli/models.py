@@ -16,12 +16,8 @@ def models() -> None:
         return
     for name, folder in shipped.items():
         metadata = read_metadata(folder)
-        labels = metadata.get("labels") or {}
-        names = ", ".join(
-            f"{v['value']}={v['name']}"
-            for _, v in sorted(labels.items(), key=lambda kv: int(kv[0]))
-        )
-        spacing = (metadata.get("preprocessing") or {}).get("target_spacing_mm")
+        names = ", ".join(f"{label.value}={label.name}" for label in metadata.labels)
+        spacing = metadata.preprocessing.get("target_spacing_mm")
         spacing_text = (
             " x ".join(f"{s:g}" for s in spacing) + " mm" if spacing else "scan's own"
         )

@@ -232,7 +232,7 @@ def predict(
         raise click.UsageError('--seg-nrrd needs SimpleITK: pip install "medseg[itk]"')
     if dicom_seg and not has_seg_writer():
         raise click.UsageError(f"--dicom-seg needs highdicom: {INSTALL}")
-    if metadata.get("task") == "classification":
+    if metadata.task == "classification":
         start_tensorflow(ctx.meta.get("medseg.debug", False))
         _classify(
             bundles,
@@ -246,7 +246,7 @@ def predict(
             nonfinite,
         )
         return
-    channels = int(metadata.get("in_channels") or 1)
+    channels = metadata.in_channels
     everything = job_inputs.collect_inputs(input_path)
     if Path(input_path).is_file():  # one channel's file names its whole case
         everything = job_inputs.with_sibling_channels(everything, channels)
@@ -325,9 +325,7 @@ def predict(
         {
             "model_sha256": each([sha256(b / MODEL_FILE) for b in bundles]),
             "preprocessing": each([m.get("preprocessing") for m in metadatas]),
-            "label_values": sorted(
-                v["value"] for v in (metadata.get("labels") or {}).values()
-            ),
+            "label_values": sorted(metadata.label_values),
             "patch_size": each([m.get("patch_size") for m in metadatas]),
             "tta": each([list(m.mirror_axes) for m in members]),
             "overlap": overlap,
@@ -594,7 +592,7 @@ def _classify(
     job_outputs.make_output_dir(target.parent)  # before any work
     source = Path(input_path)
     if source.suffix == ".npz":
-        images, _ = load_npz_images(source, split, metadata["spatial_dims"])
+        images, _ = load_npz_images(source, split, metadata.spatial_dims)
         indices = job_inputs.take_shard(list(range(len(images))), shard_value)
         items = [(f"{split}_{i}", lambda i=i: images[i]) for i in indices]
     else:

@@ -203,9 +203,7 @@ def run_demo(
         json.dumps({"cases": len(cases), "labels": summary}, indent=2) + "\n",
     )
     t = time.perf_counter()
-    names = {
-        int(v["value"]): v["name"] for v in (metadata.get("labels") or {}).values()
-    }
+    names = {label.value: label.name for label in metadata.labels}
     pictures = write_report(
         output / "report",
         rows,

@@ -93,7 +93,7 @@ def export_bundle(
         raise InputFileError(output, "exists already; choose a new output folder")
     metadata = bundles.verify(bundle)
     model = load_model(bundle)
-    shape = (1, *metadata["patch_size"], metadata["in_channels"])
+    shape = (1, *metadata.patch_size, metadata.in_channels)
     sample = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
     expected = np.asarray(model(sample, training=False))
     tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.partial")

@@ -161,6 +161,22 @@ train: {epochs: 1, steps_per_epoch: 2, batch_size: 2, optimizer: adam,
 """
 
 
+def bundle_record(spatial_dims=2, in_channels=1, num_classes=2, **fields) -> dict:
+    """The least ``medseg.json`` a bundle of a ``build_unet`` network needs (task,
+    labels, channels, dimensions, patch, preprocessing), and ``fields``, for tests
+    that write bundles by hand."""
+    labels = {str(k): {"value": k, "name": f"class {k}"} for k in range(num_classes)}
+    return {
+        "task": "segmentation",
+        "labels": labels,
+        "in_channels": in_channels,
+        "spatial_dims": spatial_dims,
+        "patch_size": [16] * spatial_dims,
+        "preprocessing": {"normalizers": [{"scheme": "zscore"}] * in_channels},
+        **fields,
+    }
+
+
 def run_medseg(*args) -> subprocess.CompletedProcess:
     """``medseg ARGS`` in a fresh process (arguments may be non-UTF-8 paths)."""
     return subprocess.run(

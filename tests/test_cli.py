@@ -468,7 +468,7 @@ def test_info_on_scans_with_a_model_says_what_predict_would_do(tmp_path):
         + ["--json", str(tmp_path / "s.json")],
     )
     assert result.exit_code == 1, result.output  # the picture would be refused
-    metadata = read_metadata(resolve("hippocampus"))
+    metadata = read_metadata(resolve("hippocampus")).to_dict()
     image, _ = Preprocessor.from_dict(metadata["preprocessing"]).image(
         read_volume(fine)
     )

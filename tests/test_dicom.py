@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 
 import nibabel as nib
@@ -10,7 +11,12 @@ import pytest
 from medseg.errors import InputFileError
 from medseg.io import read_info, read_volume
 from tests import reference
-from tests.conftest import SAMPLE, assert_failures_named, stored_in_another_order
+from tests.conftest import (
+    SAMPLE,
+    assert_failures_named,
+    bundle_record,
+    stored_in_another_order,
+)
 from tests.conftest import run_medseg as medseg
 
 pydicom = pytest.importorskip("pydicom")
@@ -747,7 +753,8 @@ def test_dicom_seg_and_seg_nrrd_are_refused_without_their_package_or_for_a_class
         )
 
     (tmp_path / "cls").mkdir()
-    (tmp_path / "cls" / "medseg.json").write_text('{"task": "classification"}')
+    record = bundle_record(task="classification")
+    (tmp_path / "cls" / "medseg.json").write_text(json.dumps(record))
     refused = run(tmp_path / "cls")
     assert refused.exit_code == 2
     assert (

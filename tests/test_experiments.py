@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 
+from tests.conftest import bundle_record
+
 from .conftest import REPO
 
 
@@ -278,7 +280,13 @@ def test_last_epoch_bundle_holds_the_checkpoint_of_the_run(cv, tmp_path, heads):
     write_bundle(
         run,
         main_output(earlier),
-        {"task": "segmentation", "epoch": 40, "validation": {"val_dice_mean": 0.8}},
+        bundle_record(
+            spatial_dims=model["spatial_dims"],
+            in_channels=model.get("in_channels", 1),
+            num_classes=model["num_classes"],
+            epoch=40,
+            validation={"val_dice_mean": 0.8},
+        ),
     )
     assert cv.checkpoint_epoch(run) == 45
     assert cv.last_epoch_bundle(run, tmp_path / "last") == 45

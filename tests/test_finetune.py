@@ -271,8 +271,12 @@ def test_unfreeze_after_trains_the_encoder_from_that_epoch(pretrained, tmp_path)
 
 
 def test_finetune_refuses_a_classification_bundle_and_needs_data(tmp_path):
+    from medseg.bundle import read_metadata, resolve
+
     (tmp_path / "cls").mkdir()
-    (tmp_path / "cls" / "medseg.json").write_text('{"task": "classification"}')
+    record = read_metadata(resolve("hippocampus")).to_dict()
+    record["task"] = "classification"
+    (tmp_path / "cls" / "medseg.json").write_text(json.dumps(record))
     result = medseg("finetune", "--model", tmp_path / "cls", "--output", tmp_path / "o")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "fine-tuning takes a segmentation or reconstruction bundle" in result.stderr

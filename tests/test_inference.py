@@ -1093,11 +1093,16 @@ def test_models_lists_shipped_bundles(tmp_path, monkeypatch):
             {
                 "task": "segmentation",
                 "spatial_dims": 3,
+                "in_channels": 1,
+                "patch_size": [40, 56, 40],
                 "labels": {
                     "0": {"value": 0, "name": "background"},
                     "1": {"value": 1, "name": "Anterior"},
                 },
-                "preprocessing": {"target_spacing_mm": [1.0, 1.0, 1.5]},
+                "preprocessing": {
+                    "normalizers": [{"scheme": "zscore"}],
+                    "target_spacing_mm": [1.0, 1.0, 1.5],
+                },
                 "validation": {"val_dice_1": 0.8912},
             }
         )
@@ -1548,36 +1553,40 @@ def test_segmenters_and_ensembles_tell_the_windows_done_as_they_go(tmp_path):
 
 
 def test_bundles_that_segment_otherwise_are_refused_as_an_ensemble(tmp_path):
-    from medseg.bundle import read_metadata, resolve
+    import copy
+
+    from medseg.bundle import BundleMetadata, read_metadata, resolve
 
     hippocampus = read_metadata(resolve("hippocampus"))
     bundles = [Path("a"), Path("b")]
     assert inference.ensemble_problem(bundles, [hippocampus, hippocampus]) is None
     cases = []
-    other = json.loads(json.dumps(hippocampus))
+    other = hippocampus.to_dict()
     other["labels"]["2"]["name"] = "Tail"
     cases.append((other, "labels 0 background, 1 Anterior, 2 Tail, but the first "
                   "model (a) has 0 background, 1 Anterior, 2 Posterior"))  # fmt: skip
-    other = json.loads(json.dumps(hippocampus))
+    other = hippocampus.to_dict()
     other["in_channels"] = 2
     cases.append((other, "segments 3D scans with 2 channel(s), but the first model "
                   "(a) 3D scans with 1 channel(s)"))  # fmt: skip
-    other = json.loads(json.dumps(hippocampus))
+    other = hippocampus.to_dict()
     other["patch_size"] = other["patch_size"][:2]  # a 2D network ...
+    other["spatial_dims"] = 2
     cases.append((other, "segments 2D scans"))
-    other = json.loads(json.dumps(other))
+    other = copy.deepcopy(other)
     other["plan"] = {"slice_axis": 2}  # ... on slices of volumes: alike
     cases.append((other, None))
-    other = json.loads(json.dumps(hippocampus))
+    other = hippocampus.to_dict()
     other["task"] = "classification"
     cases.append((other, "a classification bundle, but the first model (a) is a "
                   "segmentation bundle; an ensemble's models must do one "
                   "task"))  # fmt: skip
-    other = json.loads(json.dumps(hippocampus))
+    other = hippocampus.to_dict()
     other["task"] = "reconstruction"
     cases.append((other, "a reconstruction bundle; an ensemble of models takes "
                   "segmentation or classification bundles"))  # fmt: skip
     for metadata, problem in cases:
+        metadata = BundleMetadata(metadata)
         found = inference.ensemble_problem(bundles, [hippocampus, metadata])
         if problem is None:
             assert found is None
@@ -1650,24 +1659,29 @@ def test_predict_with_several_models_writes_their_ensembles_labels(tmp_path):
 
 def _plan_metadata(patch, *, slice_axis=None, spacing=(1.0, 1.0, 1.0), channels=1):
     """A segmentation bundle's medseg.json as scan_plan reads it (no network)."""
-    return {
-        "task": "segmentation",
-        "patch_size": list(patch),
-        "plan": {"slice_axis": slice_axis},
-        "in_channels": channels,
-        "labels": {str(k): {"value": k, "name": f"c{k}"} for k in range(3)},
-        "preprocessing": {
-            "normalizers": [{"scheme": "zscore"}] * channels,
-            "target_spacing_mm": list(spacing),
-            "crop_nonzero": True,
-            "nonfinite": "error",
-        },
-        "config": {"train": {"augment": {"mirror_axes": [0, 1]}}},
-        "fingerprint": {
-            "shape": {"min": [20, 20, 20], "max": [30, 30, 30]},
-            "spacing_mm": {"min": [1.0, 1.0, 1.0], "max": [1.0, 1.0, 1.0]},
-        },
-    }
+    from medseg.bundle import BundleMetadata
+
+    return BundleMetadata(
+        {
+            "task": "segmentation",
+            "spatial_dims": len(patch),
+            "patch_size": list(patch),
+            "plan": {"slice_axis": slice_axis},
+            "in_channels": channels,
+            "labels": {str(k): {"value": k, "name": f"c{k}"} for k in range(3)},
+            "preprocessing": {
+                "normalizers": [{"scheme": "zscore"}] * channels,
+                "target_spacing_mm": list(spacing),
+                "crop_nonzero": True,
+                "nonfinite": "error",
+            },
+            "config": {"train": {"augment": {"mirror_axes": [0, 1]}}},
+            "fingerprint": {
+                "shape": {"min": [20, 20, 20], "max": [30, 30, 30]},
+                "spacing_mm": {"min": [1.0, 1.0, 1.0], "max": [1.0, 1.0, 1.0]},
+            },
+        }
+    )
 
 
 @pytest.mark.parametrize("slice_axis", [None, 2])

@@ -21,6 +21,7 @@ from medseg.models import (
 from medseg.models.classifier import ARCHITECTURES
 from medseg.models.info import describe_model, receptive_field
 from medseg.models.unet import UPSAMPLING_MODES
+from tests.conftest import bundle_record
 
 TINY = dict(filters=(4, 8, 16), norm="batch")
 
@@ -481,10 +482,9 @@ def test_float16_weights_halve_the_bundle_and_load_rounded_as_float32(tmp_path, 
     model = build_unet(
         spatial_dims=3, in_channels=1, num_classes=3, filters=(16, 32), norm="instance"
     )
-    write_bundle(tmp_path / "full", model, {"task": "segmentation"})
-    write_bundle(
-        tmp_path / "half", model, {"task": "segmentation"}, weights_dtype="float16"
-    )
+    record = bundle_record(spatial_dims=3, num_classes=3)
+    write_bundle(tmp_path / "full", model, record)
+    write_bundle(tmp_path / "half", model, record, weights_dtype="float16")
     verify(tmp_path / "half")
     assert read_metadata(tmp_path / "half")["weights_dtype"] == "float16"
     assert read_metadata(tmp_path / "full")["weights_dtype"] == "float32"

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.conftest import SAMPLE, TINY_CONFIG, assert_failures_named
+from tests.conftest import REPO, SAMPLE, TINY_CONFIG, assert_failures_named
 from tests.conftest import run_medseg as medseg
 
 
@@ -310,12 +310,13 @@ WRITER = """
 import sys
 from medseg.bundle import write_bundle
 from medseg.models import build_unet
+from tests.conftest import bundle_record
 
 model = build_unet(spatial_dims=2, in_channels=1, num_classes=2, filters=(4, 8))
 generation = int(sys.argv[2])
 while True:  # each bundle's weights all equal its generation number
     model.set_weights([w * 0 + generation for w in model.get_weights()])
-    write_bundle(sys.argv[1], model, {"task": "segmentation", "generation": generation})
+    write_bundle(sys.argv[1], model, bundle_record(generation=generation))
     print(generation, flush=True)
     generation += 1
 """
@@ -343,6 +344,7 @@ def test_sigkill_while_writing_bundles_always_leaves_a_complete_one(tmp_path):
     for _ in range(6):
         process = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(folder), str(generation)],
+            cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -361,10 +363,11 @@ def test_a_write_stopped_between_its_renames_is_completed_on_load(
 ):
     import medseg.bundle as bundles
     from medseg.models import build_unet
+    from tests.conftest import bundle_record
 
     model = build_unet(spatial_dims=2, in_channels=1, num_classes=2, filters=(4, 8))
     model.set_weights([w * 0 + 1 for w in model.get_weights()])
-    bundles.write_bundle(tmp_path, model, {"task": "segmentation", "generation": 1})
+    bundles.write_bundle(tmp_path, model, bundle_record(generation=1))
     model.set_weights([w * 0 + 2 for w in model.get_weights()])
     real_replace = os.replace
 
@@ -375,7 +378,7 @@ def test_a_write_stopped_between_its_renames_is_completed_on_load(
 
     monkeypatch.setattr(bundles.os, "replace", killed_before_metadata)
     with pytest.raises(KeyboardInterrupt):
-        bundles.write_bundle(tmp_path, model, {"task": "segmentation", "generation": 2})
+        bundles.write_bundle(tmp_path, model, bundle_record(generation=2))
     monkeypatch.setattr(bundles.os, "replace", real_replace)
     old = json.loads((tmp_path / "medseg.json").read_text())
     assert old["generation"] == 1  # the new model is in place, its metadata is not

@@ -34,21 +34,18 @@ class Classifier:
     ):
         from medseg import bundle as bundles
         from medseg.models import load_model
-        from medseg.preprocessing.preprocessor import Preprocessor
 
         self.metadata = bundles.verify(bundle, allow_modified=allow_modified)
-        if self.metadata.get("task") != "classification":
+        if self.metadata.task != "classification":
             raise InputFileError(
-                bundle,
-                f"a {self.metadata.get('task')} bundle, not a classification bundle",
+                bundle, f"a {self.metadata.task} bundle, not a classification bundle"
             )
         self.model = load_model(bundle)
-        self.preprocessor = Preprocessor.from_dict(self.metadata["preprocessing"])
+        self.preprocessor = self.metadata.preprocessor
         if nonfinite is not None:
             self.preprocessor = replace(self.preprocessor, nonfinite=nonfinite)
-        self.shape = tuple(self.metadata["patch_size"])
-        labels = self.metadata["labels"]
-        self.names = [str(labels[str(k)]["name"]) for k in range(len(labels))]
+        self.shape = self.metadata.patch_size
+        self.names = list(self.metadata.label_names)
         self.batch_size = batch_size
 
     def prepare(self, image: np.ndarray, source) -> np.ndarray:
@@ -59,7 +56,7 @@ class Classifier:
         """
         from medseg.preprocessing.intensity import handle_nonfinite, normalize
 
-        dims, channels = self.metadata["spatial_dims"], self.metadata["in_channels"]
+        dims, channels = self.metadata.spatial_dims, self.metadata.in_channels
         image = _one_grey(image, image.ndim - 1, channels)
         if image.ndim - 1 != dims or image.shape[-1] != channels:
             raise InputFileError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from medseg.errors import InputFileError
 from medseg.inference.scan_plan import WindowCount, _scan_notes
@@ -13,40 +14,35 @@ from medseg.io.volume import Volume
 
 logger = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    from medseg.bundle import BundleMetadata
 
-def ensemble_problem(bundles: Sequence, metadatas: Sequence[dict]) -> tuple | None:
+
+def ensemble_problem(
+    bundles: Sequence, metadatas: Sequence[BundleMetadata]
+) -> tuple | None:
     """Why bundles (with their ``medseg.json``) cannot be one ensemble, as ``(bundle,
     problem)``, or ``None``: each must segment (or each classify), with the same
     labels (values and names, in order), the same input channels and scans of the
     same dimensions as the first. Read before any model is loaded."""
-    from medseg.inference.sliding_window import window_of
 
     def task(metadata):
-        labels = metadata.get("labels") or {}
-        classes = [labels[str(k)] for k in range(len(labels))]
-        window = window_of(
-            tuple(metadata.get("patch_size") or ()),
-            (metadata.get("plan") or {}).get("slice_axis"),
-        )
-        return (
-            [(int(c["value"]), str(c.get("name", c["value"]))) for c in classes],
-            int(metadata.get("in_channels") or 1),
-            len(window),
-        )
+        labels = [(label.value, label.name) for label in metadata.labels]
+        return labels, metadata.in_channels, len(metadata.window)
 
     def named(labels):
         return ", ".join(f"{value} {name}" for value, name in labels)
 
-    kind = metadatas[0].get("task")
+    kind = metadatas[0].task
     for bundle, metadata in zip(bundles, metadatas, strict=True):
-        if metadata.get("task") not in ("segmentation", "classification"):
+        if metadata.task not in ("segmentation", "classification"):
             return bundle, (
-                f"a {metadata.get('task')} bundle; an ensemble of models takes "
+                f"a {metadata.task} bundle; an ensemble of models takes "
                 "segmentation or classification bundles"
             )
-        if metadata.get("task") != kind:
+        if metadata.task != kind:
             return bundle, (
-                f"a {metadata.get('task')} bundle, but the first model "
+                f"a {metadata.task} bundle, but the first model "
                 f"({bundles[0]}) is a {kind} bundle; an ensemble's models must do one "
                 "task"
             )

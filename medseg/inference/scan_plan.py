@@ -16,6 +16,7 @@ from medseg.io.volume import Volume
 from medseg.preprocessing.intensity import blank_note
 
 if TYPE_CHECKING:
+    from medseg.bundle import BundleMetadata
     from medseg.inference.segmenter import Segmenter
 
 
@@ -63,12 +64,11 @@ def field_of_view_note(volume: Volume, fingerprint: dict | None) -> str | None:
     )
 
 
-def bundle_mirror_axes(metadata: dict) -> tuple[int, ...]:
+def bundle_mirror_axes(metadata: BundleMetadata) -> tuple[int, ...]:
     """The mirror axes a bundle was trained with (its test-time augmentation axes):
     axes along which flipping changes a label's meaning are left out in training, so
     they are left out here too."""
-    augment = (metadata.get("config") or {}).get("train", {}).get("augment", {})
-    return tuple(augment.get("mirror_axes") or ())
+    return metadata.mirror_axes
 
 
 def check_scan(volume: Volume, window: Sequence[int], channels: int) -> Volume:
@@ -96,7 +96,7 @@ def check_scan(volume: Volume, window: Sequence[int], channels: int) -> Volume:
 
 def scan_plan(
     volume: Volume,
-    metadata: dict,
+    metadata: BundleMetadata,
     *,
     overlap: float = 0.5,
     tta: bool = True,
@@ -117,21 +117,16 @@ def scan_plan(
     held on the padded grid while windows are blended) and ``warnings`` (those
     predict gives a scan it segments).
     """
-    from medseg.inference.sliding_window import window_of
-    from medseg.preprocessing.preprocessor import Preprocessor
-
-    slice_axis = (metadata.get("plan") or {}).get("slice_axis")
-    window = window_of(metadata["patch_size"], slice_axis)
+    window = metadata.window
     mirror = bundle_mirror_axes(metadata) if tta else ()
     batch = batch_size or windows_per_pass(window)
     plan = dict.fromkeys(
         ["refused", "grid_shape", "grid_spacing_mm", "window", "overlap", "windows"]
         + ["mirrored", "forward_passes", "batch_size", "probabilities_mib"]
     )
-    preprocessor = Preprocessor.from_dict(metadata["preprocessing"])
     try:
-        volume = check_scan(volume, window, metadata["in_channels"])
-        shape, spacing = preprocessor.grid(volume)
+        volume = check_scan(volume, window, metadata.in_channels)
+        shape, spacing = metadata.preprocessor.grid(volume)
     except InputFileError as exc:
         return {**plan, "refused": exc.problem, "warnings": []}
     warnings = [note] if (note := blank_note(volume)) else []
@@ -141,7 +136,7 @@ def scan_plan(
     windows = math.prod(
         len(window_starts(n, p, overlap)) for n, p in zip(padded, window, strict=True)
     )
-    classes = len(metadata["labels"])
+    classes = len(metadata.labels)
     return {
         **plan,
         "grid_shape": list(shape),

@@ -67,7 +67,8 @@ class Segmenter:
             bfloat16 units and no GPU, float32 otherwise (see
             :func:`inference_precision`).
         nonfinite: ``"error"`` or ``"replace"`` NaN/Inf voxels in place of the
-            bundle's policy (see :func:`medseg.preprocessing.intensity.handle_nonfinite`);
+            bundle's policy (see
+            :func:`medseg.preprocessing.intensity.handle_nonfinite`);
             ``None`` keeps the bundle's. ``Prediction.nonfinite_replaced`` counts
             the voxels replaced.
     """
@@ -88,14 +89,12 @@ class Segmenter:
     ):
         from medseg import bundle as bundles
         from medseg.models import load_model, with_precision
-        from medseg.preprocessing.preprocessor import Preprocessor
 
         self.bundle = bundle
         self.metadata = bundles.verify(bundle, allow_modified=allow_modified)
-        if self.metadata.get("task") != "segmentation":
+        if self.metadata.task != "segmentation":
             raise InputFileError(
-                bundle,
-                f"a {self.metadata.get('task')} bundle, not a segmentation bundle",
+                bundle, f"a {self.metadata.task} bundle, not a segmentation bundle"
             )
         self.precision = inference_precision(precision)
         if self.precision == "bfloat16" and bfloat16_is_slow_here():
@@ -104,19 +103,23 @@ class Segmenter:
             load_model(bundle),
             "mixed_bfloat16" if self.precision == "bfloat16" else "float32",
         )
-        self.preprocessor = Preprocessor.from_dict(self.metadata["preprocessing"])
+        classes = self.model.output_shape[-1]
+        if classes != len(self.metadata.labels):
+            raise InputFileError(
+                bundle,
+                f"medseg.json names {len(self.metadata.labels)} labels, but the "
+                f"network outputs {classes} classes",
+            )
+        self.preprocessor = self.metadata.preprocessor
         if nonfinite is not None:
             self.preprocessor = replace(self.preprocessor, nonfinite=nonfinite)
-        from medseg.inference.sliding_window import window_of
-
-        self.patch_size = tuple(self.metadata["patch_size"])
-        self.slice_axis = (self.metadata.get("plan") or {}).get("slice_axis")
-        self.window = window_of(self.patch_size, self.slice_axis)
+        self.patch_size = self.metadata.patch_size
+        self.slice_axis = self.metadata.slice_axis
+        self.window = self.metadata.window
         in_plane = [a for a in range(len(self.window)) if a != self.slice_axis]
         self._window_mirror = tuple(in_plane[a] for a in mirror_axes)
-        labels = self.metadata["labels"]
-        values = [int(labels[str(k)]["value"]) for k in range(len(labels))]
-        self.names = [str(labels[str(k)].get("name", v)) for k, v in enumerate(values)]
+        values = self.metadata.label_values
+        self.names = list(self.metadata.label_names)
         self.values = np.array(values, dtype=np.min_scalar_type(max(values)))
         self.overlap = overlap
         self.mirror_axes = tuple(mirror_axes)
@@ -164,7 +167,7 @@ class Segmenter:
             InputFileError: the scan has other spatial dimensions or channels than the
                 model segments, or is a single slice given to a 3D network.
         """
-        return check_scan(volume, self.window, self.metadata["in_channels"])
+        return check_scan(volume, self.window, self.metadata.in_channels)
 
     def predict(self, volume: Volume) -> Prediction:
         """Labels (and probabilities) on ``volume``'s own grid and header.

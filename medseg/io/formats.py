@@ -119,7 +119,8 @@ def read_volume(
     """Reads a scan as a channels-last :class:`Volume` with its affine and header.
 
     Values are returned as stored (NaN and Inf included; see
-    :func:`medseg.preprocessing.intensity.replace_nonfinite`). Uncompressed NIfTI and ``.npy``
+    :func:`medseg.preprocessing.intensity.replace_nonfinite`). Uncompressed NIfTI
+    and ``.npy``
     data are memory-mapped, not copied, until something writes to or converts them.
 
     Args:

@@ -123,11 +123,10 @@ def start_from(config: Config, model, names: list[str] | None = None) -> dict | 
 
     metadata = bundles.verify(config.train.init_from)
     source = load_model(config.train.init_from)
-    encoder_only = metadata.get("task") == "reconstruction"
-    labels = metadata.get("labels") or {}
+    encoder_only = metadata.task == "reconstruction"
     classes = None
-    if names is not None and metadata.get("task") == "segmentation" and labels:
-        classes = ([labels[str(k)]["name"] for k in range(len(labels))], names)
+    if names is not None and metadata.task == "segmentation":
+        classes = (list(metadata.label_names), names)
     report = adapt_weights(
         source,
         model,
