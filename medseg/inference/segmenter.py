@@ -42,6 +42,21 @@ class Prediction:
     nonfinite_replaced: int = 0
     notes: tuple[str, ...] = ()  # warnings about the scan (see field_of_view_note)
 
+    def __repr__(self) -> str:
+        grid = " x ".join(map(str, self.labels.spatial_shape))
+        spacing = " x ".join(f"{s:g}" for s in self.labels.spacing)
+        array = self.labels.array
+        counts = ", ".join(
+            f"{name} {np.count_nonzero(array == value)}"
+            for value, name in zip(self.values, self.names, strict=True)
+            if value != 0
+        )
+        extra = "; with probabilities" if self.probabilities is not None else ""
+        return (
+            f"Prediction(labels on {grid} voxels of {spacing} mm; voxels per label: "
+            f"{counts}{extra})"
+        )
+
 
 class Segmenter:
     """A segmentation bundle ready to segment scans: the training-time preprocessing,
