@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg.errors import InputFileError
@@ -102,55 +103,20 @@ def segment_all(
             rename=rename,
             beside=beside,
         )
-    todo, results = [], []
-    for path in inputs:
-        target = output_for(path, output_dir, rename)
-        if is_done(target, beside) and not overwrite:
-            _in_hand_marker(target).unlink(missing_ok=True)  # done as it was killed
-            result = _found_done(path, target, groups)
-            results.append(result)
-            if progress:
-                progress(result)
-        else:
-            todo.append((path, target))
-
-    def load(path):
-        try:  # before reading: a file changed meanwhile is redone by a re-run
-            content = _input_id(path, groups)
-        except OSError:  # unreadable: the reader says why
-            content = None
-        try:
-            return reader(path), content, None
-        except InputFileError as exc:
-            return None, None, exc
-        except Exception as exc:  # a reader's bug must not end the batch
-            return None, None, InputFileError(path, f"unreadable ({exc})")
-
-    free, busy = [], []
-    for path, target in todo:  # another living run has it in hand: its to do
-        holder = _held_elsewhere(target)
-        if holder is None:
-            free.append((path, target))
-            continue
-        if wait_for_others:
-            logger.warning(
-                "%s: %s (%s); waited for after the others",
-                path,
-                IN_HAND_ELSEWHERE,
-                holder,
-            )
-            busy.append(path)
-            continue
-        results.append(_left_to_another_run(path, target, holder))
-        if progress:
-            progress(results[-1])
-    todo = free
-    for _, target in todo:  # leftovers of a killed run (each shard cleans its own)
-        for name in (target, *EVERYTHING_BESIDE.files(target)):
-            for stale in name.parent.glob(f".{glob.escape(name.name)}.*.partial*"):
-                stale.unlink(missing_ok=True)
-        for stale in masks_folder(target).glob(".*.partial*"):
-            stale.unlink(missing_ok=True)
+    job = _Job(
+        segment=segment,
+        output_dir=output_dir,
+        overwrite=overwrite,
+        progress=progress,
+        rename=rename,
+        beside=beside,
+        reader=reader,
+        groups=groups,
+        wait_for_others=wait_for_others,
+    )
+    todo = job.not_done(inputs)
+    todo = job.without_those_held_elsewhere(todo)
+    _remove_partial_files(todo)
     todo, suspects, refused = _after_a_dead_run(todo)
     for path, target in refused:  # a scan a run died on, alone: named, not tried
         result = CaseResult(str(path), str(target), "failed")
@@ -159,112 +125,14 @@ def segment_all(
             "crash?); not tried again: delete "
             f"{_in_hand_marker(target)} to try it again"
         )
-        results.append(result)
-        if progress:
-            progress(result)
-    in_hand: set[Path] = set()  # marked (see _after_a_dead_run), till recorded
-    marks = _Marks()
-    theirs: set[Path] = set()  # taken by another run since planned
-
-    def start(index: int):
-        path, target = todo[index]
-        if not marks.mark(target, alone=target in suspects):
-            theirs.add(target)
-        in_hand.add(target)
-        return pool.submit(load, path)
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        try:
-            for index, (path, target) in enumerate(todo):
-                started = time.perf_counter()
-                if pending is None:
-                    pending = start(index)
-                volume, content, error = pending.result()
-                pending = None
-                after = todo[index + 1][1] if index + 1 < len(todo) else None
-                if after is not None and not {target, after} & suspects:
-                    pending = start(index + 1)  # read it while this one is predicted
-                elif target not in suspects and in_hand == {target}:
-                    marks.mark(target, alone=True)  # a death now is its doing
-                if target in theirs:  # another run took it since: its to do
-                    in_hand.discard(target)
-                    if wait_for_others:  # at the end
-                        busy.append(path)
-                        continue
-                    holder = _held_elsewhere(target) or "a run"
-                    results.append(_left_to_another_run(path, target, holder))
-                    if progress:
-                        progress(results[-1])
-                    continue
-                if not overwrite and is_done(target, beside):
-                    # written meanwhile by another run into the folder
-                    result = _found_done(path, target, groups)
-                    results.append(result)
-                    marks.unmark(target)
-                    in_hand.discard(target)
-                    if progress:
-                        progress(result)
-                    continue
-                result = CaseResult(str(path), str(target), "done")
-                if target in suspects:
-                    note = (
-                        f"{path}: a run died while it or the scan read beside it was "
-                        "in hand; segmented alone"
-                    )
-                    logger.warning("%s", note)
-                    result.warnings.append(note)
-                try:
-                    if error is not None:
-                        raise error
-                    result.input_shape = list(volume.array.shape)
-                    result.spacing_mm = [round(s, 6) for s in volume.spacing]
-                    result.warnings += volume.notes
-                    prediction = segment(volume)
-                    result.nonfinite_replaced = getattr(
-                        prediction, "nonfinite_replaced", 0
-                    )
-                    result.warnings += getattr(prediction, "notes", ())
-                except Exception as exc:  # even a bug met on one scan: that scan only
-                    _fail(result, path, exc)
-                with _signals_held():  # a label map written is a result recorded
-                    if result.status == "done":
-                        try:
-                            if getattr(prediction, "values", ()):
-                                labels = prediction.labels
-                                result.sizes = label_sizes(
-                                    labels.array,
-                                    labels.spacing,
-                                    prediction.values,
-                                    prediction.names,
-                                    volume.array,
-                                )
-                            _write(
-                                prediction,
-                                target,
-                                content,
-                                beside,
-                                path,
-                                volume,
-                                result.sizes,
-                            )
-                        except Exception as exc:  # a full disk, say: that scan only
-                            _fail(result, path, exc)
-                    result.seconds = round(time.perf_counter() - started, 3)
-                    results.append(result)
-                    marks.unmark(target)
-                    in_hand.discard(target)
-                    if progress:
-                        progress(result)
-        finally:  # stopped (Ctrl-C, SIGTERM) or an error: not the scans' doing
-            for target in in_hand:
-                marks.unmark(target)
-    if busy:  # the other run's: when it lets them go, done by it, or dead on them
-        for path in busy:
+        job.record(result)
+    job.segment_each(todo, suspects)
+    if job.busy:  # the other run's: when it lets them go, done by it, or dead on them
+        for path in job.busy:
             _wait_for_mark(output_for(path, output_dir, rename))
-        results += segment_all(
+        job.results += segment_all(
             segment,
-            busy,
+            job.busy,
             output_dir,
             progress=progress,
             rename=rename,
@@ -273,7 +141,191 @@ def segment_all(
             groups=groups,
             wait_for_others=False,
         )
-    return results
+    return job.results
+
+
+def _remove_partial_files(todo: list[tuple[Path, Path]]) -> None:
+    """Leftovers of a killed run beside the cases still to do (each shard cleans its
+    own)."""
+    for _, target in todo:
+        for name in (target, *EVERYTHING_BESIDE.files(target)):
+            for stale in name.parent.glob(f".{glob.escape(name.name)}.*.partial*"):
+                stale.unlink(missing_ok=True)
+        for stale in masks_folder(target).glob(".*.partial*"):
+            stale.unlink(missing_ok=True)
+
+
+@dataclass
+class _Job:
+    """One :func:`segment_all` run over its cases: what it was asked, and the results
+    and the cases left to another living run so far."""
+
+    segment: Callable
+    output_dir: Path
+    overwrite: bool
+    progress: Callable[[CaseResult], None] | None
+    rename: dict | None
+    beside: Beside
+    reader: Callable[[Path], object]
+    groups: dict | None
+    wait_for_others: bool
+    results: list[CaseResult] = field(default_factory=list)
+    busy: list[Path] = field(default_factory=list)  # waited for at the end
+
+    def record(self, result: CaseResult) -> None:
+        self.results.append(result)
+        if self.progress:
+            self.progress(result)
+
+    def not_done(self, inputs: list[Path]) -> list[tuple[Path, Path]]:
+        """``(input, label map)`` of the inputs still to segment; the others are
+        recorded as skipped."""
+        todo = []
+        for path in inputs:
+            target = output_for(path, self.output_dir, self.rename)
+            if is_done(target, self.beside) and not self.overwrite:
+                _in_hand_marker(target).unlink(missing_ok=True)  # done as it was killed
+                self.record(_found_done(path, target, self.groups))
+            else:
+                todo.append((path, target))
+        return todo
+
+    def without_those_held_elsewhere(self, todo):
+        """``todo`` less the cases another living run has in hand: waited for at the
+        end, or left to it."""
+        free = []
+        for path, target in todo:
+            holder = _held_elsewhere(target)
+            if holder is None:
+                free.append((path, target))
+            elif self.wait_for_others:
+                logger.warning(
+                    "%s: %s (%s); waited for after the others",
+                    path,
+                    IN_HAND_ELSEWHERE,
+                    holder,
+                )
+                self.busy.append(path)
+            else:
+                self.record(_left_to_another_run(path, target, holder))
+        return free
+
+    def load(self, path: Path):
+        """``(volume, content id, error)`` of an input: the error of an unreadable
+        one instead of raising it."""
+        try:  # before reading: a file changed meanwhile is redone by a re-run
+            content = _input_id(path, self.groups)
+        except OSError:  # unreadable: the reader says why
+            content = None
+        try:
+            return self.reader(path), content, None
+        except InputFileError as exc:
+            return None, None, exc
+        except Exception as exc:  # a reader's bug must not end the batch
+            return None, None, InputFileError(path, f"unreadable ({exc})")
+
+    def segment_each(self, todo, suspects: set[Path]) -> None:
+        """Segments ``todo`` in order, each marked in hand till it is recorded, the
+        next one read while the current one is predicted (not beside a case a run
+        died with: ``suspects`` are done alone)."""
+        in_hand: set[Path] = set()  # marked (see _after_a_dead_run), till recorded
+        marks = _Marks()
+        theirs: set[Path] = set()  # taken by another run since planned
+
+        def start(index: int):
+            path, target = todo[index]
+            if not marks.mark(target, alone=target in suspects):
+                theirs.add(target)
+            in_hand.add(target)
+            return pool.submit(self.load, path)
+
+        def done_with(target: Path) -> None:
+            marks.unmark(target)
+            in_hand.discard(target)
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            try:
+                for index, (path, target) in enumerate(todo):
+                    started = time.perf_counter()
+                    if pending is None:
+                        pending = start(index)
+                    loaded = pending.result()
+                    pending = None
+                    after = todo[index + 1][1] if index + 1 < len(todo) else None
+                    if after is not None and not {target, after} & suspects:
+                        pending = start(index + 1)  # read while this one is predicted
+                    elif target not in suspects and in_hand == {target}:
+                        marks.mark(target, alone=True)  # a death now is its doing
+                    if target in theirs:  # another run took it since: its to do
+                        in_hand.discard(target)
+                        self.leave_to_another_run(path, target)
+                        continue
+                    if not self.overwrite and is_done(target, self.beside):
+                        # written meanwhile by another run into the folder
+                        self.record(_found_done(path, target, self.groups))
+                        done_with(target)
+                        continue
+                    suspect = target in suspects
+                    result, prediction = self.segment_one(path, target, loaded, suspect)
+                    with _signals_held():  # a label map written is a result recorded
+                        if result.status == "done":
+                            self.write(result, prediction, path, target, loaded)
+                        result.seconds = round(time.perf_counter() - started, 3)
+                        self.record(result)
+                        done_with(target)
+            finally:  # stopped (Ctrl-C, SIGTERM) or an error: not the scans' doing
+                for target in in_hand:
+                    marks.unmark(target)
+
+    def leave_to_another_run(self, path: Path, target: Path) -> None:
+        if self.wait_for_others:  # at the end
+            self.busy.append(path)
+            return
+        holder = _held_elsewhere(target) or "a run"
+        self.record(_left_to_another_run(path, target, holder))
+
+    def segment_one(self, path, target, loaded, suspect: bool):
+        """``(result, prediction)`` of one loaded case; a failure fails that case
+        only (its prediction ``None``)."""
+        volume, _, error = loaded
+        result, prediction = CaseResult(str(path), str(target), "done"), None
+        if suspect:
+            note = (
+                f"{path}: a run died while it or the scan read beside it was "
+                "in hand; segmented alone"
+            )
+            logger.warning("%s", note)
+            result.warnings.append(note)
+        try:
+            if error is not None:
+                raise error
+            result.input_shape = list(volume.array.shape)
+            result.spacing_mm = [round(s, 6) for s in volume.spacing]
+            result.warnings += volume.notes
+            prediction = self.segment(volume)
+            result.nonfinite_replaced = getattr(prediction, "nonfinite_replaced", 0)
+            result.warnings += getattr(prediction, "notes", ())
+        except Exception as exc:  # even a bug met on one scan: that scan only
+            _fail(result, path, exc)
+        return result, prediction
+
+    def write(self, result: CaseResult, prediction, path, target, loaded) -> None:
+        """Writes a segmented case's files, measuring its labels first."""
+        volume, content, _ = loaded
+        try:
+            if getattr(prediction, "values", ()):
+                labels = prediction.labels
+                result.sizes = label_sizes(
+                    labels.array,
+                    labels.spacing,
+                    prediction.values,
+                    prediction.names,
+                    volume.array,
+                )
+            _write(prediction, target, content, self.beside, path, volume, result.sizes)
+        except Exception as exc:  # a full disk, say: that scan only
+            _fail(result, path, exc)
 
 
 def _fail(result: CaseResult, case, exc: Exception) -> None:
