@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from contextlib import contextmanager
@@ -12,6 +11,7 @@ from pathlib import Path
 import click
 
 from medseg_cli._tf import start_tensorflow
+from medseg_cli.options import overlap_option, tta_option
 
 
 @click.command("predict")
@@ -39,20 +39,8 @@ from medseg_cli._tf import start_tensorflow
     type=click.Path(path_type=Path),
     help="Output folder (or a file name for a single input scan).",
 )
-@click.option(
-    "--tta/--no-tta",
-    default=True,
-    show_default=True,
-    help="Average over mirrored copies along the axes the model was trained "
-    "to be mirrored on.",
-)
-@click.option(
-    "--overlap",
-    type=click.FloatRange(0, 0.95),
-    default=0.5,
-    show_default=True,
-    help="Sliding-window overlap.",
-)
+@tta_option()
+@overlap_option()
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
@@ -188,166 +176,73 @@ def predict(
     Classification models write one CSV (OUTPUT if it ends in .csv, else
     OUTPUT/predictions.csv): case, predicted class, one probability per class.
     """
-    from medseg import __version__
-    from medseg.bundle import MODEL_FILE, bundles_in, read_metadata, resolve, sha256
-    from medseg.errors import InputFileError
-    from medseg.inference import ensemble_problem
-    from medseg.inference.jobs import inputs as job_inputs
-    from medseg.inference.jobs import outputs as job_outputs
-    from medseg.inference.jobs import run as jobs
-    from medseg.inference.jobs import settings as job_settings
-    from medseg.inference.jobs import tables
-    from medseg.io import itk as itkio
-    from medseg.io.dicom import INSTALL, is_series_folder
-    from medseg.io.dicom_seg import has_seg_writer
+    from medseg.inference.jobs import predict as prediction
+    from medseg.inference.jobs.inputs import parse_shard
 
-    ctx = click.get_current_context()
     try:
-        shard_value = job_inputs.parse_shard(shard) if shard else None
+        shard_value = parse_shard(shard) if shard else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--shard") from None
-    bundles = [found for model in models for found in bundles_in(resolve(model))]
-    metadatas = [read_metadata(bundle) for bundle in bundles]
-    metadata = metadatas[0]
-    if len(bundles) > 1:
-        resolved = [b.resolve() for b in bundles]
-        twice = next((b for b in bundles if resolved.count(b.resolve()) > 1), None)
-        if twice:
-            raise InputFileError(twice, "given twice as --model")
-        problem = ensemble_problem(bundles, metadatas)
-        if problem:
-            raise InputFileError(*problem)
-        click.echo(
-            f"an ensemble of {len(bundles)} models: {', '.join(map(str, bundles))}",
-            err=True,
-        )
-    if (dicom_seg or preview or seg_nrrd or masks) and metadata.get(
-        "task"
-    ) == "classification":
-        raise click.UsageError(
-            "--dicom-seg, --preview, --seg-nrrd and --masks are of label maps; this is "
-            "a classifier"
-        )
-    if seg_nrrd and not itkio.available():
-        raise click.UsageError('--seg-nrrd needs SimpleITK: pip install "medseg[itk]"')
-    if dicom_seg and not has_seg_writer():
-        raise click.UsageError(f"--dicom-seg needs highdicom: {INSTALL}")
-    if metadata.task == "classification":
-        start_tensorflow(ctx.meta.get("medseg.debug", False))
-        _classify(
-            bundles,
-            metadata,
-            input_path,
-            output,
-            split,
-            shard_value,
-            report_path,
-            allow_modified_model,
-            nonfinite,
-        )
-        return
-    channels = metadata.in_channels
-    everything = job_inputs.collect_inputs(input_path)
-    if Path(input_path).is_file():  # one channel's file names its whole case
-        everything = job_inputs.with_sibling_channels(everything, channels)
-    # on every input, before sharding, so that every shard groups and names alike
-    groups = job_inputs.channel_groups(everything, channels)
-    if groups:  # nnU-Net's one file per channel: a case is read from all of them
-        everything = sorted(groups)
-    inputs_named = job_inputs.case_names(everything, grouped=bool(groups))
-    inputs = job_inputs.take_shard(everything, shard_value)
-    if dicom_seg:
-        other = next((p for p in everything if not is_series_folder(p)), None)
-        if other is not None:
-            raise InputFileError(
-                other,
-                "not a DICOM series, and --dicom-seg writes a DICOM SEG of each input "
-                "series; segment other scans in a run without it",
-            )
-    one = len(inputs) == 1 and (
-        Path(input_path).is_file() or is_series_folder(Path(input_path))
-    )
-    single = one and output.suffix and not output.is_dir()
-    job_outputs.check_outside_series(inputs, output.parent if single else output)
-    output_dir = job_outputs.make_output_dir(
-        output.parent if single else output,
-        " (for one scan, give a file name with a scan suffix such as .nii.gz)"
-        if one and not single
-        else "",
-    )
-    start_tensorflow(ctx.meta.get("medseg.debug", False))
-    from medseg.inference import Ensemble, Segmenter, bundle_mirror_axes
-
-    members = [
-        Segmenter(
-            member,
-            overlap=overlap,
-            batch_size=batch_size,
-            mirror_axes=bundle_mirror_axes(member_metadata) if tta else (),
-            keep_largest=keep_largest,
-            min_size_mm3=min_size_mm3,
-            probabilities=probabilities,
-            allow_modified=allow_modified_model,
-            precision=precision,
-            nonfinite=nonfinite,
-        )
-        for member, member_metadata in zip(bundles, metadatas, strict=True)
-    ]
-    segmenter = members[0]
-    if len(members) > 1:
-        segmenter = Ensemble(
-            members,
-            keep_largest=keep_largest,
-            min_size_mm3=min_size_mm3,
-            probabilities=probabilities,
-        )
-
-    def each(values):  # one model's setting, or every member's for an ensemble
-        return values[0] if len(values) == 1 else values
-
-    beside = job_outputs.Beside(
+    options = prediction.PredictOptions(
+        tta=tta,
+        overlap=overlap,
+        batch_size=batch_size,
+        keep_largest=keep_largest,
+        min_size_mm3=min_size_mm3,
         probabilities=probabilities,
-        dicom_seg="+".join(b.name for b in bundles) if dicom_seg else None,
+        allow_modified=allow_modified_model,
+        precision=precision,
+        nonfinite=nonfinite,
+        overwrite=overwrite,
+        dicom_seg=dicom_seg,
         preview=preview,
         seg_nrrd=seg_nrrd,
-        masks=job_outputs.mask_names(segmenter.values, segmenter.names)
-        if masks
-        else (),
+        masks=masks,
+        shard=shard_value,
+        split=split,
+        report=report_path,
     )
-    if single:
-        inputs_named = {inputs[0]: output.name}
-    job_outputs.check_unique_outputs(
-        everything, output_dir, inputs_named
-    )  # every shard's
-    job_settings.check_folder(  # before any scan is read
-        inputs,
-        output_dir,
-        {
-            "model_sha256": each([sha256(b / MODEL_FILE) for b in bundles]),
-            "preprocessing": each([m.get("preprocessing") for m in metadatas]),
-            "label_values": sorted(metadata.label_values),
-            "patch_size": each([m.get("patch_size") for m in metadatas]),
-            "tta": each([list(m.mirror_axes) for m in members]),
-            "overlap": overlap,
-            "keep_largest": keep_largest,
-            "min_size_mm3": min_size_mm3,
-            "precision": members[0].precision,
-            "model": each([str(b) for b in bundles]),
-            "medseg": __version__,
-        },
-        overwrite=overwrite,
-        rename=inputs_named,
-        beside=beside,
+    found = prediction.find_models(models)
+    if len(found.bundles) > 1:
+        named = ", ".join(map(str, found.bundles))
+        click.echo(f"an ensemble of {len(found.bundles)} models: {named}", err=True)
+    if problem := prediction.unavailable_output(found, options):
+        raise click.UsageError(problem)
+    debug = click.get_current_context().meta.get("medseg.debug", False)
+    if found.first.task == "classification":
+        items, target = prediction.classification_items(
+            found, input_path, output, options
+        )
+        start_tensorflow(debug)
+        with click.progressbar(
+            length=len(items), label="classifying", file=sys.stderr, show_pos=True
+        ) as bar:
+            summary = prediction.classify(
+                found, items, target, options, progress=lambda _: bar.update(1)
+            )
+        click.echo(f"predictions written to {target}")
+        _finish(summary, "classified")
+        return
+    plan = prediction.plan_segmentation(found, input_path, output, options)
+    start_tensorflow(debug)
+    run = prediction.start_segmentation(plan, prediction.load_segmenter(plan))
+    results, stopped = _segment_showing_progress(run)
+    summary = prediction.finish_segmentation(
+        run, results, stopped.name if stopped else None
     )
-    finished = []  # every result as it comes, for a report when stopped
-    stopped = None
-    # a bar where a person watches; a line a scan in a batch job's log, which a bar
-    # leaves empty until the end
+    _finish(summary, "segmented", stopped)
+
+
+def _segment_showing_progress(run):
+    """Runs ``run``: a bar where a person watches, a line a scan in a batch job's
+    log (which a bar leaves empty until the end). Returns the results and the signal
+    that stopped the run before its end, if one did (the scan in hand dropped)."""
+    count = len(run.plan.inputs)
     logged = not sys.stderr.isatty()
     with (
         _stopped_by_signals() as stop,
         click.progressbar(
-            length=len(inputs),
+            length=count,
             label="segmenting",
             file=sys.stderr,
             show_pos=True,
@@ -356,28 +251,27 @@ def predict(
         ) as bar,
     ):
         if logged:  # and a line a minute while one scan takes long
-            segmenter.on_windows = _Pace(
+            run.segmenter.on_windows = _Pace(
                 lambda line: click.echo(
-                    f"[{len(finished) + 1}/{len(inputs)}] {line}", err=True
+                    f"[{len(run.results) + 1}/{count}] {line}", err=True
                 )
             )
         else:  # the scan in hand's windows beside the bar, every second
             pace = _Pace(partial(_beside, bar), every=TERMINAL_EVERY_S)
-            segmenter.on_windows = lambda scan, done, total: pace(
+            run.segmenter.on_windows = lambda scan, done, total: pace(
                 Path(scan).name, done, total
             )
 
         def progress(result):
-            finished.append(result)
             bar.update(1, "")  # the windows of the scan done no longer
+            where = f"[{len(run.results)}/{count}]"
             if logged and result.status == "done":  # skipped: counted at the end
                 click.echo(
-                    f"[{len(finished)}/{len(inputs)}] {result.input}: segmented "
-                    f"in {result.seconds:.1f} s",
+                    f"{where} {result.input}: segmented in {result.seconds:.1f} s",
                     err=True,
                 )
             if result.status == "failed":
-                prefix = f"[{len(finished)}/{len(inputs)}] " if logged else "\n"
+                prefix = f"{where} " if logged else "\n"
                 click.echo(f"{prefix}FAILED {result.error}", err=True)
             elif result.nonfinite_replaced:
                 click.echo(
@@ -387,48 +281,9 @@ def predict(
                 )
 
         try:
-            results = jobs.segment_all(
-                segmenter.predict,
-                inputs,
-                output_dir,
-                overwrite=overwrite,
-                progress=progress,
-                rename=inputs_named,
-                beside=beside,
-                reader=job_inputs.channel_reader(groups, channels),
-                groups=groups,
-            )
+            return run.segment_all(progress), None
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler's time limit)
-            results, stopped = finished, stop.signal
-    settings = {
-        "precision": members[0].precision,
-        "tta": each([list(m.mirror_axes) for m in members]),
-        "nonfinite": each([m.preprocessor.nonfinite for m in members]),
-    }
-    sizes = output_dir / (tables.SIZES_FILE + _shard_suffix(shard_value) + ".csv")
-    sizes = tables.write_sizes(
-        results,
-        sizes,
-        segmenter.values,
-        segmenter.names,
-        job_inputs.channel_reader(groups, channels),
-        # a skipped case's rows from any table in the folder (a shard's), so that a
-        # run over a sharded job's whole input measures no scan again
-        [t for t in output_dir.glob(tables.SIZES_PATTERN) if t != sizes],
-    )
-    if stopped is not None:
-        settings["stopped_by"] = stopped.name
-        settings["not_done"] = len(inputs) - len(results)
-    _finish(
-        results,
-        output_dir,
-        report_path,
-        shard_value,
-        "segmented",
-        settings,
-        sizes,
-        stopped,
-    )
+            return run.results, stop.signal
 
 
 def _beside(bar, line: str) -> None:
@@ -509,110 +364,28 @@ def _stopped_by_signals():
             signal.signal(signal.SIGTERM, earlier)
 
 
-def _shard_suffix(shard_value) -> str:
-    return f"-{shard_value[0]}-of-{shard_value[1]}" if shard_value else ""
-
-
-def _finish(
-    results,
-    output_dir,
-    report_path,
-    shard_value,
-    verb: str,
-    settings=None,
-    sizes=None,
-    stopped=None,
-) -> None:
-    """Writes the run report, prints the counts (and where the label volumes are,
-    ``sizes``) and the failures; exit 1 on any, or 128 + the signal that ``stopped``
-    the run before its end."""
-    from medseg.inference.jobs import claims, tables
-    from medseg.io import atomic_write_text
-
-    if report_path is None:
-        report_path = (
-            output_dir / f"medseg_predict_report{_shard_suffix(shard_value)}.json"
-        )
-    if verb == "segmented":  # a re-run's skipped scans: what the first run found
-        tables.carry_earlier_records(
-            results, {*output_dir.glob(tables.REPORT_PATTERN), report_path}
-        )
-    summary = tables.report(results)
-    if settings:
-        summary["settings"] = settings
-    atomic_write_text(report_path, json.dumps(summary, indent=2) + "\n")
-    counts = summary["counts"]
-    elsewhere = sum(
-        r.status == "skipped" and any(claims.IN_HAND_ELSEWHERE in w for w in r.warnings)
-        for r in results
-    )
+def _finish(summary, verb: str, stopped=None) -> None:
+    """Prints the counts (and where the label volumes are) and the failures; exit 1
+    on any, or 128 + the signal that ``stopped`` the run before its end."""
+    counts = summary.counts
+    elsewhere = summary.left_to_others
     click.echo(
         f"{counts['done']} {verb}, {counts['skipped']} skipped (output existed"
         + (f"; {elsewhere} in hand by another run, left to it" if elsewhere else "")
-        + f"), {counts['failed']} failed; report: {report_path}"
-        + (f"; label volumes: {sizes}" if sizes else "")
+        + f"), {counts['failed']} failed; report: {summary.report_path}"
+        + (f"; label volumes: {summary.sizes_path}" if summary.sizes_path else "")
     )
     if counts["failed"]:
-        for result in results:
-            if result.status == "failed":
-                click.echo(f"  FAILED {result.error}", err=True)
+        for error in summary.failures:
+            click.echo(f"  FAILED {error}", err=True)
     if stopped is not None:  # the scan in hand was dropped: no file of it written
+        done = counts["done"] + counts["skipped"] + counts["failed"]
         click.echo(
-            f"stopped by {stopped.name} after {len(results)} scans, "
-            f"{summary['settings']['not_done']} not done; the label maps written "
-            "are complete, and the same command does the rest",
+            f"stopped by {stopped.name} after {done} scans, "
+            f"{summary.report['settings']['not_done']} not done; the label maps "
+            "written are complete, and the same command does the rest",
             err=True,
         )
         sys.exit(128 + stopped.value)
     if counts["failed"]:
         sys.exit(1)
-
-
-def _classify(
-    bundles,
-    metadata,
-    input_path,
-    output,
-    split,
-    shard_value,
-    report_path,
-    allowed,
-    nonfinite,
-):
-    """Classification bundles (several: their ensemble): image files or a .npz split
-    -> one predictions CSV."""
-    from medseg.datasets.layouts import load_npz_images
-    from medseg.inference import Classifier, ClassifierEnsemble
-    from medseg.inference.jobs import inputs as job_inputs
-    from medseg.inference.jobs import outputs as job_outputs
-    from medseg.inference.jobs import run as jobs
-    from medseg.io import atomic_write_text, read_volume, split_suffix
-
-    target = output if output.suffix == ".csv" else output / "predictions.csv"
-    job_outputs.make_output_dir(target.parent)  # before any work
-    source = Path(input_path)
-    if source.suffix == ".npz":
-        images, _ = load_npz_images(source, split, metadata.spatial_dims)
-        indices = job_inputs.take_shard(list(range(len(images))), shard_value)
-        items = [(f"{split}_{i}", lambda i=i: images[i]) for i in indices]
-    else:
-        files = job_inputs.take_shard(
-            job_inputs.collect_inputs(input_path), shard_value
-        )
-        items = [(split_suffix(p)[0], lambda p=p: read_volume(p).array) for p in files]
-    members = [
-        Classifier(bundle, allow_modified=allowed, nonfinite=nonfinite)
-        for bundle in bundles
-    ]
-    classifier = members[0] if len(members) == 1 else ClassifierEnsemble(members)
-    with click.progressbar(
-        length=len(items), label="classifying", file=sys.stderr, show_pos=True
-    ) as bar:
-        results, scores = jobs.classify_all(
-            classifier, items, progress=lambda _result: bar.update(1)
-        )
-    for result in results:
-        result.output = str(target)
-    atomic_write_text(target, jobs.classification_csv(scores, classifier.names))
-    click.echo(f"predictions written to {target}")
-    _finish(results, target.parent, report_path, shard_value, "classified")

@@ -1,0 +1,62 @@
+"""Options that several commands share, defined once so that they read alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+# sliding-window prediction: medseg predict, and medseg info SCAN --model
+
+
+def overlap_option(help: str = "Sliding-window overlap."):
+    return click.option(
+        "--overlap",
+        type=click.FloatRange(0, 0.95),
+        default=0.5,
+        show_default=True,
+        help=help,
+    )
+
+
+def tta_option(
+    help: str = "Average over mirrored copies along the axes the model was trained "
+    "to be mirrored on.",
+):
+    return click.option("--tta/--no-tta", default=True, show_default=True, help=help)
+
+
+# a training run: medseg train and medseg finetune
+
+
+def run_output_option(help: str):
+    return click.option(
+        "--output",
+        required=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help=help,
+    )
+
+
+def data_option(help: str):
+    return click.option("--data", type=click.Path(path_type=Path), help=help)
+
+
+epochs_option = click.option(
+    "--epochs", type=click.IntRange(min=1), help="Overrides train.epochs."
+)
+steps_per_epoch_option = click.option(
+    "--steps-per-epoch",
+    type=click.IntRange(min=1),
+    help="Overrides train.steps_per_epoch.",
+)
+fold_option = click.option(
+    "--fold", help="Fold to hold out (0..folds-1) or 'all' to train on every case."
+)
+seed_option = click.option("--seed", type=int, help="Overrides train.seed.")
+resume_option = click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --output from its last checkpoint; without one, start "
+    "it (so a job its scheduler may start again can always pass --resume).",
+)
