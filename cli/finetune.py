@@ -7,6 +7,15 @@ from pathlib import Path
 
 import click
 
+from medseg_cli.options import (
+    data_option,
+    epochs_option,
+    fold_option,
+    resume_option,
+    run_output_option,
+    seed_option,
+    steps_per_epoch_option,
+)
 from medseg_cli.train import parse_fold, run
 
 
@@ -18,17 +27,8 @@ from medseg_cli.train import parse_fold, run
     help="Pretrained bundle folder or a shipped model's name (a reconstruction "
     "bundle gives its encoder).",
 )
-@click.option(
-    "--output",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Run folder; becomes the new bundle.",
-)
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path),
-    help="Dataset folder (default: data.dataset of --config).",
-)
+@run_output_option("Run folder; becomes the new bundle.")
+@data_option("Dataset folder (default: data.dataset of --config).")
 @click.option(
     "--config",
     "config_path",
@@ -45,21 +45,14 @@ from medseg_cli.train import parse_fold, run
     type=click.IntRange(min=1),
     help="Unfreeze the --freeze layers after this many epochs.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), help="Overrides train.epochs.")
-@click.option(
-    "--steps-per-epoch", type=click.IntRange(min=1), help="Overrides the config."
-)
+@epochs_option
+@steps_per_epoch_option
 @click.option(
     "--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate."
 )
-@click.option("--fold", help="Fold to hold out (0..folds-1) or 'all'.")
-@click.option("--seed", type=int, help="Overrides train.seed.")
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue the run in --output from its last checkpoint; without one, start "
-    "it (so a job its scheduler may start again can always pass --resume).",
-)
+@fold_option
+@seed_option
+@resume_option
 def finetune(
     model: str,
     output: Path,

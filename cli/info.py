@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from medseg_cli._tf import start_tensorflow
+from medseg_cli.options import overlap_option, tta_option
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -66,19 +67,8 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     "resampled to, the windows and forward passes, the probabilities' memory, and "
     "its warnings; the network is not run.",
 )
-@click.option(
-    "--overlap",
-    type=click.FloatRange(0, 0.95),
-    default=0.5,
-    show_default=True,
-    help="With --model: the sliding-window overlap predict would use.",
-)
-@click.option(
-    "--tta/--no-tta",
-    default=True,
-    show_default=True,
-    help="With --model: count test-time mirroring as predict does by default.",
-)
+@overlap_option("With --model: the sliding-window overlap predict would use.")
+@tta_option("With --model: count test-time mirroring as predict does by default.")
 @click.option(
     "--json",
     "json_path",

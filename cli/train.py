@@ -10,6 +10,15 @@ from pathlib import Path
 import click
 
 from medseg_cli._tf import start_tensorflow
+from medseg_cli.options import (
+    data_option,
+    epochs_option,
+    fold_option,
+    resume_option,
+    run_output_option,
+    seed_option,
+    steps_per_epoch_option,
+)
 
 
 def parse_fold(text: str | None):
@@ -31,38 +40,18 @@ def parse_fold(text: str | None):
     type=click.Path(dir_okay=False, path_type=Path),
     help="YAML config.",
 )
-@click.option(
-    "--output",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Run folder; becomes the model bundle.",
-)
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path),
-    help="Dataset folder (overrides data.dataset in the config).",
-)
-@click.option("--epochs", type=click.IntRange(min=1), help="Overrides train.epochs.")
-@click.option(
-    "--steps-per-epoch",
-    type=click.IntRange(min=1),
-    help="Overrides train.steps_per_epoch.",
-)
-@click.option(
-    "--fold", help="Fold to hold out (0..folds-1) or 'all' to train on every case."
-)
-@click.option("--seed", type=int, help="Overrides train.seed.")
+@run_output_option("Run folder; becomes the model bundle.")
+@data_option("Dataset folder (overrides data.dataset in the config).")
+@epochs_option
+@steps_per_epoch_option
+@fold_option
+@seed_option
 @click.option(
     "--memory-gb",
     type=click.FloatRange(min=0.1),
     help="Memory budget for planning (default: the GPU's, 4 GB on CPU).",
 )
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue the run in --output from its last checkpoint; without one, start "
-    "it (so a job its scheduler may start again can always pass --resume).",
-)
+@resume_option
 def train(
     config_path: Path,
     output: Path,
