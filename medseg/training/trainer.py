@@ -212,6 +212,43 @@ def train(
         held.release()
 
 
+def _fitted_to_the_data(config, values, channels: int, workers: int):
+    """``config`` with the classes and channels the dataset has, its deep
+    supervision checked against the task, the workers and the padding."""
+    segmentation = values is not None
+    config = config.replace(
+        model=replace(
+            config.model,
+            num_classes=len(values) if segmentation else None,
+            in_channels=channels,
+        )
+    )
+    levels = int(config.model.options.get("deep_supervision") or 0)
+    if levels and (not segmentation or workers > 1):
+        raise ConfigError(
+            "model.deep_supervision trains segmentation on one machine only"
+        )
+    if levels and config.model.options.get("padding", "same") != "same":
+        raise ConfigError("model.deep_supervision needs padding: same")
+    return config
+
+
+def _split(config, dataset) -> tuple[list, list]:
+    """The training and validation cases of the fold ``config`` holds out."""
+    split = training_data.kfold_split(
+        [c.case_id for c in dataset.cases], config.train.folds, config.train.fold
+    )
+    if split[1] and config.train.keep == "best":
+        logger.info(
+            "the bundle will be the epoch with the best validation score on the %d "
+            "held-out cases of fold %s; to score those cases without that choice "
+            "(cross-validation), set train.keep: last",
+            len(split[1]),
+            config.train.fold,
+        )
+    return split
+
+
 def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Path:
     """:func:`train` in its run folder, which exists."""
     config = prepare_run(folder, config, resume=resume)
@@ -234,20 +271,8 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
     segmentation = config.data.task == "segmentation"
     values = training_data.class_values(dataset) if segmentation else None
     channels = int(next(iter(fingerprint["num_channels"])))
-    config = config.replace(
-        model=replace(
-            config.model,
-            num_classes=len(values) if segmentation else None,
-            in_channels=channels,
-        )
-    )
+    config = _fitted_to_the_data(config, values, channels, workers)
     levels = int(config.model.options.get("deep_supervision") or 0)
-    if levels and (not segmentation or workers > 1):
-        raise ConfigError(
-            "model.deep_supervision trains segmentation on one machine only"
-        )
-    if levels and config.model.options.get("padding", "same") != "same":
-        raise ConfigError("model.deep_supervision needs padding: same")
     keras.mixed_precision.set_global_policy(precision_policy(config))
     with config_errors():  # e.g. a patch size the network cannot take
         plan = plan_training(config, fingerprint)
@@ -264,17 +289,7 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
         atomic_write_text(
             folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
         )
-    split = training_data.kfold_split(
-        [c.case_id for c in dataset.cases], config.train.folds, config.train.fold
-    )
-    if split[1] and config.train.keep == "best":
-        logger.info(
-            "the bundle will be the epoch with the best validation score on the %d "
-            "held-out cases of fold %s; to score those cases without that choice "
-            "(cross-validation), set train.keep: last",
-            len(split[1]),
-            config.train.fold,
-        )
+    split = _split(config, dataset)
     metadata = _metadata(
         config, dataset, values, plan, preprocessor, fingerprint, split
     )
