@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from medseg.inference.classifier import Classifier
@@ -26,7 +26,7 @@ def load_bundle(
     *,
     tta: bool = True,
     allow_modified: bool = False,
-    **options,
+    **options: Any,
 ) -> Segmenter | Classifier:
     """A bundle ready to predict, as ``medseg predict --model MODEL`` loads it.
 
@@ -67,7 +67,7 @@ def segment(
     model: str | Path = "hippocampus",
     *,
     probabilities: bool = False,
-    **options,
+    **options: Any,
 ) -> Prediction:
     """One scan segmented, on its own grid, as ``medseg predict`` segments it.
 
@@ -104,14 +104,16 @@ def evaluate(
     """A label map scored against the truth, as ``medseg evaluate`` scores a pair.
 
     Args:
-        prediction, truth: label maps (paths or Volumes) on one grid; one stored in
-            another voxel order, or on a box of the other's grid, is placed on it.
+        prediction: a label map (a path or a Volume).
+        truth: the true label map, on the prediction's grid; one stored in another
+            voxel order, or on a box of the other's grid, is placed on it.
         labels: the label values to score (default: the non-zero values in either).
         tolerance_mm: the surface Dice tolerance.
 
     Returns:
         One row per label: ``label``, ``dice``, ``iou``, ``hd95_mm``, ``assd_mm``,
-        ``surface_dice`` and the voxel counts (:func:`medseg.metrics.label_metrics`).
+        ``nsd`` (surface Dice at ``tolerance_mm``), ``volume_truth_ml`` and
+        ``volume_pred_ml`` (:func:`medseg.metrics.label_metrics`).
 
     Raises:
         InputFileError: unreadable files, not label maps, or on different grids.

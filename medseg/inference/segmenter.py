@@ -4,8 +4,9 @@ sliding-window prediction, and the way back to each scan's own grid."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -90,10 +91,10 @@ class Segmenter:
 
     def __init__(
         self,
-        bundle,
+        bundle: str | Path,
         *,
         overlap: float = 0.5,
-        mirror_axes=(),
+        mirror_axes: Sequence[int] = (),
         batch_size: int | None = None,
         keep_largest: bool = False,
         min_size_mm3: float = 0.0,

@@ -265,7 +265,7 @@ def write_volume(
     volume: Volume,
     path: str | Path,
     *,
-    dtype=None,
+    dtype: str | np.dtype | None = None,
     is_label: bool = False,
     source_id: str | None = None,
 ) -> Path:
