@@ -20,6 +20,7 @@ from medseg.io.formats import scan_format
 from medseg.io.volume import Volume, output_dtype, split_suffix
 from tests.conftest import (
     OBLIQUE_LPS,
+    REPO,
     save_slicer_segmentation,
     stored_in_another_order,
 )
@@ -952,7 +953,7 @@ def test_a_label_map_that_cannot_be_written_whole_is_named_and_leaves_nothing(
         [sys.executable, "-c", script, *map(str, names)],
         capture_output=True,
         text=True,
-        cwd=Path(__file__).parent.parent,
+        cwd=REPO,
     )
     assert result.stdout.splitlines() == [
         f"InputFileError {names[0]}: cannot write (ITK's writer failed: File cannot "
