@@ -110,12 +110,18 @@ def info(
     its warnings; several scans close with totals. Exit 1 when a scan cannot be read
     or would be refused.
     """
+    from medseg.describe import (
+        InputShapeError,
+        bundle_for_scans,
+        model_to_describe,
+        names_scans,
+    )
     from medseg.errors import InputFileError
 
     given = click.get_current_context().get_parameter_source
     meant = scan_model is not None  # scans, whatever a folder holds
-    if len(model_or_config) > 1 or _names_scans(model_or_config[0], meant):
-        model = _scan_model(scan_model) if scan_model is not None else None
+    if len(model_or_config) > 1 or names_scans(model_or_config[0], meant):
+        model = bundle_for_scans(scan_model) if scan_model is not None else None
         if given("batch_size") == click.core.ParameterSource.COMMANDLINE:
             if model is None:
                 raise click.UsageError(
@@ -165,7 +171,10 @@ def info(
     if not model_or_config.exists():
         raise InputFileError(model_or_config, "not found")
     start_tensorflow(click.get_current_context().meta.get("medseg.debug", False))
-    model = _model(model_or_config, suffix, shape)
+    try:
+        model = model_to_describe(model_or_config, suffix, shape)
+    except InputShapeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--input-shape") from None
     from medseg.io import atomic_write_text
     from medseg.models.info import describe_model, format_info
 
@@ -186,84 +195,24 @@ def info(
         click.echo(f"summary written to {json_path}")
 
 
-def _scan_model(model: str) -> tuple[str, dict]:
-    """``--model``'s name and ``medseg.json``, a segmentation bundle's."""
-    from medseg.bundle import read_metadata, resolve
-    from medseg.errors import InputFileError
-
-    folder = resolve(model)
-    metadata = read_metadata(folder)
-    if metadata.task != "segmentation":
-        raise InputFileError(
-            folder,
-            f"a {metadata.get('task')} bundle; --model takes a segmentation bundle",
-        )
-    return model, metadata
-
-
-def _names_scans(path: Path, meant: bool = False) -> bool:
-    """Whether ``path`` names scans as medseg predict's --input does (a scan, a
-    folder of them, a list, a dataset.json, a glob pattern) rather than a model;
-    ``meant`` (scans were asked for): any folder but a bundle, to be searched and
-    named if it holds none."""
-    from medseg.describe import is_scan_path
-    from medseg.inference.jobs.inputs import LIST_SUFFIXES
-
-    if is_scan_path(path):
-        return True
-    if path.is_file():
-        return path.name == "dataset.json" or path.suffix.lower() in LIST_SUFFIXES
-    if path.is_dir():
-        return not (path / "medseg.json").is_file() and (meant or _holds_scans(path))
-    return _pattern(path)
-
-
-def _pattern(path: Path) -> bool:
-    """A glob pattern (no file has the name)."""
-    return not path.exists() and any(c in str(path) for c in "*?[")
-
-
-def _holds_scans(folder: Path) -> bool:
-    from medseg.errors import InputFileError
-    from medseg.inference.jobs.inputs import collect_inputs
-
-    try:
-        return bool(collect_inputs(folder))
-    except (InputFileError, OSError):
-        return False
-
-
-def _expanded(path: Path, channels: int) -> tuple[list[Path], object]:
-    """The scans ``path`` names for a model of ``channels`` input channels, and the
-    reader of each, as medseg predict takes its --input: a case stored one file per
-    channel is one scan, read from all its files."""
-    from medseg.describe import is_scan_path
-    from medseg.inference.jobs import inputs as job_inputs
-    from medseg.io.dicom import named_scan
-
-    if is_scan_path(path) and not path.is_dir() and not _pattern(path):
-        files = [named_scan(path)]  # as given, to fail by name; a slice: its series
-    else:
-        files = job_inputs.collect_inputs(path)
-    if path.is_file():  # one channel's file names its whole case
-        files = job_inputs.with_sibling_channels(files, channels)
-    groups = job_inputs.channel_groups(files, channels)
-    return (sorted(groups) if groups else files), job_inputs.channel_reader(
-        groups, channels
-    )
-
-
 def _scans(
     paths, input_shape, mixed_precision: bool, json_path, model=None, **options
 ) -> None:
     """``medseg info SCAN...``: one scan's summary (a JSON object), or several's (a
     JSON list, each failure as its path and error); with ``model``, a closing line of
     totals over several."""
-    from medseg.describe import describe_scan, format_scan, is_scan_path
+    from medseg.describe import (
+        describe_scan,
+        expand_scans,
+        format_scan,
+        is_scan_path,
+        names_scans,
+        totals_line,
+    )
     from medseg.errors import InputFileError
     from medseg.io import atomic_write_text
 
-    others = [str(p) for p in paths if not _names_scans(p, model is not None)]
+    others = [str(p) for p in paths if not names_scans(p, model is not None)]
     if others:
         raise click.UsageError(
             f"{', '.join(others)}: not a scan; give one model or config, or scans"
@@ -288,7 +237,7 @@ def _scans(
 
     for given in paths:
         try:  # a folder, a list, a pattern: its scans; one slice: its series
-            scans, read = _expanded(given, channels)
+            scans, read = expand_scans(given, channels)
         except InputFileError as exc:
             if len(paths) == 1:  # names nothing: an input error, as for predict
                 raise
@@ -311,99 +260,3 @@ def _scans(
     refused = any((s.get("model") or {}).get("refused") for s in summaries)
     if failed or refused:
         sys.exit(1)
-
-
-def totals_line(summaries: list[dict]) -> str:
-    """What ``medseg info SCAN... --model`` closes with: how many scans the model
-    would segment (those with warnings named), refuse or could not read (named), and
-    the windows and forward passes."""
-    from medseg.errors import some_of
-
-    def count(kind: str, paths: list[str]) -> str:
-        return f"{len(paths)} {kind}" + (f" ({some_of(paths)})" if paths else "")
-
-    plans = [s["model"] for s in summaries if "model" in s]
-    taken = [p for p in plans if p["refused"] is None]
-    warned = [s["path"] for s in summaries if "model" in s and s["model"]["warnings"]]
-    parts = [
-        f"{len(taken)} would be segmented"
-        + (f", {count('with warnings', warned)}" if warned else ""),
-        count(
-            "refused",
-            [s["path"] for s in summaries if (s.get("model") or {}).get("refused")],
-        ),
-        count("unreadable", [s["path"] for s in summaries if "error" in s]),
-    ]
-    windows = sum(p["windows"] * p["mirrored"] for p in taken)
-    passes = sum(p["forward_passes"] for p in taken)
-    return (
-        f"{len(summaries)} scans: {'; '.join(parts)}; {windows:,} window predictions "
-        f"in {passes:,} forward passes"
-    )
-
-
-def _with_classes(config, path: Path):
-    """The config's model, its number of classes filled in from the config's labels
-    or its dataset as training does, when the config leaves it out."""
-    from dataclasses import replace
-
-    from medseg.config import _CLASSIFYING, relative_to_config
-    from medseg.errors import InputFileError
-
-    model = config.model
-    if model.num_classes is not None or model.name not in _CLASSIFYING:
-        return model
-    data = replace(config.data, dataset=relative_to_config(config.data.dataset, path))
-    if data.task == "segmentation" and data.labels is not None:
-        return replace(model, num_classes=len(data.labels))
-    if not data.dataset:
-        raise InputFileError(
-            path, "model.num_classes is not set and there is no data.dataset to count"
-        )
-    from medseg.datasets.layouts import load_dataset, load_npz_dataset
-
-    try:
-        if data.task == "classification":
-            classes = load_npz_dataset(data.dataset).num_classes
-        else:
-            classes = len(load_dataset(data.dataset).labels or ())
-    except (OSError, ValueError) as exc:
-        raise InputFileError(
-            path, f"cannot count the classes of its dataset ({exc})"
-        ) from None
-    if not classes:
-        raise InputFileError(
-            path, "model.num_classes is not set and data has no labels"
-        )
-    return replace(model, num_classes=classes)
-
-
-def _model(path: Path, suffix: str, shape):
-    from medseg.errors import InputFileError
-
-    if suffix in (".yaml", ".yml"):
-        from medseg.config import ModelConfig, load_config
-        from medseg.models import build_model
-
-        config = _with_classes(load_config(path), path)
-        if shape is not None:
-            config = ModelConfig.from_dict({**config.to_dict(), "patch_size": shape})
-        try:
-            return build_model(config.name, **config.builder_kwargs())
-        except ValueError as exc:
-            raise InputFileError(path, str(exc)) from None
-    from medseg.models import load_model
-    from medseg.models.info import with_input_shape
-
-    model = load_model(path)
-    if shape is None:
-        return model
-    dims = len(model.inputs[0].shape) - 2
-    if len(shape) != dims:
-        raise click.BadParameter(
-            f"the model is {dims}D; give {dims} sizes", param_hint="--input-shape"
-        )
-    try:
-        return with_input_shape(model, shape)
-    except ValueError as exc:
-        raise InputFileError(path, f"cannot use input shape {shape} ({exc})") from None

@@ -1,5 +1,7 @@
-"""What medseg reads in one scan (``medseg info SCAN``): its grid, orientation,
-voxel type and values, and what the reader had to fix or assume.
+"""What ``medseg info`` tells: what medseg reads in a scan (its grid, orientation,
+voxel type and values, and what the reader had to fix or assume), which scans an
+input names, the totals of what a model would do with them, and the network a
+model, bundle or config describes.
 
 The geometry is the one every command uses (the affine :func:`medseg.io.read_volume`
 gives, in RAS millimetres), so a scan that is segmented or scored unexpectedly can be
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +40,9 @@ _TOWARD = {
     "S": "superior",
     "I": "inferior",
 }
+
+if TYPE_CHECKING:
+    from medseg.bundle import BundleMetadata
 
 
 def is_scan_path(path: str | Path) -> bool:
@@ -293,3 +299,180 @@ def _format_plan(plan: dict, notes, row) -> None:
     for warning in plan["warnings"]:
         if warning not in notes:
             row("warning", warning)
+
+
+class InputShapeError(ValueError):
+    """An input shape of another number of sizes than the network has."""
+
+
+def bundle_for_scans(model: str) -> tuple[str, BundleMetadata]:
+    """The name of the bundle ``medseg info SCAN --model`` names, and its metadata.
+
+    Raises:
+        InputFileError: no such bundle, or not a segmentation bundle.
+    """
+    from medseg.bundle import read_metadata, resolve
+    from medseg.errors import InputFileError
+
+    folder = resolve(model)
+    metadata = read_metadata(folder)
+    if metadata.task != "segmentation":
+        raise InputFileError(
+            folder,
+            f"a {metadata.task} bundle; --model takes a segmentation bundle",
+        )
+    return model, metadata
+
+
+def names_scans(path: Path, meant: bool = False) -> bool:
+    """Whether ``path`` names scans as medseg predict's --input does (a scan, a
+    folder of them, a list, a dataset.json, a glob pattern) rather than a model;
+    ``meant`` (scans were asked for): any folder but a bundle, to be searched and
+    named if it holds none."""
+    from medseg.describe import is_scan_path
+    from medseg.inference.jobs.inputs import LIST_SUFFIXES
+
+    if is_scan_path(path):
+        return True
+    if path.is_file():
+        return path.name == "dataset.json" or path.suffix.lower() in LIST_SUFFIXES
+    if path.is_dir():
+        return not (path / "medseg.json").is_file() and (meant or _holds_scans(path))
+    return _pattern(path)
+
+
+def _pattern(path: Path) -> bool:
+    """A glob pattern (no file has the name)."""
+    return not path.exists() and any(c in str(path) for c in "*?[")
+
+
+def _holds_scans(folder: Path) -> bool:
+    from medseg.errors import InputFileError
+    from medseg.inference.jobs.inputs import collect_inputs
+
+    try:
+        return bool(collect_inputs(folder))
+    except (InputFileError, OSError):
+        return False
+
+
+def expand_scans(path: Path, channels: int) -> tuple[list[Path], object]:
+    """The scans ``path`` names for a model of ``channels`` input channels, and the
+    reader of each, as medseg predict takes its --input: a case stored one file per
+    channel is one scan, read from all its files."""
+    from medseg.describe import is_scan_path
+    from medseg.inference.jobs import inputs as job_inputs
+    from medseg.io.dicom import named_scan
+
+    if is_scan_path(path) and not path.is_dir() and not _pattern(path):
+        files = [named_scan(path)]  # as given, to fail by name; a slice: its series
+    else:
+        files = job_inputs.collect_inputs(path)
+    if path.is_file():  # one channel's file names its whole case
+        files = job_inputs.with_sibling_channels(files, channels)
+    groups = job_inputs.channel_groups(files, channels)
+    return (sorted(groups) if groups else files), job_inputs.channel_reader(
+        groups, channels
+    )
+
+
+def totals_line(summaries: list[dict]) -> str:
+    """What ``medseg info SCAN... --model`` closes with: how many scans the model
+    would segment (those with warnings named), refuse or could not read (named), and
+    the windows and forward passes."""
+    from medseg.errors import some_of
+
+    def count(kind: str, paths: list[str]) -> str:
+        return f"{len(paths)} {kind}" + (f" ({some_of(paths)})" if paths else "")
+
+    plans = [s["model"] for s in summaries if "model" in s]
+    taken = [p for p in plans if p["refused"] is None]
+    warned = [s["path"] for s in summaries if "model" in s and s["model"]["warnings"]]
+    parts = [
+        f"{len(taken)} would be segmented"
+        + (f", {count('with warnings', warned)}" if warned else ""),
+        count(
+            "refused",
+            [s["path"] for s in summaries if (s.get("model") or {}).get("refused")],
+        ),
+        count("unreadable", [s["path"] for s in summaries if "error" in s]),
+    ]
+    windows = sum(p["windows"] * p["mirrored"] for p in taken)
+    passes = sum(p["forward_passes"] for p in taken)
+    return (
+        f"{len(summaries)} scans: {'; '.join(parts)}; {windows:,} window predictions "
+        f"in {passes:,} forward passes"
+    )
+
+
+def _with_classes(config, path: Path):
+    """The config's model, its number of classes filled in from the config's labels
+    or its dataset as training does, when the config leaves it out."""
+    from dataclasses import replace
+
+    from medseg.config import _CLASSIFYING, relative_to_config
+    from medseg.errors import InputFileError
+
+    model = config.model
+    if model.num_classes is not None or model.name not in _CLASSIFYING:
+        return model
+    data = replace(config.data, dataset=relative_to_config(config.data.dataset, path))
+    if data.task == "segmentation" and data.labels is not None:
+        return replace(model, num_classes=len(data.labels))
+    if not data.dataset:
+        raise InputFileError(
+            path, "model.num_classes is not set and there is no data.dataset to count"
+        )
+    from medseg.datasets.layouts import load_dataset, load_npz_dataset
+
+    try:
+        if data.task == "classification":
+            classes = load_npz_dataset(data.dataset).num_classes
+        else:
+            classes = len(load_dataset(data.dataset).labels or ())
+    except (OSError, ValueError) as exc:
+        raise InputFileError(
+            path, f"cannot count the classes of its dataset ({exc})"
+        ) from None
+    if not classes:
+        raise InputFileError(
+            path, "model.num_classes is not set and data has no labels"
+        )
+    return replace(model, num_classes=classes)
+
+
+def model_to_describe(path: Path, suffix: str, shape):
+    """The network ``medseg info`` describes: a YAML config's (its classes counted
+    from its dataset where it leaves them out), or a .keras model's or a bundle's,
+    at input ``shape`` where given.
+
+    Raises:
+        InputShapeError: ``shape`` has another number of sizes than the network.
+        InputFileError: a config or model that cannot be built at that shape.
+    """
+    from medseg.errors import InputFileError
+
+    if suffix in (".yaml", ".yml"):
+        from medseg.config import ModelConfig, load_config
+        from medseg.models import build_model
+
+        config = _with_classes(load_config(path), path)
+        if shape is not None:
+            config = ModelConfig.from_dict({**config.to_dict(), "patch_size": shape})
+        try:
+            return build_model(config.name, **config.builder_kwargs())
+        except ValueError as exc:
+            raise InputFileError(path, str(exc)) from None
+    from medseg.models import load_model
+    from medseg.models.info import with_input_shape
+
+    model = load_model(path)
+    if shape is None:
+        return model
+    dims = len(model.inputs[0].shape) - 2
+    if len(shape) != dims:
+        raise InputShapeError(f"the model is {dims}D; give {dims} sizes")
+    try:
+        return with_input_shape(model, shape)
+    except ValueError as exc:
+        raise InputFileError(path, f"cannot use input shape {shape} ({exc})") from None
