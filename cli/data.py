@@ -234,8 +234,8 @@ def nifti_to_seg(
     """
     from medseg import __version__
     from medseg.errors import InputFileError
+    from medseg.evaluation.folders import label_names
     from medseg.io.dicom_seg import label_map_to_segmentation
-    from medseg_cli.evaluate import label_names
 
     if output.suffix.lower() != ".dcm":
         raise InputFileError(output, "a DICOM SEG is written as a .dcm file")

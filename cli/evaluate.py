@@ -132,6 +132,8 @@ def evaluate(
     A predictions CSV from a classification model is scored instead with accuracy,
     balanced accuracy (mean recall per class) and one-vs-rest AUC per class.
     """
+    from medseg.evaluation import folders
+    from medseg.evaluation.scoring import format_summary, pair_files
     from medseg.inference.jobs.outputs import make_output_dir
 
     for folder in (  # before any work, which a folder that cannot be made would lose
@@ -142,120 +144,46 @@ def evaluate(
     if prediction.suffix == ".csv":
         _evaluate_classification(prediction, truth, split, summary)
         return
-    from medseg.evaluation.scoring import (
-        evaluate_pairs,
-        format_summary,
-        pair_files,
-        summarize,
-        to_csv,
-    )
-    from medseg.io import atomic_write_text
-    from medseg.io.itk import segment_names
-
+    lesions = min_lesion_mm3 if lesion_wise else None
     pairs = pair_files(prediction, truth)
-    names, names_from = label_names(names_file, truth), "the dataset's labels"
-    if not names:  # 3D Slicer segmentations as the truth name their segments
-        names = segment_names([truth_path for _, _, truth_path in pairs])
-        names_from = "the other truth files"
-        if names:
-            click.echo(
-                "label names from the truth's 3D Slicer segments: "
-                + ", ".join(f"{value} {name}" for value, name in names.items())
-            )
-    failures: list[tuple[str, str]] = []
     with click.progressbar(
         length=len(pairs), label="evaluating", file=sys.stderr
     ) as bar:
-        rows = evaluate_pairs(
+        evaluation = folders.evaluate_folders(
             pairs,
+            truth,
             labels=parse_labels(labels),
             tolerance_mm=tolerance_mm,
-            progress=lambda _case: bar.update(1),
-            failures=failures,
-            lesions=min_lesion_mm3 if lesion_wise else None,
-            names=names,
-            names_from=names_from,
+            names_file=names_file,
+            lesions=lesions,
             workers=workers,
+            progress=lambda _case: bar.update(1),
         )
-    failed = {case for case, _ in failures}
-    pairs = [pair for pair in pairs if pair[0] not in failed]
-    result = summarize(rows)
+    names, failed = evaluation.names, len(evaluation.failures)
+    if names and evaluation.names_from != folders.DATASET_LABELS:
+        click.echo(
+            "label names from the truth's 3D Slicer segments: "
+            + ", ".join(f"{value} {name}" for value, name in names.items())
+        )
     click.echo(
-        f"{len(pairs)} case(s) scored"
-        + (f", {len(failed)} failed (not in the means)" if failed else "")
+        f"{len(evaluation.pairs)} case(s) scored"
+        + (f", {failed} failed (not in the means)" if failed else "")
         + "; mean (median) over cases with a defined value"
     )
-    click.echo(format_summary(result, names))
+    click.echo(format_summary(evaluation.summary, names))
     if output is not None:
-        atomic_write_text(output, to_csv(rows))
+        folders.write_table(evaluation, output)
         click.echo(f"metrics written to {output}")
     if summary is not None:
-        atomic_write_text(
-            summary,
-            json.dumps(
-                {
-                    "tolerance_mm": tolerance_mm,
-                    **({"min_lesion_mm3": min_lesion_mm3} if lesion_wise else {}),
-                    "cases": len(pairs),
-                    "failed": {case: message for case, message in failures},
-                    "label_names": {str(k): v for k, v in sorted(names.items())},
-                    "labels": result,
-                },
-                indent=2,
-            )
-            + "\n",
-        )
+        folders.write_summary(evaluation, summary, tolerance_mm, lesions)
         click.echo(f"summary written to {summary}")
     if report_dir is not None:
-        from medseg.figures import write_report
-
-        written = write_report(
-            report_dir, rows, pairs, _image_files(images, pairs), names
-        )
+        written = folders.write_pictures(evaluation, report_dir, images)
         click.echo(f"{len(written)} pictures written to {report_dir}")
-    if failures:
-        for _, message in failures:
-            click.echo(f"FAILED {message}", err=True)
+    for _, message in evaluation.failures:
+        click.echo(f"FAILED {message}", err=True)
+    if failed:
         sys.exit(1)
-
-
-def label_names(names_file: Path | None, truth: Path) -> dict[int, str]:
-    """Label names from ``--label-names``, or from a dataset.json beside the label
-    maps ``truth`` (a folder or a file; MSD and nnU-Net keep it in the parent of
-    labelsTr); one found on its own that cannot be read is passed over with a
-    warning."""
-    from medseg.datasets.layouts import read_label_names
-    from medseg.errors import InputFileError
-
-    if names_file is not None:
-        return read_label_names(names_file)
-    folder = truth if truth.is_dir() else truth.parent
-    for candidate in (folder / "dataset.json", folder.parent / "dataset.json"):
-        if candidate.is_file():
-            try:
-                return read_label_names(candidate)
-            except InputFileError as exc:
-                click.echo(f"warning: label names not used: {exc}", err=True)
-                return {}
-    return {}
-
-
-def _image_files(images: Path | None, pairs) -> dict[str, Path]:
-    """Case -> scan file for the overlays (a case without one is drawn without)."""
-    from medseg.io import SCAN_SUFFIXES, split_suffix
-
-    if images is None:
-        return {}
-    if images.is_file():
-        return {case: images for case, _, _ in pairs}
-    found = {}
-    for path in sorted(images.iterdir()):
-        stem, suffix = split_suffix(path)
-        if suffix in SCAN_SUFFIXES:
-            found.setdefault(stem, path)
-            if stem.endswith("_0000"):
-                found.setdefault(stem[: -len("_0000")], path)
-    return {case: found[case] for case, _, _ in pairs if case in found}
 
 
 def _evaluate_classification(prediction, truth, split, summary) -> None:
