@@ -113,22 +113,16 @@ def evaluate(
     Returns:
         One row per label: ``label``, ``dice``, ``iou``, ``hd95_mm``, ``assd_mm``,
         ``nsd`` (surface Dice at ``tolerance_mm``), ``volume_truth_ml`` and
-        ``volume_pred_ml`` (:func:`medseg.metrics.label_metrics`).
+        ``volume_pred_ml`` (:func:`medseg.evaluation.scoring.pair_metrics`).
 
     Raises:
         InputFileError: unreadable files, not label maps, or on different grids.
     """
-    import numpy as np
-
-    from medseg.evaluation.scoring import label_arrays
+    from medseg.evaluation.scoring import label_arrays, pair_metrics
     from medseg.io.formats import read_volume
     from medseg.io.volume import Volume
-    from medseg.metrics import label_metrics
 
-    volumes = [
-        v if isinstance(v, Volume) else read_volume(v) for v in (prediction, truth)
-    ]
+    pair = (prediction, truth)
+    volumes = [v if isinstance(v, Volume) else read_volume(v) for v in pair]
     p, t, spacing = label_arrays(*volumes)
-    if labels is None:
-        labels = sorted((set(np.unique(p).tolist()) | set(np.unique(t).tolist())) - {0})
-    return label_metrics(p, t, labels, spacing, tolerance_mm)
+    return pair_metrics(p, t, spacing, labels, tolerance_mm)

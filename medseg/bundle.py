@@ -42,6 +42,15 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 TASKS = ("segmentation", "classification", "reconstruction")
 
 
+def window_of(patch_size, slice_axis: int | None) -> tuple[int, ...]:
+    """The window a patch makes over a scan: ``patch_size`` with a 1 inserted at
+    ``slice_axis`` (a 2D network on volumes; unchanged for ``None``)."""
+    patch = [int(p) for p in patch_size]
+    if slice_axis is not None:
+        patch.insert(slice_axis, 1)
+    return tuple(patch)
+
+
 @dataclass(frozen=True)
 class Label:
     """One class of a bundle: the value it has in label maps, and its name."""
@@ -138,10 +147,7 @@ class BundleMetadata(Mapping):
     def window(self) -> tuple[int, ...]:
         """The patch as a window over the preprocessed scan (one voxel deep across
         ``slice_axis`` for a 2D network on volumes)."""
-        patch = list(self.patch_size)
-        if self.slice_axis is not None:
-            patch.insert(self.slice_axis, 1)
-        return tuple(patch)
+        return window_of(self.patch_size, self.slice_axis)
 
     @property
     def mirror_axes(self) -> tuple[int, ...]:

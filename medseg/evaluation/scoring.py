@@ -187,15 +187,24 @@ def _score_case(
         p, t, spacing = _read_pair(pred_path, truth_path, names, names_from)
     except InputFileError as exc:
         return [], exc
-    chosen = (
-        labels
-        if labels is not None
-        else sorted((set(np.unique(p).tolist()) | set(np.unique(t).tolist())) - {0})
-    )
-    return [
-        {"case": case, **row}
-        for row in label_metrics(p, t, chosen, spacing, tolerance_mm, lesions)
-    ], None
+    rows = pair_metrics(p, t, spacing, labels, tolerance_mm, lesions)
+    return [{"case": case, **row} for row in rows], None
+
+
+def pair_metrics(
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    spacing: Sequence[float],
+    labels: Sequence[int] | None = None,
+    tolerance_mm: float = 1.0,
+    lesions: float | None = None,
+) -> list[dict]:
+    """:func:`medseg.metrics.label_metrics` of two label arrays on one grid, for
+    ``labels`` or by default every non-zero value present in either."""
+    if labels is None:
+        present = set(np.unique(prediction).tolist()) | set(np.unique(truth).tolist())
+        labels = sorted(present - {0})
+    return label_metrics(prediction, truth, labels, spacing, tolerance_mm, lesions)
 
 
 def _read_pair(

@@ -1,6 +1,7 @@
 """Inference: sliding-window prediction, bundles ready to segment or classify scans,
 ensembles, post-processing, and :mod:`medseg.inference.jobs` for many scans at once."""
 
+from medseg.bundle import window_of
 from medseg.inference.classifier import Classifier, ClassifierEnsemble
 from medseg.inference.ensemble import Ensemble, ensemble_problem
 from medseg.inference.precision import (
@@ -23,7 +24,6 @@ from medseg.inference.sliding_window import (
     gaussian_importance,
     slicewise,
     sliding_window_predict,
-    window_of,
     window_starts,
     windows_per_pass,
 )

@@ -46,14 +46,6 @@ VOXELS_PER_PASS = 2**18
 MOST_WINDOWS_PER_PASS = 64
 
 
-def window_of(patch_size, slice_axis: int | None) -> tuple[int, ...]:
-    """``patch_size`` with a 1 inserted at ``slice_axis`` (unchanged for ``None``)."""
-    patch = [int(p) for p in patch_size]
-    if slice_axis is not None:
-        patch.insert(slice_axis, 1)
-    return tuple(patch)
-
-
 def windows_per_pass(window: Sequence[int], least: int = LEAST_WINDOWS_PER_PASS) -> int:
     """How many windows of shape ``window`` one forward pass takes: as many as hold
     :data:`VOXELS_PER_PASS` voxels, but at least ``least`` (large windows, as the

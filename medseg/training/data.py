@@ -155,7 +155,7 @@ class PatchSampler:
         samples_per_epoch: int,
         slice_axis: int | None = None,
     ):
-        from medseg.inference.sliding_window import window_of
+        from medseg.bundle import window_of
 
         if not cases:
             raise ConfigError("no training cases")

@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from medseg.bundle import window_of
 from medseg.config import Config
-from medseg.inference.sliding_window import window_of
 
 logger = logging.getLogger(__name__)
 

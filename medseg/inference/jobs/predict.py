@@ -343,20 +343,16 @@ def finish_segmentation(
         "tta": plan.models.each([list(m.mirror_axes) for m in members]),
         "nonfinite": plan.models.each([m.preprocessor.nonfinite for m in members]),
     }
-    name = tables.SIZES_FILE + shard_suffix(options.shard) + ".csv"
+    table = plan.output_dir / (tables.SIZES_FILE + shard_suffix(options.shard) + ".csv")
     sizes = tables.write_sizes(
         results,
-        plan.output_dir / name,
+        table,
         run.segmenter.values,
         run.segmenter.names,
         plan.reader(),
         # a skipped case's rows from any table in the folder (a shard's), so that a
         # run over a sharded job's whole input measures no scan again
-        [
-            t
-            for t in plan.output_dir.glob(tables.SIZES_PATTERN)
-            if t != plan.output_dir / name
-        ],
+        [t for t in plan.output_dir.glob(tables.SIZES_PATTERN) if t != table],
     )
     if stopped is not None:
         settings["stopped_by"] = stopped
