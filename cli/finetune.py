@@ -15,6 +15,7 @@ from medseg_cli.options import (
     run_output_option,
     seed_option,
     steps_per_epoch_option,
+    time_budget_option,
 )
 from medseg_cli.train import parse_fold, run
 
@@ -47,6 +48,7 @@ from medseg_cli.train import parse_fold, run
 )
 @epochs_option
 @steps_per_epoch_option
+@time_budget_option
 @click.option(
     "--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate."
 )
@@ -62,6 +64,7 @@ def finetune(
     unfreeze_after: int | None,
     epochs: int | None,
     steps_per_epoch: int | None,
+    time_budget: float | None,
     lr: float | None,
     fold: str | None,
     seed: int | None,
@@ -118,6 +121,7 @@ def finetune(
         overrides = {
             "epochs": epochs,
             "steps_per_epoch": steps_per_epoch,
+            "time_budget": time_budget,
             "learning_rate": lr,
             "fold": parse_fold(fold),
             "seed": seed,

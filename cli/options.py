@@ -53,6 +53,31 @@ steps_per_epoch_option = click.option(
 fold_option = click.option(
     "--fold", help="Fold to hold out (0..folds-1) or 'all' to train on every case."
 )
+
+
+class Duration(click.ParamType):
+    """``45m``, ``2h``, ``1h30m``, ``90s`` or seconds, as seconds."""
+
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        from medseg.config import parse_duration
+
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(value, "the time budget")
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+time_budget_option = click.option(
+    "--time-budget",
+    type=Duration(),
+    help="Wall-clock time the run may take (45m, 2h, 1h30m): the learning rate "
+    "decays over it and the run stops when it is spent, with its bundle; --epochs "
+    "is then no limit. Overrides train.time_budget.",
+)
 seed_option = click.option("--seed", type=int, help="Overrides train.seed.")
 resume_option = click.option(
     "--resume",

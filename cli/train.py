@@ -18,6 +18,7 @@ from medseg_cli.options import (
     run_output_option,
     seed_option,
     steps_per_epoch_option,
+    time_budget_option,
 )
 
 
@@ -44,6 +45,7 @@ def parse_fold(text: str | None):
 @data_option("Dataset folder (overrides data.dataset in the config).")
 @epochs_option
 @steps_per_epoch_option
+@time_budget_option
 @fold_option
 @seed_option
 @click.option(
@@ -58,6 +60,7 @@ def train(
     data: Path | None,
     epochs: int | None,
     steps_per_epoch: int | None,
+    time_budget: float | None,
     fold: str | None,
     seed: int | None,
     memory_gb: float | None,
@@ -79,6 +82,7 @@ def train(
         for k, v in {
             "epochs": epochs,
             "steps_per_epoch": steps_per_epoch,
+            "time_budget": time_budget,
             "fold": fold_value,
             "seed": seed,
             "memory_gb": memory_gb,

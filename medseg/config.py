@@ -17,6 +17,8 @@ keeps equal to the builders' signatures.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -220,6 +222,54 @@ class AugmentConfig:
             object.__setattr__(self, name, (float(low), float(high)))
 
 
+_DURATION = re.compile(
+    r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?"
+)
+
+
+def parse_duration(value: str | float | int, name: str = "duration") -> float:
+    """Seconds from ``"45m"``, ``"2h"``, ``"1h30m"``, ``"90s"`` or a number of seconds.
+
+    Raises:
+        ValueError: naming ``name``: not a duration, or not positive and finite.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a duration such as 45m or 2h, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        match = _DURATION.fullmatch(text)
+        if text and match is None:
+            try:
+                seconds = float(text)
+            except ValueError:
+                seconds = math.nan
+        elif not text or not any(match.groups()):
+            seconds = math.nan
+        else:
+            hours, minutes, secs = (float(g or 0) for g in match.groups())
+            seconds = 3600 * hours + 60 * minutes + secs
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(
+            f"{name} must be a positive duration such as 45m, 2h or 1h30m, "
+            f"got {value!r}"
+        )
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """``2h 05m``, ``12m 30s``, ``40s``."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
 def _from_flat_dict(cls, data: Mapping[str, Any], section: str):
     """Builds a flat dataclass, naming unknown keys and the allowed ones."""
     allowed = [f.name for f in fields(cls)]
@@ -327,6 +377,11 @@ class TrainConfig:
             reconstruction bundle gives its encoder). Layers are matched by name.
         freeze: glob patterns of layer names kept frozen (e.g. ``enc*``).
         unfreeze_after: unfreeze them after this many epochs (``None``: never).
+        time_budget: wall-clock seconds the run may take (``"45m"``, ``"2h"``,
+            ``"1h30m"`` or a number of seconds). The learning rate decays over the
+            budget's elapsed fraction instead of over the steps, and the run stops
+            when the budget is spent, with its bundle; ``epochs`` is then no limit.
+            ``None``: ``epochs`` of ``steps_per_epoch`` steps.
     """
 
     epochs: int = 100
@@ -351,9 +406,16 @@ class TrainConfig:
     init_from: str | None = None
     freeze: tuple[str, ...] = ()
     unfreeze_after: int | None = None
+    time_budget: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "freeze", tuple(str(p) for p in self.freeze))
+        if self.time_budget is not None:
+            object.__setattr__(
+                self,
+                "time_budget",
+                parse_duration(self.time_budget, "train.time_budget"),
+            )
         if self.unfreeze_after is not None and (
             not isinstance(self.unfreeze_after, int) or self.unfreeze_after < 1
         ):

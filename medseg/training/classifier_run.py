@@ -11,6 +11,7 @@ from medseg.config import Config
 from medseg.errors import ConfigError
 from medseg.io.files import atomic_write_text
 from medseg.training.augment import Augmenter
+from medseg.training.budget import TimeBudget, epochs_to_run
 from medseg.training.fitting import Run, fit_run
 from medseg.training.network import model_for_run, record_origin
 from medseg.training.planning import Plan
@@ -31,6 +32,7 @@ def train_classification(
     *,
     resume: bool,
     verbose: int,
+    budget: TimeBudget,
 ) -> Path:
     """Classification on a MedMNIST-style ``.npz``: train on train, select on val."""
     import yaml
@@ -59,9 +61,9 @@ def train_classification(
             folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
         )
     model, metrics, origin, start_epoch, best = model_for_run(
-        config, plan, folder, strategy, resume
+        config, plan, folder, strategy, resume, progress=budget.progress
     )
-    if start_epoch >= config.train.epochs:
+    if start_epoch >= epochs_to_run(config):
         return folder
     augmenter = Augmenter(config.train.augment, config.model.spatial_dims)
 
@@ -103,8 +105,9 @@ def train_classification(
         preprocessor,
         arrays["val"] or (),
         metadata,
-        config.train.epochs,
+        epochs_to_run(config),
         best,
+        budget,
     )
     fit_run(
         model,

@@ -13,6 +13,7 @@ import keras
 from medseg.bundle import write_bundle
 from medseg.config import Config
 from medseg.models import main_output
+from medseg.training.budget import BudgetCallback, BudgetProgbar, TimeBudget
 from medseg.training.network import compile_model, is_frozen
 from medseg.training.planning import Plan
 from medseg.training.run_files import (
@@ -39,6 +40,7 @@ class Run:
         metadata: dict,
         total_epochs: int,
         best: float | None,
+        budget: TimeBudget | None = None,
     ):
         self.folder = folder
         self.config = config
@@ -49,6 +51,7 @@ class Run:
         self.total_epochs = total_epochs
         self.best = best
         self.task = config.data.task
+        self.budget = budget or TimeBudget(None)
 
     @property
     def score_key(self) -> str:
@@ -70,10 +73,12 @@ class Run:
 class EpochEnd(keras.callbacks.Callback):
     """Validation, history.csv, progress.png, bundle of the best model, checkpoint."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, *, stop_on_budget: bool = True):
         super().__init__()
         self.run = run
         self.started = time.time()
+        # several workers decide together when to stop (fit_multi_worker)
+        self.stop_on_budget = stop_on_budget
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.time()
@@ -87,8 +92,10 @@ class EpochEnd(keras.callbacks.Callback):
             for k, v in (logs or {}).items()
         }
         number = epoch + 1
+        # the last epoch: the run's last, or the one the time budget ended
+        last = number == run.total_epochs or bool(self.model.stop_training)
         validated = run.val_cases and (
-            number % run.config.train.val_interval == 0 or number == run.total_epochs
+            number % run.config.train.val_interval == 0 or last
         )
         if validated:
             logs.update(validate(self.model, run))
@@ -101,6 +108,11 @@ class EpochEnd(keras.callbacks.Callback):
             keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
         )
         logs["seconds"] = round(time.time() - self.started, 3)
+        spent = run.budget.elapsed()
+        logs["elapsed"] = round(spent, 1)
+        if self.stop_on_budget and run.budget.seconds is not None:
+            # validation may have spent the rest: no epoch begins after the budget
+            self.model.stop_training |= spent >= run.budget.seconds
         append_history(run.folder / "history.csv", number, logs)
         plot_progress(run.folder)
         score = logs.get(run.score_key)
@@ -120,10 +132,18 @@ class EpochEnd(keras.callbacks.Callback):
                 {
                     **run.metadata,
                     "epoch": number,
+                    "trained_seconds": logs["elapsed"],
                     "validation": metrics,
                 },
             )
-        save_checkpoint(run.folder, self.model, number, run.best, run.metadata)
+        save_checkpoint(
+            run.folder,
+            self.model,
+            number,
+            run.best,
+            run.metadata,
+            seconds=spent,
+        )
 
 
 def fit_multi_worker(
@@ -142,7 +162,10 @@ def fit_multi_worker(
     Keras 3's ``fit`` fails under ``MultiWorkerMirroredStrategy`` (it tries to reduce
     the per-replica input batch; keras-team/keras#20585), so the step is spelled out:
     per-sample losses averaged over the global batch, gradients all-reduced by the
-    optimizer, the same end-of-epoch work as ``fit``'s callback.
+    optimizer, the same end-of-epoch work as ``fit``'s callback. With a time budget,
+    the workers agree on the time spent (the largest of their clocks) at each
+    epoch's start and end: the learning rate moves once an epoch, and every worker
+    stops after the same epoch.
     """
     import tensorflow as tf
 
@@ -170,10 +193,18 @@ def fit_multi_worker(
         per_replica = strategy.run(step, args=next(iterator))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    callback = EpochEnd(run)
+    def spent_everywhere() -> float:
+        per_worker = strategy.run(lambda: tf.constant(run.budget.elapsed()))
+        return float(strategy.reduce(tf.distribute.ReduceOp.MAX, per_worker, axis=None))
+
+    budget = run.budget
+    callback = EpochEnd(run, stop_on_budget=False)
     callback.set_model(model)
+    model.stop_training = False
     steps = run.config.train.steps_per_epoch
     for epoch in range(start_epoch, run.total_epochs):
+        if budget.seconds is not None:
+            budget.progress.assign(min(1.0, spent_everywhere() / budget.seconds))
         callback.on_epoch_begin(epoch)
         for metric in metrics:
             metric.reset_state()
@@ -185,7 +216,11 @@ def fit_multi_worker(
             bar.update(index + 1, [("loss", loss)])
         logs = {"loss": total / steps}
         logs.update({m.name: float(m.result()) for m in metrics})
+        if budget.seconds is not None:
+            model.stop_training = spent_everywhere() >= budget.seconds
         callback.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
 
 
 def fit_run(
@@ -220,6 +255,8 @@ def fit_run(
         )
         return
     callbacks = [EpochEnd(run)]
+    if run.budget.seconds is not None:
+        callbacks += [BudgetCallback(run.budget), BudgetProgbar(run.budget)]
     if has_tensorboard():
         callbacks.append(
             keras.callbacks.TensorBoard(run.folder / "tensorboard", write_graph=False)
@@ -236,11 +273,13 @@ def fit_run(
             phases = [(start_epoch, train.unfreeze_after)]
             phases.append((train.unfreeze_after, run.total_epochs))
     for number, (first, last) in enumerate(phases):
+        if run.budget.exhausted():
+            break
         if number:
             with strategy.scope():
                 for layer in model.layers:
                     layer.trainable = True
-                compile_model(model, run.config)
+                compile_model(model, run.config, run.budget.progress)
                 model.optimizer.build(model.trainable_variables)
                 model.optimizer.iterations.assign(first * train.steps_per_epoch)
             logger.info("epoch %d: every layer trainable from here on", first)

@@ -21,9 +21,10 @@ from medseg.training.runtime import config_errors, make_optimizer
 logger = logging.getLogger(__name__)
 
 
-def compiled_model(config: Config, plan: Plan, *, frozen: bool = False):
+def compiled_model(config: Config, plan: Plan, *, frozen: bool = False, progress=None):
     """Builds and compiles the network (inside the strategy's scope); with ``frozen``
-    the layers matching ``train.freeze`` are not trained."""
+    the layers matching ``train.freeze`` are not trained; ``progress``: the time
+    budget's spent fraction, which a budgeted learning rate follows."""
     from medseg.models import build_model
     from medseg.models.transfer import freeze_layers
 
@@ -39,10 +40,10 @@ def compiled_model(config: Config, plan: Plan, *, frozen: bool = False):
                 "(see the layer names with medseg info)"
             )
         logger.info("frozen: %d layers (%s)", len(names), ", ".join(names[:6]))
-    return model, compile_model(model, config)
+    return model, compile_model(model, config, progress)
 
 
-def compile_model(model, config: Config) -> list:
+def compile_model(model, config: Config, progress=None) -> list:
     """Compiles with a fresh optimizer; returns the metrics."""
     total_steps = config.train.epochs * config.train.steps_per_epoch
     weights = None
@@ -60,7 +61,7 @@ def compile_model(model, config: Config) -> list:
             weights = deep_supervision_weights(outputs)
             metrics = [metrics, *([] for _ in range(outputs - 1))]
     model.compile(
-        optimizer=make_optimizer(config, total_steps),
+        optimizer=make_optimizer(config, total_steps, progress),
         loss=loss,
         loss_weights=weights,
         metrics=metrics,
@@ -75,6 +76,7 @@ def model_for_run(
     strategy,
     resume: bool,
     names: list[str] | None = None,
+    progress=None,
 ):
     """The compiled model of a run, frozen as the epoch it starts from needs, with the
     pretrained weights of a new fine-tuning run (its output classes matched to
@@ -88,7 +90,7 @@ def model_for_run(
     with strategy.scope():
         with config_errors():
             model, metrics = compiled_model(
-                config, plan, frozen=is_frozen(config, first_epoch)
+                config, plan, frozen=is_frozen(config, first_epoch), progress=progress
             )
     origin = None if resume else start_from(config, model, names)
     start_epoch, best = resume_run(folder, model) if resume else (0, None)

@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from medseg.config import Config
+from medseg.config import Config, format_duration
 from medseg.errors import InputFileError, some_of
 from medseg.io.files import atomic_output
 
@@ -33,9 +33,10 @@ PLANNED = ("split", "plan", "preprocessing", "dataset")
 def append_history(path: Path, epoch: int, logs: dict) -> None:
     columns = [
         "epoch",
-        *sorted(k for k in logs if k not in ("lr", "seconds")),
+        *sorted(k for k in logs if k not in ("lr", "seconds", "elapsed")),
         "lr",
         "seconds",
+        "elapsed",
     ]
     exists = path.is_file()
     if exists:
@@ -100,11 +101,18 @@ def plot_progress(folder: Path) -> None:
 
 
 def save_checkpoint(
-    folder: Path, model, epoch: int, best: float | None, metadata: dict | None = None
+    folder: Path,
+    model,
+    epoch: int,
+    best: float | None,
+    metadata: dict | None = None,
+    *,
+    seconds: float = 0.0,
 ) -> None:
-    """Saves weights, optimizer state and epoch, and what the run was planned on (the
-    :data:`PLANNED` keys of its bundle ``metadata``, for :func:`check_resumable`); the
-    new copy replaces the old whole."""
+    """Saves weights, optimizer state, epoch and the seconds the run has spent, and
+    what the run was planned on (the :data:`PLANNED` keys of its bundle
+    ``metadata``, for :func:`check_resumable`); the new copy replaces the old
+    whole."""
     target = folder / CHECKPOINT
     tmp = folder / f".{CHECKPOINT}.partial"
     if tmp.exists():
@@ -119,7 +127,9 @@ def save_checkpoint(
         np.savez(handle, *seeds)
     if metadata is not None:
         (tmp / PLANNED_FILE).write_text(json.dumps(_planned(metadata), sort_keys=True))
-    (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "best": best}))
+    (tmp / "state.json").write_text(
+        json.dumps({"epoch": epoch, "best": best, "seconds": round(seconds, 3)})
+    )
     old = folder / f".{CHECKPOINT}.old"
     if target.exists():
         if old.exists():
@@ -216,6 +226,15 @@ def checkpoint_epoch(folder: Path) -> int:
     return int(json.loads((source / "state.json").read_text())["epoch"])
 
 
+def checkpoint_seconds(folder: Path) -> float:
+    """The wall-clock seconds the run had spent at its checkpoint (0 without one, or
+    from a checkpoint of a medseg that did not record them)."""
+    source = checkpoint_folder(folder)
+    if source is None:
+        return 0.0
+    return float(json.loads((source / "state.json").read_text()).get("seconds", 0.0))
+
+
 def restore_checkpoint(folder: Path, model) -> tuple[int, float | None]:
     source = checkpoint_folder(folder)
     state = json.loads((source / "state.json").read_text())
@@ -280,7 +299,19 @@ def prepare_run(folder: Path, config: Config, *, resume: bool) -> Config:
                 saved.train.epochs,
                 config.train.epochs,
             )
-        return saved.replace(train=replace(saved.train, epochs=config.train.epochs))
+        budget = config.train.time_budget or saved.train.time_budget
+        if budget != saved.train.time_budget:
+            logger.warning(
+                "resuming with a time budget of %s instead of %s: the learning rate "
+                "continues as if the run had been started with it",
+                format_duration(budget),
+                format_duration(saved.train.time_budget)
+                if saved.train.time_budget
+                else "none",
+            )
+        return saved.replace(
+            train=replace(saved.train, epochs=config.train.epochs, time_budget=budget)
+        )
     if has_run:
         raise InputFileError(
             folder,

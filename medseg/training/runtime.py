@@ -106,13 +106,18 @@ def worker_index(strategy) -> tuple[int, int]:
     return index, workers
 
 
-def make_optimizer(config: Config, total_steps: int):
+def make_optimizer(config: Config, total_steps: int, progress=None):
+    """The optimizer ``train`` asks for; with a time budget, its poly schedule
+    follows ``progress``, the budget's spent fraction (a variable)."""
+    from medseg.training.budget import BudgetPolyDecay
+
     train = config.train
-    rate = (
-        PolyDecay(train.learning_rate, total_steps, train.poly_exponent)
-        if train.lr_schedule == "poly"
-        else train.learning_rate
-    )
+    if train.lr_schedule != "poly":
+        rate = train.learning_rate
+    elif train.time_budget is not None:
+        rate = BudgetPolyDecay(train.learning_rate, train.poly_exponent, progress)
+    else:
+        rate = PolyDecay(train.learning_rate, total_steps, train.poly_exponent)
     if train.optimizer == "sgd":
         return keras.optimizers.SGD(
             rate,

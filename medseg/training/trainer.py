@@ -16,7 +16,7 @@ from pathlib import Path
 
 import keras
 
-from medseg.config import Config
+from medseg.config import Config, format_duration
 from medseg.datasets.layouts import load_dataset
 from medseg.errors import ConfigError, InputFileError
 from medseg.io.files import atomic_write_text, hold_folder
@@ -28,6 +28,7 @@ from medseg.preprocessing.intensity import (
 from medseg.preprocessing.preprocessor import Preprocessor
 from medseg.training import data as training_data
 from medseg.training.augment import Augmenter
+from medseg.training.budget import TimeBudget, epochs_to_run
 from medseg.training.classifier_run import train_classification
 from medseg.training.fitting import Run, fit_run
 from medseg.training.network import model_for_run, record_origin
@@ -36,6 +37,7 @@ from medseg.training.run_files import (
     check_resumable,
     checkpoint_epoch,
     checkpoint_folder,
+    checkpoint_seconds,
     prepare_run,
 )
 from medseg.training.runtime import (
@@ -249,22 +251,48 @@ def _split(config, dataset) -> tuple[list, list]:
     return split
 
 
-def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Path:
-    """:func:`train` in its run folder, which exists."""
-    config = prepare_run(folder, config, resume=resume)
-    resume = resume and checkpoint_folder(folder) is not None  # else a new run
-    done = checkpoint_epoch(folder) if resume else 0
-    if done >= config.train.epochs and (folder / "medseg.json").is_file():
+def _finished(folder: Path, config: Config, budget: TimeBudget) -> bool:
+    """Whether the run in ``folder`` has trained all it was asked to already."""
+    if not (folder / "medseg.json").is_file():
+        return False
+    if budget.seconds is not None:
+        if budget.exhausted():
+            logger.info(
+                "%s: its time budget of %s is spent, nothing to resume",
+                folder,
+                format_duration(budget.seconds),
+            )
+        return budget.exhausted()
+    done = checkpoint_epoch(folder)
+    if done >= config.train.epochs:
         logger.info(
             "%s: trained to epoch %d of %d already, nothing to resume",
             folder,
             done,
             config.train.epochs,
         )
+    return done >= config.train.epochs
+
+
+def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Path:
+    """:func:`train` in its run folder, which exists."""
+    config = prepare_run(folder, config, resume=resume)
+    resume = resume and checkpoint_folder(folder) is not None  # else a new run
+    budget = TimeBudget(
+        config.train.time_budget, checkpoint_seconds(folder) if resume else 0.0
+    )
+    if resume and _finished(folder, config, budget):
         return folder
     if config.data.task == "classification":
         return train_classification(
-            config, folder, strategy, worker, workers, resume=resume, verbose=verbose
+            config,
+            folder,
+            strategy,
+            worker,
+            workers,
+            resume=resume,
+            verbose=verbose,
+            budget=budget,
         )
     dataset, fingerprint = _checked_dataset(config)
     _check_spatial_dims(config, dataset, fingerprint)
@@ -310,8 +338,9 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
         strategy,
         resume,
         [dataset.labels[v] for v in values] if segmentation else None,
+        progress=budget.progress,
     )
-    if start_epoch >= config.train.epochs:
+    if start_epoch >= epochs_to_run(config):
         return folder
     sampler = training_data.PatchSampler(
         [prepared[i] for i in split[0]],
@@ -342,8 +371,9 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
         preprocessor,
         [prepared[i] for i in split[1]],
         metadata,
-        config.train.epochs,
+        epochs_to_run(config),
         best,
+        budget,
     )
     fit_run(
         model,

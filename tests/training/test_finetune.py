@@ -414,3 +414,43 @@ def test_finetune_names_scans_of_other_dimensions_than_the_pretrained_model(tmp_
         f"{shipped_models()['membrane']} was trained on 2D scans"
     )
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_finetune_trains_to_its_time_budget_through_the_unfreezing(
+    pretrained, tmp_path
+):
+    import csv
+
+    import yaml
+
+    bundle, whole = pretrained
+    out = tmp_path / "ft"
+    result = medseg(
+        "finetune",
+        "--model",
+        bundle,
+        "--data",
+        whole,
+        "--output",
+        out,
+        "--freeze",
+        "enc*",
+        "--unfreeze-after",
+        "1",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--time-budget",
+        "10s",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epoch 1: every layer trainable from here on" in result.stderr
+    with open(out / "history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    # the budget ended the run, in the first epoch that reached it
+    assert len(rows) > 2 and float(rows[-2]["elapsed"]) < 10.0
+    assert float(rows[-1]["elapsed"]) >= 10.0
+    saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert saved["time_budget"] == 10.0 and saved["init_from"] == str(bundle)
