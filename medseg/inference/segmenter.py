@@ -165,7 +165,7 @@ class Segmenter:
     def probabilities(self, image: np.ndarray, progress=None) -> np.ndarray:
         """Class probabilities ``(*S, K)`` of a preprocessed image, mirroring TTA;
         ``progress`` as :func:`sliding_window_predict` takes it."""
-        return sliding_window_predict(
+        scores = sliding_window_predict(
             image,
             slicewise(self._predict_batch, self.slice_axis),
             patch_size=self.window,
@@ -174,6 +174,8 @@ class Segmenter:
             mirror_axes=self._window_mirror,
             progress=progress,
         )
+        check_output(scores, self.bundle)
+        return scores
 
     def check(self, volume: Volume) -> Volume:
         """``volume`` as the network takes it (a greyscale picture stored with colour
@@ -204,6 +206,22 @@ class Segmenter:
     def segment(self, volume: Volume) -> Volume:
         """Label map (declared label values) on ``volume``'s own grid and header."""
         return self.predict(volume).labels
+
+
+def check_output(scores: np.ndarray, bundle) -> None:
+    """Refuses a network output that is not finite: NaN probabilities would be
+    written as background without a word.
+
+    Raises:
+        InputFileError: naming the bundle.
+    """
+    bad = scores.size - np.count_nonzero(np.isfinite(scores))
+    if bad:
+        raise InputFileError(
+            bundle,
+            f"the network's output holds {bad:,} NaN/Inf values on this scan (weights "
+            "that are NaN, or an input it cannot take); nothing written",
+        )
 
 
 def _on_scan_grid(volume: Volume, parts, options, notes) -> Prediction:

@@ -43,15 +43,31 @@ class ZScoreNormalization:
     scheme = "zscore"
 
     def __call__(self, channel: np.ndarray) -> np.ndarray:
-        channel = np.asarray(channel, dtype=np.float32)
+        # statistics summed in float64: a float32 sum of squares overflows from
+        # values of about 1e19 on, and the whole scan would become NaN
+        channel = np.asarray(channel)
         if not self.nonzero_mask:
-            return (channel - channel.mean()) / _safe_scale(channel.std())
+            mean, std = _moments(channel)
+            return _scaled(channel, mean, std)
         mask = channel != 0
-        out = np.zeros_like(channel)
+        out = np.zeros(channel.shape, np.float32)
         if mask.any():
             values = channel[mask]
-            out[mask] = (values - values.mean()) / _safe_scale(values.std())
+            out[mask] = _scaled(values, *_moments(values))
         return out
+
+
+def _moments(values: np.ndarray) -> tuple[float, float]:
+    return float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
+
+
+def _scaled(values: np.ndarray, mean: float, std: float) -> np.ndarray:
+    if values.dtype == np.float64 or abs(mean) > 1e30:
+        centred = np.asarray(values, np.float64) - mean
+        return (centred / _safe_scale(std)).astype(np.float32)
+    return (np.asarray(values, np.float32) - np.float32(mean)) / np.float32(
+        _safe_scale(std)
+    )
 
 
 @dataclass(frozen=True)
@@ -256,6 +272,65 @@ def handle_nonfinite(
             "channel minimum)",
         )
     return replace_nonfinite(array, fill)
+
+
+#: the largest magnitude the network's float32 input holds
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_float32_range(array: np.ndarray, path: str | Path) -> None:
+    """Refuses a scan with finite values beyond float32's range: the network computes
+    in float32, and such a voxel would become Inf there.
+
+    Raises:
+        InputFileError: naming the largest magnitude.
+    """
+    array = np.asarray(array)
+    if array.dtype.kind != "f" or array.dtype.itemsize <= 4 or array.size == 0:
+        return
+    largest = float(np.max(np.abs(array)))
+    if largest > FLOAT32_MAX:
+        raise InputFileError(
+            path,
+            f"values up to {largest:.3g} do not fit float32 (at most "
+            f"{FLOAT32_MAX:.3g}), in which the network computes; rescale the scan",
+        )
+
+
+def check_normalised(
+    array: np.ndarray, path: str | Path, normalizers: Sequence[Normalizer] = ()
+) -> None:
+    """Refuses a normalised scan the network would label as background without a
+    word: one not finite everywhere, or a z-scored channel that one voxel flattens
+    (a z-score's squares sum to the voxel count, so a voxel whose square exceeds a
+    quarter of it holds more of the variance than all the anatomy: an outlier such
+    as 1e20 in a scan of hundreds, which leaves every other voxel at about 0).
+
+    Raises:
+        InputFileError: what is wrong.
+    """
+    bad = count_nonfinite(array)
+    if bad:
+        raise InputFileError(
+            path,
+            f"{bad:,} voxels are not finite after intensity normalisation (values "
+            "too large for float32?); refused rather than segmented",
+        )
+    for c, normalizer in enumerate(normalizers):
+        if not isinstance(normalizer, ZScoreNormalization):
+            continue
+        channel = array[..., c]
+        if channel.size < 64:
+            continue
+        largest = float(np.max(np.abs(channel)))
+        if largest**2 > channel.size / 4:
+            raise InputFileError(
+                path,
+                f"channel {c}: a few extreme voxels hold most of its intensity "
+                f"variance (one lies {largest:.0f} standard deviations from the "
+                "mean), so the z-scored scan is flat everywhere else and would be "
+                "segmented as background; refused (remove the outlier voxels)",
+            )
 
 
 def blank_note(volume) -> str | None:

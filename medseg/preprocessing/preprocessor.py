@@ -9,6 +9,8 @@ import numpy as np
 
 from medseg.preprocessing.intensity import (
     NONFINITE_POLICIES,
+    check_float32_range,
+    check_normalised,
     handle_nonfinite,
     normalize,
     normalizer_from_dict,
@@ -56,6 +58,7 @@ class Preprocessor:
 
         path = volume.path or "image"
         array = handle_nonfinite(np.asarray(volume.array), path, self.nonfinite)
+        check_float32_range(array, path)
         volume, record = geometry.reorient_to_canonical(volume.with_array(array))
         records = [record]
         if self.crop_nonzero:
@@ -73,7 +76,9 @@ class Preprocessor:
                 volume, self.target_spacing_mm
             )
             records.append(record)
-        return normalize(np.asarray(volume.array), self.normalizers), records
+        image = normalize(np.asarray(volume.array), self.normalizers)
+        check_normalised(image, volume.path or "image", self.normalizers)
+        return image, records
 
     def grid(self, volume) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """The spatial shape and spacing (mm) :meth:`image` gives ``volume``, found
