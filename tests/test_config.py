@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 
@@ -121,3 +122,82 @@ def test_load_config_uses_the_safe_loader(tmp_path):
         InputFileError, match=r"bad.yaml: unknown model key\(s\) \['upsample'\]"
     ):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        (
+            "train",
+            "learning_rate",
+            float("nan"),
+            "train.learning_rate must be a finite",
+        ),
+        ("train", "learning_rate", -1, "train.learning_rate must be > 0.0, got -1"),
+        ("train", "epochs", True, "train.epochs must be an integer, got True"),
+        ("train", "batch_size", 2.5, "train.batch_size must be an integer"),
+        ("train", "momentum", 1.0, "train.momentum must be in [0.0, 1.0), got 1.0"),
+        ("train", "val_overlap", float("inf"), "train.val_overlap must be a finite"),
+        ("train", "freeze", "enc*", "train.freeze must be a list, got 'enc*'"),
+        ("model", "filters", 16, "model.filters must be a list, got 16"),
+        ("model", "filters", [16, "a"], "each of model.filters must be an integer"),
+        ("model", "dropout", 1.5, "model.dropout must be in [0.0, 1.0), got 1.5"),
+        ("model", "residual", "yes", "model.residual must be true or false"),
+        (
+            "data",
+            "target_spacing_mm",
+            [1, 0, 1],
+            "each of data.target_spacing_mm must be > 0",
+        ),
+        ("data", "labels", [1, 2], "data.labels must be a mapping, got [1, 2]"),
+    ],
+)
+def test_every_config_value_is_checked_for_type_and_range(
+    tmp_path, section, key, value, message
+):
+    import yaml
+
+    data = {"model": {"name": "unet"}, "data": {}, "train": {}}
+    data[section][key] = value
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(InputFileError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: {message}")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("p_rotate", float("nan"), "train.augment.p_rotate must be a finite number"),
+        ("mirror_axes", [0, 5], "each of train.augment.mirror_axes must be in [0, 2]"),
+        ("scale_range", [0.7, float("inf")], "train.augment.scale_range must be a"),
+    ],
+)
+def test_augmentation_values_are_checked_too(key, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Config.from_dict(
+            {"model": {"name": "unet"}, "train": {"augment": {key: value}}}
+        )
+
+
+def test_a_batch_that_fits_only_a_sliver_of_a_patch_is_refused():
+    from medseg.training.planning import plan_training
+
+    fingerprint = {
+        "spacing_mm": {"median": [1.0, 1.0, 1.0]},
+        "shape": {"median": [36, 50, 35]},
+        "num_readable_cases": 208,
+    }
+
+    def config(batch):
+        return Config.from_dict(
+            {
+                "model": {"name": "unet", "filters": [8, 16], "num_classes": 3},
+                "train": {"batch_size": batch, "memory_gb": 1.0},
+            }
+        )
+
+    assert plan_training(config(2), fingerprint).patch_size == (36, 50, 36)
+    with pytest.raises(ValueError, match="train.batch_size 100000 fits the 1.0 GB"):
+        plan_training(config(100000), fingerprint)

@@ -12,6 +12,7 @@ import keras
 
 from medseg.bundle import write_bundle
 from medseg.config import Config
+from medseg.errors import ConfigError
 from medseg.models import main_output
 from medseg.training.budget import BudgetCallback, BudgetProgbar, TimeBudget
 from medseg.training.network import compile_model, is_frozen
@@ -92,6 +93,15 @@ class EpochEnd(keras.callbacks.Callback):
             for k, v in (logs or {}).items()
         }
         number = epoch + 1
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            # nothing of this epoch is kept: the bundle and checkpoint stay those of
+            # the last epoch whose weights were numbers
+            raise ConfigError(
+                f"the training loss became {loss} in epoch {number} (learning rate "
+                f"{run.config.train.learning_rate} too high for this network and "
+                "data?); nothing of this epoch is kept"
+            )
         # the last epoch: the run's last, or the one the time budget ended
         last = number == run.total_epochs or bool(self.model.stop_training)
         validated = run.val_cases and (

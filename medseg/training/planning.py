@@ -100,6 +100,29 @@ def default_memory_gb() -> float:
         return GPU_FALLBACK_GB
 
 
+def _check_batch_fits(config, batch, wanted, patch, needed_gb, memory_gb) -> None:
+    """Refuses a batch that does not fit the memory budget, or that fits only by
+    shrinking the patch below an eighth of the planned one (so small a patch sees
+    too little of a case to learn from, and so large a batch never ends a step).
+
+    Raises:
+        ValueError: what to change.
+    """
+    size = " x ".join(map(str, patch))
+    if needed_gb > memory_gb:
+        raise ValueError(
+            f"train.batch_size {batch} with a patch of {size} needs about "
+            f"{needed_gb:.1f} GB, more than the {memory_gb:.1f} GB budget; give a "
+            "smaller batch_size (or none, to plan it) or a larger train.memory_gb"
+        )
+    if config.train.batch_size is not None and math.prod(patch) * 8 < math.prod(wanted):
+        raise ValueError(
+            f"train.batch_size {batch} fits the {memory_gb:.1f} GB budget only with a "
+            f"patch of {size} instead of {' x '.join(map(str, wanted))}; give a "
+            "smaller batch_size (or none, to plan it) or a larger train.memory_gb"
+        )
+
+
 def _round_up(n: float, multiple: int) -> int:
     return max(multiple, int(math.ceil(n / multiple)) * multiple)
 
@@ -165,6 +188,7 @@ def plan_training(
 
     batch = config.train.batch_size or MIN_BATCH
     fixed, per_sample = estimate(patch)
+    wanted = tuple(patch)
     while (
         model_cfg.patch_size is None
         and fixed + batch * per_sample > memory_gb
@@ -172,6 +196,9 @@ def plan_training(
     ):
         patch[int(np.argmax(patch))] -= multiple
         fixed, per_sample = estimate(patch)
+    _check_batch_fits(
+        config, batch, wanted, patch, fixed + batch * per_sample, memory_gb
+    )
     if config.train.batch_size is None:
         dataset_voxels = fingerprint["num_readable_cases"] * math.prod(median_shape)
         cap = max(
