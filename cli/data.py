@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from medseg_cli.options import FiniteFloatRange
+
 
 @click.group()
 def data() -> None:
@@ -48,7 +50,7 @@ def _read_notes_as_notes():
 )
 @click.option(
     "--tolerance-mm",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=1e-3,
     show_default=True,
     help="Allowed image/label affine difference.",

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from medseg_cli.options import FiniteFloatRange
+
 
 def parse_labels(text: str | None):
     if text is None:
@@ -41,7 +43,7 @@ def parse_labels(text: str | None):
 )
 @click.option(
     "--tolerance-mm",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=1.0,
     show_default=True,
     help="Tolerance of the surface Dice (nsd).",
@@ -85,7 +87,7 @@ def parse_labels(text: str | None):
 )
 @click.option(
     "--min-lesion-mm3",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=0.0,
     show_default=True,
     help="With --lesion-wise: leave out components smaller than this (mm^2 in 2D) "

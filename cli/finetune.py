@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from medseg_cli.options import (
+    FiniteFloatRange,
     data_option,
     epochs_option,
     fold_option,
@@ -50,7 +51,7 @@ from medseg_cli.train import parse_fold, run
 @steps_per_epoch_option
 @time_budget_option
 @click.option(
-    "--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate."
+    "--lr", type=FiniteFloatRange(min=0, min_open=True), help="Learning rate."
 )
 @fold_option
 @seed_option

@@ -9,10 +9,23 @@ import click
 # sliding-window prediction: medseg predict, and medseg info SCAN --model
 
 
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that refuses NaN and infinities (which pass its
+    comparisons), as a usage error naming the option."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 def overlap_option(help: str = "Sliding-window overlap."):
     return click.option(
         "--overlap",
-        type=click.FloatRange(0, 0.95),
+        type=FiniteFloatRange(0, 0.95),
         default=0.5,
         show_default=True,
         help=help,

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from medseg_cli._tf import start_tensorflow
-from medseg_cli.options import overlap_option, tta_option
+from medseg_cli.options import FiniteFloatRange, overlap_option, tta_option
 
 
 @click.command("predict")
@@ -90,7 +90,7 @@ from medseg_cli.options import overlap_option, tta_option
 )
 @click.option(
     "--min-size-mm3",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=0.0,
     help="Remove components of a label smaller than this (mm^3; mm^2 in 2D).",
 )

@@ -11,6 +11,7 @@ import click
 
 from medseg_cli._tf import start_tensorflow
 from medseg_cli.options import (
+    FiniteFloatRange,
     data_option,
     epochs_option,
     fold_option,
@@ -50,7 +51,7 @@ def parse_fold(text: str | None):
 @seed_option
 @click.option(
     "--memory-gb",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     help="Memory budget for planning (default: the GPU's, 4 GB on CPU).",
 )
 @resume_option
