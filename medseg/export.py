@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputFileError
+from medseg.io.files import hidden_sibling
 
 FORMATS = ("savedmodel", "onnx")
 ONNX_FILE = "model.onnx"
@@ -96,7 +97,7 @@ def export_bundle(
     shape = (1, *metadata.patch_size, metadata.in_channels)
     sample = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
     expected = np.asarray(model(sample, training=False))
-    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.partial")
+    tmp = hidden_sibling(output, f".{uuid.uuid4().hex[:8]}.partial")
     try:
         exported = (_savedmodel if fmt == "savedmodel" else _onnx)(model, tmp, sample)
         difference, compared = output_difference(metadata, exported, expected)

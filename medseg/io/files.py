@@ -4,6 +4,7 @@ a second writer."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import uuid
@@ -17,6 +18,39 @@ from medseg.io.volume import split_suffix
 logger = logging.getLogger(__name__)
 
 
+#: bytes kept free after a hidden name's stem for what follows it (a tag such as
+#: ``.in-hand``, or ``.xxxxxxxx.partial.nii.gz``)
+_TAIL_BYTES = 40
+
+
+def _name_limit(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def hidden_stem(path: str | Path) -> str:
+    """``.NAME`` for the hidden files medseg keeps beside ``path`` (temporary files,
+    markers), shortened where ``NAME`` is so long that ``.NAME`` and a tail of up to
+    40 bytes would pass the file system's name limit: then the name is cut and a hash
+    of the whole name added (``.NAME-CUT~0123456789ab``), the same for every run."""
+    path = Path(path)
+    whole = os.fsencode(path.name)
+    room = _name_limit(path.parent if path.parent.exists() else Path(".")) - _TAIL_BYTES
+    if len(whole) + 1 <= room:
+        return f".{path.name}"
+    digest = hashlib.sha256(whole).hexdigest()[:12]
+    return "." + os.fsdecode(whole[: room - len(digest) - 2]) + "~" + digest
+
+
+def hidden_sibling(path: str | Path, tail: str) -> Path:
+    """The hidden file ``.NAME`` + ``tail`` beside ``path`` (see :func:`hidden_stem`),
+    always within the file system's name limit."""
+    path = Path(path)
+    return path.with_name(hidden_stem(path) + tail)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path``, renamed onto ``path`` on success.
@@ -27,7 +61,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     suffix = split_suffix(path)[1] or path.suffix
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial{suffix}")
+    tmp = hidden_sibling(path, f".{uuid.uuid4().hex[:8]}.partial{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from medseg.inference.jobs.outputs import not_its_output
 from medseg.inference.jobs.tables import CaseResult
+from medseg.io.files import hidden_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _in_hand_marker(target: Path) -> Path:
     """The hidden file that says a run has the scan of label map ``target`` in hand
     (reading or segmenting it); a run that dies unannounced (killed for memory, a
     crash in a reader) leaves it."""
-    return target.with_name(f".{target.name}.in-hand")
+    return hidden_sibling(target, ".in-hand")
 
 
 #: the warning of a scan left to another run that has it in hand

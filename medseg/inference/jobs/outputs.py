@@ -18,6 +18,7 @@ from medseg.io.files import atomic_output
 from medseg.io.formats import (
     read_info,
     read_source_id,
+    read_volume,
     write_volume,
 )
 from medseg.io.itk import DETACHED
@@ -138,6 +139,10 @@ def not_its_output(
             f"{target}: an existing label map made from other content than {source} "
             f"(on the same grid): {another}"
         )
+    try:  # the whole file, not its header alone: a truncated one is not done
+        read_volume(target)
+    except InputFileError as exc:
+        return f"{exc}; --overwrite redoes it"
     return None
 
 

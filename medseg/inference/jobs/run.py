@@ -44,6 +44,7 @@ from medseg.inference.jobs.outputs import (
 )
 from medseg.inference.jobs.settings import check_folder
 from medseg.inference.jobs.tables import CaseResult, label_sizes
+from medseg.io.files import hidden_stem
 from medseg.io.formats import (
     read_volume,
 )
@@ -149,7 +150,8 @@ def _remove_partial_files(todo: list[tuple[Path, Path]]) -> None:
     own)."""
     for _, target in todo:
         for name in (target, *EVERYTHING_BESIDE.files(target)):
-            for stale in name.parent.glob(f".{glob.escape(name.name)}.*.partial*"):
+            stem = glob.escape(hidden_stem(name))
+            for stale in name.parent.glob(f"{stem}.*.partial*"):
                 stale.unlink(missing_ok=True)
         for stale in masks_folder(target).glob(".*.partial*"):
             stale.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from medseg.inference.jobs.outputs import (
     label_files,
     output_for,
 )
-from medseg.io.files import atomic_write_text
+from medseg.io.files import atomic_write_text, hidden_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def _create_once(path: Path, text: str) -> bool:
     to a temporary file that is then hard-linked to ``path`` (atomic, and refused when
     ``path`` exists). False when it exists. Where hard links are not supported, a plain
     atomic write."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    tmp = hidden_sibling(path, f".{uuid.uuid4().hex[:8]}.partial")
     try:
         tmp.write_text(text, encoding="utf-8")
         try:
