@@ -14,6 +14,7 @@ import time
 import keras
 
 from medseg.config import format_duration
+from medseg.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +29,52 @@ def epochs_to_run(config) -> int:
     return UNBOUNDED_EPOCHS if config.train.time_budget else config.train.epochs
 
 
+#: ``MEDSEG_BUDGET_CLOCK=cpu`` counts a budget in the run's own CPU time per core
+#: instead of wall-clock time, so that runs compared at one budget on a shared
+#: machine get the same compute however busy it is (recipe studies)
+BUDGET_CLOCK_VARIABLE = "MEDSEG_BUDGET_CLOCK"
+
+
+def cpu_seconds_per_core() -> float:
+    """This process's CPU time divided by the cores it may use: the seconds an idle
+    machine would have taken for the same work."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return time.process_time() / (cores or os.cpu_count() or 1)
+
+
+def budget_clock():
+    """The clock budgets count with: ``time.monotonic``, or with
+    ``MEDSEG_BUDGET_CLOCK=cpu`` :func:`cpu_seconds_per_core`.
+
+    Raises:
+        ConfigError: another value of the variable.
+    """
+    import os
+
+    name = os.environ.get(BUDGET_CLOCK_VARIABLE, "wall")
+    clocks = {"wall": time.monotonic, "cpu": cpu_seconds_per_core}
+    if name not in clocks:
+        raise ConfigError(
+            f"{BUDGET_CLOCK_VARIABLE}={name!r}: expected one of {sorted(clocks)}"
+        )
+    return clocks[name]
+
+
 class TimeBudget:
     """The seconds a run has spent, of its budget (``None``: no budget).
 
     Args:
         seconds: the budget.
         spent: seconds spent before this process (from the checkpoint).
-        clock: the time source (``time.monotonic``; tests pass their own).
+        clock: the time source (:func:`budget_clock`; tests pass their own).
     """
 
-    def __init__(self, seconds: float | None, spent: float = 0.0, clock=time.monotonic):
+    def __init__(self, seconds: float | None, spent: float = 0.0, clock=None):
         self.seconds = seconds
         self.spent_before = float(spent)
+        clock = clock or budget_clock()
         self._clock = clock
         self._started = clock()
         self.progress = keras.Variable(
