@@ -15,9 +15,11 @@ channel, and the fraction of voxels each label occupies.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -110,7 +112,11 @@ def check_dataset(
     rng = np.random.default_rng(seed)
     acc = _Accumulator()
     expected_channels = dataset.num_channels  # None: the first readable case decides
-    for case in dataset.cases:
+    repeats = _listed_twice(dataset.cases)
+    for index, case in enumerate(dataset.cases):
+        if index in repeats:
+            report.problems.append(repeats[index])
+            continue
         problems, image, label = _check_case(
             dataset, case, max_voxels, affine_tolerance_mm, report.notes
         )
@@ -132,6 +138,39 @@ def check_dataset(
             progress(case)
     report.fingerprint = _fingerprint(dataset, acc)
     return report
+
+
+def _listed_twice(cases) -> dict[int, CaseProblem]:
+    """The problem of each case (by position) that repeats an earlier one: the same
+    case id, or an image or label file an earlier case already uses (by its resolved
+    path, so ``imagesTr/../imagesTr/a.nii.gz`` is ``imagesTr/a.nii.gz``). Training
+    would count it twice, and two folds would validate on it."""
+    first_of: dict = {}
+    repeats: dict[int, CaseProblem] = {}
+    for index, case in enumerate(cases):
+        files = [
+            Path(os.path.realpath(path))
+            for path in (*case.images, case.label)
+            if path is not None
+        ]
+        keys = [("id", case.case_id)] + [("file", f) for f in files]
+        earlier = next((first_of[k] for k in keys if k in first_of), None)
+        if earlier is not None:
+            what = (
+                "the same case id"
+                if first_of.get(("id", case.case_id)) == earlier
+                else "a file it uses too"
+            )
+            repeats[index] = CaseProblem(
+                case.case_id,
+                case.images[0] if case.images else None,
+                f"listed twice: entry {index + 1} repeats entry {earlier + 1} "
+                f"({what}); training would count it twice",
+            )
+            continue
+        for key in keys:
+            first_of.setdefault(key, index)
+    return repeats
 
 
 def _read(case: Case, path, max_voxels, problems, notes) -> Volume | None:

@@ -547,3 +547,35 @@ def test_slicer_segments_named_as_the_datasets_labels_must_hold_their_values(
         "segments 'a' and 'b' overlap in 6 voxels (saved in 2 layers); a label map "
         "holds one label a voxel"
     )
+
+
+def test_a_case_listed_twice_fails_the_check_naming_both_entries(tmp_path):
+    import shutil
+
+    from medseg.datasets.checks import check_dataset
+    from tests.conftest import SAMPLE
+
+    root = tmp_path / "dup"
+    shutil.copytree(SAMPLE, root)
+    manifest = json.loads((root / "dataset.json").read_text())
+    entries = manifest["training"]
+    first, second = dict(entries[0]), dict(entries[1])
+    second["image"] = second["image"].replace("imagesTr/", "imagesTr/../imagesTr/")
+    manifest["training"] = entries + [first, second]
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    report = check_dataset(load_dataset(root, strict=False))
+    count = len(entries)
+    assert [(p.case_id, p.problem) for p in report.problems] == [
+        (
+            entries[0]["image"].split("/")[-1].removesuffix(".nii.gz"),
+            f"listed twice: entry {count + 1} repeats entry 1 (the same case id); "
+            "training would count it twice",
+        ),
+        (
+            entries[1]["image"].split("/")[-1].removesuffix(".nii.gz"),
+            f"listed twice: entry {count + 2} repeats entry 2 (the same case id); "
+            "training would count it twice",
+        ),
+    ]
+    assert not report.ok
+    assert check_dataset(load_dataset(SAMPLE, strict=False)).ok
