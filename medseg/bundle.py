@@ -314,6 +314,18 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+#: the key of ``medseg.json``'s checksum over the rest of its content
+METADATA_CHECKSUM = "metadata_sha256"
+
+
+def metadata_checksum(record: Mapping[str, Any]) -> str:
+    """The sha256 of a ``medseg.json`` record's content (its checksum key left out),
+    written canonically (sorted keys, no spaces), so formatting does not count."""
+    content = {k: v for k, v in record.items() if k != METADATA_CHECKSUM}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def versions() -> dict:
     import keras
     import tensorflow as tf
@@ -346,6 +358,7 @@ def write_bundle(
             "versions": versions(),
             "model_sha256": sha256(tmp),
         }
+        record[METADATA_CHECKSUM] = metadata_checksum(record)
         text = json.dumps(record, indent=2) + "\n"
         atomic_write_text(folder / PENDING_FILE, text)  # then the model is renamed
     os.replace(folder / PENDING_FILE, folder / METADATA_FILE)
@@ -414,6 +427,19 @@ def verify(folder: str | Path, *, allow_modified: bool = False) -> BundleMetadat
         pending = _pending_metadata(folder, actual)
         if pending is not None:  # a write stopped between its two renames
             return pending
+    kept = metadata.get(METADATA_CHECKSUM)
+    if kept is not None and kept != metadata_checksum(metadata.to_dict()):
+        if not allow_modified:
+            raise InputFileError(
+                folder / METADATA_FILE,
+                "edited since the bundle was written (its content no longer matches "
+                f"its {METADATA_CHECKSUM}; --allow-modified-model uses it anyway)",
+            )
+        logging.getLogger(__name__).warning(
+            "%s: edited since the bundle was written; used anyway "
+            "(--allow-modified-model)",
+            folder / METADATA_FILE,
+        )
     if actual != metadata.get("model_sha256"):
         if allow_modified:
             logging.getLogger(__name__).warning(

@@ -123,6 +123,7 @@ def export_bundle(
                 "checked": compared,
             },
         }
+        record[bundles.METADATA_CHECKSUM] = bundles.metadata_checksum(record)
         if fmt == "onnx":
             _embed_onnx_metadata(tmp / ONNX_FILE, record)
         (tmp / bundles.METADATA_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -117,6 +117,7 @@ def test_a_json_list_or_bad_json_is_refused_by_name(tmp_path):
 def _broken_bundle(folder, edit):
     shutil.copytree(resolve("hippocampus"), folder)
     record = json.loads((folder / "medseg.json").read_text())
+    record.pop("metadata_sha256", None)  # edited on purpose: no checksum to keep
     edit(record)
     (folder / "medseg.json").write_text(json.dumps(record))
     return folder
@@ -153,3 +154,30 @@ def test_labels_that_do_not_match_the_networks_classes_are_refused(tmp_path):
         f"{bundle}: medseg.json names 2 labels, but the network outputs 3 classes"
         in result.stderr
     )
+
+
+def test_an_edit_to_medseg_json_is_caught_by_its_checksum(tmp_path, caplog):
+    import keras
+
+    from medseg.bundle import verify, write_bundle
+    from tests.conftest import bundle_record
+
+    model = keras.Sequential([keras.Input((16, 16, 1)), keras.layers.Conv2D(2, 1)])
+    folder = write_bundle(tmp_path / "b", model, bundle_record())
+    record = json.loads((folder / "medseg.json").read_text())
+    assert len(record["metadata_sha256"]) == 64
+    assert verify(folder)["labels"]["1"]["name"] == "class 1"
+    # the same content written otherwise (indent, key order) is the same bundle
+    (folder / "medseg.json").write_text(json.dumps(dict(reversed(record.items()))))
+    verify(folder)
+    record["labels"]["1"]["name"] = "tumour"
+    (folder / "medseg.json").write_text(json.dumps(record, indent=1))
+    with pytest.raises(InputFileError) as caught:
+        verify(folder)
+    assert str(caught.value) == (
+        f"{folder / 'medseg.json'}: edited since the bundle was written (its content "
+        "no longer matches its metadata_sha256; --allow-modified-model uses it anyway)"
+    )
+    with caplog.at_level("WARNING"):
+        assert verify(folder, allow_modified=True).label_names == ("class 0", "tumour")
+    assert "edited since the bundle was written; used anyway" in caplog.text
