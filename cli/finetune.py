@@ -80,7 +80,13 @@ def finetune(
     and patch size), and the new bundle records the pretrained one.
     """
     from medseg.bundle import read_metadata, resolve
-    from medseg.config import Config, load_config, relative_to_config
+    from medseg.config import (
+        MODEL_OPTIONS,
+        Config,
+        ModelConfig,
+        load_config,
+        relative_to_config,
+    )
     from medseg.errors import InputFileError
 
     bundle = resolve(model).resolve()
@@ -96,12 +102,26 @@ def finetune(
         saved = Config.from_dict(metadata["config"])
         config = load_config(config_path) if config_path else saved
         preprocessing = metadata["preprocessing"]
-        # the network and what it depends on come from the pretrained bundle
+        # the network and what it depends on come from the pretrained bundle; an
+        # autoencoder's gives a U-Net of the same encoder (its options that a U-Net
+        # takes), whose encoder starts from the autoencoder's
         model_section = replace(
             saved.model,
             num_classes=None,
             patch_size=metadata.patch_size,
         )
+        if saved.model.name == "autoencoder":
+            model_section = ModelConfig(
+                name="unet",
+                spatial_dims=saved.model.spatial_dims,
+                in_channels=saved.model.in_channels,
+                patch_size=metadata.patch_size,
+                options={
+                    k: v
+                    for k, v in saved.model.options.items()
+                    if k in MODEL_OPTIONS["unet"]
+                },
+            )
         spacing = preprocessing.get("target_spacing_mm")
         data_section = replace(
             config.data,

@@ -19,6 +19,7 @@ from medseg.inference.precision import (
 )
 from medseg.inference.scan_plan import WindowCount, _scan_notes, check_scan
 from medseg.inference.sliding_window import (
+    output_window,
     slicewise,
     sliding_window_predict,
     windows_per_pass,
@@ -132,6 +133,7 @@ class Segmenter:
         self.patch_size = self.metadata.patch_size
         self.slice_axis = self.metadata.slice_axis
         self.window = self.metadata.window
+        self.output_window = output_window(self.model, self.window, self.slice_axis)
         in_plane = [a for a in range(len(self.window)) if a != self.slice_axis]
         self._window_mirror = tuple(in_plane[a] for a in mirror_axes)
         values = self.metadata.label_values
@@ -173,6 +175,7 @@ class Segmenter:
             batch_size=self.batch_size,
             mirror_axes=self._window_mirror,
             progress=progress,
+            output_size=self.output_window,
         )
         check_output(scores, self.bundle)
         return scores

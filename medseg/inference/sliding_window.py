@@ -103,6 +103,34 @@ def _flip_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
     ]
 
 
+def output_window(
+    model, window: Sequence[int], slice_axis: int | None = None
+) -> tuple[int, ...]:
+    """The output a network gives for an input ``window`` (with a 1 at
+    ``slice_axis`` for a 2D network on volumes): the window itself, or for an
+    unpadded (``"valid"``) U-Net, whose output shape is fixed, its centre."""
+    shape = model.output_shape
+    if isinstance(shape, list):  # deep supervision: the full-resolution output first
+        shape = shape[0]
+    spatial = list(shape[1:-1])
+    if any(n is None for n in spatial):
+        return tuple(int(n) for n in window)
+    if slice_axis is not None:
+        spatial.insert(slice_axis, 1)
+    return tuple(int(n) for n in spatial)
+
+
+def _margins(window: Sequence[int], output: Sequence[int]) -> tuple[int, ...]:
+    """The voxels a network without padding loses on each side, per axis."""
+    if len(output) != len(window) or any(
+        o > w or (w - o) % 2 for w, o in zip(window, output, strict=True)
+    ):
+        raise ValueError(
+            f"output size {tuple(output)} is not the centre of window {tuple(window)}"
+        )
+    return tuple((w - o) // 2 for w, o in zip(window, output, strict=True))
+
+
 def sliding_window_predict(
     image: np.ndarray,
     predict_fn: Callable[[np.ndarray], np.ndarray],
@@ -113,6 +141,7 @@ def sliding_window_predict(
     batch_size: int = 2,
     mirror_axes: Sequence[int] = (),
     progress: Callable[[int, int], None] | None = None,
+    output_size: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Predicts a whole channels-last image window by window and blends the outputs.
 
@@ -134,6 +163,12 @@ def sliding_window_predict(
             averaged (as nnU-Net does, per window).
         progress: called after each forward pass (with its mirrored ones) with the
             windows done and the windows in all.
+        output_size: the size of ``predict_fn``'s output, where it is smaller than
+            its input (an unpadded, ``"valid"`` U-Net: the output is the input's
+            centre). The output windows then tile the image with ``overlap``, each
+            read from an input window around it; the image is extended past its
+            edges by mirroring (as the original U-Net does). ``None``: the same as
+            ``patch_size``.
 
     Returns:
         ``(*S, K)`` float32: the weighted mean of the window outputs at each voxel.
@@ -148,12 +183,19 @@ def sliding_window_predict(
         )
     if any(not 0 <= a < len(spatial) for a in mirror_axes):
         raise ValueError(f"mirror_axes {tuple(mirror_axes)} outside {len(spatial)}D")
+    window = patch_size  # what the network reads
+    patch_size = tuple(int(o) for o in (output_size or window))  # what it gives
+    margins = _margins(window, patch_size)
     padded_shape = tuple(max(s, p) for s, p in zip(spatial, patch_size, strict=True))
     pads = [
         ((p - s) // 2, p - s - (p - s) // 2)
         for s, p in zip(spatial, padded_shape, strict=True)
     ]
     padded = np.pad(image, [*pads, (0, 0)]) if any(sum(p) for p in pads) else image
+    source = padded
+    if any(margins):
+        mode = "reflect" if min(padded_shape) > 1 else "edge"
+        source = np.pad(padded, [*((m, m) for m in margins), (0, 0)], mode=mode)
     axis_weights = [
         _gaussian_1d(p, 1 / 8) if blend == "gaussian" else np.ones(p, np.float32)
         for p in patch_size
@@ -172,7 +214,11 @@ def sliding_window_predict(
             tuple(slice(s, s + p) for s, p in zip(w, patch_size, strict=True))
             for w in chunk
         ]
-        batch = np.stack([padded[box] for box in boxes]).astype(np.float32)
+        reads = [
+            tuple(slice(s, s + p) for s, p in zip(w, window, strict=True))
+            for w in chunk
+        ]
+        batch = np.stack([source[box] for box in reads]).astype(np.float32)
         outputs = np.array(predict_fn(batch), dtype=np.float32)  # writable copy
         for axes in flips:
             mirrored = predict_fn(np.ascontiguousarray(np.flip(batch, axes)))

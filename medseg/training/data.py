@@ -235,6 +235,7 @@ def make_dataset(
     shard: bool = True,
     target: str = "label",
     deep_supervision: int = 0,
+    label_margins: tuple[int, ...] = (),
 ):
     """The infinite ``tf.data`` stream of augmented batches ``(images, labels)``.
 
@@ -242,7 +243,9 @@ def make_dataset(
     where each worker samples its own patches) tf.distribute does not split the stream
     by worker. ``target="image"`` pairs each augmented image with itself
     (reconstruction) instead of with its label. ``deep_supervision`` levels make the
-    labels a tuple (:func:`deep_supervision_targets`).
+    labels a tuple (:func:`deep_supervision_targets`). ``label_margins``: voxels cut
+    from each side of the labels, per spatial axis, after augmentation: an unpadded
+    (``"valid"``) U-Net labels the centre of its input only.
     """
     import tensorflow as tf
 
@@ -261,6 +264,12 @@ def make_dataset(
         )
     else:
         dataset = dataset.map(lambda image, label, seed: (image, label))
+    if any(label_margins):
+        centre = tuple(
+            slice(m, n - m)
+            for m, n in zip(label_margins, sampler.sample_size, strict=True)
+        )
+        dataset = dataset.map(lambda image, label: (image, label[centre]))
     if target == "image":
         dataset = dataset.map(lambda image, label: (image, image))
     elif deep_supervision:

@@ -123,6 +123,22 @@ def _check_batch_fits(config, batch, wanted, patch, needed_gb, memory_gb) -> Non
         )
 
 
+def _valid_sizes(model_cfg, depth: int, patch: list[int]) -> list[int]:
+    """For an unpadded (``"valid"``) U-Net: each size of ``patch`` raised to the
+    smallest input size the network takes."""
+    from medseg.models import valid_unet_input_sizes
+
+    options = model_cfg.options
+    sizes = valid_unet_input_sizes(
+        depth=depth,
+        convs_per_level=int(options.get("convs_per_level", 2)),
+        kernel_size=int(options.get("kernel_size", 3)),
+        dilation=int(options.get("dilation", 1)),
+        max_size=4 * max(patch) + 1024,
+    )
+    return [next(size for size in sizes if size >= n) for n in patch]
+
+
 def _round_up(n: float, multiple: int) -> int:
     return max(multiple, int(math.ceil(n / multiple)) * multiple)
 
@@ -169,6 +185,9 @@ def plan_training(
     depth = len(model_cfg.options.get("filters", (32, 64, 128, 256, 320))) - 1
     multiple = 2**depth if model_cfg.name != "classifier" else 1
     patch = list(model_cfg.patch_size or (_round_up(n, multiple) for n in in_plane))
+    unpadded = model_cfg.options.get("padding", "same") == "valid"
+    if unpadded and model_cfg.patch_size is None:
+        patch = _valid_sizes(model_cfg, depth, patch)
     precision_bytes = 2 if config.train.precision.startswith("mixed") else 4
 
     def estimate(patch_size):
@@ -191,6 +210,7 @@ def plan_training(
     wanted = tuple(patch)
     while (
         model_cfg.patch_size is None
+        and not unpadded  # its sizes are not multiples of 2**depth
         and fixed + batch * per_sample > memory_gb
         and max(patch) > multiple
     ):

@@ -251,6 +251,15 @@ def _split(config, dataset) -> tuple[list, list]:
     return split
 
 
+def label_margins(model) -> tuple[int, ...]:
+    """The voxels on each side of its input that an unpadded (``"valid"``) U-Net
+    gives no output for, per spatial axis (all 0 for a padded network)."""
+    inputs, outputs = model.input_shape[1:-1], model.output_shape[1:-1]
+    if any(n is None for n in (*inputs, *outputs)):
+        return (0,) * len(inputs)
+    return tuple((i - o) // 2 for i, o in zip(inputs, outputs, strict=True))
+
+
 def _finished(folder: Path, config: Config, budget: TimeBudget) -> bool:
     """Whether the run in ``folder`` has trained all it was asked to already."""
     if not (folder / "medseg.json").is_file():
@@ -361,6 +370,7 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
             shard=workers == 1,
             target="image" if not segmentation else "label",
             deep_supervision=levels,
+            label_margins=label_margins(model),
         )
 
     record_origin(metadata, folder, origin)

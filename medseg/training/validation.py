@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from medseg.inference.sliding_window import (
+    output_window,
     slicewise,
     sliding_window_predict,
     windows_per_pass,
@@ -56,7 +57,10 @@ def validate(model, run: Run) -> dict[str, float]:
     fp = np.zeros(num_classes)
     fn = np.zeros(num_classes)
 
+    from medseg.models import main_output
+
     predict = slicewise(predictor(model, run), run.plan.slice_axis)
+    output = output_window(main_output(model), run.plan.window, run.plan.slice_axis)
     for case in run.val_cases:
         scores = sliding_window_predict(
             case.image,
@@ -64,6 +68,7 @@ def validate(model, run: Run) -> dict[str, float]:
             patch_size=run.plan.window,
             overlap=run.config.train.val_overlap,
             batch_size=windows_per_pass(run.plan.window, VALIDATION_BATCH),
+            output_size=output,
         )
         prediction = scores.argmax(-1)
         truth = case.label[..., 0]

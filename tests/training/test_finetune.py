@@ -454,3 +454,48 @@ def test_finetune_trains_to_its_time_budget_through_the_unfreezing(
     assert float(rows[-1]["elapsed"]) >= 10.0
     saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
     assert saved["time_budget"] == 10.0 and saved["init_from"] == str(bundle)
+
+
+@pytest.mark.slow
+def test_finetune_from_an_autoencoder_starts_a_unet_from_its_encoder(tmp_path):
+    """An autoencoder bundle gives a U-Net of its encoder: with the encoder frozen,
+    the fine-tuned bundle's encoder is the autoencoder's, bit for bit, and it
+    segments the sample's scans on their own grids."""
+    config = tmp_path / "ae.yaml"
+    config.write_text(
+        "model: {name: autoencoder, spatial_dims: 3, filters: [4, 8], "
+        "patch_size: [16, 16, 16]}\n"
+        "data: {task: reconstruction}\n"
+        "train: {epochs: 1, steps_per_epoch: 2, batch_size: 2, optimizer: adam, "
+        "learning_rate: 0.001, folds: 4}\n"
+    )
+    autoencoder = tmp_path / "ae"
+    result = medseg(
+        "train", "--config", config, "--data", SAMPLE, "--output", autoencoder
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "ft"
+    result = medseg(
+        "finetune", "--model", autoencoder, "--data", SAMPLE, "--output", out,
+        "--freeze", "enc*", "--freeze", "bottleneck*",
+        "--epochs", "1", "--steps-per-epoch", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metadata = json.loads((out / "medseg.json").read_text())
+    assert metadata["task"] == "segmentation"
+    assert metadata["config"]["model"]["name"] == "unet"
+    assert metadata["config"]["model"]["filters"] == [4, 8]
+    assert metadata["finetuned_from"]["task"] == "reconstruction"
+    before, after = _weights(autoencoder), _weights(out)
+    encoder = [n for n in after if n.startswith(("enc", "bottleneck")) and after[n]]
+    assert encoder
+    for name in encoder:
+        for a, b in zip(before[name], after[name], strict=True):
+            np.testing.assert_array_equal(a, b)
+    scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    result = medseg(
+        "predict", "--model", out, "--input", scan, "--output", tmp_path / "p"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    labels = np.asanyarray(nib.load(tmp_path / "p" / scan.name).dataobj)
+    assert labels.shape == nib.load(scan).shape
