@@ -5,7 +5,6 @@ label maps written as them."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -71,6 +70,7 @@ def check(
         load_npz_dataset,
     )
     from medseg.io import atomic_write_text
+    from medseg.io.files import json_text
     from medseg.io.volume import DEFAULT_MAX_VOXELS
 
     notes = []
@@ -105,7 +105,7 @@ def check(
     for note in notes + list(report.notes):
         click.echo(f"  NOTE {note}")
     if json_path is not None:
-        atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+        atomic_write_text(json_path, json_text(report.to_dict()))
         click.echo(f"report written to {json_path}")
     if report.ok:
         click.echo(f"OK: no problems found in {dataset}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -191,6 +190,7 @@ def evaluate(
 def _evaluate_classification(prediction, truth, split, summary) -> None:
     from medseg.evaluation.scoring import evaluate_classification
     from medseg.io import atomic_write_text
+    from medseg.io.files import json_text
 
     result = evaluate_classification(prediction, truth, split=split)
     click.echo(
@@ -200,5 +200,5 @@ def _evaluate_classification(prediction, truth, split, summary) -> None:
     for name, auc in result["auc_per_class"].items():
         click.echo(f"  class {name}: AUC (one vs rest) {auc:.4f}")
     if summary is not None:
-        atomic_write_text(summary, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(summary, json_text(result))
         click.echo(f"summary written to {summary}")

@@ -3,7 +3,6 @@ or the grid, orientation and values of a scan."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -176,6 +175,7 @@ def info(
     except InputShapeError as exc:
         raise click.BadParameter(str(exc), param_hint="--input-shape") from None
     from medseg.io import atomic_write_text
+    from medseg.io.files import json_text
     from medseg.models.info import describe_model, format_info
 
     summary = describe_model(
@@ -191,7 +191,7 @@ def info(
             f"slice, across axis {slice_axis} of the scan in RAS order"
         )
     if json_path is not None:
-        atomic_write_text(json_path, json.dumps(summary.to_dict(), indent=2) + "\n")
+        atomic_write_text(json_path, json_text(summary.to_dict()))
         click.echo(f"summary written to {json_path}")
 
 
@@ -211,6 +211,7 @@ def _scans(
     )
     from medseg.errors import InputFileError
     from medseg.io import atomic_write_text
+    from medseg.io.files import json_text
 
     others = [str(p) for p in paths if not names_scans(p, model is not None)]
     if others:
@@ -255,7 +256,7 @@ def _scans(
         click.echo("\n" + totals_line(summaries))
     if json_path is not None:
         record = summaries[0] if one else summaries
-        atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
+        atomic_write_text(json_path, json_text(record))
         click.echo(f"summary written to {json_path}")
     refused = any((s.get("model") or {}).get("refused") for s in summaries)
     if failed or refused:

@@ -21,6 +21,9 @@ from medseg_cli.models import models
 from medseg_cli.predict import predict
 from medseg_cli.train import train
 
+#: the exit status of a command stopped by Ctrl-C
+INTERRUPTED = 130
+
 
 class InputError(click.ClickException):
     """Bad input named in one line; exit status 2 (usage or input error)."""
@@ -40,6 +43,11 @@ class MedsegGroup(click.Group):
             if ctx.meta.get("medseg.debug"):
                 raise
             raise InputError(str(exc)) from None
+        except KeyboardInterrupt:
+            # Ctrl-C before a command takes it over (while TensorFlow loads, say):
+            # 128 + SIGINT, as a shell reports it, not click's "Aborted!" and 1
+            click.echo("\ninterrupted", err=True)
+            ctx.exit(INTERRUPTED)
 
 
 @click.group(

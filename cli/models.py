@@ -33,7 +33,10 @@ def models() -> None:
         else:
             scores = metadata.get("validation") or {}
             score_text = "validation " + (
-                ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items()))
+                ", ".join(
+                    f"{k} {v:.3f}" if v is not None else f"{k} -"
+                    for k, v in sorted(scores.items())
+                )
                 or "none recorded"
             )
         click.echo(

@@ -29,7 +29,7 @@ from typing import Any
 
 from medseg import __version__
 from medseg.errors import InputFileError
-from medseg.io.files import atomic_output, atomic_write_text
+from medseg.io.files import atomic_output, atomic_write_text, json_text, without_nan
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"
@@ -351,15 +351,17 @@ def write_bundle(
     target = folder / MODEL_FILE
     with atomic_output(target) as tmp:
         with_weights_dtype(_without_optimizer(model), weights_dtype).save(tmp)
-        record = {
-            "format_version": FORMAT_VERSION,
-            **metadata,
-            "weights_dtype": weights_dtype,
-            "versions": versions(),
-            "model_sha256": sha256(tmp),
-        }
+        record = without_nan(
+            {
+                "format_version": FORMAT_VERSION,
+                **metadata,
+                "weights_dtype": weights_dtype,
+                "versions": versions(),
+                "model_sha256": sha256(tmp),
+            }
+        )  # a validation score of NaN (no case with the label) is null
         record[METADATA_CHECKSUM] = metadata_checksum(record)
-        text = json.dumps(record, indent=2) + "\n"
+        text = json_text(record)
         atomic_write_text(folder / PENDING_FILE, text)  # then the model is renamed
     os.replace(folder / PENDING_FILE, folder / METADATA_FILE)
     return folder

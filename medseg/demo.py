@@ -173,7 +173,7 @@ def run_demo(
     from medseg.evaluation.scoring import summarize
     from medseg.figures import write_report
     from medseg.inference.jobs import outputs as job_outputs
-    from medseg.io.files import atomic_write_text
+    from medseg.io.files import atomic_write_text, json_text
 
     started = time.perf_counter()
     output = job_outputs.make_output_dir(Path(output))
@@ -200,7 +200,7 @@ def run_demo(
     summary = summarize(rows)
     atomic_write_text(
         output / "summary.json",
-        json.dumps({"cases": len(cases), "labels": summary}, indent=2) + "\n",
+        json_text({"cases": len(cases), "labels": summary}),
     )
     t = time.perf_counter()
     names = {label.value: label.name for label in metadata.labels}
@@ -231,7 +231,7 @@ def run_demo(
         timings.update(result["train"].pop("timings"))
     timings["total_s"] = round(time.perf_counter() - started, 2)
     result["timings"] = timings
-    atomic_write_text(output / "demo.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(output / "demo.json", json_text(result))
     return result
 
 

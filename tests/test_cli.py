@@ -622,3 +622,29 @@ def test_a_long_scan_gets_a_line_a_minute_with_the_time_left_at_its_pace():
         now[0] = at
         pace("c.nii.gz", done, 40)  # 28 in 60 s, 10 left
     assert said[-1] == "c.nii.gz: 30 of 40 windows, about 21 s left"
+
+
+def test_ctrl_c_while_a_command_starts_exits_130_without_a_traceback(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import SAMPLE
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {name: unet, spatial_dims: 3, filters: [4, 8]}\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "medseg_cli", "train", "--config", str(config),
+         "--data", str(SAMPLE), "--output", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a shell's background job ignores SIGINT; a terminal's does not
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    time.sleep(2.0)  # inside the command, TensorFlow loading
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted"
+    assert "Traceback" not in stderr and "Aborted!" not in stderr
+    assert not (tmp_path / "run").exists()

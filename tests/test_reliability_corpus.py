@@ -194,3 +194,61 @@ def test_hidden_names_beside_a_long_name_stay_within_the_limit(tmp_path):
     assert marker.parent == tmp_path and marker.name.startswith(".aaaa")
     assert hidden_stem(long_a) == hidden_stem(long_a) != hidden_stem(long_b)
     marker.write_text("fits")  # the file system takes it
+
+
+def _label_files(folder, name, array):
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.eye(4)), folder / name)
+
+
+def test_summary_json_holds_null_not_nan_and_negative_labels_fail_by_name(tmp_path):
+    import json
+
+    truth = np.zeros((10, 10, 10), np.int16)
+    truth[2:5, 2:5, 2:5] = 1
+    _label_files(tmp_path / "p", "empty.nii.gz", np.zeros_like(truth))
+    _label_files(tmp_path / "t", "empty.nii.gz", truth)
+    negative = truth.copy()
+    negative[7, 7, 7] = -3
+    _label_files(tmp_path / "p", "negative.nii.gz", negative)
+    _label_files(tmp_path / "t", "negative.nii.gz", truth)
+    summary = tmp_path / "summary.json"
+    result = medseg(
+        "evaluate", "--prediction", tmp_path / "p", "--truth", tmp_path / "t",
+        "--summary", summary,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert (
+        f"{tmp_path / 'p' / 'negative.nii.gz'}: negative values (-3): label values "
+        "are 0 (background) and up"
+    ) in result.stderr
+
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in the summary")
+
+    record = json.loads(summary.read_text(), parse_constant=refuse)
+    label = record["labels"]["1"]
+    assert label["dice"]["mean"] == 0.0  # nothing predicted where truth has a label
+    assert label["hd95_mm"]["mean"] is None  # undefined: no predicted surface
+    assert record["failed"] and record["cases"] == 1
+
+
+@pytest.mark.slow
+def test_case_nii_and_case_nii_gz_are_told_apart_in_the_volumes_table(bundle, tmp_path):
+    import csv
+
+    source = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(source, inputs / "case.nii.gz")
+    nib.save(nib.load(source), inputs / "case.nii")
+    out = tmp_path / "out"
+    result = medseg("predict", "--model", bundle, "--input", inputs, "--output", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out / "medseg_volumes.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted({row["case"] for row in rows}) == ["case.nii", "case.nii.gz"]
+    by_case = {}
+    for row in rows:
+        by_case.setdefault(row["case"], []).append((row["label"], row["voxels"]))
+    assert by_case["case.nii"] == by_case["case.nii.gz"]  # the same scan

@@ -3,7 +3,6 @@ named, scored, and written as a table, a summary and pictures."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from medseg.errors import InputFileError
 from medseg.evaluation.scoring import evaluate_pairs, summarize, to_csv
-from medseg.io.files import atomic_write_text
+from medseg.io.files import atomic_write_text, json_text
 from medseg.io.volume import SCAN_SUFFIXES, split_suffix
 
 logger = logging.getLogger(__name__)
@@ -123,7 +122,7 @@ def write_summary(
         "label_names": {str(k): v for k, v in sorted(evaluation.names.items())},
         "labels": evaluation.summary,
     }
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(path, json_text(record))
 
 
 def write_table(evaluation: Evaluation, path: Path) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
+import math
 import os
 import uuid
 from collections.abc import Iterator
@@ -49,6 +51,26 @@ def hidden_sibling(path: str | Path, tail: str) -> Path:
     always within the file system's name limit."""
     path = Path(path)
     return path.with_name(hidden_stem(path) + tail)
+
+
+def without_nan(value):
+    """``value`` (nested dicts, lists and numbers) with every NaN or infinity as
+    ``None``: JSON has no NaN, and ``json.dumps`` would write a bare ``NaN`` that
+    other readers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_nan(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # NumPy
+        return without_nan(value.item())
+    return value
+
+
+def json_text(record) -> str:
+    """``record`` as indented JSON (NaN and infinities as ``null``), newline-ended."""
+    return json.dumps(without_nan(record), indent=2, allow_nan=False) + "\n"
 
 
 @contextlib.contextmanager

@@ -105,7 +105,8 @@ def label_on_grid_of(
 def label_array(volume) -> np.ndarray:
     """A label map's values, refused when they cannot be one: several channels (a
     one-hot or probability volume) or values that are not whole numbers (a soft or
-    resampled prediction, whose every distinct value would be scored as a label).
+    resampled prediction, whose every distinct value would be scored as a label) or
+    below 0.
     Whole numbers stored as floats are read as integers, and a 2D mask saved as a
     greyscale picture with colour or alpha channels as its grey."""
     array = np.asarray(volume.array)
@@ -141,4 +142,11 @@ def label_array(volume) -> np.ndarray:
         array = whole.astype(np.int64)
     elif array.dtype.kind not in "iub":
         raise InputFileError(volume.path, f"{array.dtype} values: not a label map")
+    if array.dtype.kind != "u" and array.size and array.min() < 0:
+        negative = np.unique(array[array < 0])
+        raise InputFileError(
+            volume.path,
+            f"negative values ({', '.join(map(str, negative[:5].tolist()))}): label "
+            "values are 0 (background) and up",
+        )
     return array

@@ -11,7 +11,6 @@ with the inputs or the output folder is found first), :func:`load_segmenter`,
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from medseg.inference.jobs import run as jobs
 from medseg.inference.jobs import settings as job_settings
 from medseg.inference.jobs import tables
 from medseg.inference.jobs.claims import IN_HAND_ELSEWHERE
-from medseg.io.files import atomic_write_text
+from medseg.io.files import atomic_write_text, json_text
 
 
 @dataclass(frozen=True)
@@ -383,7 +382,7 @@ def write_report(
     report = tables.report(results)
     if settings:
         report["settings"] = settings
-    atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(report_path, json_text(report))
     elsewhere = sum(
         r.status == "skipped" and any(IN_HAND_ELSEWHERE in w for w in r.warnings)
         for r in results

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -158,10 +159,15 @@ def sizes_table(
     for table in sorted(tables, key=_modified):
         known.update(earlier if table == previous else _read_sizes(table))
     rows, covered = [], set()
+    stems = Counter(
+        split_suffix(Path(r.output))[0] for r in results if r.status != "failed"
+    )
     for result in results:
         if result.status == "failed":
             continue
         case = split_suffix(Path(result.output))[0]
+        if stems[case] > 1:  # case.nii and case.nii.gz: named by file, told apart
+            case = Path(result.output).name
         covered.add(case)
         if result.sizes is None:
             wanted = [str(name) for _, name in _measured(values, names)]
