@@ -447,6 +447,8 @@ def format_duration(seconds: float) -> str:
 
 def _from_flat_dict(cls, data: Mapping[str, Any], section: str):
     """Builds a flat dataclass, naming unknown keys and the allowed ones."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{section} must be a mapping of settings, got {data!r}")
     allowed = [f.name for f in fields(cls)]
     unknown = sorted(set(data) - set(allowed))
     if unknown:
@@ -627,6 +629,10 @@ class TrainConfig:
                 f"train.fold must be 'all' or an int in [0, {self.folds - 1}], got "
                 f"{self.fold!r}"
             )
+        if self.augment is None:
+            object.__setattr__(self, "augment", AugmentConfig())
+        elif not isinstance(self.augment, AugmentConfig | Mapping):
+            raise ValueError(f"train.augment must be a mapping, got {self.augment!r}")
         if isinstance(self.augment, Mapping):
             object.__setattr__(
                 self,

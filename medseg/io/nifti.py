@@ -88,9 +88,14 @@ def _nifti_layout(path: Path, shape: tuple[int, ...]) -> tuple[tuple[int, ...], 
 _MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
 
 
+#: NIfTI's spatial unit codes (the low three bits of ``xyzt_units``)
+_SPATIAL_UNITS = {0: "unknown", 1: "meter", 2: "mm", 3: "micron"}
+
+
 def _mm_per_unit(header) -> tuple[float, str]:
-    unit = header.get_xyzt_units()[0]
-    return _MM_PER_UNIT.get(unit, 1.0), unit
+    # read the code itself: nibabel raises KeyError on a code it does not know
+    unit = _SPATIAL_UNITS.get(int(header["xyzt_units"]) % 8, "unknown")
+    return _MM_PER_UNIT[unit], unit
 
 
 def nifti_affine_mm(header) -> np.ndarray:
@@ -108,7 +113,12 @@ def _nifti_affine(path: Path, header) -> np.ndarray:
     """:func:`nifti_affine_mm`, refused when it places no scan: values that are not
     numbers, or a singular matrix (a voxel size of 0 in the sform, two voxel axes
     alike), which would otherwise fail far from here, or silently, later."""
-    affine = nifti_affine_mm(header)
+    try:
+        affine = nifti_affine_mm(header)
+    except ValueError as exc:  # nibabel's: a qform quaternion of norm above 1
+        raise InputFileError(
+            path, f"degenerate geometry: the header's qform is not a rotation ({exc})"
+        ) from None
     if np.all(np.isfinite(affine)) and abs(np.linalg.det(affine[:3, :3])) > 1e-12:
         return affine
     if header.get_sform(coded=True)[1]:
@@ -151,7 +161,13 @@ def _transforms_disagree(header, spatial: tuple[int, ...]) -> str | None:
     tools read the qform in some cases (a sform that is not rigid, say; older
     versions always): a scan whose two disagree is in two places."""
     sform, sform_code = header.get_sform(coded=True)
-    qform, qform_code = header.get_qform(coded=True)
+    try:
+        qform, qform_code = header.get_qform(coded=True)
+    except ValueError:  # not a rotation; read by the sform (else refused earlier)
+        return (
+            "its qform is not a rotation (a quaternion of norm above 1): ignored, "
+            "read by the sform"
+        )
     if not sform_code or not qform_code:
         return None
     corners = np.array(
