@@ -157,6 +157,9 @@ def format_fingerprint(fp: dict) -> str:
         "orientations: " + ", ".join(f"{k} {v}" for k, v in fp["orientations"].items())
     )
     for c, stats in enumerate(fp["foreground_intensity"]):
+        if stats["mean"] is None:
+            lines.append(f"channel {c} foreground intensity: no foreground voxel")
+            continue
         lines.append(
             f"channel {c} foreground intensity: mean {stats['mean']:.4g} std "
             f"{stats['std']:.4g} p0.5 {stats['percentile_0.5']:.4g} median "

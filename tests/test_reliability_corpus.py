@@ -252,3 +252,50 @@ def test_case_nii_and_case_nii_gz_are_told_apart_in_the_volumes_table(bundle, tm
     for row in rows:
         by_case.setdefault(row["case"], []).append((row["label"], row["voxels"]))
     assert by_case["case.nii"] == by_case["case.nii.gz"]  # the same scan
+
+
+@pytest.mark.slow
+def test_a_bundle_spacing_far_finer_than_the_scan_is_one_line_not_an_allocation(
+    bundle, tmp_path
+):
+    import json
+
+    fine = tmp_path / "fine"
+    shutil.copytree(bundle, fine)
+    record = json.loads((fine / "medseg.json").read_text())
+    record.pop("metadata_sha256")  # edited on purpose
+    record["preprocessing"]["target_spacing_mm"] = [0.005, 0.005, 0.005]
+    (fine / "medseg.json").write_text(json.dumps(record))
+    scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    result = medseg(
+        "predict", "--model", fine, "--input", scan, "--output", tmp_path / "o"
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"{scan}: resampling its 1 x 1 x 1 mm voxels to the model's 0.005 x " in (
+        result.stderr
+    )
+    assert "more than the 1,073,741,824 medseg takes in one scan" in result.stderr
+    assert "Unable to allocate" not in result.stderr
+    info = medseg("info", scan, "--model", fine)
+    assert "resampling its 1 x 1 x 1 mm voxels" in info.stdout + info.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("x.png", "a .png picture cannot hold the 3D label map of"),
+        ("x.jpg", "JPEG is lossy and would change label values; name it .png"),
+    ],
+)
+def test_an_output_format_that_cannot_hold_the_result_is_refused_first(
+    tmp_path, name, problem
+):
+    scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    output = tmp_path / "out" / name
+    result = medseg("predict", "--model", "hippocampus", "--input", scan,
+                    "--output", output)  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith(f"Error: {output}: {problem}")
+    )
+    assert not (tmp_path / "out").exists()  # refused before anything was made

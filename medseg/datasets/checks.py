@@ -137,6 +137,16 @@ def check_dataset(
         if progress is not None:
             progress(case)
     report.fingerprint = _fingerprint(dataset, acc)
+    labelled = [c for c in dataset.cases if c.label is not None]
+    scored = report.fingerprint.get("foreground_intensity") or []
+    if labelled and scored and all(s["mean"] is None for s in scored):
+        report.problems.append(
+            CaseProblem(
+                "(every case)",
+                dataset.root,
+                "no label map has a foreground voxel (all 0): nothing to learn from",
+            )
+        )
     return report
 
 
@@ -409,8 +419,13 @@ def _fingerprint(dataset: Dataset, acc: _Accumulator) -> dict:
 
 
 def intensity_stats(values: np.ndarray) -> dict:
-    """Mean, std, min, max and :data:`PERCENTILES` of an intensity sample."""
+    """Mean, std, min, max and :data:`PERCENTILES` of an intensity sample (each
+    ``None`` for an empty one)."""
     values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:  # no foreground voxel anywhere: nothing to describe
+        return dict.fromkeys(
+            ["mean", "std", "min", "max", *(f"percentile_{q:g}" for q in PERCENTILES)]
+        )
     stats = {
         "mean": float(values.mean()),
         "std": float(values.std()),

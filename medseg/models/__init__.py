@@ -103,7 +103,14 @@ def load_model(path: str | Path):
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = str(exc)
+        if "safe_mode" in text or "arbitrary code" in text:
+            raise InputFileError(
+                path,
+                "refused: the model holds Python code (a Lambda layer or a function "
+                "of its own), and medseg never runs code from a model file",
+            ) from None
+        message = text.splitlines()[0] if text else type(exc).__name__
         raise InputFileError(path, f"cannot load model ({message})") from None
     if weights_dtype(model) != "float32":  # stored small: compute in float32
         model = with_weights_dtype(model, "float32")

@@ -3,10 +3,12 @@ finite voxels, orientation, crop, resampling and intensity normalisation."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from medseg.errors import InputFileError
 from medseg.preprocessing.intensity import (
     NONFINITE_POLICIES,
     check_float32_range,
@@ -72,6 +74,7 @@ class Preprocessor:
 
         volume, records = self._placed(volume)
         if self.target_spacing_mm is not None:
+            self._check_resampled_size(volume)
             volume, record = geometry.resample_to_spacing(
                 volume, self.target_spacing_mm
             )
@@ -80,20 +83,45 @@ class Preprocessor:
         check_normalised(image, volume.path or "image", self.normalizers)
         return image, records
 
+    def _check_resampled_size(self, volume) -> tuple[int, ...]:
+        """The shape resampling ``volume`` (placed) gives, refused past the voxels
+        medseg reads in one scan (a bundle whose target spacing is far finer than
+        the scan's would otherwise ask for hundreds of GiB).
+
+        Raises:
+            InputFileError: the shape and what makes it.
+        """
+        from medseg.io.volume import DEFAULT_MAX_VOXELS
+        from medseg.preprocessing import geometry
+
+        shape = geometry.resampled_shape(
+            volume.spatial_shape, volume.spacing, self.target_spacing_mm
+        )
+        voxels = math.prod(shape) * volume.num_channels
+        if voxels > DEFAULT_MAX_VOXELS:
+            spacing = " x ".join(f"{s:.3g}" for s in self.target_spacing_mm)
+            own = " x ".join(f"{s:.3g}" for s in volume.spacing)
+            raise InputFileError(
+                volume.path or "image",
+                f"resampling its {own} mm voxels to the model's {spacing} mm would "
+                f"make {' x '.join(map(str, shape))} voxels ({voxels:,}), more than "
+                f"the {DEFAULT_MAX_VOXELS:,} medseg takes in one scan",
+            )
+        return tuple(int(n) for n in shape)
+
     def grid(self, volume) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """The spatial shape and spacing (mm) :meth:`image` gives ``volume``, found
         without resampling or normalising it.
 
         Raises:
-            InputFileError: NaN/Inf voxels under the ``"error"`` policy.
+            InputFileError: NaN/Inf voxels under the ``"error"`` policy, or a
+                resampled grid too large.
         """
-        from medseg.preprocessing import geometry
-
         volume, _ = self._placed(volume)
         shape, spacing = volume.spatial_shape, volume.spacing
         if self.target_spacing_mm is None:
             return tuple(int(n) for n in shape), tuple(float(s) for s in spacing)
-        resampled = geometry.resampled_shape(shape, spacing, self.target_spacing_mm)
+        resampled = self._check_resampled_size(volume)
         return resampled, tuple(
             float(n * s / m) for n, s, m in zip(shape, spacing, resampled, strict=True)
         )

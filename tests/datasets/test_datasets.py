@@ -579,3 +579,31 @@ def test_a_case_listed_twice_fails_the_check_naming_both_entries(tmp_path):
     ]
     assert not report.ok
     assert check_dataset(load_dataset(SAMPLE, strict=False)).ok
+
+
+def test_a_dataset_without_a_foreground_voxel_is_one_problem_not_a_traceback(
+    tmp_path,
+):
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import SAMPLE
+
+    root = tmp_path / "blank"
+    shutil.copytree(SAMPLE, root)
+    for path in (root / "labelsTr").glob("*.nii.gz"):
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), path)
+    result = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "medseg_cli",
+         "data", "check", str(root)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert (
+        f"BROKEN (every case): {root}: no label map has a foreground voxel (all 0): "
+        "nothing to learn from"
+    ) in result.stdout + result.stderr
+    assert "channel 0 foreground intensity: no foreground voxel" in result.stdout

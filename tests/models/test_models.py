@@ -338,8 +338,12 @@ def test_load_model_refuses_lambda_layers_and_bad_files(tmp_path):
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Lambda(lambda t: t * 2)(inputs))
     model.save(tmp_path / "lambda.keras")
-    with pytest.raises(ValueError, match="lambda.keras: cannot load model"):
+    with pytest.raises(ValueError) as refused:
         load_model(tmp_path / "lambda.keras")
+    assert str(refused.value) == (
+        f"{tmp_path / 'lambda.keras'}: refused: the model holds Python code (a Lambda "
+        "layer or a function of its own), and medseg never runs code from a model file"
+    )
     (tmp_path / "junk.keras").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="junk.keras: cannot load model"):
         load_model(tmp_path / "junk.keras")

@@ -174,6 +174,8 @@ def plan_segmentation(
         Path(input_path).is_file() or is_series_folder(Path(input_path))
     )
     single = one and output.suffix and not output.is_dir()
+    if single:
+        _check_output_format(output, inputs[0])
     folder = output.parent if single else output
     job_outputs.check_outside_series(inputs, folder)
     output_dir = job_outputs.make_output_dir(
@@ -187,6 +189,40 @@ def plan_segmentation(
     return SegmentationPlan(
         models, options, everything, inputs, groups, names, output_dir, channels
     )
+
+
+def _check_output_format(output: Path, scan: Path) -> None:
+    """Refuses, before any network is loaded, an output file whose format cannot
+    hold the label map of ``scan``: a picture for a 3D scan, a lossy JPEG, or an ITK
+    format without SimpleITK.
+
+    Raises:
+        InputFileError: naming ``output`` and what to name it instead.
+    """
+    from medseg.io import itk
+    from medseg.io.formats import read_info
+    from medseg.io.volume import IMAGE_SUFFIXES, ITK_SUFFIXES, split_suffix
+
+    suffix = split_suffix(output)[1]
+    if suffix in (".jpg", ".jpeg"):
+        raise InputFileError(
+            output, "JPEG is lossy and would change label values; name it .png"
+        )
+    if suffix in ITK_SUFFIXES and not itk.available():
+        raise InputFileError(
+            output, f'writing {suffix} needs SimpleITK: pip install "medseg[itk]"'
+        )
+    if suffix in IMAGE_SUFFIXES:
+        try:
+            dims = len(read_info(scan).spatial_shape)
+        except InputFileError:
+            return  # the scan's own run names its problem
+        if dims == 3:
+            raise InputFileError(
+                output,
+                f"a {suffix} picture cannot hold the 3D label map of {scan}; name "
+                "it .nii.gz",
+            )
 
 
 def load_segmenter(plan: SegmentationPlan):

@@ -344,7 +344,12 @@ def failure_message(case, exc: Exception) -> str:
     unexpected error, so that a bug met on one scan fails that scan only."""
     if isinstance(exc, InputFileError):
         return str(exc)
-    if isinstance(exc, (ValueError, OSError, MemoryError)):
+    if isinstance(exc, MemoryError) or "array is too big" in str(exc):
+        return (
+            f"{case}: not enough memory to segment it ({exc}); 'medseg info SCAN "
+            "--model BUNDLE' estimates what it needs"
+        )
+    if isinstance(exc, (ValueError, OSError)):
         return f"{case}: {exc}"
     return (
         f"{case}: unexpected error ({type(exc).__name__}: {exc}; --debug shows where)"
