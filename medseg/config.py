@@ -109,6 +109,7 @@ RANGES: dict[str, tuple] = {
     "memory_gb": (0.0, None, True, False),
     "unfreeze_after": (1, None, False, False),
     "time_budget": (0.0, None, True, False),
+    "ema": (0.0, 1.0, True, True),
     "rotation_deg": (0.0, 180.0, False, False),
     "elastic_sigma": (0.0, None, True, False),
     "elastic_magnitude": (0.0, None, False, False),
@@ -538,7 +539,8 @@ class TrainConfig:
         epochs, steps_per_epoch: length of training (an epoch is a number of batches).
         batch_size: patches per step; ``None``: planned for the memory budget.
         optimizer, learning_rate, momentum, weight_decay, lr_schedule, poly_exponent.
-        loss: ``dice_ce`` (default), ``dice``, ``focal`` or ``tversky``.
+        loss: ``dice_ce`` (default), ``dice``, ``dice_focal``, ``focal`` or
+            ``tversky``.
         folds, fold: k-fold split by case; ``fold`` is an index or ``"all"``.
         seed: makes splitting, sampling and augmentation repeatable.
         val_interval: validate on whole held-out cases every this many epochs.
@@ -560,6 +562,9 @@ class TrainConfig:
             budget's elapsed fraction instead of over the steps, and the run stops
             when the budget is spent, with its bundle; ``epochs`` is then no limit.
             ``None``: ``epochs`` of ``steps_per_epoch`` steps.
+        ema: keep an exponential moving average of the weights with this momentum
+            (such as 0.999; the optimizer's own), used for validation and written to
+            the bundle; ``None``: the weights as trained.
     """
 
     epochs: int = 100
@@ -585,6 +590,7 @@ class TrainConfig:
     freeze: tuple[str, ...] = ()
     unfreeze_after: int | None = None
     time_budget: float | None = None
+    ema: float | None = None
 
     def __post_init__(self):
         if self.time_budget is not None:
@@ -594,6 +600,11 @@ class TrainConfig:
                 parse_duration(self.time_budget, "train.time_budget"),
             )
         _check_fields(self, "train")
+        if self.ema is not None and self.unfreeze_after is not None:
+            raise ValueError(
+                "train.ema and train.unfreeze_after do not go together (unfreezing "
+                "starts a new optimizer, and with it a new average)"
+            )
         object.__setattr__(self, "freeze", tuple(str(p) for p in self.freeze))
         if self.unfreeze_after is not None and (
             not isinstance(self.unfreeze_after, int) or self.unfreeze_after < 1
@@ -607,7 +618,7 @@ class TrainConfig:
             ("lr_schedule", SCHEDULES),
             ("precision", PRECISIONS),
             ("keep", ("best", "last")),
-            ("loss", ("dice_ce", "dice", "focal", "tversky")),
+            ("loss", ("dice_ce", "dice", "dice_focal", "focal", "tversky")),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(

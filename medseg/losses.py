@@ -219,6 +219,25 @@ class FocalLoss(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package="medseg")
+class DiceFocalLoss(keras.losses.Loss):
+    """Soft Dice (background excluded) plus focal loss (``gamma`` 2), per sample:
+    Dice + cross-entropy with the cross-entropy of well-classified voxels turned
+    down."""
+
+    def __init__(self, gamma=2.0, name="dice_focal_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.gamma = gamma
+
+    def call(self, y_true, y_pred):
+        return soft_dice_loss(y_true, y_pred) + focal_loss(
+            y_true, y_pred, gamma=self.gamma
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "gamma": self.gamma}
+
+
+@keras.saving.register_keras_serializable(package="medseg")
 class TverskyLoss(keras.losses.Loss):
     """Keras wrapper of :func:`tversky_loss` (mean over the batch)."""
 
@@ -267,6 +286,7 @@ def deep_supervision_weights(outputs: int) -> list[float]:
 LOSSES = {
     "dice": DiceLoss,
     "dice_ce": DiceCELoss,
+    "dice_focal": DiceFocalLoss,
     "focal": FocalLoss,
     "tversky": TverskyLoss,
 }

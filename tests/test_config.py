@@ -139,6 +139,7 @@ def test_load_config_uses_the_safe_loader(tmp_path):
         ("train", "momentum", 1.0, "train.momentum must be in [0.0, 1.0), got 1.0"),
         ("train", "val_overlap", float("inf"), "train.val_overlap must be a finite"),
         ("train", "freeze", "enc*", "train.freeze must be a list, got 'enc*'"),
+        ("train", "ema", 1.0, "train.ema must be in (0.0, 1.0), got 1.0"),
         ("model", "filters", 16, "model.filters must be a list, got 16"),
         ("model", "filters", [16, "a"], "each of model.filters must be an integer"),
         ("model", "dropout", 1.5, "model.dropout must be in [0.0, 1.0), got 1.5"),

@@ -48,6 +48,11 @@ def test_cross_entropy_focal_tversky_match_reference(batch):
         reference.tversky_loss(labels, logits, 0.3, 0.7),
         rtol=1e-5,
     )
+    np.testing.assert_allclose(
+        losses.DiceFocalLoss().call(labels, logits),
+        reference.soft_dice_loss(labels, logits) + reference.focal(labels, logits, 2.0),
+        rtol=1e-5,
+    )
     # Tversky with alpha = beta = 0.5 is soft Dice
     np.testing.assert_allclose(
         losses.tversky_loss(labels, logits, alpha=0.5, beta=0.5),
@@ -94,6 +99,10 @@ def test_loss_classes_reduce_to_the_batch_mean_and_round_trip(name, batch):
     functions = {
         "dice": losses.soft_dice_loss,
         "dice_ce": losses.dice_ce_loss,
+        "dice_focal": lambda y, p: (
+            np.asarray(losses.soft_dice_loss(y, p))
+            + np.asarray(losses.focal_loss(y, p))
+        ),
         "focal": losses.focal_loss,
         "tversky": losses.tversky_loss,
     }

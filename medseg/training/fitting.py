@@ -3,6 +3,7 @@ several."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -71,6 +72,23 @@ class Run:
         return score > self.best
 
 
+@contextlib.contextmanager
+def averaged_weights(model):
+    """The model with the moving average of its weights in place (``train.ema``),
+    its trained weights back afterwards; the model as it is without an average."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not getattr(optimizer, "use_ema", False):
+        yield model
+        return
+    trained = [keras.ops.copy(v.value) for v in model.trainable_variables]
+    optimizer.finalize_variable_values(model.trainable_variables)
+    try:
+        yield model
+    finally:
+        for variable, value in zip(model.trainable_variables, trained, strict=True):
+            variable.assign(value)
+
+
 class EpochEnd(keras.callbacks.Callback):
     """Validation, history.csv, progress.png, bundle of the best model, checkpoint."""
 
@@ -108,7 +126,8 @@ class EpochEnd(keras.callbacks.Callback):
             number % run.config.train.val_interval == 0 or last
         )
         if validated:
-            logs.update(validate(self.model, run))
+            with averaged_weights(self.model):
+                logs.update(validate(self.model, run))
             logger.info(
                 "epoch %d validation: %s",
                 number,
@@ -136,16 +155,17 @@ class EpochEnd(keras.callbacks.Callback):
             or not run.val_cases
         ):
             metrics = {k: v for k, v in logs.items() if k.startswith("val_")}
-            write_bundle(
-                run.folder,
-                main_output(self.model),
-                {
-                    **run.metadata,
-                    "epoch": number,
-                    "trained_seconds": logs["elapsed"],
-                    "validation": metrics,
-                },
-            )
+            with averaged_weights(self.model):
+                write_bundle(
+                    run.folder,
+                    main_output(self.model),
+                    {
+                        **run.metadata,
+                        "epoch": number,
+                        "trained_seconds": logs["elapsed"],
+                        "validation": metrics,
+                    },
+                )
         save_checkpoint(
             run.folder,
             self.model,

@@ -118,14 +118,20 @@ def make_optimizer(config: Config, total_steps: int, progress=None):
         rate = BudgetPolyDecay(train.learning_rate, train.poly_exponent, progress)
     else:
         rate = PolyDecay(train.learning_rate, total_steps, train.poly_exponent)
+    average = (
+        {"use_ema": True, "ema_momentum": train.ema} if train.ema is not None else {}
+    )
     if train.optimizer == "sgd":
         return keras.optimizers.SGD(
             rate,
             momentum=train.momentum,
             nesterov=True,
             weight_decay=train.weight_decay or None,
+            **average,
         )
-    return keras.optimizers.Adam(rate, weight_decay=train.weight_decay or None)
+    return keras.optimizers.Adam(
+        rate, weight_decay=train.weight_decay or None, **average
+    )
 
 
 def has_tensorboard() -> bool:

@@ -193,3 +193,38 @@ def test_the_budget_clock_is_wall_time_or_cpu_time_per_core(monkeypatch):
     monkeypatch.setenv("MEDSEG_BUDGET_CLOCK", "sundial")
     with pytest.raises(ConfigError, match="MEDSEG_BUDGET_CLOCK='sundial'"):
         budget_clock()
+
+
+def test_the_averaged_weights_are_in_place_inside_and_the_trained_ones_after():
+    """``train.ema``: the moving average a_1 = w_1, a_k = m a_(k-1) + (1 - m) w_k of
+    the weights after each step, in the model only inside ``averaged_weights``."""
+    from medseg.training.fitting import averaged_weights
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.6), loss="mse"
+    )
+    seen, at_epoch_end = [], {}
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append([np.array(w) for w in self.model.get_weights()])
+
+        def on_epoch_end(self, epoch, logs=None):  # where validation happens
+            with averaged_weights(self.model):
+                at_epoch_end["inside"] = self.model.get_weights()
+            at_epoch_end["after"] = self.model.get_weights()
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((8, 3), "float32"), rng.random((8, 2), "float32")
+    model.fit(x, y, batch_size=2, epochs=1, callbacks=[Record()], verbose=0,
+              shuffle=False)  # fmt: skip
+    average = seen[0]
+    for weights in seen[1:]:
+        average = [0.6 * a + 0.4 * w for a, w in zip(average, weights, strict=True)]
+    inside, trained = at_epoch_end["inside"], seen[-1]
+    for got, want in zip(inside, average, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(at_epoch_end["after"], trained, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not np.allclose(inside[0], trained[0])
