@@ -299,3 +299,13 @@ def test_an_output_format_that_cannot_hold_the_result_is_refused_first(
         result.stderr.strip().splitlines()[-1].startswith(f"Error: {output}: {problem}")
     )
     assert not (tmp_path / "out").exists()  # refused before anything was made
+
+
+def test_the_python_api_refuses_nan_sizes_and_overlaps():
+    import medseg
+
+    scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    with pytest.raises(ValueError, match="min_size_mm3 must be a finite size >= 0"):
+        medseg.segment(scan, model="hippocampus", min_size_mm3=float("nan"))
+    with pytest.raises(ValueError, match=r"overlap must be in \[0, 1\), got nan"):
+        medseg.segment(scan, model="hippocampus", overlap=float("nan"))

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from medseg.errors import InputFileError
+from medseg.inference.postprocessing import checked_min_size
 from medseg.inference.scan_plan import WindowCount, _scan_notes
 from medseg.inference.segmenter import Prediction, Segmenter, _on_scan_grid
 from medseg.io.volume import Volume
@@ -101,7 +102,7 @@ class Ensemble:
         self.members = tuple(members)
         self.values, self.names = members[0].values, members[0].names
         self.keep_largest = keep_largest
-        self.min_size_mm3 = min_size_mm3
+        self.min_size_mm3 = checked_min_size(min_size_mm3)
         self.want_probabilities = probabilities
         #: as :attr:`Segmenter.on_windows`, the windows of all members counted
         self.on_windows: Callable[[str, int, int], None] | None = None

@@ -7,10 +7,25 @@ Removed voxels become background.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
+
+
+def checked_min_size(min_size_mm3: float) -> float:
+    """``min_size_mm3`` as a float, refused unless finite and not negative.
+
+    Raises:
+        ValueError: naming the value.
+    """
+    size = float(min_size_mm3)
+    if not (math.isfinite(size) and size >= 0):
+        raise ValueError(
+            f"min_size_mm3 must be a finite size >= 0, got {min_size_mm3!r}"
+        )
+    return size
 
 
 def clean_labels(

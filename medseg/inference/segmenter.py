@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputFileError
-from medseg.inference.postprocessing import clean_labels
+from medseg.inference.postprocessing import checked_min_size, clean_labels
 from medseg.inference.precision import (
     SLOW_BFLOAT16,
     bfloat16_is_slow_here,
@@ -143,7 +143,7 @@ class Segmenter:
         self.mirror_axes = tuple(mirror_axes)
         self.batch_size = batch_size or windows_per_pass(self.window)
         self.keep_largest = keep_largest
-        self.min_size_mm3 = min_size_mm3
+        self.min_size_mm3 = checked_min_size(min_size_mm3)
         self.want_probabilities = probabilities
         self._forward = None
         #: called as windows are predicted with the scan's name, the windows done and
