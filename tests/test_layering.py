@@ -18,7 +18,8 @@ MAY_IMPORT = {
     "medseg.io": set(),
     "medseg.preprocessing": {"medseg.io"},
     "medseg.datasets": {"medseg.io", "medseg.preprocessing"},
-    "medseg.config": set(),
+    "medseg.config": {"medseg.config_types"},
+    "medseg.config_types": set(),
     "medseg.metrics": set(),
     "medseg.losses": set(),
     "medseg.layers": set(),
@@ -46,6 +47,13 @@ MAY_IMPORT = {
         "medseg.metrics",
         "medseg.figures",
         "medseg.version",
+    },
+    "medseg.explain": {
+        "medseg.io",
+        "medseg.preprocessing",
+        "medseg.models",
+        "medseg.bundle",
+        "medseg.inference",
     },
     "medseg.training": {
         "medseg.io",
