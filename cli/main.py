@@ -14,6 +14,7 @@ from medseg import __version__
 from medseg_cli.data import data
 from medseg_cli.demo import demo
 from medseg_cli.evaluate import evaluate
+from medseg_cli.explain import explain
 from medseg_cli.export import export
 from medseg_cli.finetune import finetune
 from medseg_cli.info import info
@@ -77,6 +78,7 @@ def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
 main.add_command(data)
 main.add_command(demo)
 main.add_command(evaluate)
+main.add_command(explain)
 main.add_command(export)
 main.add_command(finetune)
 main.add_command(info)
