@@ -181,3 +181,37 @@ def test_the_command_writes_each_method_and_names_bad_choices(tmp_path):
     assert (
         "no label 'tail'; its labels are 0 (background), 1 (Anterior)" in wrong.stderr
     )
+
+
+@pytest.mark.slow
+def test_a_classifiers_maps_are_on_the_scans_grid(tmp_path, rng):
+    np.savez(
+        tmp_path / "tiny.npz",
+        train_images=rng.integers(0, 255, (40, 12, 12, 12), dtype=np.uint8),
+        train_labels=rng.integers(0, 2, (40, 1)),
+        val_images=rng.integers(0, 255, (10, 12, 12, 12), dtype=np.uint8),
+        val_labels=np.array([[0], [1]] * 5),
+    )
+    config = tmp_path / "cls.yaml"
+    config.write_text(
+        "model: {name: classifier, spatial_dims: 3, architecture: simple}\n"
+        "data: {task: classification}\n"
+        "train: {epochs: 1, steps_per_epoch: 2, batch_size: 8, optimizer: adam, "
+        "learning_rate: 0.001}\n"
+    )
+    run = tmp_path / "run"
+    result = medseg("train", "--config", config, "--data", tmp_path / "tiny.npz",
+                    "--output", run)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    scan = tmp_path / "image.nii.gz"  # another size: resized to 12^3 and back
+    nib.save(nib.Nifti1Image(rng.random((16, 14, 12)).astype(np.float32), np.eye(4)),
+             scan)  # fmt: skip
+    subject = explain.prepare(run, scan, label="1")
+    assert subject.task == "classification" and subject.inputs.shape == (12, 12, 12, 1)
+    probabilities = keras.ops.softmax(subject.model(subject.inputs[None]))
+    assert subject.base_score() == pytest.approx(float(probabilities[0, 1]), rel=1e-5)
+    for method in (explain.occlusion, explain.saliency, explain.gradcam):
+        made = method(subject)
+        assert made.on_input.shape == (12, 12, 12)
+        assert made.on_scan.shape == (16, 14, 12)
+        assert np.isfinite(made.on_scan).all()
