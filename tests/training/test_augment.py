@@ -162,7 +162,9 @@ def test_augmenter_is_deterministic_per_seed_and_respects_mirror_axes(pair):
 
 
 def test_bad_augment_config():
-    with pytest.raises(ValueError, match=r"augment.p_gamma must be in \[0, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"train.augment.p_gamma must be in \[0.0, 1.0\], got 1.5"
+    ):
         augment.AugmentConfig(p_gamma=1.5)
     with pytest.raises(ValueError, match="scale_range"):
         augment.AugmentConfig(scale_range=(1.2, 0.8))

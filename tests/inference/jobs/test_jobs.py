@@ -904,11 +904,16 @@ def test_a_stop_while_a_label_map_is_written_comes_after_it_is_recorded(
     def segment(volume):
         return volume.with_array((volume.array > 0).astype(np.uint8))
 
-    with pytest.raises(KeyboardInterrupt):
-        jobs.segment_all(segment, files, out, progress=seen.append)
+    # Python's own Ctrl-C handler, whatever an earlier test in this process left
+    earlier = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            jobs.segment_all(segment, files, out, progress=seen.append)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, earlier)
     assert [Path(r.output).name for r in seen] == ["case_0.nii.gz"]
     assert [p.name for p in out.iterdir()] == ["case_0.nii.gz"]  # nothing partial
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_the_volumes_table_keeps_intensities_and_measures_them_when_missing(tmp_path):
