@@ -211,3 +211,25 @@ def assert_failures_named(stderr: str, folder: Path, problems) -> None:
     for name, problem in problems:
         lines = [line for line in stderr.splitlines() if f"{folder / name}: " in line]
         assert lines and problem in lines[-1], (name, stderr[-3000:])
+
+
+def tiny_classification(folder, rng, train_extra: str = "") -> tuple:
+    """A MedMNIST-style ``tiny.npz`` (40 training and 10 validation 12^3 images, two
+    classes) and a config of a small classifier for it, ``train_extra`` added to
+    its train section; ``(npz, config)``."""
+    npz = folder / "tiny.npz"
+    np.savez(
+        npz,
+        train_images=rng.integers(0, 255, (40, 12, 12, 12), dtype=np.uint8),
+        train_labels=rng.integers(0, 2, (40, 1)),
+        val_images=rng.integers(0, 255, (10, 12, 12, 12), dtype=np.uint8),
+        val_labels=np.array([[0], [1]] * 5),
+    )
+    config = folder / "cls.yaml"
+    config.write_text(
+        "model: {name: classifier, spatial_dims: 3, architecture: simple}\n"
+        "data: {task: classification}\n"
+        "train: {epochs: 2, steps_per_epoch: 2, batch_size: 8, optimizer: adam, "
+        f"learning_rate: 0.001{train_extra}}}\n"
+    )
+    return npz, config

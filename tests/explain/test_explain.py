@@ -15,7 +15,7 @@ from medseg import explain
 from medseg.explain.subject import Subject
 from medseg.io.volume import Volume
 from tests import reference
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, tiny_classification
 from tests.conftest import run_medseg as medseg
 
 REGION = (slice(2, 4), slice(3, 6))
@@ -185,22 +185,9 @@ def test_the_command_writes_each_method_and_names_bad_choices(tmp_path):
 
 @pytest.mark.slow
 def test_a_classifiers_maps_are_on_the_scans_grid(tmp_path, rng):
-    np.savez(
-        tmp_path / "tiny.npz",
-        train_images=rng.integers(0, 255, (40, 12, 12, 12), dtype=np.uint8),
-        train_labels=rng.integers(0, 2, (40, 1)),
-        val_images=rng.integers(0, 255, (10, 12, 12, 12), dtype=np.uint8),
-        val_labels=np.array([[0], [1]] * 5),
-    )
-    config = tmp_path / "cls.yaml"
-    config.write_text(
-        "model: {name: classifier, spatial_dims: 3, architecture: simple}\n"
-        "data: {task: classification}\n"
-        "train: {epochs: 1, steps_per_epoch: 2, batch_size: 8, optimizer: adam, "
-        "learning_rate: 0.001}\n"
-    )
+    npz, config = tiny_classification(tmp_path, rng)
     run = tmp_path / "run"
-    result = medseg("train", "--config", config, "--data", tmp_path / "tiny.npz",
+    result = medseg("train", "--config", config, "--data", npz,
                     "--output", run)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     scan = tmp_path / "image.nii.gz"  # another size: resized to 12^3 and back

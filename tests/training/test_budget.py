@@ -12,6 +12,7 @@ import yaml
 
 from medseg.config import Config, format_duration, parse_duration
 from medseg.training.budget import BudgetCallback, BudgetPolyDecay, TimeBudget
+from tests.conftest import tiny_classification
 from tests.training.test_training import TINY_TRAIN, _history, _train_command
 
 
@@ -154,22 +155,9 @@ def test_a_budgeted_run_stops_at_its_budget_and_a_resume_continues_it(tmp_path):
 
 @pytest.mark.slow
 def test_a_classifier_trains_to_its_time_budget(tmp_path, rng):
-    np.savez(
-        tmp_path / "tiny.npz",
-        train_images=rng.integers(0, 255, (40, 12, 12, 12), dtype=np.uint8),
-        train_labels=rng.integers(0, 2, (40, 1)),
-        val_images=rng.integers(0, 255, (10, 12, 12, 12), dtype=np.uint8),
-        val_labels=np.array([[0], [1]] * 5),
-    )
-    config = tmp_path / "cls.yaml"
-    config.write_text(
-        "model: {name: classifier, spatial_dims: 3, architecture: simple}\n"
-        "data: {task: classification}\n"
-        "train: {epochs: 1, steps_per_epoch: 2, batch_size: 8, optimizer: adam, "
-        "learning_rate: 0.001, time_budget: 8s}\n"
-    )
+    npz, config = tiny_classification(tmp_path, rng, ", time_budget: 8s")
     command = _train_command(config, tmp_path / "run")
-    command[command.index("--data") + 1] = str(tmp_path / "tiny.npz")
+    command[command.index("--data") + 1] = str(npz)
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _history(tmp_path / "run" / "history.csv")

@@ -18,7 +18,7 @@ from medseg.errors import InputFileError
 from medseg.preprocessing import Preprocessor, ZScoreNormalization
 from medseg.training import data as training_data
 from tests import reference
-from tests.conftest import REPO, SAMPLE
+from tests.conftest import REPO, SAMPLE, tiny_classification
 
 TINY_TRAIN = """\
 model:
@@ -548,22 +548,9 @@ def test_classification_scores_by_hand():
 def test_classification_training_on_a_medmnist_style_npz(tmp_path, rng):
     from medseg import bundle
 
-    np.savez(
-        tmp_path / "tiny.npz",
-        train_images=rng.integers(0, 255, (40, 12, 12, 12), dtype=np.uint8),
-        train_labels=rng.integers(0, 2, (40, 1)),
-        val_images=rng.integers(0, 255, (10, 12, 12, 12), dtype=np.uint8),
-        val_labels=np.array([[0], [1]] * 5),
-    )
-    config = tmp_path / "cls.yaml"
-    config.write_text(
-        "model: {name: classifier, spatial_dims: 3, architecture: simple}\n"
-        "data: {task: classification}\n"
-        "train: {epochs: 2, steps_per_epoch: 2, batch_size: 8, optimizer: adam, "
-        "learning_rate: 0.001}\n"
-    )
+    npz, config = tiny_classification(tmp_path, rng)
     command = _train_command(config, tmp_path / "run")
-    command[command.index("--data") + 1] = str(tmp_path / "tiny.npz")
+    command[command.index("--data") + 1] = str(npz)
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _history(tmp_path / "run" / "history.csv")
