@@ -98,8 +98,7 @@ def explain(model, scan, output, method, label, layer, box, stride, smooth, top)
         return
     if method == "occlusion":
         window = subject.inputs.shape[:-1]
-        side = box or max(2, max(window) // 4)
-        passes = explaining.occlusion_passes(window, side, stride or max(1, side // 2))
+        passes = explaining.occlusion_passes(window, box, stride)
         click.echo(f"occlusion: {passes} forward passes of 8 occluded inputs")
         with click.progressbar(length=passes, label="occluding") as bar:
             result = explaining.occlusion(

@@ -21,11 +21,7 @@ from medseg.explain.maps import (
 from medseg.explain.subject import Subject, prepare
 from medseg.explain.write import write_activations, write_explanation, write_kernels
 
-#: the methods of ``medseg explain``
-METHODS = ("occlusion", "saliency", "gradcam", "filters", "activations")
-
 __all__ = [
-    "METHODS",
     "Activations",
     "Explanation",
     "Kernels",

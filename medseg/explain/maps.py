@@ -95,8 +95,7 @@ def occlusion(
     import keras
 
     window = subject.inputs.shape[:-1]
-    box = box or max(2, max(window) // 4)
-    stride = stride or max(1, box // 2)
+    box, stride = occlusion_box(window, box, stride)
     if box < 1 or stride < 1:
         raise ValueError(f"box and stride must be >= 1, got {box} and {stride}")
     positions = list(itertools.product(*(box_starts(n, box, stride) for n in window)))
@@ -122,8 +121,18 @@ def occlusion(
     return _finish("occlusion", subject, on_input, settings)
 
 
-def occlusion_passes(window, box: int, stride: int, batch_size: int = 8) -> int:
+def occlusion_box(window, box: int | None, stride: int | None) -> tuple[int, int]:
+    """The box side and stride :func:`occlusion` uses: those given, else a quarter of
+    the input's largest side (at least 2) and half the box."""
+    box = box or max(2, max(window) // 4)
+    return box, stride or max(1, box // 2)
+
+
+def occlusion_passes(
+    window, box: int | None = None, stride: int | None = None, batch_size: int = 8
+) -> int:
     """The forward passes :func:`occlusion` makes (for an estimate before it runs)."""
+    box, stride = occlusion_box(window, box, stride)
     positions = math.prod(len(box_starts(n, box, stride)) for n in window)
     return math.ceil(positions / batch_size)
 
