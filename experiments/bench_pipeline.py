@@ -1,7 +1,8 @@
 """Is the input pipeline the bottleneck of training?
 
-Trains the same 3D U-Net (experiments/hippocampus_3d.yaml's network, patch 40 x 56 x 40,
-batch 2) for a fixed number of steps fed two ways, alternating, several times:
+Trains the same 3D U-Net (experiments/hippocampus_3d_sgd.yaml's network, patch
+40 x 56 x 40, batch 2) for a fixed number of steps fed two ways, alternating, several
+times:
 
 * pipeline: the real medseg stream (preprocessed NIfTI cases, patch sampling with
   foreground oversampling, every augmentation as TensorFlow ops, prefetch);
@@ -86,7 +87,7 @@ def main() -> None:
             p_noise=1.0,
             p_blur=1.0,
         )
-    else:  # the training default (experiments/hippocampus_3d.yaml)
+    else:  # the augmentation of experiments/hippocampus_3d_sgd.yaml
         augment = AugmentConfig(mirror_axes=(0, 2))
     stream = training_data.make_dataset(sampler, Augmenter(augment, 3), args.batch, 0)
     stored = list(stream.take(args.steps + 5))

@@ -246,6 +246,22 @@ def pooled(folds: list[dict]) -> dict:
     return result
 
 
+def run_finished(run: Path, metadata: dict) -> tuple[bool, int]:
+    """Whether a run with a bundle has trained to its end (its epochs, or its whole
+    time budget), and the epochs it has trained."""
+    train = metadata["config"]["train"]
+    history = run / "history.csv"
+    done = (
+        len(history.read_text().splitlines()) - 1
+        if history.is_file()
+        else train["epochs"]
+    )
+    if train.get("time_budget"):
+        spent = metadata.get("trained_seconds") or 0.0
+        return spent >= train["time_budget"] and done == metadata["epoch"], done
+    return done >= train["epochs"], train["epochs"]
+
+
 def training_seconds(run: Path) -> float | None:
     """Seconds of training summed over history.csv's epochs (a resumed run's earlier
     epochs included), None without it."""
@@ -377,12 +393,9 @@ def main() -> None:
         finished = (run / "medseg.json").is_file()
         if finished:
             metadata = json.loads((run / "medseg.json").read_text())
-            epochs = metadata["config"]["train"]["epochs"]
-            if (run / "history.csv").is_file():
-                done = len((run / "history.csv").read_text().splitlines()) - 1
-                finished = done >= epochs
-                if not finished:
-                    print(f"fold {fold}: {done} of {epochs} epochs trained")
+            finished, epochs = run_finished(run, metadata)
+            if not finished:
+                print(f"fold {fold}: not finished ({epochs} epochs trained)")
         if not finished:
             if fold in recorded:
                 print(f"fold {fold}: kept from {output.name} (no finished run here)")

@@ -1,8 +1,8 @@
 """Where the time goes: one training step and one prediction, taken apart.
 
-Training (experiments/hippocampus_3d.yaml's 3D U-Net, patch 40 x 56 x 40, batch 2, the
-real input pipeline on ``--data``): the one-off preprocessing per case; producing one
-augmented batch with the model idle; the forward pass alone; the whole step (forward,
+Training (experiments/hippocampus_3d_sgd.yaml's 3D U-Net, patch 40 x 56 x 40, batch 2,
+the real input pipeline on ``--data``): the one-off preprocessing per case; producing
+one augmented batch with the model idle; the forward pass alone; the whole step (forward,
 backward, SGD update). FLOP/s reached: the step's FLOPs (3 x the forward FLOPs that
 ``medseg info`` counts: forward, gradient for inputs, gradient for weights) over its
 time, against the CPU's float32 peak measured here with a large matrix product (and

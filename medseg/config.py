@@ -321,12 +321,17 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train (nnU-Net-like defaults: SGD, Nesterov momentum 0.99, poly decay).
+    """How to train: Adam 1e-3 with a poly decay (over the steps, or over the time
+    budget), Dice + cross-entropy, nnU-Net's augmentation. Adam beat nnU-Net's SGD
+    (0.01, Nesterov momentum 0.99) on the hippocampus at a CPU's budget
+    (experiments/recipe_study.py); ``optimizer: sgd`` gives SGD.
 
     Attributes:
         epochs, steps_per_epoch: length of training (an epoch is a number of batches).
         batch_size: patches per step; ``None``: planned for the memory budget.
-        optimizer, learning_rate, momentum, weight_decay, lr_schedule, poly_exponent.
+        optimizer: ``adam`` or ``sgd`` (Nesterov, with ``momentum``).
+        learning_rate, lr_schedule, poly_exponent: the initial rate and its decay.
+        weight_decay: decoupled weight decay (AdamW with ``adam``); 0 for none.
         loss: ``dice_ce`` (default), ``dice``, ``dice_focal``, ``focal`` or
             ``tversky``.
         folds, fold: k-fold split by case; ``fold`` is an index or ``"all"``.
@@ -358,10 +363,10 @@ class TrainConfig:
     epochs: int = 100
     steps_per_epoch: int = 250
     batch_size: int | None = None
-    optimizer: str = "sgd"
-    learning_rate: float = 0.01
+    optimizer: str = "adam"
+    learning_rate: float = 0.001
     momentum: float = 0.99
-    weight_decay: float = 3e-5
+    weight_decay: float = 0.0
     lr_schedule: str = "poly"
     poly_exponent: float = 0.9
     loss: str = "dice_ce"
