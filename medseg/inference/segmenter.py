@@ -151,7 +151,7 @@ class Segmenter:
         self.on_windows: Callable[[str, int, int], None] | None = None
 
     def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
-        import keras
+        """The network's logits for a batch of windows, in float32."""
         import tensorflow as tf
 
         if self._forward is None:
@@ -159,14 +159,15 @@ class Segmenter:
 
             @tf.function(reduce_retracing=True)
             def forward(x):
-                return keras.ops.softmax(model(x, training=False), axis=-1)
+                return tf.cast(model(x, training=False), tf.float32)
 
             self._forward = forward
-        return np.asarray(self._forward(batch), dtype=np.float32)
+        return np.asarray(self._forward(batch))
 
     def probabilities(self, image: np.ndarray, progress=None) -> np.ndarray:
-        """Class probabilities ``(*S, K)`` of a preprocessed image, mirroring TTA;
-        ``progress`` as :func:`sliding_window_predict` takes it."""
+        """Class probabilities ``(*S, K)`` of a preprocessed image: the softmax of the
+        windows' logits, blended and averaged over the test-time mirrors; ``progress``
+        as :func:`sliding_window_predict` takes it."""
         scores = sliding_window_predict(
             image,
             slicewise(self._predict_batch, self.slice_axis),
@@ -176,6 +177,7 @@ class Segmenter:
             mirror_axes=self._window_mirror,
             progress=progress,
             output_size=self.output_window,
+            softmax=True,
         )
         check_output(scores, self.bundle)
         return scores

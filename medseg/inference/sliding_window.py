@@ -7,6 +7,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -142,13 +143,16 @@ def sliding_window_predict(
     mirror_axes: Sequence[int] = (),
     progress: Callable[[int, int], None] | None = None,
     output_size: Sequence[int] | None = None,
+    softmax: bool = False,
 ) -> np.ndarray:
     """Predicts a whole channels-last image window by window and blends the outputs.
 
     Memory: one float32 accumulator of the output (``K`` channels over the image) plus
-    the windows of one batch. The blending weights are a product of one weight per axis
-    over a product grid of windows, so their sum at each voxel is a product of per-axis
-    sums and is never stored as a volume.
+    the windows of two batches. The blending weights are a product of one weight per
+    axis over a product grid of windows, so their sum at each voxel is a product of
+    per-axis sums and is never stored as a volume. While the network runs on one batch,
+    a second thread cuts the next batch's windows out of the image and adds the last
+    batch's outputs into the accumulator.
 
     Args:
         image: ``(*S, C)``.
@@ -169,9 +173,13 @@ def sliding_window_predict(
             read from an input window around it; the image is extended past its
             edges by mirroring (as the original U-Net does). ``None``: the same as
             ``patch_size``.
+        softmax: ``predict_fn`` gives logits: they are blended (and averaged over
+            the mirrored windows), and the softmax over the last axis is taken once,
+            of the blended logits, as nnU-Net does, instead of once per window.
 
     Returns:
-        ``(*S, K)`` float32: the weighted mean of the window outputs at each voxel.
+        ``(*S, K)`` float32: the weighted mean of the window outputs at each voxel
+        (with ``softmax``, its softmax).
     """
     if blend not in BLENDS:
         raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
@@ -200,37 +208,62 @@ def sliding_window_predict(
         _gaussian_1d(p, 1 / 8) if blend == "gaussian" else np.ones(p, np.float32)
         for p in patch_size
     ]
-    weights = _outer(axis_weights)[..., None]
     starts = [
         window_starts(n, p, overlap)
         for n, p in zip(padded_shape, patch_size, strict=True)
     ]
     flips = [tuple(a + 1 for a in combo) for combo in _flip_combinations(mirror_axes)]
+    # the mean over the mirrored windows folded into the blending weights
+    weights = _outer(axis_weights)[..., None] / np.float32(1 + len(flips))
     windows = list(itertools.product(*starts))
+    chunks = [
+        windows[first : first + batch_size]
+        for first in range(0, len(windows), batch_size)
+    ]
     accumulator = None
-    for first in range(0, len(windows), batch_size):
-        chunk = windows[first : first + batch_size]
-        boxes = [
-            tuple(slice(s, s + p) for s, p in zip(w, patch_size, strict=True))
-            for w in chunk
-        ]
-        reads = [
-            tuple(slice(s, s + p) for s, p in zip(w, window, strict=True))
-            for w in chunk
-        ]
-        batch = np.stack([source[box] for box in reads]).astype(np.float32)
-        outputs = np.array(predict_fn(batch), dtype=np.float32)  # writable copy
-        for axes in flips:
-            mirrored = predict_fn(np.ascontiguousarray(np.flip(batch, axes)))
-            outputs += np.flip(np.asarray(mirrored, dtype=np.float32), axes)
-        if flips:
-            outputs /= 1 + len(flips)
-        if accumulator is None:
-            accumulator = np.zeros((*padded_shape, outputs.shape[-1]), np.float32)
-        for box, output in zip(boxes, outputs, strict=True):
-            accumulator[box] += output * weights
-        if progress is not None:
-            progress(first + len(chunk), len(windows))
+
+    def cut(chunk) -> np.ndarray:
+        return np.stack(
+            [
+                source[tuple(slice(s, s + n) for s, n in zip(w, window, strict=True))]
+                for w in chunk
+            ],
+            dtype=np.float32,
+        )
+
+    def add(chunk, outputs: list[np.ndarray]) -> None:
+        total = outputs[0] + outputs[1] if len(outputs) > 1 else outputs[0] * weights
+        for more in outputs[2:]:
+            total += more
+        if len(outputs) > 1:
+            total *= weights
+        for w, output in zip(chunk, total, strict=True):
+            box = tuple(slice(s, s + n) for s, n in zip(w, patch_size, strict=True))
+            accumulator[box] += output
+
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        batch_ahead = helper.submit(cut, chunks[0])
+        added = None
+        done = 0
+        for number, chunk in enumerate(chunks):
+            batch = batch_ahead.result()
+            if number + 1 < len(chunks):
+                batch_ahead = helper.submit(cut, chunks[number + 1])
+            outputs = [np.asarray(predict_fn(batch), dtype=np.float32)]
+            for axes in flips:
+                mirrored = predict_fn(np.ascontiguousarray(np.flip(batch, axes)))
+                outputs.append(np.flip(np.asarray(mirrored, dtype=np.float32), axes))
+            if accumulator is None:
+                accumulator = np.zeros(
+                    (*padded_shape, outputs[0].shape[-1]), np.float32
+                )
+            if added is not None:
+                added.result()  # an error there stops here; two batches at most wait
+            added = helper.submit(add, chunk, outputs)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(windows))
+        added.result()
     # the weight sum at voxel (i, j, ...) is sum_0[i] * sum_1[j] * ...
     sums = []
     for n, p, axis_starts, w in zip(
@@ -242,6 +275,11 @@ def sliding_window_predict(
         sums.append(total)
     rest = _outer(sums[1:])[..., None] if len(sums) > 1 else np.float32(1)
     for i in range(padded_shape[0]):  # in place, one slab at a time
-        accumulator[i] /= sums[0][i] * rest
+        slab = accumulator[i]
+        slab /= sums[0][i] * rest
+        if softmax:
+            slab -= slab.max(axis=-1, keepdims=True)
+            np.exp(slab, out=slab)
+            slab /= slab.sum(axis=-1, keepdims=True)
     crop = tuple(slice(a, a + s) for (a, _), s in zip(pads, spatial, strict=True))
     return accumulator[crop]

@@ -1397,16 +1397,14 @@ def test_a_2d_network_trained_on_volumes_segments_them_slice_by_slice(tmp_path):
     assert written.shape == source.shape
     np.testing.assert_allclose(written.affine, source.affine)
     # each axial slice of the preprocessed scan through the 2D network, mirrored along
-    # its first axis too, windows of 36 x 50 blended
+    # its first axis too, the logits of windows of 36 x 50 blended, then the softmax
     segmenter = inference.Segmenter(run, mirror_axes=(0,), precision="float32")
     assert segmenter.batch_size == 64  # 36 x 50 windows: more to a forward pass
     image, _ = segmenter.preprocessor.image(read_volume(scan))
     model = segmenter.model
 
     def network(batch):
-        return keras.ops.convert_to_numpy(
-            keras.ops.softmax(model(batch, training=False), axis=-1)
-        )
+        return keras.ops.convert_to_numpy(model(batch, training=False))
 
     probabilities = segmenter.probabilities(image)
     for k in range(image.shape[2]):
@@ -1418,15 +1416,17 @@ def test_a_2d_network_trained_on_volumes_segments_them_slice_by_slice(tmp_path):
             for n, s in zip(plane, size, strict=True)
         ]
         padded = np.pad(cut, [*pads, (0, 0)])
-        expected = reference.stitch(
-            padded,
-            reference.mirror_averaged(network, (0,)),
-            (36, 50),
-            [
-                inference.window_starts(s, p, 0.5)
-                for s, p in zip(size, (36, 50), strict=True)
-            ],
-            inference.gaussian_importance((36, 50)),
+        expected = reference.softmax(
+            reference.stitch(
+                padded,
+                reference.mirror_averaged(network, (0,)),
+                (36, 50),
+                [
+                    inference.window_starts(s, p, 0.5)
+                    for s, p in zip(size, (36, 50), strict=True)
+                ],
+                inference.gaussian_importance((36, 50)),
+            )
         )
         crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, plane, strict=True))
         np.testing.assert_allclose(
@@ -1772,3 +1772,65 @@ def test_scan_plan_refuses_and_warns_as_prediction_does():
         inference.field_of_view_note(volume, metadata["fingerprint"]),
     ]
     assert "field of view 120 x 30 x 30 mm" in plan["warnings"][1]
+
+
+@pytest.mark.parametrize("axes", [(), (1,), (0, 2)])
+def test_blended_logits_take_their_softmax_once_at_the_end(axes, rng):
+    """With ``softmax``, the logits of the windows (and their mirrors) are blended
+    first and the softmax taken of the blend, not of each window."""
+    image = rng.random((13, 11, 9, 1)).astype(np.float32)
+    patch = (6, 5, 4)
+    ramp = np.arange(120, dtype=np.float32).reshape(6, 5, 4, 1) / 12
+
+    def logits(batch):  # position-dependent, large enough that the order matters
+        return np.concatenate(
+            [
+                batch * ramp,
+                3 * np.sin(batch + ramp),
+                np.broadcast_to(-ramp, batch.shape),
+            ],
+            -1,
+        )
+
+    out = inference.sliding_window_predict(
+        image, logits, patch_size=patch, batch_size=4, mirror_axes=axes, softmax=True
+    )
+    starts = [
+        inference.window_starts(n, p, 0.5)
+        for n, p in zip((13, 11, 9), patch, strict=True)
+    ]
+    expected = reference.softmax(
+        reference.stitch(
+            image,
+            reference.mirror_averaged(logits, axes),
+            patch,
+            starts,
+            inference.gaussian_importance(patch),
+        )
+    )
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    averaged_probabilities = reference.stitch(
+        image,
+        reference.mirror_averaged(lambda b: reference.softmax(logits(b)), axes),
+        patch,
+        starts,
+        inference.gaussian_importance(patch),
+    )
+    assert np.abs(out - averaged_probabilities).max() > 1e-3  # not the same thing
+
+
+def test_an_error_in_the_network_stops_the_sliding_window(rng):
+    calls = []
+
+    def predict(batch):
+        calls.append(len(batch))
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return batch
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        inference.sliding_window_predict(
+            rng.random((20, 20, 1)).astype(np.float32), predict, patch_size=(4, 4),
+            batch_size=2,
+        )  # fmt: skip
+    assert len(calls) == 3  # no pass after it
