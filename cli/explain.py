@@ -97,9 +97,13 @@ def explain(model, scan, output, method, label, layer, box, stride, smooth, top)
         click.echo(f"activations of {layer} written to {written[0]}")
         return
     if method == "occlusion":
-        window = subject.inputs.shape[:-1]
-        passes = explaining.occlusion_passes(window, box, stride)
-        click.echo(f"occlusion: {passes} forward passes of 8 occluded inputs")
+        from medseg.config import format_duration
+
+        passes, seconds = explaining.occlusion_estimate(subject, box, stride)
+        click.echo(
+            f"occlusion: {passes} forward passes of 8 occluded inputs, about "
+            f"{format_duration(seconds)}"
+        )
         with click.progressbar(length=passes, label="occluding") as bar:
             result = explaining.occlusion(
                 subject,

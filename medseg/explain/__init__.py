@@ -15,6 +15,7 @@ from medseg.explain.maps import (
     Explanation,
     gradcam,
     occlusion,
+    occlusion_estimate,
     occlusion_passes,
     saliency,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "gradcam",
     "kernels",
     "occlusion",
+    "occlusion_estimate",
     "occlusion_passes",
     "prepare",
     "saliency",

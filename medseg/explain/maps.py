@@ -137,6 +137,26 @@ def occlusion_passes(
     return math.ceil(positions / batch_size)
 
 
+def occlusion_estimate(
+    subject: Subject,
+    box: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> tuple[int, float]:
+    """``(passes, seconds)``: the forward passes :func:`occlusion` makes and about
+    how long they take, from one pass timed after a first that warms up."""
+    import time
+
+    import keras
+
+    passes = occlusion_passes(subject.inputs.shape[:-1], box, stride, batch_size)
+    batch = np.repeat(subject.inputs[None], batch_size, axis=0)
+    keras.ops.convert_to_numpy(subject.score(batch))
+    started = time.perf_counter()
+    keras.ops.convert_to_numpy(subject.score(batch))
+    return passes, passes * (time.perf_counter() - started)
+
+
 def saliency(
     subject: Subject, *, smooth: int = 0, noise: float = 0.15, seed: int = 0
 ) -> Explanation:

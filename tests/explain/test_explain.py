@@ -58,6 +58,8 @@ def test_occlusion_of_a_network_that_sees_one_region_peaks_there_and_only_there(
     assert (result.on_input[2:4, 2:6] > 0).all()
     assert (result.on_input[:2] == 0).all() and (result.on_input[4:] == 0).all()
     assert result.settings["positions"] == 16 and result.settings["forward_passes"] == 4
+    passes, seconds = explain.occlusion_estimate(subject, box=2, stride=2, batch_size=5)
+    assert passes == 4 and 0 < seconds < 60
 
 
 def test_saliency_of_a_linear_network_is_its_weights_times_the_sigmoid_slope(rng):
