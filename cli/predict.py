@@ -55,6 +55,15 @@ from medseg_cli.options import FiniteFloatRange, overlap_option, tta_option
     "scan's grid.",
 )
 @click.option(
+    "--uncertainty",
+    is_flag=True,
+    help="Also write OUTPUT/uncertainty/CASE_entropy.nii.gz (the entropy of the "
+    "probabilities averaged over the test-time mirrors and models, 0 to 1) and, "
+    "with more than one pass, CASE_mutual_information.nii.gz (their disagreement), "
+    "on the scan's grid; the volumes table and report get each label's mean "
+    "entropy inside it and on its boundary.",
+)
+@click.option(
     "--dicom-seg",
     is_flag=True,
     help="Also write CASE_seg.dcm beside each DICOM series' label map: a DICOM "
@@ -143,6 +152,7 @@ def predict(
     overlap: float,
     batch_size: int | None,
     probabilities: bool,
+    uncertainty: bool,
     dicom_seg: bool,
     preview: bool,
     seg_nrrd: bool,
@@ -190,6 +200,7 @@ def predict(
         keep_largest=keep_largest,
         min_size_mm3=min_size_mm3,
         probabilities=probabilities,
+        uncertainty=uncertainty,
         allow_modified=allow_modified_model,
         precision=precision,
         nonfinite=nonfinite,

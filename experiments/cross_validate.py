@@ -178,7 +178,12 @@ def score_runs(
                tmp / "labels", "--output", tmp / "cases.csv", *chosen)  # fmt: skip
         with open(tmp / "cases.csv", newline="") as file:
             rows = list(csv.DictReader(file))
+        volumes = tmp / "predicted" / "medseg_volumes.csv"
+        with open(volumes, newline="") as file:  # with --uncertainty, its scores
+            scores = {(r["case"], r["label"]): r for r in csv.DictReader(file)}
         for row in rows:
+            measured = scores.get((row["case"], row["label"]), {})
+            row.update({k: v for k, v in measured.items() if k.startswith("entropy")})
             name = next((tmp / "labels").glob(row["case"] + ".*")).name
             predicted = read_volume(tmp / "predicted" / name).array
             truth = read_volume(tmp / "labels" / name).array

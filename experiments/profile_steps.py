@@ -2,11 +2,11 @@
 
 Training (experiments/hippocampus_3d_sgd.yaml's 3D U-Net, patch 40 x 56 x 40, batch 2,
 the real input pipeline on ``--data``): the one-off preprocessing per case; producing
-one augmented batch with the model idle; the forward pass alone; the whole step (forward,
-backward, SGD update). FLOP/s reached: the step's FLOPs (3 x the forward FLOPs that
-``medseg info`` counts: forward, gradient for inputs, gradient for weights) over its
-time, against the CPU's float32 peak measured here with a large matrix product (and
-against bfloat16's, for the bfloat16 step).
+one augmented batch with the model idle; the forward pass alone; the whole step
+(forward, backward, SGD update). FLOP/s reached: the step's FLOPs (3 x the forward
+FLOPs that ``medseg info`` counts: forward, gradient for inputs, gradient for
+weights) over its time, against the CPU's float32 peak measured here with a large
+matrix product (and against bfloat16's, for the bfloat16 step).
 
 Prediction (``medseg predict`` as it runs, bundle ``--model`` on scan ``--scan``, with
 its test-time mirroring): reading the file, preprocessing, the network's forward passes,

@@ -76,8 +76,9 @@ class Ensemble:
 
     Args:
         members: :class:`Segmenter` of each bundle.
-        keep_largest, min_size_mm3, probabilities: as :class:`Segmenter`'s, applied to
-            the mean.
+        keep_largest, min_size_mm3, probabilities, uncertainty: as
+            :class:`Segmenter`'s, applied to the mean (``uncertainty`` needs
+            members made with it; each member's passes count as passes).
 
     Raises:
         InputFileError: the bundles cannot be one ensemble (:func:`ensemble_problem`),
@@ -91,6 +92,7 @@ class Ensemble:
         keep_largest: bool = False,
         min_size_mm3: float = 0.0,
         probabilities: bool = False,
+        uncertainty: bool = False,
     ):
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -104,6 +106,10 @@ class Ensemble:
         self.keep_largest = keep_largest
         self.min_size_mm3 = checked_min_size(min_size_mm3)
         self.want_probabilities = probabilities
+        if any(m.want_uncertainty != uncertainty for m in members):
+            raise ValueError("uncertainty needs members made with uncertainty=True")
+        self.want_uncertainty = uncertainty
+        self.passes = sum(m.passes for m in members)
         #: as :attr:`Segmenter.on_windows`, the windows of all members counted
         self.on_windows: Callable[[str, int, int], None] | None = None
         self._groups: list[tuple] = []  # (preprocessor, members)

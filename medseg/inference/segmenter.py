@@ -35,7 +35,11 @@ logger = logging.getLogger(__name__)
 class Prediction:
     """A segmentation on the scan's own grid: ``labels`` (declared label values) and,
     when asked for, ``probabilities`` ``(*S, K)`` float16 in the order of ``values``
-    (the label value of each class) and ``names``."""
+    (the label value of each class) and ``names``, and uncertainty maps ``(*S)``
+    float32 in [0, 1]: ``entropy``, of the probabilities averaged over the passes
+    (test-time mirrors, ensemble members), and ``mutual_information``, that entropy
+    less the mean of each pass's own, the passes' disagreement (``None`` for a single
+    pass); both in units of log K (1: all K classes equally likely)."""
 
     labels: Volume
     probabilities: np.ndarray | None = None
@@ -43,6 +47,8 @@ class Prediction:
     names: tuple[str, ...] = ()
     nonfinite_replaced: int = 0
     notes: tuple[str, ...] = ()  # warnings about the scan (see field_of_view_note)
+    entropy: np.ndarray | None = None
+    mutual_information: np.ndarray | None = None
 
     def __repr__(self) -> str:
         grid = " x ".join(map(str, self.labels.spatial_shape))
@@ -77,6 +83,8 @@ class Segmenter:
         keep_largest: keep only the largest component of each label.
         min_size_mm3: remove components of a label smaller than this.
         probabilities: also return the class probabilities on the scan's grid.
+        uncertainty: also return the uncertainty maps on the scan's grid (see
+            :class:`Prediction`); each window's probabilities are then computed too.
         allow_modified: accept a model file whose sha256 differs from the bundle's
             record (see :func:`medseg.bundle.verify`).
         precision: ``"float32"``, ``"bfloat16"`` (convolutions in bfloat16, logits
@@ -103,6 +111,7 @@ class Segmenter:
         allow_modified: bool = False,
         precision: str = "auto",
         nonfinite: str | None = None,
+        uncertainty: bool = False,
     ):
         from medseg import bundle as bundles
         from medseg.models import load_model, with_precision
@@ -145,21 +154,33 @@ class Segmenter:
         self.keep_largest = keep_largest
         self.min_size_mm3 = checked_min_size(min_size_mm3)
         self.want_probabilities = probabilities
+        self.want_uncertainty = uncertainty
+        #: forward passes each window gets (itself and its mirrored copies)
+        self.passes = 2 ** len(set(self._window_mirror))
         self._forward = None
         #: called as windows are predicted with the scan's name, the windows done and
         #: the windows in all (see :class:`WindowCount`); ``None``: not called
         self.on_windows: Callable[[str, int, int], None] | None = None
 
     def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
-        """The network's logits for a batch of windows, in float32."""
+        """The network's logits for a batch of windows, in float32; with
+        ``uncertainty``, followed by the probabilities and their normalised entropy."""
         import tensorflow as tf
 
         if self._forward is None:
-            model = self.model
+            model, uncertainty = self.model, self.want_uncertainty
+            scale = 1 / np.log(len(self.values))
 
             @tf.function(reduce_retracing=True)
             def forward(x):
-                return tf.cast(model(x, training=False), tf.float32)
+                logits = tf.cast(model(x, training=False), tf.float32)
+                if not uncertainty:
+                    return logits
+                probabilities = tf.nn.softmax(logits, axis=-1)
+                entropy = -tf.reduce_sum(
+                    tf.math.xlogy(probabilities, probabilities), -1, keepdims=True
+                )
+                return tf.concat([logits, probabilities, entropy * scale], -1)
 
             self._forward = forward
         return np.asarray(self._forward(batch))
@@ -167,7 +188,9 @@ class Segmenter:
     def probabilities(self, image: np.ndarray, progress=None) -> np.ndarray:
         """Class probabilities ``(*S, K)`` of a preprocessed image: the softmax of the
         windows' logits, blended and averaged over the test-time mirrors; ``progress``
-        as :func:`sliding_window_predict` takes it."""
+        as :func:`sliding_window_predict` takes it. With ``uncertainty``, ``2K + 1``
+        channels: then the mean over the passes of each pass's probabilities, and of
+        their normalised entropy."""
         scores = sliding_window_predict(
             image,
             slicewise(self._predict_batch, self.slice_axis),
@@ -178,6 +201,7 @@ class Segmenter:
             progress=progress,
             output_size=self.output_window,
             softmax=True,
+            logit_channels=len(self.values),
         )
         check_output(scores, self.bundle)
         return scores
@@ -237,7 +261,7 @@ def _on_scan_grid(volume: Volume, parts, options, notes) -> Prediction:
     and names and the post-processing."""
     notes, replaced = notes
     shape = volume.spatial_shape
-    count = parts[0][0].shape[-1]
+    count = len(options.values)
     best = classes = probabilities = None
     for k in range(count):
         score = None
@@ -261,7 +285,11 @@ def _on_scan_grid(volume: Volume, parts, options, notes) -> Prediction:
             if probabilities is None:
                 probabilities = np.empty((*shape, count), np.float16)
             probabilities[..., k] = score
-    del parts, best
+    del best
+    entropy = information = None
+    if options.want_uncertainty:
+        entropy, information = _uncertainty(volume, parts, count, options.passes)
+    del parts
     labels = options.values[classes]
     if options.keep_largest or options.min_size_mm3 > 0:
         labels = clean_labels(
@@ -278,7 +306,43 @@ def _on_scan_grid(volume: Volume, parts, options, notes) -> Prediction:
         tuple(options.names),
         replaced,
         notes,
+        entropy,
+        information,
     )
+
+
+def _uncertainty(volume: Volume, parts, count: int, passes: int):
+    """``(entropy, mutual information)`` on ``volume``'s grid from the parts' mean
+    probabilities and mean entropy of the passes (channels ``K:2K`` and ``2K``);
+    no mutual information for a single pass."""
+    entropy = np.zeros(volume.spatial_shape, np.float32)
+    for k in range(count):
+        mean = _on_grid(volume, parts, count + k, 1.0 if k == 0 else 0.0)
+        entropy -= np.asarray(_xlogy(mean), np.float32)
+    entropy /= np.float32(np.log(count))
+    np.clip(entropy, 0.0, 1.0, out=entropy)
+    if passes == 1:
+        return entropy, None
+    own = _on_grid(volume, parts, 2 * count, 0.0)
+    return entropy, np.maximum(entropy - own, 0.0)
+
+
+def _on_grid(volume: Volume, parts, channel: int, fill: float) -> np.ndarray:
+    """The parts' weighted sum of one channel on ``volume``'s grid."""
+    total = None
+    for scores, records, weight in parts:
+        part = _to_scan_grid(
+            volume.with_array(scores[..., channel : channel + 1]), records, fill
+        )
+        part = part * np.float32(weight) if weight != 1.0 else part
+        total = part if total is None else total + part
+    return total
+
+
+def _xlogy(p: np.ndarray) -> np.ndarray:
+    """``p * log(p)``, 0 where ``p`` is 0 (or below, from interpolation)."""
+    p = np.clip(p, 0.0, 1.0)
+    return np.where(p > 0, p * np.log(np.maximum(p, 1e-30)), 0.0)
 
 
 def _to_scan_grid(channel: Volume, records, fill: float) -> np.ndarray:

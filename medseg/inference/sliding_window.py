@@ -144,6 +144,7 @@ def sliding_window_predict(
     progress: Callable[[int, int], None] | None = None,
     output_size: Sequence[int] | None = None,
     softmax: bool = False,
+    logit_channels: int | None = None,
 ) -> np.ndarray:
     """Predicts a whole channels-last image window by window and blends the outputs.
 
@@ -176,6 +177,8 @@ def sliding_window_predict(
         softmax: ``predict_fn`` gives logits: they are blended (and averaged over
             the mirrored windows), and the softmax over the last axis is taken once,
             of the blended logits, as nnU-Net does, instead of once per window.
+        logit_channels: with ``softmax``, how many of the first output channels are
+            logits (the others are blended as they are); ``None``: all.
 
     Returns:
         ``(*S, K)`` float32: the weighted mean of the window outputs at each voxel
@@ -278,8 +281,9 @@ def sliding_window_predict(
         slab = accumulator[i]
         slab /= sums[0][i] * rest
         if softmax:
-            slab -= slab.max(axis=-1, keepdims=True)
-            np.exp(slab, out=slab)
-            slab /= slab.sum(axis=-1, keepdims=True)
+            logits = slab[..., :logit_channels]
+            logits -= logits.max(axis=-1, keepdims=True)
+            np.exp(logits, out=logits)
+            logits /= logits.sum(axis=-1, keepdims=True)
     crop = tuple(slice(a, a + s) for (a, _), s in zip(pads, spatial, strict=True))
     return accumulator[crop]

@@ -758,8 +758,8 @@ def test_dicom_seg_and_seg_nrrd_are_refused_without_their_package_or_for_a_class
     refused = run(tmp_path / "cls")
     assert refused.exit_code == 2
     assert (
-        "--dicom-seg, --preview, --seg-nrrd and --masks are of label maps; this is a "
-        "classifier"
+        "--dicom-seg, --preview, --seg-nrrd, --masks and --uncertainty are of label "
+        "maps; this is a classifier"
     ) in refused.output
     monkeypatch.setitem(sys.modules, "highdicom", None)  # not installed
     refused = run("hippocampus")

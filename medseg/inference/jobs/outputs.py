@@ -71,14 +71,17 @@ class Beside:
     ``dicom_seg`` being the algorithm's name it records; every input a DICOM series),
     a picture of it (``previews/CASE.png``), a 3D Slicer segmentation of it
     (``slicer/CASE.seg.nrrd``), one mask a label (``masks/CASE/NAME.nii.gz``, the
-    names :func:`mask_names` gives). They are written before the label map, so a case
-    is done when its label map and these exist."""
+    names :func:`mask_names` gives), uncertainty maps (``uncertainty/CASE_MAP.nii.gz``
+    of each map named in ``uncertainty``: ``entropy``, ``mutual_information``). They
+    are written before the label map, so a case is done when its label map and these
+    exist."""
 
     probabilities: bool = False
     dicom_seg: str | None = None
     preview: bool = False
     seg_nrrd: bool = False
     masks: tuple[tuple[int, str], ...] = ()  # (label value, file name) each
+    uncertainty: tuple[str, ...] = ()
 
     def files(self, target: Path) -> list[Path]:
         """Those beside the label map ``target``."""
@@ -91,7 +94,9 @@ class Beside:
                 (slicer_for, self.seg_nrrd),
             )
             if wanted
-        ] + [mask_for(target, name) for _, name in self.masks]
+        ] + [mask_for(target, name) for _, name in self.masks] + [
+            uncertainty_for(target, name) for name in self.uncertainty
+        ]
 
 
 #: every file a run may write beside a label map
@@ -171,6 +176,21 @@ def slicer_for(label_path: Path) -> Path:
     own: beside the label maps, ``medseg evaluate`` would take them for more)."""
     stem = split_suffix(label_path)[0]
     return label_path.parent / SLICER / f"{stem}.seg.nrrd"
+
+
+#: the folder of uncertainty maps in an output folder (``--uncertainty``)
+UNCERTAINTY = "uncertainty"
+
+#: the uncertainty maps ``--uncertainty`` writes: with one forward pass a window,
+#: the entropy alone
+UNCERTAINTY_MAPS = ("entropy", "mutual_information")
+
+
+def uncertainty_for(label_path: Path, name: str) -> Path:
+    """``case.nii.gz`` and a map's name -> ``uncertainty/case_NAME.nii.gz`` in its
+    folder (a folder of their own: beside the label maps they would read as more)."""
+    stem = split_suffix(label_path)[0]
+    return label_path.parent / UNCERTAINTY / f"{stem}_{name}.nii.gz"
 
 
 #: the folder of one-label masks in an output folder (``--masks``)
@@ -318,6 +338,14 @@ def _write(
         for value, name in beside.masks:
             mask = labels.with_array((array == value).astype(np.uint8))
             write_volume(mask, mask_for(target, name), is_label=True)
+    for name in beside.uncertainty:
+        uncertainty_for(target, name).parent.mkdir(exist_ok=True)
+        array = getattr(prediction, name)
+        write_volume(
+            labels.with_array(array[..., None]),
+            uncertainty_for(target, name),
+            dtype="float32",
+        )
     if beside.probabilities:
         from medseg.inference.segmenter import write_probabilities
 

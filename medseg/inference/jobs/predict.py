@@ -37,6 +37,7 @@ class PredictOptions:
     keep_largest: bool = False
     min_size_mm3: float = 0.0
     probabilities: bool = False
+    uncertainty: bool = False
     allow_modified: bool = False
     precision: str = "auto"
     nonfinite: str | None = None
@@ -51,7 +52,13 @@ class PredictOptions:
 
     @property
     def label_map_extras(self) -> bool:
-        return self.dicom_seg or self.preview or self.seg_nrrd or self.masks
+        return (
+            self.dicom_seg
+            or self.preview
+            or self.seg_nrrd
+            or self.masks
+            or self.uncertainty
+        )
 
 
 @dataclass
@@ -102,8 +109,8 @@ def unavailable_output(models: Models, options: PredictOptions) -> str | None:
 
     if options.label_map_extras and models.first.task == "classification":
         return (
-            "--dicom-seg, --preview, --seg-nrrd and --masks are of label maps; this is "
-            "a classifier"
+            "--dicom-seg, --preview, --seg-nrrd, --masks and --uncertainty are of "
+            "label maps; this is a classifier"
         )
     if options.seg_nrrd and not itk.available():
         return '--seg-nrrd needs SimpleITK: pip install "medseg[itk]"'
@@ -244,6 +251,7 @@ def load_segmenter(plan: SegmentationPlan):
             allow_modified=options.allow_modified,
             precision=options.precision,
             nonfinite=options.nonfinite,
+            uncertainty=options.uncertainty,
         )
         for bundle, metadata in zip(
             plan.models.bundles, plan.models.metadatas, strict=True
@@ -256,6 +264,7 @@ def load_segmenter(plan: SegmentationPlan):
         keep_largest=options.keep_largest,
         min_size_mm3=options.min_size_mm3,
         probabilities=options.probabilities,
+        uncertainty=options.uncertainty,
     )
 
 
@@ -319,6 +328,9 @@ def start_segmentation(plan: SegmentationPlan, segmenter) -> SegmentationRun:
         seg_nrrd=options.seg_nrrd,
         masks=job_outputs.mask_names(segmenter.values, segmenter.names)
         if options.masks
+        else (),
+        uncertainty=job_outputs.UNCERTAINTY_MAPS[: 2 if segmenter.passes > 1 else 1]
+        if options.uncertainty
         else (),
     )
     job_outputs.check_unique_outputs(plan.everything, plan.output_dir, plan.names)

@@ -324,6 +324,7 @@ class _Job:
                     prediction.values,
                     prediction.names,
                     volume.array,
+                    getattr(prediction, "entropy", None),
                 )
             _write(prediction, target, content, self.beside, path, volume, result.sizes)
         except Exception as exc:  # a full disk, say: that scan only

@@ -52,15 +52,24 @@ SIZES_PATTERN = SIZES_FILE + "*.csv"
 
 
 def label_sizes(
-    labels: np.ndarray, spacing, values, names, image: np.ndarray | None = None
+    labels: np.ndarray,
+    spacing,
+    values,
+    names,
+    image: np.ndarray | None = None,
+    entropy: np.ndarray | None = None,
 ) -> dict[str, dict]:
     """Per declared label, by name: its value, its voxels and their volume in ml
     (``area_mm2`` for 2D label maps, from the pixel spacing, 1 mm where a picture has
     none), and with ``image`` (the scan, ``(*S, C)`` on the label map's grid) the mean
     and standard deviation of each channel's values in the label (``intensity_mean``,
     ``intensity_sd``: lists, ``None`` for an empty label; Hounsfield units for CT),
-    NaN voxels left out. The first label is left out when it is named background (as
-    nnU-Net names label 0), not otherwise (the membranes' 0 is the membrane)."""
+    NaN voxels left out; with ``entropy`` (the prediction's uncertainty map, on the
+    label map's grid) its mean in the label (``entropy_mean``) and on the label's
+    boundary (``entropy_boundary``: its voxels with a face neighbour outside it or
+    outside the map), ``None`` for an empty label. The first label is left out when
+    it is named background (as nnU-Net names label 0), not otherwise (the membranes'
+    0 is the membrane)."""
     from medseg.metrics import volume_ml
 
     labels = np.asarray(labels)
@@ -88,7 +97,28 @@ def label_sizes(
                 sd = math.sqrt(max(q / n - mean**2, 0.0)) if n else None
                 size["intensity_mean"].append(_rounded(mean))
                 size["intensity_sd"].append(_rounded(sd))
+        if entropy is not None:
+            size.update(_entropy_scores(mask, np.asarray(entropy)))
     return sizes
+
+
+#: the uncertainty columns of the volumes table (``medseg predict --uncertainty``)
+ENTROPIES = ("entropy_mean", "entropy_boundary")
+
+
+def _entropy_scores(mask: np.ndarray, entropy: np.ndarray) -> dict:
+    """The mean entropy in ``mask`` and on its boundary (see :func:`label_sizes`)."""
+    from scipy import ndimage
+
+    entropy = entropy.reshape(mask.shape)
+    inner = ndimage.binary_erosion(
+        mask, ndimage.generate_binary_structure(mask.ndim, 1), border_value=0
+    )
+    boundary = mask & ~inner
+    return {
+        key: _rounded(float(entropy[where].mean())) if where.any() else None
+        for key, where in zip(ENTROPIES, (mask, boundary), strict=True)
+    }
 
 
 #: voxels a pass when the moments of a scan's values per label are summed
@@ -209,6 +239,8 @@ def sizes_table(
     rows.sort(key=lambda row: row["case"])  # stable: each case's labels in order
     channels = max(len(row.get(INTENSITIES[0]) or ()) for row in rows)
     columns = _intensity_columns(channels) if channels else []
+    if any(ENTROPIES[0] in row for row in rows):
+        columns += list(ENTROPIES)
     for row in rows:  # lists over channels into columns
         for key in INTENSITIES:
             per_channel = row.pop(key, None) or ()
@@ -271,6 +303,9 @@ def _read_sizes(previous: Path | None) -> dict[str, dict]:
                     found = [f for f in fields if f == key or f.startswith(key + "_")]
                     if found:
                         size[key] = [float(row[f]) if row[f] else None for f in found]
+                for key in ENTROPIES:
+                    if key in fields:
+                        size[key] = float(row[key]) if row[key] else None
                 earlier.setdefault(row["case"], {})[row["name"]] = size
     except (OSError, TypeError, KeyError, ValueError, csv.Error):
         earlier = {}
