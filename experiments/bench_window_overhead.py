@@ -202,8 +202,9 @@ def main() -> None:
         runs = {name: [] for name in trees}
         for _ in range(args.rounds):
             for name, tree in trees.items():
+                bfloat16 = args.bfloat16 and name == "this"  # the rule is this tree's
                 runs[name].append(
-                    run_worker(tree, network, args.repeats, args.mirror, args.bfloat16)
+                    run_worker(tree, network, args.repeats, args.mirror, bfloat16)
                 )
         entry = {}
         for name, results in runs.items():
