@@ -11,13 +11,12 @@ blending, 4 windows a pass: 64 windows in 16 passes, as experiments/bench_monai.
   network's passes).
 
 The overhead is medseg's time over the network's, less one. Both are timed in the
-same process, alternating, after a warm-up; float32. The networks: ``small``, a light
-U-Net after MONAI's ``UNet(channels=(16, 32, 64, 128), strides=(2, 2, 2),
-num_res_units=0)`` from medseg's blocks (one convolution a level, strided-convolution
-downsampling, instance norm, ReLU; 0.7 M parameters, MONAI's 0.5 M); ``bench``,
-experiments/bench_monai.py's (filters 32-256, max pooling, instance norm, leaky ReLU;
-5.6 M). ``--tree`` runs another checkout's medseg (a worktree of an earlier commit,
-say) for before/after in one run; each tree runs in its own process, alternating.
+same process, alternating, after a warm-up; float32. The networks: ``light``, MONAI's
+``UNet(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=0)`` rebuilt in
+Keras layer for layer (487 k parameters); ``bench``, experiments/bench_monai.py's
+(filters 32-256, max pooling, instance norm, leaky ReLU; 5.6 M). ``--tree`` runs
+another checkout's medseg (a worktree of an earlier commit, say) for before/after in
+one run; each tree runs in its own process, alternating.
 ``--bfloat16`` also times ``Segmenter.probabilities`` with ``precision="bfloat16"``,
 for the rule ``precision="auto"`` follows.
 
@@ -43,20 +42,51 @@ VOLUME = (160, 160, 160)
 PATCH = (64, 64, 64)
 PER_PASS = 4
 CLASSES = 3
-NETWORKS = {
-    "small": {
-        "filters": (16, 32, 64, 128),
-        "convs_per_level": 1,
-        "downsampling": "strided_conv",
-        "norm": "instance",
-        "activation": "relu",
-    },
-    "bench": {
-        "filters": (32, 64, 128, 256),
-        "norm": "instance",
-        "activation": "leaky_relu",
-    },
-}
+
+
+def light_unet():
+    """MONAI's ``UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(16, 32,
+    64, 128), strides=(2, 2, 2), num_res_units=0)`` in Keras, layer for layer: strided
+    3x3x3 convolutions down, stride-2 3x3x3 transposed convolutions up, instance norm
+    and PReLU after each but the last; 487 k parameters."""
+    import keras
+    from keras import layers
+
+    def unit(x, channels, stride, transpose=False, last=False):
+        conv = layers.Conv3DTranspose if transpose else layers.Conv3D
+        x = conv(channels, 3, strides=stride, padding="same")(x)
+        if last:
+            return x
+        x = layers.GroupNormalization(groups=channels, epsilon=1e-5)(x)
+        return layers.PReLU(shared_axes=[1, 2, 3])(x)
+
+    inputs = keras.Input((None, None, None, 1))
+    d1 = unit(inputs, 16, 2)
+    d2 = unit(d1, 32, 2)
+    d3 = unit(d2, 64, 2)
+    bottom = unit(d3, 128, 1)
+    u3 = unit(layers.Concatenate()([d3, bottom]), 32, 2, transpose=True)
+    u2 = unit(layers.Concatenate()([d2, u3]), 16, 2, transpose=True)
+    logits = unit(layers.Concatenate()([d1, u2]), CLASSES, 2, transpose=True, last=True)
+    return keras.Model(inputs, logits, name="light_unet")
+
+
+def bench_unet():
+    """experiments/bench_monai.py's network: medseg's U-Net of filters 32-256, max
+    pooling, instance norm and leaky ReLU; 5.6 M parameters."""
+    from medseg.models import build_unet
+
+    return build_unet(
+        spatial_dims=3,
+        in_channels=1,
+        num_classes=CLASSES,
+        filters=(32, 64, 128, 256),
+        norm="instance",
+        activation="leaky_relu",
+    )
+
+
+NETWORKS = {"light": light_unet, "bench": bench_unet}
 
 
 def worker(network: str, repeats: int, mirror: bool, bfloat16: bool) -> dict:
@@ -68,11 +98,8 @@ def worker(network: str, repeats: int, mirror: bool, bfloat16: bool) -> dict:
     from medseg.bundle import write_bundle
     from medseg.inference import Segmenter
     from medseg.inference.sliding_window import window_starts
-    from medseg.models import build_unet
 
-    model = build_unet(
-        spatial_dims=3, in_channels=1, num_classes=CLASSES, **NETWORKS[network]
-    )
+    model = NETWORKS[network]()
     image = np.random.default_rng(2).normal(size=(*VOLUME, 1)).astype(np.float32)
     starts = [window_starts(n, p, 0.5) for n, p in zip(VOLUME, PATCH, strict=True)]
     windows = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
@@ -176,6 +203,9 @@ def main() -> None:
     )
     parser.add_argument("--tree", help="another checkout to compare (before)")
     parser.add_argument(
+        "--networks", default="light,bench", help="some of: " + ",".join(NETWORKS)
+    )
+    parser.add_argument(
         "--output", default=str(HERE / "results" / "window_overhead.json")
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -198,7 +228,7 @@ def main() -> None:
         "bfloat16": args.bfloat16,
         "networks": {},
     }
-    for network in NETWORKS:
+    for network in args.networks.split(","):
         runs = {name: [] for name in trees}
         for _ in range(args.rounds):
             for name, tree in trees.items():

@@ -182,7 +182,8 @@ def sliding_window_predict(
 
     Returns:
         ``(*S, K)`` float32: the weighted mean of the window outputs at each voxel
-        (with ``softmax``, its softmax).
+        (with ``softmax``, its softmax); a view of an array stored channels first,
+        so that each channel's voxels are together.
     """
     if blend not in BLENDS:
         raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
@@ -217,7 +218,7 @@ def sliding_window_predict(
     ]
     flips = [tuple(a + 1 for a in combo) for combo in _flip_combinations(mirror_axes)]
     # the mean over the mirrored windows folded into the blending weights
-    weights = _outer(axis_weights)[..., None] / np.float32(1 + len(flips))
+    weights = _outer(axis_weights) / np.float32(1 + len(flips))
     windows = list(itertools.product(*starts))
     chunks = [
         windows[first : first + batch_size]
@@ -235,14 +236,14 @@ def sliding_window_predict(
         )
 
     def add(chunk, outputs: list[np.ndarray]) -> None:
-        total = outputs[0] + outputs[1] if len(outputs) > 1 else outputs[0] * weights
-        for more in outputs[2:]:
-            total += more
-        if len(outputs) > 1:
-            total *= weights
+        total = outputs[0]
+        for more in outputs[1:]:
+            total = total + more
+        # weighted, and channels first as the accumulator is, in one pass
+        total = np.multiply(np.moveaxis(total, -1, 1), weights, order="C")
         for w, output in zip(chunk, total, strict=True):
             box = tuple(slice(s, s + n) for s, n in zip(w, patch_size, strict=True))
-            accumulator[box] += output
+            accumulator[(slice(None), *box)] += output
 
     with ThreadPoolExecutor(max_workers=1) as helper:
         batch_ahead = helper.submit(cut, chunks[0])
@@ -256,9 +257,9 @@ def sliding_window_predict(
             for axes in flips:
                 mirrored = predict_fn(np.ascontiguousarray(np.flip(batch, axes)))
                 outputs.append(np.flip(np.asarray(mirrored, dtype=np.float32), axes))
-            if accumulator is None:
+            if accumulator is None:  # channels first: each class's voxels together
                 accumulator = np.zeros(
-                    (*padded_shape, outputs[0].shape[-1]), np.float32
+                    (outputs[0].shape[-1], *padded_shape), np.float32
                 )
             if added is not None:
                 added.result()  # an error there stops here; two batches at most wait
@@ -276,14 +277,24 @@ def sliding_window_predict(
         for s in axis_starts:
             total[s : s + p] += w
         sums.append(total)
-    rest = _outer(sums[1:])[..., None] if len(sums) > 1 else np.float32(1)
+    rest = _outer(sums[1:]) if len(sums) > 1 else np.float32(1)
+    planes = len(accumulator)
+    logits = planes if logit_channels is None else logit_channels
     for i in range(padded_shape[0]):  # in place, one slab at a time
-        slab = accumulator[i]
-        slab /= sums[0][i] * rest
-        if softmax:
-            logits = slab[..., :logit_channels]
-            logits -= logits.max(axis=-1, keepdims=True)
-            np.exp(logits, out=logits)
-            logits /= logits.sum(axis=-1, keepdims=True)
+        slab = [accumulator[k, i] for k in range(planes)]  # each contiguous
+        scale = np.float32(1) / (sums[0][i] * rest)
+        for plane in slab:
+            plane *= scale
+        if softmax:  # over the classes, one plane each
+            largest = slab[0].copy()
+            for plane in slab[1:logits]:
+                np.maximum(largest, plane, out=largest)
+            total = np.zeros_like(largest)
+            for plane in slab[:logits]:
+                plane -= largest
+                np.exp(plane, out=plane)
+                total += plane
+            for plane in slab[:logits]:
+                plane /= total
     crop = tuple(slice(a, a + s) for (a, _), s in zip(pads, spatial, strict=True))
-    return accumulator[crop]
+    return np.moveaxis(accumulator[(slice(None), *crop)], 0, -1)
