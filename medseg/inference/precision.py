@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +60,27 @@ SLOW_BFLOAT16 = (
 AUTO_PRECISION_VARIABLE = "MEDSEG_AUTO_PRECISION"
 
 
-def inference_precision(requested: str = "auto") -> str:
+#: Forward FLOPs per input voxel below which ``auto`` keeps float32 on an AMX CPU: on
+#: a 2-core Xeon with AMX, bfloat16 made the sliding window of a light U-Net (MONAI's
+#: 16-128 UNet, 3.8 k FLOPs a voxel) 1.02x faster and of a 5.6 M-parameter one (427 k)
+#: 2.35x (experiments/bench_window_overhead.py); the shipped hippocampus network
+#: (241 k) sits with the second (its forward passes 1.8x faster in bfloat16).
+BFLOAT16_MIN_FLOPS_PER_VOXEL = 20_000
+
+
+def inference_precision(
+    requested: str = "auto", flops_per_voxel: Callable[[], float] | None = None
+) -> str:
     """The precision a forward pass runs in: ``"float32"`` or ``"bfloat16"``.
 
     ``"auto"`` picks bfloat16 only where it is both fast and measured: a CPU with AMX
     bfloat16 units (Intel Sapphire Rapids and later) and no GPU, where it halves the
-    time of a 3D U-Net's forward pass; float32 anywhere else. The environment variable
-    ``MEDSEG_AUTO_PRECISION`` (``float32`` or ``bfloat16``) overrides what ``"auto"``
-    resolves to, so that one machine can run, and test, what another would.
+    time of a 3D U-Net's forward pass, for a network of at least
+    :data:`BFLOAT16_MIN_FLOPS_PER_VOXEL` forward FLOPs per input voxel
+    (``flops_per_voxel``, called only there; ``None``: any network); float32 anywhere
+    else. The environment variable ``MEDSEG_AUTO_PRECISION`` (``float32`` or
+    ``bfloat16``) overrides what ``"auto"`` resolves to, so that one machine can run,
+    and test, what another would.
     """
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
@@ -83,4 +97,6 @@ def inference_precision(requested: str = "auto") -> str:
 
     if tf.config.list_physical_devices("GPU") or not cpu_has_amx_bf16():
         return "float32"
+    if flops_per_voxel is not None and flops_per_voxel() < BFLOAT16_MIN_FLOPS_PER_VOXEL:
+        return "float32"  # too light a network for bfloat16 to pay
     return "bfloat16"

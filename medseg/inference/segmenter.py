@@ -115,6 +115,7 @@ class Segmenter:
     ):
         from medseg import bundle as bundles
         from medseg.models import load_model, with_precision
+        from medseg.models.info import flops_per_voxel
 
         self.bundle = bundle
         self.metadata = bundles.verify(bundle, allow_modified=allow_modified)
@@ -122,12 +123,15 @@ class Segmenter:
             raise InputFileError(
                 bundle, f"a {self.metadata.task} bundle, not a segmentation bundle"
             )
-        self.precision = inference_precision(precision)
+        network = load_model(bundle)
+        self.precision = inference_precision(
+            precision,
+            lambda: flops_per_voxel(network, self.metadata.patch_size),
+        )
         if self.precision == "bfloat16" and bfloat16_is_slow_here():
             logger.warning("--precision bfloat16: %s; use auto", SLOW_BFLOAT16)
         self.model = with_precision(
-            load_model(bundle),
-            "mixed_bfloat16" if self.precision == "bfloat16" else "float32",
+            network, "mixed_bfloat16" if self.precision == "bfloat16" else "float32"
         )
         classes = self.model.output_shape[-1]
         if classes != len(self.metadata.labels):

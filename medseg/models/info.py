@@ -126,6 +126,15 @@ def with_input_shape(model: keras.Model, spatial_shape) -> keras.Model:
     return clone
 
 
+def flops_per_voxel(model: keras.Model, spatial_shape) -> float:
+    """Forward FLOPs (:attr:`ModelInfo.flops_per_sample`) per input voxel of
+    ``model`` at the input size ``spatial_shape``."""
+    import math
+
+    info = describe_model(with_input_shape(model, spatial_shape), batch_size=1)
+    return (info.flops_per_sample or 0) / math.prod(spatial_shape)
+
+
 def receptive_field(model: keras.Model) -> tuple[int, ...]:
     """Receptive field of the model's first output, from its layer graph.
 

@@ -1199,6 +1199,29 @@ def test_precision_auto_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch):
     assert inference.inference_precision("auto") == "bfloat16"  # no GPU here
 
 
+def test_auto_precision_keeps_float32_for_a_light_network(monkeypatch):
+    import keras
+
+    from medseg.inference.precision import BFLOAT16_MIN_FLOPS_PER_VOXEL
+    from medseg.models.info import flops_per_voxel
+
+    monkeypatch.delenv(inference.AUTO_PRECISION_VARIABLE, raising=False)
+    monkeypatch.setattr("medseg.inference.precision.cpu_has_amx_bf16", lambda: True)
+    light, heavy = BFLOAT16_MIN_FLOPS_PER_VOXEL - 1, BFLOAT16_MIN_FLOPS_PER_VOXEL
+    assert inference.inference_precision("auto", lambda: light) == "float32"
+    assert inference.inference_precision("auto", lambda: heavy) == "bfloat16"
+    asked = []
+    assert inference.inference_precision("float32", lambda: asked.append(1)) == (
+        "float32"
+    )
+    assert not asked  # the network is only counted where it decides
+    # one 3x3x3 convolution from 2 channels to 4: 2 x 27 x 2 x 4 FLOPs a voxel
+    model = keras.Sequential(
+        [keras.Input((None, None, None, 2)), keras.layers.Conv3D(4, 3, padding="same")]
+    )
+    assert flops_per_voxel(model, (6, 8, 10)) == 2 * 27 * 2 * 4
+
+
 def test_the_environment_sets_what_auto_precision_means_on_any_cpu(monkeypatch):
     variable = inference.AUTO_PRECISION_VARIABLE
     for amx in (False, True):
