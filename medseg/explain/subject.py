@@ -158,7 +158,9 @@ def _segmentation(folder: Path, volume: Volume, label: str | None) -> Subject:
             "to explain for that label",
         )
     box, pads = _window_around(predicted, segmenter.window)
-    padded = np.pad(image, [*pads, (0, 0)], mode="minimum") if _any(pads) else image
+    # zeros, as the sliding window pads a scan smaller than the window (and training
+    # a case smaller than the patch): the network has seen no other padding
+    padded = np.pad(image, [*pads, (0, 0)]) if _any(pads) else image
     inputs = padded[box]
     region = np.pad(predicted, pads)[box] if _any(pads) else predicted[box]
     full = image.shape[:-1]

@@ -204,3 +204,26 @@ def test_a_classifiers_maps_are_on_the_scans_grid(tmp_path, rng):
         assert made.on_input.shape == (12, 12, 12)
         assert made.on_scan.shape == (16, 14, 12)
         assert np.isfinite(made.on_scan).all()
+
+
+def test_a_scan_smaller_than_the_window_is_padded_as_the_network_was_trained():
+    """Zeros around the preprocessed scan, as the sliding window and training pad it,
+    not a value the network never saw there."""
+    from medseg.bundle import resolve
+    from medseg.inference import Segmenter
+    from medseg.io import read_volume
+
+    scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    subject = explain.prepare("hippocampus", scan, label="Anterior")
+    segmenter = Segmenter(resolve("hippocampus"), precision="float32")
+    image, _ = segmenter.preprocessor.image(read_volume(scan))
+    window = segmenter.window
+    assert all(n < w for n, w in zip(image.shape[:-1], window, strict=True))
+    inner = tuple(
+        slice((w - n) // 2, (w - n) // 2 + n)
+        for n, w in zip(image.shape[:-1], window, strict=True)
+    )
+    np.testing.assert_array_equal(subject.inputs[inner], image)
+    outside = np.ones(window, bool)
+    outside[inner] = False
+    assert (subject.inputs[outside] == 0).all()
