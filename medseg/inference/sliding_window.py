@@ -197,17 +197,9 @@ def sliding_window_predict(
         raise ValueError(f"mirror_axes {tuple(mirror_axes)} outside {len(spatial)}D")
     window = patch_size  # what the network reads
     patch_size = tuple(int(o) for o in (output_size or window))  # what it gives
-    margins = _margins(window, patch_size)
-    padded_shape = tuple(max(s, p) for s, p in zip(spatial, patch_size, strict=True))
-    pads = [
-        ((p - s) // 2, p - s - (p - s) // 2)
-        for s, p in zip(spatial, padded_shape, strict=True)
-    ]
-    padded = np.pad(image, [*pads, (0, 0)]) if any(sum(p) for p in pads) else image
-    source = padded
-    if any(margins):
-        mode = "reflect" if min(padded_shape) > 1 else "edge"
-        source = np.pad(padded, [*((m, m) for m in margins), (0, 0)], mode=mode)
+    source, padded_shape, pads = _padded(
+        image, patch_size, _margins(window, patch_size)
+    )
     axis_weights = [
         _gaussian_1d(p, 1 / 8) if blend == "gaussian" else np.ones(p, np.float32)
         for p in patch_size
@@ -226,33 +218,14 @@ def sliding_window_predict(
     ]
     accumulator = None
 
-    def cut(chunk) -> np.ndarray:
-        return np.stack(
-            [
-                source[tuple(slice(s, s + n) for s, n in zip(w, window, strict=True))]
-                for w in chunk
-            ],
-            dtype=np.float32,
-        )
-
-    def add(chunk, outputs: list[np.ndarray]) -> None:
-        total = outputs[0]
-        for more in outputs[1:]:
-            total = total + more
-        # weighted, and channels first as the accumulator is, in one pass
-        total = np.multiply(np.moveaxis(total, -1, 1), weights, order="C")
-        for w, output in zip(chunk, total, strict=True):
-            box = tuple(slice(s, s + n) for s, n in zip(w, patch_size, strict=True))
-            accumulator[(slice(None), *box)] += output
-
     with ThreadPoolExecutor(max_workers=1) as helper:
-        batch_ahead = helper.submit(cut, chunks[0])
+        batch_ahead = helper.submit(_cut, source, chunks[0], window)
         added = None
         done = 0
         for number, chunk in enumerate(chunks):
             batch = batch_ahead.result()
             if number + 1 < len(chunks):
-                batch_ahead = helper.submit(cut, chunks[number + 1])
+                batch_ahead = helper.submit(_cut, source, chunks[number + 1], window)
             outputs = [np.asarray(predict_fn(batch), dtype=np.float32)]
             for axes in flips:
                 mirrored = predict_fn(np.ascontiguousarray(np.flip(batch, axes)))
@@ -263,24 +236,82 @@ def sliding_window_predict(
                 )
             if added is not None:
                 added.result()  # an error there stops here; two batches at most wait
-            added = helper.submit(add, chunk, outputs)
+            added = helper.submit(
+                _add, accumulator, chunk, outputs, weights, patch_size
+            )
             done += len(chunk)
             if progress is not None:
                 progress(done, len(windows))
         added.result()
-    # the weight sum at voxel (i, j, ...) is sum_0[i] * sum_1[j] * ...
-    sums = []
-    for n, p, axis_starts, w in zip(
-        padded_shape, patch_size, starts, axis_weights, strict=True
-    ):
-        total = np.zeros(n, np.float32)
-        for s in axis_starts:
-            total[s : s + p] += w
-        sums.append(total)
+    sums = [
+        _weight_sum(n, p, axis_starts, w)
+        for n, p, axis_starts, w in zip(
+            padded_shape, patch_size, starts, axis_weights, strict=True
+        )
+    ]
+    _normalise(accumulator, sums, softmax, logit_channels)
+    crop = tuple(slice(a, a + s) for (a, _), s in zip(pads, spatial, strict=True))
+    return np.moveaxis(accumulator[(slice(None), *crop)], 0, -1)
+
+
+def _padded(image: np.ndarray, patch_size, margins):
+    """``(source, padded shape, pads)``: ``image`` padded with zeros (``pads`` each
+    side) to at least ``patch_size``, the output windows' size, then by ``margins``
+    mirrored (the input an unpadded network reads around its output)."""
+    spatial = image.shape[:-1]
+    padded_shape = tuple(max(s, p) for s, p in zip(spatial, patch_size, strict=True))
+    pads = [
+        ((p - s) // 2, p - s - (p - s) // 2)
+        for s, p in zip(spatial, padded_shape, strict=True)
+    ]
+    source = np.pad(image, [*pads, (0, 0)]) if any(sum(p) for p in pads) else image
+    if any(margins):
+        mode = "reflect" if min(padded_shape) > 1 else "edge"
+        source = np.pad(source, [*((m, m) for m in margins), (0, 0)], mode=mode)
+    return source, padded_shape, pads
+
+
+def _cut(source: np.ndarray, chunk, window) -> np.ndarray:
+    """The windows of ``source`` starting at each of ``chunk``, as one batch."""
+    return np.stack(
+        [
+            source[tuple(slice(s, s + n) for s, n in zip(w, window, strict=True))]
+            for w in chunk
+        ],
+        dtype=np.float32,
+    )
+
+
+def _add(accumulator, chunk, outputs: list[np.ndarray], weights, patch_size) -> None:
+    """Adds a batch's outputs (``outputs``: the batch's, then its mirrored ones,
+    mirrored back) weighted into the channels-first ``accumulator``."""
+    total = outputs[0]
+    for more in outputs[1:]:
+        total = total + more
+    # weighted, and channels first as the accumulator is, in one pass
+    total = np.multiply(np.moveaxis(total, -1, 1), weights, order="C")
+    for w, output in zip(chunk, total, strict=True):
+        box = tuple(slice(s, s + n) for s, n in zip(w, patch_size, strict=True))
+        accumulator[(slice(None), *box)] += output
+
+
+def _weight_sum(size: int, patch: int, starts, weights: np.ndarray) -> np.ndarray:
+    """The blending weights of one axis summed over its windows, per position: the
+    weight sum at voxel (i, j, ...) is the product of these (never a volume)."""
+    total = np.zeros(size, np.float32)
+    for s in starts:
+        total[s : s + patch] += weights
+    return total
+
+
+def _normalise(accumulator, sums, softmax: bool, logit_channels: int | None) -> None:
+    """Divides the channels-first ``accumulator`` by the weight sums (per axis, see
+    :func:`_weight_sum`) and with ``softmax`` takes the softmax of its first
+    ``logit_channels`` planes (all for ``None``), in place, one slab at a time."""
     rest = _outer(sums[1:]) if len(sums) > 1 else np.float32(1)
     planes = len(accumulator)
     logits = planes if logit_channels is None else logit_channels
-    for i in range(padded_shape[0]):  # in place, one slab at a time
+    for i in range(accumulator.shape[1]):
         slab = [accumulator[k, i] for k in range(planes)]  # each contiguous
         scale = np.float32(1) / (sums[0][i] * rest)
         for plane in slab:
@@ -296,5 +327,3 @@ def sliding_window_predict(
                 total += plane
             for plane in slab[:logits]:
                 plane /= total
-    crop = tuple(slice(a, a + s) for (a, _), s in zip(pads, spatial, strict=True))
-    return np.moveaxis(accumulator[(slice(None), *crop)], 0, -1)
