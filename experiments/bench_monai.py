@@ -265,29 +265,29 @@ def volume():
     return np.random.default_rng(2).normal(size=(*VOLUME, 1)).astype(np.float32)
 
 
+def bundle_record() -> dict:
+    """The medseg.json of a bundle of the benchmark's network: CLASSES labels, PATCH
+    windows, z-scored scans taken as they are."""
+    return {
+        "task": "segmentation",
+        "labels": {str(k): {"value": k, "name": str(k)} for k in range(CLASSES)},
+        "in_channels": 1,
+        "spatial_dims": 3,
+        "patch_size": list(PATCH),
+        "preprocessing": {
+            "normalizers": [{"scheme": "zscore"}],
+            "target_spacing_mm": None,
+            "crop_nonzero": False,
+        },
+    }
+
+
 def infer_medseg(bf16: bool) -> float:
     from medseg.bundle import write_bundle
     from medseg.inference import Segmenter
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_bundle(
-            tmp,
-            keras_unet(),
-            {
-                "task": "segmentation",
-                "labels": {
-                    str(k): {"value": k, "name": str(k)} for k in range(CLASSES)
-                },
-                "in_channels": 1,
-                "spatial_dims": 3,
-                "patch_size": list(PATCH),
-                "preprocessing": {
-                    "normalizers": [{"scheme": "zscore"}],
-                    "target_spacing_mm": None,
-                    "crop_nonzero": False,
-                },
-            },
-        )
+        write_bundle(tmp, keras_unet(), bundle_record())
         segmenter = Segmenter(
             tmp,
             overlap=0.5,

@@ -35,13 +35,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_monai import CLASSES, PATCH, VOLUME, bundle_record
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 HERE = Path(__file__).resolve().parent
-VOLUME = (160, 160, 160)
-PATCH = (64, 64, 64)
 PER_PASS = 4
-CLASSES = 3
 
 
 def light_unet():
@@ -124,22 +123,7 @@ def worker(network: str, repeats: int, mirror: bool, bfloat16: bool) -> dict:
 
     results = {"network": [], "medseg": [], **({"medseg_bf16": []} if bfloat16 else {})}
     with tempfile.TemporaryDirectory() as tmp:
-        write_bundle(
-            tmp,
-            model,
-            {
-                "task": "segmentation",
-                "labels": {str(k): {"value": k, "name": str(k)} for k in range(3)},
-                "in_channels": 1,
-                "spatial_dims": 3,
-                "patch_size": list(PATCH),
-                "preprocessing": {
-                    "normalizers": [{"scheme": "zscore"}],
-                    "target_spacing_mm": None,
-                    "crop_nonzero": False,
-                },
-            },
-        )
+        write_bundle(tmp, model, bundle_record())  # the same patch and classes
         segmenters = {
             key: Segmenter(
                 tmp,
