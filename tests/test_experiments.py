@@ -365,3 +365,17 @@ def test_a_recorded_baseline_is_taken_only_from_the_same_fold_and_epoch_rule(
     ):
         with pytest.raises(ValueError, match=problem):
             variants.recorded(spec, fold, last_epoch=last)
+
+
+def test_a_run_is_finished_at_its_epochs_or_when_its_budget_is_spent(cv, tmp_path):
+    def run(lines: int, train: dict, **record) -> tuple[bool, int]:
+        (tmp_path / "history.csv").write_text("epoch\n" + "1\n" * lines)
+        return cv.run_finished(tmp_path, {"config": {"train": train}, **record})
+
+    assert run(5, {"epochs": 5}, epoch=5) == (True, 5)
+    assert run(3, {"epochs": 5}, epoch=3) == (False, 5)
+    budget = {"epochs": 100, "time_budget": 900.0}
+    assert run(20, budget, epoch=20, trained_seconds=903.6) == (True, 20)
+    assert run(12, budget, epoch=12, trained_seconds=540.0) == (False, 12)
+    # its bundle an earlier epoch than the history's last: not the end yet
+    assert run(20, budget, epoch=10, trained_seconds=903.6) == (False, 20)
