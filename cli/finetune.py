@@ -10,6 +10,7 @@ import click
 from medseg_cli.options import (
     FiniteFloatRange,
     data_option,
+    distribution_options,
     epochs_option,
     fold_option,
     resume_option,
@@ -56,6 +57,7 @@ from medseg_cli.train import parse_fold, run
 @fold_option
 @seed_option
 @resume_option
+@distribution_options
 def finetune(
     model: str,
     output: Path,
@@ -70,6 +72,8 @@ def finetune(
     fold: str | None,
     seed: int | None,
     resume: bool,
+    strategy: str,
+    devices: tuple[str, ...] | None,
 ) -> None:
     """Fine-tune a pretrained bundle on a new dataset; OUTPUT becomes a bundle.
 
@@ -159,4 +163,4 @@ def finetune(
         raise InputFileError(
             blame, f"cannot make a fine-tuning config ({exc})"
         ) from None
-    run(config, output, resume, blame)
+    run(config, output, resume, blame, strategy=strategy, devices=devices)

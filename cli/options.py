@@ -91,6 +91,32 @@ time_budget_option = click.option(
     "decays over it and the run stops when it is spent, with its bundle; --epochs "
     "is then no limit. Overrides train.time_budget.",
 )
+
+
+def distribution_options(command):
+    """``--strategy`` and ``--devices``: how a run spreads over devices and machines."""
+    from medseg.config import STRATEGIES
+
+    command = click.option(
+        "--devices",
+        callback=lambda ctx, param, value: (
+            tuple(d for d in value.split(",") if d.strip()) if value else None
+        ),
+        help="This machine's devices to train on: GPU numbers (0,1) or TensorFlow "
+        "device names (/cpu:0). Default: all its GPUs.",
+    )(command)
+    return click.option(
+        "--strategy",
+        type=click.Choice(STRATEGIES),
+        default="auto",
+        show_default=True,
+        help="none: one device; mirrored: a replica per device of this machine; "
+        "multiworker: the workers of a cluster (TF_CONFIG, or the tasks of a Slurm "
+        "job step); auto: multiworker in a cluster, mirrored over several devices, "
+        "else none. The batch size is the global batch.",
+    )(command)
+
+
 seed_option = click.option("--seed", type=int, help="Overrides train.seed.")
 resume_option = click.option(
     "--resume",

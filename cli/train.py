@@ -13,6 +13,7 @@ from medseg_cli._tf import start_tensorflow
 from medseg_cli.options import (
     FiniteFloatRange,
     data_option,
+    distribution_options,
     epochs_option,
     fold_option,
     resume_option,
@@ -55,6 +56,7 @@ def parse_fold(text: str | None):
     help="Memory budget for planning (default: the GPU's, 4 GB on CPU).",
 )
 @resume_option
+@distribution_options
 def train(
     config_path: Path,
     output: Path,
@@ -66,6 +68,8 @@ def train(
     seed: int | None,
     memory_gb: float | None,
     resume: bool,
+    strategy: str,
+    devices: tuple[str, ...] | None,
 ) -> None:
     """Train a segmentation model; OUTPUT becomes a bundle that `medseg predict` takes.
 
@@ -101,12 +105,15 @@ def train(
             config = config.replace(data=replace(config.data, dataset=dataset))
     except ValueError as exc:
         raise InputFileError(config_path, str(exc)) from None
-    run(config, output, resume, config_path)
+    run(config, output, resume, config_path, strategy=strategy, devices=devices)
 
 
-def run(config, output: Path, resume: bool, blame) -> None:
-    """Trains ``config`` into ``output``; setting errors are reported against
-    ``blame`` (the config file, or the bundle a fine-tuning config came from)."""
+def run(
+    config, output: Path, resume: bool, blame, *, strategy="auto", devices=None
+) -> None:
+    """Trains ``config`` into ``output`` with the ``strategy`` over ``devices``;
+    setting errors are reported against ``blame`` (the config file, or the bundle a
+    fine-tuning config came from)."""
     from medseg.errors import ConfigError, InputFileError
 
     ctx = click.get_current_context()
@@ -118,7 +125,12 @@ def run(config, output: Path, resume: bool, blame) -> None:
 
     try:
         folder = run_training(
-            config, output, resume=resume, verbose=1 if sys.stdout.isatty() else 2
+            config,
+            output,
+            resume=resume,
+            verbose=1 if sys.stdout.isatty() else 2,
+            strategy=strategy,
+            devices=devices,
         )
     except ConfigError as exc:  # a setting that does not fit the data or model
         raise InputFileError(blame, str(exc)) from None

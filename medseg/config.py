@@ -317,6 +317,9 @@ class DataConfig:
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("poly", "constant")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+#: How ``medseg train --strategy`` spreads a run over devices and machines: an
+#: argument of the run, not a config setting, since a run may resume elsewhere.
+STRATEGIES = ("auto", "none", "mirrored", "multiworker")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import keras
 from medseg.bundle import write_bundle
 from medseg.config import Config
 from medseg.errors import ConfigError
+from medseg.losses import deep_supervision_weights
 from medseg.models import main_output
 from medseg.training.budget import BudgetCallback, BudgetProgbar, TimeBudget
 from medseg.training.network import compile_model, is_frozen
@@ -199,17 +200,32 @@ def fit_multi_worker(
     """
     import tensorflow as tf
 
-    loss_fn = model.loss
+    # a deep-supervised network: a loss per output, weighted as compile weighs them,
+    # the metrics on the first (full-resolution) output
+    losses = model.loss if isinstance(model.loss, list | tuple) else [model.loss]
+    weights = deep_supervision_weights(len(losses)) if len(losses) > 1 else [1.0]
     optimizer = model.optimizer
     iterator = iter(strategy.experimental_distribute_dataset(stream))
+
+    def first(outputs):
+        return outputs[0] if len(losses) > 1 else outputs
 
     @tf.function
     def train_step():
         def step(images, labels):
             with tf.GradientTape() as tape:
                 logits = model(images, training=True)
+                pairs = (
+                    zip(labels, logits, strict=True)
+                    if len(losses) > 1
+                    else [(labels, logits)]
+                )
+                per_sample = sum(
+                    w * fn.call(y, out)
+                    for w, fn, (y, out) in zip(weights, losses, pairs, strict=True)
+                )
                 loss = tf.nn.compute_average_loss(
-                    loss_fn.call(labels, logits), global_batch_size=global_batch
+                    per_sample, global_batch_size=global_batch
                 )
                 scaled = optimizer.scale_loss(loss)
             grads = tape.gradient(scaled, model.trainable_variables)
@@ -217,24 +233,32 @@ def fit_multi_worker(
                 zip(grads, model.trainable_variables, strict=True)
             )
             for metric in metrics:
-                metric.update_state(labels, logits)
+                metric.update_state(first(labels), first(logits))
             return loss
 
         per_replica = strategy.run(step, args=next(iterator))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     def spent_everywhere() -> float:
-        per_worker = strategy.run(lambda: tf.constant(run.budget.elapsed()))
-        return float(strategy.reduce(tf.distribute.ReduceOp.MAX, per_worker, axis=None))
+        # all-reduce has no maximum: gather every replica's clock instead
+        per_worker = strategy.run(lambda: tf.constant([run.budget.elapsed()]))
+        return float(tf.reduce_max(strategy.gather(per_worker, axis=0)))
 
     budget = run.budget
     callback = EpochEnd(run, stop_on_budget=False)
-    callback.set_model(model)
+    logging_callbacks = tensorboard_callbacks(run)
+    for each in [callback, *logging_callbacks]:
+        each.set_model(model)
+    for each in logging_callbacks:
+        each.on_train_begin()
     model.stop_training = False
     steps = run.config.train.steps_per_epoch
     for epoch in range(start_epoch, run.total_epochs):
         if budget.seconds is not None:
-            budget.progress.assign(min(1.0, spent_everywhere() / budget.seconds))
+            spent = spent_everywhere()
+            if spent >= budget.seconds:  # the last epoch's validation spent the rest
+                break
+            budget.progress.assign(spent / budget.seconds)
         callback.on_epoch_begin(epoch)
         for metric in metrics:
             metric.reset_state()
@@ -249,8 +273,25 @@ def fit_multi_worker(
         if budget.seconds is not None:
             model.stop_training = spent_everywhere() >= budget.seconds
         callback.on_epoch_end(epoch, logs)
+        for each in logging_callbacks:
+            each.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
+    for each in logging_callbacks:
+        each.on_train_end()
+
+
+def tensorboard_callbacks(run: Run) -> list:
+    """TensorBoard logging into the run folder, where TensorBoard is installed."""
+    if has_tensorboard():
+        return [
+            keras.callbacks.TensorBoard(run.folder / "tensorboard", write_graph=False)
+        ]
+    logger.info(
+        "tensorboard is not installed: no TensorBoard logs "
+        "(pip install 'medseg[tensorboard]')"
+    )
+    return []
 
 
 def fit_run(
@@ -287,15 +328,7 @@ def fit_run(
     callbacks = [EpochEnd(run)]
     if run.budget.seconds is not None:
         callbacks += [BudgetCallback(run.budget), BudgetProgbar(run.budget)]
-    if has_tensorboard():
-        callbacks.append(
-            keras.callbacks.TensorBoard(run.folder / "tensorboard", write_graph=False)
-        )
-    else:
-        logger.info(
-            "tensorboard is not installed: no TensorBoard logs "
-            "(pip install 'medseg[tensorboard]')"
-        )
+    callbacks += tensorboard_callbacks(run)
     train = run.config.train
     phases = [(start_epoch, run.total_epochs)]
     if is_frozen(run.config, start_epoch) and train.unfreeze_after is not None:

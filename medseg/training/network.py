@@ -93,7 +93,10 @@ def model_for_run(
                 config, plan, frozen=is_frozen(config, first_epoch), progress=progress
             )
     origin = None if resume else start_from(config, model, names)
-    start_epoch, best = resume_run(folder, model) if resume else (0, None)
+    start_epoch, best = 0, None
+    if resume:
+        with strategy.scope():  # restoring builds the optimizer's variables
+            start_epoch, best = resume_run(folder, model)
     return model, metrics, origin, start_epoch, best
 
 

@@ -218,6 +218,20 @@ def checkpoint_folder(folder: Path) -> Path | None:
     return None
 
 
+def take_chief_checkpoint(chief: Path, scratch: Path) -> None:
+    """Puts the chief's checkpoint (or none, where the chief has none) in a worker's
+    scratch folder, so that every worker of a resumed run starts from the same epoch
+    and weights, however far its own scratch copy had got."""
+    import shutil
+
+    for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
+        if (scratch / name).exists():
+            shutil.rmtree(scratch / name)
+    source = checkpoint_folder(chief)
+    if source is not None:
+        shutil.copytree(source, scratch / CHECKPOINT)
+
+
 def checkpoint_epoch(folder: Path) -> int:
     """The epoch the run's checkpoint ends with (0 without one)."""
     source = checkpoint_folder(folder)

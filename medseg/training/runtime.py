@@ -8,7 +8,7 @@ import logging
 
 import keras
 
-from medseg.config import Config
+from medseg.config import STRATEGIES, Config
 from medseg.errors import ConfigError, InputFileError
 
 logger = logging.getLogger(__name__)
@@ -79,18 +79,121 @@ def precision_policy(config: Config) -> str:
     return policy
 
 
-def distribution_strategy():
-    """MultiWorkerMirrored when ``TF_CONFIG`` describes a cluster, Mirrored over
-    several local GPUs, else the default. Created before any other TensorFlow op."""
+#: First port of the Slurm tasks on a node (``MEDSEG_SLURM_PORT``); a node's tasks
+#: take the ports from here up.
+SLURM_PORT = 8888
+
+
+def distribution_strategy(name: str = "auto", devices=None):
+    """The ``tf.distribute`` strategy ``name`` asks for, created before any other
+    TensorFlow op.
+
+    Args:
+        name: ``none`` (one device), ``mirrored`` (one replica per device of this
+            machine, gradients all-reduced), ``multiworker`` (mirrored over the
+            workers of a cluster that ``TF_CONFIG`` or a Slurm job step describes),
+            or ``auto``: multiworker when ``TF_CONFIG`` is set or the Slurm step has
+            several tasks, mirrored over several devices (those of ``devices``, else
+            the GPUs), else none.
+        devices: the devices of this machine to train on, as GPU numbers (``"0"``)
+            or TensorFlow device names (``"/cpu:1"``); ``None``: all GPUs (else the
+            CPU).
+    """
+    import tensorflow as tf
+
+    if name not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+    names = device_names(devices or ())
+    if name == "auto":
+        if cluster_environment() is not None:
+            name = "multiworker"
+        elif len(names) > 1 or (
+            not names and len(tf.config.list_physical_devices("GPU")) > 1
+        ):
+            name = "mirrored"
+        else:
+            name = "none"
+    if name == "multiworker":
+        if names:
+            raise ConfigError(
+                "--devices is for one machine; a worker of a cluster trains on the "
+                "GPUs its scheduler gives it"
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=cluster_resolver()
+        )
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(devices=names or None)
+    if len(names) > 1:
+        raise ConfigError(
+            f"strategy none trains on one device, got {len(names)}: "
+            f"{', '.join(names)} (use --strategy mirrored)"
+        )
+    if names:
+        return tf.distribute.OneDeviceStrategy(names[0])
+    return tf.distribute.get_strategy()
+
+
+def device_names(devices) -> list[str]:
+    """TensorFlow device names of ``devices``: a number is a GPU's."""
+    names = []
+    for device in devices:
+        text = str(device).strip()
+        if text.isdigit():
+            names.append(f"/gpu:{int(text)}")
+        elif text.lower().lstrip("/").startswith(("gpu:", "cpu:", "device:")):
+            names.append("/" + text.lstrip("/"))
+        else:
+            raise ConfigError(
+                f"device {text!r}: expected a GPU number (0, 1, ...) or a "
+                "TensorFlow device name (/gpu:0, /cpu:0)"
+            )
+    return names
+
+
+def cluster_environment() -> str | None:
+    """What describes this process's cluster: ``"TF_CONFIG"``, ``"slurm"`` (a job
+    step of several tasks), or ``None``."""
+    import os
+
+    if os.environ.get("TF_CONFIG"):
+        return "TF_CONFIG"
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS")
+    if os.environ.get("SLURM_PROCID") and tasks and int(tasks) > 1:
+        return "slurm"
+    return None
+
+
+def cluster_resolver():
+    """TensorFlow's resolver of this process's cluster: from ``TF_CONFIG``, else
+    from the Slurm job step (its tasks, nodes and tasks per node; a node's tasks
+    listen from ``MEDSEG_SLURM_PORT`` up, the node's GPUs, ``SLURM_GPUS_ON_NODE``,
+    shared out among them)."""
     import os
 
     import tensorflow as tf
 
-    if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if len(tf.config.list_physical_devices("GPU")) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
+    resolvers = tf.distribute.cluster_resolver
+    where = cluster_environment()
+    if where is None:
+        raise ConfigError(
+            "strategy multiworker needs a cluster: set TF_CONFIG, or run one task "
+            "per worker in a Slurm job step (srun)"
+        )
+    if where == "TF_CONFIG":
+        return resolvers.TFConfigClusterResolver()
+    port = int(os.environ.get("MEDSEG_SLURM_PORT") or SLURM_PORT)
+    gpus = int(os.environ.get("SLURM_GPUS_ON_NODE") or 0)
+    if gpus:
+        return resolvers.SlurmClusterResolver(port_base=port, gpus_per_node=gpus)
+    # the resolver lists a node's tasks only as far as it has GPUs to hand them: on
+    # CPU nodes, give it one per task and leave CUDA_VISIBLE_DEVICES alone
+    return resolvers.SlurmClusterResolver(
+        port_base=port,
+        gpus_per_node=int(os.environ["SLURM_STEP_NUM_TASKS"]),
+        gpus_per_task=1,
+        auto_set_gpu=False,
+    )
 
 
 def worker_index(strategy) -> tuple[int, int]:

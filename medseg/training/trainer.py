@@ -39,6 +39,7 @@ from medseg.training.run_files import (
     checkpoint_folder,
     checkpoint_seconds,
     prepare_run,
+    take_chief_checkpoint,
 )
 from medseg.training.runtime import (
     config_errors,
@@ -158,7 +159,13 @@ def _metadata(config, dataset, values, plan, preprocessor, fingerprint, split) -
 
 
 def train(
-    config: Config, folder: str | Path, *, resume: bool = False, verbose: int = 1
+    config: Config,
+    folder: str | Path,
+    *,
+    resume: bool = False,
+    verbose: int = 1,
+    strategy: str = "auto",
+    devices=None,
 ) -> Path:
     """Trains a segmentation model (or, with ``data.task: reconstruction``, an
     autoencoder) and leaves a bundle in ``folder``.
@@ -169,6 +176,12 @@ def train(
         resume: continue the run in ``folder`` from its last checkpoint; the saved
             config is used, with ``train.epochs`` taken from ``config``.
         verbose: Keras progress output (1 bar, 2 one line per epoch, 0 silent).
+        strategy: how to spread training over devices and machines: ``auto``,
+            ``none``, ``mirrored`` or ``multiworker`` (see
+            :func:`medseg.training.runtime.distribution_strategy`). The batch size
+            is the global batch, split among the replicas.
+        devices: this machine's devices to train on (GPU numbers or TensorFlow
+            device names); ``None``: all of its GPUs.
 
     Returns:
         The run folder, which is a bundle.
@@ -176,13 +189,19 @@ def train(
     Raises:
         InputFileError: bad dataset, broken cases, or a run folder in the wrong state.
     """
-    strategy = distribution_strategy()  # before any other TensorFlow op
+    strategy = distribution_strategy(strategy, devices)  # before any other TF op
     worker, workers = worker_index(strategy)
     if workers > 1:
         logger.info(
             "MultiWorkerMirroredStrategy: worker %d of %d workers", worker, workers
         )
-    folder = Path(folder)
+    elif strategy.num_replicas_in_sync > 1:
+        logger.info(
+            "MirroredStrategy: %d replicas (%s)",
+            strategy.num_replicas_in_sync,
+            ", ".join(strategy.extended.worker_devices),
+        )
+    folder = chief = Path(folder)
     if worker:  # only the chief writes the run; the others keep their own scratch copy
         folder = folder / f".worker-{worker}"
     created = not folder.exists()
@@ -195,6 +214,8 @@ def train(
         what="medseg train run",
         advice="wait for it to end, or train into another --output",
     )
+    if worker and resume:
+        take_chief_checkpoint(chief, folder)
     written = folder / "config.yaml"
     if (resume and checkpoint_folder(folder) is not None) or written.exists():
         written = None  # not this run's to remove
@@ -214,9 +235,9 @@ def train(
         held.release()
 
 
-def _fitted_to_the_data(config, values, channels: int, workers: int):
+def _fitted_to_the_data(config, values, channels: int):
     """``config`` with the classes and channels the dataset has, its deep
-    supervision checked against the task, the workers and the padding."""
+    supervision checked against the task and the padding."""
     segmentation = values is not None
     config = config.replace(
         model=replace(
@@ -226,10 +247,8 @@ def _fitted_to_the_data(config, values, channels: int, workers: int):
         )
     )
     levels = int(config.model.options.get("deep_supervision") or 0)
-    if levels and (not segmentation or workers > 1):
-        raise ConfigError(
-            "model.deep_supervision trains segmentation on one machine only"
-        )
+    if levels and not segmentation:
+        raise ConfigError("model.deep_supervision is for segmentation")
     if levels and config.model.options.get("padding", "same") != "same":
         raise ConfigError("model.deep_supervision needs padding: same")
     return config
@@ -292,6 +311,9 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
     )
     if resume and _finished(folder, config, budget):
         return folder
+    # the network's initial weights too come from train.seed: the same config
+    # trains the same network (up to the order of floating-point sums)
+    keras.utils.set_random_seed(config.train.seed)
     if config.data.task == "classification":
         return train_classification(
             config,
@@ -308,7 +330,7 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
     segmentation = config.data.task == "segmentation"
     values = training_data.class_values(dataset) if segmentation else None
     channels = int(next(iter(fingerprint["num_channels"])))
-    config = _fitted_to_the_data(config, values, channels, workers)
+    config = _fitted_to_the_data(config, values, channels)
     levels = int(config.model.options.get("deep_supervision") or 0)
     keras.mixed_precision.set_global_policy(precision_policy(config))
     with config_errors():  # e.g. a patch size the network cannot take

@@ -438,59 +438,6 @@ def test_resuming_refuses_scans_planned_otherwise_since_and_old_checkpoints_pass
         check_resumable(tmp_path, moved)
 
 
-def _free_ports(count):
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@pytest.mark.slow
-def test_two_workers_train_one_epoch_on_loopback(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_TRAIN.format(epochs=1, steps=2))
-    run = tmp_path / "run"
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
-    processes = []
-    for index in range(2):
-        env = {
-            **os.environ,
-            "TF_CONFIG": json.dumps(
-                {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            ),
-        }
-        processes.append(
-            subprocess.Popen(
-                _train_command(config, run),
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-            )
-        )
-    try:
-        outputs = [p.communicate(timeout=420)[0] for p in processes]
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-    for p, output in zip(processes, outputs, strict=True):
-        assert p.returncode == 0, output[-3000:]
-    assert "MultiWorkerMirroredStrategy" in outputs[0] or "2 workers" in outputs[0]
-    assert [r["epoch"] for r in _history(run / "history.csv")] == ["1"]
-    from medseg import bundle
-
-    assert bundle.verify(run)["split"]["train"]
-    # the second worker wrote only into its own scratch folder
-    assert (run / ".worker-1" / "history.csv").is_file()
-
-
 @pytest.mark.slow
 def test_reconstruction_training_writes_an_autoencoder_bundle(tmp_path):
     from medseg import bundle
