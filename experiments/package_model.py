@@ -85,11 +85,16 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from medseg.bundle import MODEL_FILE, PRETRAINED_DIR, verify, write_bundle
-    from medseg.io import atomic_write_text
+    from medseg.bundle import (
+        MODEL_FILE,
+        PRETRAINED_DIR,
+        verify,
+        write_bundle,
+        write_metadata,
+    )
     from medseg.models import load_model
 
-    metadata = verify(args.run)
+    metadata = verify(args.run).to_dict()
     config = metadata["config"]
     scored_split = (metadata.get("split") or {}).get("validation")
     if not (args.cross_validation or scored_split):
@@ -108,10 +113,10 @@ def main() -> None:
         target.mkdir(parents=True)
         shutil.copyfile(args.run / MODEL_FILE, target / MODEL_FILE)
         metadata["weights_dtype"] = "float32"
-        atomic_write_text(target / "medseg.json", json.dumps(metadata, indent=2))
+        write_metadata(target, metadata)
     else:
         write_bundle(target, load_model(args.run), metadata, weights_dtype=args.weights)
-        metadata = verify(target)
+        metadata = verify(target).to_dict()
     if args.cross_validation:
         evaluation = cross_validation_record(args.cross_validation, args.config)
     else:
@@ -125,7 +130,7 @@ def main() -> None:
             ),
         }
     metadata["evaluation"] = evaluation
-    atomic_write_text(target / "medseg.json", json.dumps(metadata, indent=2) + "\n")
+    write_metadata(target, metadata)
     verify(target)
     size = (target / MODEL_FILE).stat().st_size / 1e6
     what, cases = evaluation["what"], evaluation["cases"]

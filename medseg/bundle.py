@@ -367,6 +367,14 @@ def write_bundle(
     return folder
 
 
+def write_metadata(folder: str | Path, record: Mapping[str, Any]) -> None:
+    """Writes ``record`` as the ``medseg.json`` of the bundle in ``folder`` (an
+    edited record of a bundle), with its checksum made anew."""
+    record = dict(record)
+    record[METADATA_CHECKSUM] = metadata_checksum(record)
+    atomic_write_text(Path(folder) / METADATA_FILE, json_text(record))
+
+
 def _without_optimizer(model):
     """The model without its training state, so a bundle holds the weights alone
     (checkpoints keep the optimizer for resuming)."""

@@ -24,9 +24,9 @@ def test_the_shipped_bundles_read_into_typed_fields():
         Label(2, "Posterior"),
     )
     assert (hippocampus.in_channels, hippocampus.spatial_dims) == (1, 3)
-    assert hippocampus.patch_size == hippocampus.window == (40, 56, 40)
+    assert hippocampus.patch_size == hippocampus.window == (48, 64, 48)
     assert hippocampus.slice_axis is None
-    assert hippocampus.mirror_axes == (0, 2)  # anterior/posterior: not along axis 1
+    assert hippocampus.mirror_axes == (0,)  # left-right only: not along axis 1
     assert hippocampus.preprocessor.target_spacing_mm == (1.0, 1.0, 1.0)
     # the record stays readable as it was written
     record = json.loads((resolve("hippocampus") / "medseg.json").read_text())

@@ -478,18 +478,18 @@ def test_info_on_scans_with_a_model_says_what_predict_would_do(tmp_path):
     plan = described["model"]
     assert plan["name"] == "hippocampus" and plan["refused"] is None
     assert plan["grid_shape"] == shape and plan["grid_spacing_mm"] == [1.0, 1.0, 1.0]
-    # each side under the 40 x 56 x 40 window: one window, mirrored on two axes
-    assert plan["window"] == [40, 56, 40] and plan["windows"] == 1
-    assert plan["mirrored"] == 4 and plan["forward_passes"] == 4
-    assert plan["probabilities_mib"] == pytest.approx(40 * 56 * 40 * 3 * 4 / 2**20)
+    # each side under the 48 x 64 x 48 window: one window, mirrored on one axis
+    assert plan["window"] == [48, 64, 48] and plan["windows"] == 1
+    assert plan["mirrored"] == 2 and plan["forward_passes"] == 2
+    assert plan["probabilities_mib"] == pytest.approx(48 * 64 * 48 * 3 * 4 / 2**20)
     assert pictured["model"]["refused"] == (
         "2D scan with 1 channel(s), but the model segments 3D scans with 1 channel(s)"
     )
     size = " x ".join(map(str, shape))
     assert f"  model grid:     {size} at 1 x 1 x 1 mm" in result.output
     assert (
-        "  windows:        1 of 40 x 56 x 40 (overlap 0.5), each also mirrored: 4 "
-        "predicted; 4 forward passes of up to 4 windows"
+        "  windows:        1 of 48 x 64 x 48 (overlap 0.5), each also mirrored: 2 "
+        "predicted; 2 forward passes of up to 4 windows"
     ) in result.output
     assert "  model:          hippocampus would refuse it: 2D scan" in result.output
 
@@ -497,21 +497,21 @@ def test_info_on_scans_with_a_model_says_what_predict_would_do(tmp_path):
     big = save_nifti(tmp_path / "big.nii", np.ones((130, 60, 40), np.float32))
     result = run("info", str(big), "--model", "hippocampus", "--no-tta")
     assert result.exit_code == 0, result.output
-    # 130 along a 40 window at overlap 0.5: ceil(90 / 20) + 1 = 6; 60 along 56: 2
-    assert "  windows:        12 of 40 x 56 x 40 (overlap 0.5); 3 forward" in (
+    # 130 along a 48 window at overlap 0.5: ceil(82 / 24) + 1 = 5; 60 (padded to 64)
+    # along 64 and 40 (to 48) along 48: 1
+    assert "  windows:        5 of 48 x 64 x 48 (overlap 0.5); 2 forward" in (
         result.output
     )
     assert "  warning:        " in result.output
     assert "field of view 130 x 60 x 40 mm, while the longest side" in result.output
     result = run("info", str(big), "--model", "hippocampus", "--overlap", "0")
-    # at no overlap: ceil(90 / 40) + 1 = 4 along the first axis
-    assert "  windows:        8 of 40 x 56 x 40 (overlap 0), each also" in (
+    # at no overlap: ceil(82 / 48) + 1 = 3 along the first axis
+    assert "  windows:        3 of 48 x 64 x 48 (overlap 0), each also" in (
         result.output
     )
-    # predict's --batch-size: 12 windows in passes of 5 windows: 3, and 3 for each of
-    # the three mirrored copies
+    # predict's --batch-size: 5 windows in one pass, and one for the mirrored copies
     result = run("info", str(big), "--model", "hippocampus", "--batch-size", "5")
-    assert "48 predicted; 12 forward passes of up to 5 windows" in result.output
+    assert "10 predicted; 2 forward passes of up to 5 windows" in result.output
     # a folder: each scan, and totals that name the scans with warnings, refused and
     # unreadable; exit 1
     folder = tmp_path / "batch"
@@ -525,12 +525,12 @@ def test_info_on_scans_with_a_model_says_what_predict_would_do(tmp_path):
         f"Error: {folder / 'broken.nii.gz'}: not gzip-compressed data (corrupt, or "
         "misnamed file)\n"
     )
-    # fine: 1 window, 4 with its mirrored copies, in 4 passes; big: 12 windows, 48
-    # predictions, 3 passes of 4 windows and 9 of their mirrored copies
+    # fine: 1 window, 2 with its mirrored copy, in 2 passes; big: 5 windows, 10
+    # predictions, 2 passes of up to 4 windows and 2 of their mirrored copies
     assert result.stdout.splitlines()[-1] == (
         f"4 scans: 2 would be segmented, 1 with warnings ({folder / 'big.nii'}); 1 "
         f"refused ({folder / 'p.png'}); 1 unreadable ({folder / 'broken.nii.gz'}); "
-        "52 window predictions in 16 forward passes"
+        "12 window predictions in 6 forward passes"
     )
 
     # a list naming a case stored one file per channel, for a two-channel model: one

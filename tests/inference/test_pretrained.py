@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from medseg.bundle import MODEL_FILE, resolve, verify
+from medseg.config import parse_duration
 from tests.conftest import REPO, SAMPLE, assert_failures_named
 from tests.conftest import run_medseg as medseg
 from tests.reference import hard_dice
@@ -41,8 +42,12 @@ def test_hippocampus_is_listed_intact_small_and_records_its_cross_validation():
     # the record is of the config it names, each fold scored as shipped: last epoch
     config = yaml.safe_load((REPO / metadata["trained_with"]).read_text())
     assert metadata["config"]["model"]["filters"] == config["model"]["filters"]
-    assert metadata["epoch"] == config["train"]["epochs"]
-    assert all(f["scored_epoch"] == f["epochs"] == metadata["epoch"] for f in folds)
+    assert all(f["scored_epoch"] == f["epochs"] for f in folds)
+    budget = config["train"].get("time_budget")
+    if budget is None:
+        assert metadata["epoch"] == config["train"]["epochs"] == folds[0]["epochs"]
+    else:  # trained to its time budget, as each fold was
+        assert metadata["trained_seconds"] >= parse_duration(budget)
     listing = medseg("models")
     assert listing.returncode == 0
     assert listing.stdout.startswith("hippocampus: segmentation, 3D, labels ")
