@@ -15,6 +15,7 @@ import numpy as np
 
 from medseg.errors import InputFileError
 from medseg.io.files import hidden_sibling
+from medseg.serving import SEGMENT_ENDPOINT
 
 FORMATS = ("savedmodel", "onnx")
 ONNX_FILE = "model.onnx"
@@ -23,12 +24,46 @@ ONNX_METADATA_KEY = "medseg.json"
 TOLERANCE = 1e-4
 
 
-def _savedmodel(model, folder: Path, sample: np.ndarray) -> np.ndarray:
+def _savedmodel(model, folder: Path, sample: np.ndarray, metadata) -> tuple:
+    """Writes the SavedModel (``serve``, and ``segment`` where the bundle can have
+    it); returns ``serve``'s output on ``sample`` and the loaded model."""
+    import tensorflow as tf
+    from keras.export import ExportArchive
+
+    from medseg.serving import SEGMENT_ENDPOINT, segment_function, serving_refusal
+
+    archive = ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serve",
+        lambda x: model(x, training=False),
+        input_signature=[tf.TensorSpec(model.input_shape, tf.float32)],
+    )
+    if serving_refusal(metadata) is None:
+        archive.add_endpoint(SEGMENT_ENDPOINT, segment_function(model, metadata))
+    archive.write_out(str(folder), verbose=False)
+    loaded = tf.saved_model.load(str(folder))  # kept: its variables back serve()
+    return np.asarray(loaded.serve(tf.constant(sample))), loaded
+
+
+def _segment_difference(bundle, metadata, loaded, seed: int) -> float:
+    """The largest gap between the ``segment`` endpoint's probabilities and
+    :class:`~medseg.inference.Segmenter`'s on a random scan a little larger than
+    the window (so windows overlap and are blended)."""
     import tensorflow as tf
 
-    model.export(str(folder), format="tf_saved_model", verbose=False)
-    loaded = tf.saved_model.load(str(folder))  # kept: its variables back serve()
-    return np.asarray(loaded.serve(tf.constant(sample)))
+    from medseg.inference import Segmenter
+    from medseg.preprocessing.intensity import normalize
+
+    shape = [int(n) + 7 for n in metadata.window]
+    rng = np.random.default_rng(seed + 1)
+    scan = rng.normal(100, 20, size=(*shape, metadata.in_channels)).astype(np.float32)
+    segmenter = Segmenter(bundle, mirror_axes=metadata.mirror_axes, precision="float32")
+    expected = segmenter.probabilities(
+        normalize(scan, metadata.preprocessor.normalizers)
+    )
+    served = loaded.segment(tf.constant(scan))["probabilities"].numpy()
+    return float(np.max(np.abs(served - expected)))
 
 
 def _onnx(model, folder: Path, sample: np.ndarray) -> np.ndarray:
@@ -99,7 +134,11 @@ def export_bundle(
     expected = np.asarray(model(sample, training=False))
     tmp = hidden_sibling(output, f".{uuid.uuid4().hex[:8]}.partial")
     try:
-        exported = (_savedmodel if fmt == "savedmodel" else _onnx)(model, tmp, sample)
+        endpoints = {}
+        if fmt == "savedmodel":
+            exported, loaded = _savedmodel(model, tmp, sample, metadata)
+        else:
+            exported = _onnx(model, tmp, sample)
         difference, compared = output_difference(metadata, exported, expected)
         if not difference <= TOLERANCE:
             raise InputFileError(
@@ -107,6 +146,26 @@ def export_bundle(
                 f"exported model's {compared} differ from the bundle's by "
                 f"{difference:.3g}",
             )
+        if fmt == "savedmodel" and hasattr(loaded, SEGMENT_ENDPOINT):
+            gap = _segment_difference(bundle, metadata, loaded, seed)
+            if not gap <= TOLERANCE:
+                raise InputFileError(
+                    output,
+                    f"the {SEGMENT_ENDPOINT} endpoint's probabilities differ from "
+                    f"medseg predict's by {gap:.3g}",
+                )
+            endpoints[SEGMENT_ENDPOINT] = {
+                "input": "a scan on the bundle's grid (reoriented to RAS, cropped "
+                "and resampled as preprocessing says, not normalised): (*spatial, "
+                "channels), float32",
+                "output": {
+                    "probabilities": "(*spatial, classes) float32",
+                    "labels": "(*spatial) int32, the label values",
+                },
+                "overlap": 0.5,
+                "mirror_axes": list(metadata.mirror_axes),
+                "checked_max_abs_difference": gap,
+            }
         record = {
             **metadata,
             "export": {
@@ -121,6 +180,7 @@ def export_bundle(
                 "probabilities",
                 "checked_max_abs_difference": difference,
                 "checked": compared,
+                **({"endpoints": endpoints} if endpoints else {}),
             },
         }
         record[bundles.METADATA_CHECKSUM] = bundles.metadata_checksum(record)

@@ -70,6 +70,15 @@ class Preprocessor:
 
     def image(self, volume):
         """Returns ``(float32 array (*S', C), geometry records)`` for a scan volume."""
+        volume, records = self.on_grid(volume)
+        image = normalize(np.asarray(volume.array), self.normalizers)
+        check_normalised(image, volume.path or "image", self.normalizers)
+        return image, records
+
+    def on_grid(self, volume):
+        """``(volume, geometry records)``: the scan on the grid the network sees
+        (NaN/Inf handled, reoriented, cropped and resampled), not yet normalised:
+        what a served model's ``segment`` endpoint takes (:mod:`medseg.serving`)."""
         from medseg.preprocessing import geometry
 
         volume, records = self._placed(volume)
@@ -79,9 +88,7 @@ class Preprocessor:
                 volume, self.target_spacing_mm
             )
             records.append(record)
-        image = normalize(np.asarray(volume.array), self.normalizers)
-        check_normalised(image, volume.path or "image", self.normalizers)
-        return image, records
+        return volume, records
 
     def _check_resampled_size(self, volume) -> tuple[int, ...]:
         """The shape resampling ``volume`` (placed) gives, refused past the voxels
