@@ -158,6 +158,9 @@ def finetune(
             freeze=freeze or config.train.freeze,
             **{k: v for k, v in overrides.items() if v is not None},
         )
+        if not config_path and time_budget is None:
+            # the pretraining's time budget: not this run's length (--epochs is)
+            train_section = replace(train_section, time_budget=None)
         config = Config(model_section, data_section, train_section)
     except (ValueError, KeyError) as exc:
         raise InputFileError(
