@@ -111,6 +111,12 @@ from medseg_cli.options import FiniteFloatRange, overlap_option, tta_option
 )
 @click.option("--shard", help="K/N: only every N-th scan from the K-th (array jobs).")
 @click.option(
+    "--scheduler",
+    help="Segment on a Dask cluster: a scheduler's address (tcp://host:8786), or "
+    "local:N for N worker processes on this machine; the report and tables are "
+    "this process's. Needs pip install 'medseg[dask]'.",
+)
+@click.option(
     "--allow-modified-model",
     is_flag=True,
     help="Use a bundle whose model.keras no longer matches the sha256 in its "
@@ -161,6 +167,7 @@ def predict(
     min_size_mm3: float,
     split: str,
     shard: str | None,
+    scheduler: str | None,
     allow_modified_model: bool,
     precision: str,
     nonfinite: str | None,
@@ -220,6 +227,8 @@ def predict(
     if problem := prediction.unavailable_output(found, options):
         raise click.UsageError(problem)
     debug = click.get_current_context().meta.get("medseg.debug", False)
+    if scheduler and found.first.task == "classification":
+        raise click.UsageError("--scheduler segments; classify on one machine")
     if found.first.task == "classification":
         items, target = prediction.classification_items(
             found, input_path, output, options
@@ -237,14 +246,20 @@ def predict(
     plan = prediction.plan_segmentation(found, input_path, output, options)
     start_tensorflow(debug)
     run = prediction.start_segmentation(plan, prediction.load_segmenter(plan))
-    results, stopped = _segment_showing_progress(run)
+    if scheduler:
+        from medseg.inference.jobs.cluster import connect, on_cluster
+
+        with connect(scheduler) as client:
+            results, stopped = _segment_showing_progress(run, on_cluster(client, run))
+    else:
+        results, stopped = _segment_showing_progress(run)
     summary = prediction.finish_segmentation(
         run, results, stopped.name if stopped else None
     )
     _finish(summary, "segmented", stopped)
 
 
-def _segment_showing_progress(run):
+def _segment_showing_progress(run, distribute=None):
     """Runs ``run``: a bar where a person watches, a line a scan in a batch job's
     log (which a bar leaves empty until the end). Returns the results and the signal
     that stopped the run before its end, if one did (the scan in hand dropped)."""
@@ -292,7 +307,7 @@ def _segment_showing_progress(run):
                 )
 
         try:
-            return run.segment_all(progress), None
+            return run.segment_all(progress, distribute), None
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler's time limit)
             return run.results, stop.signal
 

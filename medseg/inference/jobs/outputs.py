@@ -85,18 +85,20 @@ class Beside:
 
     def files(self, target: Path) -> list[Path]:
         """Those beside the label map ``target``."""
-        return [
-            name(target)
-            for name, wanted in (
-                (probabilities_for, self.probabilities),
-                (segmentation_for, self.dicom_seg is not None),
-                (preview_for, self.preview),
-                (slicer_for, self.seg_nrrd),
-            )
-            if wanted
-        ] + [mask_for(target, name) for _, name in self.masks] + [
-            uncertainty_for(target, name) for name in self.uncertainty
-        ]
+        return (
+            [
+                name(target)
+                for name, wanted in (
+                    (probabilities_for, self.probabilities),
+                    (segmentation_for, self.dicom_seg is not None),
+                    (preview_for, self.preview),
+                    (slicer_for, self.seg_nrrd),
+                )
+                if wanted
+            ]
+            + [mask_for(target, name) for _, name in self.masks]
+            + [uncertainty_for(target, name) for name in self.uncertainty]
+        )
 
 
 #: every file a run may write beside a label map

@@ -281,10 +281,12 @@ class SegmentationRun:
     beside: job_outputs.Beside
     results: list = field(default_factory=list)
 
-    def segment_all(self, progress: Callable | None = None) -> list:
+    def segment_all(
+        self, progress: Callable | None = None, distribute: Callable | None = None
+    ) -> list:
         """Segments this shard's cases (see
-        :func:`medseg.inference.jobs.run.segment_all`); ``progress`` is called with
-        each result."""
+        :func:`medseg.inference.jobs.run.segment_all`, with ``distribute``);
+        ``progress`` is called with each result."""
         plan = self.plan
 
         def each_result(result):
@@ -302,6 +304,7 @@ class SegmentationRun:
             beside=self.beside,
             reader=plan.reader(),
             groups=plan.groups,
+            distribute=distribute,
         )
 
 

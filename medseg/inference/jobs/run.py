@@ -65,6 +65,7 @@ def segment_all(
     reader: Callable[[Path], object] = read_volume,
     groups: dict | None = None,
     wait_for_others: bool = True,
+    distribute: Callable | None = None,
 ) -> list[CaseResult]:
     """Segments every input into ``output_dir``; never stops at a bad scan.
 
@@ -89,6 +90,9 @@ def segment_all(
             done, then waited for: skipped when that run wrote it, else done here
             (see :func:`_after_a_dead_run`). ``False``: left to it, skipped with a
             warning.
+        distribute: segments the cases to do elsewhere (a cluster's workers: see
+            :func:`medseg.inference.jobs.cluster.on_cluster`): called with them,
+            ``[(input, label map)]``, it yields their results; ``None``: here.
 
     Raises:
         InputFileError: the output folder cannot be written, or its record of settings
@@ -127,7 +131,13 @@ def segment_all(
             f"{_in_hand_marker(target)} to try it again"
         )
         job.record(result)
-    job.segment_each(todo, suspects)
+    if distribute is None:
+        job.segment_each(todo, suspects)
+    else:  # a cluster's workers: each task one case, alone
+        order = {path: index for index, path in enumerate(inputs)}
+        for result in distribute(todo):
+            job.record(result)
+        job.results.sort(key=lambda r: order.get(Path(r.input), len(order)))
     if job.busy:  # the other run's: when it lets them go, done by it, or dead on them
         for path in job.busy:
             _wait_for_mark(output_for(path, output_dir, rename))
