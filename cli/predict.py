@@ -117,6 +117,14 @@ from medseg_cli.options import FiniteFloatRange, overlap_option, tta_option
     "this process's. Needs pip install 'medseg[dask]'.",
 )
 @click.option(
+    "--devices",
+    callback=lambda ctx, param, value: (
+        tuple(d for d in value.split(",") if d.strip()) if value else ()
+    ),
+    help="GPU numbers (0,1): one worker process a GPU, each with its own copy of the "
+    "model, the cases spread over them. Needs pip install 'medseg[dask]'.",
+)
+@click.option(
     "--allow-modified-model",
     is_flag=True,
     help="Use a bundle whose model.keras no longer matches the sha256 in its "
@@ -168,6 +176,7 @@ def predict(
     split: str,
     shard: str | None,
     scheduler: str | None,
+    devices: tuple[str, ...],
     allow_modified_model: bool,
     precision: str,
     nonfinite: str | None,
@@ -227,8 +236,12 @@ def predict(
     if problem := prediction.unavailable_output(found, options):
         raise click.UsageError(problem)
     debug = click.get_current_context().meta.get("medseg.debug", False)
-    if scheduler and found.first.task == "classification":
-        raise click.UsageError("--scheduler segments; classify on one machine")
+    if scheduler and devices:
+        raise click.UsageError("--devices is for this machine; not with --scheduler")
+    if (scheduler or devices) and found.first.task == "classification":
+        raise click.UsageError(
+            "--scheduler and --devices segment; classify in one process"
+        )
     if found.first.task == "classification":
         items, target = prediction.classification_items(
             found, input_path, output, options
@@ -246,10 +259,10 @@ def predict(
     plan = prediction.plan_segmentation(found, input_path, output, options)
     start_tensorflow(debug)
     run = prediction.start_segmentation(plan, prediction.load_segmenter(plan))
-    if scheduler:
+    if scheduler or devices:
         from medseg.inference.jobs.cluster import connect, on_cluster
 
-        with connect(scheduler) as client:
+        with connect(scheduler, devices) as client:
             results, stopped = _segment_showing_progress(run, on_cluster(client, run))
     else:
         results, stopped = _segment_showing_progress(run)

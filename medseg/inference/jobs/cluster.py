@@ -32,43 +32,76 @@ _loaded: dict = {}
 
 
 @contextlib.contextmanager
-def connect(scheduler: str) -> Iterator:
-    """A ``dask.distributed`` client of ``scheduler``: a scheduler's address
-    (``tcp://host:8786``), or ``local:N`` for N worker processes on this machine
-    (closed with the client).
+def connect(scheduler: str | None, devices: tuple[str, ...] = ()) -> Iterator:
+    """A ``dask.distributed`` client: of ``scheduler``, a scheduler's address
+    (``tcp://host:8786``), or ``local:N`` for N worker processes on this machine; or,
+    with ``devices`` (GPU numbers), of one worker process per GPU of this machine,
+    each seeing only its own (``CUDA_VISIBLE_DEVICES``). A local cluster is closed
+    with the client.
 
     Raises:
-        InputFileError: dask.distributed is not installed, or ``local:N`` is not a
-            positive number of workers.
+        InputFileError: dask.distributed is not installed, ``local:N`` is not a
+            positive number of workers, or devices that are not GPU numbers.
     """
+    what = scheduler or "--devices " + ",".join(devices)
     try:
         from distributed import Client, LocalCluster
     except ImportError:
         raise InputFileError(
-            scheduler, 'a scheduler needs dask.distributed: pip install "medseg[dask]"'
+            what, 'needs dask.distributed: pip install "medseg[dask]"'
         ) from None
-    if not scheduler.startswith("local:"):
+    if scheduler and not scheduler.startswith("local:"):
         with Client(scheduler) as client:
             yield client
         return
     # the workers' comings and goings are not the run's news
     logging.getLogger("distributed").setLevel(logging.WARNING)
+    if devices:
+        with _one_worker_a_gpu(devices, what) as cluster, Client(cluster) as client:
+            yield client
+        return
     count = scheduler.removeprefix("local:")
     if not count.isdigit() or int(count) < 1:
         raise InputFileError(scheduler, "local:N takes a positive number of workers")
     workers = int(count)
-    threads = max(1, (os.cpu_count() or 1) // workers)
     with (
         LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
-            env={WORKER_THREADS: str(threads)},
+            env={WORKER_THREADS: str(_threads(workers))},
         ) as cluster,
         Client(cluster) as client,
     ):
         yield client
+
+
+def _threads(workers: int) -> int:
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+def _one_worker_a_gpu(devices: tuple[str, ...], what: str):
+    """A local cluster of one worker process per GPU number in ``devices``."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    if not devices or not all(d.strip().isdigit() for d in devices):
+        raise InputFileError(what, "--devices takes GPU numbers, such as 0,1")
+    threads = str(_threads(len(devices)))
+    workers = {
+        f"gpu-{d.strip()}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": 1,
+                "env": {"CUDA_VISIBLE_DEVICES": d.strip(), WORKER_THREADS: threads},
+            },
+        }
+        for d in devices
+    }
+    return SpecCluster(
+        workers=workers,
+        scheduler={"cls": Scheduler, "options": {"dashboard_address": None}},
+    )
 
 
 def on_cluster(client, run) -> Callable[[list], Iterator[CaseResult]]:

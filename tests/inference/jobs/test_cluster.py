@@ -63,10 +63,26 @@ def test_a_local_cluster_writes_what_a_local_run_writes(local_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "12 segmented, 0 skipped (output existed), 0 failed" in result.stdout
     _same_run(local_run, output)
-    again = subprocess.run(  # a re-run on the cluster skips what is done
-        _predict(output, "--scheduler", "local:2"), capture_output=True, text=True
+    # one worker a GPU (here none: each worker computes on the CPU), all redone
+    again = subprocess.run(
+        _predict(output, "--devices", "0,1", "--overwrite"),
+        capture_output=True,
+        text=True,
     )
-    assert "0 segmented, 12 skipped (output existed), 0 failed" in again.stdout
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "12 segmented, 0 skipped (output existed), 0 failed" in again.stdout
+    _same_run(local_run, output)
+
+
+def test_devices_give_each_worker_its_own_gpu():
+    from medseg.inference.jobs.cluster import WORKER_THREADS, connect
+
+    with connect(None, ("0", "1")) as client:
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        threads = client.run(lambda: os.environ.get(WORKER_THREADS))
+    assert sorted(seen.values()) == ["0", "1"]
+    cores = len(os.sched_getaffinity(0))
+    assert set(threads.values()) == {str(max(1, cores // 2))}
 
 
 @pytest.mark.slow
@@ -108,6 +124,9 @@ def test_local_needs_a_number_of_workers(tmp_path):
 
     with pytest.raises(InputFileError, match="local:N takes a positive number"):
         with connect("local:0"):
+            pass
+    with pytest.raises(InputFileError, match="--devices takes GPU numbers"):
+        with connect(None, ("/gpu:0",)):
             pass
     result = run_medseg(
         "predict", "--model", "hippocampus", "--input", SCANS, "--output",
