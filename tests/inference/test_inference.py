@@ -1486,12 +1486,12 @@ def _respaced_copy(folder, spacing):
     network with other preprocessing (its model file, and so its sha256, unchanged)."""
     import shutil
 
-    from medseg.bundle import resolve
+    from medseg.bundle import resolve, write_metadata
 
     shutil.copytree(resolve("hippocampus"), folder)
     record = json.loads((folder / "medseg.json").read_text())
     record["preprocessing"]["target_spacing_mm"] = list(spacing)
-    (folder / "medseg.json").write_text(json.dumps(record))
+    write_metadata(folder, record)  # its checksum made anew
     return folder
 
 
@@ -1535,8 +1535,10 @@ def test_segmenters_and_ensembles_tell_the_windows_done_as_they_go(tmp_path):
     from medseg.io import read_volume
 
     scan = read_volume(sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[1])
-    # a scan larger than a window: the sample scan twice over along two axes
-    pads = [(0, scan.array.shape[0]), (0, scan.array.shape[1]), (0, 0), (0, 0)]
+    # a scan larger than a window, even respaced to 1.5 mm: the sample scan three
+    # times over along two axes, twice along the third
+    shape = scan.array.shape
+    pads = [(0, 2 * shape[0]), (0, 2 * shape[1]), (0, shape[2]), (0, 0)]
     volume = scan.with_array(np.pad(scan.array, pads, mode="reflect"))
     members = [
         inference.Segmenter(bundle, batch_size=2, precision="float32")
@@ -1640,7 +1642,7 @@ def test_predict_with_several_models_writes_their_ensembles_labels(tmp_path):
     result = medseg("predict", *args, "--output", out, "--keep-largest")
     assert result.returncode == 0, result.stderr[-2000:]
     members = [  # the bundles' own mirroring, as the command's --tta
-        inference.Segmenter(bundle, mirror_axes=(0, 2), precision="float32")
+        inference.Segmenter(bundle, mirror_axes=(0,), precision="float32")
         for bundle in (resolve("hippocampus"), respaced)
     ]
     ensemble = inference.Ensemble(members, keep_largest=True)
@@ -1654,7 +1656,7 @@ def test_predict_with_several_models_writes_their_ensembles_labels(tmp_path):
         [1.0, 1.0, 1.0],
         [1.2, 0.9, 1.1],
     ]
-    assert settings["tta"] == [[0, 2], [0, 2]]
+    assert settings["tta"] == [[0], [0]]
     # the folder's label maps are the ensemble's: one model alone may not add to them
     result = medseg("predict", "--model", "hippocampus", "--input", source,
                     "--output", out, "--precision", "float32")  # fmt: skip

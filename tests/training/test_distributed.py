@@ -195,7 +195,8 @@ def test_two_workers_train_deep_supervision_to_a_budget_on_loopback(tmp_path):
     assert "MultiWorkerMirroredStrategy: worker 0 of 2 workers" in outputs[0]
     rows = _history(run / "history.csv")
     # the budget, not train.epochs, ended the run: after the epoch that spent it
-    assert len(rows) >= 2 and float(rows[-1]["elapsed"]) >= 30
+    # on the slowest worker's clock (the chief's own, logged here, may be behind)
+    assert len(rows) >= 2 and float(rows[-1]["elapsed"]) >= 30 - 2
     assert float(rows[-2]["elapsed"]) < 30
     assert all(np.isfinite(float(r["loss"])) for r in rows)
     from medseg import bundle
