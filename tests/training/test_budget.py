@@ -142,15 +142,15 @@ def test_a_budgeted_run_stops_at_its_budget_and_a_resume_continues_it(tmp_path):
     assert "time budget of 12s is spent, nothing to resume" in again.stderr
     assert _history(run / "history.csv") == rows
 
-    longer = _budget_run(tmp_path, "--resume", "--time-budget", "20s")
+    longer = _budget_run(tmp_path, "--resume", "--time-budget", "30s")
     assert longer.returncode == 0, longer.stderr[-3000:]
-    assert "resuming with a time budget of 20s instead of 12s" in longer.stderr
+    assert "resuming with a time budget of 30s instead of 12s" in longer.stderr
     more = _history(run / "history.csv")
     assert more[: len(rows)] == rows and len(more) > len(rows)
     resumed = [float(r["elapsed"]) for r in more[len(rows) :]]
     # the clock went on from the checkpoint's seconds, not from zero
     assert resumed[0] > state["seconds"]
-    assert resumed[-2] <= 20.0 <= resumed[-1]
+    assert resumed[-2] <= 30.0 <= resumed[-1]
 
 
 @pytest.mark.slow
