@@ -60,12 +60,21 @@ def _train_on_two_cpus(config, output, strategy, devices):
     return result.stderr
 
 
+def _deeper(config: str) -> str:
+    """TINY_TRAIN's network one level deeper, with a deep-supervision output."""
+    return config.replace("[4, 8]", "[4, 8, 16]").replace(
+        "  spatial_dims: 3\n", "  spatial_dims: 3\n  deep_supervision: 1\n"
+    )
+
+
 @pytest.mark.slow
-def test_mirrored_over_two_devices_trains_as_one_device(tmp_path):
+@pytest.mark.parametrize("deep", [False, True], ids=["plain", "deep_supervision"])
+def test_mirrored_over_two_devices_trains_as_one_device(tmp_path, deep):
     # the same global batch of 2 and seed: one device takes both patches, each of
     # two replicas one, and the all-reduced gradient is the same
     config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_TRAIN.format(epochs=2, steps=3))
+    text = TINY_TRAIN.format(epochs=2, steps=3)
+    config.write_text(_deeper(text) if deep else text)
     one = tmp_path / "one"
     two = tmp_path / "two"
     _train_on_two_cpus(config, one, "none", ["/cpu:0"])
@@ -169,11 +178,7 @@ def _finish(processes, timeout=420):
 @pytest.mark.slow
 def test_two_workers_train_deep_supervision_to_a_budget_on_loopback(tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(
-        TINY_TRAIN.format(epochs=1, steps=2)
-        .replace("[4, 8]", "[4, 8, 16]")
-        .replace("  spatial_dims: 3\n", "  spatial_dims: 3\n  deep_supervision: 1\n")
-    )
+    config.write_text(_deeper(TINY_TRAIN.format(epochs=1, steps=2)))
     run = tmp_path / "run"
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
     outputs = _finish(
