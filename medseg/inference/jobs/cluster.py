@@ -120,7 +120,7 @@ def on_cluster(client, run) -> Callable[[list], Iterator[CaseResult]]:
         futures = {
             client.submit(
                 _segment_case, _case_plan(plan, path), beside, path, target, pure=False
-            ): (path, target)  # fmt: skip
+            ): (path, target)
             for path, target in todo
         }
         for future in as_completed(futures):
