@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -81,7 +82,7 @@ def main() -> None:
     report = {
         "command": " ".join(sys.argv),
         "cpu": cpu_name(),
-        "cores": len(__import__("os").sched_getaffinity(0)),
+        "cores": len(os.sched_getaffinity(0)),
         "cases": len(scans),
         "model": args.model,
         "arms": rows,

@@ -18,6 +18,7 @@ from medseg.preprocessing.intensity import (
     PercentileNormalization,
     WindowNormalization,
     ZScoreNormalization,
+    _safe_scale,
 )
 
 #: The name of the SavedModel endpoint that segments a scan on the bundle's grid.
@@ -177,9 +178,7 @@ def _normalise(channel, normalizer):
         return tf.where(mask, scaled, tf.zeros_like(channel))
     if isinstance(normalizer, CTNormalization):
         clipped = tf.clip_by_value(channel, normalizer.lower, normalizer.upper)
-        return (clipped - normalizer.mean) / float(
-            normalizer.std if abs(normalizer.std) > 1e-8 else 1.0
-        )
+        return (clipped - normalizer.mean) / _safe_scale(normalizer.std)
     if isinstance(normalizer, WindowNormalization):
         clipped = tf.clip_by_value(channel, normalizer.lower, normalizer.upper)
         return (clipped - normalizer.lower) / (normalizer.upper - normalizer.lower)
