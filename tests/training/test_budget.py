@@ -127,7 +127,17 @@ def test_a_budgeted_run_stops_at_its_budget_and_a_resume_continues_it(tmp_path):
     # the budget ended the run, in the first epoch that reached it
     assert elapsed == sorted(elapsed) and elapsed[-2] <= 12.0 <= elapsed[-1]
     assert float(rows[-1]["lr"]) < 0.05 * 0.001  # decayed to about nothing
-    assert float(rows[0]["lr"]) > 0.5 * 0.001
+    # an epoch's last step ran after the previous epoch ended and before its own
+    # end: the rate it logs lies between the poly decay at those two times, however
+    # fast this machine is (the elapsed times are rounded to 0.1 s)
+    for i, row in enumerate(rows):
+        before = elapsed[i - 1] / 12.0 - 0.01 if i else 0.0
+        after = min(1.0, elapsed[i] / 12.0 + 0.01)
+        assert (
+            0.001 * (1 - after) ** 0.9
+            <= float(row["lr"])
+            <= 0.001 * (1 - max(0.0, before)) ** 0.9 + 1e-9
+        )
     assert yaml.safe_load((run / "config.yaml").read_text())["train"][
         "time_budget"
     ] == pytest.approx(12.0)
