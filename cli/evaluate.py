@@ -93,6 +93,21 @@ def parse_labels(text: str | None):
     "on both sides.",
 )
 @click.option(
+    "--probabilities",
+    type=click.Path(exists=True, path_type=Path),
+    help="Probability files (medseg predict --probabilities: a folder of "
+    "CASE_probabilities.npz, or one file) to measure calibration on: the expected "
+    "calibration error (ECE), per label and of the top class, in the output and the "
+    "summary, and a reliability diagram in the --report folder.",
+)
+@click.option(
+    "--bins",
+    type=click.IntRange(min=2),
+    default=15,
+    show_default=True,
+    help="Equal-width probability bins of the calibration.",
+)
+@click.option(
     "--split",
     default="test",
     show_default=True,
@@ -118,6 +133,8 @@ def evaluate(
     names_file: Path | None,
     lesion_wise: bool,
     min_lesion_mm3: float,
+    probabilities: Path | None,
+    bins: int,
     split: str,
     workers: int,
 ) -> None:
@@ -128,7 +145,8 @@ def evaluate(
     --tolerance-mm), volumes in ml. Distances use each file's voxel spacing. Both masks
     empty: every metric NaN (left out of the means, counted as "both"); one empty: Dice
     0 and distances inf (counted as "one"). --lesion-wise adds lesion counts and
-    lesion-wise scores per case and label.
+    lesion-wise scores per case and label. --probabilities adds the calibration of
+    the predicted probabilities.
 
     A predictions CSV from a classification model is scored instead with accuracy,
     balanced accuracy (mean recall per class) and one-vs-rest AUC per class.
@@ -161,6 +179,13 @@ def evaluate(
             progress=lambda _case: bar.update(1),
         )
     names, failed = evaluation.names, len(evaluation.failures)
+    if probabilities is not None:
+        with click.progressbar(
+            length=len(evaluation.pairs), label="calibration", file=sys.stderr
+        ) as bar:
+            folders.add_calibration(
+                evaluation, probabilities, bins, progress=lambda _case: bar.update(1)
+            )
     if names and evaluation.names_from != folders.DATASET_LABELS:
         click.echo(
             "label names from the truth's 3D Slicer segments: "
@@ -172,6 +197,8 @@ def evaluate(
         + "; mean (median) over cases with a defined value"
     )
     click.echo(format_summary(evaluation.summary, names))
+    if evaluation.calibration is not None:
+        click.echo(folders.format_calibration(evaluation.calibration))
     if output is not None:
         folders.write_table(evaluation, output)
         click.echo(f"metrics written to {output}")
@@ -183,7 +210,7 @@ def evaluate(
         click.echo(f"{len(written)} pictures written to {report_dir}")
     for _, message in evaluation.failures:
         click.echo(f"FAILED {message}", err=True)
-    if failed:
+    if evaluation.failures:
         sys.exit(1)
 
 

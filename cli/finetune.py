@@ -9,6 +9,7 @@ import click
 
 from medseg_cli.options import (
     FiniteFloatRange,
+    calibrate_option,
     data_option,
     distribution_options,
     epochs_option,
@@ -51,6 +52,7 @@ from medseg_cli.train import parse_fold, run
 @epochs_option
 @steps_per_epoch_option
 @time_budget_option
+@calibrate_option
 @click.option(
     "--lr", type=FiniteFloatRange(min=0, min_open=True), help="Learning rate."
 )
@@ -68,6 +70,7 @@ def finetune(
     epochs: int | None,
     steps_per_epoch: int | None,
     time_budget: float | None,
+    calibrate: bool | None,
     lr: float | None,
     fold: str | None,
     seed: int | None,
@@ -147,6 +150,7 @@ def finetune(
             "epochs": epochs,
             "steps_per_epoch": steps_per_epoch,
             "time_budget": time_budget,
+            "calibrate": calibrate,
             "learning_rate": lr,
             "fold": parse_fold(fold),
             "seed": seed,

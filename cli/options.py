@@ -93,6 +93,15 @@ time_budget_option = click.option(
 )
 
 
+calibrate_option = click.option(
+    "--calibrate/--no-calibrate",
+    default=None,
+    help="After training, fit a softmax temperature on the validation cases so the "
+    "bundle's probabilities match how often they are right (labels unchanged); "
+    "predict uses it. Overrides train.calibrate.",
+)
+
+
 def distribution_options(command):
     """``--strategy`` and ``--devices``: how a run spreads over devices and machines."""
     from medseg.config import STRATEGIES

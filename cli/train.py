@@ -12,6 +12,7 @@ import click
 from medseg_cli._tf import start_tensorflow
 from medseg_cli.options import (
     FiniteFloatRange,
+    calibrate_option,
     data_option,
     distribution_options,
     epochs_option,
@@ -48,6 +49,7 @@ def parse_fold(text: str | None):
 @epochs_option
 @steps_per_epoch_option
 @time_budget_option
+@calibrate_option
 @fold_option
 @seed_option
 @click.option(
@@ -64,6 +66,7 @@ def train(
     epochs: int | None,
     steps_per_epoch: int | None,
     time_budget: float | None,
+    calibrate: bool | None,
     fold: str | None,
     seed: int | None,
     memory_gb: float | None,
@@ -88,6 +91,7 @@ def train(
             "epochs": epochs,
             "steps_per_epoch": steps_per_epoch,
             "time_budget": time_budget,
+            "calibrate": calibrate,
             "fold": fold_value,
             "seed": seed,
             "memory_gb": memory_gb,

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -81,6 +82,8 @@ class BundleMetadata(Mapping):
         preprocessor: the :class:`~medseg.preprocessing.Preprocessor` it describes.
         model_sha256: the sha256 of ``model.keras``.
         format_version: the bundle format.
+        temperature: the softmax temperature of its probabilities (``train.calibrate``
+            fits it on the validation cases); 1 when none was fitted.
     """
 
     def __init__(self, record: Mapping[str, Any], source: str | Path = METADATA_FILE):
@@ -115,6 +118,7 @@ class BundleMetadata(Mapping):
         if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
             self._fail("model_sha256", f"{sha!r} is not a sha256 in hexadecimal")
         self.model_sha256 = sha
+        self.temperature = self._temperature()
 
     @classmethod
     def from_json(cls, path: str | Path) -> BundleMetadata:
@@ -196,6 +200,18 @@ class BundleMetadata(Mapping):
         if least is not None and value < least:
             self._fail(name, f"{value}, less than {least}")
         return value
+
+    def _temperature(self) -> float:
+        calibration = self._field("calibration", dict, default={})
+        value = calibration.get("temperature", 1.0)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            self._fail("calibration.temperature", f"{value!r} is not a positive number")
+        return float(value)
 
     def _patch_size(self) -> tuple[int, ...]:
         patch = self._field("patch_size", list)

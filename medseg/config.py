@@ -387,6 +387,7 @@ class TrainConfig:
     unfreeze_after: int | None = None
     time_budget: float | None = None
     ema: float | None = None
+    calibrate: bool = False
 
     def __post_init__(self):
         if self.time_budget is not None:
@@ -457,6 +458,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        if self.train.calibrate and self.data.task != "segmentation":
+            raise ValueError(
+                "train.calibrate fits a temperature for segmentation only, not for "
+                f"data.task {self.data.task!r}"
+            )
         augment = self.train.augment
         if augment.mirror_axes is None:  # every spatial axis of the model
             axes = tuple(range(self.model.spatial_dims))

@@ -180,6 +180,50 @@ def write_boxplot(
     _save(figure, path)
 
 
+def write_reliability(path: Path, calibration: dict) -> None:
+    """Reliability diagram: for each label and the top class, the observed frequency
+    against the mean predicted probability of each bin (the diagonal is perfect
+    calibration), over a histogram of the voxels per bin of the top class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (curves, counts) = plt.subplots(
+        2, 1, figsize=(5, 6), dpi=100, height_ratios=(3, 1), sharex=True
+    )
+    curves.plot([0, 1], [0, 1], color="0.6", linestyle=":", label="perfect")
+    per_label = calibration["ece_per_label"]
+    for name, points in calibration["reliability"].items():
+        ece = calibration["ece"] if name == "top class" else per_label.get(name)
+        top = name == "top class"
+        curves.plot(
+            points["mean_probability"],
+            points["frequency"],
+            marker="o",
+            markersize=3,
+            linewidth=2.0 if top else 1.0,
+            color="black" if top else None,
+            label=f"{name} (ECE {'-' if ece is None else f'{ece:.3f}'})",
+        )
+    curves.set_ylabel("observed frequency")
+    curves.set_xlim(0, 1)
+    curves.set_ylim(0, 1)
+    curves.legend(fontsize=7, loc="upper left")
+    curves.set_title(
+        f"reliability over {calibration['voxels']} voxels, "
+        f"{calibration['cases']} case(s)",
+        fontsize=9,
+    )
+    top = calibration["reliability"]["top class"]
+    width = 1.0 / calibration["bins"]
+    counts.bar(top["mean_probability"], top["voxels"], width=width * 0.8, color="0.4")
+    counts.set_yscale("log")
+    counts.set_xlabel("predicted probability")
+    counts.set_ylabel("voxels (top class)")
+    _save(figure, path)
+
+
 def _save(figure, path: Path) -> None:
     import matplotlib.pyplot as plt
 

@@ -40,8 +40,9 @@ def segment_function(model, metadata, *, overlap: float = 0.5, batch_size: int =
     as :class:`~medseg.inference.Segmenter` computes them before going back to the
     scan's grid: each channel normalised as in training, windows of the training
     patch at ``overlap``, each also mirrored along the bundle's mirror axes, logits
-    averaged over the mirrors and blended with Gaussian weights, one softmax, the
-    label values of the most probable classes.
+    averaged over the mirrors and blended with Gaussian weights, divided by the
+    bundle's temperature, one softmax, the label values of the most probable
+    classes.
 
     Raises:
         InputFileError: a bundle this cannot serve (see :func:`serving_refusal`), or
@@ -79,7 +80,7 @@ def segment_function(model, metadata, *, overlap: float = 0.5, batch_size: int =
         for axes in flips:
             mirrored = model(tf.reverse(batch, axes), training=False)
             logits += tf.reverse(tf.cast(mirrored, tf.float32), axes)
-        return logits / float(1 + len(flips))
+        return logits / float((1 + len(flips)) * metadata.temperature)
 
     @tf.function(
         input_signature=[tf.TensorSpec([None] * dims + [channels], tf.float32)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -583,3 +584,36 @@ def world_lookup_or_zero(original: np.ndarray, original_affine, new_shape, new_a
         if all(0 <= s < n for s, n in zip(source, original.shape[:3], strict=True)):
             out[index] = original[tuple(source)]
     return out
+
+
+def expected_calibration_error(confidences, outcomes, bins: int) -> float:
+    """ECE voxel by voxel: each probability put in the bin [b/bins, (b+1)/bins) (1.0 in
+    the last), then the bins' |mean outcome - mean probability| weighed by their
+    share of the voxels."""
+    members = [[] for _ in range(bins)]
+    for p, hit in zip(confidences, outcomes, strict=True):
+        b = min(int(float(p) * bins), bins - 1)
+        members[b].append((float(p), float(hit)))
+    total = len(confidences)
+    error = 0.0
+    for chosen in members:
+        if chosen:
+            mean_p = sum(p for p, _ in chosen) / len(chosen)
+            mean_hit = sum(h for _, h in chosen) / len(chosen)
+            error += len(chosen) / total * abs(mean_hit - mean_p)
+    return error
+
+
+def temperature_by_grid(logits, truth, temperatures) -> float:
+    """The temperature of the list with the lowest mean negative log-likelihood,
+    computed voxel by voxel."""
+
+    def nll(t):
+        total = 0.0
+        for z, y in zip(logits, truth, strict=True):
+            z = [v / t for v in z]
+            top = max(z)
+            total += top + math.log(sum(math.exp(v - top) for v in z)) - z[y]
+        return total / len(truth)
+
+    return min(temperatures, key=nll)

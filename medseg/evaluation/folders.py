@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg.errors import InputFileError
+from medseg.evaluation.calibration import (
+    DEFAULT_BINS,
+    case_reliability,
+    probabilities_file,
+)
 from medseg.evaluation.scoring import evaluate_pairs, summarize, to_csv
 from medseg.io.files import atomic_write_text, json_text
 from medseg.io.volume import SCAN_SUFFIXES, split_suffix
@@ -29,6 +34,9 @@ class Evaluation:
         summary: per label and metric (:func:`~medseg.evaluation.scoring.summarize`).
         failures: ``(case, message)`` of the cases that could not be scored.
         names: label names (value -> name), and where they came from.
+        calibration: with probability files, their
+            :meth:`~medseg.evaluation.calibration.Reliability.summary` over the
+            cases, plus each case's top-class ECE (``"ece_per_case"``).
     """
 
     pairs: list[tuple[str, Path, Path]]
@@ -37,6 +45,7 @@ class Evaluation:
     failures: list[tuple[str, str]] = field(default_factory=list)
     names: dict[int, str] = field(default_factory=dict)
     names_from: str = DATASET_LABELS
+    calibration: dict | None = None
 
 
 def label_names(names_file: Path | None, truth: Path) -> dict[int, str]:
@@ -106,6 +115,60 @@ def evaluate_folders(
     return Evaluation(scored, rows, summarize(rows), failures, names, names_from)
 
 
+def add_calibration(
+    evaluation: Evaluation,
+    probabilities: Path,
+    bins: int = DEFAULT_BINS,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Counts the reliability of each scored case's probability file (in the folder
+    ``probabilities``, or that file) against its truth into
+    ``evaluation.calibration``. A case whose file is missing or does not fit its
+    truth is left out of the calibration and added to the failures (its scores
+    stay)."""
+    total, names, per_case = None, None, {}
+    for case, _, truth in evaluation.pairs:
+        try:
+            counts, names = case_reliability(
+                probabilities_file(probabilities, case), truth, bins
+            )
+            if total is not None and counts.classes != total.classes:
+                raise InputFileError(
+                    probabilities_file(probabilities, case),
+                    f"probabilities of {counts.classes} classes, other cases "
+                    f"{total.classes}",
+                )
+        except InputFileError as exc:
+            evaluation.failures.append((case, str(exc)))
+        else:
+            per_case[case] = round(counts.ece(), 6)
+            if total is None:
+                total = counts
+            else:
+                total += counts
+        if progress is not None:
+            progress(case)
+    if total is not None:
+        evaluation.calibration = {
+            **total.summary(names),
+            "cases": len(per_case),
+            "ece_per_case": per_case,
+        }
+
+
+def format_calibration(calibration: dict) -> str:
+    """Two lines: the top-class ECE over the voxels, and each label's."""
+    labels = ", ".join(
+        f"{name} {'-' if value is None else f'{value:.4f}'}"
+        for name, value in calibration["ece_per_label"].items()
+    )
+    return (
+        f"calibration over {calibration['voxels']} voxels of {calibration['cases']} "
+        f"case(s), {calibration['bins']} bins: ECE (top class) "
+        f"{calibration['ece']:.4f}\n  ECE per label: {labels}"
+    )
+
+
 def write_summary(
     evaluation: Evaluation,
     path: Path,
@@ -121,6 +184,11 @@ def write_summary(
         "failed": dict(evaluation.failures),
         "label_names": {str(k): v for k, v in sorted(evaluation.names.items())},
         "labels": evaluation.summary,
+        **(
+            {"calibration": evaluation.calibration}
+            if evaluation.calibration is not None
+            else {}
+        ),
     }
     atomic_write_text(path, json_text(record))
 
@@ -135,15 +203,20 @@ def write_pictures(
 ) -> list[Path]:
     """Overlays of the best, median and worst cases (on their scans, where
     ``images`` has them) and a box plot of Dice per label."""
-    from medseg.figures import write_report
+    from medseg.figures import write_reliability, write_report
 
-    return write_report(
+    written = write_report(
         folder,
         evaluation.rows,
         evaluation.pairs,
         image_files(images, evaluation.pairs),
         evaluation.names,
     )
+    if evaluation.calibration is not None:
+        path = folder / "reliability.png"
+        write_reliability(path, evaluation.calibration)
+        written.append(path)
+    return written
 
 
 def image_files(images: Path | None, pairs) -> dict[str, Path]:

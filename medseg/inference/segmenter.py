@@ -174,10 +174,15 @@ class Segmenter:
         if self._forward is None:
             model, uncertainty = self.model, self.want_uncertainty
             scale = 1 / np.log(len(self.values))
+            # logits over the bundle's temperature: blending and mirroring average
+            # them, so the one softmax after is the calibrated one
+            inverse_temperature = 1.0 / self.metadata.temperature
 
             @tf.function(reduce_retracing=True)
             def forward(x):
                 logits = tf.cast(model(x, training=False), tf.float32)
+                if inverse_temperature != 1.0:
+                    logits = logits * inverse_temperature
                 if not uncertainty:
                     return logits
                 probabilities = tf.nn.softmax(logits, axis=-1)
@@ -191,7 +196,8 @@ class Segmenter:
 
     def probabilities(self, image: np.ndarray, progress=None) -> np.ndarray:
         """Class probabilities ``(*S, K)`` of a preprocessed image: the softmax of the
-        windows' logits, blended and averaged over the test-time mirrors; ``progress``
+        windows' logits over the bundle's temperature, blended and averaged over the
+        test-time mirrors; ``progress``
         as :func:`sliding_window_predict` takes it. With ``uncertainty``, ``2K + 1``
         channels: then the mean over the passes of each pass's probabilities, and of
         their normalised entropy."""

@@ -282,7 +282,8 @@ def restore_checkpoint(folder: Path, model) -> tuple[int, float | None]:
 
 
 def prepare_run(folder: Path, config: Config, *, resume: bool) -> Config:
-    """Checks the run folder and returns the config to use (the saved one on resume).
+    """Checks the run folder and returns the config to use (the saved one on resume,
+    with ``config``'s epochs, time budget and, if it asks, calibration).
     ``resume`` in a folder without a checkpoint starts the run from its first epoch
     (with a warning), as a job its scheduler starts again passes it from the start;
     a folder holding a bundle but no checkpoint is refused (nothing to resume, and a
@@ -324,7 +325,13 @@ def prepare_run(folder: Path, config: Config, *, resume: bool) -> Config:
                 else "none",
             )
         return saved.replace(
-            train=replace(saved.train, epochs=config.train.epochs, time_budget=budget)
+            train=replace(
+                saved.train,
+                epochs=config.train.epochs,
+                time_budget=budget,
+                # a finished run can be calibrated afterwards (--resume --calibrate)
+                calibrate=config.train.calibrate or saved.train.calibrate,
+            )
         )
     if has_run:
         raise InputFileError(

@@ -10,6 +10,7 @@ last epoch). A run killed at any point continues with
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -47,6 +48,7 @@ from medseg.training.runtime import (
     precision_policy,
     worker_index,
 )
+from medseg.training.validation import calibrate_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +311,8 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
     budget = TimeBudget(
         config.train.time_budget, checkpoint_seconds(folder) if resume else 0.0
     )
-    if resume and _finished(folder, config, budget):
+    finished = resume and _finished(folder, config, budget)
+    if finished and not _calibration_missing(folder, config, worker):
         return folder
     # the network's initial weights too come from train.seed: the same config
     # trains the same network (up to the order of floating-point sums)
@@ -331,7 +334,6 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
     values = training_data.class_values(dataset) if segmentation else None
     channels = int(next(iter(fingerprint["num_channels"])))
     config = _fitted_to_the_data(config, values, channels)
-    levels = int(config.model.options.get("deep_supervision") or 0)
     keras.mixed_precision.set_global_policy(precision_policy(config))
     with config_errors():  # e.g. a patch size the network cannot take
         plan = plan_training(config, fingerprint)
@@ -362,19 +364,50 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
     }
     if workers > 1 and config.train.unfreeze_after:
         raise ConfigError("train.unfreeze_after is not available with several workers")
-    model, metrics, origin, start_epoch, best = model_for_run(
+    run = Run(
+        folder,
         config,
         plan,
-        folder,
+        preprocessor,
+        [prepared[i] for i in split[1]],
+        metadata,
+        epochs_to_run(config),
+        None,
+        budget,
+    )
+    if not finished:
+        _fit(
+            run,
+            [prepared[i] for i in split[0]],
+            [dataset.labels[v] for v in values] if segmentation else None,
+            strategy,
+            worker,
+            workers,
+            resume=resume,
+            verbose=verbose,
+        )
+    if _calibration_missing(folder, config, worker):
+        _calibrate(run)
+    return folder
+
+
+def _fit(run, train_cases, labels, strategy, worker, workers, *, resume, verbose):
+    """Trains the network of ``run`` on the prepared ``train_cases``, from its
+    checkpoint when resuming."""
+    config, plan = run.config, run.plan
+    model, metrics, origin, start_epoch, run.best = model_for_run(
+        config,
+        plan,
+        run.folder,
         strategy,
         resume,
-        [dataset.labels[v] for v in values] if segmentation else None,
-        progress=budget.progress,
+        labels,
+        progress=run.budget.progress,
     )
-    if start_epoch >= epochs_to_run(config):
-        return folder
+    if start_epoch >= run.total_epochs:
+        return
     sampler = training_data.PatchSampler(
-        [prepared[i] for i in split[0]],
+        train_cases,
         plan.patch_size,
         foreground_oversample=config.data.foreground_oversample,
         seed=config.train.seed + 1000 * worker,  # each worker draws its own patches
@@ -390,23 +423,12 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
             plan.batch_size * workers,
             first_epoch,
             shard=workers == 1,
-            target="image" if not segmentation else "label",
-            deep_supervision=levels,
+            target="label" if run.task == "segmentation" else "image",
+            deep_supervision=int(config.model.options.get("deep_supervision") or 0),
             label_margins=label_margins(model),
         )
 
-    record_origin(metadata, folder, origin)
-    run = Run(
-        folder,
-        config,
-        plan,
-        preprocessor,
-        [prepared[i] for i in split[1]],
-        metadata,
-        epochs_to_run(config),
-        best,
-        budget,
-    )
+    record_origin(run.metadata, run.folder, origin)
     fit_run(
         model,
         metrics,
@@ -418,4 +440,38 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
         workers=workers,
         verbose=verbose,
     )
-    return folder
+
+
+def _calibration_missing(folder: Path, config: Config, worker: int) -> bool:
+    """Whether the run asks for a temperature its bundle does not have yet (the
+    chief fits it)."""
+    if not config.train.calibrate or worker:
+        return False
+    try:
+        record = json.loads((folder / "medseg.json").read_text())
+    except (OSError, ValueError):
+        return False  # no bundle: nothing was trained
+    return "calibration" not in record
+
+
+def _calibrate(run: Run) -> None:
+    """Fits the bundle's temperature on the validation cases, and says how much the
+    calibration moved."""
+    if not run.val_cases:
+        logger.warning(
+            "train.calibrate: no validation cases (train.fold %s), no temperature "
+            "fitted",
+            run.config.train.fold,
+        )
+        return
+    record = calibrate_bundle(run.folder, run)
+    logger.info(
+        "calibration on %d validation case(s): temperature %.3f; ECE (top class) "
+        "%.4f -> %.4f, NLL %.4f -> %.4f",
+        record["cases"],
+        record["temperature"],
+        record["ece"]["before"],
+        record["ece"]["after"],
+        record["nll"]["before"],
+        record["nll"]["after"],
+    )
