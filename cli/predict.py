@@ -64,6 +64,17 @@ from medseg_cli.options import FiniteFloatRange, overlap_option, tta_option
     "entropy inside it and on its boundary.",
 )
 @click.option(
+    "--ood",
+    type=click.Choice(["warn", "error", "off"]),
+    default="warn",
+    show_default=True,
+    help="A scan unlike the bundle's training scans (its normalised intensities or "
+    "the network's features further from them than any training scan was from the "
+    "others): warn (a warning naming what is off, in the report, and ood_intensity "
+    "and ood_features in the volumes table, above 1 when flagged), error (the case "
+    "fails, nothing written) or off.",
+)
+@click.option(
     "--dicom-seg",
     is_flag=True,
     help="Also write CASE_seg.dcm beside each DICOM series' label map: a DICOM "
@@ -167,6 +178,7 @@ def predict(
     batch_size: int | None,
     probabilities: bool,
     uncertainty: bool,
+    ood: str,
     dicom_seg: bool,
     preview: bool,
     seg_nrrd: bool,
@@ -217,6 +229,7 @@ def predict(
         min_size_mm3=min_size_mm3,
         probabilities=probabilities,
         uncertainty=uncertainty,
+        ood=ood,
         allow_modified=allow_modified_model,
         precision=precision,
         nonfinite=nonfinite,

@@ -617,3 +617,15 @@ def temperature_by_grid(logits, truth, temperatures) -> float:
         return total / len(truth)
 
     return min(temperatures, key=nll)
+
+
+def mahalanobis_rms(points: np.ndarray, x: np.ndarray) -> float:
+    """sqrt(z' C^-1 z / d) with z the point standardised by the points' mean and
+    standard deviation and C the standardised points' covariance (n - 1), inverted
+    whole."""
+    points = np.asarray(points, np.float64)
+    mean, std = points.mean(0), points.std(0)
+    standard = (points - mean) / std
+    covariance = np.cov(standard, rowvar=False, ddof=1)
+    z = (np.asarray(x, np.float64) - mean) / std
+    return float(np.sqrt(z @ np.linalg.inv(covariance) @ z / len(z)))

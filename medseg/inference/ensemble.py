@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from medseg.errors import InputFileError
+from medseg.inference.ood import combined
 from medseg.inference.postprocessing import checked_min_size
 from medseg.inference.scan_plan import WindowCount, _scan_notes
 from medseg.inference.segmenter import Prediction, Segmenter, _on_scan_grid
@@ -125,13 +127,14 @@ class Ensemble:
         """Labels (and probabilities) of the mean, on ``volume``'s own grid."""
         volume = self.members[0].check(volume)
         notes = _scan_notes(volume, self.members)
-        parts = []
+        parts, verdicts = [], []
         windows = WindowCount(self.on_windows, volume, len(self.members))
         for preprocessor, alike in self._groups:
             image, records = preprocessor.image(volume)
             mean = None
             for member in alike:
                 scores = member.probabilities(image, windows.member())
+                verdicts.append((member, member.verdict(volume, image)))
                 if mean is None:
                     mean = scores
                 else:
@@ -139,7 +142,14 @@ class Ensemble:
             del image
             mean /= len(alike)
             parts.append((mean, records, len(alike) / len(self.members)))
-        return _on_scan_grid(volume, parts, self, notes)
+        verdict = combined(volume, verdicts)
+        prediction = _on_scan_grid(volume, parts, self, notes)
+        checked = any(v is not None for _, v in verdicts)
+        return replace(
+            prediction,
+            notes=prediction.notes + verdict.notes,
+            ood=verdict if checked else None,
+        )
 
     def segment(self, volume: Volume) -> Volume:
         """Label map (declared label values) on ``volume``'s own grid and header."""

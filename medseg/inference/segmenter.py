@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputFileError
+from medseg.inference.ood import OOD_ACTIONS, ScanCheck, Verdict, combined
 from medseg.inference.postprocessing import checked_min_size, clean_labels
 from medseg.inference.precision import (
     SLOW_BFLOAT16,
@@ -49,6 +50,8 @@ class Prediction:
     notes: tuple[str, ...] = ()  # warnings about the scan (see field_of_view_note)
     entropy: np.ndarray | None = None
     mutual_information: np.ndarray | None = None
+    #: how the scan compares with the training scans (``None``: not checked)
+    ood: Verdict | None = None
 
     def __repr__(self) -> str:
         grid = " x ".join(map(str, self.labels.spatial_shape))
@@ -96,6 +99,9 @@ class Segmenter:
             :func:`medseg.preprocessing.intensity.handle_nonfinite`);
             ``None`` keeps the bundle's. ``Prediction.nonfinite_replaced`` counts
             the voxels replaced.
+        ood: a scan unlike the training scans (:mod:`medseg.inference.ood`):
+            ``"warn"`` (a note naming what is off, and ``Prediction.ood``),
+            ``"error"`` (refused with :class:`InputFileError`) or ``"off"``.
     """
 
     def __init__(
@@ -112,6 +118,7 @@ class Segmenter:
         precision: str = "auto",
         nonfinite: str | None = None,
         uncertainty: bool = False,
+        ood: str = "warn",
     ):
         from medseg import bundle as bundles
         from medseg.models import load_model, with_precision
@@ -161,6 +168,15 @@ class Segmenter:
         self.want_uncertainty = uncertainty
         #: forward passes each window gets (itself and its mirrored copies)
         self.passes = 2 ** len(set(self._window_mirror))
+        if ood not in OOD_ACTIONS:
+            raise ValueError(f"ood must be one of {OOD_ACTIONS}, got {ood!r}")
+        self.ood = ood
+        self.ood_check = ScanCheck(self.metadata) if ood != "off" else None
+        #: the layer whose output, averaged over each window and then over the
+        #: windows of an image, :attr:`features` holds (``None``: not computed)
+        self.feature_layer = self.ood_check.layer if self.ood_check else None
+        self.features: np.ndarray | None = None
+        self._feature_sums: list | None = None
         self._forward = None
         #: called as windows are predicted with the scan's name, the windows done and
         #: the windows in all (see :class:`WindowCount`); ``None``: not called
@@ -173,6 +189,13 @@ class Segmenter:
 
         if self._forward is None:
             model, uncertainty = self.model, self.want_uncertainty
+            layer = self.feature_layer
+            if layer is not None:
+                import keras
+
+                model = keras.Model(
+                    model.inputs, [model.outputs[0], model.get_layer(layer).output]
+                )
             scale = 1 / np.log(len(self.values))
             # logits over the bundle's temperature: blending and mirroring average
             # them, so the one softmax after is the calibrated one
@@ -180,19 +203,30 @@ class Segmenter:
 
             @tf.function(reduce_retracing=True)
             def forward(x):
-                logits = tf.cast(model(x, training=False), tf.float32)
+                if layer is None:
+                    logits = tf.cast(model(x, training=False), tf.float32)
+                    pooled = tf.zeros((tf.shape(x)[0], 0))
+                else:
+                    logits, features = model(x, training=False)
+                    logits = tf.cast(logits, tf.float32)
+                    spatial = list(range(1, len(features.shape) - 1))
+                    pooled = tf.reduce_mean(tf.cast(features, tf.float32), spatial)
                 if inverse_temperature != 1.0:
                     logits = logits * inverse_temperature
                 if not uncertainty:
-                    return logits
+                    return logits, pooled
                 probabilities = tf.nn.softmax(logits, axis=-1)
                 entropy = -tf.reduce_sum(
                     tf.math.xlogy(probabilities, probabilities), -1, keepdims=True
                 )
-                return tf.concat([logits, probabilities, entropy * scale], -1)
+                return tf.concat([logits, probabilities, entropy * scale], -1), pooled
 
             self._forward = forward
-        return np.asarray(self._forward(batch))
+        outputs, pooled = self._forward(batch)
+        if self._feature_sums is not None and pooled.shape[-1]:
+            self._feature_sums.append(np.asarray(pooled).sum(0))
+            self._feature_sums.append(len(pooled))
+        return np.asarray(outputs)
 
     def probabilities(self, image: np.ndarray, progress=None) -> np.ndarray:
         """Class probabilities ``(*S, K)`` of a preprocessed image: the softmax of the
@@ -200,7 +234,9 @@ class Segmenter:
         test-time mirrors; ``progress``
         as :func:`sliding_window_predict` takes it. With ``uncertainty``, ``2K + 1``
         channels: then the mean over the passes of each pass's probabilities, and of
-        their normalised entropy."""
+        their normalised entropy. :attr:`features` becomes the image's bottleneck
+        features, averaged over its windows, where the bundle profiles them."""
+        self._feature_sums = []
         scores = sliding_window_predict(
             image,
             slicewise(self._predict_batch, self.slice_axis),
@@ -213,8 +249,18 @@ class Segmenter:
             softmax=True,
             logit_channels=len(self.values),
         )
+        sums, self._feature_sums = self._feature_sums, None
+        self.features = sum(sums[0::2]) / sum(sums[1::2]) if sums else None
         check_output(scores, self.bundle)
         return scores
+
+    def verdict(self, volume: Volume, image: np.ndarray) -> Verdict | None:
+        """How ``volume`` (preprocessed: ``image``, just segmented) compares with
+        the training scans; ``None`` with ``ood="off"``."""
+        if self.ood_check is None:
+            return None
+        name = str(volume.path or "input")
+        return self.ood_check.verdict(name, volume.array, image, self.features)
 
     def check(self, volume: Volume) -> Volume:
         """``volume`` as the network takes it (a greyscale picture stored with colour
@@ -239,8 +285,14 @@ class Segmenter:
         scores = self.probabilities(
             image, WindowCount(self.on_windows, volume).member()
         )
+        verdict = combined(volume, [(self, self.verdict(volume, image))])
         del image
-        return _on_scan_grid(volume, [(scores, records, 1.0)], self, notes)
+        prediction = _on_scan_grid(volume, [(scores, records, 1.0)], self, notes)
+        return replace(
+            prediction,
+            notes=prediction.notes + verdict.notes,
+            ood=verdict if self.ood_check is not None else None,
+        )
 
     def segment(self, volume: Volume) -> Volume:
         """Label map (declared label values) on ``volume``'s own grid and header."""

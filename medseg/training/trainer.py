@@ -48,7 +48,7 @@ from medseg.training.runtime import (
     precision_policy,
     worker_index,
 )
-from medseg.training.validation import calibrate_bundle
+from medseg.training.validation import calibrate_bundle, profile_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
         config.train.time_budget, checkpoint_seconds(folder) if resume else 0.0
     )
     finished = resume and _finished(folder, config, budget)
-    if finished and not _calibration_missing(folder, config, worker):
+    if finished and not _records_missing(folder, config, worker):
         return folder
     # the network's initial weights too come from train.seed: the same config
     # trains the same network (up to the order of floating-point sums)
@@ -386,8 +386,14 @@ def _train_in(config, folder, strategy, worker, workers, resume, verbose) -> Pat
             resume=resume,
             verbose=verbose,
         )
-    if _calibration_missing(folder, config, worker):
+    missing = _records_missing(folder, config, worker)
+    if "calibration" in missing:
         _calibrate(run)
+    if "ood" in missing:
+        logger.info(
+            "profiling the training scans for predict's out-of-distribution check"
+        )
+        profile_bundle(folder, [prepared[i] for i in split[0]], config.train.seed)
     return folder
 
 
@@ -442,16 +448,18 @@ def _fit(run, train_cases, labels, strategy, worker, workers, *, resume, verbose
     )
 
 
-def _calibration_missing(folder: Path, config: Config, worker: int) -> bool:
-    """Whether the run asks for a temperature its bundle does not have yet (the
-    chief fits it)."""
-    if not config.train.calibrate or worker:
-        return False
+def _records_missing(folder: Path, config: Config, worker: int) -> list[str]:
+    """What a segmentation run's bundle should record after training and does not
+    yet (a run killed in between): ``"calibration"`` (with ``train.calibrate``) and
+    ``"ood"`` (the training scans' profile). The chief writes them."""
+    if worker or config.data.task != "segmentation":
+        return []
     try:
         record = json.loads((folder / "medseg.json").read_text())
     except (OSError, ValueError):
-        return False  # no bundle: nothing was trained
-    return "calibration" not in record
+        return []  # no bundle: nothing was trained
+    wanted = ["calibration"] if config.train.calibrate else []
+    return [key for key in (*wanted, "ood") if key not in record]
 
 
 def _calibrate(run: Run) -> None:

@@ -180,3 +180,39 @@ def calibrate_bundle(folder, run: Run) -> dict:
         record.setdefault("ece_per_label", {})[key] = summary["ece_per_label"]
     bundle.write_metadata(folder, {**metadata.to_dict(), "calibration": record})
     return record
+
+
+def profile_bundle(folder, cases, seed: int = 0) -> dict:
+    """Records in the bundle in ``folder`` what its training scans (``cases``,
+    prepared; at most :data:`~medseg.inference.ood.MAX_PROFILE_SCANS` of them, evenly
+    spread) look like, for predict's out-of-distribution check: their normalised
+    intensity percentiles and their bottleneck features as predict computes them
+    (its default overlap and mirroring). Returns the record."""
+    from medseg import bundle
+    from medseg.inference import Segmenter
+    from medseg.inference.ood import (
+        MAX_PROFILE_SCANS,
+        bottleneck_layer,
+        intensity_point,
+        profile_record,
+    )
+
+    metadata = bundle.verify(folder)
+    segmenter = Segmenter(
+        folder, mirror_axes=metadata.mirror_axes, precision="float32", ood="off"
+    )
+    segmenter.feature_layer = bottleneck_layer(segmenter.model)
+    if len(cases) > MAX_PROFILE_SCANS:
+        chosen = np.linspace(0, len(cases) - 1, MAX_PROFILE_SCANS).round()
+        cases = [cases[int(i)] for i in chosen]
+    intensities, features = [], []
+    for case in cases:
+        intensities.append(intensity_point(case.image))
+        segmenter.probabilities(case.image)
+        features.append(segmenter.features)
+    layer = segmenter.feature_layer
+    record = profile_record(
+        intensities, features if layer is not None else None, layer, seed
+    )
+    bundle.write_metadata(folder, {**bundle.verify(folder).to_dict(), "ood": record})
+    return record

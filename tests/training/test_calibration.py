@@ -87,16 +87,22 @@ def test_the_fitted_temperature_is_the_likeliest_and_predict_applies_it(tmp_path
     for nearby in (0.97 * temperature, 1.03 * temperature):
         assert _nll(log_p, truth, nearby) >= best - 1e-6
 
-    # killed after the last epoch, before the temperature was written: a resume
-    # fits it again, training nothing more
+    # killed after the last epoch, before the temperature and the training scans'
+    # profile were written: a resume makes them, training nothing more
     rows = _history(run / "history.csv")
     without = metadata.to_dict()
+    profile = without.pop("ood")
     del without["calibration"]
     bundle.write_metadata(run, without)
     again = subprocess.run(_finetune(run, "--resume"), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _history(run / "history.csv") == rows
-    assert bundle.verify(run).temperature == pytest.approx(temperature, abs=1e-3)
+    again = bundle.verify(run)
+    assert again.temperature == pytest.approx(temperature, abs=1e-3)
+    assert again["ood"]["scans"] == profile["scans"] == 9
+    assert again["ood"]["features"]["threshold"] == pytest.approx(
+        profile["features"]["threshold"], rel=1e-3
+    )
 
 
 @pytest.mark.slow

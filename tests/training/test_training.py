@@ -311,6 +311,11 @@ def test_train_on_the_sample_writes_a_bundle_that_predicts(tmp_path):
     assert len(metadata["split"]["validation"]) == 3  # 12 cases, 4 folds
     assert metadata["fingerprint"]["num_cases"] == 12
     assert set(metadata["versions"]) == {"medseg", "keras", "tensorflow", "python"}
+    # the 9 training scans profiled for predict's out-of-distribution check
+    ood = metadata["ood"]
+    assert ood["scans"] == 9 and ood["features"]["layer"] == "bottleneck_act2"
+    assert len(ood["features"]["mean"]) == 8  # the bottleneck's channels
+    assert len(ood["intensity"]["mean"]) == 7 and ood["intensity"]["threshold"] > 0
     model = load_model(run)
     x = np.zeros((1, 32, 32, 32, 1), np.float32)
     assert model(x).shape == (1, 32, 32, 32, 3)

@@ -41,6 +41,7 @@ class PredictOptions:
     allow_modified: bool = False
     precision: str = "auto"
     nonfinite: str | None = None
+    ood: str = "warn"
     overwrite: bool = False
     dicom_seg: bool = False
     preview: bool = False
@@ -252,6 +253,7 @@ def load_segmenter(plan: SegmentationPlan):
             precision=options.precision,
             nonfinite=options.nonfinite,
             uncertainty=options.uncertainty,
+            ood=options.ood,
         )
         for bundle, metadata in zip(
             plan.models.bundles, plan.models.metadatas, strict=True

@@ -318,6 +318,8 @@ class _Job:
             prediction = self.segment(volume)
             result.nonfinite_replaced = getattr(prediction, "nonfinite_replaced", 0)
             result.warnings += getattr(prediction, "notes", ())
+            verdict = getattr(prediction, "ood", None)
+            result.ood = verdict.scores() if verdict is not None else None
         except Exception as exc:  # even a bug met on one scan: that scan only
             _fail(result, path, exc)
         return result, prediction
@@ -336,6 +338,8 @@ class _Job:
                     volume.array,
                     getattr(prediction, "entropy", None),
                 )
+                for size in result.sizes.values():
+                    size.update(result.ood or {})
             _write(prediction, target, content, self.beside, path, volume, result.sizes)
         except Exception as exc:  # a full disk, say: that scan only
             _fail(result, path, exc)

@@ -39,6 +39,8 @@ class CaseResult:
     spacing_mm: list[float] | None = None
     nonfinite_replaced: int = 0  # NaN/Inf voxels filled (``--nonfinite replace``)
     warnings: list[str] = field(default_factory=list)  # header fixes, field of view
+    #: distances from the training scans over their thresholds (ood.Verdict.scores)
+    ood: dict | None = None
     sizes: dict | None = None  # per label name: see label_sizes
     earlier_run: bool = False  # skipped: the details are an earlier run's report's
 
@@ -151,6 +153,11 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(float(value), 4)
 
 
+#: the out-of-distribution columns of the volumes table: the case's (on each of its
+#: rows) distances from the training scans over their thresholds
+OOD_SCORES = ("ood_intensity", "ood_features")
+
+
 #: the intensity columns of the volumes table, each a list over channels
 INTENSITIES = ("intensity_mean", "intensity_sd")
 
@@ -218,6 +225,8 @@ def sizes_table(
                 result.sizes = label_sizes(
                     labels.array, labels.spacing, values, names, image
                 )
+                for size in result.sizes.values():  # an earlier report's scores
+                    size.update(result.ood or {})
         for name, size in result.sizes.items():
             rows.append({"case": case, "name": name, **size})
     if earlier.keys() - covered:  # kept while their label map is there
@@ -241,6 +250,8 @@ def sizes_table(
     columns = _intensity_columns(channels) if channels else []
     if any(ENTROPIES[0] in row for row in rows):
         columns += list(ENTROPIES)
+    if any(OOD_SCORES[0] in row for row in rows):
+        columns += list(OOD_SCORES)
     for row in rows:  # lists over channels into columns
         for key in INTENSITIES:
             per_channel = row.pop(key, None) or ()
@@ -303,7 +314,7 @@ def _read_sizes(previous: Path | None) -> dict[str, dict]:
                     found = [f for f in fields if f == key or f.startswith(key + "_")]
                     if found:
                         size[key] = [float(row[f]) if row[f] else None for f in found]
-                for key in ENTROPIES:
+                for key in (*ENTROPIES, *OOD_SCORES):
                     if key in fields:
                         size[key] = float(row[key]) if row[key] else None
                 earlier.setdefault(row["case"], {})[row["name"]] = size
@@ -320,8 +331,9 @@ def carry_earlier_records(results: list[CaseResult], reports) -> int:
     """Gives each case skipped because its label map exists the details that the
     report of the run that made it has of it: its warnings (a header fixed, a field
     of view unlike the training scans', a blank scan), the NaN/Inf voxels replaced,
-    its shape, spacing and seconds, and ``earlier_run``; so that the report of a job
-    run again after it was stopped still says what the first run found in each scan.
+    its shape, spacing and seconds, its out-of-distribution scores, and
+    ``earlier_run``; so that the report of a job run again after it was stopped
+    still says what the first run found in each scan.
 
     Args:
         results: this run's; changed in place.
@@ -357,6 +369,7 @@ def carry_earlier_records(results: list[CaseResult], reports) -> int:
             earlier = [w for w in case["warnings"] if w not in result.warnings]
         except (KeyError, TypeError, ValueError):
             continue
+        result.ood = case.get("ood") if isinstance(case.get("ood"), dict) else None
         result.warnings[:0] = earlier
         result.earlier_run = True
         given += 1
