@@ -183,7 +183,13 @@ def score_runs(
             scores = {(r["case"], r["label"]): r for r in csv.DictReader(file)}
         for row in rows:
             measured = scores.get((row["case"], row["label"]), {})
-            row.update({k: v for k, v in measured.items() if k.startswith("entropy")})
+            row.update(
+                {
+                    k: v
+                    for k, v in measured.items()
+                    if k.startswith(("entropy", "dice_estimate", "ood_"))
+                }
+            )
             name = next((tmp / "labels").glob(row["case"] + ".*")).name
             predicted = read_volume(tmp / "predicted" / name).array
             truth = read_volume(tmp / "labels" / name).array

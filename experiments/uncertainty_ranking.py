@@ -5,9 +5,11 @@ its held-out cases are segmented with ``medseg predict --uncertainty`` (test-tim
 mirroring as the bundle says) and scored with ``medseg evaluate``. Over all the held-out
 structures (case and label), the Spearman correlation of Dice with the label's mean
 entropy inside the predicted structure and on its boundary (the volumes table's
-``entropy_mean``, ``entropy_boundary``); a good score correlates negatively (more
-uncertain, lower Dice). Also: of the 10 % most uncertain structures, how many are
-among the 10 % of lowest Dice. Writes experiments/results/uncertainty_ranking.json.
+``entropy_mean``, ``entropy_boundary``), and with the Dice its averaged probabilities
+expect (``dice_estimate``); a good entropy correlates negatively with Dice (more
+uncertain, lower Dice), a good estimate positively. Also: of the 10 % most suspect
+structures by each score, how many are among the 10 % of lowest Dice. Writes
+experiments/results/uncertainty_ranking.json (``--output`` elsewhere).
 
     python experiments/uncertainty_ranking.py --runs runs/hippocampus_cv \
         --data ../shared/datasets/hippocampus
@@ -23,7 +25,8 @@ from pathlib import Path
 from cross_validate import score_run
 
 HERE = Path(__file__).resolve().parent
-SCORES = ("entropy_mean", "entropy_boundary")
+#: each score and its direction: -1 where a higher score says a worse segmentation
+SCORES = {"entropy_mean": -1, "entropy_boundary": -1, "dice_estimate": 1}
 
 
 def ranking(rows: list[dict]) -> dict:
@@ -35,10 +38,13 @@ def ranking(rows: list[dict]) -> dict:
     tenth = max(1, len(rows) // 10)
     worst = set(sorted(range(len(rows)), key=lambda i: dice[i])[:tenth])
     result = {"structures": len(rows), "tenth": tenth}
-    for key in SCORES:
+    for key, sign in SCORES.items():
+        if not all(r.get(key) not in (None, "") for r in rows):
+            continue  # a bundle or medseg that does not give this score
         values = [float(r[key]) for r in rows]
         rho, p = spearmanr(dice, values)
-        flagged = set(sorted(range(len(rows)), key=lambda i: -values[i])[:tenth])
+        # the most suspect first: the highest entropy, the lowest Dice estimate
+        flagged = set(sorted(range(len(rows)), key=lambda i: sign * values[i])[:tenth])
         result[key] = {
             "spearman": round(float(rho), 3),
             "p_value": float(f"{p:.3g}"),
@@ -77,7 +83,8 @@ def main() -> None:
             for label in sorted({r["label"] for r in rows})
         },
         "structures": [
-            {k: r[k] for k in ("fold", "case", "label", "dice", *SCORES)} for r in rows
+            {k: r.get(k) for k in ("fold", "case", "label", "dice", *SCORES)}
+            for r in rows
         ],
     }
     args.output.write_text(json.dumps(report, indent=2) + "\n")

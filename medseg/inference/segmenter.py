@@ -52,6 +52,9 @@ class Prediction:
     mutual_information: np.ndarray | None = None
     #: how the scan compares with the training scans (``None``: not checked)
     ood: Verdict | None = None
+    #: with uncertainty, each foreground label value's Dice as its probabilities
+    #: expect it: 2 sum(p m) / (sum p + sum m), m the label's argmax mask
+    dice_estimate: dict[int, float] | None = None
 
     def __repr__(self) -> str:
         grid = " x ".join(map(str, self.labels.spatial_shape))
@@ -348,9 +351,11 @@ def _on_scan_grid(volume: Volume, parts, options, notes) -> Prediction:
                 probabilities = np.empty((*shape, count), np.float16)
             probabilities[..., k] = score
     del best
-    entropy = information = None
+    entropy = information = estimate = None
     if options.want_uncertainty:
-        entropy, information = _uncertainty(volume, parts, count, options.passes)
+        entropy, information, estimate = _uncertainty(
+            volume, parts, count, options.passes, classes, options.values
+        )
     del parts
     labels = options.values[classes]
     if options.keep_largest or options.min_size_mm3 > 0:
@@ -370,23 +375,32 @@ def _on_scan_grid(volume: Volume, parts, options, notes) -> Prediction:
         notes,
         entropy,
         information,
+        dice_estimate=estimate,
     )
 
 
-def _uncertainty(volume: Volume, parts, count: int, passes: int):
-    """``(entropy, mutual information)`` on ``volume``'s grid from the parts' mean
-    probabilities and mean entropy of the passes (channels ``K:2K`` and ``2K``);
-    no mutual information for a single pass."""
+def _uncertainty(volume: Volume, parts, count: int, passes: int, classes, values):
+    """``(entropy, mutual information, Dice estimates)`` on ``volume``'s grid from
+    the parts' mean probabilities and mean entropy of the passes (channels ``K:2K``
+    and ``2K``); no mutual information for a single pass. The estimates, per
+    foreground label value, set the mean probabilities against the argmax
+    ``classes`` (before post-processing)."""
     entropy = np.zeros(volume.spatial_shape, np.float32)
+    estimate = {}
     for k in range(count):
         mean = _on_grid(volume, parts, count + k, 1.0 if k == 0 else 0.0)
         entropy -= np.asarray(_xlogy(mean), np.float32)
+        if k:
+            mask = classes == k
+            overlap = float(mean[mask].sum(dtype=np.float64))
+            total = float(mean.sum(dtype=np.float64)) + np.count_nonzero(mask)
+            estimate[int(values[k])] = 2 * overlap / total if total > 0 else 1.0
     entropy /= np.float32(np.log(count))
     np.clip(entropy, 0.0, 1.0, out=entropy)
     if passes == 1:
-        return entropy, None
+        return entropy, None, estimate
     own = _on_grid(volume, parts, 2 * count, 0.0)
-    return entropy, np.maximum(entropy - own, 0.0)
+    return entropy, np.maximum(entropy - own, 0.0), estimate
 
 
 def _on_grid(volume: Volume, parts, channel: int, fill: float) -> np.ndarray:

@@ -73,6 +73,13 @@ def test_entropy_and_mutual_information_match_the_passes_by_hand(
     )
     entropy = _entropy(stitched[..., :3])
     np.testing.assert_allclose(prediction.entropy, entropy, atol=2e-5)
+    # each label's Dice as the mean probabilities expect it of the argmax
+    labels = prediction.labels.array[..., 0]
+    for k in (1, 2):
+        p, m = stitched[..., k], labels == k
+        expected = 2 * p[m].sum() / (p.sum() + m.sum())
+        assert prediction.dice_estimate[k] == pytest.approx(expected, abs=1e-5)
+    assert set(prediction.dice_estimate) == {1, 2}
     assert 0.05 < prediction.entropy.mean() < 0.95  # neither certain nor uniform
     if not mirror_axes:
         assert prediction.mutual_information is None
@@ -163,6 +170,8 @@ def test_predict_writes_the_maps_on_the_scans_grid_and_their_scores(tmp_path):
         assert float(row["entropy_mean"]) == pytest.approx(inside, abs=1e-3)
         assert float(row["entropy_boundary"]) == pytest.approx(on_boundary, abs=1e-3)
         assert float(row["entropy_boundary"]) > float(row["entropy_mean"])
+        # a sample case the shipped model trained on: it expects a good Dice
+        assert 0.8 < float(row["dice_estimate"]) < 1
     # the maps are part of a done case: run again, it is skipped
     again = medseg(
         "predict", "--model", "hippocampus", "--input", scan, "--output", out,

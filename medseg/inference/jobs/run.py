@@ -43,7 +43,7 @@ from medseg.inference.jobs.outputs import (
     output_for,
 )
 from medseg.inference.jobs.settings import check_folder
-from medseg.inference.jobs.tables import CaseResult, label_sizes
+from medseg.inference.jobs.tables import DICE_ESTIMATE, CaseResult, label_sizes
 from medseg.io.files import hidden_stem
 from medseg.io.formats import (
     read_volume,
@@ -338,8 +338,11 @@ class _Job:
                     volume.array,
                     getattr(prediction, "entropy", None),
                 )
+                estimates = getattr(prediction, "dice_estimate", None) or {}
                 for size in result.sizes.values():
                     size.update(result.ood or {})
+                    if size["label"] in estimates:
+                        size[DICE_ESTIMATE] = round(estimates[size["label"]], 4)
             _write(prediction, target, content, self.beside, path, volume, result.sizes)
         except Exception as exc:  # a full disk, say: that scan only
             _fail(result, path, exc)

@@ -153,6 +153,10 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(float(value), 4)
 
 
+#: the Dice the averaged probabilities expect of a label (``--uncertainty``)
+DICE_ESTIMATE = "dice_estimate"
+
+
 #: the out-of-distribution columns of the volumes table: the case's (on each of its
 #: rows) distances from the training scans over their thresholds
 OOD_SCORES = ("ood_intensity", "ood_features")
@@ -250,6 +254,8 @@ def sizes_table(
     columns = _intensity_columns(channels) if channels else []
     if any(ENTROPIES[0] in row for row in rows):
         columns += list(ENTROPIES)
+    if any(DICE_ESTIMATE in row for row in rows):
+        columns.append(DICE_ESTIMATE)
     if any(OOD_SCORES[0] in row for row in rows):
         columns += list(OOD_SCORES)
     for row in rows:  # lists over channels into columns
@@ -314,7 +320,7 @@ def _read_sizes(previous: Path | None) -> dict[str, dict]:
                     found = [f for f in fields if f == key or f.startswith(key + "_")]
                     if found:
                         size[key] = [float(row[f]) if row[f] else None for f in found]
-                for key in (*ENTROPIES, *OOD_SCORES):
+                for key in (*ENTROPIES, DICE_ESTIMATE, *OOD_SCORES):
                     if key in fields:
                         size[key] = float(row[key]) if row[key] else None
                 earlier.setdefault(row["case"], {})[row["name"]] = size
