@@ -180,6 +180,7 @@ class Segmenter:
         self.feature_layer = self.ood_check.layer if self.ood_check else None
         self.features: np.ndarray | None = None
         self._feature_sums: list | None = None
+        self._calls = 0
         self._forward = None
         #: called as windows are predicted with the scan's name, the windows done and
         #: the windows in all (see :class:`WindowCount`); ``None``: not called
@@ -226,7 +227,12 @@ class Segmenter:
 
             self._forward = forward
         outputs, pooled = self._forward(batch)
-        if self._feature_sums is not None and pooled.shape[-1]:
+        # the sliding window passes each batch as it is, then its mirrored copies:
+        # the features are the windows' as they are, with test-time mirroring or
+        # without (mirrored, a scan's features differ enough to move its score)
+        as_it_is = self._calls % self.passes == 0
+        self._calls += 1
+        if self._feature_sums is not None and pooled.shape[-1] and as_it_is:
             self._feature_sums.append(np.asarray(pooled).sum(0))
             self._feature_sums.append(len(pooled))
         return np.asarray(outputs)
@@ -238,8 +244,9 @@ class Segmenter:
         as :func:`sliding_window_predict` takes it. With ``uncertainty``, ``2K + 1``
         channels: then the mean over the passes of each pass's probabilities, and of
         their normalised entropy. :attr:`features` becomes the image's bottleneck
-        features, averaged over its windows, where the bundle profiles them."""
-        self._feature_sums = []
+        features, averaged over its windows (not their mirrored copies), where the
+        bundle profiles them."""
+        self._feature_sums, self._calls = [], 0
         scores = sliding_window_predict(
             image,
             slicewise(self._predict_batch, self.slice_axis),

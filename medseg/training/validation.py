@@ -187,7 +187,8 @@ def profile_bundle(folder, cases, seed: int = 0) -> dict:
     prepared; at most :data:`~medseg.inference.ood.MAX_PROFILE_SCANS` of them, evenly
     spread) look like, for predict's out-of-distribution check: their normalised
     intensity percentiles and their bottleneck features as predict computes them
-    (its default overlap and mirroring). Returns the record."""
+    (its default overlap; features are of the windows as they are, mirrored or not).
+    Returns the record."""
     from medseg import bundle
     from medseg.inference import Segmenter
     from medseg.inference.ood import (
@@ -197,10 +198,7 @@ def profile_bundle(folder, cases, seed: int = 0) -> dict:
         profile_record,
     )
 
-    metadata = bundle.verify(folder)
-    segmenter = Segmenter(
-        folder, mirror_axes=metadata.mirror_axes, precision="float32", ood="off"
-    )
+    segmenter = Segmenter(folder, precision="float32", ood="off")
     segmenter.feature_layer = bottleneck_layer(segmenter.model)
     if len(cases) > MAX_PROFILE_SCANS:
         chosen = np.linspace(0, len(cases) - 1, MAX_PROFILE_SCANS).round()

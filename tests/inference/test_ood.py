@@ -122,6 +122,20 @@ def shipped():
     return Segmenter(resolve("hippocampus"), mirror_axes=(0,), precision="float32")
 
 
+def test_the_features_are_the_same_with_test_time_mirroring_or_without(shipped):
+    # the profile is of the windows as they are; a scan's features must not move
+    # with --tta (a training scan was flagged at 1.1 once its mirrored windows'
+    # features were averaged in with mirroring and left out without)
+    volume = read_volume(SAMPLE / "imagesTr" / "hippocampus_008.nii.gz")
+    image, _ = shipped.preprocessor.image(volume)
+    plain = Segmenter(resolve("hippocampus"), precision="float32")
+    shipped.probabilities(image)
+    plain.probabilities(image)
+    assert shipped.passes == 2 and plain.passes == 1
+    np.testing.assert_allclose(shipped.features, plain.features, rtol=1e-5, atol=1e-6)
+    assert plain.predict(volume).ood.features < 1
+
+
 @pytest.mark.slow
 def test_the_sample_passes_and_corrupted_copies_are_flagged(shipped, rng):
     from scipy.ndimage import gaussian_filter
