@@ -233,19 +233,17 @@ class Segmenter:
         as_it_is = self._calls % self.passes == 0
         self._calls += 1
         if self._feature_sums is not None and pooled.shape[-1] and as_it_is:
-            self._feature_sums.append(np.asarray(pooled).sum(0))
-            self._feature_sums.append(len(pooled))
+            self._feature_sums.append((np.asarray(pooled).sum(0), len(pooled)))
         return np.asarray(outputs)
 
     def probabilities(self, image: np.ndarray, progress=None) -> np.ndarray:
         """Class probabilities ``(*S, K)`` of a preprocessed image: the softmax of the
         windows' logits over the bundle's temperature, blended and averaged over the
-        test-time mirrors; ``progress``
-        as :func:`sliding_window_predict` takes it. With ``uncertainty``, ``2K + 1``
-        channels: then the mean over the passes of each pass's probabilities, and of
-        their normalised entropy. :attr:`features` becomes the image's bottleneck
-        features, averaged over its windows (not their mirrored copies), where the
-        bundle profiles them."""
+        test-time mirrors; ``progress`` as :func:`sliding_window_predict` takes it.
+        With ``uncertainty``, ``2K + 1`` channels: then the mean over the passes of
+        each pass's probabilities, and of their normalised entropy. :attr:`features`
+        becomes the image's bottleneck features, averaged over its windows (not
+        their mirrored copies), where the bundle profiles them."""
         self._feature_sums, self._calls = [], 0
         scores = sliding_window_predict(
             image,
@@ -260,7 +258,9 @@ class Segmenter:
             logit_channels=len(self.values),
         )
         sums, self._feature_sums = self._feature_sums, None
-        self.features = sum(sums[0::2]) / sum(sums[1::2]) if sums else None
+        self.features = (
+            sum(total for total, _ in sums) / sum(n for _, n in sums) if sums else None
+        )
         check_output(scores, self.bundle)
         return scores
 
