@@ -22,11 +22,14 @@ scans' foreground had (an MRI given to a CT model) is flagged.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 #: The percentiles of each normalised channel in the intensity profile.
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
@@ -313,8 +316,6 @@ def combined(volume, checked: Sequence[tuple]) -> Verdict:
     Raises:
         InputFileError: a flagged scan that a model with ``ood="error"`` refuses.
     """
-    import logging
-
     from medseg.errors import InputFileError
 
     verdicts = [(segmenter, v) for segmenter, v in checked if v is not None]
@@ -328,7 +329,7 @@ def combined(volume, checked: Sequence[tuple]) -> Verdict:
             volume.path or "input", f"{what}; refused (--ood warn segments it anyway)"
         )
     for note in notes:
-        logging.getLogger(__name__).warning("%s", note)
+        logger.warning("%s", note)
 
     def largest(values):
         values = [v for v in values if v is not None]
